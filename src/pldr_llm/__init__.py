@@ -1,0 +1,55 @@
+"""pldr-llm: PLDR-LLMs (Large Language Models from Power Law Decoder Representations) in PyTorch.
+
+The public API::
+
+    from pldr_llm import PLDRConfig, PLDRModel, generate
+    model = PLDRModel(PLDRConfig(num_layers=2, d_model=64, num_heads=4, dff=170, A_dff=24,
+                                 num_reslayerA=2, num_denseA=2, input_vocab_size=300))
+    out = model(input_ids, output_deductive=True)   # .logits, .cache, .deductive[i].G_LM
+    ids = generate(model, prompt_ids, max_new_tokens=32, top_k=1)
+"""
+
+from pldr_llm.checkpoint import (
+    load_model,
+    load_reference_checkpoint,
+    safe_torch_load,
+    save_reference_checkpoint,
+)
+from pldr_llm.config import PLDRConfig, read_hyperparameters_file
+from pldr_llm.errors import PLDRError
+from pldr_llm.generation import filter_logits, generate, generate_details
+from pldr_llm.losses import dag_regularizer, masked_accuracy, masked_cross_entropy
+from pldr_llm.model import (
+    Deductive,
+    GCacheEntry,
+    PLDRCache,
+    PLDRModel,
+    PLDROutput,
+    inference_G_model,
+    predefined_G_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Deductive",
+    "GCacheEntry",
+    "PLDRCache",
+    "PLDRConfig",
+    "PLDRError",
+    "PLDRModel",
+    "PLDROutput",
+    "dag_regularizer",
+    "filter_logits",
+    "generate",
+    "generate_details",
+    "inference_G_model",
+    "load_model",
+    "load_reference_checkpoint",
+    "masked_accuracy",
+    "masked_cross_entropy",
+    "predefined_G_model",
+    "read_hyperparameters_file",
+    "safe_torch_load",
+    "save_reference_checkpoint",
+]

@@ -1,0 +1,185 @@
+"""Checkpoints: the original's ``.pth`` format and the project's own (safetensors) format.
+
+The original saves ``torch.save({"model_state_dict": ..., "optimizer_state_dict": ...,
+"loss": ..., "accuracy": ...})``; published PLDR-LLMs come in exactly that format. We read it with
+``torch.load(weights_only=True)``, so a checkpoint can never execute code when loaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pldr_llm.config import PLDRConfig
+from pldr_llm.errors import PLDRError
+from pldr_llm.model.model import CONFIG_NAME, WEIGHTS_NAME, PLDRModel
+
+# Prefixes that wrappers add to state-dict keys (torch.compile, DDP/FSDP1) and that mean nothing
+# for the weights themselves.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
+# Keys our model has that the original's state dicts do not (v510G's fixed G_LM).
+_NOT_IN_REFERENCE = ("predefined_G_LM",)
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` on the CPU, with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise PLDRError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PLDRError(f"{path}: refused to load (only tensors are allowed): {first}") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PLDRError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def _names(keys: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+_SHAPE_HINTS = (
+    ("embedding.weight", "input_vocab_size x d_model"),
+    ("final_layer.weight", "input_vocab_size x d_model"),
+    ("final_layer.bias", "input_vocab_size"),
+    ("ffn.gluw1", "dff x d_model"),
+    ("ffn.gluw3", "d_model x dff"),
+    ("denseAs", "A_dff x d_model/num_heads"),
+    ("plgatt_layer", "num_heads x d_model/num_heads x d_model/num_heads"),
+    ("mha1.layernorm1", "d_model/num_heads"),
+    ("reslayerAs", "d_model/num_heads"),
+)
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model``: every key must match by name and shape, or a PLDRError says
+    which keys are missing or unexpected, or which shape differs (and from which hyperparameter)."""
+    state = _strip_prefixes(state)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_names(unexpected)}")
+        hint = ""
+        layers_in_state = {k.split(".")[2] for k in state if k.startswith("decoder.dec_layers.")}
+        config = getattr(model, "config", None)
+        if config is not None and layers_in_state and len(layers_in_state) != config.num_layers:
+            hint = (
+                f" (checkpoint has {len(layers_in_state)} layers, num_layers={config.num_layers})"
+            )
+        raise PLDRError(f"{source} does not match the model: {'; '.join(parts)}{hint}")
+    for key, tensor in state.items():
+        want = expected[key].shape
+        if tuple(tensor.shape) != tuple(want):
+            hint = next((h for pattern, h in _SHAPE_HINTS if pattern in key), "")
+            hint = f" [{hint}]" if hint else ""
+            raise PLDRError(
+                f"{source}: shape of {key} is {tuple(tensor.shape)} in the checkpoint but "
+                f"{tuple(want)} from the hyperparameters{hint}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def _to_config(hpdict: Mapping[str, Any] | PLDRConfig) -> PLDRConfig:
+    if isinstance(hpdict, PLDRConfig):
+        return hpdict
+    if not isinstance(hpdict, Mapping):
+        raise PLDRError("hyperparameters must be a dictionary or a PLDRConfig")
+    return PLDRConfig.from_hpdict(dict(hpdict))
+
+
+def reference_state_dict(checkpoint: Any, source: str) -> dict[str, Tensor]:
+    """The model state dict inside an original checkpoint (wrapped or bare)."""
+    if isinstance(checkpoint, Mapping) and "model_state_dict" in checkpoint:
+        checkpoint = checkpoint["model_state_dict"]
+    if not isinstance(checkpoint, Mapping) or not all(
+        isinstance(v, Tensor) for v in checkpoint.values()
+    ):
+        raise PLDRError(f"{source}: no model state dict found (expected 'model_state_dict')")
+    return dict(checkpoint)
+
+
+def load_reference_checkpoint(
+    path: str | Path,
+    hpdict: Mapping[str, Any] | PLDRConfig,
+    G_list: Sequence[Tensor] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> PLDRModel:
+    """Load an original PLDR-LLM ``.pth`` checkpoint with its hyperparameters.
+
+    ``hpdict`` is the original's hyperparameter dictionary (training keys are ignored) or a
+    :class:`PLDRConfig`. A v510G checkpoint (no metric-learner weights) needs ``G_list``, the
+    predefined G_LM per layer, which the original keeps outside the state dict.
+    """
+    config = _to_config(hpdict)
+    state = reference_state_dict(safe_torch_load(path), str(path))
+    if G_list is not None and config.version != "v510G":
+        import dataclasses
+
+        config = dataclasses.replace(config, version="v510G")
+    model = PLDRModel(config)
+    if config.version == "v510G":
+        if G_list is None:
+            raise PLDRError("a v510G checkpoint needs G_list, the predefined G_LM of every layer")
+        model.set_predefined_G(list(G_list))
+        for layer_index, layer in enumerate(model.decoder.dec_layers):
+            key = f"decoder.dec_layers.{layer_index}.mha1.predefined_G_LM"
+            state.setdefault(key, layer.mha1.predefined_G_LM.clone())
+    load_state_dict_strict(model, state, source=str(path))
+    return model.to(map_location).eval()
+
+
+def save_reference_checkpoint(
+    model: PLDRModel,
+    path: str | Path,
+    optimizer_state_dict: dict | None = None,
+    loss: float | None = None,
+    accuracy: float | None = None,
+) -> Path:
+    """Write ``model`` in the original's ``.pth`` format (same keys, CPU tensors)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        key: value.detach().cpu().contiguous()
+        for key, value in model.state_dict().items()
+        if not key.endswith(_NOT_IN_REFERENCE)
+    }
+    payload = {
+        "model_state_dict": state,
+        "optimizer_state_dict": optimizer_state_dict,
+        "loss": loss,
+        "accuracy": accuracy,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> PLDRModel:
+    """Load a model in the project's own format (a folder with config.json + model.safetensors)."""
+    path = Path(path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+        return PLDRModel.load(path, map_location=map_location)
+    raise PLDRError(f"{path} is not a saved model folder ({CONFIG_NAME} + {WEIGHTS_NAME})")

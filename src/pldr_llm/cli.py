@@ -1,0 +1,77 @@
+"""The ``pldr-llm`` command line.
+
+Each subcommand lives in its own module under :mod:`pldr_llm.commands` and exposes two functions:
+``register(subparsers)`` adds its parser (and sets ``func`` via ``set_defaults``), and the function
+set as ``func`` runs it with the parsed ``argparse.Namespace``. Heavy imports happen inside the
+run function, so ``pldr-llm --help`` stays fast.
+
+Any :class:`~pldr_llm.errors.PLDRError` (and a few standard input errors) is printed as one line,
+``pldr-llm: error: ...``, on stderr with exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pldr_llm.errors import PLDRError
+
+# Order here is the order in `pldr-llm --help`.
+COMMAND_MODULES = [
+    "pldr_llm.commands.generate",
+    "pldr_llm.commands.convert",
+    "pldr_llm.commands.tokenizer",
+    "pldr_llm.commands.train",
+    "pldr_llm.commands.plot",
+    "pldr_llm.commands.inspect",
+    "pldr_llm.commands.compare",
+    "pldr_llm.commands.eval",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pldr-llm",
+        description="Build, pretrain, run, evaluate and study PLDR-LLMs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that command is not part of this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result = args.func(args)
+    except PLDRError as exc:
+        print(f"pldr-llm: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        print(f"pldr-llm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pldr-llm: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

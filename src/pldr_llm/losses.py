@@ -1,0 +1,91 @@
+"""Losses and metrics of PLDR-LLM training: masked cross-entropy, accuracy, DAG regularizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.model.plga import Deductive
+
+
+def masked_cross_entropy(logits: Tensor, targets: Tensor, pad_id: int = 0) -> Tensor:
+    """Mean token cross-entropy over targets that are not ``pad_id`` (the original's loss)."""
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+    )
+    mask = (targets.reshape(-1) != pad_id).to(losses.dtype)
+    return (losses * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def masked_accuracy(logits: Tensor, targets: Tensor, pad_id: int = 0) -> Tensor:
+    """Share of non-padding targets predicted by the arg-max of ``logits``."""
+    mask = targets != pad_id
+    hits = (logits.argmax(-1) == targets) & mask
+    return hits.sum().float() / mask.sum().float()
+
+
+def log_trace_expm(matrices: Tensor) -> Tensor:
+    """``log(trace(expm(X)))`` for a batch of square matrices, without overflow.
+
+    ``trace(expm(X)) = exp(c) * trace(expm(X - c I))`` for any scalar c. With c the largest real
+    part of X's eigenvalues (not differentiated: it cancels out exactly), the shifted matrix
+    exponential stays bounded, so the result is finite wherever the true value is, where the
+    original's direct ``log(trace(matrix_exp(X)))`` overflows to inf in float32.
+    """
+    work = matrices.double()
+    eye = torch.eye(work.shape[-1], dtype=work.dtype, device=work.device)
+    with torch.no_grad():
+        eigenvalues = torch.linalg.eigvals(work.detach()).real
+        shift = eigenvalues.max(dim=-1).values
+        finite = torch.isfinite(shift)
+        # Fall back to the row-sum bound when eigenvalues could not be computed.
+        row_bound = work.detach().abs().sum(-1).max(-1).values
+        shift = torch.where(finite, shift, row_bound)
+    shifted = work - shift[..., None, None] * eye
+    trace = torch.linalg.matrix_exp(shifted).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return shift + torch.log(trace)
+
+
+def dag_term(matrices: Tensor) -> Tensor:
+    """``mean |log(trace(expm(M ∘ M)) / dk)|`` over every leading dimension."""
+    dk = matrices.shape[-1]
+    value = log_trace_expm(matrices * matrices) - torch.log(
+        torch.tensor(float(dk), dtype=torch.float64, device=matrices.device)
+    )
+    return value.abs().mean().to(matrices.dtype if matrices.is_floating_point() else torch.float32)
+
+
+def dag_regularizer(deductive: Sequence[Deductive]) -> tuple[Tensor, Tensor, Tensor]:
+    """The DAG regularizer of the v510_dag model: ``(dag_A, dag_A_P, dag_G)``.
+
+    Each is ``mean |log(trace(expm(M ∘ M)) / dk)|`` over layers, batch and heads, with M = A_LM
+    for ``dag_A`` (as in the original), A_P for ``dag_A_P`` and G_LM for ``dag_G``. Computed in
+    float64 with a spectral shift, so it never overflows where the value is finite.
+    """
+    if not deductive:
+        raise PLDRError("dag_regularizer needs the deductive outputs (output_deductive=True)")
+    if any(d.A_LM is None or d.A_P is None for d in deductive):
+        raise PLDRError(
+            "dag_regularizer needs A_LM and A_P: run the model without a G-cache and not as v510G"
+        )
+    a_lm = torch.stack([d.A_LM.float() for d in deductive])
+    a_p = torch.stack([d.A_P.float() for d in deductive])
+    g_lm = torch.stack([d.G_LM.float() for d in deductive])
+    return dag_term(a_lm).float(), dag_term(a_p).float(), dag_term(g_lm).float()
+
+
+def dag_loss(
+    deductive: Sequence[Deductive], coefficients: Sequence[float]
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """``c_A dag_A + c_AP dag_A_P + c_G dag_G`` and the three values (terms with c = 0 skipped)."""
+    values = dag_regularizer(deductive)
+    total = values[0].new_zeros(())
+    for coefficient, value in zip(coefficients, values):
+        if coefficient > 0:
+            total = total + coefficient * value
+    return total, values

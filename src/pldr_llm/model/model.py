@@ -1,0 +1,302 @@
+"""The PLDR-LLM decoder model.
+
+Module names follow the original implementation's state-dict keys exactly
+(``decoder.dec_layers.{i}.mha1.plgatt_layer.Wlst``, ``final_layer.weight``, ...), so
+``model.state_dict()`` is the original checkpoint format and published weights load as they are.
+
+Padding has two meanings, chosen by the caller:
+
+* ``attention_mask=None`` reproduces the original: keys with id ``pad_id`` (0) are masked, but
+  every position counts in the metric tensor A and in the rotary positions.
+* an explicit ``attention_mask`` [B, L] (1 = token, 0 = padding, left or right) keeps padding out
+  of A, out of the keys and out of the rotary positions, so each row of a batch computes exactly
+  what it would alone. Batched generation uses this.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from pldr_llm.config import PLDRConfig
+from pldr_llm.errors import PLDRError
+from pldr_llm.model.cache import GCacheEntry, LayerKV, PLDRCache
+from pldr_llm.model.layers import GLU, xavier_linear
+from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class PLDROutput:
+    """What :meth:`PLDRModel.forward` returns."""
+
+    logits: Tensor
+    cache: PLDRCache
+    deductive: list[Deductive] | None = None
+    hidden_states: Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm decoder layer: ``LN1(x + PLGA(x))`` then ``LN2(h + SwiGLU_FFN(h))``."""
+
+    def __init__(self, config: PLDRConfig) -> None:
+        super().__init__()
+        self.mha1 = PowerLawGraphAttention(
+            d_model=config.d_model,
+            num_heads=config.num_heads,
+            A_dff=config.A_dff,
+            num_reslayerA=config.num_reslayerA,
+            num_denseA=config.num_denseA,
+            max_seq_len=config.max_seq_len,
+            activation=config.activation,
+            predefined_G=config.version == "v510G",
+        )
+        self.ffn = GLU(config.d_model, config.dff, config.d_model, config.activation)
+        self.layernorm1 = nn.LayerNorm(config.d_model, eps=1e-6)
+        self.layernorm2 = nn.LayerNorm(config.d_model, eps=1e-6)
+
+    def forward(
+        self, x: Tensor, **attention_kwargs
+    ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
+        attended, kv, g, deductive = self.mha1(x, **attention_kwargs)
+        hidden = self.layernorm1(x + attended)
+        return self.layernorm2(hidden + self.ffn(hidden)), kv, g, deductive
+
+
+class Decoder(nn.Module):
+    """Embedding * sqrt(d_model), LayerNorm, then the decoder layers."""
+
+    def __init__(self, config: PLDRConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(config.input_vocab_size, config.d_model)
+        self.dec_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layernorm1 = nn.LayerNorm(config.d_model, eps=1e-6)
+        self.embedding_scale = math.sqrt(config.d_model)
+
+
+class PLDRModel(nn.Module):
+    """A PLDR-LLM: decoder-only LM with Power Law Graph Attention, KV-cache and G-cache.
+
+    Every model version of the original is this one class: ``config.version == "v510"`` learns
+    G_LM (and supports the DAG regularizer through its deductive outputs), ``"v510G"`` attends
+    with a predefined G_LM per layer (see :func:`pldr_llm.predefined_G_model`).
+    """
+
+    def __init__(self, config: PLDRConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.decoder = Decoder(config)
+        self.final_layer = xavier_linear(config.d_model, config.input_vocab_size)
+        #: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit scores, the original's arithmetic).
+        self.attn_implementation = "sdpa"
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: PLDRCache | None = None,
+        output_deductive: bool = False,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+    ) -> PLDROutput:
+        """Run the model on ``input_ids`` [B, L] (or [L]).
+
+        ``cache``: a :class:`PLDRCache` from an earlier call. Its KV part makes this call continue
+        that sequence; its G part is used instead of the metric learner. ``output_deductive``
+        returns A, A_LM, A_P, G_LM and the attention scores of every layer.
+        ``logits_to_keep`` > 0 computes logits for the last that many positions only.
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+            if attention_mask is not None and attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise PLDRError(
+                f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}"
+            )
+        batch, length = input_ids.shape
+        if length == 0:
+            raise PLDRError("input_ids is empty")
+        vocab = self.config.input_vocab_size
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise PLDRError(f"input_ids must be integer ids, got {input_ids.dtype}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        device = input_ids.device
+
+        past_len = cache.seq_len if cache is not None else 0
+        if past_len + length > self.config.max_seq_len:
+            raise PLDRError(
+                f"sequence length {past_len + length} exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        per_row = attention_mask is not None or (cache is not None and cache.per_row)
+
+        # Which new positions are tokens (not padding), and their rotary positions.
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise PLDRError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                    f"shape {tuple(input_ids.shape)}"
+                )
+            new_valid = attention_mask.to(device=device, dtype=torch.bool)
+        elif per_row:
+            new_valid = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            new_valid = input_ids != self.config.pad_id
+
+        if per_row:
+            start = (
+                cache.next_position.to(device)
+                if cache is not None and cache.next_position is not None
+                else torch.zeros(batch, dtype=torch.long, device=device)
+            )
+            positions = start[:, None] + (new_valid.long().cumsum(1) - 1).clamp(min=0)
+            next_position = start + new_valid.long().sum(1)
+        else:
+            positions = torch.arange(past_len, past_len + length, device=device)
+            next_position = None
+
+        past_valid = cache.key_valid if cache is not None and cache.key_valid is not None else None
+        if past_len and past_valid is None:
+            past_valid = torch.ones(batch, past_len, dtype=torch.bool, device=device)
+        key_valid = (
+            new_valid if past_valid is None else torch.cat((past_valid.to(device), new_valid), 1)
+        )
+
+        bias, is_causal = self._attention_bias(key_valid, length, past_len)
+        query_valid = new_valid if per_row else None
+
+        hidden = self.decoder.embedding(input_ids) * self.decoder.embedding_scale
+        hidden = self.decoder.layernorm1(hidden)
+
+        kv_entries: list[LayerKV] = []
+        g_entries: list[GCacheEntry] = []
+        deductive: list[Deductive] = []
+        for index, layer in enumerate(self.decoder.dec_layers):
+            hidden, kv, g, layer_deductive = layer(
+                hidden,
+                positions=positions,
+                bias=bias,
+                is_causal=is_causal,
+                past=cache.kv[index] if cache is not None and cache.kv is not None else None,
+                g_entry=cache.g[index] if cache is not None and cache.g is not None else None,
+                query_valid=query_valid,
+                implementation=self.attn_implementation,
+                need_deductive=output_deductive,
+            )
+            kv_entries.append(kv)
+            g_entries.append(g)
+            if layer_deductive is not None:
+                deductive.append(layer_deductive)
+
+        head_input = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = self.final_layer(head_input)
+        new_cache = PLDRCache(
+            kv=kv_entries,
+            g=g_entries,
+            key_valid=key_valid,
+            next_position=next_position,
+            per_row=per_row,
+        )
+        return PLDROutput(
+            logits=logits,
+            cache=new_cache,
+            deductive=deductive if output_deductive else None,
+            hidden_states=hidden if output_hidden_states else None,
+        )
+
+    @staticmethod
+    def _attention_bias(
+        key_valid: Tensor, length: int, past_len: int
+    ) -> tuple[Tensor | None, bool]:
+        """Additive mask [B, 1, L, S] (0 or -1e9, like the original) or ``None`` + causal flag."""
+        span = past_len + length
+        all_valid = bool(key_valid.all())
+        if all_valid and length == 1:
+            return None, False  # one new token may see every cached key
+        if all_valid and past_len == 0:
+            return None, True  # plain causal: lets SDPA pick its fused causal kernels
+        causal = torch.ones(length, span, dtype=torch.bool, device=key_valid.device).tril(past_len)
+        allowed = causal[None, None] & key_valid[:, None, None, :]
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=key_valid.device)
+        return bias.masked_fill_(~allowed, MASK_VALUE), False
+
+    # ------------------------------------------------------------------ utilities
+    @property
+    def device(self) -> torch.device:
+        return self.final_layer.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layer.weight.dtype
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def predefined_G(self) -> list[Tensor]:
+        """The G_LM buffers of a v510G model, one [1, H, dk, dk] per layer."""
+        if self.config.version != "v510G":
+            raise PLDRError("only a v510G model has predefined G_LM tensors")
+        return [layer.mha1.predefined_G_LM for layer in self.decoder.dec_layers]
+
+    def set_predefined_G(self, g_list: list[Tensor]) -> None:
+        """Set the per-layer G_LM of a v510G model ([H, dk, dk] or [1, H, dk, dk] each)."""
+        layers = self.decoder.dec_layers
+        if len(g_list) != len(layers):
+            raise PLDRError(f"G list has {len(g_list)} layers, the model has {len(layers)}")
+        for index, (layer, g) in enumerate(zip(layers, g_list)):
+            g = torch.as_tensor(g).detach()
+            g = g.unsqueeze(0) if g.dim() == 3 else g
+            buffer = layer.mha1.predefined_G_LM
+            if g.shape[0] != 1 or g.shape[1:] != buffer.shape[1:]:
+                raise PLDRError(
+                    f"predefined G_LM of layer {index} has shape {tuple(g.shape)}, "
+                    f"the model needs {tuple(buffer.shape)}"
+                )
+            buffer.copy_(g.to(buffer.dtype))
+
+    # ------------------------------------------------------------------ own format
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.config.save(directory / CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        map_location: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> PLDRModel:
+        """Load a model written by :meth:`save` (no pickle involved)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise PLDRError(
+                    f"{path} not found (a saved model has {CONFIG_NAME} and {WEIGHTS_NAME})"
+                )
+        config = PLDRConfig.load(config_path)
+        model = cls(config)
+        state = load_file(str(weights_path), device="cpu")
+        from pldr_llm.checkpoint import load_state_dict_strict
+
+        load_state_dict_strict(model, state, source=str(weights_path))
+        model.to(device=map_location)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        return model.eval()

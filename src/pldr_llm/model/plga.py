@@ -1,0 +1,239 @@
+"""Power Law Graph Attention (PLGA): metric learner, power law and attention.
+
+Per layer and head (dk = d_model / num_heads):
+
+* metric tensor ``A = LayerNorm_dk(Q^T Q)`` over all query positions, refined by residual units
+  ``A <- LN(A + GLU_k(...GLU_1(A)))``;
+* ``A_LM = iSwiGLU(W A + b) + 1e-9`` with ``iSwiGLU(x) = x * silu(x)``;
+* potential tensor ``A_P = A_LM ** pw`` (element-wise);
+* energy-curvature tensor ``G_LM = a A_P + ba``;
+* attention ``softmax((Q G_LM) K^T / sqrt(dk) + mask) V``.
+
+Because G_LM only transforms the query, the attention is ``SDPA(Q G_LM, K, V)``: the ``sdpa``
+implementation uses PyTorch's fused kernels, the ``eager`` one materializes the scores (and
+returns them as a deductive output). Both compute the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.model.cache import GCacheEntry, LayerKV
+from pldr_llm.model.layers import GLU, xavier_linear
+from pldr_llm.model.rope import RotaryEmbedding
+
+# Keeps A_LM strictly positive so that A_LM ** pw is defined for any learned power.
+A_LM_EPSILON = 1e-9
+# The original masks with an additive -1e9 (not -inf): a row with every key masked then stays
+# finite instead of turning into NaN, which matters because A sums over all query rows.
+MASK_VALUE = -1e9
+
+
+@dataclass
+class Deductive:
+    """A layer's deductive outputs, each [B, H, dk, dk] (``scores`` is [B, H, L, S])."""
+
+    A: Tensor | None
+    A_LM: Tensor | None
+    A_P: Tensor | None
+    G_LM: Tensor
+    scores: Tensor | None = None
+
+
+def i_swiglu(x: Tensor) -> Tensor:
+    """SwiGLU with identity weights and no bias: ``x * silu(x)``."""
+    return x * F.silu(x)
+
+
+def metric_tensor_from_queries(queries: Tensor, query_valid: Tensor | None = None) -> Tensor:
+    """``Q^T Q`` over the sequence: [B, H, L, dk] -> [B, H, dk, dk]; padded queries left out."""
+    if query_valid is not None:
+        queries = queries.masked_fill(~query_valid[:, None, :, None], 0.0)
+    return queries.transpose(-1, -2) @ queries
+
+
+def power_law(
+    metric: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A -> (A_LM, A_P, G_LM); the learned tensors are [H, dk, dk] and broadcast over the batch."""
+    a_lm = i_swiglu(W @ metric + b) + A_LM_EPSILON
+    a_p = torch.pow(a_lm, pw)
+    g_lm = a @ a_p + ba
+    return a_lm, a_p, g_lm
+
+
+def plga_attention(
+    queries: Tensor,
+    g_lm: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    is_causal: bool = False,
+    implementation: str = "sdpa",
+) -> tuple[Tensor, Tensor | None]:
+    """``softmax((Q G_LM) K^T / sqrt(dk) + bias) V``; returns (output, scores or None).
+
+    ``bias`` is an additive float mask broadcastable to [B, H, L, S]; ``is_causal`` (only with
+    ``bias=None``) asks for the plain causal mask. ``scores`` (before mask and softmax) are only
+    materialized by the eager implementation.
+    """
+    dk = queries.shape[-1]
+    transformed = queries @ g_lm.to(queries.dtype)
+    if implementation == "sdpa":
+        out = F.scaled_dot_product_attention(
+            transformed, keys, values, attn_mask=bias, is_causal=is_causal and bias is None
+        )
+        return out, None
+    scores = (transformed @ keys.transpose(-1, -2)) / math.sqrt(dk)
+    weights = scores
+    if bias is not None:
+        weights = weights + bias
+    elif is_causal:
+        length, span = scores.shape[-2:]
+        causal = torch.ones(length, span, dtype=torch.bool, device=scores.device).tril(
+            span - length
+        )
+        weights = weights.masked_fill(~causal, MASK_VALUE)
+    weights = torch.softmax(weights, dim=-1)
+    return weights @ values, scores
+
+
+class ResidualMetricUnit(nn.Module):
+    """One residual unit of the metric learner: ``LN(A + GLU_k(...GLU_1(A)))``."""
+
+    def __init__(self, depth: int, A_dff: int, num_denseA: int, activation: str) -> None:
+        super().__init__()
+        self.denseAs = nn.ModuleList(
+            GLU(depth, A_dff, depth, activation) for _ in range(num_denseA)
+        )
+        self.layernormA = nn.LayerNorm(depth, eps=1e-6)
+
+    def forward(self, metric: Tensor) -> Tensor:
+        residual = metric
+        for glu in self.denseAs:
+            metric = glu(metric)
+        return self.layernormA(metric + residual)
+
+
+class PowerLawParameters(nn.Module):
+    """The learned power-law tensors W, b, pw, a, ba ([H, dk, dk] each; original names)."""
+
+    def __init__(self, depth: int, num_heads: int) -> None:
+        super().__init__()
+        shape = (num_heads, depth, depth)
+        self.Wlst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
+        self.blst = nn.Parameter(torch.zeros(shape))
+        self.pwlst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
+        self.alst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
+        self.balst = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, metric: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return power_law(metric, self.Wlst, self.blst, self.pwlst, self.alst, self.balst)
+
+
+class PowerLawGraphAttention(nn.Module):
+    """Multi-head PLGA (the original's ``mha1``): projections, metric learner, power law, attention.
+
+    With ``predefined_G`` (model version v510G) there is no metric learner and no power-law
+    weights: G_LM is a fixed buffer [1, H, dk, dk] per layer.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        A_dff: int,
+        num_reslayerA: int,
+        num_denseA: int,
+        max_seq_len: int,
+        activation: str = "silu",
+        predefined_G: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.depth = d_model // num_heads
+        self.wq = xavier_linear(d_model, d_model)
+        self.wk = xavier_linear(d_model, d_model)
+        # The original never re-initializes wv (it initializes wk twice), so wv keeps PyTorch's
+        # default Linear init; a fresh model here starts from the same distribution.
+        self.wv = nn.Linear(d_model, d_model, bias=True)
+        # Registration order mirrors the original (state-dict key order and init RNG order).
+        self.predefined_G = predefined_G
+        if not predefined_G:
+            self.plgatt_layer = PowerLawParameters(self.depth, num_heads)
+        self.dense = xavier_linear(d_model, d_model)
+        if predefined_G:
+            eye = torch.eye(self.depth).expand(1, num_heads, -1, -1).clone()
+            self.register_buffer("predefined_G_LM", eye)
+        else:
+            self.reslayerAs = nn.ModuleList(
+                ResidualMetricUnit(self.depth, A_dff, num_denseA, activation)
+                for _ in range(num_reslayerA)
+            )
+            self.layernorm1 = nn.LayerNorm(self.depth, eps=1e-6)
+        self.rotary = RotaryEmbedding(self.depth, max_seq_len)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """[B, L, d_model] -> [B, L, H, dk] (a view)."""
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.depth)
+
+    def learn_metric(self, queries: Tensor, query_valid: Tensor | None) -> Tensor:
+        """The metric learner: ``LN(Q^T Q)`` refined by the residual units."""
+        metric = self.layernorm1(metric_tensor_from_queries(queries, query_valid))
+        for unit in self.reslayerAs:
+            metric = unit(metric)
+        return metric
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        bias: Tensor | None,
+        is_causal: bool,
+        past: LayerKV | None = None,
+        g_entry: GCacheEntry | None = None,
+        query_valid: Tensor | None = None,
+        implementation: str = "sdpa",
+        need_deductive: bool = False,
+    ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
+        # Rotate in the [B, L, H, dk] layout and only then move heads forward: the metric tensor
+        # sums over positions, and this keeps the original's memory layout (hence its rounding).
+        queries = self.rotary(self._heads(self.wq(x)), positions).transpose(1, 2)
+        keys = self.rotary(self._heads(self.wk(x)), positions).transpose(1, 2)
+        values = self._heads(self.wv(x)).transpose(1, 2)
+
+        metric = None
+        if past is not None:
+            keys = torch.cat((past.key, keys), dim=-2)
+            values = torch.cat((past.value, values), dim=-2)
+            metric = past.metric_tensor
+
+        a_lm = a_p = None
+        if g_entry is not None:  # G-cache: the metric learner is skipped entirely
+            a_lm, a_p, g_lm = g_entry.A_LM, g_entry.A_P, g_entry.G_LM
+        elif self.predefined_G:
+            g_lm = self.predefined_G_LM
+        else:
+            if metric is None:
+                if past is not None:
+                    raise PLDRError(
+                        "the KV-cache holds no metric tensor A (it was built with a G-cache); "
+                        "keep passing the G-cache"
+                    )
+                metric = self.learn_metric(queries, query_valid)
+            a_lm, a_p, g_lm = self.plgatt_layer(metric)
+
+        impl = "eager" if need_deductive else implementation
+        attended, scores = plga_attention(queries, g_lm, keys, values, bias, is_causal, impl)
+        batch, _, length, _ = attended.shape
+        out = self.dense(attended.transpose(1, 2).reshape(batch, length, -1))
+
+        deductive = Deductive(metric, a_lm, a_p, g_lm, scores) if need_deductive else None
+        return out, LayerKV(keys, values, metric), GCacheEntry(a_lm, g_lm, a_p), deductive
