@@ -13,10 +13,14 @@ import pldr_llm
 from pldr_llm import dag_regularizer, generate_details, inference_G_model, predefined_G_model
 
 ATOL, RTOL = 1e-5, 1e-4
-# The first generation step runs the 5-token prompt, where some A_LM entries are ~1e-9 (the
-# +1e-9 floor) and are raised to negative learned powers: float32 rounding of A_LM is amplified
-# (our float32 and the original's float32 both differ from a float64 run by 0.6e-4 to 1.6e-4).
-STEP0_ATOL = 3e-4
+# Generation step logits: the golden was made with another torch build, whose float32 matmul
+# kernels round differently for batch-1 sequences of 5-11 tokens. Here, the original
+# implementation itself (rebuilt from its public source, torch 2.13 CPU) differs from the golden
+# step logits by up to 9.7e-5 at step 0 (the 5-token prompt, where A_LM entries near the 1e-9 floor
+# are raised to negative learned powers and amplify rounding) and by up to 7.6e-5 later in the
+# modes that reuse the prompt's A/G_LM, while ours agrees with that rebuilt original to < 1e-6.
+# Ids must still be equal; logits get atol 1e-4.
+STEP_ATOL = 1e-4
 
 MODES = {
     "gen_kv1_g1": (True, True),
@@ -68,8 +72,9 @@ def test_greedy_generation_cache_modes(
     assert torch.equal(result.ids, golden_expected[f"{mode}.ids"])
     step_logits = result.step_logits[:, 0]
     expected = golden_expected[f"{mode}.step_logits"]
-    close(step_logits[0], expected[0], atol=STEP0_ATOL)
-    close(step_logits[1:], expected[1:])
+    close(step_logits, expected, atol=STEP_ATOL)
+    if not kv and not g:  # A recomputed on the grown sequence: only step 0 carries the gap
+        close(step_logits[1:], expected[1:], atol=2e-5)
 
 
 def test_identity_G_init(golden_model, golden_expected, golden_case):
