@@ -27,6 +27,31 @@ class LayerKV:
     value: Tensor
     metric_tensor: Tensor | None
 
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """The cached keys/values followed by the new ones (new tensors; the cache is unchanged)."""
+        return torch.cat((self.key, keys), dim=-2), torch.cat((self.value, values), dim=-2)
+
+
+@dataclass
+class StaticLayerKV:
+    """A preallocated KV-cache layer for CUDA-graph decoding (see :mod:`pldr_llm.fast`).
+
+    ``key`` and ``value`` are [B, H, T_max, dk] buffers whose addresses never change; ``append``
+    writes the new keys/values in place at slot ``write_index`` ([n] long, on the device) and
+    returns the whole buffers. Slots not yet written hold stale values: the caller's attention
+    bias must mask every slot past the current one.
+    """
+
+    key: Tensor
+    value: Tensor
+    write_index: Tensor
+    metric_tensor: Tensor | None = None
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        self.key.index_copy_(-2, self.write_index, keys.to(self.key.dtype))
+        self.value.index_copy_(-2, self.write_index, values.to(self.value.dtype))
+        return self.key, self.value
+
 
 @dataclass
 class GCacheEntry:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.model.cache import GCacheEntry, LayerKV, PLDRCache
+from pldr_llm.model.cache import GCacheEntry, LayerKV, PLDRCache, StaticLayerKV
 from pldr_llm.model.layers import GLU, xavier_linear
 from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
 
@@ -176,29 +176,16 @@ class PLDRModel(nn.Module):
         bias, is_causal = self._attention_bias(key_valid, length, past_len)
         query_valid = new_valid if per_row else None
 
-        hidden = self.decoder.embedding(input_ids) * self.decoder.embedding_scale
-        hidden = self.decoder.layernorm1(hidden)
-
-        kv_entries: list[LayerKV] = []
-        g_entries: list[GCacheEntry] = []
-        deductive: list[Deductive] = []
-        for index, layer in enumerate(self.decoder.dec_layers):
-            hidden, kv, g, layer_deductive = layer(
-                hidden,
-                positions=positions,
-                bias=bias,
-                is_causal=is_causal,
-                past=cache.kv[index] if cache is not None and cache.kv is not None else None,
-                g_entry=cache.g[index] if cache is not None and cache.g is not None else None,
-                query_valid=query_valid,
-                implementation=self.attn_implementation,
-                need_deductive=output_deductive,
-            )
-            kv_entries.append(kv)
-            g_entries.append(g)
-            if layer_deductive is not None:
-                deductive.append(layer_deductive)
-
+        hidden, kv_entries, g_entries, deductive = self.run_layers(
+            input_ids,
+            positions,
+            bias,
+            is_causal,
+            kv=cache.kv if cache is not None else None,
+            g=cache.g if cache is not None else None,
+            query_valid=query_valid,
+            output_deductive=output_deductive,
+        )
         head_input = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = self.final_layer(head_input)
         new_cache = PLDRCache(
@@ -214,6 +201,47 @@ class PLDRModel(nn.Module):
             deductive=deductive if output_deductive else None,
             hidden_states=hidden if output_hidden_states else None,
         )
+
+    def run_layers(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        bias: Tensor | None,
+        is_causal: bool,
+        kv: list[LayerKV] | list[StaticLayerKV] | None = None,
+        g: list[GCacheEntry] | None = None,
+        query_valid: Tensor | None = None,
+        output_deductive: bool = False,
+    ) -> tuple[Tensor, list[LayerKV], list[GCacheEntry], list[Deductive]]:
+        """Embedding, decoder layers -> (hidden [B, L, d_model], KV, G, deductive per layer).
+
+        The body of :meth:`forward` without its checks and mask building: it reads no device
+        value on the host, so :mod:`pldr_llm.fast` can compile it or capture it in a CUDA graph.
+        ``positions``, ``bias`` and ``is_causal`` are what :meth:`forward` derives from the ids.
+        """
+        hidden = self.decoder.embedding(input_ids) * self.decoder.embedding_scale
+        hidden = self.decoder.layernorm1(hidden)
+
+        kv_entries: list[LayerKV] = []
+        g_entries: list[GCacheEntry] = []
+        deductive: list[Deductive] = []
+        for index, layer in enumerate(self.decoder.dec_layers):
+            hidden, layer_kv, layer_g, layer_deductive = layer(
+                hidden,
+                positions=positions,
+                bias=bias,
+                is_causal=is_causal,
+                past=kv[index] if kv is not None else None,
+                g_entry=g[index] if g is not None else None,
+                query_valid=query_valid,
+                implementation=self.attn_implementation,
+                need_deductive=output_deductive,
+            )
+            kv_entries.append(layer_kv)
+            g_entries.append(layer_g)
+            if layer_deductive is not None:
+                deductive.append(layer_deductive)
+        return hidden, kv_entries, g_entries, deductive
 
     @staticmethod
     def _attention_bias(

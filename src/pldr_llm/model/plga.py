@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.model.cache import GCacheEntry, LayerKV
+from pldr_llm.model.cache import GCacheEntry, LayerKV, StaticLayerKV
 from pldr_llm.model.layers import GLU, xavier_linear
 from pldr_llm.model.rope import RotaryEmbedding
 
@@ -197,7 +197,7 @@ class PowerLawGraphAttention(nn.Module):
         positions: Tensor,
         bias: Tensor | None,
         is_causal: bool,
-        past: LayerKV | None = None,
+        past: LayerKV | StaticLayerKV | None = None,
         g_entry: GCacheEntry | None = None,
         query_valid: Tensor | None = None,
         implementation: str = "sdpa",
@@ -211,8 +211,8 @@ class PowerLawGraphAttention(nn.Module):
 
         metric = None
         if past is not None:
-            keys = torch.cat((past.key, keys), dim=-2)
-            values = torch.cat((past.value, values), dim=-2)
+            # LayerKV concatenates; StaticLayerKV (CUDA-graph decoding) writes in place.
+            keys, values = past.append(keys, values)
             metric = past.metric_tensor
 
         a_lm = a_p = None

@@ -13,6 +13,13 @@ from torch import Tensor, nn
 from pldr_llm.errors import PLDRError
 
 
+def _tracing(t: Tensor) -> bool:
+    """True under torch.compile tracing or CUDA-graph capture, where host syncs are not allowed."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class RotaryEmbedding(nn.Module):
     """Interleaved-pair rotary embedding with a precomputed cos/sin table of ``max_seq_len`` rows."""
 
@@ -30,7 +37,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` [B, L, H, dk] at ``positions`` ([L] shared, or [B, L] per row)."""
-        if positions.numel() and int(positions.max()) >= self.max_seq_len:
+        # The range check reads a device value (a host sync); it is skipped while torch.compile
+        # traces or a CUDA graph captures (pldr_llm.fast), whose callers check lengths up front.
+        if (
+            positions.numel()
+            and not _tracing(positions)
+            and int(positions.max()) >= self.max_seq_len
+        ):
             raise PLDRError(
                 f"position {int(positions.max())} is beyond max_seq_len={self.max_seq_len} "
                 "(the sequence is longer than the model's context)"

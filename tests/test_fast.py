@@ -1,0 +1,289 @@
+"""The optimized paths of pldr_llm.fast against the eager reference (CPU, float32).
+
+Chunked loss = masked cross-entropy of the full logits (value and gradients); the static-cache
+decoder = :func:`pldr_llm.generate` with ``top_k=1`` (ids and step logits); the captured prefill =
+``model.forward``; compiled layers = eager layers. GPU-only checks (CUDA graphs, Inductor) are
+marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pldr_llm import PLDRError, generate, generate_details, masked_cross_entropy
+from pldr_llm.fast import (
+    CapturedForward,
+    StaticDecoder,
+    causal_lm_loss,
+    compile_decoder_layers,
+    greedy_generate,
+    linear_cross_entropy,
+    packed_causal_lm_loss,
+    uncompile_decoder_layers,
+)
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def close(actual, expected, atol=ATOL, rtol=RTOL):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def random_ids(shape, vocab, seed, low=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab, shape, generator=generator)
+
+
+# ---------------------------------------------------------------------------- chunked loss
+@pytest.mark.parametrize("chunk_rows", [1, 5, 1000])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_cross_entropy_matches_full_logits(chunk_rows, with_bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True) if with_bias else None
+    targets = random_ids((3, 7), 50, seed=1, low=0)
+    targets[0, :3] = 0  # padding targets are left out of the mean
+    expected = masked_cross_entropy(F.linear(hidden, weight, bias), targets)
+    grads_expected = torch.autograd.grad(
+        expected, [t for t in (hidden, weight, bias) if t is not None]
+    )
+    loss = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=chunk_rows)
+    grads = torch.autograd.grad(loss, [t for t in (hidden, weight, bias) if t is not None])
+    close(loss, expected)
+    for got, want in zip(grads, grads_expected):
+        close(got, want)
+
+
+def test_linear_cross_entropy_under_bf16_autocast():
+    """Under autocast the matmul runs in bf16 like final_layer would: same loss, same grads
+    within bf16 rounding."""
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 9, 32, requires_grad=True)
+    head = torch.nn.Linear(32, 64)
+    targets = random_ids((4, 9), 64, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = masked_cross_entropy(head(hidden), targets)
+        loss = linear_cross_entropy(hidden, head.weight, head.bias, targets, chunk_rows=8)
+    want = torch.autograd.grad(expected, [hidden, head.weight, head.bias])
+    got = torch.autograd.grad(loss, [hidden, head.weight, head.bias])
+    close(loss, expected, atol=1e-3, rtol=1e-3)
+    for g, w in zip(got, want):
+        close(g.float(), w.float(), atol=2e-3, rtol=2e-2)
+
+
+def test_linear_cross_entropy_without_grad_mode():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(5, 8), torch.randn(20, 8, requires_grad=True)
+    targets = random_ids((5,), 20, seed=3)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, None, targets, chunk_rows=2)
+    close(loss, masked_cross_entropy(F.linear(hidden, weight), targets).detach())
+    with pytest.raises(PLDRError, match="do not match"):
+        linear_cross_entropy(hidden, weight, None, targets[:4])
+
+
+@pytest.mark.parametrize("padding", ["none", "pad_ids", "attention_mask"])
+def test_causal_lm_loss_matches_model_logits(tiny_model, padding):
+    model = tiny_model.train()
+    vocab = model.config.input_vocab_size
+    ids = random_ids((3, 12), vocab, seed=4)
+    mask = None
+    if padding == "pad_ids":
+        ids[1, :4] = 0  # the original's semantics: id 0 keys masked
+    if padding == "attention_mask":
+        mask = torch.ones_like(ids)
+        mask[2, :5] = 0
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    in_mask = mask[:, :-1] if mask is not None else None
+    expected = masked_cross_entropy(model(inputs, attention_mask=in_mask).logits, targets)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.autograd.grad(expected, params, allow_unused=True)
+    loss = causal_lm_loss(model, inputs, targets, attention_mask=in_mask, chunk_rows=7)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    close(loss, expected)
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            close(g, w, atol=1e-5, rtol=1e-3)
+
+
+def test_packed_loss_matches_forward_loss(tiny_model):
+    model = tiny_model.train()
+    ids = random_ids((2, 10), model.config.input_vocab_size, seed=17)
+    targets = ids[:, 1:].clone()
+    targets[0, -2:] = 0  # padding targets are still left out
+    expected = masked_cross_entropy(model(ids[:, :-1]).logits, targets)
+    want = torch.autograd.grad(expected, list(model.parameters()))
+    loss = packed_causal_lm_loss(model, ids[:, :-1], targets, chunk_rows=4)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    close(loss, expected)
+    for g, w in zip(got, want):
+        close(g, w, atol=1e-5, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------- static decoding
+def reference_greedy(model, prompt, steps, **kwargs):
+    model.attn_implementation = "eager"
+    result = generate_details(model, prompt, steps, top_k=1, output_logits=True, **kwargs)
+    model.attn_implementation = "sdpa"
+    return result
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_static_decoder_matches_generate(tiny_model, batch):
+    model = tiny_model
+    prompt = random_ids((batch, 6), model.config.input_vocab_size, seed=5)
+    expected = reference_greedy(model, prompt, 20, stop_at_eos=False)
+    decoder = StaticDecoder(model, batch, 26)
+    ids, logits = decoder.generate(prompt, 20, stop_at_eos=False, output_logits=True)
+    assert torch.equal(ids, expected.ids)
+    close(logits, expected.step_logits)
+    # the decoder is reusable: a second prompt decodes from fresh state
+    prompt2 = random_ids((batch, 4), model.config.input_vocab_size, seed=6)
+    ids2, _ = decoder.generate(prompt2, 9, stop_at_eos=False)
+    assert torch.equal(ids2, reference_greedy(model, prompt2, 9, stop_at_eos=False).ids)
+
+
+def test_static_decoder_left_padding_per_row(tiny_model):
+    """Rows of different lengths (left padding + attention_mask) decode as each would alone."""
+    model = tiny_model
+    prompt = random_ids((3, 7), model.config.input_vocab_size, seed=7)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    mask[2, :5] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    expected = reference_greedy(model, prompt, 12, attention_mask=mask, stop_at_eos=False)
+    ids, logits = StaticDecoder(model, 3, 19).generate(
+        prompt, 12, attention_mask=mask, stop_at_eos=False, output_logits=True
+    )
+    assert torch.equal(ids, expected.ids)
+    close(logits, expected.step_logits)
+
+
+def test_static_decoder_pad_ids_without_mask(tiny_model):
+    """The original's semantics (no attention_mask): pad-id keys masked, positions shared."""
+    model = tiny_model
+    prompt = random_ids((2, 8), model.config.input_vocab_size, seed=8)
+    prompt[1, :3] = 0
+    expected = reference_greedy(model, prompt, 10, stop_at_eos=False)
+    ids, logits = StaticDecoder(model, 2, 18).generate(
+        prompt, 10, stop_at_eos=False, output_logits=True
+    )
+    assert torch.equal(ids, expected.ids)
+    close(logits, expected.step_logits)
+
+
+def test_static_decoder_stops_at_eos_like_generate(tiny_model):
+    model = tiny_model
+    prompt = random_ids((2, 5), model.config.input_vocab_size, seed=9)
+    free_run = reference_greedy(model, prompt, 16, stop_at_eos=False).ids
+    eos = int(free_run[0, 5 + 3])  # row 0 emits this id at its 4th step
+    expected = reference_greedy(model, prompt, 16, stop_at_eos=True, eos_id=eos).ids
+    ids, _ = StaticDecoder(model, 2, 21).generate(prompt, 16, eos_id=eos, check_every=4)
+    assert torch.equal(ids, expected)
+
+
+def test_greedy_generate_vector_prompt(tiny_model):
+    model = tiny_model
+    prompt = random_ids((6,), model.config.input_vocab_size, seed=10)
+    expected = generate(model, prompt, 7, top_k=1, stop_at_eos=False)
+    got = greedy_generate(model, prompt, 7, stop_at_eos=False)
+    assert got.dim() == 1 and torch.equal(got, expected)
+    with pytest.raises(PLDRError, match="max_len"):
+        StaticDecoder(model, 1, 8).generate(prompt, 7)
+    with pytest.raises(PLDRError, match="max_seq_len"):
+        StaticDecoder(model, 1, model.config.max_seq_len + 1)
+
+
+# ---------------------------------------------------------------------------- captured prefill
+def test_captured_forward_matches_forward(tiny_model):
+    model = tiny_model
+    ids = random_ids((2, 10), model.config.input_vocab_size, seed=11)
+    captured = CapturedForward(model, 2, 10)
+    out = captured(ids)
+    with torch.no_grad():
+        expected = model(ids, logits_to_keep=1)
+    close(out.logits, expected.logits)
+    for got, want in zip(out.cache.kv, expected.cache.kv):
+        close(got.key, want.key)
+        close(got.value, want.value)
+    for got, want in zip(out.cache.g, expected.cache.g):
+        close(got.G_LM, want.G_LM)
+    ids[0, 0] = 0
+    with pytest.raises(PLDRError, match="padding"):
+        captured(ids)
+
+
+# ---------------------------------------------------------------------------- compilation
+def test_compiled_layers_trace_whole_and_match(tiny_model):
+    """Each layer traces as ONE graph (no host sync inside), with the eager values/gradients.
+
+    ``aot_eager`` runs dynamo + AOTAutograd without code generation: fast on the CPU."""
+    model = tiny_model.train()
+    ids = random_ids((2, 9), model.config.input_vocab_size, seed=12)
+    expected = masked_cross_entropy(model(ids[:, :-1]).logits, ids[:, 1:])
+    want = torch.autograd.grad(expected, list(model.parameters()))
+    torch._dynamo.reset()
+    compile_decoder_layers(model, backend="aot_eager", fullgraph=True)
+    try:
+        loss = masked_cross_entropy(model(ids[:, :-1]).logits, ids[:, 1:])
+        got = torch.autograd.grad(loss, list(model.parameters()))
+        assert "decoder.dec_layers.0.mha1.wq.weight" in model.state_dict()
+    finally:
+        uncompile_decoder_layers(model)
+    close(loss, expected)
+    for g, w in zip(got, want):
+        close(g, w, atol=1e-5, rtol=1e-3)
+
+
+def test_static_step_traces_whole(tiny_model):
+    model = tiny_model
+    prompt = random_ids((2, 5), model.config.input_vocab_size, seed=13)
+    expected = reference_greedy(model, prompt, 8, stop_at_eos=False).ids
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, 2, 13, compile={"backend": "aot_eager", "fullgraph": True})
+    ids, _ = decoder.generate(prompt, 8, stop_at_eos=False)
+    assert torch.equal(ids, expected)
+
+
+# ---------------------------------------------------------------------------- GPU
+def cuda_model(tiny_model):
+    torch.set_float32_matmul_precision("highest")
+    return tiny_model.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_decoder_matches_eager(tiny_model, compiled):
+    model = cuda_model(tiny_model)
+    prompt = random_ids((4, 6), model.config.input_vocab_size, seed=14).cuda()
+    expected = reference_greedy(model, prompt, 24, stop_at_eos=False)
+    decoder = StaticDecoder(model, 4, 30, compile=compiled)
+    assert decoder.use_graph
+    ids, logits = decoder.generate(prompt, 24, stop_at_eos=False, output_logits=True)
+    assert torch.equal(ids, expected.ids)
+    close(logits, expected.step_logits, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_captured_forward_and_compiled_loss(tiny_model):
+    model = cuda_model(tiny_model)
+    ids = random_ids((2, 16), model.config.input_vocab_size, seed=15).cuda()
+    with torch.no_grad():
+        expected = model(ids, logits_to_keep=1).logits
+    close(CapturedForward(model, 2, 16)(ids).logits, expected, atol=1e-4, rtol=1e-3)
+    hidden = torch.randn(64, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(300, 64, device="cuda", requires_grad=True)
+    targets = random_ids((64,), 300, seed=16, low=0).cuda()
+    plain = masked_cross_entropy(F.linear(hidden, weight), targets)
+    fused = linear_cross_entropy(hidden, weight, None, targets, chunk_rows=16, compile_chunks=True)
+    close(fused, plain, atol=1e-4, rtol=1e-4)
+    close(
+        torch.autograd.grad(fused, weight)[0],
+        torch.autograd.grad(plain, weight)[0],
+        atol=1e-4,
+        rtol=1e-3,
+    )
