@@ -9,6 +9,7 @@ The public API::
     ids = generate(model, prompt_ids, max_new_tokens=32, top_k=1)
 """
 
+from pldr_llm.bundle import load_bundle
 from pldr_llm.checkpoint import (
     load_model,
     load_reference_checkpoint,
@@ -18,6 +19,7 @@ from pldr_llm.checkpoint import (
 from pldr_llm.config import PLDRConfig, read_hyperparameters_file
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation import filter_logits, generate, generate_details
+from pldr_llm.gfile import load_g_file, save_g_file
 from pldr_llm.losses import dag_regularizer, masked_accuracy, masked_cross_entropy
 from pldr_llm.model import (
     Deductive,
@@ -28,6 +30,7 @@ from pldr_llm.model import (
     inference_G_model,
     predefined_G_model,
 )
+from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer, train_tokenizer
 
 __version__ = "0.1.0"
 
@@ -43,13 +46,19 @@ __all__ = [
     "filter_logits",
     "generate",
     "generate_details",
+    "PLDRTokenizer",
     "inference_G_model",
+    "load_bundle",
+    "load_g_file",
     "load_model",
+    "load_tokenizer",
     "load_reference_checkpoint",
     "masked_accuracy",
     "masked_cross_entropy",
     "predefined_G_model",
     "read_hyperparameters_file",
     "safe_torch_load",
+    "save_g_file",
     "save_reference_checkpoint",
+    "train_tokenizer",
 ]

@@ -1,0 +1,443 @@
+"""Resolve ``--model X`` into a model and its tokenizer.
+
+``X`` may be:
+
+* a **published bundle** folder, as on the PLDR-LLM hub pages: ``<name>-model-checkpoint.pth``
+  (the original's ``torch.save`` format), ``<name>_hyperparameters.py`` (the ``hpdict`` literal,
+  parsed, never executed) and a tokenizer ``*.tar.gz`` (or a ``.model`` file);
+* a folder in the project's **own format**: ``config.json``, ``model.safetensors`` and
+  ``tokenizer.model`` (what ``pldr-llm convert`` and training write), or the transformers
+  folder ``pldr-llm convert --to hf`` writes (read without transformers);
+* a **Hugging Face hub repository id** (``owner/name``, optionally ``owner/name@revision``),
+  fetched with ``huggingface_hub.snapshot_download`` into the hub's normal cache. With
+  ``HF_HUB_OFFLINE=1`` the cached copy is used without network access.
+
+Everything is checked before weights are read: a missing or ambiguous file, a tokenizer whose
+vocabulary does not fit the model's embedding, or an unusable device is a one-line
+:class:`~pldr_llm.errors.PLDRError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pldr_llm.config import PLDRConfig
+from pldr_llm.errors import PLDRError
+
+if TYPE_CHECKING:  # heavy imports only where the model is loaded
+    import torch
+
+    from pldr_llm.model import PLDRModel
+    from pldr_llm.tokenizer import PLDRTokenizer
+
+__all__ = [
+    "BundleFiles",
+    "resolve_model_dir",
+    "inspect_bundle",
+    "resolve_bundle",
+    "load_bundle",
+    "bundle_tokenizer",
+    "check_vocab",
+    "resolve_device",
+    "resolve_dtype",
+    "HUB_ALLOW_PATTERNS",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CHECKPOINT_SUFFIX = ".pth"
+HYPERPARAMETERS_SUFFIX = "_hyperparameters.py"
+
+# What a hub download fetches: the files of both folder formats, nothing else (published repos
+# may hold large extra files such as other checkpoints' exports).
+HUB_ALLOW_PATTERNS = [
+    "*.pth",
+    "*_hyperparameters.py",
+    "*.tar.gz",
+    "*.tgz",
+    "*.model",
+    "*.vocab",
+    CONFIG_NAME,
+    "*.safetensors",
+    "model.safetensors.index.json",
+]
+
+# owner/name[@revision], the hub's repository id syntax.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class BundleFiles:
+    """The files a model folder resolved to (nothing loaded yet but the configuration).
+
+    ``kind`` is ``"reference"`` (published ``.pth`` bundle), ``"pldr"`` (own format) or ``"hf"``
+    (a transformers folder written by ``pldr-llm convert --to hf``; read without transformers).
+    """
+
+    kind: str
+    root: Path
+    weights: Path
+    config: PLDRConfig
+    tokenizer: Path | None
+    hyperparameters: Path | None = None
+    source: str = ""
+
+
+# ---------------------------------------------------------------------- devices and dtypes
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a usable ``torch.device`` (None: cpu).
+
+    An unknown name, or CUDA on a machine without it, is a PLDRError.
+    """
+    import torch
+
+    spec = (spec or "cpu").strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
+        raise PLDRError(f"unknown device {spec!r}: use cpu, cuda or cuda:N")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PLDRError(f"device {spec!r} asked for, but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise PLDRError(
+                f"device {spec!r} does not exist: this machine has {count} CUDA device(s)"
+            )
+    return device
+
+
+def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``) as a torch dtype; None stays."""
+    import torch
+
+    if spec is None or isinstance(spec, torch.dtype):
+        return spec
+    name = str(spec).strip().lower().removeprefix("torch.")
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise PLDRError(f"unknown dtype {spec!r}: use {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------- locating the folder
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the form of a hub repository id (``owner/name[@revision]``)."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hub_errors
+    except ImportError:
+        raise PLDRError(
+            f"{repo_id!r} is not a local folder, and fetching it from the Hugging Face hub needs "
+            "'huggingface_hub': pip install 'pldr-llm[hf]'"
+        ) from None
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id=repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS
+        )
+    except hub_errors.RepositoryNotFoundError:
+        raise PLDRError(
+            f"{repo_id!r} is neither a local folder nor a Hugging Face hub repository "
+            "you can access"
+        ) from None
+    except hub_errors.RevisionNotFoundError:
+        raise PLDRError(f"hub repository {repo_id!r} has no revision {revision!r}") from None
+    except hub_errors.GatedRepoError:
+        raise PLDRError(
+            f"hub repository {repo_id!r} is gated: accept its terms and log in"
+        ) from None
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
+        if offline:
+            raise PLDRError(
+                f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                "download it once with network access"
+            ) from None
+        raise PLDRError(
+            f"could not fetch {where} from the Hugging Face hub (no network?) and it is not cached"
+        ) from None
+    except hub_errors.HFValidationError as exc:
+        raise PLDRError(
+            f"{repo_id!r} is not a valid hub repository id ({_first_line(exc)})"
+        ) from None
+    except Exception as exc:  # network stacks raise many classes (httpx, OSError, hub HTTP errors)
+        raise PLDRError(
+            f"could not fetch {where} from the Hugging Face hub: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    return Path(path)
+
+
+def resolve_model_dir(spec: str | os.PathLike[str]) -> Path:
+    """The local folder of ``spec``: the folder itself, or the hub snapshot of a repository id."""
+    text = os.fspath(spec)
+    if not text.strip():
+        raise PLDRError("no model given")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise PLDRError(f"--model takes a folder (or a hub repository id), not a file: {path}")
+    if looks_like_hub_id(text):
+        repo_id, _, revision = text.partition("@")
+        return _download(repo_id, revision or None)
+    raise PLDRError(f"model folder not found: {path}")
+
+
+# ---------------------------------------------------------------------- reading the folder
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _pick_hyperparameters(folder: Path, checkpoint: Path) -> Path:
+    candidates = sorted(p for p in folder.glob(f"*{HYPERPARAMETERS_SUFFIX}") if p.is_file())
+    if not candidates:
+        raise PLDRError(
+            f"{folder} has the checkpoint {checkpoint.name} but no '*{HYPERPARAMETERS_SUFFIX}' file"
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    # Published names differ only in separators: "PLDRv51-110M-2-model-checkpoint.pth" goes with
+    # "PLDRv51_110M_2_hyperparameters.py".
+    stem = _normalized(
+        checkpoint.name.removesuffix(CHECKPOINT_SUFFIX).removesuffix("-model-checkpoint")
+    )
+    matching = [
+        p for p in candidates if _normalized(p.name.removesuffix(HYPERPARAMETERS_SUFFIX)) == stem
+    ]
+    if len(matching) == 1:
+        return matching[0]
+    names = ", ".join(p.name for p in candidates)
+    raise PLDRError(f"{folder} holds several hyperparameter files ({names}); keep one")
+
+
+def _tokenizer_in(folder: Path) -> Path | None:
+    from pldr_llm.tokenizer import find_tokenizer_file
+
+    try:
+        return find_tokenizer_file(folder)
+    except PLDRError as exc:
+        if str(exc).startswith("no tokenizer in"):
+            return None
+        raise
+
+
+def _read_config_json(path: Path) -> tuple[str, PLDRConfig]:
+    """``("pldr", config)`` for the project's config, ``("hf", config)`` for a transformers one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PLDRError(f"{path} is not a readable JSON config ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise PLDRError(f"{path}: a config must be a JSON object")
+    if "model_type" in data or "architectures" in data:
+        try:
+            from pldr_llm.hf.folder import is_hf_config, pldr_config_from_hf
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("pldr_llm.hf", "pldr_llm.hf.folder"):
+                raise
+            raise PLDRError(
+                f"{path.parent} is a Hugging Face transformers folder, which this build cannot read"
+            ) from None
+        if not is_hf_config(data):
+            raise PLDRError(
+                f"{path.parent} is a transformers folder of model type "
+                f"{data.get('model_type')!r}, not a PLDR-LLM"
+            )
+        return "hf", pldr_config_from_hf(data)
+    return "pldr", PLDRConfig.from_dict(data)
+
+
+def inspect_bundle(folder: str | Path, source: str = "") -> BundleFiles:
+    """Find the checkpoint, configuration and tokenizer of a model folder (no weights read)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PLDRError(f"model folder not found: {folder}")
+    checkpoints = sorted(p for p in folder.glob(f"*{CHECKPOINT_SUFFIX}") if p.is_file())
+    has_config = (folder / CONFIG_NAME).is_file()
+    has_weights = (folder / WEIGHTS_NAME).is_file() or (folder / WEIGHTS_INDEX_NAME).is_file()
+
+    if has_config or has_weights:
+        if checkpoints:
+            raise PLDRError(
+                f"{folder} mixes the project's format ({CONFIG_NAME}/{WEIGHTS_NAME}) with a "
+                f"'.pth' checkpoint ({checkpoints[0].name}); keep one model per folder"
+            )
+        if not has_weights:
+            raise PLDRError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        if not has_config:
+            raise PLDRError(f"{folder} has {WEIGHTS_NAME} but no {CONFIG_NAME}")
+        kind, config = _read_config_json(folder / CONFIG_NAME)
+        if kind == "pldr" and not (folder / WEIGHTS_NAME).is_file():
+            raise PLDRError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        weights = folder / WEIGHTS_NAME
+        return BundleFiles(
+            kind=kind,
+            root=folder,
+            weights=weights if weights.is_file() else folder / WEIGHTS_INDEX_NAME,
+            config=config,
+            tokenizer=_tokenizer_in(folder),
+            source=source or str(folder),
+        )
+
+    if len(checkpoints) > 1:
+        names = ", ".join(p.name for p in checkpoints)
+        raise PLDRError(
+            f"{folder} holds {len(checkpoints)} checkpoints ({names}); keep exactly one"
+        )
+    if not checkpoints:
+        raise PLDRError(
+            f"no model in {folder}: expected '<name>-model-checkpoint.pth' with "
+            f"'<name>{HYPERPARAMETERS_SUFFIX}', or {CONFIG_NAME} with {WEIGHTS_NAME}"
+        )
+    checkpoint = checkpoints[0]
+    hyperparameters = _pick_hyperparameters(folder, checkpoint)
+    return BundleFiles(
+        kind="reference",
+        root=folder,
+        weights=checkpoint,
+        config=PLDRConfig.from_hyperparameters_file(hyperparameters),
+        tokenizer=_tokenizer_in(folder),
+        hyperparameters=hyperparameters,
+        source=source or str(folder),
+    )
+
+
+def resolve_bundle(spec: str | os.PathLike[str]) -> BundleFiles:
+    """:func:`resolve_model_dir` then :func:`inspect_bundle`."""
+    return inspect_bundle(resolve_model_dir(spec), source=os.fspath(spec))
+
+
+def check_vocab(tokenizer: PLDRTokenizer, config: PLDRConfig, where: str = "") -> None:
+    """Fail if the tokenizer has ids the model's embedding lacks; warn on other id mismatches."""
+    if tokenizer.vocab_size > config.input_vocab_size:
+        source = f" of {where}" if where else ""
+        raise PLDRError(
+            f"tokenizer {tokenizer.model_path.name} has {tokenizer.vocab_size} pieces but the model"
+            f"{source} embeds only input_vocab_size={config.input_vocab_size}: "
+            "they do not belong together"
+        )
+    if tokenizer.eos_id != config.eos_id or tokenizer.pad_id != config.pad_id:
+        log.warning(
+            "tokenizer ids (pad %d, end %d) differ from the model's (pad %d, end %d)",
+            tokenizer.pad_id,
+            tokenizer.eos_id,
+            config.pad_id,
+            config.eos_id,
+        )
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def bundle_tokenizer(
+    files: BundleFiles,
+    tokenizer: str | os.PathLike[str] | PLDRTokenizer | None = None,
+    required: bool = True,
+) -> PLDRTokenizer | None:
+    """The tokenizer of ``files`` (or ``tokenizer`` instead), checked against the model's config."""
+    from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer
+
+    if isinstance(tokenizer, PLDRTokenizer):
+        tok: PLDRTokenizer | None = tokenizer
+    elif tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    elif files.tokenizer is not None:
+        tok = load_tokenizer(files.tokenizer)
+    elif required:
+        raise PLDRError(
+            f"no tokenizer in {files.root}: expected a '.model' file or a tokenizer '.tar.gz' "
+            "(or pass one with --tokenizer)"
+        )
+    else:
+        return None
+    assert tok is not None
+    check_vocab(tok, files.config, files.source)
+    return tok
+
+
+def load_bundle(
+    spec: str | os.PathLike[str] | BundleFiles,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    tokenizer: str | os.PathLike[str] | PLDRTokenizer | None = None,
+    require_tokenizer: bool = True,
+) -> tuple[PLDRModel, PLDRTokenizer | None]:
+    """Load the model and tokenizer of ``spec`` (a folder, a hub id or resolved files).
+
+    Args:
+        spec: what ``--model`` names (see the module docstring).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a torch dtype, or None (as stored).
+        tokenizer: a tokenizer (path or loaded) to use instead of the folder's own.
+        require_tokenizer: fail when no tokenizer is found (else return None for it).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode on ``device``.
+    """
+    import torch
+
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    files = spec if isinstance(spec, BundleFiles) else resolve_bundle(spec)
+    tok = bundle_tokenizer(files, tokenizer, required=require_tokenizer)
+
+    if files.kind == "reference":
+        from pldr_llm.checkpoint import load_reference_checkpoint
+
+        model = load_reference_checkpoint(files.weights, files.config, map_location="cpu")
+    elif files.kind == "hf":
+        from pldr_llm.checkpoint import load_state_dict_strict
+        from pldr_llm.hf.folder import read_hf_state
+        from pldr_llm.model import PLDRModel
+
+        model = PLDRModel(files.config)
+        load_state_dict_strict(model, read_hf_state(files.root), source=str(files.root))
+    else:
+        from pldr_llm.model import PLDRModel
+
+        model = PLDRModel.load(files.root, map_location="cpu")
+    if torch_dtype is not None:
+        model = model.to(dtype=torch_dtype)
+    model = model.to(device=target)
+    return model.eval(), tok
+
+
+def bundle_summary(files: BundleFiles, model: Any | None = None) -> str:
+    """One line describing what was loaded (for logs)."""
+    cfg = files.config
+    what = {"reference": "published checkpoint", "hf": "transformers folder"}.get(
+        files.kind, "pldr-llm folder"
+    )
+    params = f", {model.num_parameters() / 1e6:.1f}M parameters" if model is not None else ""
+    return (
+        f"{what} {files.weights.name} from {files.source}: {cfg.num_layers} layers, d_model "
+        f"{cfg.d_model}, {cfg.num_heads} heads, vocabulary {cfg.input_vocab_size}{params}"
+    )

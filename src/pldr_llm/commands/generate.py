@@ -1,0 +1,379 @@
+"""``pldr-llm generate``: text from a PLDR-LLM, with every sampling option of the original.
+
+Prompts are encoded as the original's ``generate_text`` does (end-of-text id appended, then dropped
+unless the prompt is empty, so an empty prompt starts from the end-of-text id), and each result is
+the prompt ids and the new ids decoded together. Several prompts (``--prompt`` repeated, or
+``--prompt-file`` with one prompt per line) run as batches; each row gives the ids it would give
+alone. stdout holds only the texts, one per prompt; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    import torch
+
+    from pldr_llm.tokenizer import PLDRTokenizer
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``generate`` command."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a PLDR-LLM",
+        description="Generate text from a PLDR-LLM (a published bundle folder, a pldr-llm folder, "
+        "or a Hugging Face hub repository id). Sampling stacks as in the original: temperature, "
+        "then top-p, then top-k; --top-k 1 is greedy.",
+    )
+    p.add_argument("--model", "-m", required=True, metavar="X", help="model folder or hub repo id")
+    p.add_argument(
+        "--prompt",
+        "-p",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="prompt text (repeat for a batch; an empty prompt starts from end-of-text)",
+    )
+    p.add_argument(
+        "--prompt-file",
+        metavar="FILE",
+        help="one prompt per line (blank lines skipped), generated in batches; '-' reads stdin",
+    )
+    p.add_argument("--max-new-tokens", "-n", type=int, default=50, metavar="N", help="default: 50")
+    p.add_argument(
+        "--temperature", "-t", type=float, default=1.0, metavar="T", help="in (0, 1]; default: 1"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the K largest logits (0: all; 1: greedy)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="nucleus probability in (0, 1] (1: off)",
+    )
+    p.add_argument(
+        "--no-kv-cache", action="store_true", help="recompute the whole sequence each step"
+    )
+    p.add_argument("--no-g-cache", action="store_true", help="recompute G_LM each step")
+    p.add_argument(
+        "--g-init",
+        metavar="FILE",
+        help="initial G-cache (the paper's G_LM pickles or a pldr-llm safetensors G file)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="seed for reproducible sampling"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32, bfloat16 or float16 (default: float32)",
+    )
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument(
+        "--stop",
+        nargs="+",
+        default=None,
+        metavar="STR",
+        help="stop a row when its new text contains STR (the text is cut before it)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per batch (16)")
+    p.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer instead of the model's")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"pldr-llm: {message}", file=sys.stderr, flush=True)
+
+
+def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str]:
+    """The ``--prompt`` texts (in order), then the non-blank lines of ``--prompt-file``."""
+    from pathlib import Path
+
+    from pldr_llm.errors import PLDRError
+
+    out = list(prompts or [])
+    if prompt_file is not None:
+        if prompt_file == "-":
+            text = sys.stdin.read()
+        else:
+            path = Path(prompt_file)
+            if not path.is_file():
+                raise PLDRError(f"prompt file not found: {path}")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise PLDRError(f"prompt file {path} is not UTF-8 text") from None
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise PLDRError(f"prompt file {prompt_file} holds no prompt")
+        out.extend(lines)
+    if not out and prompt_file is None:
+        raise PLDRError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    return out
+
+
+def cut_at_stop(text: str, start: int, stops: Sequence[str]) -> int | None:
+    """Index of the first stop string found in ``text[start:]`` (as an index of ``text``)."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class StopStrings:
+    """A ``stopping_criteria`` for :func:`pldr_llm.generate`: a row stops when its new text holds
+    one of ``stops``. The new text is what decoding prompt + new ids adds after the prompt."""
+
+    def __init__(
+        self, tokenizer: PLDRTokenizer, prompts: Sequence[Sequence[int]], stops: Sequence[str]
+    ):
+        self.tokenizer = tokenizer
+        self.prompts = [list(p) for p in prompts]
+        self.prompt_text = [tokenizer.decode(p) for p in self.prompts]
+        self.stops = list(stops)
+
+    def __call__(self, row: int, new_ids: list[int]) -> bool:
+        text = self.tokenizer.decode(self.prompts[row] + new_ids)
+        return cut_at_stop(text, len(self.prompt_text[row]), self.stops) is not None
+
+
+class TextStreamer:
+    """Prints one row's text as its ids arrive (a ``streamer`` for :func:`pldr_llm.generate`).
+
+    The text shown is always a prefix of the final text: it decodes the whole sequence each step
+    and holds back what may still change -- an incomplete UTF-8 sequence of byte-fallback pieces,
+    and a tail that could be the start of a stop string.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PLDRTokenizer,
+        prompt_ids: Sequence[int],
+        stops: Sequence[str] = (),
+        out: TextIO | None = None,
+        eos_id: int = 3,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids)
+        self.prompt_len = len(self.tokenizer.decode(self.ids))
+        self.stops = list(stops)
+        self.out = out or sys.stdout
+        self.eos_id = eos_id
+        self.printed = ""
+        self.done = False
+        self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, text: str) -> None:
+        # Only ever extend what is on screen; text that would rewrite it waits for final().
+        if not text.startswith(self.printed) or len(text) <= len(self.printed):
+            return
+        self.out.write(text[len(self.printed) :])
+        self.out.flush()
+        self.printed = text
+
+    def _visible(self, text: str) -> str:
+        cut = cut_at_stop(text, self.prompt_len, self.stops) if self.stops else None
+        if cut is not None:
+            self.done = True
+            return text[:cut]
+        end = len(text)
+        while end > self.prompt_len and text[end - 1] == "\ufffd":
+            end -= 1
+        if self.stops:
+            hold = max(len(s) for s in self.stops) - 1
+            end = max(self.prompt_len, min(end, len(text) - hold))
+        return text[:end]
+
+    def __call__(self, next_ids: torch.Tensor) -> None:
+        if self.done:
+            return
+        token = int(next_ids.reshape(-1)[0])
+        self.ids.append(token)
+        if token == self.eos_id:
+            self.done = True
+        self._emit(self._visible(self.tokenizer.decode(self.ids)))
+
+    def final(self, text: str) -> None:
+        """Print what is left of the final ``text`` and a newline."""
+        if text.startswith(self.printed):
+            self.out.write(text[len(self.printed) :])
+        self.out.write("\n")
+        self.out.flush()
+
+
+def final_text(
+    tokenizer: PLDRTokenizer,
+    prompt_ids: Sequence[int],
+    new_ids: Sequence[int],
+    stops: Sequence[str],
+) -> str:
+    """The original's result: prompt ids and new ids decoded together, cut before a stop string."""
+    text = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    if stops:
+        cut = cut_at_stop(text, len(tokenizer.decode(list(prompt_ids))), stops)
+        if cut is not None:
+            text = text[:cut]
+    return text
+
+
+def _load_g_init(path: str, config: Any) -> list[Any]:
+    from pldr_llm.errors import PLDRError
+
+    try:
+        from pldr_llm.gfile import load_g_file
+    except ModuleNotFoundError as exc:
+        if exc.name in ("pldr_llm.gfile",):
+            raise PLDRError("--g-init needs pldr_llm.gfile, which this build lacks") from None
+        raise
+    entries = load_g_file(path)
+    if len(entries) != config.num_layers:
+        raise PLDRError(
+            f"{path} holds a G-cache for {len(entries)} layers, the model has {config.num_layers}"
+        )
+    want = (config.num_heads, config.depth, config.depth)
+    for index, (a_lm, g_lm) in enumerate(entries):
+        for name, t in (("A_LM", a_lm), ("G_LM", g_lm)):
+            if t is not None and tuple(t.shape[-3:]) != want:
+                raise PLDRError(
+                    f"{path}: {name} of layer {index} has shape {tuple(t.shape)}, the model needs "
+                    f"[1, {want[0]}, {want[1]}, {want[2]}] (num_heads, dk, dk)"
+                )
+    return entries
+
+
+def _configure_stdout() -> None:
+    # A text that holds characters the terminal's encoding lacks must not end in a traceback.
+    reconfigure: Callable[..., None] | None = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="replace")
+        except (ValueError, OSError):  # pragma: no cover - detached or odd streams
+            pass
+
+
+# ---------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate from every prompt and print the texts on stdout."""
+    import torch
+
+    from pldr_llm.bundle import (
+        bundle_summary,
+        bundle_tokenizer,
+        load_bundle,
+        resolve_bundle,
+        resolve_device,
+        resolve_dtype,
+    )
+    from pldr_llm.errors import PLDRError
+    from pldr_llm.generation import generate_details, validate_sampling
+
+    # Everything the user typed is checked before the model is read.
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 0:
+        raise PLDRError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.batch_size <= 0:
+        raise PLDRError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.stop is not None and any(s == "" for s in args.stop):
+        raise PLDRError("--stop strings must not be empty")
+    if args.stream and args.jsonl:
+        raise PLDRError("--stream and --jsonl do not go together")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    stops = list(args.stop or [])
+    _configure_stdout()
+
+    # Cheap checks that need the model's files, before its weights are read.
+    files = resolve_bundle(args.model)
+    config = files.config
+    tokenizer = bundle_tokenizer(files, args.tokenizer)
+    assert tokenizer is not None  # required=True
+    prompt_ids = [tokenizer.prompt_ids(p) for p in prompts]
+    longest = max(len(ids) for ids in prompt_ids)
+    if longest + args.max_new_tokens > config.max_seq_len:
+        raise PLDRError(
+            f"prompt ({longest} tokens) + max_new_tokens ({args.max_new_tokens}) exceeds "
+            f"max_seq_len={config.max_seq_len} of the model"
+        )
+    g_init = _load_g_init(args.g_init, config) if args.g_init else None
+
+    model, _ = load_bundle(files, device=device, dtype=dtype, tokenizer=tokenizer)
+    _log(
+        args,
+        f"loaded {bundle_summary(files, model)} on {device} ({str(dtype).removeprefix('torch.')})",
+    )
+
+    generator = None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    common: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "enable_kvcache": not args.no_kv_cache,
+        "enable_Gcache": not args.no_g_cache,
+        "G_init": g_init,
+        "eos_id": config.eos_id,
+        "generator": generator,
+    }
+    start = time.perf_counter()
+    produced = 0
+    if args.stream:
+        # One prompt at a time, so that its tokens can be shown as they come.
+        for ids in prompt_ids:
+            streamer = TextStreamer(tokenizer, ids, stops, eos_id=config.eos_id)
+            criteria = StopStrings(tokenizer, [ids], stops) if stops else None
+            out = generate_details(
+                model, [ids], streamer=streamer, stopping_criteria=criteria, **common
+            )
+            new = out.new_ids[0]
+            produced += len(new)
+            streamer.final(final_text(tokenizer, ids, new, stops))
+    else:
+        for first in range(0, len(prompt_ids), args.batch_size):
+            chunk = prompt_ids[first : first + args.batch_size]
+            criteria = StopStrings(tokenizer, chunk, stops) if stops else None
+            out = generate_details(model, chunk, stopping_criteria=criteria, **common)
+            for offset, (ids, new) in enumerate(zip(chunk, out.new_ids)):
+                produced += len(new)
+                text = final_text(tokenizer, ids, new, stops)
+                if args.jsonl:
+                    record = {
+                        "prompt": prompts[first + offset],
+                        "text": text,
+                        "prompt_ids": ids,
+                        "new_ids": new,
+                    }
+                    print(json.dumps(record, ensure_ascii=False), flush=True)
+                else:
+                    print(text, flush=True)
+    seconds = time.perf_counter() - start
+    rate = produced / seconds if seconds > 0 else float("inf")
+    _log(
+        args,
+        f"{produced} new tokens for {len(prompts)} prompt(s) in {seconds:.2f}s "
+        f"({rate:.1f} tokens/s)",
+    )
+    return 0

@@ -1,0 +1,546 @@
+"""SentencePiece tokenizer of PLDR-LLMs: loading (also from published ``*.tar.gz``) and training.
+
+The original implementation tokenizes with a unigram SentencePiece model whose control pieces are
+pad 0 ``[PAD]``, unk 1 ``[UNK]``, start 2 ``[START]`` and end 3 ``[END]``, followed by the
+user-defined pieces ``[SEP]`` and ``[CLS]``. It encodes a text with the end-of-text id appended and
+no start id, and decodes with SentencePiece's own decoder, which drops control ids. This module
+reproduces exactly that with the ``sentencepiece`` package alone.
+
+Published PLDR-LLMs ship their tokenizer as a ``*.tar.gz`` holding the ``.model`` and ``.vocab``
+files. Archives are untrusted input: :func:`extract_tokenizer_archive` checks every member before it
+writes anything, and refuses absolute paths, ``..`` components, links, devices and FIFOs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pldr_llm.errors import PLDRError
+
+__all__ = [
+    "PLDRTokenizer",
+    "load_tokenizer",
+    "extract_tokenizer_archive",
+    "train_tokenizer",
+    "iter_text",
+    "PAD_ID",
+    "UNK_ID",
+    "START_ID",
+    "EOS_ID",
+    "USER_SYMBOLS",
+]
+
+# The original's special ids and pieces (pldr_data_prep + the paper tokenizer's trainer spec).
+PAD_ID, UNK_ID, START_ID, EOS_ID = 0, 1, 2, 3
+PAD_PIECE, UNK_PIECE, START_PIECE, EOS_PIECE = "[PAD]", "[UNK]", "[START]", "[END]"
+USER_SYMBOLS = ("[SEP]", "[CLS]")
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# A tokenizer archive is a few MB; anything far larger is not a tokenizer (or is a tar bomb).
+MAX_ARCHIVE_BYTES = 1 << 30
+
+
+def _spm() -> Any:
+    try:
+        import sentencepiece
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise PLDRError(
+            "the tokenizer needs the 'sentencepiece' package: pip install sentencepiece"
+        ) from None
+    return sentencepiece
+
+
+class PLDRTokenizer:
+    """A loaded SentencePiece model with the original PLDR-LLM encode/decode conventions.
+
+    Args:
+        model_path: path of the SentencePiece ``.model`` file.
+    """
+
+    def __init__(self, model_path: str | Path) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise PLDRError(f"tokenizer model not found: {path}")
+        processor = _spm().SentencePieceProcessor()
+        try:
+            # Loading from bytes, not from the path: SentencePiece's own file reader cannot open
+            # every non-ASCII path, and a read error here must become a one-line PLDRError.
+            processor.LoadFromSerializedProto(path.read_bytes())
+        except (RuntimeError, OSError) as exc:
+            raise PLDRError(f"{path} is not a SentencePiece model ({_first_line(exc)})") from None
+        self._sp = processor
+        self.model_path: Path = path.resolve()
+        self.vocab_path: Path | None = _vocab_file_for(path)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces (ids are ``0 .. vocab_size - 1``)."""
+        return int(self._sp.get_piece_size())
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id (0 for PLDR-LLM tokenizers)."""
+        return int(self._sp.pad_id())
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-text id (3 for PLDR-LLM tokenizers)."""
+        return int(self._sp.eos_id())
+
+    @property
+    def unk_id(self) -> int:
+        """Unknown-piece id (1 for PLDR-LLM tokenizers)."""
+        return int(self._sp.unk_id())
+
+    @property
+    def bos_id(self) -> int:
+        """Start id (2 for PLDR-LLM tokenizers); the original never adds it."""
+        return int(self._sp.bos_id())
+
+    @property
+    def processor(self) -> Any:
+        """The underlying ``sentencepiece.SentencePieceProcessor``."""
+        return self._sp
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"PLDRTokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str, add_eos: bool = True) -> list[int]:
+        """Token ids of ``text``: no start id, and the end-of-text id appended when ``add_eos``."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        return list(self._sp.encode(text, out_type=int, add_bos=False, add_eos=add_eos))
+
+    def encode_batch(self, texts: Sequence[str], add_eos: bool = True) -> list[list[int]]:
+        """:meth:`encode` for several texts."""
+        return [self.encode(t, add_eos=add_eos) for t in texts]
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The ids the original ``generate_text`` starts generation from.
+
+        It encodes the text with the end-of-text id appended and then drops that id, unless the
+        text encodes to nothing else: an empty prompt starts from the end-of-text id alone.
+        """
+        ids = self.encode(text, add_eos=True)
+        return ids[:-1] if len(ids) > 1 else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; control ids (pad, start, end) are dropped as SentencePiece does.
+
+        Ids outside the vocabulary (a model may have a larger embedding than its tokenizer) are
+        decoded as the unknown piece rather than failing.
+        """
+        if hasattr(ids, "tolist"):  # a tensor or an array
+            ids = ids.tolist()  # type: ignore[union-attr]
+        size = self.vocab_size
+        unk = self.unk_id
+        clean = [int(i) if 0 <= int(i) < size else unk for i in ids]
+        return str(self._sp.decode(clean))
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The piece string of one id."""
+        return str(self._sp.id_to_piece(int(token_id)))
+
+    def is_control(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a control id (decoded as nothing)."""
+        return bool(self._sp.is_control(int(token_id)))
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str | Path, name: str = "tokenizer") -> Path:
+        """Copy the ``.model`` (and any ``.vocab``) into ``directory`` as ``<name>.model``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"{name}.model"
+        if target.resolve() != self.model_path:
+            shutil.copyfile(self.model_path, target)
+        if self.vocab_path is not None:
+            vocab_target = directory / f"{name}.vocab"
+            if vocab_target.resolve() != self.vocab_path:
+                shutil.copyfile(self.vocab_path, vocab_target)
+        return target
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str | Path) -> PLDRTokenizer:
+    """Load a tokenizer from a ``.model`` file, a folder holding one, or a ``*.tar.gz`` archive.
+
+    A folder is searched for ``tokenizer.model``, then for a single ``*.model`` file, then for a
+    single tokenizer archive. An archive is extracted (after checking every member, see
+    :func:`extract_tokenizer_archive`) into a private temporary folder removed at exit.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PLDRError(f"tokenizer not found: {path}")
+    if path.is_dir():
+        return load_tokenizer(find_tokenizer_file(path))
+    if _is_archive(path):
+        target = Path(tempfile.mkdtemp(prefix="pldr_llm_tokenizer_"))
+        try:
+            tokenizer = PLDRTokenizer(extract_tokenizer_archive(path, target))
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        # The processor holds the model in memory; the files stay for model_path until exit.
+        atexit.register(shutil.rmtree, target, ignore_errors=True)
+        return tokenizer
+    if path.suffix != ".model":
+        raise PLDRError(
+            f"{path}: a tokenizer is a SentencePiece '.model' file or a '.tar.gz' archive"
+        )
+    return PLDRTokenizer(path)
+
+
+def find_tokenizer_file(directory: str | Path) -> Path:
+    """The tokenizer file of a folder: ``tokenizer.model``, a lone ``*.model`` or a lone archive."""
+    directory = Path(directory)
+    preferred = directory / "tokenizer.model"
+    if preferred.is_file():
+        return preferred
+    models = sorted(p for p in directory.glob("*.model") if p.is_file())
+    if len(models) == 1:
+        return models[0]
+    if len(models) > 1:
+        names = ", ".join(p.name for p in models)
+        raise PLDRError(f"{directory} holds several tokenizer models ({names}); keep one")
+    archives = sorted(p for p in directory.iterdir() if p.is_file() and _is_archive(p))
+    if len(archives) == 1:
+        return archives[0]
+    if len(archives) > 1:
+        names = ", ".join(p.name for p in archives)
+        raise PLDRError(f"{directory} holds several tokenizer archives ({names}); keep one")
+    raise PLDRError(
+        f"no tokenizer in {directory}: expected a '.model' file or a tokenizer '.tar.gz'"
+    )
+
+
+def _vocab_file_for(model: Path) -> Path | None:
+    # The published archives name the two files differently ("...-model-....model" next to
+    # "....vocab"), so fall back to the folder's only .vocab file.
+    same_stem = model.with_suffix(".vocab")
+    if same_stem.is_file():
+        return same_stem.resolve()
+    vocabs = [p for p in model.parent.glob("*.vocab") if p.is_file()]
+    return vocabs[0].resolve() if len(vocabs) == 1 else None
+
+
+def _is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path, target: Path) -> Path:
+    """Where ``member`` would land under ``target``; raises for anything unsafe."""
+    name = member.name
+    if not (member.isfile() or member.isdir()):
+        kind = "link" if (member.issym() or member.islnk()) else "special file"
+        raise PLDRError(f"unsafe tokenizer archive {archive}: member {name!r} is a {kind}")
+    posix = name.replace("\\", "/")
+    parts = Path(posix).parts
+    if posix.startswith("/") or os.path.isabs(name) or (parts and ":" in parts[0]):
+        raise PLDRError(f"unsafe tokenizer archive {archive}: member {name!r} has an absolute path")
+    if ".." in parts:
+        raise PLDRError(
+            f"unsafe tokenizer archive {archive}: member {name!r} escapes the target folder"
+        )
+    root = target.resolve()
+    dest = (root / Path(*parts)).resolve() if parts else root
+    # Resolving also catches a folder created earlier that a symlink replaced on disk.
+    if dest != root and root not in dest.parents:
+        raise PLDRError(
+            f"unsafe tokenizer archive {archive}: member {name!r} escapes the target folder"
+        )
+    return dest
+
+
+def extract_tokenizer_archive(archive: str | Path, target: str | Path) -> Path:
+    """Extract a tokenizer archive into ``target`` and return the path of its ``.model`` file.
+
+    Every member is checked before anything is written: only regular files and folders are
+    allowed, and no member may land outside ``target`` (absolute paths, ``..``). Nothing but file
+    contents is restored (no owners, modes or times). The archive must hold exactly one
+    ``.model`` file.
+    """
+    archive = Path(archive)
+    target = Path(target)
+    if not archive.is_file():
+        raise PLDRError(f"tokenizer archive not found: {archive}")
+    try:
+        tar = tarfile.open(archive, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PLDRError(f"{archive} is not a readable tar archive ({_first_line(exc)})") from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise PLDRError(f"{archive} is a damaged tar archive ({_first_line(exc)})") from None
+        planned = [(m, _check_member(m, archive, target)) for m in members]
+        total = sum(m.size for m, _ in planned if m.isfile())
+        if total > MAX_ARCHIVE_BYTES:
+            raise PLDRError(f"{archive} unpacks to {total} bytes; not a tokenizer archive")
+        models = [dest for m, dest in planned if m.isfile() and dest.suffix == ".model"]
+        if not models:
+            raise PLDRError(f"tokenizer archive {archive} holds no '.model' file")
+        if len(models) > 1:
+            names = ", ".join(m.name for m, d in planned if d in models)
+            raise PLDRError(f"tokenizer archive {archive} holds several '.model' files ({names})")
+        target.mkdir(parents=True, exist_ok=True)
+        for member, dest in planned:
+            if member.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            if source is None:  # pragma: no cover - regular files always have data
+                raise PLDRError(f"tokenizer archive {archive}: cannot read member {member.name!r}")
+            with source, open(dest, "wb") as out:
+                shutil.copyfileobj(source, out)
+    return models[0]
+
+
+# ---------------------------------------------------------------------- training
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _input_format(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (".gz", ".bz2", ".xz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    return "text"
+
+
+def _open_text(path: Path) -> Any:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if name.endswith(".bz2"):
+        import bz2
+
+        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
+    if name.endswith(".xz"):
+        import lzma
+
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def _lines_of(value: Any) -> Iterator[str]:
+    # One record may span lines; SentencePiece trains on lines, as the original's text dump did.
+    if value is None:
+        return
+    for line in str(value).splitlines():
+        if line.strip():
+            yield line
+
+
+def iter_text(
+    paths: Sequence[str | Path],
+    column: str | None = None,
+    progress: bool = True,
+) -> Iterator[str]:
+    """Stream the non-empty lines of text, JSON-lines and parquet files, one file after another.
+
+    Plain text is read line by line (``.gz``, ``.bz2``, ``.xz`` are decompressed on the fly).
+    JSON lines and parquet files yield the ``column`` field of each record (default ``"text"``),
+    split into lines. Nothing is read before it is needed, so inputs of any size stream through.
+    With ``progress`` a tqdm bar per file is shown on stderr.
+    """
+    from tqdm.auto import tqdm
+
+    files = [Path(p) for p in paths]
+    for path in files:
+        if not path.is_file():
+            raise PLDRError(f"input file not found: {path}")
+    field = column or "text"
+    for path in files:
+        kind = _input_format(path)
+        if kind == "parquet":
+            yield from _iter_parquet(path, field, progress, tqdm)
+            continue
+        # A compressed file's size says nothing about its text: no total, no ETA.
+        size = path.stat().st_size if path.suffix.lower() not in (".gz", ".bz2", ".xz") else None
+        with (
+            _open_text(path) as handle,
+            tqdm(
+                total=size,
+                unit="B",
+                unit_scale=True,
+                desc=path.name,
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
+            for lineno, line in enumerate(handle, 1):
+                # Progress in bytes of the (decompressed) text: a good-enough ETA.
+                bar.update(len(line.encode("utf-8", errors="replace")))
+                if kind == "text":
+                    text = line.rstrip("\r\n")
+                    if text.strip():
+                        yield text
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PLDRError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise PLDRError(f"{path}:{lineno}: a JSON-lines record must be an object")
+                if field not in record:
+                    raise PLDRError(
+                        f"{path}:{lineno}: record has no field {field!r} (use --column)"
+                    )
+                yield from _lines_of(record[field])
+
+
+def _iter_parquet(path: Path, field: str, progress: bool, tqdm: Any) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PLDRError("reading parquet files needs 'pyarrow': pip install pyarrow") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own error classes for unreadable files
+        raise PLDRError(f"{path} is not a readable parquet file ({_first_line(exc)})") from None
+    names = parquet.schema_arrow.names
+    if field not in names:
+        raise PLDRError(
+            f"{path} has no column {field!r} (columns: {', '.join(names)}; use --column)"
+        )
+    with tqdm(
+        total=parquet.metadata.num_rows,
+        unit="rows",
+        desc=path.name,
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+            values = batch.column(0).to_pylist()
+            bar.update(len(values))
+            for value in values:
+                yield from _lines_of(value)
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    vocab_size: int,
+    out_prefix: str | Path,
+    column: str | None = None,
+    input_sentence_size: int = 5_000_000,
+    max_sentence_length: int = 125_760,
+    character_coverage: float = 0.9995,
+    num_threads: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+) -> PLDRTokenizer:
+    """Train a unigram SentencePiece model with the original PLDR-LLM conventions.
+
+    The result has pad 0 ``[PAD]``, unk 1 ``[UNK]``, start 2 ``[START]``, end 3 ``[END]``, the
+    user pieces ``[SEP]`` and ``[CLS]``, split digits and byte fallback, like the paper's
+    tokenizer (whose trainer spec also sets ``input_sentence_size=5000000``,
+    ``max_sentence_length=125760``, input shuffling and a soft vocabulary limit). It writes
+    ``<out_prefix>.model`` and ``<out_prefix>.vocab``.
+
+    Args:
+        inputs: text, JSON-lines or parquet files (streamed, see :func:`iter_text`).
+        vocab_size: number of pieces; at least 262 (6 special pieces + 256 byte pieces).
+        out_prefix: output path without suffix.
+        column: field of JSON-lines/parquet records holding the text (default ``"text"``).
+        input_sentence_size: SentencePiece samples at most this many lines.
+        seed: seed of SentencePiece's sampling, for reproducible training.
+        progress: tqdm bars on stderr while the inputs are read.
+        verbose: keep SentencePiece's own (long) training log on stderr.
+    """
+    spm = _spm()
+    minimum = 4 + len(USER_SYMBOLS) + 256
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise PLDRError(
+            f"vocabulary size must be an integer >= {minimum} (special pieces + 256 byte pieces), "
+            f"got {vocab_size!r}"
+        )
+    if not inputs:
+        raise PLDRError("no input files given")
+    prefix = Path(out_prefix)
+    if prefix.suffix == ".model":  # accept "--out dir/name.model" too
+        prefix = prefix.with_suffix("")
+    if prefix.name in ("", ".", ".."):
+        raise PLDRError(f"output prefix {str(out_prefix)!r} needs a file name")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    lines = iter_text(inputs, column=column, progress=progress)
+    # Pull the first line now so that an unreadable input fails before SentencePiece starts,
+    # and an empty corpus gets a clear message instead of a C++ abort.
+    try:
+        first = next(lines)
+    except StopIteration:
+        raise PLDRError("the input files hold no text") from None
+
+    failure: list[BaseException] = []
+
+    def sentences() -> Iterator[str]:
+        # SentencePiece wraps an exception raised by the iterator into its own RuntimeError;
+        # keep ours to re-raise it unchanged.
+        yield first
+        try:
+            yield from lines
+        except Exception as exc:
+            failure.append(exc)
+            raise
+
+    if seed is not None:
+        spm.set_random_generator_seed(int(seed))
+    options: dict[str, Any] = {
+        "sentence_iterator": sentences(),
+        "model_prefix": str(prefix),
+        "model_type": "unigram",
+        "vocab_size": vocab_size,
+        "character_coverage": character_coverage,
+        "input_sentence_size": input_sentence_size,
+        "max_sentence_length": max_sentence_length,
+        "shuffle_input_sentence": True,
+        "split_digits": True,
+        "byte_fallback": True,
+        "hard_vocab_limit": False,
+        "user_defined_symbols": list(USER_SYMBOLS),
+        "pad_id": PAD_ID,
+        "unk_id": UNK_ID,
+        "bos_id": START_ID,
+        "eos_id": EOS_ID,
+        "pad_piece": PAD_PIECE,
+        "unk_piece": UNK_PIECE,
+        "bos_piece": START_PIECE,
+        "eos_piece": EOS_PIECE,
+        "num_threads": num_threads or max(1, min(os.cpu_count() or 1, 16)),
+        "minloglevel": 0 if verbose else 2,
+    }
+    try:
+        spm.SentencePieceTrainer.train(**options)
+    except RuntimeError as exc:
+        if failure:
+            raise failure[0] from None
+        raise PLDRError(f"tokenizer training failed: {_first_line(exc)}") from None
+    return PLDRTokenizer(Path(f"{prefix}.model"))

@@ -1,0 +1,383 @@
+"""``pldr-llm generate`` end to end: a bundle built exactly like the published ones (original
+``.pth`` checkpoint, ``*_hyperparameters.py``, the paper tokenizer as ``.tar.gz``), run through a
+subprocess, must print what the model core's ids decode to. Bad inputs: one line, exit code 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from pldr_llm import PLDRConfig, PLDRModel, generate, save_reference_checkpoint
+from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer
+
+MODEL_NAME = "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
+VOCAB_NAME = "refinedweb-tokenizer-pldrllm-kvg-cache-paper.vocab"
+# vocabulary 32000 for the paper tokenizer; the rest tiny so that each run takes a moment
+HP = {
+    "num_layers": 2,
+    "d_model": 16,
+    "num_heads": 2,
+    "dff": 24,
+    "A_dff": 8,
+    "num_reslayerA": 1,
+    "num_denseA": 1,
+    "input_vocab_size": 32000,
+    "max_seq_len": 96,
+}
+PROMPT = "Write a letter requesting that people use language models responsibly."
+NEW = 12
+
+
+def _write_bundle(folder: Path, tokenizer_dir: Path, hp: dict, seed: int = 0) -> PLDRModel:
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    model = PLDRModel(PLDRConfig.from_hpdict(hp)).eval()
+    save_reference_checkpoint(model, folder / "PLDRv51-Tiny-1-model-checkpoint.pth")
+    body = "".join(f"{k!r}: {v!r},\n" for k, v in hp.items())
+    (folder / "PLDRv51_Tiny_1_hyperparameters.py").write_text(
+        "import torch.nn.functional as F\n\n"
+        f"hpdict={{{body}'activation': F.silu,\n'save_type': 'torch'}}\n"
+    )
+    with tarfile.open(
+        folder / "refinedweb-tokenizer-pldrllm-kvg-cache-paper.tar.gz", "w:gz"
+    ) as tar:
+        tar.add(tokenizer_dir / MODEL_NAME, arcname=f"tokenizer/{MODEL_NAME}")
+        tar.add(tokenizer_dir / VOCAB_NAME, arcname=f"tokenizer/{VOCAB_NAME}")
+    return model
+
+
+@pytest.fixture(scope="module")
+def paper_tokenizer_dir(shared_dir: Path) -> Path:
+    path = shared_dir / "paper" / "tokenizer"
+    if not (path / MODEL_NAME).is_file():
+        pytest.skip(f"paper tokenizer not found in {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def published(
+    tmp_path_factory: pytest.TempPathFactory, paper_tokenizer_dir: Path
+) -> tuple[Path, PLDRModel, PLDRTokenizer]:
+    folder = tmp_path_factory.mktemp("published") / "PLDRv51-Tiny-1"
+    model = _write_bundle(folder, paper_tokenizer_dir, HP)
+    return folder, model, load_tokenizer(paper_tokenizer_dir / MODEL_NAME)
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pldr_llm", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+
+
+def _generate_cli(
+    folder: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = _cli("generate", "--model", str(folder), *args, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def _greedy_by_hand(model: PLDRModel, ids: list[int], steps: int) -> list[int]:
+    """Greedy decoding with full forward passes only: no caches, no generate()."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            seq.append(nxt)
+            if nxt == 3:
+                break
+    return seq
+
+
+MODES = {
+    "kv+g": [],
+    "kv": ["--no-g-cache"],
+    "g": ["--no-kv-cache"],
+    "none": ["--no-kv-cache", "--no-g-cache"],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_text_equals_core_ids_in_every_cache_mode(
+    published: tuple[Path, PLDRModel, PLDRTokenizer], mode: str
+) -> None:
+    folder, model, tok = published
+    flags = MODES[mode]
+    prompt_ids = tok.prompt_ids(PROMPT)
+    assert prompt_ids == tok.encode(PROMPT)[:-1]  # the original drops the end-of-text id
+    ids = generate(
+        model,
+        torch.tensor(prompt_ids),
+        max_new_tokens=NEW,
+        top_k=1,
+        enable_kvcache="--no-kv-cache" not in flags,
+        enable_Gcache="--no-g-cache" not in flags,
+    ).tolist()
+    assert ids[: len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids)
+    if mode == "none":  # the cache-free mode is plain greedy decoding
+        assert ids == _greedy_by_hand(model, prompt_ids, NEW)
+    expected = tok.decode(ids)
+    assert expected.startswith(PROMPT) and len(expected) > len(PROMPT)
+
+    result = _generate_cli(
+        folder, "--prompt", PROMPT, "--top-k", "1", "--max-new-tokens", str(NEW), *flags
+    )
+    assert result.stdout == expected + "\n"
+    assert "tokens/s" in result.stderr  # logs go to stderr
+
+
+def test_empty_prompt_starts_from_end_of_text(
+    published: tuple[Path, PLDRModel, PLDRTokenizer],
+) -> None:
+    folder, model, tok = published
+    ids = generate(model, torch.tensor([3]), max_new_tokens=6, top_k=1).tolist()
+    assert ids[0] == 3 and len(ids) > 1
+    result = _generate_cli(folder, "--prompt", "", "--top-k", "1", "-n", "6", "--jsonl", "-q")
+    record = json.loads(result.stdout)
+    assert record["prompt_ids"] == [3] and record["prompt_ids"] + record["new_ids"] == ids
+    assert record["text"] == tok.decode(ids)
+    assert result.stderr == ""  # --quiet
+
+
+def test_prompt_file_is_batched_and_each_row_equals_its_lone_run(
+    published: tuple[Path, PLDRModel, PLDRTokenizer], tmp_path: Path
+) -> None:
+    folder, model, tok = published
+    prompts = ["Hello", "", PROMPT, "The quick brown fox jumps over the lazy dog."]
+    expected = []
+    for text in prompts:
+        ids = generate(
+            model, torch.tensor(tok.prompt_ids(text)), max_new_tokens=8, top_k=1
+        ).tolist()
+        expected.append(tok.decode(ids))
+    # the empty prompt goes through --prompt; the file holds the others (and a blank line)
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(f"{prompts[2]}\n\n{prompts[3]}\n")
+    result = _generate_cli(
+        folder,
+        *("--prompt", prompts[0], "--prompt", prompts[1], "--prompt-file", str(prompt_file)),
+        *("--top-k", "1", "-n", "8", "--batch-size", "4"),
+    )
+    assert result.stdout.splitlines() == expected
+    assert "for 4 prompt(s)" in result.stderr
+    # stdin works as a prompt file too
+    piped = _generate_cli(
+        folder, "--prompt-file", "-", "--top-k", "1", "-n", "8", stdin=prompt_file.read_text()
+    )
+    assert piped.stdout.splitlines() == expected[2:]
+
+
+def test_stream_prints_the_same_text(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
+    folder, model, tok = published
+    ids = generate(model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=NEW, top_k=1)
+    result = _generate_cli(folder, "--prompt", PROMPT, "--top-k", "1", "-n", str(NEW), "--stream")
+    assert result.stdout == tok.decode(ids) + "\n"
+
+
+def test_streamer_writes_as_tokens_come(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
+    from pldr_llm.commands.generate import TextStreamer, final_text
+
+    _, model, tok = published
+
+    class Recorder(io.StringIO):
+        writes: list[str] = []
+
+        def write(self, s: str) -> int:
+            self.writes.append(s)
+            return super().write(s)
+
+    out = Recorder()
+    prompt = tok.prompt_ids(PROMPT)
+    streamer = TextStreamer(tok, prompt, out=out)
+    assert out.getvalue() == PROMPT  # the prompt shows at once
+    ids = generate(
+        model, torch.tensor(prompt), max_new_tokens=NEW, top_k=1, streamer=streamer
+    ).tolist()
+    assert len(out.writes) > NEW // 2  # piece by piece, not once at the end
+    streamer.final(final_text(tok, prompt, ids[len(prompt) :], []))
+    assert out.getvalue() == tok.decode(ids) + "\n"
+
+
+def test_stop_strings(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
+    folder, model, tok = published
+    ids = generate(
+        model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=NEW, top_k=1
+    ).tolist()
+    full = tok.decode(ids)
+    words = full[len(PROMPT) :].split()
+    assert len(words) >= 3
+    stop = words[2]
+    cut = full.index(stop, len(PROMPT))
+    for extra in ([], ["--stream"]):
+        result = _generate_cli(
+            folder,
+            "--prompt",
+            PROMPT,
+            "--top-k",
+            "1",
+            "-n",
+            str(NEW),
+            "--stop",
+            "@@never@@",
+            stop,
+            *extra,
+        )
+        assert result.stdout == full[:cut] + "\n"
+    assert "new tokens" in result.stderr
+
+
+def test_seeded_sampling_is_reproducible(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
+    folder, model, tok = published
+    sampling = {"temperature": 0.9, "top_k": 40, "top_p": 0.95}
+    ids = generate(
+        model,
+        torch.tensor(tok.prompt_ids(PROMPT)),
+        max_new_tokens=NEW,
+        generator=torch.Generator().manual_seed(1234),
+        **sampling,
+    ).tolist()
+    args = (
+        "--prompt",
+        PROMPT,
+        "-n",
+        str(NEW),
+        "--seed",
+        "1234",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.95",
+    )
+    first = _generate_cli(folder, *args)
+    assert first.stdout == tok.decode(ids) + "\n"
+    assert _generate_cli(folder, *args).stdout == first.stdout
+
+
+def test_g_init_file(published: tuple[Path, PLDRModel, PLDRTokenizer], tmp_path: Path) -> None:
+    from pldr_llm.gfile import save_g_file
+
+    folder, model, tok = published
+    with torch.no_grad():
+        deductive = model(
+            torch.tensor([tok.prompt_ids("A different text.")]), output_deductive=True
+        ).deductive
+    entries = [(d.A_LM, d.G_LM) for d in deductive]
+    g_file = save_g_file(tmp_path / "g.safetensors", entries)
+    ids = generate(
+        model,
+        torch.tensor(tok.prompt_ids(PROMPT)),
+        max_new_tokens=8,
+        top_k=1,
+        G_init=entries,
+        enable_Gcache=False,
+    ).tolist()
+    plain = generate(
+        model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=8, top_k=1, enable_Gcache=False
+    ).tolist()
+    assert ids != plain  # the initial G-cache matters
+    result = _generate_cli(
+        folder,
+        "--prompt",
+        PROMPT,
+        "--top-k",
+        "1",
+        "-n",
+        "8",
+        "--no-g-cache",
+        "--g-init",
+        str(g_file),
+    )
+    assert result.stdout == tok.decode(ids) + "\n"
+
+
+def test_bfloat16_runs(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
+    result = _generate_cli(
+        published[0], "--prompt", PROMPT, "--top-k", "1", "-n", "4", "--dtype", "bfloat16"
+    )
+    assert result.stdout.startswith(PROMPT) and "bfloat16" in result.stderr
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if not path.name.endswith(skip):
+            (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+def test_bad_inputs_give_one_line_and_exit_code_2(
+    published: tuple[Path, PLDRModel, PLDRTokenizer],
+    tmp_path: Path,
+    paper_tokenizer_dir: Path,
+    shared_dir: Path,
+) -> None:
+    folder = published[0]
+    two = _copy(folder, tmp_path / "two")
+    (two / "Copy-model-checkpoint.pth").write_bytes(
+        (folder / "PLDRv51-Tiny-1-model-checkpoint.pth").read_bytes()
+    )
+    tampered = _copy(folder, tmp_path / "tampered", skip=(".tar.gz",))
+    with tarfile.open(tampered / "tokenizer.tar.gz", "w:gz") as tar:
+        tar.add(paper_tokenizer_dir / MODEL_NAME, arcname="../../../escaped.model")
+    no_tokenizer = _copy(folder, tmp_path / "no_tokenizer", skip=(".tar.gz",))
+    small_vocab = tmp_path / "small_vocab"
+    _write_bundle(small_vocab, paper_tokenizer_dir, {**HP, "input_vocab_size": 500})
+    paper_g = shared_dir / "paper" / "G_LM" / "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
+
+    cases = [
+        (["--model", str(tmp_path / "missing")], "model folder not found"),
+        (["--model", str(no_tokenizer)], "no tokenizer in"),
+        (
+            ["--model", str(folder), "--prompt-file", str(tmp_path / "none.txt")],
+            "prompt file not found",
+        ),
+        (["--model", str(two)], "holds 2 checkpoints"),
+        (["--model", str(tampered)], "escapes the target folder"),
+        (["--model", str(small_vocab)], "32000 pieces but the model"),
+        (["--model", str(folder), "--device", "tpu"], "unknown device 'tpu'"),
+        (["--model", str(folder), "--temperature", "1.5"], "temperature must be in (0, 1]"),
+        (["--model", str(folder), "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--model", str(folder), "-n", "500"], "exceeds max_seq_len=96"),
+    ]
+    if paper_g.is_file():
+        cases.append(
+            (["--model", str(folder), "--g-init", str(paper_g)], "for 5 layers, the model has 2")
+        )
+    # Independent processes: start them all, then check each (two CPUs halve the wait).
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    running = []
+    for args, message in cases:
+        if "--prompt-file" not in args:
+            args = [*args, "--prompt", "hello"]
+        command = [sys.executable, "-m", "pldr_llm", "generate", *args]
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        running.append((args, message, proc))
+    for args, message, proc in running:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (args, stderr)
+        assert stdout == "", args
+        assert "Traceback" not in stderr, args
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("pldr-llm: error:"), (args, stderr)
+        assert message in lines[0], (args, lines[0])
+    assert not (tmp_path / "escaped.model").exists() and not Path("/escaped.model").exists()
