@@ -1,0 +1,400 @@
+"""Resumable checkpoints (``torch.distributed.checkpoint``) and single-file model exports.
+
+A run folder holds its checkpoints under ``checkpoints/``::
+
+    checkpoints/step_00000200/
+        dcp/            model + optimizer, sharded (one file per rank, resharded on load)
+        trainer.pt      step, scheduler, meters, epoch (the same on every rank; rank 0 writes it)
+        rank00000.pt    this rank's RNG states and data-iterator position (one per rank)
+        COMPLETE        written last: the checkpoint is whole
+
+Saving is atomic: everything is written to ``checkpoints/.tmp-step_N`` and renamed to ``step_N``
+only after every rank has finished, so a run killed while saving leaves a ``.tmp-*`` folder that
+is ignored (and cleaned up) and resumes from the last complete checkpoint.
+
+Loading reshards: a checkpoint written by N ranks loads on M ranks (or into a plain model) because
+DCP stores global tensor metadata. Per-rank states are matched by rank when the world size is
+unchanged; otherwise the data positions are resharded with :func:`pldr_llm.data.reshard_states`
+and the RNG states restart from the seed (the run then continues correctly, but no longer
+bit-for-bit like an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.train.distributed import DistEnv, barrier, broadcast_object
+
+__all__ = [
+    "CheckpointManager",
+    "LoadedCheckpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "full_model_state",
+    "export_model",
+    "assert_finite_parameters",
+]
+
+logger = logging.getLogger("pldr_llm.train")
+
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE = "trainer.pt"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :meth:`CheckpointManager.load` restores besides the model and optimizer."""
+
+    path: Path
+    step: int
+    trainer_state: dict[str, Any]
+    rank_state: dict[str, Any] | None
+    saved_world_size: int
+
+
+class CheckpointManager:
+    """Writes, finds, loads and prunes the checkpoints of one run folder.
+
+    Every method that touches model or optimizer state is collective: all ranks must call it.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        env: DistEnv,
+        keep_last: int | None = 3,
+        protected_steps: tuple[int, ...] = (),
+    ) -> None:
+        self.root = Path(run_dir) / CHECKPOINT_DIR
+        self.env = env
+        self.keep_last = keep_last
+        self.protected_steps = set(protected_steps)
+
+    # ------------------------------------------------------------------ discovery
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, path)`` of every complete checkpoint, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            match = _STEP_RE.match(child.name)
+            if match and child.is_dir() and (child / COMPLETE_MARKER).is_file():
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (the same answer on every rank)."""
+        found = self.complete_checkpoints() if self.env.is_main else None
+        found = broadcast_object(found)
+        return found[-1][1] if found else None
+
+    def remove_incomplete(self) -> None:
+        """Delete ``.tmp-*`` folders left by a save that was killed (main rank)."""
+        if self.env.is_main and self.root.is_dir():
+            for child in self.root.iterdir():
+                if child.name.startswith(".tmp-") or child.name.startswith(".old-"):
+                    logger.warning("removing incomplete checkpoint %s", child)
+                    shutil.rmtree(child, ignore_errors=True)
+        barrier()
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+        rank_state: dict[str, Any],
+    ) -> Path:
+        """Write the checkpoint of ``step`` atomically; returns its final path."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        assert_finite_parameters(model)
+        name = f"step_{step:08d}"
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}"
+        if self.env.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _single_process_quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        torch.save(rank_state, tmp / _rank_file(self.env.rank))
+        if self.env.is_main:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        barrier()
+        if self.env.is_main:
+            marker = {
+                "step": step,
+                "world_size": self.env.world_size,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            _write_synced(tmp / COMPLETE_MARKER, json.dumps(marker) + "\n")
+            if final.exists():  # re-saving a step (e.g. after a resume): keep the old until swapped
+                old = self.root / f".old-{name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last is None:
+            return
+        found = self.complete_checkpoints()
+        removable = [(s, p) for s, p in found if s not in self.protected_steps]
+        for _, path in removable[: max(0, len(removable) - self.keep_last)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(
+        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> LoadedCheckpoint:
+        """Restore model (and optimizer) from ``path``; return the rest of its state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
+
+        path = Path(path)
+        marker_file = path / COMPLETE_MARKER
+        if not marker_file.is_file():
+            raise PLDRError(f"{path} is not a complete checkpoint ({COMPLETE_MARKER} missing)")
+        marker = json.loads(marker_file.read_text())
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            with _single_process_quiet():
+                dcp.load(state, checkpoint_id=str(path / "dcp"))
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+        else:
+            state = {"model": get_model_state_dict(model)}
+            with _single_process_quiet():
+                dcp.load(state, checkpoint_id=str(path / "dcp"))
+            set_model_state_dict(model, state["model"])
+        trainer_state = _safe_load(path / TRAINER_STATE)
+        saved_world = int(marker.get("world_size", 1))
+        rank_state = None
+        if saved_world == self.env.world_size:
+            rank_path = path / _rank_file(self.env.rank)
+            if rank_path.is_file():
+                rank_state = _safe_load(rank_path)
+        else:
+            rank_state = self._reshard_rank_states(path, saved_world)
+        return LoadedCheckpoint(path, int(marker["step"]), trainer_state, rank_state, saved_world)
+
+    def _reshard_rank_states(self, path: Path, saved_world: int) -> dict[str, Any] | None:
+        """Rank state for a different world size: data positions resharded, no RNG states."""
+        old = []
+        for r in range(saved_world):
+            rank_path = path / _rank_file(r)
+            if not rank_path.is_file():
+                return None
+            old.append(_safe_load(rank_path))
+        logger.warning(
+            "resuming a %d-rank checkpoint on %d ranks: data positions are resharded and random "
+            "states restart from the seed",
+            saved_world,
+            self.env.world_size,
+        )
+        data_states = [s.get("data") for s in old]
+        if any(d is None for d in data_states):
+            return {}
+        from pldr_llm.data import reshard_states
+
+        new_states = reshard_states(data_states, self.env.world_size)
+        return {"data": new_states[self.env.rank]}
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes one process when no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
+        yield
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: a checkpoint never runs code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PLDRError(f"checkpoint file missing: {path}") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise PLDRError(f"cannot read checkpoint file {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """This process's random states (torch CPU/CUDA, Python, NumPy) as plain, safe-to-load data."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng_state`."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in state:
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------- exports
+def assert_finite_parameters(model: nn.Module) -> None:
+    """Raise rather than write weights holding NaN or inf (checked on every rank's shard)."""
+    bad = 0
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.numel() and not torch.isfinite(local.detach()).all():
+            bad += 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # NCCL reduces CUDA tensors only (parameters may be offloaded to the CPU).
+        device = _param_device(model)
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([float(bad)], device=device)
+        dist.all_reduce(flag)
+        bad = int(flag.item())
+    if bad > 0:
+        raise PLDRError("refusing to save: the model holds non-finite (NaN/inf) weights")
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        return local.device
+    return torch.device("cpu")
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) state dict on CPU on the main rank, ``None`` elsewhere. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    distributed = dist.is_available() and dist.is_initialized()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if distributed and dist.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def export_model(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    tokenizer_file: str | Path | None = None,
+    reference_pth: str | Path | None = None,
+    loss: float | None = None,
+    accuracy: float | None = None,
+) -> Path | None:
+    """Write a loadable single-file model into ``out_dir``. Collective; rank 0 writes.
+
+    ``out_dir`` gets ``config.json`` + ``model.safetensors`` (the project format that
+    ``pldr-llm generate --model out_dir`` loads) and ``tokenizer.model`` when ``tokenizer_file``
+    is given. ``reference_pth`` also writes the weights in the original's ``.pth`` format there.
+    """
+    from pldr_llm.checkpoint import save_reference_checkpoint
+    from pldr_llm.model import PLDRModel
+
+    assert_finite_parameters(model)
+    state = full_model_state(model)
+    if state is None:
+        barrier()
+        return None
+    plain = PLDRModel(model.config)
+    # Exports are float32 like the original's checkpoints, whatever the training precision.
+    missing, unexpected = plain.load_state_dict(
+        {k: v.float() for k, v in state.items()}, strict=False
+    )
+    if missing or unexpected:
+        raise PLDRError(f"export: state dict mismatch ({(missing or unexpected)[0]!r})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".export-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save(staging)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, staging / "tokenizer.model")
+    # Weights first, config last: a reader never sees a new config with old weights.
+    names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "config.json")
+    for name in names:
+        target = out / name
+        if name == "tokenizer.model" and target.exists() and target.samefile(tokenizer_file):
+            continue
+        os.replace(staging / name, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    if reference_pth is not None:
+        save_reference_checkpoint(plain, reference_pth, loss=loss, accuracy=accuracy)
+    barrier()
+    return out

@@ -1,0 +1,328 @@
+"""Training settings: :class:`TrainConfig`.
+
+Every field has the original trainer's name where it had one (``learning_rate``, ``warmup_steps``,
+``lr_total_steps``, ``lr_alpha``, ``adamw_decay``, ``disable_amp``, ``fsdp_sharding_strategy``,
+...). :meth:`TrainConfig.from_hpdict` also takes the original's hyperparameter dictionary, which
+mixes architecture keys (ignored here; :class:`pldr_llm.config.PLDRConfig` reads them) with
+training keys, and maps its spellings (``DAG_reg_coeffs``, ``chkpt_batches``, ...) onto ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.train.schedule import validate_schedule
+
+__all__ = ["TrainConfig", "SHARDING_STRATEGIES", "HPDICT_ALIASES", "ARCHITECTURE_KEYS"]
+
+# The original's FSDP sharding strategies (FSDP1 names); the FSDP2 equivalents are documented in
+# pldr_llm.train.distributed.
+SHARDING_STRATEGIES = (
+    "FULL_SHARD",
+    "HYBRID_SHARD",
+    "SHARD_GRAD_OP",
+    "_HYBRID_SHARD_ZERO2",
+    "NO_SHARD",
+)
+BACKWARD_PREFETCH = ("PRE", "POST", "NOPREFETCH")
+SAVE_TYPES = ("dcp", "torch", "both")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Original spellings -> TrainConfig field.
+HPDICT_ALIASES = {
+    "DAG_reg_coeffs": "dag_reg_coeffs",
+    "chkpt_batches": "save_steps",
+    "chkpt_epochs": "save_epochs",
+    "verbose_freq": "log_every",
+    "val_verbose_freq": "val_every",
+    "val_batches_cnt": "val_batches",
+    "train_batches_cnt": "steps_per_epoch",
+    "load_ckpt": "init_from",
+    "save_model_path": "run_name",
+}
+
+# Keys of the original's hpdict that describe the model; TrainConfig.from_hpdict skips them.
+ARCHITECTURE_KEYS = frozenset(
+    {
+        "num_layers",
+        "d_model",
+        "num_heads",
+        "dff",
+        "A_dff",
+        "num_reslayerA",
+        "num_denseA",
+        "input_vocab_size",
+        "max_seq_len",
+        "activation",
+        "version",
+        "pad_id",
+        "eos_id",
+    }
+)
+
+# Keys of the original that mean nothing here (process launch is torchrun's job); accepted so
+# that its hpdicts and scripts load, and ignored.
+IGNORED_KEYS = frozenset({"is_train", "enable_full_dist_load", "master_addr", "master_port"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything the trainer needs besides the model and the data.
+
+    Batch sizes: ``batch_size`` is the number of sequences one rank consumes per optimizer step
+    (the original's "batch size per rank"); it is split into ``grad_accum_steps`` micro-batches.
+    ``global_batch_size`` (optional) fixes the number of sequences per optimizer step across all
+    ranks instead, so the same config trains identically on 1 or N processes; ``batch_size`` is
+    then derived from it and the world size (see :meth:`resolve_batch_size`).
+    """
+
+    # --- optimization (AdamW with decoupled weight decay, the original's constants)
+    learning_rate: float = 1e-3
+    warmup_steps: int = 2000
+    lr_total_steps: int = 250_000
+    lr_alpha: float = 0.1
+    adamw_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-5
+    clip_grad_value: float | None = 1.0
+    dag_reg_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    disable_amp: bool = False
+
+    # --- batches and length of the run
+    batch_size: int = 16
+    global_batch_size: int | None = None
+    grad_accum_steps: int = 1
+    max_steps: int | None = None
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    seed: int = 1234
+    device: str = "auto"
+
+    # --- faults
+    max_nonfinite_steps: int = 20
+
+    # --- metrics and validation
+    log_every: int = 100
+    val_every: int | None = None
+    val_batches: int = 20
+    tensorboard: bool | None = None
+    progress: bool | None = None
+
+    # --- checkpoints and exports
+    save_every: int | None = None
+    save_steps: tuple[int, ...] = ()
+    save_epochs: tuple[int, ...] = ()
+    save_at_end: bool = True
+    keep_last: int | None = 3
+    save_type: str = "dcp"
+    export_pth: bool = True
+    init_from: str | None = None
+    run_name: str | None = None
+
+    # --- distributed (the original's FSDP keys)
+    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_cpu_offload: bool = False
+    disable_fsdp_mixed_precision: bool = False
+    fsdp_reduce_dtype: str = "float32"
+    backward_prefetch: str = "PRE"
+    auto_size_minimum: int | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.dag_reg_coeffs = tuple(float(c) for c in self.dag_reg_coeffs)  # type: ignore[assignment]
+        self.save_steps = tuple(int(s) for s in (self.save_steps or ()))
+        self.save_epochs = tuple(int(s) for s in (self.save_epochs or ()))
+        if isinstance(self.fsdp_sharding_strategy, str):
+            self.fsdp_sharding_strategy = self.fsdp_sharding_strategy.upper()
+        if isinstance(self.backward_prefetch, str):
+            self.backward_prefetch = self.backward_prefetch.upper()
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field; raise :class:`PLDRError` naming the first bad key."""
+        _positive_float("learning_rate", self.learning_rate, allow_zero=True)
+        validate_schedule(self.lr_total_steps, self.warmup_steps, self.lr_alpha)
+        _positive_float("adamw_decay", self.adamw_decay, allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise PLDRError(f"'betas' must be two numbers in [0, 1), got {self.betas!r}")
+        _positive_float("eps", self.eps)
+        if self.clip_grad_value is not None:
+            _positive_float("clip_grad_value", self.clip_grad_value)
+        if len(self.dag_reg_coeffs) != 3 or any(c < 0 for c in self.dag_reg_coeffs):
+            raise PLDRError(
+                f"'dag_reg_coeffs' must be three non-negative numbers [c_A, c_AP, c_G], "
+                f"got {list(self.dag_reg_coeffs)!r}"
+            )
+        _positive_int("batch_size", self.batch_size)
+        if self.global_batch_size is not None:
+            _positive_int("global_batch_size", self.global_batch_size)
+        _positive_int("grad_accum_steps", self.grad_accum_steps)
+        if self.max_steps is not None:
+            _positive_int("max_steps", self.max_steps, allow_zero=True)
+        _positive_int("epochs", self.epochs)
+        if self.steps_per_epoch is not None:
+            _positive_int("steps_per_epoch", self.steps_per_epoch)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise PLDRError(f"'seed' must be an integer, got {self.seed!r}")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise PLDRError(f"'device' must be one of {DEVICES}, got {self.device!r}")
+        _positive_int("max_nonfinite_steps", self.max_nonfinite_steps, allow_zero=True)
+        _positive_int("log_every", self.log_every)
+        if self.val_every is not None:
+            _positive_int("val_every", self.val_every)
+        _positive_int("val_batches", self.val_batches)
+        if self.save_every is not None:
+            _positive_int("save_every", self.save_every)
+        for s in self.save_steps:
+            _positive_int("save_steps", s)
+        for s in self.save_epochs:
+            _positive_int("save_epochs", s)
+        if self.keep_last is not None:
+            _positive_int("keep_last", self.keep_last)
+        if self.save_type not in SAVE_TYPES:
+            raise PLDRError(f"'save_type' must be one of {SAVE_TYPES}, got {self.save_type!r}")
+        if self.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
+            raise PLDRError(
+                f"'fsdp_sharding_strategy' must be one of {SHARDING_STRATEGIES}, "
+                f"got {self.fsdp_sharding_strategy!r}"
+            )
+        if self.backward_prefetch not in BACKWARD_PREFETCH:
+            raise PLDRError(
+                f"'backward_prefetch' must be one of {BACKWARD_PREFETCH}, got {self.backward_prefetch!r}"
+            )
+        if self.fsdp_reduce_dtype not in ("float32", "bfloat16"):
+            raise PLDRError(
+                f"'fsdp_reduce_dtype' must be 'float32' or 'bfloat16', got {self.fsdp_reduce_dtype!r}"
+            )
+        if self.auto_size_minimum is not None:
+            _positive_int("auto_size_minimum", self.auto_size_minimum)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def weight_decay(self) -> float:
+        """AdamW's decoupled weight decay (the original's ``adamw_decay``)."""
+        return self.adamw_decay
+
+    @property
+    def use_dag_loss(self) -> bool:
+        return any(c > 0 for c in self.dag_reg_coeffs)
+
+    def resolve_batch_size(self, world_size: int) -> int:
+        """Sequences per rank per optimizer step, checked against ``world_size`` and accumulation.
+
+        Raises :class:`PLDRError` naming the key when the combination is impossible.
+        """
+        if self.global_batch_size is not None:
+            if self.global_batch_size % world_size:
+                raise PLDRError(
+                    f"'global_batch_size' ({self.global_batch_size}) is not divisible by the "
+                    f"world size ({world_size})"
+                )
+            per_rank = self.global_batch_size // world_size
+        else:
+            per_rank = self.batch_size
+        if per_rank % self.grad_accum_steps:
+            key = "global_batch_size" if self.global_batch_size is not None else "batch_size"
+            raise PLDRError(
+                f"'{key}' gives {per_rank} sequences per rank, which 'grad_accum_steps' "
+                f"({self.grad_accum_steps}) does not divide"
+            )
+        return per_rank
+
+    def total_steps(self) -> int | None:
+        """Optimizer steps the run makes: ``max_steps``, else ``epochs * steps_per_epoch``.
+
+        ``None`` means "until the data runs out ``epochs`` times".
+        """
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.steps_per_epoch is not None:
+            return self.epochs * self.steps_per_epoch
+        return None
+
+    # ------------------------------------------------------------------ dict forms
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from our own key names; an unknown key is an error that names it."""
+        known = set(cls.field_names())
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                raise PLDRError(f"unknown training key {key!r}")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_hpdict(cls, hpdict: dict[str, Any], **overrides: Any) -> TrainConfig:
+        """Build from the original's hyperparameter dictionary (training keys; model keys skipped).
+
+        ``train_batches_cnt`` sets ``steps_per_epoch`` and, as in the original, also
+        ``lr_total_steps`` unless that is given too. ``device`` ``"cuda"`` is honoured.
+        """
+        known = set(cls.field_names())
+        kwargs: dict[str, Any] = {}
+        for key, value in hpdict.items():
+            name = HPDICT_ALIASES.get(key, key)
+            if key in ARCHITECTURE_KEYS or key in IGNORED_KEYS:
+                continue
+            if name not in known:
+                raise PLDRError(f"unknown training key {key!r}")
+            kwargs[name] = value
+        if "train_batches_cnt" in hpdict and "lr_total_steps" not in hpdict:
+            kwargs["lr_total_steps"] = hpdict["train_batches_cnt"]
+        for key in ("save_steps", "save_epochs"):
+            if kwargs.get(key) is None:
+                kwargs.pop(key, None)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (lists, not tuples) suitable for YAML/JSON."""
+        out: dict[str, Any] = {}
+        for name in self.field_names():
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_hpdict(self) -> dict[str, Any]:
+        """The training keys of the original's hyperparameter dictionary."""
+        return {
+            "warmup_steps": self.warmup_steps,
+            "lr_total_steps": self.lr_total_steps,
+            "learning_rate": self.learning_rate,
+            "DAG_reg_coeffs": list(self.dag_reg_coeffs),
+            "lr_alpha": self.lr_alpha,
+            "adamw_decay": self.adamw_decay,
+            "disable_amp": self.disable_amp,
+            "auto_size_minimum": self.auto_size_minimum,
+            "disable_fsdp_mixed_precision": self.disable_fsdp_mixed_precision,
+            "fsdp_cpu_offload": self.fsdp_cpu_offload,
+            "fsdp_sharding_strategy": self.fsdp_sharding_strategy,
+            "backward_prefetch": self.backward_prefetch,
+            "epochs": self.epochs,
+            "save_type": self.save_type,
+        }
+
+
+def _positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise PLDRError(f"{name!r} must be {kind} integer, got {value!r}")
+
+
+def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise PLDRError(f"{name!r} must be {kind} number, got {value!r}")

@@ -1,0 +1,686 @@
+"""The PLDR-LLM trainer: one optimizer step (:meth:`Trainer.train_step`) and the run loop
+(:meth:`Trainer.fit`) with metrics, validation, checkpoints, resume and clean shutdown.
+
+One step, as in the original: inputs ``batch[:, :-1]``, targets ``batch[:, 1:]``; masked
+cross-entropy (padding id 0 ignored) plus, optionally, the DAG regularizer
+``c_A dag_A + c_AP dag_A_P + c_G dag_G``; backward; gradient clipping by value; AdamW (betas
+0.9/0.95, eps 1e-5, decoupled weight decay); the learning-rate schedule advances once per step.
+
+Loss normalization across micro-batches and ranks: the loss of a step is the mean over *all*
+non-padding target tokens of the global batch (not a mean of per-rank means), so one process and N
+processes compute the same gradient from the same global batch even when padding is spread
+unevenly. The DAG terms, means over (layers, batch, heads), are weighted by sequences the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.train.checkpointing import (
+    CheckpointManager,
+    capture_rng_state,
+    export_model,
+    restore_rng_state,
+)
+from pldr_llm.train.config import TrainConfig
+from pldr_llm.train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    current_env,
+    resolve_device,
+    shard_model,
+)
+from pldr_llm.train.metrics import MetricsWriter, ProgressBar, TrainMeters
+from pldr_llm.train.schedule import build_scheduler
+
+__all__ = ["Trainer", "FitResult", "NonFiniteLossError"]
+
+logger = logging.getLogger("pldr_llm.train")
+
+
+class NonFiniteLossError(PLDRError):
+    """Raised when more than ``max_nonfinite_steps`` steps had a NaN/inf loss or gradient."""
+
+
+@dataclass
+class FitResult:
+    """How :meth:`Trainer.fit` ended.
+
+    ``status`` is ``"completed"`` (reached the end), ``"interrupted"`` (SIGTERM/SIGINT: a
+    checkpoint was saved; run again to resume) or ``"diverged"`` (too many non-finite steps).
+    """
+
+    status: str
+    step: int
+    signal: int | None = None
+    last_checkpoint: Path | None = None
+    export_dir: Path | None = None
+    last_metrics: dict[str, Any] | None = None
+
+
+class Trainer:
+    """Trains a :class:`~pldr_llm.model.PLDRModel` with the original PLDR-LLM recipe.
+
+    Args:
+        model: the model to train. When a process group is initialized (always under
+            ``pldr-llm train``, one process or many) it is sharded in place with FSDP2; the
+            trained module is ``trainer.model`` either way.
+        config: the :class:`TrainConfig`.
+        env: where this process stands (rank, world, device); default: from the current
+            process group and ``config.device``.
+        shard: shard with FSDP2 (default: whenever a process group is initialized).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        *,
+        env: DistEnv | None = None,
+        shard: bool | None = None,
+    ) -> None:
+        self.config = config
+        if env is None:
+            base = current_env()
+            device = resolve_device(config.device, base.local_rank)
+            env = DistEnv(
+                base.rank, base.world_size, base.local_rank, base.local_world_size, device
+            )
+        self.env = env
+        self.device = env.device
+        self.pad_id = int(getattr(getattr(model, "config", None), "pad_id", 0))
+        self.batch_size = config.resolve_batch_size(env.world_size)
+        if (
+            config.use_dag_loss
+            and getattr(getattr(model, "config", None), "version", "") == "v510G"
+        ):
+            raise PLDRError(
+                "'dag_reg_coeffs' needs a model that learns G_LM (version v510), not v510G"
+            )
+        model.to(self.device)
+        if shard is None:
+            # With one process FSDP's sharding is the identity but still costs its hooks and
+            # copies (about +45% per step for the tiny preset on a CPU): a plain module computes
+            # the same numbers, and checkpoints load either way.
+            shard = env.distributed and env.world_size > 1
+        if shard:
+            # The decoder layers also return their KV tensors, which are views; FSDP2 warns about
+            # in-place ops on returned views, and the trainer never does any.
+            warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+            shard_model(
+                model,
+                env,
+                strategy=config.fsdp_sharding_strategy,
+                cpu_offload=config.fsdp_cpu_offload,
+                mixed_precision=not config.disable_fsdp_mixed_precision,
+                reduce_dtype=config.fsdp_reduce_dtype,
+            )
+        self.sharded = bool(shard)
+        self.model = model
+        self._forward_module: nn.Module = torch.compile(model) if config.compile else model
+        self.amp = self.device.type == "cuda" and not config.disable_amp
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=config.learning_rate,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, config.lr_total_steps, config.warmup_steps, config.lr_alpha
+        )
+        #: optimizer steps taken so far (skipped non-finite steps count: they consumed a batch)
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.tokens_seen = 0
+        #: set (e.g. by a signal handler) to make every rank stop after the current step
+        self.stop_requested = False
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ one step
+    def _split(self, batch: torch.Tensor | list | tuple) -> list[torch.Tensor]:
+        if isinstance(batch, (list, tuple)):
+            micro = list(batch)
+        else:
+            if not isinstance(batch, torch.Tensor) or batch.dim() != 2:
+                raise PLDRError("a training batch must be a LongTensor [batch, length + 1]")
+            n = self.config.grad_accum_steps
+            if batch.shape[0] % n:
+                raise PLDRError(
+                    f"batch of {batch.shape[0]} sequences cannot be split into "
+                    f"'grad_accum_steps' = {n} micro-batches"
+                )
+            micro = list(batch.chunk(n)) if n > 1 else [batch]
+        for mb in micro:
+            if mb.dim() != 2 or mb.shape[1] < 2:
+                raise PLDRError(
+                    f"a training batch must be [batch, length + 1] with length >= 1, got {tuple(mb.shape)}"
+                )
+            if mb.dtype not in (torch.int64, torch.int32):
+                raise PLDRError(f"a training batch must hold integer ids, got {mb.dtype}")
+        return micro
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _gradient_sync(self, enabled: bool) -> None:
+        # FSDP2: skip the reduce-scatter on all but the last micro-batch of a step.
+        setter = getattr(self.model, "set_requires_gradient_sync", None)
+        if self.sharded and setter is not None:
+            setter(enabled)
+
+    def train_step(self, batch: torch.Tensor | list[torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step on ``batch`` [B, L+1] (or a list of micro-batches).
+
+        The batch is split into ``grad_accum_steps`` micro-batches. Returns ``loss`` (the
+        objective: cross-entropy plus weighted DAG terms), ``accuracy``, ``lr`` (the rate this
+        step used), ``tokens`` (non-padding targets, all ranks), ``sequences``, ``skipped``
+        (non-finite loss or gradient: no update), ``stop`` (a rank asked to stop) and, with the
+        DAG loss, ``lm_loss``, ``dag_A``, ``dag_A_P``, ``dag_G``.
+        """
+        cfg = self.config
+        micro = self._split(batch)
+        device = self.device
+        world = self.env.world_size if self.sharded else 1
+        coeffs = cfg.dag_reg_coeffs
+        use_dag = cfg.use_dag_loss
+
+        # Global token and sequence counts first: they normalize every micro-batch's loss.
+        counts = torch.tensor(
+            [
+                float(sum(int((mb[:, 1:] != self.pad_id).sum()) for mb in micro)),
+                float(sum(mb.shape[0] for mb in micro)),
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
+        if self.sharded:
+            all_reduce_sum(counts)
+        n_tokens, n_seqs = float(counts[0]), float(counts[1])
+        # FSDP averages gradients over ranks; scaling by the world size undoes it, so the
+        # gradient is that of the global token mean.
+        token_scale = world / max(n_tokens, 1.0)
+
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.model.train()
+        stats = torch.zeros(7, dtype=torch.float64, device=device)
+        # stats: ce_sum, correct, dag_A, dag_A_P, dag_G, bad (non-finite), stop
+        for index, mb in enumerate(micro):
+            mb = mb.to(device, non_blocking=True).long()
+            inputs, targets = mb[:, :-1], mb[:, 1:]
+            self._gradient_sync(index == len(micro) - 1)
+            with self._autocast():
+                out = self._forward_module(inputs, output_deductive=use_dag)
+                logits = out.logits
+                ce_sum = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(),
+                    targets.reshape(-1),
+                    ignore_index=self.pad_id,
+                    reduction="sum",
+                )
+                loss = ce_sum * token_scale
+                if use_dag:
+                    from pldr_llm.losses import dag_regularizer
+
+                    dag_values = dag_regularizer(out.deductive)
+                    seq_weight = mb.shape[0] / n_seqs
+                    for coefficient, value in zip(coeffs, dag_values):
+                        if coefficient > 0:
+                            loss = loss + (coefficient * seq_weight * world) * value
+            loss.backward()
+            with torch.no_grad():
+                mask = targets != self.pad_id
+                stats[0] += ce_sum.detach().double()
+                stats[1] += ((logits.argmax(-1) == targets) & mask).sum().double()
+                if use_dag:
+                    for k, value in enumerate(dag_values):
+                        stats[2 + k] += value.detach().double() * (mb.shape[0] / n_seqs)
+            del out, logits, loss
+
+        with torch.no_grad():
+            # Kept on the device (no host sync): one reduction carries every flag.
+            stats[5] = (~torch.isfinite(stats[:5])).any().double() + self._nan_gradients()
+            stats[6] = 1.0 if self.stop_requested else 0.0
+            if self.sharded:
+                all_reduce_sum(stats)
+        values = stats.tolist()
+        ce_mean = values[0] / max(n_tokens, 1.0)
+        dag = values[2:5]
+        objective = ce_mean + sum(c * d for c, d in zip(coeffs, dag) if c > 0)
+        skipped = values[5] > 0 or not math.isfinite(objective)
+
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            logger.warning(
+                "step %d: non-finite loss or gradient (loss %s); update skipped (%d of %d allowed)",
+                self.step + 1,
+                objective,
+                self.nonfinite_steps,
+                cfg.max_nonfinite_steps,
+            )
+        else:
+            if cfg.clip_grad_value is not None:
+                nn.utils.clip_grad_value_(self.model.parameters(), cfg.clip_grad_value)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        # The schedule follows the step count (as in the original, whose scheduler steps
+        # whatever the gradient scaler decided).
+        with warnings.catch_warnings():
+            # torch warns when the scheduler steps without an optimizer step: intended here.
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += int(n_tokens)
+
+        result: dict[str, Any] = {
+            "loss": objective,
+            "accuracy": values[1] / max(n_tokens, 1.0),
+            "lr": lr,
+            "tokens": int(n_tokens),
+            "sequences": int(n_seqs),
+            "skipped": skipped,
+            "stop": values[6] > 0,
+        }
+        if use_dag:
+            result.update(lm_loss=ce_mean, dag_A=dag[0], dag_A_P=dag[1], dag_G=dag[2])
+        if skipped and self.nonfinite_steps > cfg.max_nonfinite_steps:
+            result["diverged"] = True
+        return result
+
+    def _nan_gradients(self) -> torch.Tensor:
+        """Number of gradient tensors holding a NaN, as a device scalar.
+
+        inf gradients are clipped to +-clip_grad_value like in the original; NaN cannot be.
+        """
+        flags = []
+        for param in self.model.parameters():
+            grad = param.grad
+            if grad is None:
+                continue
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            if local.numel():
+                flags.append(torch.isnan(local).any())
+        if not flags:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return torch.stack(flags).sum().to(device=self.device, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def evaluate(self, batches: Any, max_batches: int | None = None) -> dict[str, Any]:
+        """Mean loss and accuracy over up to ``max_batches`` batches (all ranks, token-weighted).
+
+        ``batches`` is an iterable of [B, L+1] batches; one with ``reset()`` is reset first, so
+        every validation sees the same data. Ranks that run out early wait for the others.
+        """
+        use_dag = self.config.use_dag_loss
+        reset = getattr(batches, "reset", None)
+        if callable(reset):
+            reset()
+        iterator = iter(batches)
+        self.model.eval()
+        stats = torch.zeros(6, dtype=torch.float64, device=self.device)
+        # ce_sum, correct, tokens, dag_A*B, dag_A_P*B, dag_G*B (+ sequences below)
+        n_seqs = torch.zeros(1, dtype=torch.float64, device=self.device)
+        done = 0
+        while max_batches is None or done < max_batches:
+            batch = next(iterator, None)
+            if self.sharded:
+                # Every rank must run the same number of forward passes (FSDP collectives).
+                flag = torch.tensor(
+                    [0.0 if batch is None else 1.0], dtype=torch.float64, device=self.device
+                )
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                if flag.item() == 0:
+                    break
+            elif batch is None:
+                break
+            batch = batch.to(self.device).long()
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            with self._autocast():
+                out = self._forward_module(inputs, output_deductive=use_dag)
+            logits = out.logits.float()
+            mask = targets != self.pad_id
+            stats[0] += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=self.pad_id,
+                reduction="sum",
+            ).double()
+            stats[1] += ((logits.argmax(-1) == targets) & mask).sum().double()
+            stats[2] += mask.sum().double()
+            if use_dag:
+                from pldr_llm.losses import dag_regularizer
+
+                for k, value in enumerate(dag_regularizer(out.deductive)):
+                    stats[3 + k] += value.double() * batch.shape[0]
+            n_seqs += batch.shape[0]
+            done += 1
+        if self.sharded:
+            all_reduce_sum(stats)
+            all_reduce_sum(n_seqs)
+        values = stats.tolist()
+        tokens = max(values[2], 1.0)
+        result: dict[str, Any] = {
+            "val_loss": values[0] / tokens if values[2] else float("nan"),
+            "val_accuracy": values[1] / tokens if values[2] else float("nan"),
+            "val_tokens": int(values[2]),
+            "val_batches": done,
+        }
+        if use_dag:
+            seqs = max(float(n_seqs.item()), 1.0)
+            dag = [v / seqs for v in values[3:6]]
+            result.update(
+                val_dag_A=dag[0],
+                val_dag_A_P=dag[1],
+                val_dag_G=dag[2],
+                val_lm_loss=result["val_loss"],
+            )
+            coeffs = self.config.dag_reg_coeffs
+            result["val_loss"] = result["val_lm_loss"] + sum(
+                c * d for c, d in zip(coeffs, dag) if c > 0
+            )
+        return result
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Trainer counters and the scheduler (the model and optimizer go through DCP)."""
+        return {
+            "step": self.step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "tokens_seen": self.tokens_seen,
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.scheduler.load_state_dict(dict(state["scheduler"]))
+        # The schedule's shape comes from this run's config, not from the checkpoint.
+        self.scheduler.lr_lambdas[0].__init__(
+            self.config.lr_total_steps, self.config.warmup_steps, self.config.lr_alpha
+        )
+        self.scheduler.base_lrs = [self.config.learning_rate] * len(self.optimizer.param_groups)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["initial_lr"] = base
+            group["lr"] = base * self.scheduler.lr_lambdas[0](self.step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    # ------------------------------------------------------------------ the run
+    def fit(
+        self,
+        train_data: Any,
+        run_dir: str | Path,
+        *,
+        val_data: Any = None,
+        resume: bool = True,
+        tokenizer_file: str | Path | None = None,
+        export_dir: str | Path | None = None,
+    ) -> FitResult:
+        """Train until ``max_steps`` (or ``epochs``), with metrics, checkpoints and resume.
+
+        ``train_data`` yields [B, L+1] batches; if it has ``state_dict``/``load_state_dict`` its
+        position is checkpointed (exact resume) and if it has ``epoch`` that is the epoch logged.
+        With ``resume``, the newest complete checkpoint in ``run_dir/checkpoints`` is loaded
+        first. SIGTERM/SIGINT stop after the current step with a checkpoint. At the end the model
+        is exported to ``export_dir`` (default ``run_dir``) as ``config.json`` +
+        ``model.safetensors`` (+ ``tokenizer.model``) and, with ``export_pth``, the original's
+        ``.pth`` as ``original/<run_name>-model-checkpoint.pth``.
+        """
+        cfg, env = self.config, self.env
+        run_dir = Path(run_dir)
+        export_dir = Path(export_dir) if export_dir is not None else run_dir
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = CheckpointManager(
+            run_dir, env, keep_last=cfg.keep_last, protected_steps=cfg.save_steps
+        )
+        ckpt.remove_incomplete()
+        meters = TrainMeters(dag=cfg.use_dag_loss)
+        epoch = int(getattr(train_data, "epoch", 0) or 0)
+        step_in_epoch = 0
+        last_saved: int | None = None
+        last_checkpoint: Path | None = None
+
+        if resume:
+            latest = ckpt.latest()
+            if latest is not None:
+                loaded = ckpt.load(latest, self.model, self.optimizer)
+                self.load_state_dict(loaded.trainer_state["trainer"])
+                meters.load_state_dict(loaded.trainer_state.get("meters", {}))
+                epoch = int(loaded.trainer_state.get("epoch", 0))
+                step_in_epoch = int(loaded.trainer_state.get("step_in_epoch", 0))
+                rank_state = loaded.rank_state or {}
+                if "rng" in rank_state:
+                    restore_rng_state(rank_state["rng"])
+                if "data" in rank_state and hasattr(train_data, "load_state_dict"):
+                    train_data.load_state_dict(rank_state["data"])
+                last_saved, last_checkpoint = self.step, latest
+                if env.is_main:
+                    logger.info("resumed from %s (step %d)", latest, self.step)
+
+        total = cfg.total_steps()
+        writer = MetricsWriter(run_dir, enabled=env.is_main, tensorboard=cfg.tensorboard)
+        writer.truncate_after(self.step)
+        progress = ProgressBar(
+            total, self.step, cfg.progress if env.is_main else False, cfg.log_every
+        )
+        restore_signals = self._install_signal_handlers()
+
+        def save() -> Path:
+            nonlocal last_saved, last_checkpoint
+            trainer_state = {
+                "trainer": self.state_dict(),
+                "meters": meters.state_dict(),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+            }
+            rank_state: dict[str, Any] = {"rng": capture_rng_state()}
+            if hasattr(train_data, "state_dict"):
+                rank_state["data"] = train_data.state_dict()
+            path = ckpt.save(self.step, self.model, self.optimizer, trainer_state, rank_state)
+            last_saved, last_checkpoint = self.step, path
+            if env.is_main:
+                progress.write(f"saved checkpoint {path}")
+            return path
+
+        status = "completed"
+        record: dict[str, Any] | None = None
+        start_time = time.perf_counter()
+        start_tokens = self.tokens_seen
+        iterator = iter(train_data)
+        epoch_save_due = False
+        try:
+            while total is None or self.step < total:
+                batch = next(iterator, None)
+                if self.sharded and env.world_size > 1:
+                    flag = torch.tensor(
+                        [0.0 if batch is None else 1.0], dtype=torch.float64, device=self.device
+                    )
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                    if flag.item() == 0:
+                        batch = None
+                if batch is None:
+                    # A finite iterable ended: that was an epoch.
+                    if step_in_epoch == 0:
+                        raise PLDRError("the training data yielded no batch")
+                    self._end_epoch(writer, meters, epoch)
+                    epoch += 1
+                    step_in_epoch = 0
+                    if epoch in cfg.save_epochs:
+                        save()
+                    if epoch >= cfg.epochs:
+                        break
+                    setter = getattr(train_data, "set_epoch", None)
+                    if callable(setter):
+                        setter(epoch)
+                    iterator = iter(train_data)
+                    continue
+
+                data_epoch = getattr(train_data, "epoch", None)
+                if (
+                    isinstance(data_epoch, int)
+                    and cfg.steps_per_epoch is None
+                    and data_epoch > epoch
+                ):
+                    # An endless iterator moved on to its next epoch. Its first batch is
+                    # already taken, so an epoch checkpoint is written after this step (a
+                    # checkpoint must never hold a data position ahead of its step).
+                    self._end_epoch(writer, meters, epoch)
+                    epoch_save_due = epoch + 1 in cfg.save_epochs
+                    epoch, step_in_epoch = data_epoch, 0
+                    if total is None and epoch >= cfg.epochs:
+                        break
+
+                result = self.train_step(batch)
+                step_in_epoch += 1
+                meters.update(result if not result["skipped"] else {})
+                elapsed = time.perf_counter() - start_time
+                record = {
+                    "step": self.step,
+                    "epoch": epoch,
+                    "loss": result["loss"],
+                    "accuracy": result["accuracy"],
+                    "lr": result["lr"],
+                    "tokens": result["tokens"],
+                    "tokens_seen": self.tokens_seen,
+                    "tokens_per_s": (self.tokens_seen - start_tokens) / max(elapsed, 1e-9),
+                    "elapsed_s": elapsed,
+                }
+                for key in ("lm_loss", "dag_A", "dag_A_P", "dag_G"):
+                    if key in result:
+                        record[key] = result[key]
+                record.update(meters.summary())
+                if result["skipped"]:
+                    record["skipped"] = True
+                writer.write(record)
+                progress.update(self.step, record)
+                if self.step % cfg.log_every == 0:
+                    meters.reset("running")
+
+                if result.get("diverged"):
+                    status = "diverged"
+                    break
+
+                if val_data is not None and cfg.val_every and self.step % cfg.val_every == 0:
+                    val = self.evaluate(val_data, cfg.val_batches)
+                    writer.write({"event": "val", "step": self.step, **val})
+                    progress.write(
+                        f"step {self.step}: val_loss {val['val_loss']:.4f} "
+                        f"val_accuracy {val['val_accuracy']:.4f}"
+                    )
+
+                if cfg.steps_per_epoch is not None and step_in_epoch >= cfg.steps_per_epoch:
+                    self._end_epoch(writer, meters, epoch)
+                    epoch += 1
+                    step_in_epoch = 0
+                    if epoch in cfg.save_epochs:
+                        save()
+                    if epoch >= cfg.epochs and cfg.max_steps is None:
+                        break
+                    setter = getattr(train_data, "set_epoch", None)
+                    if callable(setter):
+                        setter(epoch)
+                        iterator = iter(train_data)
+
+                if last_saved != self.step and (
+                    epoch_save_due
+                    or self.step in cfg.save_steps
+                    or (cfg.save_every is not None and self.step % cfg.save_every == 0)
+                ):
+                    save()
+                epoch_save_due = False
+
+                if result["stop"]:
+                    status = "interrupted"
+                    break
+            if status == "completed" and val_data is not None and cfg.val_every:
+                if record is not None and self.step % cfg.val_every != 0:
+                    val = self.evaluate(val_data, cfg.val_batches)
+                    writer.write({"event": "val", "step": self.step, **val})
+            if status == "interrupted" or status == "diverged" or cfg.save_at_end:
+                if last_saved != self.step:
+                    save()
+            if status == "completed":
+                reference = None
+                if cfg.export_pth:
+                    name = cfg.run_name or "pldr-llm"
+                    reference = export_dir / "original" / f"{name}-model-checkpoint.pth"
+                export_model(
+                    self.model,
+                    export_dir,
+                    tokenizer_file=tokenizer_file,
+                    reference_pth=reference,
+                    loss=record["loss"] if record else None,
+                    accuracy=record["accuracy"] if record else None,
+                )
+                if env.is_main:
+                    progress.write(f"exported the model to {export_dir}")
+        finally:
+            restore_signals()
+            progress.close()
+            writer.close()
+        return FitResult(
+            status=status,
+            step=self.step,
+            signal=self._stop_signal,
+            last_checkpoint=last_checkpoint,
+            export_dir=export_dir if status == "completed" else None,
+            last_metrics=record,
+        )
+
+    def _end_epoch(self, writer: MetricsWriter, meters: TrainMeters, epoch: int) -> None:
+        writer.write(
+            {
+                "event": "epoch_end",
+                "step": self.step,
+                "epoch": epoch,
+                "loss_epoch": meters.result("epoch", "loss"),
+                "accuracy_epoch": meters.result("epoch", "accuracy"),
+            }
+        )
+        meters.reset("epoch")
+
+    def _install_signal_handlers(self):
+        """SIGTERM/SIGINT -> finish the step, save, stop. A second SIGINT aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if not self.stop_requested:
+                logger.warning(
+                    "received %s: stopping after this step and saving a checkpoint",
+                    signal.Signals(signum).name,
+                )
+            self.stop_requested = True
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore

