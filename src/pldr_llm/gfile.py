@@ -573,9 +573,9 @@ def save_g_file(
     norm = normalize_g_entries(entries)
     tensors: dict[str, Tensor] = {}
     for i, (a, g) in enumerate(norm):
-        tensors[f"layer{i}.G_LM"] = g.contiguous()
+        tensors[f"layer{i}.G_LM"] = g.detach().cpu().clone().contiguous()
         if a is not None:
-            tensors[f"layer{i}.A_LM"] = a.contiguous()
+            tensors[f"layer{i}.A_LM"] = a.detach().cpu().clone().contiguous()
     g0 = norm[0][1]
     meta: dict[str, str] = {
         "format": G_FILE_FORMAT,

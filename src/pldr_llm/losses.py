@@ -13,11 +13,13 @@ from pldr_llm.model.plga import Deductive
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, pad_id: int = 0) -> Tensor:
-    """Mean token cross-entropy over targets that are not ``pad_id`` (the original's loss)."""
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
-    )
-    mask = (targets.reshape(-1) != pad_id).to(losses.dtype)
+    """Mean token cross-entropy over targets that are not ``pad_id`` (the original's loss).
+
+    Computed in the original's layout (classes moved to dim 1, per-token losses masked, summed,
+    divided by the token count): its gradients are then bit-identical to the original's.
+    """
+    losses = F.cross_entropy(logits.permute(0, 2, 1), targets, reduction="none")
+    mask = (targets != pad_id).to(losses.dtype)
     return (losses * mask).sum() / mask.sum()
 
 

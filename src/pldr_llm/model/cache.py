@@ -161,3 +161,20 @@ def g_entries(
             a_lm, g_lm = item[0], item[1]
             out.append(GCacheEntry(_batched(a_lm), _batched(g_lm)))
     return out
+
+
+def register_pytree_dataclass(cls: type) -> type:
+    """Make a dataclass a pytree node, so tensors inside model outputs are visible to PyTorch's
+    tree utilities (FSDP2 registers its pre-backward hooks on the forward's output tensors, and
+    torch.compile flattens outputs the same way)."""
+    try:
+        from torch.utils._pytree import register_dataclass
+
+        register_dataclass(cls)
+    except (ImportError, TypeError, ValueError):  # older torch, or registered already
+        pass
+    return cls
+
+
+for _cls in (LayerKV, StaticLayerKV, GCacheEntry, PLDRCache):
+    register_pytree_dataclass(_cls)

@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.model.cache import GCacheEntry, LayerKV, PLDRCache, StaticLayerKV
+from pldr_llm.model.cache import (
+    GCacheEntry,
+    LayerKV,
+    PLDRCache,
+    StaticLayerKV,
+    register_pytree_dataclass,
+)
 from pldr_llm.model.layers import GLU, xavier_linear
 from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
 
@@ -41,6 +47,9 @@ class PLDROutput:
     cache: PLDRCache
     deductive: list[Deductive] | None = None
     hidden_states: Tensor | None = None
+
+
+register_pytree_dataclass(PLDROutput)
 
 
 class DecoderLayer(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.model.cache import GCacheEntry, LayerKV, StaticLayerKV
+from pldr_llm.model.cache import GCacheEntry, LayerKV, StaticLayerKV, register_pytree_dataclass
 from pldr_llm.model.layers import GLU, xavier_linear
 from pldr_llm.model.rope import RotaryEmbedding
 
@@ -44,6 +44,9 @@ class Deductive:
     A_P: Tensor | None
     G_LM: Tensor
     scores: Tensor | None = None
+
+
+register_pytree_dataclass(Deductive)
 
 
 def i_swiglu(x: Tensor) -> Tensor:
@@ -127,11 +130,22 @@ class PowerLawParameters(nn.Module):
     def __init__(self, depth: int, num_heads: int) -> None:
         super().__init__()
         shape = (num_heads, depth, depth)
-        self.Wlst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
-        self.blst = nn.Parameter(torch.zeros(shape))
-        self.pwlst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
-        self.alst = nn.Parameter(nn.init.xavier_normal_(torch.empty(shape)))
-        self.balst = nn.Parameter(torch.zeros(shape))
+        # Parameters first, initialized in place (in the original's order): frameworks that
+        # patch or skip init (transformers' from_pretrained, meta-device construction) see
+        # ordinary parameters.
+        self.Wlst = nn.Parameter(torch.empty(shape))
+        self.blst = nn.Parameter(torch.empty(shape))
+        self.pwlst = nn.Parameter(torch.empty(shape))
+        self.alst = nn.Parameter(torch.empty(shape))
+        self.balst = nn.Parameter(torch.empty(shape))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.Wlst)
+        nn.init.zeros_(self.blst)
+        nn.init.xavier_normal_(self.pwlst)
+        nn.init.xavier_normal_(self.alst)
+        nn.init.zeros_(self.balst)
 
     def forward(self, metric: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return power_law(metric, self.Wlst, self.blst, self.pwlst, self.alst, self.balst)

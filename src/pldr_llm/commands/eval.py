@@ -1,0 +1,223 @@
+"""``pldr-llm eval``: score a model on lm-evaluation-harness tasks and print the table.
+
+``pldr-llm eval --model X --tasks pldrllm_zeroshot`` runs the PLDR-LLM papers' zero-shot set
+(arc_easy, arc_challenge, piqa, social_iqa, hellaswag, openbookqa, winogrande, truthfulqa_mc2)
+with the native ``pldrllm`` lm-eval model (batched scoring). Any lm-eval task or group name works
+too, and ``--include-path`` adds folders of task YAML files. Tasks whose datasets are not in the
+local datasets cache need the Hugging Face Hub; offline, that is a one-line error naming them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+# datasets' packaged builders: a task using one reads local files, never the Hub.
+_LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "sql"})
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``eval`` command."""
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model with lm-evaluation-harness (default: the paper's zero-shot set)",
+        description="Score a model on lm-evaluation-harness tasks with the native, batched "
+        "'pldrllm' lm-eval model and print the results table.",
+    )
+    p.add_argument(
+        "--model", "-m", required=True, metavar="X", help="model folder, hub id or HF export"
+    )
+    p.add_argument(
+        "--tasks",
+        default="pldrllm_zeroshot",
+        help="comma-separated lm-eval task or group names (default: pldrllm_zeroshot)",
+    )
+    p.add_argument(
+        "--limit", type=float, default=None, metavar="N", help="score only N examples per task"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, metavar="B", help="requests per forward pass (16)"
+    )
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)"
+    )
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)"
+    )
+    p.add_argument(
+        "--tokenizer", default=None, metavar="PATH", help="tokenizer instead of the model's"
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        metavar="K",
+        help="few-shot examples (tasks' default)",
+    )
+    p.add_argument(
+        "--score-mode",
+        choices=("full", "cached"),
+        default="full",
+        help="full: one pass over context + continuation (as the original harness); cached: the "
+        "context runs first and the continuation runs on its KV/G caches",
+    )
+    p.add_argument(
+        "--no-kvcache", action="store_true", help="generation (and cached scoring) without KV-cache"
+    )
+    p.add_argument(
+        "--no-gcache", action="store_true", help="generation (and cached scoring) without G-cache"
+    )
+    p.add_argument(
+        "--gcache-file", default=None, metavar="PATH", help="a G-cache file used in every pass"
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra folder of lm-eval task YAML files (repeatable)",
+    )
+    p.add_argument(
+        "--output", "-o", default=None, metavar="FILE", help="also write the results as JSON"
+    )
+    p.set_defaults(func=run)
+
+
+def _dataset_failure(exc: BaseException) -> tuple[str, str] | None:
+    """``(task, dataset)`` when ``exc`` was raised while lm-eval loaded a task's dataset.
+
+    The datasets library fails in many ways without the Hub (ConnectionError, "not cached",
+    even a TypeError when offline with a custom cache folder), so the failure is recognized by
+    where it happened: inside lm-eval's ``Task.download``, whose task names its dataset.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        found = None
+        while tb is not None:
+            frame = tb.tb_frame
+            config = getattr(frame.f_locals.get("self"), "config", None)
+            if frame.f_code.co_name == "download" and getattr(config, "dataset_path", None):
+                found = (str(getattr(config, "task", "?")), str(config.dataset_path))
+            tb = tb.tb_next
+        if found is not None:
+            return found
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _unknown(manager: Any, names: list[str]) -> list[str]:
+    known = set(manager.all_tasks)
+    return [n for n in names if n not in known and not manager.match_tasks([n])]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate; prints the results table on stdout."""
+    from pldr_llm.errors import PLDRError
+
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+    except ModuleNotFoundError as exc:
+        raise PLDRError(f"pldr-llm eval needs '{exc.name}': pip install 'pldr-llm[eval]'") from None
+
+    from pldr_llm.eval import TASKS_DIR
+    from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
+
+    if args.batch_size < 1:
+        raise PLDRError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for folder in args.include_path:
+        if not Path(folder).is_dir():
+            raise PLDRError(f"--include-path {folder} is not a folder")
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if not names:
+        raise PLDRError("--tasks names no task")
+    paths = [str(TASKS_DIR), *args.include_path]
+    # Indexing lm-eval's own few thousand task files takes seconds: skip it when the task folders
+    # given define every name asked for as a plain task (a group may name lm-eval's tasks).
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not set(names) <= set(manager.all_subtasks):
+        manager = TaskManager(include_path=paths)
+    unknown = _unknown(manager, names)
+    if unknown:
+        raise PLDRError(f"unknown lm-eval task(s): {', '.join(unknown)} (see 'lm_eval ls tasks')")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+
+    lm = PLDRLLMEvalModel(
+        pretrained=args.model,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        kvcache=not args.no_kvcache,
+        gcache=not args.no_gcache,
+        gcache_file=args.gcache_file,
+        score_mode=args.score_mode,
+    )
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=args.num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+        )
+    except PLDRError:
+        raise
+    except Exception as exc:
+        failed = _dataset_failure(exc)
+        if failed is None:
+            raise
+        task, dataset = failed
+        if dataset in _LOCAL_BUILDERS or Path(dataset).exists():
+            raise PLDRError(
+                f"task {task} could not load its dataset ({dataset}): {_first_line(exc)}"
+            ) from None
+        offline = [
+            v
+            for v in _OFFLINE_ENV
+            if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        ]
+        where = (
+            f"offline mode is on ({', '.join(offline)})"
+            if offline
+            else "the Hub could not be reached"
+        )
+        raise PLDRError(
+            f"task {task} (of {', '.join(names)}) needs the dataset {dataset} from the "
+            f"Hugging Face Hub and {where}: {_first_line(exc)}. Run once with network access "
+            "(the datasets cache keeps it) or point HF_DATASETS_CACHE at a cache that holds it"
+        ) from None
+    if results is None:  # non-zero ranks of a distributed run
+        return 0
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        keep = {
+            k: results[k]
+            for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot")
+            if k in results
+        }
+        keep["model"] = {"pretrained": args.model, "score_mode": args.score_mode}
+        out.write_text(json.dumps(keep, indent=2, default=str) + "\n")
+        print(f"pldr-llm: results written to {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,518 @@
+"""``pldrllm``: a native lm-evaluation-harness model for PLDR-LLMs.
+
+Registered under the name ``pldrllm`` (``lm_eval.api.registry.register_model``, and the package's
+``lm_eval.models`` entry point), so::
+
+    lm_eval --model pldrllm --model_args pretrained=X,batch_size=32 --tasks ...
+
+works once ``pldr_llm.eval.lm_eval_model`` is imported (``pldr-llm eval`` does it), where ``X`` is
+anything ``pldr-llm --model`` accepts: a published bundle folder, a ``pldr-llm convert`` folder, a
+Hugging Face hub id, or a folder written by ``pldr-llm convert --to hf``.
+
+Scoring (``loglikelihood``) is batched over requests: requests are sorted by length, padded on
+the right with the core model's per-row attention mask (padding kept out of the metric tensor A,
+the keys and the rotary positions, so every request scores exactly as it would alone), requests
+with the same input run once, and logits are computed only at the scored positions. How a
+continuation is scored:
+
+* ``score_mode=full`` (default): one pass over context + continuation, the way the original's
+  harness and lm-eval's ``hf`` model score; the metric tensor A then sees the whole input.
+* ``score_mode=cached``: the context runs first and its caches are kept, then the continuation
+  runs on them: with ``kvcache`` it attends to the cached keys and the context's A (as
+  generation with the KV-cache does); with ``gcache`` (and no KV-cache) G_LM comes from the
+  context. Each continuation token gets the probability the generator would give it.
+
+``gcache_file=PATH`` (a G-cache file, see :func:`pldr_llm.gfile.load_g_file`) replaces the
+G-cache in every pass of scoring and generation (the paper's predefined G_LM experiments).
+``kvcache`` and ``gcache`` (both on by default) are the cache modes of ``generate_until``, which
+runs ``pldr_llm.generate`` on a batch of requests at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (fills the registry first: lm-eval only does it when empty)
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from torch import Tensor
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.generation import generate_details
+from pldr_llm.model.cache import GCacheEntry, PLDRCache
+from pldr_llm.model.model import PLDRModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+SCORE_MODES = ("full", "cached")
+
+# One scoring request after tokenization: (request key, context ids, continuation ids).
+TokenRequest = tuple[Any, list[int], list[int]]
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise PLDRError(f"model argument {name!r} must be true or false, got {value!r}")
+
+
+def _batch_size(value: Any) -> int:
+    if value is None:
+        return DEFAULT_BATCH_SIZE
+    if isinstance(value, str) and value.strip().lower().startswith("auto"):
+        log.info("batch_size=auto: using %d", DEFAULT_BATCH_SIZE)
+        return DEFAULT_BATCH_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise PLDRError(f"batch_size must be a positive integer, got {value!r}") from None
+    if size < 1:
+        raise PLDRError(f"batch_size must be a positive integer, got {value!r}")
+    return size
+
+
+def _resolve_device(device: Any) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PLDRError(f"unknown device {device!r}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise PLDRError(f"device {device!r} asked for, but CUDA is not available")
+    return target
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if str(dtype) not in names:
+        raise PLDRError(f"dtype must be one of {', '.join(names)} or auto, got {dtype!r}")
+    return names[str(dtype)]
+
+
+def load_pretrained(
+    pretrained: Any, tokenizer: Any = None, device: Any = None, dtype: Any = None
+) -> tuple[PLDRModel, Any]:
+    """``(core model, PLDRTokenizer)`` for a ``pretrained`` model argument.
+
+    ``pretrained`` is a core :class:`PLDRModel` (give ``tokenizer``), a transformers
+    ``PldrllmForCausalLM`` (its core is used), a folder written by ``convert --to hf``, or
+    anything :func:`pldr_llm.bundle.load_bundle` accepts.
+    """
+    from pldr_llm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if isinstance(pretrained, PLDRModel):
+        model = pretrained
+    elif hasattr(pretrained, "core") and isinstance(pretrained.core, PLDRModel):
+        model = pretrained.core
+    else:
+        from pldr_llm.hf.folder import is_hf_folder, load_hf_folder
+
+        if isinstance(pretrained, (str, Path)) and is_hf_folder(pretrained):
+            model, folder_tok = load_hf_folder(pretrained)
+        else:
+            from pldr_llm.bundle import load_bundle
+
+            model, folder_tok = load_bundle(str(pretrained), device="cpu", tokenizer=None)
+        tok = tok if tok is not None else folder_tok
+    if tok is None:
+        raise PLDRError("the pldrllm model needs a tokenizer (model argument tokenizer=PATH)")
+    torch_dtype = _resolve_dtype(dtype)
+    if torch_dtype is not None:
+        model = model.to(dtype=torch_dtype)
+    if device is not None:
+        model = model.to(device=device)
+    return model.eval(), tok
+
+
+@register_model("pldrllm")
+class PLDRLLMEvalModel(TemplateLM):
+    """lm-eval model running a PLDR-LLM natively (no transformers involved).
+
+    Model arguments (``--model_args k=v,...``):
+        pretrained: model to load (see :func:`load_pretrained`).
+        tokenizer: a tokenizer to use instead of the model's own.
+        device: ``cuda``, ``cuda:N``, ``cpu`` (default: cuda when available).
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (as stored).
+        batch_size: requests per forward pass (default 16).
+        max_length: context length (default: the model's max_seq_len).
+        max_gen_toks: default generation budget of ``generate_until`` (256).
+        kvcache, gcache: the cache modes of generation and of ``score_mode=cached`` (on).
+        gcache_file: a G-cache file that replaces the G-cache everywhere.
+        score_mode: ``full`` (default) or ``cached`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        pretrained: Any,
+        tokenizer: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        batch_size: Any = DEFAULT_BATCH_SIZE,
+        max_batch_size: Any = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        kvcache: Any = True,
+        gcache: Any = True,
+        gcache_file: str | None = None,
+        score_mode: str = "full",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            log.warning("pldrllm ignores model arguments %s", ", ".join(sorted(kwargs)))
+        self._device = _resolve_device(device)
+        self.model, self.tokenizer = load_pretrained(pretrained, tokenizer, self._device, dtype)
+        self.batch_size = _batch_size(batch_size)
+        self.kvcache = _as_bool(kvcache, "kvcache")
+        self.gcache = _as_bool(gcache, "gcache")
+        if score_mode not in SCORE_MODES:
+            raise PLDRError(
+                f"score_mode must be one of {', '.join(SCORE_MODES)}, got {score_mode!r}"
+            )
+        self.score_mode = score_mode
+        self._max_length = int(max_length) if max_length else int(self.model.config.max_seq_len)
+        self._max_gen_toks = int(max_gen_toks)
+        self.g_init: list[GCacheEntry] | None = None
+        if gcache_file:
+            self.g_init = self._load_g_file(gcache_file)
+
+    def _load_g_file(self, path: str) -> list[GCacheEntry]:
+        from pldr_llm.gfile import load_g_file
+
+        pairs = load_g_file(path)
+        config = self.model.config
+        if len(pairs) != config.num_layers:
+            raise PLDRError(
+                f"{path}: G-cache has {len(pairs)} layers, the model has {config.num_layers}"
+            )
+        dtype, device = self.model.dtype, self._device
+        entries = []
+        for a_lm, g_lm in pairs:
+            g = g_lm.to(device=device, dtype=dtype)
+            g = g.unsqueeze(0) if g.dim() == 3 else g
+            if tuple(g.shape[1:]) != (config.num_heads, config.depth, config.depth):
+                raise PLDRError(
+                    f"{path}: G_LM has shape {tuple(g.shape)}, the model needs "
+                    f"[1, {config.num_heads}, {config.depth}, {config.depth}]"
+                )
+            a = a_lm.to(device=device, dtype=dtype) if a_lm is not None else None
+            entries.append(GCacheEntry(a.unsqueeze(0) if a is not None and a.dim() == 3 else a, g))
+        return entries
+
+    # ------------------------------------------------------------------ lm-eval properties
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eos_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        # The original never adds a start id; documents end with the end-of-text id, so that is
+        # the context of a text's first token (as lm-eval's hf model does without a BOS token).
+        return self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "model_path", "pldrllm"))
+
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs: Any
+    ) -> list[int]:
+        return self.tokenizer.encode(string, add_eos=False)
+
+    def tok_decode(self, tokens: Sequence[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(tokens)
+
+    # ------------------------------------------------------------------ scoring
+    def _g_cache(self) -> PLDRCache | None:
+        return PLDRCache(g=self.g_init) if self.g_init is not None else None
+
+    def _score_full(self, inputs: list[list[int]], spans: list[tuple[int, int]]) -> list[Tensor]:
+        """Log-probabilities [span, V] of each input's scored positions ``[start, end)``."""
+        model, device = self.model, self._device
+        width = max(len(x) for x in inputs)
+        ids = torch.full((len(inputs), width), self.model.config.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, x in enumerate(inputs):
+            ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[row, : len(x)] = 1
+        out = model(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            cache=self._g_cache(),
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        hidden = out.hidden_states
+        assert hidden is not None
+        return self._head(hidden, spans)
+
+    def _head(self, hidden: Tensor, spans: list[tuple[int, int]]) -> list[Tensor]:
+        # Logits only where they are scored: [sum of spans, d_model] through the LM head.
+        rows = torch.cat(
+            [torch.full((e - s,), r, dtype=torch.long) for r, (s, e) in enumerate(spans)]
+        )
+        cols = torch.cat([torch.arange(s, e, dtype=torch.long) for s, e in spans])
+        picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+        logprobs = F.log_softmax(self.model.final_layer(picked).float(), dim=-1)
+        return list(torch.split(logprobs, [e - s for s, e in spans]))
+
+    def _score_cached(self, contexts: list[list[int]], conts: list[list[int]]) -> list[Tensor]:
+        """Log-probabilities of each continuation, the context run first with its caches kept."""
+        model, device, pad = self.model, self._device, self.model.config.pad_id
+        batch = len(contexts)
+        width = max(len(c) for c in contexts)
+        ids = torch.full((batch, width), pad, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, ctx in enumerate(contexts):
+            ids[row, : len(ctx)] = torch.tensor(ctx, dtype=torch.long)
+            mask[row, : len(ctx)] = 1
+        first = model(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            cache=self._g_cache(),
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        assert first.hidden_states is not None
+        heads = self._head(first.hidden_states, [(len(c) - 1, len(c)) for c in contexts])
+        rest_len = max(len(c) - 1 for c in conts)
+        if rest_len == 0:
+            return heads
+        g = first.cache.g if self.gcache else self.g_init
+        if self.kvcache:
+            # The continuation attends to the cached context keys, with the context's A.
+            cache = first.cache.with_g(g)
+            rest = torch.full((batch, rest_len), pad, dtype=torch.long)
+            rest_mask = torch.zeros((batch, rest_len), dtype=torch.long)
+            for row, cont in enumerate(conts):
+                rest[row, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                rest_mask[row, : len(cont) - 1] = 1
+            second = model(
+                rest.to(device),
+                attention_mask=rest_mask.to(device),
+                cache=cache,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+            spans = [(0, len(c) - 1) for c in conts]
+        else:
+            # No KV-cache: the whole input runs again, with the context's G_LM when G is on.
+            full = [ctx + cont[:-1] for ctx, cont in zip(contexts, conts)]
+            fwidth = max(len(x) for x in full)
+            rest = torch.full((batch, fwidth), pad, dtype=torch.long)
+            rest_mask = torch.zeros((batch, fwidth), dtype=torch.long)
+            for row, x in enumerate(full):
+                rest[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+                rest_mask[row, : len(x)] = 1
+            second = model(
+                rest.to(device),
+                attention_mask=rest_mask.to(device),
+                cache=PLDRCache(g=g) if g is not None else None,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+            spans = [(len(ctx), len(ctx) + len(cont) - 1) for ctx, cont in zip(contexts, conts)]
+        assert second.hidden_states is not None
+        tails = self._head(second.hidden_states, [(s, e) if e > s else (0, 0) for s, e in spans])
+        return [torch.cat((h, t[: e - s])) for h, t, (s, e) in zip(heads, tails, spans)]
+
+    def _prepare(self, context: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
+        """Left-truncate context + continuation to the model's context (as lm-eval's hf does)."""
+        if not cont:
+            raise PLDRError("a loglikelihood request has an empty continuation")
+        if len(cont) > self.max_length:
+            raise PLDRError(
+                f"a continuation of {len(cont)} tokens exceeds max_length={self.max_length}"
+            )
+        whole = (context + cont)[-(self.max_length + 1) :]
+        return whole[: len(whole) - len(cont)], cont
+
+    @torch.inference_mode()
+    def _loglikelihood_tokens(
+        self, requests: list[TokenRequest], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        """Batched scoring of tokenized requests; results in the order of ``requests``."""
+        from tqdm.auto import tqdm
+
+        prepared = [self._prepare(list(ctx), list(cont)) for _, ctx, cont in requests]
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        if self.score_mode == "full":
+            # Requests with the same input (context + continuation minus its last token) share
+            # one row: one pass scores every single-token choice of a question.
+            groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            for index, (ctx, cont) in enumerate(prepared):
+                groups[tuple(ctx + cont[:-1])].append(index)
+            units = sorted(groups.items(), key=lambda item: -len(item[0]))
+        else:
+            units = sorted(
+                ((tuple(ctx + cont[:-1]), [i]) for i, (ctx, cont) in enumerate(prepared)),
+                key=lambda item: -len(item[0]),
+            )
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="pldrllm loglikelihood")
+        for start in range(0, len(units), self.batch_size):
+            chunk = units[start : start + self.batch_size]
+            if self.score_mode == "full":
+                inputs = [list(key) for key, _ in chunk]
+                # A row scores the longest continuation of its group; shorter ones share its tail.
+                longest = [max(len(prepared[i][1]) for i in members) for _, members in chunk]
+                spans = [(len(x) - n, len(x)) for x, n in zip(inputs, longest)]
+                logprobs = self._score_full(inputs, spans)
+                for (_, members), lp in zip(chunk, logprobs):
+                    for index in members:
+                        results[index] = self._answer(lp, prepared[index][1])
+            else:
+                members = [m[0] for _, m in chunk]
+                logprobs = self._score_cached(
+                    [prepared[i][0] for i in members], [prepared[i][1] for i in members]
+                )
+                for index, lp in zip(members, logprobs):
+                    results[index] = self._answer(lp, prepared[index][1])
+            bar.update(sum(len(m) for _, m in chunk))
+        bar.close()
+        out = [r for r in results if r is not None]
+        assert len(out) == len(requests)
+        for (key, _, _), answer in zip(requests, out):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return out
+
+    @staticmethod
+    def _answer(logprobs: Tensor, cont: list[int]) -> tuple[float, bool]:
+        tail = logprobs[-len(cont) :]
+        target = torch.tensor(cont, dtype=torch.long, device=tail.device)
+        picked = tail.gather(1, target[:, None]).squeeze(1)
+        greedy = bool((tail.argmax(dim=-1) == target).all())
+        return float(picked.sum()), greedy
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole texts, in windows of the model's context, batched together."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows: list[TokenRequest] = []
+        owner: list[int] = []
+        for index, request in enumerate(requests):
+            (text,) = request.args
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
+                windows.append((None, ctx, cont))
+                owner.append(index)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm) if windows else []
+        totals = [0.0] * len(requests)
+        for index, (logprob, _) in zip(owner, scores):
+            totals[index] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def _sampling(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+        do_sample = bool(gen_kwargs.get("do_sample", False))
+        temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+        if not do_sample or temperature == 0.0:
+            return {"top_k": 1}
+        return {
+            "temperature": temperature,
+            "top_k": int(gen_kwargs.get("top_k", 0) or 0),
+            "top_p": float(gen_kwargs.get("top_p", 1.0) or 1.0),
+        }
+
+    @torch.inference_mode()
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Generate for a batch of requests at once, stopping each at its ``until`` strings."""
+        from tqdm.auto import tqdm
+
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[repr(sorted(request.args[1].items()))].append(index)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="pldrllm generate_until")
+        for members in groups.values():
+            gen_kwargs = dict(requests[members[0]].args[1])
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            sampling = self._sampling(gen_kwargs)
+            budget = max(1, self.max_length - max_new)
+            prompts = {i: self._prompt(requests[i].args[0], budget) for i in members}
+            order = sorted(members, key=lambda i: -len(prompts[i]))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                texts = self._generate_chunk([prompts[i] for i in chunk], max_new, until, sampling)
+                for index, text in zip(chunk, texts):
+                    results[index] = text
+                    self.cache_hook.add_partial("generate_until", requests[index].args, text)
+                bar.update(len(chunk))
+        bar.close()
+        return [r if r is not None else "" for r in results]
+
+    def _prompt(self, context: str, budget: int) -> list[int]:
+        ids = self.tok_encode(context)[-budget:]
+        return ids if ids else [self.eot_token_id]
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], max_new: int, until: list[str], sampling: dict[str, Any]
+    ) -> list[str]:
+        longest = max(len(p) for p in prompts)
+        max_new = max(0, min(max_new, self.max_length - longest))
+
+        def stop(row: int, new_ids: list[int]) -> bool:
+            return bool(until) and any(s in self.tok_decode(new_ids) for s in until)
+
+        out = generate_details(
+            self.model,
+            prompts,
+            max_new,
+            enable_kvcache=self.kvcache,
+            enable_Gcache=self.gcache,
+            G_init=self.g_init,
+            stop_at_eos=True,
+            stopping_criteria=stop if until else None,
+            **sampling,
+        )
+        texts = []
+        for new_ids in out.new_ids:
+            ids = [i for i in new_ids if i != self.eot_token_id]
+            text = self.tok_decode(ids)
+            for s in until:
+                if s and s in text:
+                    text = text.split(s)[0]
+            texts.append(text)
+        return texts

@@ -1,0 +1,395 @@
+"""``PldrllmForCausalLM``: a PLDR-LLM as a transformers ``PreTrainedModel`` + ``GenerationMixin``.
+
+The class wraps the core :class:`pldr_llm.model.model.PLDRModel`; it has no model math of its
+own. Its submodules *are* the core model's (``decoder``, ``final_layer``), so the state dict has
+the original's key names and ``model.safetensors`` of a transformers folder is the same file as
+the project's own format.
+
+Caches in ``generate()``: the core's :class:`~pldr_llm.model.cache.PLDRCache` (KV-cache with the
+metric tensor A, and the G-cache) travels between steps under the model keyword ``pldr_cache``,
+not through transformers' ``Cache`` classes, whose layout (one K/V pair per layer) cannot hold A
+or G_LM and whose keyword changed name across releases (``past_key_values`` / ``cache``). The
+model declares that it does not use transformers' default cache, builds each step's inputs in
+:meth:`prepare_inputs_for_generation` and carries the cache forward in
+:meth:`_update_model_kwargs_for_generation`, following ``pldr_llm.generate`` step for step:
+
+* KV on: the prompt runs once, then one token per step;
+* G on: G_LM inferred on the first pass is reused by every later pass;
+* ``G_init``: a custom initial G-cache (every pass when G is off), as the original's
+  ``Gcachelst_init``;
+* batched rows with padding: the attention mask has the core's per-row semantics.
+
+``generate(..., enable_kvcache=False, enable_Gcache=False, G_init=...)`` selects the mode per
+call; the defaults come from ``config.use_kvcache`` / ``config.use_Gcache`` (both on), and
+``use_cache=False`` turns both off. Sampling applies the original's filters (temperature, then
+top-p keeping the tokens whose cumulative probability stays <= p, then top-k) in place of
+transformers' warpers, so a seeded sampling run draws the same ids as ``pldr_llm.generate``.
+Beam search is refused with the caches on (the per-row PLGA state is not reordered).
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.logits_process import LogitsProcessor
+from transformers.utils import ModelOutput
+
+from pldr_llm.config import PLDRConfig
+from pldr_llm.errors import PLDRError
+from pldr_llm.generation import filter_logits
+from pldr_llm.hf.code_bundle import AUTO_MAP_CONFIG, write_code_files
+from pldr_llm.hf.configuration_pldrllm import PldrllmConfig
+from pldr_llm.model.cache import GCacheEntry, PLDRCache, g_entries
+from pldr_llm.model.model import PLDRModel
+from pldr_llm.model.plga import Deductive
+from pldr_llm.model.rope import RotaryEmbedding
+
+
+@dataclass
+class PldrllmCausalLMOutput(ModelOutput):
+    """Output of :meth:`PldrllmForCausalLM.forward`.
+
+    ``pldr_cache`` is the core's cache of this pass (K/V/A per layer and the G-cache);
+    ``deductive`` the per-layer deductive outputs (A, A_LM, A_P, G_LM, scores) when asked.
+    """
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    pldr_cache: PLDRCache | None = None
+    deductive: list[Deductive] | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+class PldrllmSamplingFilter(LogitsProcessor):
+    """The original's sampling filters, applied by ``generate(do_sample=True)``.
+
+    Temperature scales the logits (as transformers does for any value), then the core's
+    :func:`pldr_llm.generation.filter_logits` keeps the top-p nucleus (tokens whose cumulative
+    probability stays <= p, at least one) and then the top-k, as ``pldr_llm.generate`` does.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+        self.temperature = float(temperature) if temperature else 1.0
+        self.top_k = int(top_k or 0)
+        self.top_p = float(top_p) if top_p is not None else 1.0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        return filter_logits(scores, 1.0, self.top_k, self.top_p)
+
+
+def pldr_config_of(config: PldrllmConfig) -> PLDRConfig:
+    """The core configuration of a transformers configuration."""
+    return PLDRConfig(**config.architecture())
+
+
+class PldrllmPreTrainedModel(PreTrainedModel):
+    """Base class: configuration class, weight loading rules and init of non-persistent buffers."""
+
+    config_class = PldrllmConfig
+    # No attribute of that name exists, so ``base_model`` is the model itself.
+    base_model_prefix = "pldrllm"
+    main_input_name = "input_ids"
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # Weights are initialized by the core modules' constructors (the original's scheme) or
+        # come from the checkpoint. transformers creates models on the meta device while loading
+        # and then asks for the buffers a checkpoint does not hold: the rotary tables.
+        if isinstance(module, RotaryEmbedding):
+            with torch.device("cpu"):
+                fresh = RotaryEmbedding(module.dim, module.max_seq_len, module.base)
+            with torch.no_grad():
+                module.cos.copy_(fresh.cos.to(module.cos.device, module.cos.dtype))
+                module.sin.copy_(fresh.sin.to(module.sin.device, module.sin.dtype))
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The PLDR caches travel as ``pldr_cache`` (see the module docstring); transformers must
+        # not create a DynamicCache of its own.
+        return False
+
+
+class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
+    """A PLDR-LLM causal language model for transformers (wraps :class:`PLDRModel`).
+
+    ``model.core`` is the wrapped :class:`PLDRModel`: it shares every parameter and buffer with
+    this module, so ``pldr_llm.generate(model.core, ...)`` and every other core function work on
+    a model loaded through transformers.
+    """
+
+    def __init__(self, config: PldrllmConfig) -> None:
+        super().__init__(config)
+        core = PLDRModel(pldr_config_of(config))
+        # The core is kept outside the module tree (not registered as a child), and its two
+        # children are registered here instead: parameters are owned once, and their names are
+        # the original's state-dict keys (``decoder.*``, ``final_layer.*``).
+        self.__dict__["_core"] = core
+        self.decoder = core.decoder
+        self.final_layer = core.final_layer
+        self.post_init()
+
+    @property
+    def core(self) -> PLDRModel:
+        """The wrapped core model (same parameters and buffers)."""
+        core: PLDRModel = self.__dict__["_core"]
+        # Submodules may have been replaced (loading, dtype casts): keep the core pointing at ours.
+        if core.decoder is not self.decoder:
+            core.decoder = self.decoder
+        if core.final_layer is not self.final_layer:
+            core.final_layer = self.final_layer
+        core.training = self.training
+        core.attn_implementation = (
+            "eager" if getattr(self.config, "_attn_implementation", None) == "eager" else "sdpa"
+        )
+        return core
+
+    @classmethod
+    def from_core(cls, model: PLDRModel, **config_kwargs: Any) -> "PldrllmForCausalLM":
+        """A transformers model sharing the weights of a core :class:`PLDRModel`."""
+        config = PldrllmConfig.from_architecture(model.config.to_dict(), **config_kwargs)
+        with torch.device("meta"):
+            hf_model = cls(config)
+        hf_model.decoder = model.decoder
+        hf_model.final_layer = model.final_layer
+        hf_model.__dict__["_core"] = model
+        hf_model.train(model.training)
+        return hf_model
+
+    # ------------------------------------------------------------------ embeddings
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.decoder.embedding
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.decoder.embedding = value
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.final_layer
+
+    def set_output_embeddings(self, value: torch.nn.Linear) -> None:
+        self.final_layer = value
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        pldr_cache: PLDRCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_deductive: bool = False,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        infer_padding_mask: bool | None = None,
+        **kwargs: Any,
+    ) -> PldrllmCausalLMOutput | tuple:
+        """Logits of ``input_ids`` [B, L].
+
+        Args:
+            attention_mask: [B, L], 1 for tokens and 0 for padding (left or right); each row then
+                computes exactly what it would alone. ``None``: see ``infer_padding_mask``.
+            pldr_cache: a :class:`PLDRCache` from an earlier pass (KV part: continue that
+                sequence; G part: skip the metric learner and reuse G_LM).
+            labels: [B, L] targets for the usual shifted causal-LM loss (-100 is ignored).
+            output_deductive: also return every layer's A, A_LM, A_P, G_LM and scores.
+            logits_to_keep: > 0 computes the logits of the last that many positions only.
+            infer_padding_mask: without ``attention_mask`` and ``pldr_cache``, treat pad ids in
+                ``input_ids`` as padding (per-row semantics); ``None`` reads
+                ``config.infer_padding_mask``. ``generate()`` turns it off, so its passes match
+                ``pldr_llm.generate`` exactly.
+        """
+        if input_ids is None:
+            if kwargs.get("inputs_embeds") is not None:
+                raise PLDRError("PLDR-LLM takes input_ids, not inputs_embeds")
+            raise PLDRError("input_ids is required")
+        if infer_padding_mask is None:
+            infer_padding_mask = bool(getattr(self.config, "infer_padding_mask", True))
+        if attention_mask is None and pldr_cache is None and infer_padding_mask:
+            pad = self.config.pad_token_id
+            if pad is not None and bool((input_ids == pad).any()):
+                attention_mask = (input_ids != pad).long()
+        want_hidden = bool(output_hidden_states)
+        out = self.core(
+            input_ids,
+            attention_mask=attention_mask,
+            cache=pldr_cache,
+            output_deductive=output_deductive,
+            output_hidden_states=want_hidden,
+            logits_to_keep=int(logits_to_keep or 0),
+        )
+        loss = None
+        if labels is not None:
+            logits = out.logits.float()
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        result = PldrllmCausalLMOutput(
+            loss=loss,
+            logits=out.logits,
+            pldr_cache=out.cache,
+            deductive=out.deductive,
+            hidden_states=(out.hidden_states,) if want_hidden else None,
+        )
+        if return_dict is False:
+            return result.to_tuple()
+        return result
+
+    # ------------------------------------------------------------------ generation
+    def _g_init_entries(self, G_init: Any) -> list[GCacheEntry] | None:
+        if G_init is None:
+            return None
+        if isinstance(G_init, PLDRCache):
+            if G_init.g is None:
+                raise PLDRError("G_init is a PLDRCache without a G-cache")
+            entries = g_entries(G_init.g)
+        else:
+            entries = g_entries(G_init)
+        if len(entries) != self.config.num_layers:
+            raise PLDRError(
+                f"G_init has {len(entries)} layers, the model has {self.config.num_layers}"
+            )
+        device, dtype = self.final_layer.weight.device, self.final_layer.weight.dtype
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return [GCacheEntry(cast(e.A_LM), cast(e.G_LM), cast(e.A_P)) for e in entries]
+
+    def _cache_modes(
+        self, use_cache: bool | None, enable_kvcache: bool | None, enable_Gcache: bool | None
+    ) -> tuple[bool, bool]:
+        on = True if use_cache is None else bool(use_cache)
+        kv = self.config.use_kvcache if enable_kvcache is None else enable_kvcache
+        g = self.config.use_Gcache if enable_Gcache is None else enable_Gcache
+        return on and bool(kv), on and bool(g)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        pldr_cache: PLDRCache | None = None,
+        attention_mask: Tensor | None = None,
+        enable_kvcache: bool | None = None,
+        enable_Gcache: bool | None = None,
+        G_init: Any = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """This step's model inputs, as ``pldr_llm.generate`` builds them.
+
+        With a KV-cache only the newest token runs (the cache carries the per-row positions and
+        padding); without one, the whole sequence runs with the (grown) attention mask, and the
+        G-cache or ``G_init`` when there is one. ``next_sequence_length`` (transformers' slicing
+        hint) is not needed: the cache itself says what has run.
+        """
+        device = self.final_layer.weight.device
+        cache = pldr_cache
+        if cache is None:
+            init = self._g_init_entries(G_init)
+            cache = PLDRCache(g=init) if init is not None else None
+        if cache is not None and cache.kv is not None:
+            inputs = {"input_ids": input_ids[:, -1:], "attention_mask": None}
+        else:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs["input_ids"] = inputs["input_ids"].to(device)
+        if inputs["attention_mask"] is not None:
+            inputs["attention_mask"] = inputs["attention_mask"].to(device)
+        inputs.update(
+            pldr_cache=cache,
+            logits_to_keep=1 if logits_to_keep is None else logits_to_keep,
+            infer_padding_mask=False,
+        )
+        for key in ("output_deductive", "output_hidden_states"):
+            if key in kwargs:
+                inputs[key] = kwargs[key]
+        return inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, *args, **kwargs
+        )
+        kv_on, g_on = self._cache_modes(
+            model_kwargs.get("use_cache"),
+            model_kwargs.get("enable_kvcache"),
+            model_kwargs.get("enable_Gcache"),
+        )
+        out_cache: PLDRCache = outputs.pldr_cache
+        # What pldr_llm.generate keeps between steps: the KV-cache when on; the G-cache of this
+        # pass when on, else G_init (or nothing, so G_LM is recomputed).
+        g = out_cache.g if g_on else self._g_init_entries(model_kwargs.get("G_init"))
+        if kv_on:
+            model_kwargs["pldr_cache"] = out_cache.with_g(g)
+        elif g is not None:
+            model_kwargs["pldr_cache"] = PLDRCache(g=g)
+        else:
+            model_kwargs["pldr_cache"] = None
+        return model_kwargs
+
+    def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
+        # Sampling: the original's filters replace transformers' temperature/top-k/top-p warpers
+        # (transformers' top-p keeps the token that crosses p, and it filters top-k first).
+        if not getattr(generation_config, "do_sample", False):
+            return super()._get_logits_processor(generation_config, *args, **kwargs)
+        plain = copy.deepcopy(generation_config)
+        temperature, top_k, top_p = plain.temperature, plain.top_k, plain.top_p
+        plain.temperature, plain.top_k, plain.top_p = 1.0, 0, 1.0
+        processors = super()._get_logits_processor(plain, *args, **kwargs)
+        processors.append(PldrllmSamplingFilter(temperature or 1.0, top_k or 0, top_p or 1.0))
+        return processors
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate()``, with the PLDR cache modes (see the module docstring)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        kv_on, g_on = self._cache_modes(
+            kwargs.get("use_cache"), kwargs.get("enable_kvcache"), kwargs.get("enable_Gcache")
+        )
+        if num_beams > 1 and (kv_on or g_on):
+            raise PLDRError(
+                "beam search with PLDR-LLM needs use_cache=False (its KV/G caches hold per-row "
+                "state that beam reordering does not move)"
+            )
+        do_sample = kwargs.get("do_sample", getattr(config, "do_sample", False))
+        if do_sample and "top_k" not in kwargs and getattr(config, "top_k", None) is None:
+            # pldr_llm.generate samples without a top-k filter unless asked; transformers'
+            # global default would be 50.
+            kwargs["top_k"] = 0
+        return super().generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ saving / loading
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained``, plus the model's code (``trust_remote_code``)."""
+        self.config.auto_map = dict(AUTO_MAP_CONFIG)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        write_code_files(save_directory)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``; a checkpoint that lacks weights is an error.
+
+        transformers would fill missing weights with fresh values and only log it; for a
+        PLDR-LLM that silently gives a different model.
+        """
+        want_info = bool(kwargs.get("output_loading_info", False))
+        kwargs["output_loading_info"] = True
+        model, info = super().from_pretrained(*args, **kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise PLDRError(f"the checkpoint lacks {len(missing)} weights of the model: {shown}")
+        return (model, info) if want_info else model

@@ -1,0 +1,387 @@
+"""lm-evaluation-harness: the native ``pldrllm`` model, lm-eval's ``hf`` model, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")  # lm-eval itself needs it
+
+from pldr_llm import PLDRConfig, PLDRModel  # noqa: E402
+from pldr_llm.errors import PLDRError  # noqa: E402
+
+TOKENIZER_REL = Path("paper/tokenizer/refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model")
+TASK = "pldr_local_mc"
+
+# A small multiple-choice set: contexts and continuations of different lengths, multi-token and
+# single-token choices, and an empty context (scored after the end-of-text id).
+ROWS = [
+    {
+        "question": "The sky on a clear day is",
+        "choices": [" blue", " made of cheese", " green"],
+        "label": 0,
+    },
+    {"question": "Two plus two equals", "choices": [" four", " five"], "label": 0},
+    {
+        "question": "Water boils at",
+        "choices": [" 100 degrees", " 10 degrees", " minus five"],
+        "label": 0,
+    },
+    {"question": "Cats like to", "choices": [" sleep", " fly to the moon and back"], "label": 0},
+    {"question": "", "choices": [" a", " b"], "label": 1},
+    {"question": "Answer with one letter:", "choices": [" A", " B", " C", " D"], "label": 2},
+]
+
+TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(shared_dir: Path) -> Path:
+    path = shared_dir / TOKENIZER_REL
+    if not path.is_file():
+        pytest.skip(f"paper tokenizer not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_path: Path):
+    """A seeded random model (vocab 32000), its pldr-llm folder, its HF export and the task."""
+    from pldr_llm.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    torch.manual_seed(5)
+    config = PLDRConfig(
+        num_layers=2,
+        d_model=32,
+        num_heads=2,
+        dff=48,
+        A_dff=16,
+        num_reslayerA=1,
+        num_denseA=1,
+        input_vocab_size=32000,
+        max_seq_len=64,
+    )
+    model = PLDRModel(config).eval()
+    tok = load_tokenizer(tokenizer_path)
+    own = root / "own"
+    model.save(own)
+    tok.save(own)
+    tasks = root / "tasks"
+    tasks.mkdir()
+    data = tasks / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    return {"model": model, "tokenizer": tok, "own": own, "tasks": tasks, "root": root}
+
+
+@pytest.fixture(scope="module")
+def hf_export(setup) -> Path:
+    pytest.importorskip("transformers")
+    from pldr_llm.hf import export_hf
+
+    out = setup["root"] / "hf"
+    export_hf(setup["model"], setup["tokenizer"], out)
+    return out
+
+
+def _eval_model(setup, **kwargs):
+    from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
+
+    kwargs.setdefault("pretrained", setup["model"])
+    kwargs.setdefault("tokenizer", setup["tokenizer"])
+    return PLDRLLMEvalModel(device="cpu", **kwargs)
+
+
+def _run_task(model, setup, **kwargs) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(
+        model=model,
+        tasks=[TASK],
+        task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+        **kwargs,
+    )
+
+
+def _loglikelihoods(result: dict) -> list[list[float]]:
+    samples = sorted(result["samples"][TASK], key=lambda s: s["doc_id"])
+    return [[float(r[0][0]) for r in s["resps"]] for s in samples]
+
+
+def _native_logprob(model: PLDRModel, context: list[int], cont: list[int]) -> float:
+    """The sum of log-probabilities of ``cont`` after ``context``: one lone forward pass."""
+    ids = torch.tensor([context + cont[:-1]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    positions = range(len(context) - 1, len(context) - 1 + len(cont))
+    return float(sum(logprobs[p, t] for p, t in zip(positions, cont)))
+
+
+def _encode_pair(tok, context: str, cont: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: encode the whole text, the context's ids are the context's share."""
+    if not context:
+        return [tok.eos_id], tok.encode(cont, add_eos=False)
+    whole = tok.encode(context + cont, add_eos=False)
+    ctx = tok.encode(context, add_eos=False)
+    return ctx, whole[len(ctx) :]
+
+
+def test_registered_next_to_lm_eval_models():
+    from lm_eval.api.registry import get_model
+
+    from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
+
+    assert get_model("pldrllm") is PLDRLLMEvalModel
+    assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's own models are still found
+
+
+def test_zeroshot_group_lists_the_paper_tasks():
+    import yaml
+
+    from pldr_llm.eval import TASKS_DIR, ZEROSHOT_GROUP, ZEROSHOT_TASKS
+
+    config = yaml.safe_load((TASKS_DIR / f"{ZEROSHOT_GROUP}.yaml").read_text())
+    assert config["group"] == ZEROSHOT_GROUP and tuple(config["task"]) == ZEROSHOT_TASKS
+    # That lm-eval resolves the group into its tasks is shown by the offline CLI test below.
+
+
+def test_native_model_scores_like_lone_forward_passes(setup):
+    """Batched loglikelihood == the native sum of log-probabilities, request by request."""
+    from lm_eval.api.instance import Instance
+
+    lm = _eval_model(setup, batch_size=3)
+    tok, model = setup["tokenizer"], setup["model"]
+    pairs = [(r["question"], c) for r in ROWS for c in r["choices"]]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    assert len(results) == len(pairs)
+    for (context, cont), (logprob, greedy) in zip(pairs, results):
+        ctx_ids, cont_ids = _encode_pair(tok, context, cont)
+        assert logprob == pytest.approx(_native_logprob(model, ctx_ids, cont_ids), abs=1e-4)
+        assert isinstance(greedy, bool)
+
+
+def test_hf_and_pldrllm_agree_on_the_local_task(setup, hf_export: Path):
+    pytest.importorskip("accelerate")  # lm-eval's hf model needs it
+    native = _run_task(_eval_model(setup, batch_size=4), setup)
+    from_folder = _run_task(
+        _eval_model(setup, pretrained=str(hf_export), tokenizer=None, batch_size=2), setup
+    )
+    args = f"pretrained={hf_export},device=cpu,dtype=float32,backend=causal"
+    hf_one = _run_task("hf", setup, model_args=args, batch_size=1)
+    hf_batched = _run_task("hf", setup, model_args=args, batch_size=4)
+    reference = _loglikelihoods(native)
+    for other in (from_folder, hf_one, hf_batched):
+        got = _loglikelihoods(other)
+        assert len(got) == len(reference)
+        for mine, theirs in zip(reference, got):
+            assert theirs == pytest.approx(mine, abs=1e-4)
+        assert other["results"][TASK]["acc,none"] == native["results"][TASK]["acc,none"]
+
+
+def test_cached_scoring_equals_stepwise_decoding(setup):
+    """score_mode=cached gives each continuation token the probability generation gives it."""
+    from lm_eval.api.instance import Instance
+
+    from pldr_llm.model.cache import PLDRCache
+
+    tok, model = setup["tokenizer"], setup["model"]
+    pairs = [
+        ("Water boils at", " 100 degrees"),
+        ("Cats like to", " fly to the moon"),
+        ("Hi", " there"),
+    ]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    for kv, g in [(True, True), (True, False), (False, True)]:
+        lm = _eval_model(setup, batch_size=3, score_mode="cached", kvcache=kv, gcache=g)
+        results = lm.loglikelihood(requests, disable_tqdm=True)
+        for (context, cont), (logprob, _) in zip(pairs, results):
+            ctx, cont_ids = _encode_pair(tok, context, cont)
+            with torch.no_grad():
+                out = model(torch.tensor([ctx]))
+                total = float(torch.log_softmax(out.logits[0, -1], -1)[cont_ids[0]])
+                seq, g_cache = list(ctx), out.cache.g
+                kv_cache = out.cache if kv else None
+                for prev, nxt in zip(cont_ids[:-1], cont_ids[1:]):
+                    seq.append(prev)
+                    if kv_cache is not None:
+                        step = model(
+                            torch.tensor([[prev]]), cache=kv_cache.with_g(g_cache if g else None)
+                        )
+                        kv_cache = step.cache
+                    else:
+                        step = model(torch.tensor([seq]), cache=PLDRCache(g=g_cache))
+                    total += float(torch.log_softmax(step.logits[0, -1], -1)[nxt])
+            assert logprob == pytest.approx(total, abs=1e-4), (kv, g, context)
+
+
+def test_gcache_file_replaces_the_g_cache(setup, tmp_path: Path):
+    from lm_eval.api.instance import Instance
+
+    from pldr_llm.gfile import save_g_file
+    from pldr_llm.model.cache import PLDRCache
+
+    config, model, tok = setup["model"].config, setup["model"], setup["tokenizer"]
+    eye = torch.eye(config.depth).expand(1, config.num_heads, -1, -1).contiguous()
+    pairs = [(torch.zeros_like(eye), eye.clone()) for _ in range(config.num_layers)]
+    path = tmp_path / "identity_g.safetensors"
+    save_g_file(path, pairs)
+    lm = _eval_model(setup, gcache_file=str(path))
+    ((logprob, _),) = lm.loglikelihood(
+        [Instance("loglikelihood", {}, ("Two plus two", " equals four"), 0)], disable_tqdm=True
+    )
+    ctx, cont = _encode_pair(tok, "Two plus two", " equals four")
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx + cont[:-1]]), cache=PLDRCache.from_g_list(pairs)).logits[
+            0
+        ]
+    logprobs = torch.log_softmax(logits, -1)
+    expected = float(sum(logprobs[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+    assert logprob == pytest.approx(expected, abs=1e-4)
+    assert logprob != pytest.approx(_native_logprob(model, ctx, cont), abs=1e-3)
+
+
+def test_loglikelihood_rolling_sums_windows(setup):
+    from lm_eval.api.instance import Instance
+
+    model, tok = setup["model"], setup["tokenizer"]
+    short = "A short text to score."
+    long = " ".join(["many words make a longer text"] * 20)  # > max_seq_len tokens: several windows
+    lm = _eval_model(setup, batch_size=4)
+    scores = lm.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate([short, long])],
+        disable_tqdm=True,
+    )
+    ids = tok.encode(short, add_eos=False)
+    assert scores[0] == pytest.approx(_native_logprob(model, [tok.eos_id], ids), abs=1e-4)
+    assert len(tok.encode(long, add_eos=False)) > model.config.max_seq_len
+    one_by_one = _eval_model(setup, batch_size=1).loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (long,), 0)], disable_tqdm=True
+    )
+    assert scores[1] == pytest.approx(one_by_one[0], abs=1e-3)
+
+
+def test_generate_until_batches_like_native_generation(setup):
+    from lm_eval.api.instance import Instance
+
+    from pldr_llm import generate
+
+    model, tok = setup["model"], setup["tokenizer"]
+    contexts = ["Once upon a time", "The answer is", "A"]
+    gen_kwargs = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}
+    requests = [Instance("generate_until", {}, (c, gen_kwargs), i) for i, c in enumerate(contexts)]
+    texts = _eval_model(setup, batch_size=3).generate_until(requests, disable_tqdm=True)
+    for context, text in zip(contexts, texts):
+        prompt = torch.tensor(tok.prompt_ids(context))
+        ids = generate(model, prompt, 6, top_k=1)
+        assert text == tok.decode(ids[len(prompt) :].tolist()).split("\n\n")[0]
+    # A stop string cuts the text where it first appears.
+    first = texts[0]
+    if len(first) > 2:
+        stop = first[1:3]
+        cut = _eval_model(setup).generate_until(
+            [
+                Instance(
+                    "generate_until", {}, (contexts[0], {"until": [stop], "max_gen_toks": 6}), 0
+                )
+            ],
+            disable_tqdm=True,
+        )
+        assert cut[0] == first.split(stop)[0]
+
+
+def test_bad_model_arguments_are_one_line_errors(setup):
+    with pytest.raises(PLDRError, match="score_mode"):
+        _eval_model(setup, score_mode="fast")
+    with pytest.raises(PLDRError, match="kvcache"):
+        _eval_model(setup, kvcache="maybe")
+    with pytest.raises(PLDRError, match="batch_size"):
+        _eval_model(setup, batch_size=0)
+
+
+def test_cli_eval_prints_the_table(setup, capsys, monkeypatch):
+    from pldr_llm.cli import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(setup["own"]),
+            "--tasks",
+            TASK,
+            "--include-path",
+            str(setup["tasks"]),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+            "--output",
+            str(setup["root"] / "results.json"),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert TASK in out and "acc" in out
+    saved = json.loads((setup["root"] / "results.json").read_text())
+    assert 0.0 <= saved["results"][TASK]["acc,none"] <= 1.0
+
+
+def test_cli_eval_offline_download_fails_clearly(setup, tmp_path: Path):
+    """The paper's group resolves to lm-eval's tasks; their datasets need the Hub: one line."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
+    )
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pldr_llm",
+            "eval",
+            "--model",
+            str(setup["own"]),
+            "--tasks",
+            "pldrllm_zeroshot",
+            "--limit",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pldr-llm: error:") and "Hugging Face Hub" in last, last
+    assert "pldrllm_zeroshot" in last and "ai2_arc" in last  # the group's first task, arc_easy
