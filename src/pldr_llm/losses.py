@@ -18,7 +18,10 @@ def masked_cross_entropy(logits: Tensor, targets: Tensor, pad_id: int = 0) -> Te
     Computed in the original's layout (classes moved to dim 1, per-token losses masked, summed,
     divided by the token count): its gradients are then bit-identical to the original's.
     """
-    losses = F.cross_entropy(logits.permute(0, 2, 1), targets, reduction="none")
+    if logits.dim() == 3:
+        losses = F.cross_entropy(logits.permute(0, 2, 1), targets, reduction="none")
+    else:  # [N, V] logits for [N] targets
+        losses = F.cross_entropy(logits, targets, reduction="none")
     mask = (targets != pad_id).to(losses.dtype)
     return (losses * mask).sum() / mask.sum()
 
