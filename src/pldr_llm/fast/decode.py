@@ -34,6 +34,10 @@ def _maybe_compile(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
         return fn
     options = dict(compile) if isinstance(compile, dict) else {}
     options.setdefault("dynamic", False)
+    if "mode" not in options:
+        # Inductor's coordinate-descent tuning of its reduction kernels: +10% tokens/s for
+        # batch-1 fp32 decoding on an H200 (benchmarks/decode_variants.py, BENCHMARKS.md).
+        options.setdefault("options", {"coordinate_descent_tuning": True})
     return torch.compile(fn, **options)
 
 
