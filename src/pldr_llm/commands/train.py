@@ -103,6 +103,8 @@ RESUMABLE_CHANGES = frozenset(
         "max_nonfinite_steps",
         "device",
         "compile",
+        "compile_layers",
+        "chunked_loss",
         "fsdp_sharding_strategy",
         "fsdp_cpu_offload",
         "disable_fsdp_mixed_precision",

@@ -131,6 +131,11 @@ class TrainConfig:
     backward_prefetch: str = "PRE"
     auto_size_minimum: int | None = None
     compile: bool = False
+    # Issue-7 levers (see BENCHMARKS.md): the LM loss computed chunk by chunk from the hidden
+    # states, never materializing [B, L, V] float32 logits (one process only; ignored under
+    # FSDP), and each decoder layer compiled on its own (``compile`` compiles the whole model).
+    chunked_loss: bool = False
+    compile_layers: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]

@@ -131,7 +131,16 @@ class Trainer:
             )
         self.sharded = bool(shard)
         self.model = model
+        if config.compile_layers:
+            from pldr_llm.fast import compile_decoder_layers
+
+            compile_decoder_layers(model)
         self._forward_module: nn.Module = torch.compile(model) if config.compile else model
+        self._chunked_loss = config.chunked_loss and not shard
+        if config.chunked_loss and shard:
+            logger.warning(
+                "chunked_loss is not used with FSDP (it reads the LM head outside forward)"
+            )
         self.amp = self.device.type == "cuda" and not config.disable_amp
         self.optimizer = torch.optim.AdamW(
             model.parameters(),
@@ -185,6 +194,37 @@ class Trainer:
         if self.sharded and setter is not None:
             setter(enabled)
 
+    def _chunked_ce_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed token cross-entropy from the hidden states, chunk by chunk (no full logits)."""
+        from pldr_llm.fast import linear_cross_entropy
+
+        head = self.model.final_layer
+        count = (targets != self.pad_id).sum()
+        mean = linear_cross_entropy(
+            hidden,
+            head.weight,
+            head.bias,
+            targets,
+            pad_id=self.pad_id,
+            compile_chunks=self.device.type == "cuda",
+        )
+        return torch.where(count > 0, mean * count, mean.new_zeros(()))
+
+    @torch.no_grad()
+    def _chunked_correct(
+        self, hidden: torch.Tensor, targets: torch.Tensor, rows: int = 8192
+    ) -> torch.Tensor:
+        """Arg-max hits on non-padding targets, computing the logits a chunk of rows at a time."""
+        head = self.model.final_layer
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        correct = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for start in range(0, flat_hidden.shape[0], rows):
+            chunk = head(flat_hidden[start : start + rows]).argmax(-1)
+            target = flat_targets[start : start + rows]
+            correct += ((chunk == target) & (target != self.pad_id)).sum().double()
+        return correct
+
     def train_step(self, batch: torch.Tensor | list[torch.Tensor]) -> dict[str, Any]:
         """One optimizer step on ``batch`` [B, L+1] (or a list of micro-batches).
 
@@ -226,14 +266,24 @@ class Trainer:
             inputs, targets = mb[:, :-1], mb[:, 1:]
             self._gradient_sync(index == len(micro) - 1)
             with self._autocast():
-                out = self._forward_module(inputs, output_deductive=use_dag)
-                logits = out.logits
-                ce_sum = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(),
-                    targets.reshape(-1),
-                    ignore_index=self.pad_id,
-                    reduction="sum",
-                )
+                if self._chunked_loss:
+                    out = self._forward_module(
+                        inputs,
+                        output_deductive=use_dag,
+                        output_hidden_states=True,
+                        logits_to_keep=1,
+                    )
+                    logits = None
+                    ce_sum = self._chunked_ce_sum(out.hidden_states, targets)
+                else:
+                    out = self._forward_module(inputs, output_deductive=use_dag)
+                    logits = out.logits
+                    ce_sum = F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]).float(),
+                        targets.reshape(-1),
+                        ignore_index=self.pad_id,
+                        reduction="sum",
+                    )
                 loss = ce_sum * token_scale
                 if use_dag:
                     from pldr_llm.losses import dag_regularizer
@@ -247,7 +297,10 @@ class Trainer:
             with torch.no_grad():
                 mask = targets != self.pad_id
                 stats[0] += ce_sum.detach().double()
-                stats[1] += ((logits.argmax(-1) == targets) & mask).sum().double()
+                if logits is None:
+                    stats[1] += self._chunked_correct(out.hidden_states, targets)
+                else:
+                    stats[1] += ((logits.argmax(-1) == targets) & mask).sum().double()
                 if use_dag:
                     for k, value in enumerate(dag_values):
                         stats[2 + k] += value.detach().double() * (mb.shape[0] / n_seqs)
