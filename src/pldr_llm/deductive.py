@@ -756,7 +756,9 @@ def _spectra_block(
     positive = values[values > 0]
     floor = float(positive.min()) if positive.size else 1e-12
     top = float(positive.max()) if positive.size else 1.0
-    lo, hi = math.floor(math.log10(floor)), math.ceil(math.log10(max(top, floor * 10)))
+    lo = math.floor(math.log10(floor))
+    # strictly above the largest value, so a flat spectrum (identity: all ones) stays visible
+    hi = math.floor(math.log10(max(top, floor * 10))) + 1
     ticks = [10.0**e for e in sorted({lo, (lo + hi) // 2, hi})]
     for i in range(rows):
         for j in range(cols):
@@ -854,14 +856,13 @@ def plot_deductive(
     rows, cols = len(layers), mats[chosen[0]][0].shape[0]
     p = _panel_inches(cols)
     block_h = rows * p + 0.45
-    fig = _figure(cols * p + 0.6, block_h * (len(chosen) + 1) + (0.3 if title else 0.0), dpi)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig = _figure(cols * p + 0.6, block_h * (len(chosen) + 1), dpi)
     subs = fig.subfigures(len(chosen) + 1, 1, squeeze=False)[:, 0]
-    for sub, name in zip(subs, chosen, strict=False):
-        _heatmap_block(
-            sub, name, mats[name], f"{name} (layers x heads; each panel scaled to its max |value|)"
-        )
+    for index, (sub, name) in enumerate(zip(subs, chosen, strict=False)):
+        heading = f"{name} (layers x heads; each panel scaled to its max |value|)"
+        if title and index == 0:  # one heading line per block: a figure title would overlap it
+            heading = f"{title} - {heading}"
+        _heatmap_block(sub, name, mats[name], heading)
     _spectra_block(
         subs[-1],
         "spectra",
