@@ -9,28 +9,79 @@ The public API::
     ids = generate(model, prompt_ids, max_new_tokens=32, top_k=1)
 """
 
-from pldr_llm.bundle import load_bundle
-from pldr_llm.checkpoint import (
-    load_model,
-    load_reference_checkpoint,
-    safe_torch_load,
-    save_reference_checkpoint,
-)
-from pldr_llm.config import PLDRConfig, read_hyperparameters_file
-from pldr_llm.errors import PLDRError
-from pldr_llm.generation import filter_logits, generate, generate_details
-from pldr_llm.gfile import load_g_file, save_g_file
-from pldr_llm.losses import dag_regularizer, masked_accuracy, masked_cross_entropy
-from pldr_llm.model import (
-    Deductive,
-    GCacheEntry,
-    PLDRCache,
-    PLDRModel,
-    PLDROutput,
-    inference_G_model,
-    predefined_G_model,
-)
-from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer, train_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public names -> the module that defines them. Imported on first use (PEP 562), so that
+# `pldr-llm --help` and config errors answer before torch (seconds to import) is loaded.
+_EXPORTS = {
+    "load_bundle": "pldr_llm.bundle",
+    "load_model": "pldr_llm.checkpoint",
+    "load_reference_checkpoint": "pldr_llm.checkpoint",
+    "safe_torch_load": "pldr_llm.checkpoint",
+    "save_reference_checkpoint": "pldr_llm.checkpoint",
+    "PLDRConfig": "pldr_llm.config",
+    "read_hyperparameters_file": "pldr_llm.config",
+    "PLDRError": "pldr_llm.errors",
+    "filter_logits": "pldr_llm.generation",
+    "generate": "pldr_llm.generation",
+    "generate_details": "pldr_llm.generation",
+    "load_g_file": "pldr_llm.gfile",
+    "save_g_file": "pldr_llm.gfile",
+    "dag_regularizer": "pldr_llm.losses",
+    "masked_accuracy": "pldr_llm.losses",
+    "masked_cross_entropy": "pldr_llm.losses",
+    "Deductive": "pldr_llm.model",
+    "GCacheEntry": "pldr_llm.model",
+    "PLDRCache": "pldr_llm.model",
+    "PLDRModel": "pldr_llm.model",
+    "PLDROutput": "pldr_llm.model",
+    "inference_G_model": "pldr_llm.model",
+    "predefined_G_model": "pldr_llm.model",
+    "PLDRTokenizer": "pldr_llm.tokenizer",
+    "load_tokenizer": "pldr_llm.tokenizer",
+    "train_tokenizer": "pldr_llm.tokenizer",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from pldr_llm.bundle import load_bundle
+    from pldr_llm.checkpoint import (
+        load_model,
+        load_reference_checkpoint,
+        safe_torch_load,
+        save_reference_checkpoint,
+    )
+    from pldr_llm.config import PLDRConfig, read_hyperparameters_file
+    from pldr_llm.errors import PLDRError
+    from pldr_llm.generation import filter_logits, generate, generate_details
+    from pldr_llm.gfile import load_g_file, save_g_file
+    from pldr_llm.losses import dag_regularizer, masked_accuracy, masked_cross_entropy
+    from pldr_llm.model import (
+        Deductive,
+        GCacheEntry,
+        PLDRCache,
+        PLDRModel,
+        PLDROutput,
+        inference_G_model,
+        predefined_G_model,
+    )
+    from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer, train_tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pldr_llm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

@@ -14,12 +14,8 @@ Typical use (one call per rank)::
 See ``docs/data.md``.
 """
 
-from pldr_llm.data.batches import (
-    BatchIterator,
-    Tokenizer,
-    build_batches,
-    reshard_states,
-)
+from typing import TYPE_CHECKING, Any
+
 from pldr_llm.data.byte_tokenizer import ByteTokenizer
 from pldr_llm.data.config import (
     DEFAULT_SOURCE,
@@ -41,6 +37,22 @@ from pldr_llm.data.sources import (
     SliceSource,
     find_files,
 )
+
+if TYPE_CHECKING:
+    from pldr_llm.data.batches import BatchIterator, Tokenizer, build_batches, reshard_states
+
+_BATCH_NAMES = ("BatchIterator", "Tokenizer", "build_batches", "reshard_states")
+
+
+def __getattr__(name: str) -> Any:
+    # The batch iterator needs torch, which takes seconds to import; the config and the sources
+    # do not, so config errors are reported before it is loaded.
+    if name in _BATCH_NAMES:
+        from pldr_llm.data import batches
+
+        return getattr(batches, name)
+    raise AttributeError(f"module 'pldr_llm.data' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_SOURCE",

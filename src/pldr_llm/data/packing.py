@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from pldr_llm.errors import PLDRError
 
@@ -64,6 +66,8 @@ def chunk_group(
         raise PLDRError(f"sample length must be at least 1, got {sample_length}")
     if carry and padding_type != "pack":
         raise PLDRError(f"padding_type {padding_type!r} carries nothing between groups")
+    import torch  # here, not at module level: config checks must not wait for torch
+
     ids = torch.tensor(list(itertools.chain(carry, *token_lists)), dtype=torch.long)
     full = ids.numel() // sample_length
     samples = ids[: full * sample_length].view(full, sample_length)
