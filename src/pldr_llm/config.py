@@ -23,6 +23,21 @@ ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "sigmoid")
 
 MODEL_VERSIONS = ("v510", "v510G")
 
+# The architecture fields of PLDRConfig that transformers' PldrllmConfig and hpdicts share.
+ARCHITECTURE_KEYS = (
+    "num_layers",
+    "d_model",
+    "num_heads",
+    "dff",
+    "A_dff",
+    "num_reslayerA",
+    "num_denseA",
+    "input_vocab_size",
+    "max_seq_len",
+    "activation",
+    "version",
+)
+
 # hpdict keys that describe training or the run, not the architecture; accepted and ignored here
 # (the trainer reads them through ``TrainConfig.from_hpdict``).
 TRAINING_KEYS = frozenset(

@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from pldr_llm.config import ARCHITECTURE_KEYS
+
 # HF-standard attribute names -> this config's own names (transformers reads hidden_size,
 # vocab_size, max_position_embeddings ... generically, e.g. lm-eval's context length).
 _ATTRIBUTE_MAP = {
@@ -24,21 +26,6 @@ _ATTRIBUTE_MAP = {
     "vocab_size": "input_vocab_size",
     "max_position_embeddings": "max_seq_len",
 }
-
-# The architecture fields shared with PLDRConfig (same names, same meaning).
-ARCHITECTURE_KEYS = (
-    "num_layers",
-    "d_model",
-    "num_heads",
-    "dff",
-    "A_dff",
-    "num_reslayerA",
-    "num_denseA",
-    "input_vocab_size",
-    "max_seq_len",
-    "activation",
-    "version",
-)
 
 
 class PldrllmConfig(PretrainedConfig):

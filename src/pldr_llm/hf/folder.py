@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pldr_llm.config import PLDRConfig
+from pldr_llm.config import ARCHITECTURE_KEYS, PLDRConfig
 from pldr_llm.errors import PLDRError
 
 if TYPE_CHECKING:
@@ -27,19 +27,6 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 # PldrllmConfig fields -> PLDRConfig fields (the rest share their names).
 _RENAMED = {"pad_token_id": "pad_id", "eos_token_id": "eos_id"}
-_ARCHITECTURE = (
-    "num_layers",
-    "d_model",
-    "num_heads",
-    "dff",
-    "A_dff",
-    "num_reslayerA",
-    "num_denseA",
-    "input_vocab_size",
-    "max_seq_len",
-    "activation",
-    "version",
-)
 
 
 def is_hf_config(data: Any) -> bool:
@@ -53,7 +40,7 @@ def pldr_config_from_hf(data: dict[str, Any]) -> PLDRConfig:
         raise PLDRError(
             f"not a PLDR-LLM transformers config (model_type {data.get('model_type')!r})"
         )
-    values = {key: data[key] for key in _ARCHITECTURE if key in data}
+    values = {key: data[key] for key in ARCHITECTURE_KEYS if key in data}
     for hf_key, key in _RENAMED.items():
         if data.get(hf_key) is not None:
             values[key] = int(data[hf_key])

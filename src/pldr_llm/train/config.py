@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pldr_llm.config import ARCHITECTURE_KEYS as MODEL_ARCHITECTURE_KEYS
 from pldr_llm.errors import PLDRError
 from pldr_llm.train.schedule import validate_schedule
 
@@ -46,23 +47,7 @@ HPDICT_ALIASES = {
 }
 
 # Keys of the original's hpdict that describe the model; TrainConfig.from_hpdict skips them.
-ARCHITECTURE_KEYS = frozenset(
-    {
-        "num_layers",
-        "d_model",
-        "num_heads",
-        "dff",
-        "A_dff",
-        "num_reslayerA",
-        "num_denseA",
-        "input_vocab_size",
-        "max_seq_len",
-        "activation",
-        "version",
-        "pad_id",
-        "eos_id",
-    }
-)
+ARCHITECTURE_KEYS = frozenset((*MODEL_ARCHITECTURE_KEYS, "pad_id", "eos_id"))
 
 # Keys of the original that mean nothing here (process launch is torchrun's job); accepted so
 # that its hpdicts and scripts load, and ignored.
