@@ -18,13 +18,16 @@ import torch
 from pldr_llm import PLDRConfig, PLDRModel, generate
 from pldr_llm.fast.decode import StaticDecoder
 
-VARIANTS = {
-    "compile (default)": ({}, False),
-    "compile + coordinate-descent tuning": ({}, True),
+VARIANTS = {  # name: (torch.compile options, coordinate-descent tuning, steps per graph)
+    "compile (default)": ({}, False, 1),
+    "compile + coordinate-descent tuning": ({}, True, 1),
     "compile max-autotune-no-cudagraphs + coordinate-descent": (
         {"mode": "max-autotune-no-cudagraphs"},
         True,
+        1,
     ),
+    "coordinate-descent + 4 steps per graph": ({}, True, 4),
+    "coordinate-descent + 8 steps per graph": ({}, True, 8),
 }
 
 
@@ -44,13 +47,15 @@ def main() -> None:
     reference = generate(model, prompt, args.new, top_k=1, stop_at_eos=False)
     rows = []
     for name in args.variants.split(","):
-        options, coordinate_descent = VARIANTS[name]
+        options, coordinate_descent, steps_per_graph = VARIANTS[name]
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = coordinate_descent
         torch._dynamo.reset()
         start = time.perf_counter()
-        decoder = StaticDecoder(model, 1, 32 + args.new, compile=options or True)
+        decoder = StaticDecoder(
+            model, 1, 32 + args.new, compile=options or True, steps_per_graph=steps_per_graph
+        )
         build_s = time.perf_counter() - start
         decoder.generate(prompt, args.new, stop_at_eos=False)  # warm-up
         times = []

@@ -269,6 +269,16 @@ def test_cuda_graph_decoder_matches_eager(tiny_model, compiled):
 
 
 @pytest.mark.gpu
+def test_multi_step_graph_matches_eager(tiny_model):
+    model = cuda_model(tiny_model)
+    prompt = random_ids((2, 5), model.config.input_vocab_size, seed=17).cuda()
+    expected = reference_greedy(model, prompt, 23, stop_at_eos=False)
+    decoder = StaticDecoder(model, 2, 40, steps_per_graph=4)
+    ids, _ = decoder.generate(prompt, 23, stop_at_eos=False)  # 1 + 5 x 4 + 2 single steps
+    assert torch.equal(ids, expected.ids)
+
+
+@pytest.mark.gpu
 def test_cuda_captured_forward_and_compiled_loss(tiny_model):
     model = cuda_model(tiny_model)
     ids = random_ids((2, 16), model.config.input_vocab_size, seed=15).cuda()

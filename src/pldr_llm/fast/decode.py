@@ -71,8 +71,12 @@ class StaticDecoder:
         max_len: int,
         cuda_graph: bool | None = None,
         compile: bool | dict[str, Any] = False,
+        steps_per_graph: int = 1,
     ) -> None:
         config = model.config
+        if steps_per_graph < 1:
+            raise PLDRError(f"steps_per_graph must be >= 1, got {steps_per_graph}")
+        self.steps_per_graph = steps_per_graph
         if max_len > config.max_seq_len:
             raise PLDRError(f"max_len {max_len} exceeds max_seq_len={config.max_seq_len}")
         self.model = model
@@ -105,12 +109,32 @@ class StaticDecoder:
             for _ in range(config.num_layers)
         ]
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.use_graph and 4 + 2 * steps_per_graph > slots:
+            # capturing runs warm-up steps that write into the buffers before prefill resets them
+            raise PLDRError(f"steps_per_graph={steps_per_graph} is too large for max_len={max_len}")
         step = _maybe_compile(self._step, compile)
         self._run: Callable[[], Tensor]
+        # Several steps in one graph: one replay (and one trip through Python) per
+        # ``steps_per_graph`` tokens; used when the step logits are not asked for.
+        self._run_many: Callable[[], Tensor] | None = None
         if self.use_graph:
             with torch.no_grad():
                 graph, self._logits = _capture(step)
             self._run = lambda: (graph.replay(), self._logits)[1]
+            if steps_per_graph > 1:
+
+                def many() -> Tensor:
+                    logits = step()
+                    for _ in range(steps_per_graph - 1):
+                        logits = step()
+                    return logits
+
+                with torch.no_grad():
+                    many_graph, self._many_logits = _capture(many, warmup=1)
+                self._run_many = lambda: (many_graph.replay(), self._many_logits)[1]
+            # the warm-up steps advanced the buffers; prefill() resets what it reads
+            self.slot.zero_()
+            self.step_index.zero_()
         else:
             self._run = step
 
@@ -202,12 +226,19 @@ class StaticDecoder:
             attention_mask = attention_mask.to(self.model.device)
         step_logits = [self.prefill(prompt_ids, attention_mask).float().clone()]
         steps = 1
+        next_check = check_every
+        many = self.steps_per_graph
         while steps < max_new_tokens:
-            logits = self._run()
-            if output_logits:
-                step_logits.append(logits.float().clone())
-            steps += 1
-            if stop_at_eos and steps % check_every == 0:
+            if self._run_many is not None and not output_logits and max_new_tokens - steps >= many:
+                self._run_many()
+                steps += many
+            else:
+                logits = self._run()
+                if output_logits:
+                    step_logits.append(logits.float().clone())
+                steps += 1
+            if stop_at_eos and steps >= next_check:
+                next_check = steps + check_every
                 if bool((self.history[:, :steps] == eos).any(1).all()):
                     break
         new = self.history[:, :steps].clone()
