@@ -30,6 +30,26 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def paper_tokenizer_dir(shared_dir: Path) -> Path:
+    """The paper's SentencePiece tokenizer folder (.model, .vocab, tokenizer_cases.json)."""
+    from support import PAPER_TOKENIZER_MODEL
+
+    path = shared_dir / "paper" / "tokenizer"
+    if not (path / PAPER_TOKENIZER_MODEL).is_file():
+        pytest.skip(f"paper tokenizer not found in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def paper_g_dir(shared_dir: Path) -> Path:
+    """The paper's published G_LM pickles."""
+    path = shared_dir / "paper" / "G_LM"
+    if not path.is_dir():
+        pytest.skip(f"paper G_LM files not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
 def golden_dir(shared_dir: Path) -> Path:
     path = shared_dir / "golden" / "tiny"
     if not path.is_dir():

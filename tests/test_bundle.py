@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pldr_llm import PLDRConfig, PLDRModel, save_reference_checkpoint
+from pldr_llm import PLDRConfig, PLDRModel
 from pldr_llm.bundle import (
     inspect_bundle,
     load_bundle,
@@ -21,9 +21,8 @@ from pldr_llm.bundle import (
     resolve_dtype,
 )
 from pldr_llm.errors import PLDRError
-
-MODEL_NAME = "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
-VOCAB_NAME = "refinedweb-tokenizer-pldrllm-kvg-cache-paper.vocab"
+from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
+from support import make_bundle, write_hyperparameters
 
 # vocabulary 32000 to fit the paper tokenizer; everything else as small as the model allows
 HP = {
@@ -40,49 +39,11 @@ HP = {
 
 
 @pytest.fixture(scope="module")
-def paper_tokenizer_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "paper" / "tokenizer"
-    if not (path / MODEL_NAME).is_file():
-        pytest.skip(f"paper tokenizer not found in {path}")
-    return path
-
-
-def write_hyperparameters(path: Path, hp: dict) -> None:
-    """A ``*_hyperparameters.py`` laid out like the published ones."""
-    lines = ["import torch.nn.functional as F", "", "hpdict={"]
-    lines += [f"{key!r}: {value!r}," for key, value in hp.items()]
-    lines += [
-        "'epochs': 1,",
-        "'activation': F.silu,",
-        "'disable_amp': False,",
-        "'save_type': 'torch'}",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def make_bundle(
-    folder: Path, tokenizer_dir: Path, hp: dict = HP, name: str = "PLDRv51-Tiny-1", seed: int = 0
-) -> PLDRModel:
-    """A bundle like the published ones: .pth, hyperparameters file, tokenizer .tar.gz."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = PLDRModel(PLDRConfig.from_hpdict(hp)).eval()
-    save_reference_checkpoint(model, folder / f"{name}-model-checkpoint.pth")
-    write_hyperparameters(folder / f"{name.replace('-', '_')}_hyperparameters.py", hp)
-    with tarfile.open(
-        folder / "refinedweb-tokenizer-pldrllm-kvg-cache-paper.tar.gz", "w:gz"
-    ) as tar:
-        tar.add(tokenizer_dir / MODEL_NAME, arcname=f"tokenizer/{MODEL_NAME}")
-        tar.add(tokenizer_dir / VOCAB_NAME, arcname=f"tokenizer/{VOCAB_NAME}")
-    return model
-
-
-@pytest.fixture(scope="module")
 def bundle(
     tmp_path_factory: pytest.TempPathFactory, paper_tokenizer_dir: Path
 ) -> tuple[Path, PLDRModel]:
     folder = tmp_path_factory.mktemp("bundles") / "PLDRv51-Tiny-1"
-    return folder, make_bundle(folder, paper_tokenizer_dir)
+    return folder, make_bundle(folder, paper_tokenizer_dir, HP)
 
 
 def _same_weights(a: PLDRModel, b: PLDRModel) -> None:
@@ -119,7 +80,7 @@ def test_bundle_with_two_hyperparameter_files_picks_by_name(
     tmp_path: Path, paper_tokenizer_dir: Path
 ) -> None:
     folder = tmp_path / "b"
-    make_bundle(folder, paper_tokenizer_dir, name="PLDRv51-110M-2")
+    make_bundle(folder, paper_tokenizer_dir, HP, name="PLDRv51-110M-2")
     write_hyperparameters(folder / "Something_else_hyperparameters.py", {**HP, "d_model": 32})
     files = inspect_bundle(folder)
     assert (

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pldr_llm import PLDRConfig, PLDRModel, generate, save_reference_checkpoint
+from pldr_llm import PLDRModel, generate
 from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer
+from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
+from support import make_bundle
 
-MODEL_NAME = "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
-VOCAB_NAME = "refinedweb-tokenizer-pldrllm-kvg-cache-paper.vocab"
 # vocabulary 32000 for the paper tokenizer; the rest tiny so that each run takes a moment
 HP = {
     "num_layers": 2,
@@ -36,38 +36,12 @@ PROMPT = "Write a letter requesting that people use language models responsibly.
 NEW = 12
 
 
-def _write_bundle(folder: Path, tokenizer_dir: Path, hp: dict, seed: int = 0) -> PLDRModel:
-    folder.mkdir(parents=True)
-    torch.manual_seed(seed)
-    model = PLDRModel(PLDRConfig.from_hpdict(hp)).eval()
-    save_reference_checkpoint(model, folder / "PLDRv51-Tiny-1-model-checkpoint.pth")
-    body = "".join(f"{k!r}: {v!r},\n" for k, v in hp.items())
-    (folder / "PLDRv51_Tiny_1_hyperparameters.py").write_text(
-        "import torch.nn.functional as F\n\n"
-        f"hpdict={{{body}'activation': F.silu,\n'save_type': 'torch'}}\n"
-    )
-    with tarfile.open(
-        folder / "refinedweb-tokenizer-pldrllm-kvg-cache-paper.tar.gz", "w:gz"
-    ) as tar:
-        tar.add(tokenizer_dir / MODEL_NAME, arcname=f"tokenizer/{MODEL_NAME}")
-        tar.add(tokenizer_dir / VOCAB_NAME, arcname=f"tokenizer/{VOCAB_NAME}")
-    return model
-
-
-@pytest.fixture(scope="module")
-def paper_tokenizer_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "paper" / "tokenizer"
-    if not (path / MODEL_NAME).is_file():
-        pytest.skip(f"paper tokenizer not found in {path}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def published(
     tmp_path_factory: pytest.TempPathFactory, paper_tokenizer_dir: Path
 ) -> tuple[Path, PLDRModel, PLDRTokenizer]:
     folder = tmp_path_factory.mktemp("published") / "PLDRv51-Tiny-1"
-    model = _write_bundle(folder, paper_tokenizer_dir, HP)
+    model = make_bundle(folder, paper_tokenizer_dir, HP)
     return folder, model, load_tokenizer(paper_tokenizer_dir / MODEL_NAME)
 
 
@@ -339,7 +313,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
         tar.add(paper_tokenizer_dir / MODEL_NAME, arcname="../../../escaped.model")
     no_tokenizer = _copy(folder, tmp_path / "no_tokenizer", skip=(".tar.gz",))
     small_vocab = tmp_path / "small_vocab"
-    _write_bundle(small_vocab, paper_tokenizer_dir, {**HP, "input_vocab_size": 500})
+    make_bundle(small_vocab, paper_tokenizer_dir, {**HP, "input_vocab_size": 500})
     paper_g = shared_dir / "paper" / "G_LM" / "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
 
     cases = [

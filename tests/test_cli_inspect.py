@@ -20,14 +20,6 @@ IDENTITY = "predefined_G_LM_cache_list_IDENTITY_5layer_14head_64x64_paper.pkl"
 PAIRS = "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
 
 
-@pytest.fixture(scope="session")
-def paper_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "paper" / "G_LM"
-    if not path.is_dir():
-        pytest.skip(f"paper G_LM files not found at {path}")
-    return path
-
-
 @pytest.fixture()
 def tiny_dir(golden_model, tmp_path: Path) -> Path:
     """The golden tiny model saved as a pldr-llm folder (config.json + model.safetensors)."""
@@ -35,14 +27,14 @@ def tiny_dir(golden_model, tmp_path: Path) -> Path:
     return golden_model.save(tmp_path / "tiny")
 
 
-def test_inspect_g_file_writes_json_plot_and_g(paper_dir: Path, tmp_path: Path, capsys) -> None:
+def test_inspect_g_file_writes_json_plot_and_g(paper_g_dir: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("matplotlib")
     out_json, out_png, out_g = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "g.safetensors"
     rc = main(
         [
             "inspect",
             "--g-file",
-            str(paper_dir / LEARNED),
+            str(paper_g_dir / LEARNED),
             "--json",
             str(out_json),
             "--plot",
@@ -55,16 +47,18 @@ def test_inspect_g_file_writes_json_plot_and_g(paper_dir: Path, tmp_path: Path, 
     table = capsys.readouterr().out
     assert table.count("\n") >= 5 * 14 + 2 and "log|det|" in table
     data = json.loads(out_json.read_text())
-    assert data["source"] == {"kind": "g_file", "path": str(paper_dir / LEARNED)}
+    assert data["source"] == {"kind": "g_file", "path": str(paper_g_dir / LEARNED)}
     assert [len(layer["heads"]) for layer in data["layers"]] == [14] * 5
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for (_, g), (_, ref) in zip(load_g_file(out_g), load_g_file(paper_dir / LEARNED), strict=True):
+    for (_, g), (_, ref) in zip(
+        load_g_file(out_g), load_g_file(paper_g_dir / LEARNED), strict=True
+    ):
         assert torch.equal(g, ref)
-    assert read_g_metadata(out_g)["source"] == str(paper_dir / LEARNED)
+    assert read_g_metadata(out_g)["source"] == str(paper_g_dir / LEARNED)
 
 
-def test_inspect_identity_ranks(paper_dir: Path, capsys) -> None:
-    assert main(["inspect", "--g-file", str(paper_dir / IDENTITY), "--json", "-"]) == 0
+def test_inspect_identity_ranks(paper_g_dir: Path, capsys) -> None:
+    assert main(["inspect", "--g-file", str(paper_g_dir / IDENTITY), "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)  # with --json -, stdout is pure JSON
     assert {h["rank"] for layer in data["layers"] for h in layer["heads"]} == {64}
 
@@ -87,9 +81,11 @@ def test_inspect_refuses_malicious_pickle(tmp_path: Path, capsys) -> None:
     assert not marker.exists()
 
 
-def test_compare_g_files(paper_dir: Path, tmp_path: Path, capsys) -> None:
+def test_compare_g_files(paper_g_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "c.json"
-    rc = main(["compare", str(paper_dir / IDENTITY), str(paper_dir / PAIRS), "--json", str(out)])
+    rc = main(
+        ["compare", str(paper_g_dir / IDENTITY), str(paper_g_dir / PAIRS), "--json", str(out)]
+    )
     assert rc == 0
     assert "RMSE A vs B (overall): G_LM 0.0000e+00" in capsys.readouterr().out
     data = json.loads(out.read_text())
@@ -97,8 +93,8 @@ def test_compare_g_files(paper_dir: Path, tmp_path: Path, capsys) -> None:
     assert data["a"]["layers"][0]["heads"][0]["rank"] == 64
 
 
-def test_bad_arguments(paper_dir: Path, capsys) -> None:
-    g = str(paper_dir / IDENTITY)
+def test_bad_arguments(paper_g_dir: Path, capsys) -> None:
+    g = str(paper_g_dir / IDENTITY)
     assert main(["inspect", "--g-file", g, "--prompt", "hi"]) == 2
     assert main(["inspect", "--g-file", g, "--steps", "0"]) == 2
     assert main(["inspect", "--g-file", g, "--rtol", "-1"]) == 2

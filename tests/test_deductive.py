@@ -31,21 +31,13 @@ PAIRS = "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(scope="session")
-def paper_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "paper" / "G_LM"
-    if not path.is_dir():
-        pytest.skip(f"paper G_LM files not found at {path}")
-    return path
-
-
 # ---------------------------------------------------------------------- figures
 
 
-def test_learned_file_matches_float64_computation(paper_dir: Path) -> None:
-    report = analyze_g_list(paper_dir / LEARNED)
+def test_learned_file_matches_float64_computation(paper_g_dir: Path) -> None:
+    report = analyze_g_list(paper_g_dir / LEARNED)
     assert (report.num_layers, report.num_heads, report.dk) == (5, 14, 64)
-    entries = load_g_file(paper_dir / LEARNED)
+    entries = load_g_file(paper_g_dir / LEARNED)
     for i, (_, g) in enumerate(entries):
         mats = g[0].numpy().astype(np.float64)
         for h in range(14):
@@ -68,8 +60,8 @@ def test_learned_file_matches_float64_computation(paper_dir: Path) -> None:
     assert max(energies) > 0.999
 
 
-def test_identity_file_has_rank_dk_everywhere(paper_dir: Path) -> None:
-    report = analyze_g_list(paper_dir / IDENTITY)
+def test_identity_file_has_rank_dk_everywhere(paper_g_dir: Path) -> None:
+    report = analyze_g_list(paper_g_dir / IDENTITY)
     assert report.ranks().shape == (5, 14)
     assert (report.ranks() == 64).all()
     for layer in report.layers:
@@ -79,16 +71,16 @@ def test_identity_file_has_rank_dk_everywhere(paper_dir: Path) -> None:
             assert h.rms == pytest.approx(0.125)
 
 
-def test_random_file_is_full_rank_and_rtol_changes_rank(paper_dir: Path) -> None:
-    assert (analyze_g_list(paper_dir / RANDOM).ranks() == 64).all()
-    loose = analyze_g_list(paper_dir / LEARNED, rtol=1e-3)
-    default = analyze_g_list(paper_dir / LEARNED)
+def test_random_file_is_full_rank_and_rtol_changes_rank(paper_g_dir: Path) -> None:
+    assert (analyze_g_list(paper_g_dir / RANDOM).ranks() == 64).all()
+    loose = analyze_g_list(paper_g_dir / LEARNED, rtol=1e-3)
+    default = analyze_g_list(paper_g_dir / LEARNED)
     assert (loose.ranks() <= default.ranks()).all() and (loose.ranks() < default.ranks()).any()
     assert "1e-3" in loose.to_dict()["rank_rule"] or "0.001" in loose.to_dict()["rank_rule"]
 
 
-def test_json_report_format(paper_dir: Path, tmp_path: Path) -> None:
-    report = analyze_g_list(paper_dir / PAIRS)
+def test_json_report_format(paper_g_dir: Path, tmp_path: Path) -> None:
+    report = analyze_g_list(paper_g_dir / PAIRS)
     text = report.to_json(tmp_path / "r.json")
     data = json.loads((tmp_path / "r.json").read_text())
     assert data == json.loads(text)
@@ -114,11 +106,11 @@ def test_singular_matrix_figures_are_json_safe() -> None:
         matrix_stats(torch.full((2, 2), float("nan")))
 
 
-def test_compare_g_files(paper_dir: Path) -> None:
-    same = compare(paper_dir / IDENTITY, paper_dir / PAIRS)  # both G_LM are the identity
+def test_compare_g_files(paper_g_dir: Path) -> None:
+    same = compare(paper_g_dir / IDENTITY, paper_g_dir / PAIRS)  # both G_LM are the identity
     assert same["tensors"] == ["G_LM"] and same["overall"]["G_LM"] == 0.0
-    diff = compare(paper_dir / LEARNED, paper_dir / IDENTITY)
-    learned = load_g_file(paper_dir / LEARNED)
+    diff = compare(paper_g_dir / LEARNED, paper_g_dir / IDENTITY)
+    learned = load_g_file(paper_g_dir / LEARNED)
     expected = [
         np.sqrt(np.mean((g[0].double().numpy() - np.eye(64)) ** 2, axis=(-2, -1)))
         for _, g in learned
@@ -133,7 +125,7 @@ def test_compare_g_files(paper_dir: Path) -> None:
 # ---------------------------------------------------------------------- plots
 
 
-def test_plot_learned_file_shows_5_by_14_panels(paper_dir: Path, tmp_path: Path) -> None:
+def test_plot_learned_file_shows_5_by_14_panels(paper_g_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from matplotlib.image import AxesImage
     from PIL import Image
@@ -141,7 +133,7 @@ def test_plot_learned_file_shows_5_by_14_panels(paper_dir: Path, tmp_path: Path)
     from pldr_llm.deductive import plot_deductive
 
     out = tmp_path / "g.png"
-    summary = plot_deductive(out, paper_dir / LEARNED, keep_figure=True, dpi=60)
+    summary = plot_deductive(out, paper_g_dir / LEARNED, keep_figure=True, dpi=60)
     assert summary.grids == {"G_LM": (5, 14), "spectra": (5, 14)}
     # Count what the figure really holds: 70 heatmap panels with one image each.
     fig = summary.figure
@@ -159,15 +151,15 @@ def test_plot_learned_file_shows_5_by_14_panels(paper_dir: Path, tmp_path: Path)
     assert pixels.std() > 10  # not a blank image
 
 
-def test_plot_pairs_and_compare(paper_dir: Path, tmp_path: Path) -> None:
+def test_plot_pairs_and_compare(paper_g_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     import matplotlib.image as mpimg
 
     from pldr_llm.deductive import plot_compare, plot_deductive
 
-    summary = plot_deductive(tmp_path / "p.png", paper_dir / PAIRS, dpi=40)
+    summary = plot_deductive(tmp_path / "p.png", paper_g_dir / PAIRS, dpi=40)
     assert summary.grids == {"A_LM": (5, 14), "G_LM": (5, 14), "spectra": (5, 14)}
-    summary = plot_compare(tmp_path / "c.png", paper_dir / LEARNED, paper_dir / RANDOM, dpi=40)
+    summary = plot_compare(tmp_path / "c.png", paper_g_dir / LEARNED, paper_g_dir / RANDOM, dpi=40)
     assert summary.grids == {"difference": (5, 14), "spectra": (5, 14)}
     assert mpimg.imread(tmp_path / "c.png").shape[:2] == (summary.height, summary.width)
 

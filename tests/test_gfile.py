@@ -38,20 +38,12 @@ PAPER_FILES = {
 }
 
 
-@pytest.fixture(scope="session")
-def paper_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "paper" / "G_LM"
-    if not path.is_dir():
-        pytest.skip(f"paper G_LM files not found at {path}")
-    return path
-
-
 # ---------------------------------------------------------------------- the paper's files
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_FILES))
-def test_paper_files_load_on_cpu(paper_dir: Path, name: str) -> None:
-    entries = load_g_file(paper_dir / name)
+def test_paper_files_load_on_cpu(paper_g_dir: Path, name: str) -> None:
+    entries = load_g_file(paper_g_dir / name)
     assert len(entries) == 5
     for a_lm, g_lm in entries:
         assert g_lm.shape == (1, 14, 64, 64)
@@ -63,11 +55,11 @@ def test_paper_files_load_on_cpu(paper_dir: Path, name: str) -> None:
             assert a_lm is None
 
 
-def test_identity_files_hold_the_identity(paper_dir: Path) -> None:
+def test_identity_files_hold_the_identity(paper_g_dir: Path) -> None:
     eye = torch.eye(64).expand(1, 14, 64, 64)
-    for _, g_lm in load_g_file(paper_dir / PREDEFINED.format("IDENTITY")):
+    for _, g_lm in load_g_file(paper_g_dir / PREDEFINED.format("IDENTITY")):
         assert torch.equal(g_lm, eye)
-    for a_lm, g_lm in load_g_file(paper_dir / PAIRS.format("identity_NAB1")):
+    for a_lm, g_lm in load_g_file(paper_g_dir / PAIRS.format("identity_NAB1")):
         assert torch.equal(g_lm, eye)
         assert a_lm is not None
 
@@ -85,9 +77,9 @@ def _raw_storages(data: bytes) -> list[bytes]:
     return out
 
 
-def test_learned_file_values_are_the_stored_bytes(paper_dir: Path) -> None:
+def test_learned_file_values_are_the_stored_bytes(paper_g_dir: Path) -> None:
     # An independent check of the reader: the tensors must hold exactly the bytes in the file.
-    path = paper_dir / PREDEFINED.format("PLDRv51_110M_1")
+    path = paper_g_dir / PREDEFINED.format("PLDRv51_110M_1")
     raw = _raw_storages(path.read_bytes())
     entries = load_g_file(path)
     assert len(raw) == len(entries) == 5
@@ -97,8 +89,8 @@ def test_learned_file_values_are_the_stored_bytes(paper_dir: Path) -> None:
     assert not torch.equal(entries[0][1][0, 0], entries[0][1][0, 1])
 
 
-def test_pair_file_values_are_the_stored_bytes(paper_dir: Path) -> None:
-    path = paper_dir / PAIRS.format("random_normal_NAB2")
+def test_pair_file_values_are_the_stored_bytes(paper_g_dir: Path) -> None:
+    path = paper_g_dir / PAIRS.format("random_normal_NAB2")
     raw = _raw_storages(path.read_bytes())
     flat = [t for pair in load_g_file(path) for t in pair]
     assert len(raw) == len(flat) == 10
@@ -296,8 +288,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert meta["model"] == "tiny" and meta["step"] == "7"
 
 
-def test_g_only_round_trip_from_a_paper_file(paper_dir: Path, tmp_path: Path) -> None:
-    source = paper_dir / PREDEFINED.format("PLDRv51_110M_1")
+def test_g_only_round_trip_from_a_paper_file(paper_g_dir: Path, tmp_path: Path) -> None:
+    source = paper_g_dir / PREDEFINED.format("PLDRv51_110M_1")
     path = save_g_file(tmp_path / "g.safetensors", load_g_file(source))
     from safetensors.torch import load_file
 

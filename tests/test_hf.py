@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from pldr_llm import PLDRConfig, PLDRModel, generate  # noqa: E402
 from pldr_llm.errors import PLDRError  # noqa: E402
+from support import PAPER_TOKENIZER_MODEL  # noqa: E402
 
-TOKENIZER_REL = Path("paper/tokenizer/refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model")
 MODES = [(True, True), (True, False), (False, True), (False, False)]
 
 
@@ -29,11 +29,8 @@ def hf():
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(shared_dir: Path) -> Path:
-    path = shared_dir / TOKENIZER_REL
-    if not path.is_file():
-        pytest.skip(f"paper tokenizer not found at {path}")
-    return path
+def tokenizer_path(paper_tokenizer_dir: Path) -> Path:
+    return paper_tokenizer_dir / PAPER_TOKENIZER_MODEL
 
 
 @pytest.fixture(scope="module")

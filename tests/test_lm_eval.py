@@ -16,8 +16,8 @@ pytest.importorskip("transformers")  # lm-eval itself needs it
 
 from pldr_llm import PLDRConfig, PLDRModel  # noqa: E402
 from pldr_llm.errors import PLDRError  # noqa: E402
+from support import PAPER_TOKENIZER_MODEL
 
-TOKENIZER_REL = Path("paper/tokenizer/refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model")
 TASK = "pldr_local_mc"
 
 # A small multiple-choice set: contexts and continuations of different lengths, multi-token and
@@ -57,11 +57,8 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(shared_dir: Path) -> Path:
-    path = shared_dir / TOKENIZER_REL
-    if not path.is_file():
-        pytest.skip(f"paper tokenizer not found at {path}")
-    return path
+def tokenizer_path(paper_tokenizer_dir: Path) -> Path:
+    return paper_tokenizer_dir / PAPER_TOKENIZER_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,8 @@ from pldr_llm.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
-
-MODEL_NAME = "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
-VOCAB_NAME = "refinedweb-tokenizer-pldrllm-kvg-cache-paper.vocab"
-
-
-@pytest.fixture(scope="module")
-def paper_tokenizer_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "paper" / "tokenizer"
-    if not (path / MODEL_NAME).is_file():
-        pytest.skip(f"paper tokenizer not found in {path}")
-    return path
+from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
+from support import PAPER_TOKENIZER_VOCAB as VOCAB_NAME
 
 
 @pytest.fixture(scope="module")

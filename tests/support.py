@@ -1,0 +1,44 @@
+"""Helpers shared by the tests (fixtures live in conftest.py): the paper tokenizer's file names
+and a writer of model bundles laid out like the published ones."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import torch
+
+from pldr_llm import PLDRConfig, PLDRModel, save_reference_checkpoint
+
+PAPER_TOKENIZER_MODEL = "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
+PAPER_TOKENIZER_VOCAB = "refinedweb-tokenizer-pldrllm-kvg-cache-paper.vocab"
+
+
+def write_hyperparameters(path: Path, hp: dict) -> None:
+    """A ``*_hyperparameters.py`` laid out like the published ones."""
+    lines = ["import torch.nn.functional as F", "", "hpdict={"]
+    lines += [f"{key!r}: {value!r}," for key, value in hp.items()]
+    lines += [
+        "'epochs': 1,",
+        "'activation': F.silu,",
+        "'disable_amp': False,",
+        "'save_type': 'torch'}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_bundle(
+    folder: Path, tokenizer_dir: Path, hp: dict, name: str = "PLDRv51-Tiny-1", seed: int = 0
+) -> PLDRModel:
+    """A bundle like the published ones: .pth, hyperparameters file, tokenizer .tar.gz."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = PLDRModel(PLDRConfig.from_hpdict(hp)).eval()
+    save_reference_checkpoint(model, folder / f"{name}-model-checkpoint.pth")
+    write_hyperparameters(folder / f"{name.replace('-', '_')}_hyperparameters.py", hp)
+    with tarfile.open(
+        folder / "refinedweb-tokenizer-pldrllm-kvg-cache-paper.tar.gz", "w:gz"
+    ) as tar:
+        tar.add(tokenizer_dir / PAPER_TOKENIZER_MODEL, arcname=f"tokenizer/{PAPER_TOKENIZER_MODEL}")
+        tar.add(tokenizer_dir / PAPER_TOKENIZER_VOCAB, arcname=f"tokenizer/{PAPER_TOKENIZER_VOCAB}")
+    return model
