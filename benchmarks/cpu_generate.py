@@ -25,17 +25,7 @@ import torch
 from pldr_llm import PLDRConfig, PLDRModel
 from pldr_llm.generation import generate_details
 
-CONFIG_110M = {
-    "num_layers": 5,
-    "d_model": 896,
-    "num_heads": 14,
-    "dff": 2389,
-    "A_dff": 170,
-    "num_reslayerA": 8,
-    "num_denseA": 2,
-    "input_vocab_size": 32000,
-    "max_seq_len": 1024,
-}
+CONFIG_110M = PLDRConfig().to_hpdict()  # the defaults are the paper's 110M configuration
 MODES = {
     "kv+g": (True, True),
     "kv": (True, False),

@@ -32,17 +32,9 @@ from pathlib import Path
 
 import torch
 
-PAPER_110M = {
-    "num_layers": 5,
-    "d_model": 896,
-    "num_heads": 14,
-    "dff": 2389,
-    "A_dff": 170,
-    "num_reslayerA": 8,
-    "num_denseA": 2,
-    "input_vocab_size": 32000,
-    "max_seq_len": 1024,
-}
+from pldr_llm.config import PLDRConfig
+
+PAPER_110M = PLDRConfig().to_hpdict()  # the defaults are the paper's 110M configuration
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +90,6 @@ class MarkovBatches:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pldr_llm.config import PLDRConfig
     from pldr_llm.model import PLDRModel
     from pldr_llm.train import TrainConfig, Trainer
     from pldr_llm.train.checkpointing import CheckpointManager

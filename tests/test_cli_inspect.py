@@ -23,7 +23,6 @@ PAIRS = "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
 @pytest.fixture()
 def tiny_dir(golden_model, tmp_path: Path) -> Path:
     """The golden tiny model saved as a pldr-llm folder (config.json + model.safetensors)."""
-    pytest.importorskip("pldr_llm.bundle")
     return golden_model.save(tmp_path / "tiny")
 
 

@@ -45,17 +45,7 @@ from pldr_llm.generation import generate
 from pldr_llm.losses import masked_cross_entropy
 from pldr_llm.model import PLDRModel
 
-FULL_CONFIG = dict(
-    num_layers=5,
-    d_model=896,
-    num_heads=14,
-    dff=2389,
-    A_dff=170,
-    num_reslayerA=8,
-    num_denseA=2,
-    input_vocab_size=32000,
-    max_seq_len=1024,
-)
+FULL_CONFIG = PLDRConfig().to_hpdict()  # the defaults are the paper's 110M configuration
 QUICK_CONFIG = dict(
     num_layers=2,
     d_model=128,

@@ -97,14 +97,17 @@ class BundleFiles:
 # ---------------------------------------------------------------------- devices and dtypes
 
 
-def resolve_device(spec: str | None) -> torch.device:
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a usable ``torch.device`` (None: cpu).
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available) as a usable
+    ``torch.device`` (None: cpu).
 
     An unknown name, or CUDA on a machine without it, is a PLDRError.
     """
     import torch
 
-    spec = (spec or "cpu").strip().lower()
+    spec = str(spec or "cpu").strip().lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
         raise PLDRError(f"unknown device {spec!r}: use cpu, cuda or cuda:N")
     device = torch.device(spec)
@@ -120,11 +123,14 @@ def resolve_device(spec: str | None) -> torch.device:
 
 
 def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
-    """A dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``) as a torch dtype; None stays."""
+    """A dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``) as a torch dtype; None and
+    ``"auto"`` (keep the stored dtype) give None."""
     import torch
 
     if spec is None or isinstance(spec, torch.dtype):
         return spec
+    if str(spec).strip().lower() == "auto":
+        return None
     name = str(spec).strip().lower().removeprefix("torch.")
     aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
     name = aliases.get(name, name)
@@ -258,14 +264,8 @@ def _read_config_json(path: Path) -> tuple[str, PLDRConfig]:
     if not isinstance(data, dict):
         raise PLDRError(f"{path}: a config must be a JSON object")
     if "model_type" in data or "architectures" in data:
-        try:
-            from pldr_llm.hf.folder import is_hf_config, pldr_config_from_hf
-        except ModuleNotFoundError as exc:
-            if exc.name not in ("pldr_llm.hf", "pldr_llm.hf.folder"):
-                raise
-            raise PLDRError(
-                f"{path.parent} is a Hugging Face transformers folder, which this build cannot read"
-            ) from None
+        from pldr_llm.hf.folder import is_hf_config, pldr_config_from_hf
+
         if not is_hf_config(data):
             raise PLDRError(
                 f"{path.parent} is a transformers folder of model type "

@@ -16,6 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pldr_llm.commands.common import add_model_arguments, log
+from pldr_llm.errors import PLDRError
+
 if TYPE_CHECKING:
     import torch
 
@@ -75,12 +78,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--seed", type=int, default=None, metavar="S", help="seed for reproducible sampling"
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        help="float32, bfloat16 or float16 (default: float32)",
-    )
+    add_model_arguments(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument(
         "--stop",
@@ -90,7 +88,6 @@ def register(subparsers: Any) -> None:
         help="stop a row when its new text contains STR (the text is cut before it)",
     )
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per batch (16)")
-    p.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer instead of the model's")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
     p.set_defaults(func=run)
@@ -99,30 +96,13 @@ def register(subparsers: Any) -> None:
 # ---------------------------------------------------------------------- helpers
 
 
-def _log(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
-        print(f"pldr-llm: {message}", file=sys.stderr, flush=True)
-
-
 def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str]:
     """The ``--prompt`` texts (in order), then the non-blank lines of ``--prompt-file``."""
-    from pathlib import Path
-
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.commands.common import read_prompt_lines
 
     out = list(prompts or [])
     if prompt_file is not None:
-        if prompt_file == "-":
-            text = sys.stdin.read()
-        else:
-            path = Path(prompt_file)
-            if not path.is_file():
-                raise PLDRError(f"prompt file not found: {path}")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise PLDRError(f"prompt file {path} is not UTF-8 text") from None
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = read_prompt_lines(prompt_file)
         if not lines:
             raise PLDRError(f"prompt file {prompt_file} holds no prompt")
         out.extend(lines)
@@ -234,14 +214,9 @@ def final_text(
 
 
 def _load_g_init(path: str, config: Any) -> list[Any]:
-    from pldr_llm.errors import PLDRError
 
-    try:
-        from pldr_llm.gfile import load_g_file
-    except ModuleNotFoundError as exc:
-        if exc.name in ("pldr_llm.gfile",):
-            raise PLDRError("--g-init needs pldr_llm.gfile, which this build lacks") from None
-        raise
+    from pldr_llm.gfile import load_g_file
+
     entries = load_g_file(path)
     if len(entries) != config.num_layers:
         raise PLDRError(
@@ -283,7 +258,6 @@ def run(args: argparse.Namespace) -> int:
         resolve_device,
         resolve_dtype,
     )
-    from pldr_llm.errors import PLDRError
     from pldr_llm.generation import generate_details, validate_sampling
 
     # Everything the user typed is checked before the model is read.
@@ -317,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     g_init = _load_g_init(args.g_init, config) if args.g_init else None
 
     model, _ = load_bundle(files, device=device, dtype=dtype, tokenizer=tokenizer)
-    _log(
+    log(
         args,
         f"loaded {bundle_summary(files, model)} on {device} ({str(dtype).removeprefix('torch.')})",
     )
@@ -371,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
                     print(text, flush=True)
     seconds = time.perf_counter() - start
     rate = produced / seconds if seconds > 0 else float("inf")
-    _log(
+    log(
         args,
         f"{produced} new tokens for {len(prompts)} prompt(s) in {seconds:.2f}s "
         f"({rate:.1f} tokens/s)",

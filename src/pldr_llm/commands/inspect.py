@@ -11,11 +11,12 @@ docs/deductive.md.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pldr_llm.commands.common import add_model_arguments, log, read_prompts
 
 
 def register(subparsers: Any) -> None:
@@ -97,35 +98,9 @@ def add_analysis_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``--device``, ``--dtype`` and ``--tokenizer`` (used with models)."""
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument(
-        "--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)"
-    )
-    p.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer instead of the model's")
-
-
-def log(args: argparse.Namespace, message: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(f"pldr-llm: {message}", file=sys.stderr, flush=True)
-
-
 def read_prompt_texts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str]:
-    """``--prompt`` values then the non-blank lines of ``--prompt-file``."""
-    from pldr_llm.errors import PLDRError
-
-    out = list(prompts or [])
-    if prompt_file is not None:
-        path = Path(prompt_file)
-        if not path.is_file():
-            raise PLDRError(f"prompt file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PLDRError(f"prompt file is not UTF-8 text: {path}") from None
-        out.extend(line.strip() for line in text.splitlines() if line.strip())
-    return out
+    """``--prompt`` values then the non-blank lines of ``--prompt-file`` (stripped)."""
+    return [text.strip() for text in read_prompts(prompts, prompt_file)]
 
 
 def parse_ids(text: str) -> list[int]:
@@ -144,28 +119,17 @@ def parse_ids(text: str) -> list[int]:
 
 def load_model(args: argparse.Namespace, spec: str) -> tuple[Any, Any]:
     """``(model, tokenizer or None)`` for ``spec`` through :func:`pldr_llm.bundle.load_bundle`."""
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.bundle import load_bundle
 
-    try:
-        from pldr_llm import bundle
-    except ModuleNotFoundError as exc:
-        if exc.name != "pldr_llm.bundle":
-            raise
-        raise PLDRError("loading models needs pldr_llm.bundle, which this build lacks") from None
-    device: Any = args.device
-    dtype: Any = args.dtype
-    if hasattr(bundle, "resolve_device"):
-        device = bundle.resolve_device(args.device)
-    if hasattr(bundle, "resolve_dtype"):
-        dtype = bundle.resolve_dtype(args.dtype)
-    kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-    if getattr(args, "tokenizer", None):
-        kwargs["tokenizer"] = args.tokenizer
     # Prompts given as ids need no tokenizer, so a bare model folder (config + weights) works.
     texts = bool(getattr(args, "prompt", None) or getattr(args, "prompt_file", None))
-    if "require_tokenizer" in inspect.signature(bundle.load_bundle).parameters:
-        kwargs["require_tokenizer"] = texts
-    return bundle.load_bundle(spec, **kwargs)
+    return load_bundle(
+        spec,
+        device=args.device,
+        dtype=args.dtype,
+        tokenizer=getattr(args, "tokenizer", None) or None,
+        require_tokenizer=texts,
+    )
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

@@ -84,29 +84,6 @@ def _batch_size(value: Any) -> int:
     return size
 
 
-def _resolve_device(device: Any) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise PLDRError(f"unknown device {device!r}") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise PLDRError(f"device {device!r} asked for, but CUDA is not available")
-    return target
-
-
-def _resolve_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if str(dtype) not in names:
-        raise PLDRError(f"dtype must be one of {', '.join(names)} or auto, got {dtype!r}")
-    return names[str(dtype)]
-
-
 def load_pretrained(
     pretrained: Any, tokenizer: Any = None, device: Any = None, dtype: Any = None
 ) -> tuple[PLDRModel, Any]:
@@ -135,7 +112,9 @@ def load_pretrained(
         tok = tok if tok is not None else folder_tok
     if tok is None:
         raise PLDRError("the pldrllm model needs a tokenizer (model argument tokenizer=PATH)")
-    torch_dtype = _resolve_dtype(dtype)
+    from pldr_llm.bundle import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype)
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)
     if device is not None:
@@ -179,7 +158,10 @@ class PLDRLLMEvalModel(TemplateLM):
         super().__init__()
         if kwargs:
             log.warning("pldrllm ignores model arguments %s", ", ".join(sorted(kwargs)))
-        self._device = _resolve_device(device)
+        from pldr_llm.bundle import resolve_device
+
+        # lm-eval's convention: no device given means the GPU when there is one
+        self._device = resolve_device(device if device is not None else "auto")
         self.model, self.tokenizer = load_pretrained(pretrained, tokenizer, self._device, dtype)
         self.batch_size = _batch_size(batch_size)
         self.kvcache = _as_bool(kvcache, "kvcache")

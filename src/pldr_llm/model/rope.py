@@ -10,15 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pldr_llm.errors import PLDRError
-
-
-def _tracing(t: Tensor) -> bool:
-    """True under torch.compile tracing or CUDA-graph capture, where host syncs are not allowed."""
-    if torch.compiler.is_compiling():
-        return True
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
 
 class RotaryEmbedding(nn.Module):
     """Interleaved-pair rotary embedding with a precomputed cos/sin table of ``max_seq_len`` rows."""
@@ -37,17 +28,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` [B, L, H, dk] at ``positions`` ([L] shared, or [B, L] per row)."""
-        # The range check reads a device value (a host sync); it is skipped while torch.compile
-        # traces or a CUDA graph captures (pldr_llm.fast), whose callers check lengths up front.
-        if (
-            positions.numel()
-            and not _tracing(positions)
-            and int(positions.max()) >= self.max_seq_len
-        ):
-            raise PLDRError(
-                f"position {int(positions.max())} is beyond max_seq_len={self.max_seq_len} "
-                "(the sequence is longer than the model's context)"
-            )
+        # Positions are checked against max_seq_len by PLDRModel.forward (and by the fast paths'
+        # constructors) before they get here: a check here would read a device value per layer.
         cos = self.cos[positions][..., None, :]  # [L, 1, dk/2] or [B, L, 1, dk/2]: over heads
         sin = self.sin[positions][..., None, :]
         pairs = x.float().reshape(*x.shape[:-1], -1, 2)
