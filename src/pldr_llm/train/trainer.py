@@ -286,13 +286,10 @@ class Trainer:
                     )
                 loss = ce_sum * token_scale
                 if use_dag:
-                    from pldr_llm.losses import dag_regularizer
+                    from pldr_llm.losses import dag_loss
 
-                    dag_values = dag_regularizer(out.deductive)
-                    seq_weight = mb.shape[0] / n_seqs
-                    for coefficient, value in zip(coeffs, dag_values):
-                        if coefficient > 0:
-                            loss = loss + (coefficient * seq_weight * world) * value
+                    dag_total, dag_values = dag_loss(out.deductive, coeffs)
+                    loss = loss + (mb.shape[0] / n_seqs * world) * dag_total
             loss.backward()
             with torch.no_grad():
                 mask = targets != self.pad_id
