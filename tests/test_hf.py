@@ -85,7 +85,7 @@ def test_config_round_trips_core_config(hf):
     # transformers-standard names read through to the PLDR names
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (48, 3, 4)
     assert (config.vocab_size, config.max_position_embeddings) == (500, 96)
-    assert (config.pad_token_id, config.eos_token_id, config.bos_token_id) == (0, 3, None)
+    assert (config.pad_token_id, config.eos_token_id, config.bos_token_id) == (0, 3, 2)
     assert config.tie_word_embeddings is False
 
 

@@ -85,51 +85,6 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-
-def _register_with_transformers() -> None:
-    """Register ``pldrllm`` with transformers' Auto classes, without importing transformers.
-
-    transformers takes seconds to import, so ``import pldr_llm`` does not import it: when it is
-    already imported we register now, otherwise right after it is first imported.
-    """
-    import importlib.abc
-    import importlib.util
-    import sys
-
-    def register() -> None:
-        try:
-            import pldr_llm.hf  # noqa: F401  (registers on import)
-        except Exception as exc:  # a broken transformers must not break pldr_llm
-            import logging
-
-            logging.getLogger(__name__).debug("transformers registration skipped: %s", exc)
-
-    if "transformers" in sys.modules:
-        register()
-        return
-
-    class _AfterTransformersImport(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name != "transformers":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
-            if spec is None or spec.loader is None:
-                return spec
-            exec_module = spec.loader.exec_module
-
-            def exec_and_register(module):
-                exec_module(module)
-                register()
-
-            spec.loader.exec_module = exec_and_register
-            return spec
-
-    sys.meta_path.insert(0, _AfterTransformersImport())
-
-
-_register_with_transformers()
-
 __all__ = [
     "Deductive",
     "GCacheEntry",

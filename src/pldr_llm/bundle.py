@@ -6,8 +6,10 @@
   (the original's ``torch.save`` format), ``<name>_hyperparameters.py`` (the ``hpdict`` literal,
   parsed, never executed) and a tokenizer ``*.tar.gz`` (or a ``.model`` file);
 * a folder in the project's **own format**: ``config.json``, ``model.safetensors`` and
-  ``tokenizer.model`` (what ``pldr-llm convert`` and training write), or the transformers
-  folder ``pldr-llm convert --to hf`` writes (read without transformers);
+  ``tokenizer.model`` (what ``pldr-llm convert`` and training write), or a transformers folder
+  (``model_type: "pldrllm"``: the authors' hub repos, or what ``pldr-llm convert --to hf``
+  writes; read without transformers, ``tokenizer_config.json``'s ``add_bos_token`` /
+  ``add_eos_token`` respected);
 * a **Hugging Face hub repository id** (``owner/name``, optionally ``owner/name@revision``),
   fetched with ``huggingface_hub.snapshot_download`` into the hub's normal cache. With
   ``HF_HUB_OFFLINE=1`` the cached copy is used without network access.
@@ -67,6 +69,7 @@ HUB_ALLOW_PATTERNS = [
     "*.model",
     "*.vocab",
     CONFIG_NAME,
+    "tokenizer_config.json",
     "*.safetensors",
     "model.safetensors.index.json",
 ]
@@ -379,6 +382,10 @@ def bundle_tokenizer(
     else:
         return None
     assert tok is not None
+    if files.kind == "hf" and not isinstance(tokenizer, PLDRTokenizer):
+        from pldr_llm.hf.folder import read_tokenizer_flags
+
+        tok.add_bos, tok.add_eos = read_tokenizer_flags(files.root)
     check_vocab(tok, files.config, files.source)
     return tok
 
@@ -414,12 +421,11 @@ def load_bundle(
 
         model = load_reference_checkpoint(files.weights, files.config, map_location="cpu")
     elif files.kind == "hf":
-        from pldr_llm.checkpoint import load_state_dict_strict
-        from pldr_llm.hf.folder import read_hf_state
+        from pldr_llm.hf.folder import load_hf_state
         from pldr_llm.model import PLDRModel
 
         model = PLDRModel(files.config)
-        load_state_dict_strict(model, read_hf_state(files.root), source=str(files.root))
+        load_hf_state(model, files.root)
     else:
         from pldr_llm.model import PLDRModel
 

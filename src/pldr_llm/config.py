@@ -36,6 +36,41 @@ ARCHITECTURE_KEYS = (
     "max_seq_len",
     "activation",
     "version",
+    "rope_theta",
+    "reference_rope",
+    "rope_scaling",
+    "attention_bias",
+    "glu_bias",
+    "final_bias",
+    "layer_norm_eps",
+    "cache_first_G",
+)
+
+# PLDRConfig fields -> their names in the authors' transformers config (``PldrllmConfig``,
+# ``model_type: "pldrllm"``); the other architecture fields share their names.
+HF_NAMES = {
+    "num_layers": "num_hidden_layers",
+    "d_model": "hidden_size",
+    "num_heads": "num_attention_heads",
+    "dff": "intermediate_size",
+    "input_vocab_size": "vocab_size",
+    "max_seq_len": "max_position_embeddings",
+    "activation": "hidden_act",
+    "pad_id": "pad_token_id",
+    "eos_id": "eos_token_id",
+    "bos_id": "bos_token_id",
+}
+# The authors' predefined-G kinds (``custom_G_type``); every one maps onto version v510G.
+CUSTOM_G_TYPES = ("identity", "random", "external")
+
+# rope_scaling types implemented (as in transformers' Llama); others are refused.
+ROPE_SCALING_TYPES = ("default", "linear", "llama3")
+
+_LLAMA3_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
 )
 
 # hpdict keys that describe training or the run, not the architecture; accepted and ignored here
@@ -72,6 +107,17 @@ class PLDRConfig:
     ``depth`` (dk) is ``d_model // num_heads``. ``version`` is ``"v510"`` for the learned power law
     graph attention and ``"v510G"`` for a model whose G_LM is predefined per layer (no metric
     learner weights).
+
+    The remaining fields are the switches of the authors' transformers implementation
+    (``PldrllmConfig``); their defaults are the original's fixed choices:
+
+    * ``rope_theta``: rotary base. ``reference_rope``: True is the original's interleaved-pair
+      rotation; False is transformers' rotate-half rotation, which alone takes ``rope_scaling``
+      (``{"rope_type": "linear" | "llama3", "factor": ...}`` as in transformers' Llama).
+    * ``attention_bias`` (wq, wk, wv, dense), ``glu_bias`` (every GLU: FFN and metric learner),
+      ``final_bias`` (LM head): False drops those biases.
+    * ``layer_norm_eps``: epsilon of every LayerNorm.
+    * ``cache_first_G``: the G-cache keeps the first row's A_LM/G_LM for the whole batch.
     """
 
     num_layers: int = 5
@@ -87,6 +133,15 @@ class PLDRConfig:
     version: str = "v510"
     pad_id: int = 0
     eos_id: int = 3
+    bos_id: int = 2
+    rope_theta: float = 10000.0
+    reference_rope: bool = True
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = True
+    glu_bias: bool = True
+    final_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    cache_first_G: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -131,10 +186,41 @@ class PLDRConfig:
             raise PLDRError(
                 f"model 'version' must be one of {MODEL_VERSIONS}, got {self.version!r}"
             )
-        for name in ("pad_id", "eos_id"):
+        for name in ("pad_id", "eos_id", "bos_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.input_vocab_size:
                 raise PLDRError(f"{name!r} must be an id inside the vocabulary, got {value!r}")
+        for name in ("reference_rope", "attention_bias", "glu_bias", "final_bias", "cache_first_G"):
+            if not isinstance(getattr(self, name), bool):
+                raise PLDRError(f"{name!r} must be true or false, got {getattr(self, name)!r}")
+        for name in ("rope_theta", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise PLDRError(f"{name!r} must be a positive number, got {value!r}")
+        self.rope_theta = float(self.rope_theta)
+        self.layer_norm_eps = float(self.layer_norm_eps)
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        if not isinstance(scaling, dict):
+            raise PLDRError(f"'rope_scaling' must be an object or null, got {scaling!r}")
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_SCALING_TYPES:
+            raise PLDRError(
+                f"rope_scaling type {kind!r} is not supported; supported: "
+                f"{', '.join(ROPE_SCALING_TYPES)}"
+            )
+        if kind != "default" and self.reference_rope:
+            # The authors' reference rotation has no scaling: a scaled config there is a mistake.
+            raise PLDRError("'rope_scaling' applies only with reference_rope=false (rotate-half)")
+        needed = {"linear": ("factor",), "llama3": _LLAMA3_KEYS}.get(kind, ())
+        for key in needed:
+            value = scaling.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise PLDRError(f"rope_scaling {kind!r} needs a positive {key!r}, got {value!r}")
 
     @property
     def depth(self) -> int:
@@ -185,6 +271,62 @@ class PLDRConfig:
             "max_seq_len": self.max_seq_len,
             "activation": self.activation,
         }
+
+    # ------------------------------------------------------------------ transformers config.json
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The architecture under the authors' transformers key names (``config.json``).
+
+        A v510G model is written as ``custom_G_type: "external"``: its G_LM tensors travel in the
+        weights as ``decoder.past_G_values``.
+        """
+        keys = [k for k in ARCHITECTURE_KEYS if k != "version"] + ["pad_id", "eos_id", "bos_id"]
+        data = {HF_NAMES.get(k, k): getattr(self, k) for k in keys}
+        data["head_dim"] = self.depth
+        data["custom_G_type"] = "external" if self.version == "v510G" else None
+        return data
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> PLDRConfig:
+        """The architecture of a transformers ``config.json`` of a PLDR-LLM.
+
+        Reads the authors' key names (``hidden_size``, ``custom_G_type``, ...) and the older
+        exports of this project (``d_model``, ``version``, ...). Unrelated keys are ignored.
+        """
+        values: dict[str, Any] = {}
+        legacy = "d_model" in data
+        for key in ARCHITECTURE_KEYS + ("pad_id", "eos_id", "bos_id"):
+            name = key if legacy and key in ARCHITECTURE_KEYS else HF_NAMES.get(key, key)
+            if key == "version" and not legacy:
+                continue
+            if data.get(name) is not None or (key == "rope_scaling" and name in data):
+                values[key] = data[name]
+        for key in ("pad_id", "eos_id", "bos_id"):
+            if isinstance(values.get(key), list):  # transformers allows several end ids
+                ids = values[key]
+                if not ids:
+                    values.pop(key)
+                else:
+                    values[key] = ids[0]
+        if "activation" in values:
+            values["activation"] = _activation_name(values["activation"])
+        if not legacy:
+            custom = data.get("custom_G_type")
+            if custom is not None and custom not in CUSTOM_G_TYPES:
+                raise PLDRError(
+                    f"custom_G_type must be null or one of {', '.join(CUSTOM_G_TYPES)}, "
+                    f"got {custom!r}"
+                )
+            values["version"] = "v510G" if custom is not None else "v510"
+        try:
+            config = cls(**values)
+        except TypeError as exc:
+            raise PLDRError(f"bad transformers config: {exc}") from None
+        head_dim = data.get("head_dim")
+        if head_dim is not None and head_dim != config.depth:
+            raise PLDRError(
+                f"head_dim={head_dim} differs from hidden_size/num_attention_heads = {config.depth}"
+            )
+        return config
 
     @classmethod
     def from_hyperparameters_file(cls, path: str | Path) -> PLDRConfig:

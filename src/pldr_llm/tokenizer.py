@@ -79,6 +79,10 @@ class PLDRTokenizer:
         self._sp = processor
         self.model_path: Path = path.resolve()
         self.vocab_path: Path | None = _vocab_file_for(path)
+        #: Prompt conventions of a transformers folder's ``tokenizer_config.json``
+        #: (``add_bos_token`` / ``add_eos_token``); both off in the original's bundles.
+        self.add_bos = False
+        self.add_eos = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -134,6 +138,11 @@ class PLDRTokenizer:
         It encodes the text with the end-of-text id appended and then drops that id, unless the
         text encodes to nothing else: an empty prompt starts from the end-of-text id alone.
         """
+        if self.add_bos or self.add_eos:
+            # A transformers folder's convention: the prompt is tokenizer(text), with the start
+            # id in front and/or the end-of-text id behind as its tokenizer_config.json says.
+            ids = [self.bos_id] * self.add_bos + self.encode(text, add_eos=self.add_eos)
+            return ids if ids else [self.eos_id]
         ids = self.encode(text, add_eos=True)
         return ids[:-1] if len(ids) > 1 else ids
 

@@ -1,6 +1,7 @@
 """PLDR-LLM in Hugging Face transformers: configuration, model, tokenizer, export.
 
-Importing this package registers the classes with transformers' auto classes::
+Importing this package registers the classes with transformers' auto classes (see
+:func:`register`; ``import pldr_llm`` alone leaves transformers untouched)::
 
     import pldr_llm.hf  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,9 +19,12 @@ reads exported folders), and naming one of the transformers classes raises a
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pldr_llm.errors import PLDRError
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "PldrllmCausalLMOutput",
@@ -50,20 +54,50 @@ else:
     from pldr_llm.hf.tokenization_pldrllm import PldrllmTokenizer
 
 
-def register() -> None:
+_REGISTERED: str | None = None
+
+
+def register() -> str:
     """Register the PLDR-LLM classes with AutoConfig, AutoModelForCausalLM and AutoTokenizer.
 
-    Runs on import; calling it again is harmless.
+    Runs on ``import pldr_llm.hf`` (importing ``pldr_llm`` alone never touches transformers);
+    calling it again is harmless. If the installed transformers ships a ``pldrllm`` model type
+    of its own, this steps aside: the Auto classes keep transformers' classes, and this package's
+    classes stay usable by name (``PldrllmForCausalLM.from_pretrained``). Either way one log
+    line (logger ``pldr_llm.hf``, INFO) names the class the Auto classes use. Returns that
+    class's qualified name.
     """
+    global _REGISTERED
     if _MISSING is not None:
         raise PLDRError(
             "the transformers integration needs 'transformers': pip install 'pldr-llm[hf]'"
         )
+    if _REGISTERED is not None:
+        return _REGISTERED
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto import configuration_auto
 
+    builtin = configuration_auto.CONFIG_MAPPING_NAMES.get(PldrllmConfig.model_type)
+    if builtin is not None:
+        from transformers.models.auto import modeling_auto
+
+        model_class = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(
+            PldrllmConfig.model_type, builtin
+        )
+        _REGISTERED = f"transformers.{model_class}"
+        _log.info(
+            "transformers %s ships model type 'pldrllm': AutoModelForCausalLM uses its %s; "
+            "pldr_llm.hf.PldrllmForCausalLM is not registered (use it by name)",
+            transformers.__version__,
+            model_class,
+        )
+        return _REGISTERED
     AutoConfig.register(PldrllmConfig.model_type, PldrllmConfig, exist_ok=True)
     AutoModelForCausalLM.register(PldrllmConfig, PldrllmForCausalLM, exist_ok=True)
     AutoTokenizer.register(PldrllmConfig, slow_tokenizer_class=PldrllmTokenizer, exist_ok=True)
+    _REGISTERED = f"{PldrllmForCausalLM.__module__}.{PldrllmForCausalLM.__qualname__}"
+    _log.info("model type 'pldrllm': AutoModelForCausalLM uses %s", _REGISTERED)
+    return _REGISTERED
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,16 @@
 """Read a transformers folder of a PLDR-LLM without transformers: config, weights, tokenizer.
 
-A folder written by :func:`pldr_llm.hf.export.export_hf` holds ``config.json`` (a
-``PldrllmConfig``, ``model_type = "pldrllm"``), ``model.safetensors`` whose keys are the
-original's state-dict keys (the same file as the project's own format) and ``tokenizer.model``.
+Two producers write such folders (``config.json`` with ``model_type = "pldrllm"``,
+``model.safetensors`` with the original's state-dict keys, ``tokenizer.model``):
+
+* the authors' transformers implementation (hub repos such as ``fromthesky/PLDR-LLM-v51-110M-3``):
+  their key names (``hidden_size``, ``custom_G_type``, ``reference_rope``, ...); a predefined-G
+  model stores its G_LM tensors as the buffer ``decoder.past_G_values``
+  [num_layers, 3, 1, H, dk, dk] (index 2 of the second axis is G_LM);
+* :func:`pldr_llm.hf.export.export_hf` (``pldr-llm convert --to hf``), which writes the same
+  format; its older exports used the project's names (``d_model``, ``version``, ...) and
+  per-layer ``predefined_G_LM`` buffers, and still load.
+
 Everything here needs only torch and safetensors, so ``pldr-llm`` commands and the lm-eval model
 load such folders where transformers is not installed.
 """
@@ -13,7 +21,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pldr_llm.config import ARCHITECTURE_KEYS, PLDRConfig
+from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
 
 if TYPE_CHECKING:
@@ -24,9 +32,12 @@ MODEL_TYPE = "pldrllm"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
-# PldrllmConfig fields -> PLDRConfig fields (the rest share their names).
-_RENAMED = {"pad_token_id": "pad_id", "eos_token_id": "eos_id"}
+# The authors' buffers of a predefined-G model: per layer (A, A_LM, G_LM) and a status flag.
+PAST_G_VALUES = "decoder.past_G_values"
+PAST_G_STATUS = "decoder.past_G_values_status"
+_G_LM_INDEX = 2
 
 
 def is_hf_config(data: Any) -> bool:
@@ -40,11 +51,80 @@ def pldr_config_from_hf(data: dict[str, Any]) -> PLDRConfig:
         raise PLDRError(
             f"not a PLDR-LLM transformers config (model_type {data.get('model_type')!r})"
         )
-    values = {key: data[key] for key in ARCHITECTURE_KEYS if key in data}
-    for hf_key, key in _RENAMED.items():
-        if data.get(hf_key) is not None:
-            values[key] = int(data[hf_key])
-    return PLDRConfig(**values)
+    return PLDRConfig.from_hf_dict(data)
+
+
+def _predefined_G_key(layer: int) -> str:
+    return f"decoder.dec_layers.{layer}.mha1.predefined_G_LM"
+
+
+def core_state_from_hf(
+    state: dict[str, Any], config: PLDRConfig, tie_word_embeddings: bool = False
+) -> dict[str, Any]:
+    """The weights of a transformers folder as :class:`PLDRModel` state-dict entries.
+
+    A predefined-G (v510G) model's ``decoder.past_G_values`` becomes the per-layer
+    ``predefined_G_LM`` buffers; tied word embeddings fill a missing LM head weight.
+    """
+    state = dict(state)
+    past_G = state.pop(PAST_G_VALUES, None)
+    state.pop(PAST_G_STATUS, None)
+    if config.version == "v510G" and past_G is not None:
+        dk = config.depth
+        expected = (config.num_layers, 3, 1, config.num_heads, dk, dk)
+        if tuple(past_G.shape) != expected:
+            raise PLDRError(
+                f"{PAST_G_VALUES} has shape {tuple(past_G.shape)}, the model needs {expected}"
+            )
+        for layer in range(config.num_layers):
+            state[_predefined_G_key(layer)] = past_G[layer, _G_LM_INDEX].clone()
+    if tie_word_embeddings and "final_layer.weight" not in state:
+        embedding = state.get("decoder.embedding.weight")
+        if embedding is not None:
+            state["final_layer.weight"] = embedding
+    return state
+
+
+def hf_state_from_core(state: dict[str, Any], config: PLDRConfig) -> dict[str, Any]:
+    """:class:`PLDRModel` weights in the authors' layout (``decoder.past_G_values`` for v510G)."""
+    if config.version != "v510G":
+        return dict(state)
+    import torch
+
+    state = dict(state)
+    g_list = [state.pop(_predefined_G_key(layer)) for layer in range(config.num_layers)]
+    g = torch.stack(g_list)  # [L, 1, H, dk, dk]
+    zeros = torch.zeros_like(g)
+    state[PAST_G_VALUES] = torch.stack([zeros, zeros, g], dim=1).contiguous()
+    state[PAST_G_STATUS] = torch.ones(config.num_layers, dtype=torch.bool)
+    return state
+
+
+def read_tokenizer_flags(folder: str | Path) -> tuple[bool, bool]:
+    """``(add_bos_token, add_eos_token)`` of a folder's ``tokenizer_config.json`` (default off)."""
+    path = Path(folder) / TOKENIZER_CONFIG
+    if not path.is_file():
+        return False, False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PLDRError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PLDRError(f"{path}: a tokenizer config must be a JSON object")
+    return bool(data.get("add_bos_token", False)), bool(data.get("add_eos_token", False))
+
+
+def load_hf_state(model: PLDRModel, folder: str | Path, data: dict[str, Any] | None = None) -> None:
+    """Load a transformers folder's weights into ``model`` (strict: every weight must match)."""
+    from pldr_llm.checkpoint import load_state_dict_strict
+
+    folder = Path(folder)
+    if data is None:
+        data = json.loads((folder / CONFIG_NAME).read_text())
+    state = core_state_from_hf(
+        read_hf_state(folder), model.config, bool(data.get("tie_word_embeddings", False))
+    )
+    load_state_dict_strict(model, state, source=str(folder))
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -79,7 +159,6 @@ def load_hf_folder(
     folder: str | Path, require_tokenizer: bool = False
 ) -> tuple[PLDRModel, PLDRTokenizer | None]:
     """Load the core model (eval mode, CPU) and the tokenizer of a PLDR-LLM transformers folder."""
-    from pldr_llm.checkpoint import load_state_dict_strict
     from pldr_llm.model.model import PLDRModel
     from pldr_llm.tokenizer import load_tokenizer
 
@@ -91,11 +170,14 @@ def load_hf_folder(
         data = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PLDRError(f"{config_path} is not a readable JSON config ({exc})") from None
+    if not isinstance(data, dict):
+        raise PLDRError(f"{config_path}: a config must be a JSON object")
     model = PLDRModel(pldr_config_from_hf(data))
-    load_state_dict_strict(model, read_hf_state(folder), source=str(folder))
+    load_hf_state(model, folder, data)
     tokenizer = None
     if (folder / "tokenizer.model").is_file():
         tokenizer = load_tokenizer(folder / "tokenizer.model")
+        tokenizer.add_bos, tokenizer.add_eos = read_tokenizer_flags(folder)
     elif require_tokenizer:
         raise PLDRError(f"no tokenizer.model in {folder}")
     return model.eval(), tokenizer

@@ -43,6 +43,13 @@ from pldr_llm.errors import PLDRError
 from pldr_llm.generation import filter_logits
 from pldr_llm.hf.code_bundle import AUTO_MAP_CONFIG, write_code_files
 from pldr_llm.hf.configuration_pldrllm import PldrllmConfig
+from pldr_llm.hf.folder import (
+    PAST_G_VALUES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    core_state_from_hf,
+    hf_state_from_core,
+)
 from pldr_llm.model.cache import GCacheEntry, PLDRCache, g_entries
 from pldr_llm.model.model import PLDRModel
 from pldr_llm.model.plga import Deductive
@@ -85,13 +92,15 @@ class PldrllmSamplingFilter(LogitsProcessor):
 
 def pldr_config_of(config: PldrllmConfig) -> PLDRConfig:
     """The core configuration of a transformers configuration."""
-    return PLDRConfig(**config.architecture())
+    return config.pldr_config()
 
 
 class PldrllmPreTrainedModel(PreTrainedModel):
     """Base class: configuration class, weight loading rules and init of non-persistent buffers."""
 
     config_class = PldrllmConfig
+    # The authors' predefined-G buffers are read by from_pretrained itself (see there).
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.past_G_values"]
     # No attribute of that name exists, so ``base_model`` is the model itself.
     base_model_prefix = "pldrllm"
     main_input_name = "input_ids"
@@ -104,11 +113,10 @@ class PldrllmPreTrainedModel(PreTrainedModel):
         # come from the checkpoint. transformers creates models on the meta device while loading
         # and then asks for the buffers a checkpoint does not hold: the rotary tables.
         if isinstance(module, RotaryEmbedding):
-            with torch.device("cpu"):
-                fresh = RotaryEmbedding(module.dim, module.max_seq_len, module.base)
+            cos, sin = module.tables()
             with torch.no_grad():
-                module.cos.copy_(fresh.cos.to(module.cos.device, module.cos.dtype))
-                module.sin.copy_(fresh.sin.to(module.sin.device, module.sin.dtype))
+                module.cos.copy_(cos.to(module.cos.device, module.cos.dtype))
+                module.sin.copy_(sin.to(module.sin.device, module.sin.dtype))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -372,8 +380,14 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ saving / loading
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``save_pretrained``, plus the model's code (``trust_remote_code``)."""
+        """transformers' ``save_pretrained``, plus the model's code (``trust_remote_code``).
+
+        The weights are in the authors' layout: a v510G model's G_LM tensors are written as
+        ``decoder.past_G_values`` (with ``custom_G_type`` in ``config.json``).
+        """
         self.config.auto_map = dict(AUTO_MAP_CONFIG)
+        if self.config.version == "v510G" and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = hf_state_from_core(self.state_dict(), self.core.config)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         write_code_files(save_directory)
         return result
@@ -389,7 +403,65 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         kwargs["output_loading_info"] = True
         model, info = super().from_pretrained(*args, **kwargs)
         missing = sorted(info.get("missing_keys") or [])
+        if model.config.version == "v510G" and any(".predefined_G_LM" in k for k in missing):
+            # The authors' predefined-G folders hold every layer's G_LM in one buffer,
+            # decoder.past_G_values, which has no module of its own here: read it from the file.
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            _load_past_G_values(model, source, kwargs)
+            missing = [k for k in missing if ".predefined_G_LM" not in k]
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise PLDRError(f"the checkpoint lacks {len(missing)} weights of the model: {shown}")
         return (model, info) if want_info else model
+
+
+def _load_past_G_values(model: PldrllmForCausalLM, source: Any, kwargs: dict[str, Any]) -> None:
+    """Set a v510G model's per-layer G_LM from ``decoder.past_G_values`` of its checkpoint."""
+    import json
+    import os
+
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub = {
+        k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs
+    }
+    subfolder = kwargs.get("subfolder", "") or ""
+
+    def local(name: str) -> str | None:
+        if os.path.isdir(str(source)):
+            path = os.path.join(str(source), subfolder, name)
+            return path if os.path.isfile(path) else None
+        try:
+            return cached_file(str(source), name, subfolder=subfolder, **hub)
+        except OSError:
+            return None
+
+    weights = local(WEIGHTS_NAME)
+    if weights is None:
+        index = local(WEIGHTS_INDEX_NAME)
+        if index is not None:
+            with open(index, encoding="utf-8") as handle:
+                shard = json.load(handle)["weight_map"].get(PAST_G_VALUES)
+            weights = local(shard) if shard else None
+    past_G = None
+    if weights is not None:
+        with safe_open(weights, framework="pt") as handle:
+            if PAST_G_VALUES in handle.keys():
+                past_G = handle.get_tensor(PAST_G_VALUES)
+    if past_G is None:
+        raise PLDRError(
+            f"{source}: a predefined-G model (custom_G_type {model.config.custom_G_type!r}) "
+            f"needs its G_LM tensors, and the checkpoint has neither {PAST_G_VALUES} nor "
+            "per-layer predefined_G_LM buffers"
+        )
+    core = model.core
+    state = core_state_from_hf({PAST_G_VALUES: past_G}, core.config)
+    with torch.no_grad():
+        for index, layer in enumerate(core.decoder.dec_layers):
+            g = state[f"decoder.dec_layers.{index}.mha1.predefined_G_LM"]
+            buffer = layer.mha1.predefined_G_LM
+            if buffer.is_meta:
+                layer.mha1.predefined_G_LM = g.to(model.dtype)
+            else:
+                buffer.copy_(g.to(buffer.device, buffer.dtype))

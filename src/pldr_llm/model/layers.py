@@ -14,22 +14,25 @@ ACTIVATION_FUNCTIONS = {
 }
 
 
-def xavier_linear(in_features: int, out_features: int) -> nn.Linear:
-    """A biased Linear initialized like the original (Xavier-uniform weight, zero bias)."""
-    layer = nn.Linear(in_features, out_features, bias=True)
+def xavier_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """A Linear initialized like the original (Xavier-uniform weight, zero bias)."""
+    layer = nn.Linear(in_features, out_features, bias=bias)
     nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
     return layer
 
 
 class GLU(nn.Module):
-    """``gluw3(act(gluw1 x) * gluw2 x)``, every Linear with a bias (SwiGLU for act = SiLU)."""
+    """``gluw3(act(gluw1 x) * gluw2 x)`` (SwiGLU for act = SiLU); ``bias=False`` drops the biases."""
 
-    def __init__(self, d_in: int, hidden: int, d_out: int, activation: str = "silu") -> None:
+    def __init__(
+        self, d_in: int, hidden: int, d_out: int, activation: str = "silu", bias: bool = True
+    ) -> None:
         super().__init__()
-        self.gluw1 = xavier_linear(d_in, hidden)
-        self.gluw2 = xavier_linear(d_in, hidden)
-        self.gluw3 = xavier_linear(hidden, d_out)
+        self.gluw1 = xavier_linear(d_in, hidden, bias)
+        self.gluw2 = xavier_linear(d_in, hidden, bias)
+        self.gluw3 = xavier_linear(hidden, d_out, bias)
         self.activation = ACTIVATION_FUNCTIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from pldr_llm.model.cache import (
 )
 from pldr_llm.model.layers import GLU, xavier_linear
 from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
+from pldr_llm.model.rope import RotaryEmbedding
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -66,10 +67,17 @@ class DecoderLayer(nn.Module):
             max_seq_len=config.max_seq_len,
             activation=config.activation,
             predefined_G=config.version == "v510G",
+            attention_bias=config.attention_bias,
+            glu_bias=config.glu_bias,
+            layer_norm_eps=config.layer_norm_eps,
+            rotary=RotaryEmbedding.from_config(config),
+            cache_first_G=config.cache_first_G,
         )
-        self.ffn = GLU(config.d_model, config.dff, config.d_model, config.activation)
-        self.layernorm1 = nn.LayerNorm(config.d_model, eps=1e-6)
-        self.layernorm2 = nn.LayerNorm(config.d_model, eps=1e-6)
+        self.ffn = GLU(
+            config.d_model, config.dff, config.d_model, config.activation, config.glu_bias
+        )
+        self.layernorm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.layernorm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(
         self, x: Tensor, **attention_kwargs
@@ -86,7 +94,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(config.input_vocab_size, config.d_model)
         self.dec_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.layernorm1 = nn.LayerNorm(config.d_model, eps=1e-6)
+        self.layernorm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.embedding_scale = math.sqrt(config.d_model)
 
 
@@ -102,7 +110,7 @@ class PLDRModel(nn.Module):
         super().__init__()
         self.config = config
         self.decoder = Decoder(config)
-        self.final_layer = xavier_linear(config.d_model, config.input_vocab_size)
+        self.final_layer = xavier_linear(config.d_model, config.input_vocab_size, config.final_bias)
         #: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit scores, the original's arithmetic).
         self.attn_implementation = "sdpa"
 

@@ -110,12 +110,20 @@ def plga_attention(
 class ResidualMetricUnit(nn.Module):
     """One residual unit of the metric learner: ``LN(A + GLU_k(...GLU_1(A)))``."""
 
-    def __init__(self, depth: int, A_dff: int, num_denseA: int, activation: str) -> None:
+    def __init__(
+        self,
+        depth: int,
+        A_dff: int,
+        num_denseA: int,
+        activation: str,
+        glu_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+    ) -> None:
         super().__init__()
         self.denseAs = nn.ModuleList(
-            GLU(depth, A_dff, depth, activation) for _ in range(num_denseA)
+            GLU(depth, A_dff, depth, activation, glu_bias) for _ in range(num_denseA)
         )
-        self.layernormA = nn.LayerNorm(depth, eps=1e-6)
+        self.layernormA = nn.LayerNorm(depth, eps=layer_norm_eps)
 
     def forward(self, metric: Tensor) -> Tensor:
         residual = metric
@@ -155,7 +163,8 @@ class PowerLawGraphAttention(nn.Module):
     """Multi-head PLGA (the original's ``mha1``): projections, metric learner, power law, attention.
 
     With ``predefined_G`` (model version v510G) there is no metric learner and no power-law
-    weights: G_LM is a fixed buffer [1, H, dk, dk] per layer.
+    weights: G_LM is a fixed buffer [1, H, dk, dk] per layer. ``attention_bias``, ``glu_bias``,
+    ``layer_norm_eps``, ``rotary`` and ``cache_first_G`` are the :class:`PLDRConfig` switches.
     """
 
     def __init__(
@@ -168,30 +177,38 @@ class PowerLawGraphAttention(nn.Module):
         max_seq_len: int,
         activation: str = "silu",
         predefined_G: bool = False,
+        attention_bias: bool = True,
+        glu_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+        rotary: RotaryEmbedding | None = None,
+        cache_first_G: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.depth = d_model // num_heads
-        self.wq = xavier_linear(d_model, d_model)
-        self.wk = xavier_linear(d_model, d_model)
+        self.cache_first_G = cache_first_G
+        self.wq = xavier_linear(d_model, d_model, attention_bias)
+        self.wk = xavier_linear(d_model, d_model, attention_bias)
         # The original never re-initializes wv (it initializes wk twice), so wv keeps PyTorch's
         # default Linear init; a fresh model here starts from the same distribution.
-        self.wv = nn.Linear(d_model, d_model, bias=True)
+        self.wv = nn.Linear(d_model, d_model, bias=attention_bias)
         # Registration order mirrors the original (state-dict key order and init RNG order).
         self.predefined_G = predefined_G
         if not predefined_G:
             self.plgatt_layer = PowerLawParameters(self.depth, num_heads)
-        self.dense = xavier_linear(d_model, d_model)
+        self.dense = xavier_linear(d_model, d_model, attention_bias)
         if predefined_G:
             eye = torch.eye(self.depth).expand(1, num_heads, -1, -1).clone()
             self.register_buffer("predefined_G_LM", eye)
         else:
             self.reslayerAs = nn.ModuleList(
-                ResidualMetricUnit(self.depth, A_dff, num_denseA, activation)
+                ResidualMetricUnit(
+                    self.depth, A_dff, num_denseA, activation, glu_bias, layer_norm_eps
+                )
                 for _ in range(num_reslayerA)
             )
-            self.layernorm1 = nn.LayerNorm(self.depth, eps=1e-6)
-        self.rotary = RotaryEmbedding(self.depth, max_seq_len)
+            self.layernorm1 = nn.LayerNorm(self.depth, eps=layer_norm_eps)
+        self.rotary = rotary if rotary is not None else RotaryEmbedding(self.depth, max_seq_len)
 
     def _heads(self, x: Tensor) -> Tensor:
         """[B, L, d_model] -> [B, L, H, dk] (a view)."""
@@ -250,4 +267,9 @@ class PowerLawGraphAttention(nn.Module):
         out = self.dense(attended.transpose(1, 2).reshape(batch, length, -1))
 
         deductive = Deductive(metric, a_lm, a_p, g_lm, scores) if need_deductive else None
-        return out, LayerKV(keys, values, metric), GCacheEntry(a_lm, g_lm, a_p), deductive
+        g_cached = GCacheEntry(a_lm, g_lm, a_p)
+        if self.cache_first_G and g_entry is None and not self.predefined_G:
+            # The authors' cache_first_G: this pass used each row's own G; later passes reuse
+            # the first row's for the whole batch.
+            g_cached = GCacheEntry(a_lm[:1], g_lm[:1], a_p[:1])  # type: ignore[index]
+        return out, LayerKV(keys, values, metric), g_cached, deductive

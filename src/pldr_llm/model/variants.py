@@ -11,6 +11,7 @@ from torch import Tensor
 from pldr_llm.errors import PLDRError
 from pldr_llm.model.cache import GCacheEntry, g_entries
 from pldr_llm.model.model import PLDRModel
+from pldr_llm.model.rope import RotaryEmbedding
 
 
 def predefined_G_model(
@@ -37,7 +38,7 @@ def predefined_G_model(
     for layer in g_model.decoder.dec_layers:
         # Buffers are per model: rotary tables are rebuilt on the right device, G set below.
         attention = layer.mha1
-        attention.rotary = type(attention.rotary)(attention.depth, config.max_seq_len).to(device)
+        attention.rotary = RotaryEmbedding.from_config(config).to(device)
         attention.predefined_G_LM = torch.empty(
             1, config.num_heads, config.depth, config.depth, device=device, dtype=model.dtype
         )
