@@ -63,6 +63,18 @@ HF_NAMES = {
 # The authors' predefined-G kinds (``custom_G_type``); every one maps onto version v510G.
 CUSTOM_G_TYPES = ("identity", "random", "external")
 
+# The switches of the authors' transformers implementation that the original hard-codes.
+_SWITCHES = (
+    "rope_theta",
+    "reference_rope",
+    "rope_scaling",
+    "attention_bias",
+    "glu_bias",
+    "final_bias",
+    "layer_norm_eps",
+    "cache_first_G",
+)
+
 # rope_scaling types implemented (as in transformers' Llama); others are refused.
 ROPE_SCALING_TYPES = ("default", "linear", "llama3")
 
@@ -258,8 +270,18 @@ class PLDRConfig:
         return cls(**kwargs)
 
     def to_hpdict(self) -> dict[str, Any]:
-        """The architecture keys of the original's hyperparameter dictionary."""
-        return {
+        """The architecture keys of the original's hyperparameter dictionary.
+
+        Switches the original lacks (rope, biases, eps, ...) are added only where they differ
+        from its fixed choices, so that an original model's dictionary stays the original's and
+        another model's is not read back as a different function (:meth:`from_hpdict` reads them).
+        """
+        extra = {
+            name: getattr(self, name)
+            for name in _SWITCHES
+            if getattr(self, name) != PLDRConfig.__dataclass_fields__[name].default
+        }
+        base = {
             "num_layers": self.num_layers,
             "d_model": self.d_model,
             "num_heads": self.num_heads,
@@ -271,6 +293,7 @@ class PLDRConfig:
             "max_seq_len": self.max_seq_len,
             "activation": self.activation,
         }
+        return base | extra
 
     # ------------------------------------------------------------------ transformers config.json
     def to_hf_dict(self) -> dict[str, Any]:

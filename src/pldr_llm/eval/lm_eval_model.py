@@ -209,6 +209,10 @@ class PLDRLLMEvalModel(TemplateLM):
     def prefix_token_id(self) -> int:
         # The original never adds a start id; documents end with the end-of-text id, so that is
         # the context of a text's first token (as lm-eval's hf model does without a BOS token).
+        # A transformers folder whose tokenizer_config.json sets add_bos_token starts texts with
+        # the start id instead, as lm-eval's hf model does with a BOS token.
+        if getattr(self.tokenizer, "add_bos", False):
+            return int(self.tokenizer.bos_id)
         return self.eot_token_id
 
     @property
