@@ -446,7 +446,7 @@ def test_cache_first_G_reuses_the_first_rows_G():
 
 def test_convert_to_hf_writes_the_authors_format(folders, tmp_path):
     pytest.importorskip("transformers")
-    for name in ("external", "no_biases"):
+    for name in ("external", "no_biases", "linear_scaling"):
         folder, native = folders[name]
         out = tmp_path / name
         result = subprocess.run(
@@ -467,7 +467,7 @@ def test_convert_to_hf_writes_the_authors_format(folders, tmp_path):
         ).split()
         assert {k: written[k] for k in keys} == {k: original[k] for k in keys}, name
         assert "d_model" not in written and "version" not in written
-        assert (written["custom_G_type"] is None) == (name == "no_biases")
+        assert (written["custom_G_type"] is None) == (name != "external")
         state = load_file(str(out / "model.safetensors"))
         if name == "external":
             torch.testing.assert_close(

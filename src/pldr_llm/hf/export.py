@@ -79,7 +79,12 @@ def _as_hf_tokenizer(tokenizer: Any) -> PldrllmTokenizer:
             raise PLDRError(f"cannot export a tokenizer of type {type(tokenizer).__name__}")
     if not Path(path).is_file():
         raise PLDRError(f"tokenizer model not found: {path}")
-    return PldrllmTokenizer(vocab_file=str(path))
+    # A tokenizer read from a transformers folder keeps that folder's prompt convention.
+    return PldrllmTokenizer(
+        vocab_file=str(path),
+        add_bos_token=bool(getattr(tokenizer, "add_bos", False)),
+        add_eos_token=bool(getattr(tokenizer, "add_eos", False)),
+    )
 
 
 def _add_tokenizer_auto_map(path: Path) -> None:
