@@ -553,3 +553,67 @@ def test_registration_steps_aside_for_a_builtin_pldrllm(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "pldr_llm.hf"]
     assert len(lines) == 1 and "ships model type 'pldrllm'" in lines[0]
     assert "PldrllmForCausalLM" in lines[0]
+
+
+# ---------------------------------------------------------------------------- fast paths
+
+SWITCHED = {
+    "reference_rope": False,
+    "rope_theta": 500000.0,
+    "attention_bias": False,
+    "glu_bias": False,
+    "final_bias": False,
+}
+
+
+def _eager_greedy(model: PLDRModel, prompt: torch.Tensor, steps: int):
+    from pldr_llm import generate_details
+
+    model.attn_implementation = "eager"  # the original's arithmetic
+    try:
+        return generate_details(
+            model, prompt, steps, top_k=1, output_logits=True, stop_at_eos=False
+        )
+    finally:
+        model.attn_implementation = "sdpa"
+
+
+def test_static_decoder_and_loss_with_the_switches():
+    from pldr_llm import masked_cross_entropy
+    from pldr_llm.fast import StaticDecoder, causal_lm_loss
+
+    model = _learned_model(21, **SWITCHED)
+    prompt = torch.randint(4, 32000, (2, 5), generator=torch.Generator().manual_seed(1))
+    expected = _eager_greedy(model, prompt, 12)
+    ids, _ = StaticDecoder(model, 2, 20).generate(prompt, 12, stop_at_eos=False)
+    assert torch.equal(ids, expected.ids)
+    # The chunked training loss handles an LM head without bias (value and gradients).
+    model.train()
+    batch = torch.randint(4, 32000, (2, 9), generator=torch.Generator().manual_seed(2))
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    want = masked_cross_entropy(model(inputs).logits, targets)
+    got = causal_lm_loss(model, inputs, targets, chunk_rows=5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    weight = model.final_layer.weight
+    torch.testing.assert_close(
+        torch.autograd.grad(got, weight)[0],
+        torch.autograd.grad(want, weight)[0],
+        atol=1e-5,
+        rtol=1e-3,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_decoder_with_the_switches_matches_eager(compiled):
+    """GPU: CUDA-graph (and Inductor) decoding of a rotate-half, bias-free model = eager ids."""
+    from pldr_llm.fast import StaticDecoder
+
+    model = _learned_model(22, **SWITCHED).cuda()
+    prompt = torch.randint(4, 32000, (3, 6), generator=torch.Generator().manual_seed(3)).cuda()
+    expected = _eager_greedy(model, prompt, 20)
+    decoder = StaticDecoder(model, 3, 30, compile=compiled)
+    assert decoder.use_graph
+    ids, logits = decoder.generate(prompt, 20, stop_at_eos=False, output_logits=True)
+    assert torch.equal(ids, expected.ids)
+    torch.testing.assert_close(logits, expected.step_logits, atol=1e-4, rtol=1e-3)
