@@ -66,6 +66,7 @@ class DecoderLayer(nn.Module):
             max_seq_len=config.max_seq_len,
             activation=config.activation,
             predefined_G=config.version == "v510G",
+            causal_metric=config.causal_metric,
         )
         self.ffn = GLU(config.d_model, config.dff, config.d_model, config.activation)
         self.layernorm1 = nn.LayerNorm(config.d_model, eps=1e-6)
