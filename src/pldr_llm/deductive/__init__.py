@@ -20,7 +20,8 @@ A PLDR-LLM exposes, per decoder layer and head, four ``dk x dk`` tensors: the me
 The rank rule is described in :mod:`pldr_llm.deductive.stats` and stated in every report.
 """
 
-from pldr_llm.deductive.plots import PlotSummary, plot_compare, plot_deductive
+from pldr_llm.deductive.leak import LayerLeak, LeakAudit, leak_audit
+from pldr_llm.deductive.plots import PlotSummary, plot_compare, plot_deductive, plot_leak
 from pldr_llm.deductive.runs import (
     CACHE_MODES,
     CacheRuns,
@@ -51,6 +52,8 @@ __all__ = [
     "DeductiveReport",
     "HeadStats",
     "InspectResult",
+    "LayerLeak",
+    "LeakAudit",
     "PlotSummary",
     "analyze_deductive",
     "analyze_g_list",
@@ -62,8 +65,10 @@ __all__ = [
     "head_matrices",
     "inspect_model",
     "layer_tensors",
+    "leak_audit",
     "matrix_stats",
     "plot_compare",
     "plot_deductive",
+    "plot_leak",
     "rank_rule",
 ]

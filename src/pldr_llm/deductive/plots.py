@@ -266,3 +266,35 @@ def plot_compare(
         f"singular values of {tensor}: {labels[0]} (C0) vs {labels[1]} (C1)",
     )
     return _save(fig, path, dpi, keep_figure)
+
+
+def plot_leak(
+    path: str | os.PathLike[str],
+    audit: Any,
+    title: str | None = None,
+    dpi: int = 100,
+    keep_figure: bool = False,
+) -> PlotSummary:
+    """Draw a :class:`~pldr_llm.deductive.leak.LeakAudit`'s loss by position (as trained, causal,
+    generation-time) and, below, causal minus as trained per position."""
+    full = np.asarray(audit.loss_full)
+    causal = np.asarray(audit.loss_causal)
+    gen = np.asarray(audit.loss_generation)
+    x = np.arange(1, len(full) + 1)  # position of the predicted token
+    fig = _figure(9.0, 5.5, dpi)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    top.plot(x, full, lw=0.8, color="C0", label=f"as trained ({full.mean():.3f})")
+    top.plot(x, causal, lw=0.8, color="C1", label=f"causal ({causal.mean():.3f})")
+    gx = np.arange(audit.prompt_len, audit.prompt_len + len(gen))
+    top.plot(gx, gen, lw=0.8, color="C2", label=f"generation, prompt {audit.prompt_len}")
+    top.axvline(audit.prompt_len - 0.5, color="0.5", lw=0.6, ls=":")
+    top.set_ylabel("next-token loss (nats)")
+    top.legend(fontsize=7, loc="upper right")
+    top.set_gid("loss:0:0")
+    bottom.plot(x, causal - full, lw=0.8, color="C3")
+    bottom.axhline(0.0, color="0.5", lw=0.6)
+    bottom.set_ylabel("causal - trained")
+    bottom.set_xlabel("position of the predicted token")
+    bottom.set_gid("loss:1:0")
+    fig.suptitle(title or "causal-leak audit: loss by position", fontsize=9)
+    return _save(fig, path, dpi, keep_figure)

@@ -108,6 +108,10 @@ def attend(
     """:func:`plga_attention` given the transformed queries ``Q G_LM`` [B, H, L, dk]."""
     dk = transformed.shape[-1]
     if implementation == "sdpa":
+        if bias is not None:
+            # A float mask of another dtype than the queries is silently misread by the CPU
+            # kernel for float64 at 16+ positions (torch 2.13); the eager path is unaffected.
+            bias = bias.to(transformed.dtype)
         out = F.scaled_dot_product_attention(
             transformed, keys, values, attn_mask=bias, is_causal=is_causal and bias is None
         )
