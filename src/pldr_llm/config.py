@@ -118,7 +118,9 @@ class PLDRConfig:
 
     ``depth`` (dk) is ``d_model // num_heads``. ``version`` is ``"v510"`` for the learned power law
     graph attention and ``"v510G"`` for a model whose G_LM is predefined per layer (no metric
-    learner weights).
+    learner weights). ``causal_metric`` (not in the original; off by default) builds the metric
+    tensor of position t from positions <= t only, so the loss cannot see the future through A
+    (see docs/deductive.md).
 
     The remaining fields are the switches of the authors' transformers implementation
     (``PldrllmConfig``); their defaults are the original's fixed choices:
@@ -154,6 +156,7 @@ class PLDRConfig:
     final_bias: bool = True
     layer_norm_eps: float = 1e-6
     cache_first_G: bool = False
+    causal_metric: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -198,6 +201,8 @@ class PLDRConfig:
             raise PLDRError(
                 f"model 'version' must be one of {MODEL_VERSIONS}, got {self.version!r}"
             )
+        if not isinstance(self.causal_metric, bool):
+            raise PLDRError(f"'causal_metric' must be true or false, got {self.causal_metric!r}")
         for name in ("pad_id", "eos_id", "bos_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.input_vocab_size:
@@ -361,6 +366,8 @@ class PLDRConfig:
         data = dataclasses.asdict(self)
         if not data.get("extra"):
             data.pop("extra", None)
+        if not data["causal_metric"]:  # the original's behaviour: config files stay as they were
+            data.pop("causal_metric")
         return data
 
     @classmethod

@@ -4,8 +4,9 @@
 reports per layer and head the singular values, numerical rank, ``log|det|`` with sign and RMS of
 G_LM (A, A_LM, A_P in the JSON), and the RMSE between cached and uncached deductive outputs and
 across prompts. ``pldr-llm inspect --g-file FILE`` does the same for a G file (the paper's
-pickles, read with a restricted unpickler, or the project's safetensors G files). See
-docs/deductive.md.
+pickles, read with a restricted unpickler, or the project's safetensors G files).
+``pldr-llm inspect --model X --leak --text FILE`` runs the causal-leak audit
+(:func:`pldr_llm.deductive.leak_audit`). See docs/deductive.md.
 """
 
 from __future__ import annotations
@@ -51,6 +52,28 @@ def register(subparsers: Any) -> None:
         "and v510G training",
     )
     add_analysis_arguments(p)
+    leak = p.add_argument_group("causal-leak audit (with --model)")
+    leak.add_argument(
+        "--leak",
+        action="store_true",
+        help="score --text as trained, causally (each prefix alone) and as generation does "
+        "(A and G_LM frozen on the first --prefix tokens)",
+    )
+    leak.add_argument("--text", metavar="FILE", help="UTF-8 text scored by --leak")
+    leak.add_argument(
+        "--prefix",
+        type=int,
+        default=None,
+        metavar="P",
+        help="prompt length (tokens) on which generation freezes A and G_LM (default: half)",
+    )
+    leak.add_argument(
+        "--block",
+        type=int,
+        default=16,
+        metavar="N",
+        help="prefixes per batch in the causal pass (default: 16)",
+    )
     add_model_arguments(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout, no logs")
     p.set_defaults(func=run)
@@ -211,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError(f"--rtol must be positive, got {args.rtol}")
     if args.plot:
         _check_matplotlib()
+    if args.leak or args.text:
+        return _run_leak(args)
     if args.g_file:
         if args.prompt or args.prompt_file or args.prompt_ids:
             raise PLDRError("prompts go with --model, not with --g-file")
@@ -286,4 +311,36 @@ def _run_model(args: argparse.Namespace) -> int:
             metadata={"source": str(args.model), "prompt": labels[0], "prompt_ids": prompts[0]},
         )
         log(args, f"wrote G-cache {out}")
+    return 0
+
+
+def _run_leak(args: argparse.Namespace) -> int:
+    from pldr_llm.deductive import leak_audit, plot_leak
+    from pldr_llm.errors import PLDRError
+
+    if not args.leak:
+        raise PLDRError("--text goes with --leak")
+    if not args.model or not args.text:
+        raise PLDRError("--leak needs --model and --text")
+    if args.prompt or args.prompt_file or args.prompt_ids:
+        raise PLDRError("--leak scores --text; prompts do not apply")
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PLDRError(f"cannot read --text {args.text}: {exc}") from None
+    args.prompt = [text]  # so that load_model asks for the tokenizer
+    model, tokenizer = load_model(args, args.model)
+    if tokenizer is None:
+        raise PLDRError("this model has no tokenizer to encode --text")
+    ids = list(tokenizer.encode(text))
+    max_len = int(model.config.max_seq_len)
+    if len(ids) > max_len:
+        log(args, f"--text has {len(ids)} tokens; scoring the first {max_len} (max_seq_len)")
+        ids = ids[:max_len]
+    source = {"kind": "model", "model": str(args.model), "text": str(args.text)}
+    audit = leak_audit(model, ids, prompt_len=args.prefix, block=args.block, source=source)
+    _emit(args, audit.summary(), audit.to_dict())
+    if args.plot:
+        summary = plot_leak(args.plot, audit, title=f"{args.model}: {Path(args.text).name}")
+        log(args, f"wrote {summary.path} ({summary.width}x{summary.height})")
     return 0

@@ -72,6 +72,7 @@ class DecoderLayer(nn.Module):
             layer_norm_eps=config.layer_norm_eps,
             rotary=RotaryEmbedding.from_config(config),
             cache_first_G=config.cache_first_G,
+            causal_metric=config.causal_metric,
         )
         self.ffn = GLU(
             config.d_model, config.dff, config.d_model, config.activation, config.glu_bias

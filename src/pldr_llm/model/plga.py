@@ -9,6 +9,10 @@ Per layer and head (dk = d_model / num_heads):
 * energy-curvature tensor ``G_LM = a A_P + ba``;
 * attention ``softmax((Q G_LM) K^T / sqrt(dk) + mask) V``.
 
+With ``causal_metric`` (not in the original) the query at position t attends with its own
+``G_LM(t)``, built from ``A(t) = LN(sum_{s<=t} q_s^T q_s)``: see
+:meth:`PowerLawGraphAttention.causal_queries`.
+
 Because G_LM only transforms the query, the attention is ``SDPA(Q G_LM, K, V)``: the ``sdpa``
 implementation uses PyTorch's fused kernels, the ``eager`` one materializes the scores (and
 returns them as a deductive output). Both compute the same function.
@@ -17,11 +21,13 @@ returns them as a deductive output). Both compute the same function.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pldr_llm.errors import PLDRError
 from pldr_llm.model.cache import GCacheEntry, LayerKV, StaticLayerKV, register_pytree_dataclass
@@ -30,6 +36,8 @@ from pldr_llm.model.rope import RotaryEmbedding
 
 # Keeps A_LM strictly positive so that A_LM ** pw is defined for any learned power.
 A_LM_EPSILON = 1e-9
+# Positions per block of the causal metric: [B, H, block, dk, dk] per tensor at a time.
+CAUSAL_METRIC_BLOCK = 64
 # The original masks with an additive -1e9 (not -inf): a row with every key masked then stays
 # finite instead of turning into NaN, which matters because A sums over all query rows.
 MASK_VALUE = -1e9
@@ -86,9 +94,24 @@ def plga_attention(
     ``bias=None``) asks for the plain causal mask. ``scores`` (before mask and softmax) are only
     materialized by the eager implementation.
     """
-    dk = queries.shape[-1]
-    transformed = queries @ g_lm.to(queries.dtype)
+    return attend(queries @ g_lm.to(queries.dtype), keys, values, bias, is_causal, implementation)
+
+
+def attend(
+    transformed: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    is_causal: bool = False,
+    implementation: str = "sdpa",
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`plga_attention` given the transformed queries ``Q G_LM`` [B, H, L, dk]."""
+    dk = transformed.shape[-1]
     if implementation == "sdpa":
+        if bias is not None:
+            # A float mask of another dtype than the queries is silently misread by the CPU
+            # kernel for float64 at 16+ positions (torch 2.13); the eager path is unaffected.
+            bias = bias.to(transformed.dtype)
         out = F.scaled_dot_product_attention(
             transformed, keys, values, attn_mask=bias, is_causal=is_causal and bias is None
         )
@@ -182,9 +205,14 @@ class PowerLawGraphAttention(nn.Module):
         layer_norm_eps: float = 1e-6,
         rotary: RotaryEmbedding | None = None,
         cache_first_G: bool = False,
+        causal_metric: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
+        #: Build A causally (``PLDRConfig.causal_metric``); plain attributes, not state: the
+        #: leak audit switches them on for one pass.
+        self.causal_metric = causal_metric
+        self.metric_block = CAUSAL_METRIC_BLOCK
         self.depth = d_model // num_heads
         self.cache_first_G = cache_first_G
         self.wq = xavier_linear(d_model, d_model, attention_bias)
@@ -217,10 +245,73 @@ class PowerLawGraphAttention(nn.Module):
 
     def learn_metric(self, queries: Tensor, query_valid: Tensor | None) -> Tensor:
         """The metric learner: ``LN(Q^T Q)`` refined by the residual units."""
-        metric = self.layernorm1(metric_tensor_from_queries(queries, query_valid))
+        return self.refine_metric(metric_tensor_from_queries(queries, query_valid))
+
+    def refine_metric(self, raw: Tensor) -> Tensor:
+        """``LN(raw)`` refined by the residual units; ``raw`` is [..., dk, dk] (any batch dims)."""
+        metric = self.layernorm1(raw)
         for unit in self.reslayerAs:
             metric = unit(metric)
         return metric
+
+    def causal_queries(
+        self,
+        queries: Tensor,
+        query_valid: Tensor | None,
+        running: Tensor | None = None,
+        observe: Callable[[int, Tensor], None] | None = None,
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Queries transformed by their own causal G_LM: ``q_t G_LM(t)``, [B, H, L, dk].
+
+        ``A(t)`` is the metric learner applied to ``running + sum_{s<=t} q_s^T q_s`` (``running``:
+        the raw sum of earlier positions, from the KV-cache; zero for a fresh sequence), followed
+        by the power law. Positions are processed ``metric_block`` at a time (cumulative sums of
+        outer products on top of the previous block's total), so at most [B, H, block, dk, dk]
+        per tensor exists at once; with gradients each block is recomputed in the backward pass
+        (activation checkpointing) instead of keeping every position's tensors. ``observe(start,
+        g_lm_block)`` sees each block's G_LM [B, H, n, dk, dk] (without gradients only).
+
+        Returns (transformed queries, the new raw running sum [B, H, dk, dk], and (A, A_LM, A_P,
+        G_LM) of the last position, which equal the non-causal ones of the whole sequence).
+        """
+        batch, heads, length, dk = queries.shape
+        masked = queries
+        if query_valid is not None:
+            masked = queries.masked_fill(~query_valid[:, None, :, None], 0.0)
+        if running is None:
+            running = queries.new_zeros(batch, heads, dk, dk)
+        use_checkpoint = torch.is_grad_enabled() and queries.requires_grad and observe is None
+        pieces, last = [], None
+        for start in range(0, length, self.metric_block):
+            q = queries[:, :, start : start + self.metric_block]
+            qm = masked[:, :, start : start + self.metric_block]
+            if use_checkpoint:
+                out = checkpoint(self._causal_block, q, qm, running, use_reentrant=False)
+            else:
+                out = self._causal_block(q, qm, running)
+            transformed, blocks = out[0], out[1:]
+            if observe is not None:
+                observe(start, blocks[3])
+            pieces.append(transformed)
+            last = tuple(t[:, :, -1] for t in blocks)
+            # The next block continues from this block's total (the same sum, without the LN).
+            running = running + qm.transpose(-1, -2) @ qm
+        assert last is not None  # length >= 1
+        return torch.cat(pieces, dim=2), running, last  # type: ignore[return-value]
+
+    def _causal_block(
+        self, q: Tensor, q_masked: Tensor, running: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One block of :meth:`causal_queries`: (q_t G_LM(t), A, A_LM, A_P, G_LM per position)."""
+        outer = q_masked.unsqueeze(-1) * q_masked.unsqueeze(-2)  # [B, H, n, dk, dk]
+        metric = self.refine_metric(running.unsqueeze(2) + outer.cumsum(dim=2))
+        p = self.plgatt_layer  # [H, dk, dk] tensors, broadcast over the positions
+        a_lm, a_p, g_lm = power_law(
+            metric, p.Wlst[:, None], p.blst[:, None], p.pwlst[:, None], p.alst[:, None],
+            p.balst[:, None],
+        )  # fmt: skip
+        transformed = (q.unsqueeze(-2) @ g_lm.to(q.dtype)).squeeze(-2)
+        return transformed, metric, a_lm, a_p, g_lm
 
     def forward(
         self,
@@ -246,23 +337,34 @@ class PowerLawGraphAttention(nn.Module):
             keys, values = past.append(keys, values)
             metric = past.metric_tensor
 
-        a_lm = a_p = None
+        a_lm = a_p = transformed = None
+        cached_metric = metric
         if g_entry is not None:  # G-cache: the metric learner is skipped entirely
             a_lm, a_p, g_lm = g_entry.A_LM, g_entry.A_P, g_entry.G_LM
         elif self.predefined_G:
             g_lm = self.predefined_G_LM
         else:
-            if metric is None:
-                if past is not None:
-                    raise PLDRError(
-                        "the KV-cache holds no metric tensor A (it was built with a G-cache); "
-                        "keep passing the G-cache"
-                    )
-                metric = self.learn_metric(queries, query_valid)
-            a_lm, a_p, g_lm = self.plgatt_layer(metric)
+            if metric is None and past is not None:
+                raise PLDRError(
+                    "the KV-cache holds no metric tensor A (it was built with a G-cache); "
+                    "keep passing the G-cache"
+                )
+            if self.causal_metric:
+                # The KV-cache then holds the raw running sum of q^T q, so each new token's A
+                # sums every earlier position too: decoding computes what training did.
+                transformed, cached_metric, (metric, a_lm, a_p, g_lm) = self.causal_queries(
+                    queries, query_valid, metric
+                )
+            else:
+                if metric is None:
+                    metric = cached_metric = self.learn_metric(queries, query_valid)
+                a_lm, a_p, g_lm = self.plgatt_layer(metric)
 
         impl = "eager" if need_deductive else implementation
-        attended, scores = plga_attention(queries, g_lm, keys, values, bias, is_causal, impl)
+        if transformed is None:
+            attended, scores = plga_attention(queries, g_lm, keys, values, bias, is_causal, impl)
+        else:
+            attended, scores = attend(transformed, keys, values, bias, is_causal, impl)
         batch, _, length, _ = attended.shape
         out = self.dense(attended.transpose(1, 2).reshape(batch, length, -1))
 
@@ -272,4 +374,4 @@ class PowerLawGraphAttention(nn.Module):
             # The authors' cache_first_G: this pass used each row's own G; later passes reuse
             # the first row's for the whole batch.
             g_cached = GCacheEntry(a_lm[:1], g_lm[:1], a_p[:1])  # type: ignore[index]
-        return out, LayerKV(keys, values, metric), g_cached, deductive
+        return out, LayerKV(keys, values, cached_metric), g_cached, deductive

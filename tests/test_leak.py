@@ -1,0 +1,227 @@
+"""The causal-leak audit (pldr_llm.deductive.leak_audit) and model.causal_metric.
+
+Tolerances: float64 runs agree to ~1e-15 in loss; we allow 1e-9 (the prefix batches use a padded
+mask and another summation order than a lone prefix pass, and the power law A_LM ** pw amplifies
+relative rounding by |pw| per layer). float32 runs are checked at 2e-3 nats: rounding of
+~1e-7 relative in A moves G_LM by |pw| times that, and the logits by ||q|| ||k|| times G's error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pldr_llm import PLDRConfig, PLDRModel
+from pldr_llm.deductive import leak_audit
+from pldr_llm.errors import PLDRError
+from pldr_llm.model.variants import predefined_G_model
+
+CONFIG = PLDRConfig(
+    num_layers=2,
+    d_model=32,
+    num_heads=2,
+    dff=48,
+    A_dff=16,
+    num_reslayerA=2,
+    num_denseA=2,
+    input_vocab_size=60,
+    max_seq_len=32,
+)
+LENGTH = 24  # > 16, where the CPU SDPA kernel switches path
+
+
+def _model(causal: bool = False, dtype: torch.dtype = torch.float64, seed: int = 0) -> PLDRModel:
+    torch.manual_seed(seed)
+    config = dataclasses.replace(CONFIG, causal_metric=causal)
+    return PLDRModel(config).to(dtype).eval()
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, CONFIG.input_vocab_size, (LENGTH,), generator=g)
+
+
+@torch.no_grad()
+def _brute_force(model: PLDRModel, ids: torch.Tensor) -> torch.Tensor:
+    """Loss of token t+1 from a pass over ids[:t+1] alone, for every t."""
+    out = []
+    for t in range(len(ids) - 1):
+        logits = model(ids[None, : t + 1]).logits[0, -1].to(torch.float64)
+        out.append(F.cross_entropy(logits, ids[t + 1]))
+    return torch.stack(out)
+
+
+def _trained(causal: bool = False) -> PLDRModel:
+    """A model trained for 25 AdamW steps on one repeated pattern (its loss drops by more than
+    a nat): the power-law weights are no longer at init."""
+    model = _model(causal, torch.float32, seed=3).train()
+    pattern = torch.arange(4, 16).repeat(3)[:LENGTH][None]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        logits = model(pattern).logits
+        loss = F.cross_entropy(logits[0, :-1], pattern[0, 1:])
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 1.0
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
+def test_causal_loss_is_every_prefix_alone_random_model(dtype: torch.dtype, tol: float) -> None:
+    model, ids = _model(dtype=dtype), _ids()
+    audit = leak_audit(model, ids, prompt_len=10, block=7)  # blocks do not divide 39
+    brute = _brute_force(model, ids)
+    assert torch.allclose(torch.tensor(audit.loss_causal, dtype=torch.float64), brute, atol=tol)
+    # ... and differs from the full-sequence loss, which sees the future through A.
+    full = torch.tensor(audit.loss_full, dtype=torch.float64)
+    assert (full - brute).abs().max() > 100 * tol
+    assert abs(audit.overall["causal_minus_full"] - float((brute - full).mean())) < 1e-6
+    assert audit.layers[0].g_rmse_causal > 0 and audit.layers[1].g_rmse_prompt > 0
+
+
+def test_causal_loss_is_every_prefix_alone_trained_model() -> None:
+    model = _trained()
+    ids = torch.arange(4, 16).repeat(3)[:LENGTH]
+    audit = leak_audit(model, ids, prompt_len=12, block=16)
+    brute = _brute_force(model, ids)
+    assert torch.allclose(torch.tensor(audit.loss_causal, dtype=torch.float64), brute, atol=2e-3)
+    model64 = model.double()
+    audit64 = leak_audit(model64, ids, prompt_len=12, block=16)
+    brute64 = _brute_force(model64, ids)
+    assert torch.allclose(
+        torch.tensor(audit64.loss_causal, dtype=torch.float64), brute64, atol=1e-9
+    )
+
+
+def test_generation_loss_is_greedy_decoding_with_caches() -> None:
+    """loss_generation[k] is the loss of the logits that step-by-step KV+G-cache decoding sees."""
+    model, ids = _model(), _ids()
+    audit = leak_audit(model, ids, prompt_len=12)
+    with torch.no_grad():
+        out = model(ids[None, :12])
+        cache, losses = out.cache, [F.cross_entropy(out.logits[0, -1], ids[12])]
+        for t in range(12, LENGTH - 1):
+            out = model(ids[None, t : t + 1], cache=cache)
+            cache = out.cache
+            losses.append(F.cross_entropy(out.logits[0, -1], ids[t + 1]))
+    assert torch.allclose(
+        torch.tensor(audit.loss_generation, dtype=torch.float64), torch.stack(losses), atol=1e-9
+    )
+    assert len(audit.loss_generation) == LENGTH - 12
+
+
+def test_causal_metric_model_full_loss_is_causal_loss() -> None:
+    model, ids = _model(causal=True), _ids()
+    for layer in model.decoder.dec_layers:
+        layer.mha1.metric_block = 6  # several blocks of the cumulative sum
+    audit = leak_audit(model, ids, prompt_len=10, block=7)
+    full = torch.tensor(audit.loss_full, dtype=torch.float64)
+    assert torch.allclose(full, torch.tensor(audit.loss_causal, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(full, _brute_force(model, ids), atol=1e-9)
+    assert audit.layers[0].g_rmse_causal > 0  # G_LM does move: it is per position now
+
+
+def test_causal_metric_kv_cache_holds_the_running_sum() -> None:
+    """With causal_metric, decoding with the KV-cache alone reproduces the full pass."""
+    model, ids = _model(causal=True), _ids()
+    with torch.no_grad():
+        full = model(ids[None]).logits[0]
+        out = model(ids[None, :9])
+        cache, steps = out.cache.drop_g(), [out.logits[0, -1]]
+        for t in range(9, LENGTH):
+            out = model(ids[None, t : t + 1], cache=cache)
+            cache = out.cache.drop_g()
+            steps.append(out.logits[0, -1])
+    assert torch.allclose(torch.stack(steps), full[8:], atol=1e-9)
+
+
+def test_causal_metric_one_layer_equals_prefix_runs_of_the_original() -> None:
+    """With one layer, G_LM(t) from positions <= t is exactly what a pass over the prefix of
+    the original model uses at its last position."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(CONFIG, num_layers=1)
+    plain = PLDRModel(config).double().eval()
+    causal = PLDRModel(dataclasses.replace(config, causal_metric=True)).double().eval()
+    causal.load_state_dict(plain.state_dict())
+    ids = _ids()
+    with torch.no_grad():
+        logits = causal(ids[None]).logits[0, :-1]
+    losses = F.cross_entropy(logits, ids[1:], reduction="none")
+    assert torch.allclose(losses, _brute_force(plain, ids), atol=1e-9)
+
+
+def test_causal_metric_gradients_do_not_depend_on_the_block() -> None:
+    """Checkpointed blocks recompute exactly what one block computes."""
+    ids = _ids()[None]
+    grads = []
+    for block in (5, LENGTH):
+        model = _model(causal=True).train()
+        for layer in model.decoder.dec_layers:
+            layer.mha1.metric_block = block
+        logits = model(ids).logits
+        F.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-10, rtol=1e-8)
+
+
+def test_predefined_G_all_three_losses_agree() -> None:
+    model = predefined_G_model(_model(), [torch.eye(16).expand(2, 16, 16)] * 2).eval()
+    audit = leak_audit(model, _ids(), prompt_len=15, block=5)
+    full = torch.tensor(audit.loss_full, dtype=torch.float64)
+    causal = torch.tensor(audit.loss_causal, dtype=torch.float64)
+    assert torch.allclose(full, causal, atol=1e-9)
+    assert torch.allclose(
+        full[14:], torch.tensor(audit.loss_generation, dtype=torch.float64), atol=1e-9
+    )
+    assert all(x.g_rmse_causal == 0 and x.g_rmse_prompt == 0 for x in audit.layers)
+
+
+def test_causal_metric_config_round_trip() -> None:
+    assert "causal_metric" not in CONFIG.to_dict()  # config files of the original unchanged
+    on = dataclasses.replace(CONFIG, causal_metric=True)
+    assert PLDRConfig.from_dict(on.to_dict()).causal_metric is True
+    with pytest.raises(PLDRError, match="causal_metric"):
+        dataclasses.replace(CONFIG, causal_metric="yes")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"prompt_len": 0}, "prompt length"),
+        ({"prompt_len": LENGTH}, "prompt length"),
+        ({"block": 0}, "block"),
+    ],
+)
+def test_leak_audit_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(PLDRError, match=message):
+        leak_audit(_model(), _ids(), **kwargs)
+
+
+def test_leak_audit_rejects_padding_and_long_text() -> None:
+    ids = _ids().clone()
+    ids[5] = CONFIG.pad_id
+    with pytest.raises(PLDRError, match="padding id"):
+        leak_audit(_model(), ids)
+    with pytest.raises(PLDRError, match="max_seq_len"):
+        leak_audit(_model(), torch.randint(4, 60, (CONFIG.max_seq_len + 1,)))
+
+
+def test_leak_audit_json_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from pldr_llm.deductive import plot_leak
+
+    audit = leak_audit(_model(dtype=torch.float32), _ids(), prompt_len=10)
+    data = audit.to_dict()
+    assert data["format"] == "pldr-llm-leak-audit" and len(data["loss_full"]) == LENGTH - 1
+    assert "causal - as trained" in audit.summary()
+    summary = plot_leak(tmp_path / "leak.png", audit)
+    assert summary.grids == {"loss": (2, 1)}
+    assert (tmp_path / "leak.png").read_bytes()[:4] == b"\x89PNG"
