@@ -161,6 +161,7 @@ class Trainer:
                 cpu_offload=config.fsdp_cpu_offload,
                 mixed_precision=not config.disable_fsdp_mixed_precision,
                 reduce_dtype=config.fsdp_reduce_dtype,
+                prefetch=config.backward_prefetch,
             )
         self.sharded = bool(shard)
         self.model = model
@@ -168,6 +169,10 @@ class Trainer:
             model.attn_implementation = config.attn_implementation
         #: the speed levers in effect (TrainConfig.levers for this device)
         self.levers = config.levers(self.device.type)
+        if shard and config.cuda_graphs is None:
+            # FSDP frees and re-gathers the layers' parameters every step: their addresses
+            # change, which CUDA-graph trees would answer by re-recording. Opt in explicitly.
+            self.levers["cuda_graphs"] = False
         if self.levers["compile_layers"] and not config.compile:
             from pldr_llm.fast import compile_decoder_layers
 
@@ -636,6 +641,10 @@ class Trainer:
             data_state = train_data.state_dict()
         record: dict[str, Any] | None = None
         stopping = {"status": None}
+        # Per pending step: its epoch, and the epochs that ended just before it (step -> (epoch,
+        # its last step)), so that epoch records come out in order when the steps are read.
+        step_epochs: dict[int, int] = {}
+        epoch_ends: dict[int, tuple[int, int]] = {}
 
         def flush(final: bool = False) -> None:
             """Read the pending steps; write their records; note a stop or a divergence."""
@@ -649,10 +658,13 @@ class Trainer:
             now = time.perf_counter()
             for result in results:
                 step = result["step"]
+                if step in epoch_ends:
+                    ended, last_step = epoch_ends.pop(step)
+                    self._end_epoch(writer, meters, ended, last_step)
                 meters.update(result if not result["skipped"] else {})
                 record = {
                     "step": step,
-                    "epoch": epoch,
+                    "epoch": step_epochs.pop(step, epoch),
                     "loss": result["loss"],
                     "accuracy": result["accuracy"],
                     "lr": result["lr"],
@@ -744,14 +756,16 @@ class Trainer:
                 ):
                     # An endless iterator moved on to its next epoch. Its first batch is
                     # already taken, so an epoch checkpoint is written after this step (a
-                    # checkpoint must never hold a data position ahead of its step).
-                    flush()
-                    self._end_epoch(writer, meters, epoch)
+                    # checkpoint must never hold a data position ahead of its step). Its record
+                    # is written when the steps are read (no host read here: with a small
+                    # corpus an epoch can be a few steps long).
+                    epoch_ends[self.step + 1] = (epoch, self.step)
                     epoch_save_due = epoch + 1 in cfg.save_epochs
                     epoch, step_in_epoch = data_epoch, 0
                     if total is None and epoch >= cfg.epochs:
                         break
 
+                step_epochs[self.step + 1] = epoch
                 pending.append(self.step_async(fed.batch))
                 data_state = fed.state
                 step_in_epoch += 1
@@ -801,6 +815,8 @@ class Trainer:
                 if stopping["status"] == "interrupted":
                     break
             flush(final=True)
+            for ended, last_step in epoch_ends.values():  # an epoch ended with the run
+                self._end_epoch(writer, meters, ended, last_step)
             if stopping["status"]:
                 status = stopping["status"]
             if status == "completed" and val_data is not None and cfg.val_every:
@@ -840,11 +856,13 @@ class Trainer:
             last_metrics=record,
         )
 
-    def _end_epoch(self, writer: MetricsWriter, meters: TrainMeters, epoch: int) -> None:
+    def _end_epoch(
+        self, writer: MetricsWriter, meters: TrainMeters, epoch: int, step: int | None = None
+    ) -> None:
         writer.write(
             {
                 "event": "epoch_end",
-                "step": self.step,
+                "step": self.step if step is None else step,
                 "epoch": epoch,
                 "loss_epoch": meters.result("epoch", "loss"),
                 "accuracy_epoch": meters.result("epoch", "accuracy"),
