@@ -43,7 +43,7 @@ VARIANTS: dict[str, list[str]] = {
         "--train.attn_implementation", "eager", "--train.chunked_loss", "false",
         "--train.compile_layers", "false", "--train.fused_optimizer", "false",
     ],
-    "dag": ["--train.dag_reg_coeffs", "[0.05, 0.05, 0.05]"],
+    "dag": ["--DAG_reg_coeffs", "0.05", "0.05", "0.05"],
 }  # fmt: skip
 
 

@@ -241,8 +241,10 @@ def test_compiled_layers_trace_whole_and_match(tiny_model):
         loss = masked_cross_entropy(model(ids[:, :-1]).logits, ids[:, 1:])
         got = torch.autograd.grad(loss, list(model.parameters()))
         assert "decoder.dec_layers.0.mha1.wq.weight" in model.state_dict()
+        assert all("forward" in vars(layer) for layer in model.decoder.dec_layers)
     finally:
         uncompile_decoder_layers(model)
+    assert not any("forward" in vars(layer) for layer in model.decoder.dec_layers)
     close(loss, expected)
     for g, w in zip(got, want):
         close(g, w, atol=1e-5, rtol=1e-3)
