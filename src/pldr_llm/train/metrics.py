@@ -333,6 +333,11 @@ class ProgressBar:
                 eta,
             )
 
+    def advance(self, step: int) -> None:
+        """Move the bar to ``step`` without new figures (between two reads of the device)."""
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
     def write(self, message: str) -> None:
         if self._bar is not None:
             self._bar.write(message, file=sys.stderr)

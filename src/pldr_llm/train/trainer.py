@@ -719,6 +719,7 @@ class Trainer:
         gc.collect()
         gc.freeze()
         rates.start(self.tokens_seen, self.step, time.perf_counter())
+        first_step = self.step
         try:
             while total is None or self.step < total:
                 fed = feed.next()
@@ -769,6 +770,12 @@ class Trainer:
                 pending.append(self.step_async(fed.batch))
                 data_state = fed.state
                 step_in_epoch += 1
+                progress.advance(self.step)  # the bar's step count only: nothing read back
+                if self.step == first_step + 3:
+                    # Compilation and CUDA-graph recording made many long-lived objects in the
+                    # first steps: freeze them too.
+                    gc.collect()
+                    gc.freeze()
 
                 val_due = val_data is not None and cfg.val_every and self.step % cfg.val_every == 0
                 epoch_due = cfg.steps_per_epoch is not None and step_in_epoch >= cfg.steps_per_epoch
