@@ -10,6 +10,11 @@ Loss normalization across micro-batches and ranks: the loss of a step is the mea
 non-padding target tokens of the global batch (not a mean of per-rank means), so one process and N
 processes compute the same gradient from the same global batch even when padding is spread
 unevenly. The DAG terms, means over (layers, batch, heads), are weighted by sequences the same way.
+
+This step is also the fast path: on a GPU it runs with the speed levers of
+:meth:`TrainConfig.levers` (SDPA, the loss inside the model's forward, compiled layers with CUDA
+graphs, fused AdamW) and never waits for the device; ``docs/training.md`` explains each lever and
+how far the result may drift from the eager arithmetic.
 """
 
 from __future__ import annotations
