@@ -16,11 +16,9 @@ from pldr_llm import PLDRError, generate, generate_details, masked_cross_entropy
 from pldr_llm.fast import (
     CapturedForward,
     StaticDecoder,
-    causal_lm_loss,
     compile_decoder_layers,
     greedy_generate,
     linear_cross_entropy,
-    packed_causal_lm_loss,
     uncompile_decoder_layers,
 )
 
@@ -86,7 +84,8 @@ def test_linear_cross_entropy_without_grad_mode():
 
 
 @pytest.mark.parametrize("padding", ["none", "pad_ids", "attention_mask"])
-def test_causal_lm_loss_matches_model_logits(tiny_model, padding):
+def test_forward_labels_loss_matches_model_logits(tiny_model, padding):
+    """``forward(..., labels=)`` (the trainer's chunked loss) = the loss of the full logits."""
     model = tiny_model.train()
     vocab = model.config.input_vocab_size
     ids = random_ids((3, 12), vocab, seed=4)
@@ -101,25 +100,35 @@ def test_causal_lm_loss_matches_model_logits(tiny_model, padding):
     expected = masked_cross_entropy(model(inputs, attention_mask=in_mask).logits, targets)
     params = [p for p in model.parameters() if p.requires_grad]
     want = torch.autograd.grad(expected, params, allow_unused=True)
-    loss = causal_lm_loss(model, inputs, targets, attention_mask=in_mask, chunk_rows=7)
+    out = model(inputs, attention_mask=in_mask, labels=targets)
+    loss = out.loss
     got = torch.autograd.grad(loss, params, allow_unused=True)
     close(loss, expected)
+    full = model(inputs, attention_mask=in_mask).logits
+    hits = ((full.argmax(-1) == targets) & (targets != 0)).sum()
+    assert out.correct.item() == hits.item()
+    assert out.logits.shape[1] == 1  # only the last position's logits are computed
     for (name, _), g, w in zip(model.named_parameters(), got, want):
         assert (g is None) == (w is None), name
         if g is not None:
             close(g, w, atol=1e-5, rtol=1e-3)
 
 
-def test_packed_loss_matches_forward_loss(tiny_model):
+@pytest.mark.parametrize("key_padding", [False, True])
+def test_forward_without_host_reads_matches_checked_forward(tiny_model, key_padding):
+    """``check_ids=False`` + a ``key_padding`` hint (what the trainer passes) computes what the
+    checked forward computes: the hint only replaces the host read that finds padding."""
     model = tiny_model.train()
     ids = random_ids((2, 10), model.config.input_vocab_size, seed=17)
+    if key_padding:
+        ids[1, 2:4] = 0
     targets = ids[:, 1:].clone()
     targets[0, -2:] = 0  # padding targets are still left out
     expected = masked_cross_entropy(model(ids[:, :-1]).logits, targets)
     want = torch.autograd.grad(expected, list(model.parameters()))
-    loss = packed_causal_lm_loss(model, ids[:, :-1], targets, chunk_rows=4)
-    got = torch.autograd.grad(loss, list(model.parameters()))
-    close(loss, expected)
+    out = model(ids[:, :-1], labels=targets, key_padding=key_padding, check_ids=False)
+    got = torch.autograd.grad(out.loss, list(model.parameters()))
+    close(out.loss, expected)
     for g, w in zip(got, want):
         close(g, w, atol=1e-5, rtol=1e-3)
 
@@ -232,8 +241,10 @@ def test_compiled_layers_trace_whole_and_match(tiny_model):
         loss = masked_cross_entropy(model(ids[:, :-1]).logits, ids[:, 1:])
         got = torch.autograd.grad(loss, list(model.parameters()))
         assert "decoder.dec_layers.0.mha1.wq.weight" in model.state_dict()
+        assert all("forward" in vars(layer) for layer in model.decoder.dec_layers)
     finally:
         uncompile_decoder_layers(model)
+    assert not any("forward" in vars(layer) for layer in model.decoder.dec_layers)
     close(loss, expected)
     for g, w in zip(got, want):
         close(g, w, atol=1e-5, rtol=1e-3)

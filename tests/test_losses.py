@@ -38,3 +38,19 @@ def test_dag_gradient_is_finite_for_large_inputs():
 def test_dag_is_zero_for_zero_matrix():
     # trace(expm(0)) = dk, so log(dk/dk) = 0
     assert dag_term(torch.zeros(2, 4, 4)).item() == 0.0
+
+
+def test_log_trace_expm_with_entries_from_1e_minus_17_to_1e17():
+    """A_P = A_LM ** pw with A_LM near its 1e-9 floor spans many decades: the device-side shift
+    (no eigen-decomposition) gives the eigenvalue-shifted value, where a row-sum shift alone
+    underflows (the largest row sum is far above the spectral radius)."""
+    torch.manual_seed(1)
+    x = torch.exp(torch.empty(4, 6, 6, dtype=torch.float64).uniform_(-40, 40))
+    eye = torch.eye(6, dtype=torch.float64)
+    rho = torch.linalg.eigvals(x).real.max(-1).values
+    shifted = torch.linalg.matrix_exp(x - rho[:, None, None] * eye)
+    reference = rho + torch.log(shifted.diagonal(dim1=-2, dim2=-1).sum(-1))
+    row = x.sum(-1).amax(-1)
+    by_rows = torch.linalg.matrix_exp(x - row[:, None, None] * eye).diagonal(dim1=-2, dim2=-1)
+    assert (by_rows.sum(-1) == 0).any()  # the row-sum shift alone underflows here
+    torch.testing.assert_close(log_trace_expm(x), reference, rtol=1e-12, atol=0.0)

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-STEP_KEYS = {"step", "loss", "accuracy", "lr", "tokens", "tokens_per_s", "loss_running",
-             "loss_global", "loss_epoch", "accuracy_global", "epoch", "elapsed_s"}  # fmt: skip
+STEP_KEYS = {"step", "loss", "accuracy", "lr", "tokens", "loss_running",
+             "loss_global", "loss_epoch", "accuracy_global", "epoch"}  # fmt: skip
+# On the last step of each log interval (log_every = 10 here).
+INTERVAL_KEYS = {"tokens_seen", "tokens_per_s", "tokens_per_s_cumulative", "step_time_s",
+                 "elapsed_s"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,11 @@ def test_tiny_preset_metrics_and_loss_falls(tiny_run: Path) -> None:
     assert [r["step"] for r in steps] == list(range(1, 21))
     for record in steps:
         assert STEP_KEYS <= set(record), STEP_KEYS - set(record)
+        assert (INTERVAL_KEYS <= set(record)) == (record["step"] % 10 == 0), record
+    # tokens/s of an interval counts that interval's tokens only
+    tenth, twentieth = steps[9], steps[19]
+    assert twentieth["tokens_seen"] - tenth["tokens_seen"] == sum(r["tokens"] for r in steps[10:])
+    assert twentieth["tokens_per_s"] > 0 and twentieth["tokens_per_s_cumulative"] > 0
     assert steps[0]["lr"] == 0.0  # step 0 of the schedule runs at rate 0
     first = sum(r["loss"] for r in steps[:3]) / 3
     last = sum(r["loss"] for r in steps[-3:]) / 3

@@ -106,27 +106,55 @@ def _initial_state(golden_dir: Path, golden_case: dict) -> dict[str, torch.Tenso
     return model.state_dict()
 
 
-@pytest.mark.xfail(
-    reason="the golden weights come from another torch build: the original implementation itself, "
-    "rebuilt and run here (torch 2.13 CPU), misses the same 12 of 158,868 weights by up to "
-    "3.6e-4 (ours: 3.8e-4; ours vs that original: 1.6e-5); see test_three_steps_weights_close",
-    strict=False,
-)
 def test_three_steps_weights_atol_1e4(golden_dir, golden_case, golden_expected) -> None:
+    """Strict: with eager attention (the original's arithmetic) every weight after three steps
+    is within 1e-4 of the original's. The default SDPA path is not held to this (see
+    test_train_fast_path.py and docs/training.md: the power law amplifies summation order)."""
     trainer, _ = _three_steps(golden_dir, golden_case, golden_expected)
     for name, diff in _weight_differences(trainer, golden_dir).items():
         assert diff.max().item() <= 1e-4, name
 
 
+def _record_gradients(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+    """The gradients each optimizer step of ``trainer`` sees, in order."""
+    seen: list[dict[str, torch.Tensor]] = []
+    step = trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        seen.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    return seen
+
+
 def test_gradient_accumulation_is_the_same_step(golden_dir, golden_case, golden_expected) -> None:
-    """Two micro-batches give the loss and accuracy of the whole batch (token-weighted)."""
-    _, whole = _three_steps(golden_dir, golden_case, golden_expected)
-    _, split = _three_steps(golden_dir, golden_case, golden_expected, grad_accum_steps=2)
+    """Two micro-batches give the loss, accuracy and gradient of the whole batch (token-weighted).
+
+    The first loss agrees to float32 rounding. The gradients do not: the micro-batches compute
+    in another order, and the metric learner's power law (A_LM near its 1e-9 floor raised to
+    learned powers) amplifies rounding into gradient differences of up to 1.5e-2 on this small
+    padded batch; after updates the losses agree to 1e-3 (2e-5 on one CPU thread, 8e-4 on two).
+    """
+    whole_trainer = _golden_trainer(golden_dir, golden_case)
+    split_trainer = _golden_trainer(golden_dir, golden_case, grad_accum_steps=2)
+    whole_grads, split_grads = _record_gradients(whole_trainer), _record_gradients(split_trainer)
+    ids = golden_expected["input_ids"]
+    whole = [whole_trainer.train_step(ids) for _ in range(3)]
+    split = [split_trainer.train_step(ids) for _ in range(3)]
+    first_whole, first_split = whole_grads[0], split_grads[0]
+    diffs = torch.cat([(first_split[n] - g).abs().flatten() for n, g in first_whole.items()])
+    # Gradients are clipped to +-1: the largest difference is 1.5e-2 and the mean 8e-5 here
+    # (power-law amplification of the summation order, see the docstring); a wrong token
+    # weighting of the micro-batches would move every gradient by tens of percent.
+    assert diffs.max().item() < 0.05
+    assert diffs.mean().item() < 5e-4
     for a, b in zip(whole, split):
         assert b["tokens"] == a["tokens"]
         assert b["lr"] == a["lr"]
-        assert b["loss"] == pytest.approx(a["loss"], abs=2e-5)
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-3)
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-9)
+    assert split[0]["loss"] == pytest.approx(whole[0]["loss"], abs=1e-5)
 
 
 def test_dag_loss_values_match_golden(golden_dir, golden_case, golden_expected) -> None:

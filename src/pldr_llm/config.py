@@ -44,6 +44,7 @@ ARCHITECTURE_KEYS = (
     "final_bias",
     "layer_norm_eps",
     "cache_first_G",
+    "causal_metric",
 )
 
 # PLDRConfig fields -> their names in the authors' transformers config (``PldrllmConfig``,

@@ -2,12 +2,11 @@
 
 Everything here runs the model's own modules (:meth:`PLDRModel.run_layers`, the PLGA of
 :mod:`pldr_llm.model.plga`); nothing re-implements the math. The eager path stays the reference:
-``tests/test_fast.py`` checks these against it on the CPU. ``python -m pldr_llm.bench`` measures
-them. See BENCHMARKS.md.
+``tests/test_fast.py`` checks these against it on the CPU. ``benchmarks/train_speed.py`` measures
+training through ``pldr-llm train``. See BENCHMARKS.md.
 
-* :func:`causal_lm_loss` / :func:`linear_cross_entropy`: the LM loss, chunked, without the
-  [B, L, V] float32 logits; :func:`packed_causal_lm_loss` for padding-free batches, without
-  the host syncs of ``forward``'s checks.
+* :func:`linear_cross_entropy`: the LM loss, chunked, without the [B, L, V] float32 logits
+  (what ``PLDRModel.forward(..., labels=...)`` and so the trainer use).
 * :func:`compile_decoder_layers`: ``torch.compile`` on each decoder layer, in place.
 * :class:`StaticDecoder` / :func:`greedy_generate`: static KV-cache + CUDA-graph one-token step.
 * :class:`CapturedForward`: a prompt's forward (prefill) captured in a CUDA graph.
@@ -15,21 +14,14 @@ them. See BENCHMARKS.md.
 
 from pldr_llm.fast.compile import compile_decoder_layers, uncompile_decoder_layers
 from pldr_llm.fast.decode import CapturedForward, StaticDecoder, greedy_generate
-from pldr_llm.fast.loss import (
-    causal_lm_loss,
-    chunk_loss_and_grad,
-    linear_cross_entropy,
-    packed_causal_lm_loss,
-)
+from pldr_llm.fast.loss import chunk_loss_and_grad, linear_cross_entropy
 
 __all__ = [
     "CapturedForward",
     "StaticDecoder",
-    "causal_lm_loss",
     "chunk_loss_and_grad",
     "compile_decoder_layers",
     "greedy_generate",
     "linear_cross_entropy",
-    "packed_causal_lm_loss",
     "uncompile_decoder_layers",
 ]

@@ -8,12 +8,12 @@ from torch import nn
 
 
 def compile_decoder_layers(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
-    """Compile every decoder layer of ``model`` in place with ``nn.Module.compile``.
+    """Compile every decoder layer's ``forward`` of ``model`` in place with ``torch.compile``.
 
     The layer (PLGA with its metric learner, the FFN and the two LayerNorms) is where the small
     element-wise kernels are: the float32 rotary rotation, 16 GLUs and 9 LayerNorms of the metric
-    learner, the power law, residual adds. Inductor fuses them. The modules are not wrapped, so
-    ``state_dict()`` keeps the original names. Shapes are static by default (``dynamic=False``):
+    learner, the power law, residual adds. Inductor fuses them. The modules are not wrapped
+    (their ``forward`` is replaced), so ``state_dict()`` keeps the original names. Shapes are static by default (``dynamic=False``):
     each new (batch, length) compiles once, which suits fixed-size training batches.
 
     ``mode="reduce-overhead"`` adds CUDA-graph trees: each layer's forward and backward replay
@@ -25,13 +25,18 @@ def compile_decoder_layers(model: nn.Module, **compile_kwargs: Any) -> nn.Module
     Returns ``model``.
     """
     compile_kwargs.setdefault("dynamic", False)
+    import torch
+
     for layer in model.decoder.dec_layers:
-        layer.compile(**compile_kwargs)
+        # The layer's forward, not its __call__ (what ``nn.Module.compile`` wraps): module hooks
+        # stay outside the compiled code, so FSDP2's all-gather / reduce-scatter hooks on a
+        # sharded layer run eagerly around it, as torch.compile-then-shard setups do.
+        layer.forward = torch.compile(type(layer).forward.__get__(layer), **compile_kwargs)
     return model
 
 
 def uncompile_decoder_layers(model: nn.Module) -> nn.Module:
     """Undo :func:`compile_decoder_layers` (the layers run eagerly again)."""
     for layer in model.decoder.dec_layers:
-        layer._compiled_call_impl = None
+        layer.__dict__.pop("forward", None)
     return model

@@ -25,14 +25,17 @@ from pldr_llm.errors import PLDRError
 #: Rows per chunk: 2048 x 32000 logits are 128 MiB in bf16, big enough for efficient matmuls.
 DEFAULT_CHUNK_ROWS = 2048
 
-ChunkFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+ChunkFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
-def chunk_loss_and_grad(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of a chunk and d(sum)/d(logits), masked by ``valid``.
+def chunk_loss_and_grad(
+    logits: Tensor, targets: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed cross-entropy of a chunk, d(sum)/d(logits) and arg-max hits, masked by ``valid``.
 
     ``logits`` [n, V] in the matmul dtype; the softmax is computed in float32 and the gradient is
-    returned in the logits' dtype (what autograd would hand the matmul under autocast).
+    returned in the logits' dtype (what autograd would hand the matmul under autocast). The hits
+    (float32 count) come from the same logits, so accuracy costs no second pass over the head.
     """
     logits32 = logits.float()
     lse = torch.logsumexp(logits32, dim=-1)
@@ -41,7 +44,8 @@ def chunk_loss_and_grad(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple
     loss_sum = ((lse - target_logit) * weight).sum()
     grad = torch.exp(logits32 - lse[:, None])
     grad = grad.scatter_add(-1, targets[:, None], -torch.ones_like(target_logit)[:, None])
-    return loss_sum, (grad * weight[:, None]).to(logits.dtype)
+    hits = ((logits32.argmax(-1) == targets).to(torch.float32) * weight).sum()
+    return loss_sum, (grad * weight[:, None]).to(logits.dtype), hits
 
 
 _COMPILED_CHUNK_FN: ChunkFn | None = None
@@ -76,6 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        correct = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         grad_bias = (
@@ -87,8 +92,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             stop = min(start + chunk_rows, rows)
             h = hidden[start:stop].to(compute_dtype)
             logits = F.linear(h, w, b)
-            loss_sum, grad = chunk_fn(logits, targets[start:stop], valid[start:stop])
+            loss_sum, grad, hits = chunk_fn(logits, targets[start:stop], valid[start:stop])
             total = total + loss_sum
+            correct = correct + hits
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad @ w
                 grad_weight.add_(grad.t() @ h)
@@ -106,10 +112,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.has_grads = grad_hidden is not None
         ctx.has_bias = grad_bias is not None
         ctx.weight_dtype = weight.dtype
-        return loss
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor | None = None):  # type: ignore[override]
         if not ctx.has_grads:
             raise PLDRError(
                 "linear_cross_entropy was computed without gradients (grad mode was off)"
@@ -139,13 +146,15 @@ def linear_cross_entropy(
     pad_id: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     compile_chunks: bool = False,
-) -> Tensor:
+    return_correct: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``masked_cross_entropy(F.linear(hidden, weight, bias), targets, pad_id)``, chunked.
 
     ``hidden`` [..., d], ``targets`` [...] (same leading shape), ``weight`` [V, d], ``bias`` [V].
     Never holds more than ``chunk_rows`` rows of logits. Differentiable in hidden, weight and
     bias (gradients are computed during the forward pass when grad mode is on).
     ``compile_chunks`` fuses each chunk's softmax/gradient with torch.compile (for the GPU).
+    ``return_correct`` also returns the arg-max hits on non-padding targets (float32 count).
     """
     if hidden.shape[:-1] != targets.shape:
         raise PLDRError(
@@ -164,7 +173,7 @@ def linear_cross_entropy(
     chunk_fn = compiled_chunk_fn() if compile_chunks else chunk_loss_and_grad
     # Autocast is off inside: the dtypes are chosen above, explicitly.
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(
+        loss, correct = _LinearCrossEntropy.apply(
             hidden.reshape(-1, hidden.shape[-1]),
             weight,
             bias,
@@ -175,61 +184,4 @@ def linear_cross_entropy(
             need_grad,
             chunk_fn,
         )
-
-
-def causal_lm_loss(
-    model,
-    input_ids: Tensor,
-    targets: Tensor,
-    attention_mask: Tensor | None = None,
-    pad_id: int | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    compile_chunks: bool = False,
-) -> Tensor:
-    """The training loss of ``model`` on ``input_ids`` against ``targets``, never holding the
-    full logits: the model runs with ``output_hidden_states`` (its head only on the last
-    position) and :func:`linear_cross_entropy` applies ``final_layer`` chunk by chunk.
-
-    Equal to ``masked_cross_entropy(model(input_ids, attention_mask).logits, targets, pad_id)``.
-    """
-    out = model(
-        input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1
-    )
-    head = model.final_layer
-    return linear_cross_entropy(
-        out.hidden_states,
-        head.weight,
-        head.bias,
-        targets,
-        pad_id=model.config.pad_id if pad_id is None else pad_id,
-        chunk_rows=chunk_rows,
-        compile_chunks=compile_chunks,
-    )
-
-
-def packed_causal_lm_loss(
-    model,
-    input_ids: Tensor,
-    targets: Tensor,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    compile_chunks: bool = False,
-) -> Tensor:
-    """:func:`causal_lm_loss` for packed batches: no id of ``input_ids`` is the pad id.
-
-    Calls :meth:`PLDRModel.run_layers` with plain causal attention directly, skipping
-    ``forward``'s input checks and mask building, which read device values on the host (three
-    syncs a step that stall the launch queue). The caller guarantees the ids are in range and
-    padding-free; ``targets`` may still hold the pad id (left out of the mean).
-    """
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    hidden, _, _, _ = model.run_layers(input_ids, positions, None, True)
-    head = model.final_layer
-    return linear_cross_entropy(
-        hidden,
-        head.weight,
-        head.bias,
-        targets,
-        pad_id=model.config.pad_id,
-        chunk_rows=chunk_rows,
-        compile_chunks=compile_chunks,
-    )
+    return (loss, correct) if return_correct else loss

@@ -48,6 +48,10 @@ class PLDROutput:
     cache: PLDRCache
     deductive: list[Deductive] | None = None
     hidden_states: Tensor | None = None
+    #: with ``labels``: mean cross-entropy over the non-padding labels (float32 scalar)
+    loss: Tensor | None = None
+    #: with ``labels``: arg-max hits on the non-padding labels (float32 scalar, no gradient)
+    correct: Tensor | None = None
 
 
 register_pytree_dataclass(PLDROutput)
@@ -124,13 +128,31 @@ class PLDRModel(nn.Module):
         output_deductive: bool = False,
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
+        *,
+        labels: Tensor | None = None,
+        output_scores: bool = True,
+        key_padding: bool | None = None,
+        check_ids: bool = True,
     ) -> PLDROutput:
         """Run the model on ``input_ids`` [B, L] (or [L]).
 
         ``cache``: a :class:`PLDRCache` from an earlier call. Its KV part makes this call continue
         that sequence; its G part is used instead of the metric learner. ``output_deductive``
-        returns A, A_LM, A_P, G_LM and the attention scores of every layer.
+        returns A, A_LM, A_P, G_LM and, with ``output_scores`` (the default), the attention scores
+        of every layer; scores need the eager attention, so ``output_scores=False`` keeps the
+        fused kernel (what the DAG loss uses: it reads only A_LM, A_P and G_LM).
         ``logits_to_keep`` > 0 computes logits for the last that many positions only.
+
+        ``labels`` [B, L] (the next tokens; ``pad_id`` ignored): the output's ``loss`` is the mean
+        cross-entropy computed chunk by chunk from the hidden states by
+        :func:`pldr_llm.fast.linear_cross_entropy` (the [B, L, vocab] logits never exist), and
+        ``correct`` counts arg-max hits; ``logits`` then covers the last position only unless
+        ``logits_to_keep`` says otherwise. Inside ``forward`` so that FSDP sees the LM head.
+
+        Host reads (each one waits for the GPU): ``check_ids=False`` skips the id range check
+        (the caller checked, e.g. the trainer on the CPU batch); ``key_padding`` False/True says
+        whether ``input_ids`` holds ``pad_id`` (original semantics, no ``attention_mask``, no
+        cache) instead of finding out on the device. With both, a forward reads nothing back.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
@@ -146,10 +168,16 @@ class PLDRModel(nn.Module):
         vocab = self.config.input_vocab_size
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise PLDRError(f"input_ids must be integer ids, got {input_ids.dtype}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab:
-            bad = low if low < 0 else high
-            raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if check_ids:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                bad = low if low < 0 else high
+                raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise PLDRError(
+                f"labels shape {tuple(labels.shape)} differs from input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
         device = input_ids.device
 
         past_len = cache.seq_len if cache is not None else 0
@@ -191,7 +219,10 @@ class PLDRModel(nn.Module):
             new_valid if past_valid is None else torch.cat((past_valid.to(device), new_valid), 1)
         )
 
-        bias, is_causal = self._attention_bias(key_valid, length, past_len)
+        known_valid = None
+        if key_padding is not None and not per_row and past_len == 0:
+            known_valid = not key_padding
+        bias, is_causal = self._attention_bias(key_valid, length, past_len, known_valid)
         query_valid = new_valid if per_row else None
 
         hidden, kv_entries, g_entries, deductive = self.run_layers(
@@ -203,7 +234,23 @@ class PLDRModel(nn.Module):
             g=cache.g if cache is not None else None,
             query_valid=query_valid,
             output_deductive=output_deductive,
+            output_scores=output_scores,
         )
+        loss = correct = None
+        if labels is not None:
+            from pldr_llm.fast.loss import linear_cross_entropy
+
+            head = self.final_layer
+            loss, correct = linear_cross_entropy(
+                hidden,
+                head.weight,
+                head.bias,
+                labels.to(device),
+                pad_id=self.config.pad_id,
+                compile_chunks=hidden.is_cuda,
+                return_correct=True,
+            )
+            logits_to_keep = logits_to_keep or 1
         head_input = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = self.final_layer(head_input)
         new_cache = PLDRCache(
@@ -218,6 +265,8 @@ class PLDRModel(nn.Module):
             cache=new_cache,
             deductive=deductive if output_deductive else None,
             hidden_states=hidden if output_hidden_states else None,
+            loss=loss,
+            correct=correct,
         )
 
     def run_layers(
@@ -230,6 +279,7 @@ class PLDRModel(nn.Module):
         g: list[GCacheEntry] | None = None,
         query_valid: Tensor | None = None,
         output_deductive: bool = False,
+        output_scores: bool = True,
     ) -> tuple[Tensor, list[LayerKV], list[GCacheEntry], list[Deductive]]:
         """Embedding, decoder layers -> (hidden [B, L, d_model], KV, G, deductive per layer).
 
@@ -254,6 +304,7 @@ class PLDRModel(nn.Module):
                 query_valid=query_valid,
                 implementation=self.attn_implementation,
                 need_deductive=output_deductive,
+                need_scores=output_scores,
             )
             kv_entries.append(layer_kv)
             g_entries.append(layer_g)
@@ -263,11 +314,15 @@ class PLDRModel(nn.Module):
 
     @staticmethod
     def _attention_bias(
-        key_valid: Tensor, length: int, past_len: int
+        key_valid: Tensor, length: int, past_len: int, all_valid: bool | None = None
     ) -> tuple[Tensor | None, bool]:
-        """Additive mask [B, 1, L, S] (0 or -1e9, like the original) or ``None`` + causal flag."""
+        """Additive mask [B, 1, L, S] (0 or -1e9, like the original) or ``None`` + causal flag.
+
+        ``all_valid`` (whether every key is a token), when the caller knows it, saves a host read.
+        """
         span = past_len + length
-        all_valid = bool(key_valid.all())
+        if all_valid is None:
+            all_valid = bool(key_valid.all())
         if all_valid and length == 1:
             return None, False  # one new token may see every cached key
         if all_valid and past_len == 0:

@@ -324,6 +324,7 @@ class PowerLawGraphAttention(nn.Module):
         query_valid: Tensor | None = None,
         implementation: str = "sdpa",
         need_deductive: bool = False,
+        need_scores: bool = True,
     ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
         # Rotate in the [B, L, H, dk] layout and only then move heads forward: the metric tensor
         # sums over positions, and this keeps the original's memory layout (hence its rounding).
@@ -360,7 +361,9 @@ class PowerLawGraphAttention(nn.Module):
                     metric = cached_metric = self.learn_metric(queries, query_valid)
                 a_lm, a_p, g_lm = self.plgatt_layer(metric)
 
-        impl = "eager" if need_deductive else implementation
+        # A, A_LM, A_P and G_LM are computed before attention whatever its kernel; only the
+        # attention scores need the eager implementation (the DAG loss does not read them).
+        impl = "eager" if need_deductive and need_scores else implementation
         if transformed is None:
             attended, scores = plga_attention(queries, g_lm, keys, values, bias, is_causal, impl)
         else:

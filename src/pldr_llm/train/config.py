@@ -116,11 +116,24 @@ class TrainConfig:
     backward_prefetch: str = "PRE"
     auto_size_minimum: int | None = None
     compile: bool = False
-    # Issue-7 levers (see BENCHMARKS.md): the LM loss computed chunk by chunk from the hidden
-    # states, never materializing [B, L, V] float32 logits (one process only; ignored under
-    # FSDP), and each decoder layer compiled on its own (``compile`` compiles the whole model).
-    chunked_loss: bool = False
-    compile_layers: bool = False
+
+    # --- speed levers (docs/training.md). ``None`` means "on when training on a GPU, off on the
+    # CPU"; ``false`` turns one off. ``chunked_loss``: the LM loss computed chunk by chunk from
+    # the hidden states inside the model's forward (no [B, L, V] float32 logits).
+    # ``compile_layers``: each decoder layer compiled on its own (``compile`` compiles the whole
+    # model instead). ``cuda_graphs``: the compiled layers replay as CUDA graphs (needs
+    # ``compile_layers``). ``fused_optimizer``: fused AdamW, which also skips a non-finite step
+    # on the device. ``attn_implementation``: "sdpa" (fused kernels) or "eager" (the original's
+    # arithmetic); ``None`` keeps the model's (sdpa).
+    chunked_loss: bool | None = None
+    compile_layers: bool | None = None
+    cuda_graphs: bool | None = None
+    fused_optimizer: bool | None = None
+    attn_implementation: str | None = None
+    # Batches prepared (tokenized, checked, pinned) ahead by a background thread; 0: inline.
+    prefetch_batches: int = 4
+    # Peak dense bf16 TFLOP/s of one accelerator, for the MFU figure (989: H100/H200 SXM).
+    peak_tflops: float = 989.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -192,6 +205,16 @@ class TrainConfig:
             )
         if self.auto_size_minimum is not None:
             _positive_int("auto_size_minimum", self.auto_size_minimum)
+        for name in ("chunked_loss", "compile_layers", "cuda_graphs", "fused_optimizer"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise PLDRError(f"{name!r} must be true, false or null (auto), got {value!r}")
+        if self.attn_implementation not in (None, "sdpa", "eager"):
+            raise PLDRError(
+                f"'attn_implementation' must be 'sdpa' or 'eager', got {self.attn_implementation!r}"
+            )
+        _positive_int("prefetch_batches", self.prefetch_batches, allow_zero=True)
+        _positive_float("peak_tflops", self.peak_tflops)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -202,6 +225,22 @@ class TrainConfig:
     @property
     def use_dag_loss(self) -> bool:
         return any(c > 0 for c in self.dag_reg_coeffs)
+
+    def levers(self, device_type: str) -> dict[str, bool]:
+        """The speed levers in effect on ``device_type`` ("cuda" or "cpu"): each ``None`` field
+        resolved to on for CUDA and off otherwise (CUDA graphs also need compiled layers)."""
+        gpu = device_type == "cuda"
+
+        def on(value: bool | None) -> bool:
+            return gpu if value is None else bool(value)
+
+        compile_layers = on(self.compile_layers)
+        return {
+            "chunked_loss": on(self.chunked_loss),
+            "compile_layers": compile_layers,
+            "cuda_graphs": gpu and compile_layers and on(self.cuda_graphs),
+            "fused_optimizer": on(self.fused_optimizer),
+        }
 
     def resolve_batch_size(self, world_size: int) -> int:
         """Sequences per rank per optimizer step, checked against ``world_size`` and accumulation.

@@ -171,8 +171,13 @@ def shard_model(
     cpu_offload: bool = False,
     mixed_precision: bool = True,
     reduce_dtype: str = "float32",
+    prefetch: str = "PRE",
 ) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to each decoder layer and then to the whole model (in place).
+
+    Parameters are gathered in bf16 (``mixed_precision``) and gradients reduced in
+    ``reduce_dtype`` (float32 by default, as the original). ``prefetch`` is the original's
+    ``backward_prefetch`` key: ``"NOPREFETCH"`` turns off the explicit backward prefetch.
 
     ``mixed_precision`` (bf16 compute) and ``cpu_offload`` only apply on GPUs; on the CPU the
     model trains in float32.
@@ -193,12 +198,34 @@ def shard_model(
         else:
             kwargs["offload_policy"] = CPUOffloadPolicy()
     layers = _decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard, **kwargs)
-    # The root holds the embedding and the output layer; it is resharded only at the end of
-    # backward (FSDP2 keeps the root gathered after forward, as it is needed again at once).
-    fully_shard(model, reshard_after_forward=reshard, **kwargs)
+    # One FSDP unit per decoder layer, its metric learner included (the learner's small [dk, dk]
+    # matmuls then share the layer's one all-gather and one reduce-scatter).
+    for index, layer in enumerate(layers):
+        # The last layer is the first one backward needs: resharding it after forward would only
+        # gather it again at once.
+        last = index == len(layers) - 1
+        fully_shard(layer, reshard_after_forward=reshard and not last, **kwargs)
+    # The root (embedding, LM head, whose loss is computed inside forward) stays gathered from
+    # forward to the end of backward, as its parameters are needed again at once.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    _explicit_prefetch(layers, backward=prefetch != "NOPREFETCH")
     return model
+
+
+def _explicit_prefetch(layers: list[nn.Module], backward: bool = True) -> None:
+    """Issue each layer's all-gather one layer ahead, in forward and in backward.
+
+    FSDP2's implicit prefetch starts the next layer's all-gather only when the host reaches that
+    layer; with compiled layers the host runs ahead of the GPU, so asking for it one layer
+    earlier lets the collective overlap the current layer's compute.
+    """
+    for index, layer in enumerate(layers):
+        forward_setter = getattr(layer, "set_modules_to_forward_prefetch", None)
+        backward_setter = getattr(layer, "set_modules_to_backward_prefetch", None)
+        if forward_setter is not None and index + 1 < len(layers):
+            forward_setter([layers[index + 1]])
+        if backward and backward_setter is not None and index > 0:
+            backward_setter([layers[index - 1]])
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -10,11 +10,17 @@ Loss normalization across micro-batches and ranks: the loss of a step is the mea
 non-padding target tokens of the global batch (not a mean of per-rank means), so one process and N
 processes compute the same gradient from the same global batch even when padding is spread
 unevenly. The DAG terms, means over (layers, batch, heads), are weighted by sequences the same way.
+
+This step is also the fast path: on a GPU it runs with the speed levers of
+:meth:`TrainConfig.levers` (SDPA, the loss inside the model's forward, compiled layers with CUDA
+graphs, fused AdamW) and never waits for the device; ``docs/training.md`` explains each lever and
+how far the result may drift from the eager arithmetic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -44,12 +50,44 @@ from pldr_llm.train.distributed import (
     resolve_device,
     shard_model,
 )
-from pldr_llm.train.metrics import MetricsWriter, ProgressBar, TrainMeters
+from pldr_llm.train.metrics import (
+    MetricsWriter,
+    ProgressBar,
+    RateMeter,
+    TrainMeters,
+    model_flops_per_token,
+)
+from pldr_llm.train.prefetch import BatchFeed
 from pldr_llm.train.schedule import build_scheduler
 
-__all__ = ["Trainer", "FitResult", "NonFiniteLossError"]
+__all__ = ["Trainer", "FitResult", "NonFiniteLossError", "PendingStep", "PreparedBatch"]
 
 logger = logging.getLogger("pldr_llm.train")
+
+
+# The figures one step keeps on the device: cross-entropy sum, arg-max hits, the three DAG
+# terms (sequence-weighted), non-finite flag, stop flag, non-padding targets, sequences.
+_STATS = ("ce_sum", "correct", "dag_A", "dag_A_P", "dag_G", "bad", "stop", "tokens", "sequences")
+
+
+@dataclass
+class PreparedBatch:
+    """A batch checked and split on the host by :meth:`Trainer.prepare_batch`."""
+
+    micro: list[torch.Tensor]  #: the micro-batches [b, L+1] (pinned CPU memory for a GPU)
+    tokens: int  #: non-padding targets of this rank
+    sequences: int
+    padded: list[bool]  #: whether each micro-batch's inputs hold the pad id
+    counts: torch.Tensor  #: ``[tokens, sequences]`` float64, for the global counts under FSDP
+
+
+@dataclass
+class PendingStep:
+    """A step whose figures are still on the device (:meth:`Trainer.read_steps` reads them)."""
+
+    step: int
+    lr: float
+    stats: torch.Tensor
 
 
 class NonFiniteLossError(PLDRError):
@@ -128,19 +166,28 @@ class Trainer:
                 cpu_offload=config.fsdp_cpu_offload,
                 mixed_precision=not config.disable_fsdp_mixed_precision,
                 reduce_dtype=config.fsdp_reduce_dtype,
+                prefetch=config.backward_prefetch,
             )
         self.sharded = bool(shard)
         self.model = model
-        if config.compile_layers:
+        if config.attn_implementation is not None:
+            model.attn_implementation = config.attn_implementation
+        #: the speed levers in effect (TrainConfig.levers for this device)
+        self.levers = config.levers(self.device.type)
+        if shard and config.cuda_graphs is None:
+            # FSDP frees and re-gathers the layers' parameters every step: their addresses
+            # change, which CUDA-graph trees would answer by re-recording. Opt in explicitly.
+            self.levers["cuda_graphs"] = False
+        if self.levers["compile_layers"] and not config.compile:
             from pldr_llm.fast import compile_decoder_layers
 
-            compile_decoder_layers(model)
+            options = {"mode": "reduce-overhead"} if self.levers["cuda_graphs"] else {}
+            compile_decoder_layers(model, **options)
+        elif config.compile:
+            self.levers.update(compile_layers=False, cuda_graphs=False)
         self._forward_module: nn.Module = torch.compile(model) if config.compile else model
-        self._chunked_loss = config.chunked_loss and not shard
-        if config.chunked_loss and shard:
-            logger.warning(
-                "chunked_loss is not used with FSDP (it reads the LM head outside forward)"
-            )
+        vocab = getattr(getattr(model, "config", None), "input_vocab_size", None)
+        self._vocab: int | None = int(vocab) if vocab is not None else None
         self.amp = self.device.type == "cuda" and not config.disable_amp
         self.optimizer = torch.optim.AdamW(
             model.parameters(),
@@ -148,6 +195,7 @@ class Trainer:
             betas=config.betas,
             eps=config.eps,
             weight_decay=config.weight_decay,
+            fused=True if self.levers["fused_optimizer"] else None,
         )
         self.scheduler = build_scheduler(
             self.optimizer, config.lr_total_steps, config.warmup_steps, config.lr_alpha
@@ -156,11 +204,42 @@ class Trainer:
         self.step = 0
         self.nonfinite_steps = 0
         self.tokens_seen = 0
+        self._context = 0
         #: set (e.g. by a signal handler) to make every rank stop after the current step
         self.stop_requested = False
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ one step
+    def prepare_batch(self, batch: torch.Tensor | list | tuple) -> PreparedBatch:
+        """Check and split a raw batch [B, L+1] on the host (thread-safe; no device work).
+
+        Everything the step would otherwise read back from the GPU is found here, on the CPU
+        copy: the ids' range, the number of non-padding targets and whether each micro-batch's
+        inputs hold padding (which picks the plain causal kernel or a mask).
+        """
+        micro = self._split(batch)
+        vocab = self._vocab
+        tokens = 0
+        padded: list[bool] = []
+        pin = self.device.type == "cuda"
+        prepared: list[torch.Tensor] = []
+        for mb in micro:
+            if vocab is not None:
+                low, high = int(mb.min()), int(mb.max())
+                if low < 0 or high >= vocab:
+                    bad = low if low < 0 else high
+                    raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+            tokens += int((mb[:, 1:] != self.pad_id).sum())
+            padded.append(bool((mb[:, :-1] == self.pad_id).any()))
+            if pin and mb.device.type == "cpu":
+                mb = mb.long().pin_memory()
+            prepared.append(mb)
+        sequences = sum(mb.shape[0] for mb in micro)
+        counts = torch.tensor([float(tokens), float(sequences)], dtype=torch.float64)
+        if pin:
+            counts = counts.pin_memory()
+        return PreparedBatch(prepared, tokens, sequences, padded, counts)
+
     def _split(self, batch: torch.Tensor | list | tuple) -> list[torch.Tensor]:
         if isinstance(batch, (list, tuple)):
             micro = list(batch)
@@ -175,9 +254,10 @@ class Trainer:
                 )
             micro = list(batch.chunk(n)) if n > 1 else [batch]
         for mb in micro:
-            if mb.dim() != 2 or mb.shape[1] < 2:
+            if not isinstance(mb, torch.Tensor) or mb.dim() != 2 or mb.shape[1] < 2:
+                shape = tuple(mb.shape) if isinstance(mb, torch.Tensor) else type(mb).__name__
                 raise PLDRError(
-                    f"a training batch must be [batch, length + 1] with length >= 1, got {tuple(mb.shape)}"
+                    f"a training batch must be [batch, length + 1] with length >= 1, got {shape}"
                 )
             if mb.dtype not in (torch.int64, torch.int32):
                 raise PLDRError(f"a training batch must hold integer ids, got {mb.dtype}")
@@ -194,38 +274,9 @@ class Trainer:
         if self.sharded and setter is not None:
             setter(enabled)
 
-    def _chunked_ce_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed token cross-entropy from the hidden states, chunk by chunk (no full logits)."""
-        from pldr_llm.fast import linear_cross_entropy
-
-        head = self.model.final_layer
-        count = (targets != self.pad_id).sum()
-        mean = linear_cross_entropy(
-            hidden,
-            head.weight,
-            head.bias,
-            targets,
-            pad_id=self.pad_id,
-            compile_chunks=self.device.type == "cuda",
-        )
-        return torch.where(count > 0, mean * count, mean.new_zeros(()))
-
-    @torch.no_grad()
-    def _chunked_correct(
-        self, hidden: torch.Tensor, targets: torch.Tensor, rows: int = 8192
-    ) -> torch.Tensor:
-        """Arg-max hits on non-padding targets, computing the logits a chunk of rows at a time."""
-        head = self.model.final_layer
-        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-        flat_targets = targets.reshape(-1)
-        correct = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for start in range(0, flat_hidden.shape[0], rows):
-            chunk = head(flat_hidden[start : start + rows]).argmax(-1)
-            target = flat_targets[start : start + rows]
-            correct += ((chunk == target) & (target != self.pad_id)).sum().double()
-        return correct
-
-    def train_step(self, batch: torch.Tensor | list[torch.Tensor]) -> dict[str, Any]:
+    def train_step(
+        self, batch: torch.Tensor | list[torch.Tensor] | PreparedBatch
+    ) -> dict[str, Any]:
         """One optimizer step on ``batch`` [B, L+1] (or a list of micro-batches).
 
         The batch is split into ``grad_accum_steps`` micro-batches. Returns ``loss`` (the
@@ -233,50 +284,61 @@ class Trainer:
         step used), ``tokens`` (non-padding targets, all ranks), ``sequences``, ``skipped``
         (non-finite loss or gradient: no update), ``stop`` (a rank asked to stop) and, with the
         DAG loss, ``lm_loss``, ``dag_A``, ``dag_A_P``, ``dag_G``.
+
+        This reads the step's figures back from the device at once; :meth:`fit` runs the same
+        step (:meth:`step_async`) and reads a whole log interval of them in one go.
         """
+        return self.read_steps([self.step_async(batch)])[0]
+
+    def step_async(self, batch: torch.Tensor | list[torch.Tensor] | PreparedBatch) -> PendingStep:
+        """:meth:`train_step` without reading anything back: the figures stay on the device
+        (pass the result to :meth:`read_steps`). No host synchronization on a GPU with the
+        default levers: ids are checked and counted on the CPU copy, a non-finite step is
+        skipped by the fused optimizer itself (``found_inf``, as under a gradient scaler)."""
+        prep = batch if isinstance(batch, PreparedBatch) else self.prepare_batch(batch)
         cfg = self.config
-        micro = self._split(batch)
         device = self.device
         world = self.env.world_size if self.sharded else 1
-        coeffs = cfg.dag_reg_coeffs
         use_dag = cfg.use_dag_loss
 
-        # Global token and sequence counts first: they normalize every micro-batch's loss.
-        counts = torch.tensor(
-            [
-                float(sum(int((mb[:, 1:] != self.pad_id).sum()) for mb in micro)),
-                float(sum(mb.shape[0] for mb in micro)),
-            ],
-            dtype=torch.float64,
-            device=device,
-        )
         if self.sharded:
+            # Global counts normalize every micro-batch's loss; they stay on the device.
+            counts = prep.counts.to(device, non_blocking=True)
             all_reduce_sum(counts)
-        n_tokens, n_seqs = float(counts[0]), float(counts[1])
-        # FSDP averages gradients over ranks; scaling by the world size undoes it, so the
-        # gradient is that of the global token mean.
-        token_scale = world / max(n_tokens, 1.0)
+            # FSDP averages gradients over ranks; scaling by the world size undoes it, so the
+            # gradient is that of the global token mean.
+            token_scale: Any = world / counts[0].clamp(min=1.0)
+            seq_total: Any = counts[1]
+        else:
+            counts = None
+            token_scale = 1.0 / max(prep.tokens, 1)
+            seq_total = float(prep.sequences)
 
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.model.train()
-        stats = torch.zeros(7, dtype=torch.float64, device=device)
-        # stats: ce_sum, correct, dag_A, dag_A_P, dag_G, bad (non-finite), stop
-        for index, mb in enumerate(micro):
+        stats = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
+        for index, mb in enumerate(prep.micro):
+            if self.levers["cuda_graphs"]:
+                # CUDA-graph trees: a new step begins, earlier outputs may be overwritten.
+                torch.compiler.cudagraph_mark_step_begin()
             mb = mb.to(device, non_blocking=True).long()
+            self._context = mb.shape[1] - 1
             inputs, targets = mb[:, :-1], mb[:, 1:]
-            self._gradient_sync(index == len(micro) - 1)
+            self._gradient_sync(index == len(prep.micro) - 1)
+            forward_kwargs: dict[str, Any] = {
+                "output_deductive": use_dag,
+                "output_scores": False,  # the DAG terms need A_LM, A_P, G_LM, not the scores
+                "key_padding": prep.padded[index],
+                "check_ids": False,  # checked on the CPU copy in prepare_batch
+            }
             with self._autocast():
-                if self._chunked_loss:
-                    out = self._forward_module(
-                        inputs,
-                        output_deductive=use_dag,
-                        output_hidden_states=True,
-                        logits_to_keep=1,
-                    )
-                    logits = None
-                    ce_sum = self._chunked_ce_sum(out.hidden_states, targets)
+                if self.levers["chunked_loss"]:
+                    out = self._forward_module(inputs, labels=targets, **forward_kwargs)
+                    count = (targets != self.pad_id).sum()
+                    ce_sum = torch.where(count > 0, out.loss * count, out.loss.new_zeros(()))
+                    correct = out.correct
                 else:
-                    out = self._forward_module(inputs, output_deductive=use_dag)
+                    out = self._forward_module(inputs, **forward_kwargs)
                     logits = out.logits
                     ce_sum = F.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]).float(),
@@ -284,52 +346,47 @@ class Trainer:
                         ignore_index=self.pad_id,
                         reduction="sum",
                     )
+                    with torch.no_grad():
+                        hits = (logits.argmax(-1) == targets) & (targets != self.pad_id)
+                        correct = hits.sum()
+                    del logits
                 loss = ce_sum * token_scale
                 if use_dag:
                     from pldr_llm.losses import dag_loss
 
-                    dag_total, dag_values = dag_loss(out.deductive, coeffs)
-                    loss = loss + (mb.shape[0] / n_seqs * world) * dag_total
+                    dag_total, dag_values = dag_loss(out.deductive, cfg.dag_reg_coeffs)
+                    loss = loss + (mb.shape[0] / seq_total * world) * dag_total
             loss.backward()
             with torch.no_grad():
-                mask = targets != self.pad_id
                 stats[0] += ce_sum.detach().double()
-                if logits is None:
-                    stats[1] += self._chunked_correct(out.hidden_states, targets)
-                else:
-                    stats[1] += ((logits.argmax(-1) == targets) & mask).sum().double()
+                stats[1] += correct.double()
                 if use_dag:
                     for k, value in enumerate(dag_values):
-                        stats[2 + k] += value.detach().double() * (mb.shape[0] / n_seqs)
-            del out, logits, loss
+                        stats[2 + k] += value.detach().double() * (mb.shape[0] / seq_total)
+            del out, loss
 
         with torch.no_grad():
-            # Kept on the device (no host sync): one reduction carries every flag.
+            # One reduction carries every figure and flag of the step (no host read).
             stats[5] = (~torch.isfinite(stats[:5])).any().double() + self._nan_gradients()
             stats[6] = 1.0 if self.stop_requested else 0.0
             if self.sharded:
                 all_reduce_sum(stats)
-        values = stats.tolist()
-        ce_mean = values[0] / max(n_tokens, 1.0)
-        dag = values[2:5]
-        objective = ce_mean + sum(c * d for c, d in zip(coeffs, dag) if c > 0)
-        skipped = values[5] > 0 or not math.isfinite(objective)
+                stats[7:9] = counts
+            else:
+                stats[7] = float(prep.tokens)
+                stats[8] = float(prep.sequences)
+            bad = stats[5] > 0
 
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_steps += 1
-            logger.warning(
-                "step %d: non-finite loss or gradient (loss %s); update skipped (%d of %d allowed)",
-                self.step + 1,
-                objective,
-                self.nonfinite_steps,
-                cfg.max_nonfinite_steps,
-            )
-        else:
-            if cfg.clip_grad_value is not None:
-                nn.utils.clip_grad_value_(self.model.parameters(), cfg.clip_grad_value)
+        if cfg.clip_grad_value is not None:
+            nn.utils.clip_grad_value_(self.model.parameters(), cfg.clip_grad_value)
+        if self.levers["fused_optimizer"]:
+            # Fused AdamW skips the whole update (and its step count) where found_inf is 1,
+            # deciding on the device, the way it does under torch.amp's GradScaler.
+            self.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        elif not bool(bad):  # a host read: free on the CPU, one sync a step on a GPU
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         # The schedule follows the step count (as in the original, whose scheduler steps
         # whatever the gradient scaler decided).
         with warnings.catch_warnings():
@@ -337,22 +394,65 @@ class Trainer:
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
             self.scheduler.step()
         self.step += 1
-        self.tokens_seen += int(n_tokens)
+        return PendingStep(self.step, lr, stats)
 
-        result: dict[str, Any] = {
-            "loss": objective,
-            "accuracy": values[1] / max(n_tokens, 1.0),
-            "lr": lr,
-            "tokens": int(n_tokens),
-            "sequences": int(n_seqs),
-            "skipped": skipped,
-            "stop": values[6] > 0,
-        }
-        if use_dag:
-            result.update(lm_loss=ce_mean, dag_A=dag[0], dag_A_P=dag[1], dag_G=dag[2])
-        if skipped and self.nonfinite_steps > cfg.max_nonfinite_steps:
-            result["diverged"] = True
-        return result
+    def flops_per_token(self, context: int) -> float:
+        """Training FLOPs per token at ``context`` (:func:`metrics.model_flops_per_token`)."""
+        config = getattr(self.model, "config", None)
+        embedding = getattr(getattr(self.model, "decoder", None), "embedding", None)
+        return model_flops_per_token(
+            sum(p.numel() for p in self.model.parameters()),
+            embedding.weight.numel() if embedding is not None else 0,
+            int(getattr(config, "num_layers", 0)),
+            int(getattr(config, "d_model", 0)),
+            context,
+        )
+
+    def read_steps(self, pending: list[PendingStep]) -> list[dict[str, Any]]:
+        """The results of steps run by :meth:`step_async` (one host read for all of them).
+
+        Counts skipped steps, warns about each, and marks ``diverged`` on the step that went
+        past ``max_nonfinite_steps``. Adds the steps' tokens to ``tokens_seen``.
+        """
+        if not pending:
+            return []
+        table = torch.stack([p.stats for p in pending]).tolist()
+        cfg = self.config
+        use_dag = cfg.use_dag_loss
+        results = []
+        for item, values in zip(pending, table):
+            n_tokens, n_seqs = values[7], values[8]
+            ce_mean = values[0] / max(n_tokens, 1.0)
+            dag = values[2:5]
+            objective = ce_mean + sum(c * d for c, d in zip(cfg.dag_reg_coeffs, dag) if c > 0)
+            skipped = values[5] > 0 or not math.isfinite(objective)
+            self.tokens_seen += int(n_tokens)
+            result: dict[str, Any] = {
+                "step": item.step,
+                "loss": objective,
+                "accuracy": values[1] / max(n_tokens, 1.0),
+                "lr": item.lr,
+                "tokens": int(n_tokens),
+                "sequences": int(n_seqs),
+                "skipped": skipped,
+                "stop": values[6] > 0,
+            }
+            if use_dag:
+                result.update(lm_loss=ce_mean, dag_A=dag[0], dag_A_P=dag[1], dag_G=dag[2])
+            if skipped:
+                self.nonfinite_steps += 1
+                logger.warning(
+                    "step %d: non-finite loss or gradient (loss %s); update skipped "
+                    "(%d of %d allowed)",
+                    item.step,
+                    objective,
+                    self.nonfinite_steps,
+                    cfg.max_nonfinite_steps,
+                )
+                if self.nonfinite_steps > cfg.max_nonfinite_steps:
+                    result["diverged"] = True
+            results.append(result)
+        return results
 
     def _nan_gradients(self) -> torch.Tensor:
         """Number of gradient tensors holding a NaN, as a device scalar.
@@ -403,8 +503,10 @@ class Trainer:
                 break
             batch = batch.to(self.device).long()
             inputs, targets = batch[:, :-1], batch[:, 1:]
+            if self.levers["cuda_graphs"]:
+                torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
-                out = self._forward_module(inputs, output_deductive=use_dag)
+                out = self._forward_module(inputs, output_deductive=use_dag, output_scores=False)
             logits = out.logits.float()
             mask = targets != self.pad_id
             stats[0] += F.cross_entropy(
@@ -533,9 +635,67 @@ class Trainer:
             total, self.step, cfg.progress if env.is_main else False, cfg.log_every
         )
         restore_signals = self._install_signal_handlers()
+        rates = RateMeter(peak_flops=cfg.peak_tflops * 1e12 * env.world_size, device=self.device)
+        # Figures are read back from the GPU once per log interval (every step on the CPU,
+        # where reading costs nothing), so the host never waits for the device inside a step.
+        read_every = 1 if self.device.type == "cpu" else cfg.log_every
+        pending: list[PendingStep] = []
+        data_state: Any = None
+        have_state = hasattr(train_data, "state_dict")
+        if have_state:
+            data_state = train_data.state_dict()
+        record: dict[str, Any] | None = None
+        stopping = {"status": None}
+        # Per pending step: its epoch, and the epochs that ended just before it (step -> (epoch,
+        # its last step)), so that epoch records come out in order when the steps are read.
+        step_epochs: dict[int, int] = {}
+        epoch_ends: dict[int, tuple[int, int]] = {}
+
+        def flush(final: bool = False) -> None:
+            """Read the pending steps; write their records; note a stop or a divergence."""
+            nonlocal record
+            if not pending:
+                return
+            if rates.flops_per_token is None and self._context:
+                rates.flops_per_token = self.flops_per_token(self._context)
+            results = self.read_steps(pending)
+            pending.clear()
+            now = time.perf_counter()
+            for result in results:
+                step = result["step"]
+                if step in epoch_ends:
+                    ended, last_step = epoch_ends.pop(step)
+                    self._end_epoch(writer, meters, ended, last_step)
+                meters.update(result if not result["skipped"] else {})
+                record = {
+                    "step": step,
+                    "epoch": step_epochs.pop(step, epoch),
+                    "loss": result["loss"],
+                    "accuracy": result["accuracy"],
+                    "lr": result["lr"],
+                    "tokens": result["tokens"],
+                }
+                for key in ("lm_loss", "dag_A", "dag_A_P", "dag_G"):
+                    if key in result:
+                        record[key] = result[key]
+                record.update(meters.summary())
+                if result is results[-1] and (final or step % cfg.log_every == 0):
+                    record["tokens_seen"] = self.tokens_seen
+                    record.update(rates.interval(self.tokens_seen, step, now))
+                if result["skipped"]:
+                    record["skipped"] = True
+                writer.write(record)
+                progress.update(step, record)
+                if step % cfg.log_every == 0:
+                    meters.reset("running")
+                if result.get("diverged") and stopping["status"] is None:
+                    stopping["status"] = "diverged"
+                if result["stop"] and stopping["status"] is None:
+                    stopping["status"] = "interrupted"
 
         def save() -> Path:
             nonlocal last_saved, last_checkpoint
+            flush()
             trainer_state = {
                 "trainer": self.state_dict(),
                 "meters": meters.state_dict(),
@@ -543,48 +703,58 @@ class Trainer:
                 "step_in_epoch": step_in_epoch,
             }
             rank_state: dict[str, Any] = {"rng": capture_rng_state()}
-            if hasattr(train_data, "state_dict"):
-                rank_state["data"] = train_data.state_dict()
+            if have_state:
+                rank_state["data"] = data_state
             path = ckpt.save(self.step, self.model, self.optimizer, trainer_state, rank_state)
             last_saved, last_checkpoint = self.step, path
             if env.is_main:
                 progress.write(f"saved checkpoint {path}")
+            rates.pause(self.tokens_seen, self.step, time.perf_counter())
             return path
 
         status = "completed"
-        record: dict[str, Any] | None = None
-        start_time = time.perf_counter()
-        start_tokens = self.tokens_seen
-        iterator = iter(train_data)
+        # An endless iterator (BatchIterator with repeat) never ends: no per-step agreement on
+        # "is there a batch" between ranks is needed (it was a host read every step).
+        endless = bool(getattr(train_data, "repeat", False))
+        feed = BatchFeed(train_data, self.prepare_batch, cfg.prefetch_batches)
         epoch_save_due = False
+        # The run's long-lived objects (modules, compiled code, the data) go to the permanent
+        # generation: a full garbage collection then no longer walks them, which stalled one
+        # step in a few (gen-2 collections are triggered by the autograd graph's allocations).
+        gc.collect()
+        gc.freeze()
+        rates.start(self.tokens_seen, self.step, time.perf_counter())
+        first_step = self.step
         try:
             while total is None or self.step < total:
-                batch = next(iterator, None)
-                if self.sharded and env.world_size > 1:
+                fed = feed.next()
+                if self.sharded and env.world_size > 1 and not endless:
                     flag = torch.tensor(
-                        [0.0 if batch is None else 1.0], dtype=torch.float64, device=self.device
+                        [0.0 if fed is None else 1.0], dtype=torch.float64, device=self.device
                     )
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
                     if flag.item() == 0:
-                        batch = None
-                if batch is None:
+                        fed = None
+                if fed is None:
                     # A finite iterable ended: that was an epoch.
                     if step_in_epoch == 0:
                         raise PLDRError("the training data yielded no batch")
+                    flush()
                     self._end_epoch(writer, meters, epoch)
                     epoch += 1
                     step_in_epoch = 0
                     if epoch in cfg.save_epochs:
                         save()
-                    if epoch >= cfg.epochs:
+                    if epoch >= cfg.epochs or stopping["status"]:
                         break
                     setter = getattr(train_data, "set_epoch", None)
                     if callable(setter):
                         setter(epoch)
-                    iterator = iter(train_data)
+                    feed.close()
+                    feed = BatchFeed(train_data, self.prepare_batch, cfg.prefetch_batches)
                     continue
 
-                data_epoch = getattr(train_data, "epoch", None)
+                data_epoch = fed.epoch
                 if (
                     isinstance(data_epoch, int)
                     and cfg.steps_per_epoch is None
@@ -592,52 +762,51 @@ class Trainer:
                 ):
                     # An endless iterator moved on to its next epoch. Its first batch is
                     # already taken, so an epoch checkpoint is written after this step (a
-                    # checkpoint must never hold a data position ahead of its step).
-                    self._end_epoch(writer, meters, epoch)
+                    # checkpoint must never hold a data position ahead of its step). Its record
+                    # is written when the steps are read (no host read here: with a small
+                    # corpus an epoch can be a few steps long).
+                    epoch_ends[self.step + 1] = (epoch, self.step)
                     epoch_save_due = epoch + 1 in cfg.save_epochs
                     epoch, step_in_epoch = data_epoch, 0
                     if total is None and epoch >= cfg.epochs:
                         break
 
-                result = self.train_step(batch)
+                step_epochs[self.step + 1] = epoch
+                pending.append(self.step_async(fed.batch))
+                data_state = fed.state
                 step_in_epoch += 1
-                meters.update(result if not result["skipped"] else {})
-                elapsed = time.perf_counter() - start_time
-                record = {
-                    "step": self.step,
-                    "epoch": epoch,
-                    "loss": result["loss"],
-                    "accuracy": result["accuracy"],
-                    "lr": result["lr"],
-                    "tokens": result["tokens"],
-                    "tokens_seen": self.tokens_seen,
-                    "tokens_per_s": (self.tokens_seen - start_tokens) / max(elapsed, 1e-9),
-                    "elapsed_s": elapsed,
-                }
-                for key in ("lm_loss", "dag_A", "dag_A_P", "dag_G"):
-                    if key in result:
-                        record[key] = result[key]
-                record.update(meters.summary())
-                if result["skipped"]:
-                    record["skipped"] = True
-                writer.write(record)
-                progress.update(self.step, record)
-                if self.step % cfg.log_every == 0:
-                    meters.reset("running")
+                progress.advance(self.step)  # the bar's step count only: nothing read back
+                if self.step == first_step + 3:
+                    # Compilation and CUDA-graph recording made many long-lived objects in the
+                    # first steps: freeze them too.
+                    gc.collect()
+                    gc.freeze()
 
-                if result.get("diverged"):
-                    status = "diverged"
+                val_due = val_data is not None and cfg.val_every and self.step % cfg.val_every == 0
+                epoch_due = cfg.steps_per_epoch is not None and step_in_epoch >= cfg.steps_per_epoch
+                save_due = last_saved != self.step and (
+                    epoch_save_due
+                    or self.step in cfg.save_steps
+                    or (cfg.save_every is not None and self.step % cfg.save_every == 0)
+                )
+                local_stop = self.stop_requested and env.world_size == 1
+                if self.step == total or local_stop:
+                    flush(final=True)
+                elif self.step % read_every == 0 or val_due or epoch_due:
+                    flush()
+                if stopping["status"] == "diverged":
                     break
 
-                if val_data is not None and cfg.val_every and self.step % cfg.val_every == 0:
+                if val_due:
                     val = self.evaluate(val_data, cfg.val_batches)
                     writer.write({"event": "val", "step": self.step, **val})
                     progress.write(
                         f"step {self.step}: val_loss {val['val_loss']:.4f} "
                         f"val_accuracy {val['val_accuracy']:.4f}"
                     )
+                    rates.pause(self.tokens_seen, self.step, time.perf_counter())
 
-                if cfg.steps_per_epoch is not None and step_in_epoch >= cfg.steps_per_epoch:
+                if epoch_due:
                     self._end_epoch(writer, meters, epoch)
                     epoch += 1
                     step_in_epoch = 0
@@ -648,19 +817,20 @@ class Trainer:
                     setter = getattr(train_data, "set_epoch", None)
                     if callable(setter):
                         setter(epoch)
-                        iterator = iter(train_data)
+                        feed.close()
+                        feed = BatchFeed(train_data, self.prepare_batch, cfg.prefetch_batches)
 
-                if last_saved != self.step and (
-                    epoch_save_due
-                    or self.step in cfg.save_steps
-                    or (cfg.save_every is not None and self.step % cfg.save_every == 0)
-                ):
+                if save_due:
                     save()
                 epoch_save_due = False
 
-                if result["stop"]:
-                    status = "interrupted"
+                if stopping["status"] == "interrupted":
                     break
+            flush(final=True)
+            for ended, last_step in epoch_ends.values():  # an epoch ended with the run
+                self._end_epoch(writer, meters, ended, last_step)
+            if stopping["status"]:
+                status = stopping["status"]
             if status == "completed" and val_data is not None and cfg.val_every:
                 if record is not None and self.step % cfg.val_every != 0:
                     val = self.evaluate(val_data, cfg.val_batches)
@@ -684,6 +854,8 @@ class Trainer:
                 if env.is_main:
                     progress.write(f"exported the model to {export_dir}")
         finally:
+            feed.close()
+            gc.unfreeze()
             restore_signals()
             progress.close()
             writer.close()
@@ -696,11 +868,13 @@ class Trainer:
             last_metrics=record,
         )
 
-    def _end_epoch(self, writer: MetricsWriter, meters: TrainMeters, epoch: int) -> None:
+    def _end_epoch(
+        self, writer: MetricsWriter, meters: TrainMeters, epoch: int, step: int | None = None
+    ) -> None:
         writer.write(
             {
                 "event": "epoch_end",
-                "step": self.step,
+                "step": self.step if step is None else step,
                 "epoch": epoch,
                 "loss_epoch": meters.result("epoch", "loss"),
                 "accuracy_epoch": meters.result("epoch", "accuracy"),

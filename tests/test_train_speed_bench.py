@@ -1,0 +1,53 @@
+"""benchmarks/train_speed.py: its reading of metrics.jsonl, and its --quick mode end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "train_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_speed", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_speed"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_window_figures_take_the_median_of_the_window(bench, tmp_path) -> None:
+    rows = [{"step": s, "loss": 1.0} for s in range(1, 41)]
+    for step, rate, memory in ((10, 1.0, 3.0), (20, 500.0, 4.0), (30, 300.0, 5.0), (40, 9.0, 6.0)):
+        rows[step - 1].update(tokens_per_s=rate, peak_memory_gib=memory, mfu=rate / 1000)
+    rows.append({"event": "epoch_end", "step": 40})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = bench.window_figures(path, (10, 30))  # intervals ending at 20 and 30
+    assert figures["intervals"] == 2
+    assert figures["tokens_per_s"] == 400.0
+    assert figures["mfu"] == pytest.approx(0.4)
+    assert figures["peak_memory_gib"] == 6.0  # the run's peak, not the window's
+    assert figures["last_step"] == 40
+
+
+def test_quick_mode_runs_the_cli_and_reports(bench, tmp_path, capsys) -> None:
+    out = tmp_path / "speed.json"
+    code = bench.main(
+        ["--quick", "--variants", "default", "--steps", "4", "--window", "0", "4",
+         "--json", str(out), "--out", str(tmp_path / "runs")]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["name"] == "default" and row["returncode"] == 0
+    assert row["intervals"] == 2 and row["tokens_per_s"] > 0  # steps 2 and 4 (log_every 2)
+    assert "--preset tiny" in row["command"] and "--train.device cpu" in row["command"]
+    assert (tmp_path / "runs" / "default_b2_w1" / "metrics.jsonl").is_file()
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[-1].startswith("| default |")
