@@ -311,7 +311,12 @@ class DecodeEngine:
         params: Sequence[SamplingParams],
         g_init: GInit | None = None,
     ) -> list[int]:
-        """:meth:`add` for several prompts: one forward per prompt length (same results)."""
+        """:meth:`add` for several prompts in one forward (same results as one by one).
+
+        Prompts of different lengths are left-padded with an attention mask that keeps padding
+        out of A, the keys and the rotary positions. (One corner differs from a lone run: a pad
+        id *inside* such a prompt is attended to by the prompt pass, where alone it is masked.)
+        """
         if len(prompts) != len(params):
             raise PLDRError(f"{len(prompts)} prompts but {len(params)} sampling params")
         if len(prompts) > len(self._free):
@@ -346,16 +351,7 @@ class DecodeEngine:
         init = prepare_g_init(self.model, g_init)
         slots = [self._free.pop(0) for _ in rows]
         try:
-            by_length: dict[int, list[int]] = {}
-            for index, row in enumerate(rows):
-                by_length.setdefault(len(row), []).append(index)
-            for members in by_length.values():
-                self._prefill(
-                    [slots[i] for i in members],
-                    [rows[i] for i in members],
-                    [params[i] for i in members],
-                    init,
-                )
+            self._prefill(slots, rows, list(params), init)
         except BaseException:
             for slot in slots:
                 self._running.discard(slot)
@@ -371,16 +367,21 @@ class DecodeEngine:
         params: list[SamplingParams],
         init: list[GCacheEntry] | None,
     ) -> None:
-        model, device = self.model, self.device
-        ids = torch.tensor(rows, dtype=torch.long, device=device)
-        n, length = ids.shape
+        model, device, pad = self.model, self.device, self.config.pad_id
+        n, length = len(rows), max(len(r) for r in rows)
+        mask = None
+        if any(len(r) != length for r in rows):
+            mask = torch.tensor(
+                [[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device
+            )
+        ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], device=device)
         index = torch.tensor(slots, dtype=torch.long, device=device)
         was_training = model.training
         model.eval()
         try:
             with sdpa_backends():
                 cache = PLDRCache(g=init) if init is not None else None
-                out = model(ids, cache=cache, logits_to_keep=1)
+                out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
         finally:
             model.train(was_training)
         logits = out.logits[:, -1].float()
@@ -396,7 +397,8 @@ class DecodeEngine:
                     for metric, kv in zip(self.metric, out.cache.kv):
                         metric[index] = kv.metric_tensor.to(metric.dtype)
             valid = torch.zeros(n, self.slots, dtype=torch.bool, device=device)
-            valid[:, :length] = out.cache.key_valid
+            # Decoding keeps the lone run's rule: a key that is the pad id is masked.
+            valid[:, :length] = out.cache.key_valid & (ids != pad)
             self.key_valid[index] = valid
         else:
             for i, (slot, row) in enumerate(zip(slots, rows)):
@@ -438,7 +440,12 @@ class DecodeEngine:
             all_greedy=all(p.greedy for p in params),
         )
         self.ids[index] = first[:, None]
-        self.position[index] = length
+        next_position = out.cache.next_position
+        self.position[index] = (
+            next_position[:, None]
+            if next_position is not None
+            else torch.full_like(first, length)[:, None]
+        )
         self.write_index[index] = length
         self.n_generated[index] = 1
         history = torch.zeros(n, self.slots, dtype=torch.long, device=device)
