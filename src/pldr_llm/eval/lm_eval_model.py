@@ -25,7 +25,8 @@ continuation is scored:
 ``gcache_file=PATH`` (a G-cache file, see :func:`pldr_llm.gfile.load_g_file`) replaces the
 G-cache in every pass of scoring and generation (the paper's predefined G_LM experiments).
 ``kvcache`` and ``gcache`` (both on by default) are the cache modes of ``generate_until``, which
-runs ``pldr_llm.generate`` on a batch of requests at once.
+runs a batch of requests at once on the one decoding loop (:mod:`pldr_llm.generation`: static
+caches, a CUDA-graph step on GPUs).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from lm_eval.api.registry import register_model
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation import generate_details
+from pldr_llm.generation import find_stop, generate_details
 from pldr_llm.model.cache import GCacheEntry, PLDRCache
 from pldr_llm.model.model import PLDRModel
 
@@ -476,7 +477,7 @@ class PLDRLLMEvalModel(TemplateLM):
         max_new = max(0, min(max_new, self.max_length - longest))
 
         def stop(row: int, new_ids: list[int]) -> bool:
-            return bool(until) and any(s in self.tok_decode(new_ids) for s in until)
+            return find_stop(self.tok_decode(new_ids), until) is not None
 
         out = generate_details(
             self.model,
@@ -493,8 +494,6 @@ class PLDRLLMEvalModel(TemplateLM):
         for new_ids in out.new_ids:
             ids = [i for i in new_ids if i != self.eot_token_id]
             text = self.tok_decode(ids)
-            for s in until:
-                if s and s in text:
-                    text = text.split(s)[0]
-            texts.append(text)
+            cut = find_stop(text, until)
+            texts.append(text if cut is None else text[:cut])
         return texts
