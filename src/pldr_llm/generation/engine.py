@@ -217,6 +217,9 @@ class DecodeEngine:
             self.max_new = zeros(batch)
             self.stop_eos = zeros(batch, dt=torch.bool)
             self.stop_ids = torch.full((batch, MAX_STOP_IDS), -1, dtype=torch.long, device=device)
+            # Teacher forcing (scoring): row b's n-th new token is forced[b, n] while n < forced_len.
+            self.forced = zeros(batch, slots)
+            self.forced_len = zeros(batch)
             self.logprob = zeros(batch, dt=torch.float32)
             self.pending_logits = zeros(batch, vocab, dt=torch.float32) if keep_logits else None
             self.report = zeros(3, batch, dt=torch.float32)  # token, finished, logprob
@@ -295,14 +298,21 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ prefill
     def add(
-        self, prompt_ids: Sequence[int], params: SamplingParams, g_init: GInit | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        g_init: GInit | None = None,
+        forced_ids: Sequence[int] | None = None,
     ) -> int:
         """Prefill ``prompt_ids`` alone (as ``model.forward`` on it would), fill a free slot and
         sample its first token (reported by the next :meth:`step`); returns the slot.
 
+        ``forced_ids`` (teacher forcing, for scoring a continuation) makes the slot emit these ids
+        instead of sampled ones, with the logits/log-probabilities the model gives them.
         Raises :class:`PLDRError` when no slot is free or prompt + max_new_tokens exceeds max_len.
         """
-        return self.add_many([prompt_ids], [params], g_init)[0]
+        forced = [forced_ids] if forced_ids is not None else None
+        return self.add_many([prompt_ids], [params], g_init, forced)[0]
 
     @torch.inference_mode()
     def add_many(
@@ -310,6 +320,7 @@ class DecodeEngine:
         prompts: Sequence[Sequence[int]],
         params: Sequence[SamplingParams],
         g_init: GInit | None = None,
+        forced_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[int]:
         """:meth:`add` for several prompts in one forward (same results as one by one).
 
@@ -348,10 +359,17 @@ class DecodeEngine:
                     f"at most {MAX_STOP_IDS} stop_token_ids, got {len(p.stop_token_ids)}"
                 )
             rows.append(row)
+        forced = [[int(t) for t in f] for f in forced_ids] if forced_ids is not None else None
+        if forced is not None:
+            if len(forced) != len(rows):
+                raise PLDRError(f"{len(rows)} prompts but {len(forced)} forced id lists")
+            for f, p in zip(forced, params):
+                if len(f) > p.max_new_tokens or any(t < 0 or t >= vocab for t in f):
+                    raise PLDRError("forced ids must be vocabulary ids, at most max_new_tokens")
         init = prepare_g_init(self.model, g_init)
         slots = [self._free.pop(0) for _ in rows]
         try:
-            self._prefill(slots, rows, list(params), init)
+            self._prefill(slots, rows, list(params), init, forced)
         except BaseException:
             for slot in slots:
                 self._running.discard(slot)
@@ -366,6 +384,7 @@ class DecodeEngine:
         rows: list[list[int]],
         params: list[SamplingParams],
         init: list[GCacheEntry] | None,
+        forced: list[list[int]] | None = None,
     ) -> None:
         model, device, pad = self.model, self.device, self.config.pad_id
         n, length = len(rows), max(len(r) for r in rows)
@@ -439,6 +458,14 @@ class DecodeEngine:
             zeros,
             all_greedy=all(p.greedy for p in params),
         )
+        forced_rows = torch.zeros(n, self.slots, dtype=torch.long)
+        forced_len = torch.zeros(n, dtype=torch.long)
+        for r, f in enumerate(forced or []):
+            forced_rows[r, : len(f)] = torch.tensor(f, dtype=torch.long)
+            forced_len[r] = len(f)
+        self.forced[index] = forced_rows.to(device)
+        self.forced_len[index] = forced_len.to(device)
+        first = torch.where(forced_len.to(device) > 0, self.forced[index, 0], first)
         self.ids[index] = first[:, None]
         next_position = out.cache.next_position
         self.position[index] = (
@@ -501,6 +528,9 @@ class DecodeEngine:
             self.n_generated,
             all_greedy=all_greedy,
         )
+        column = self.n_generated.clamp(max=self.slots - 1)[:, None]
+        forced = self.forced.gather(1, column)[:, 0]
+        new = torch.where(self.n_generated < self.forced_len, forced, new)
         self.report[0].copy_(self.ids[:, 0])
         self.report[1].copy_(self.done)
         self.report[2].copy_(self.logprob)
@@ -509,7 +539,6 @@ class DecodeEngine:
             self.logprob.copy_(torch.where(run, chosen, self.logprob))
         if self.pending_logits is not None:
             self.pending_logits.copy_(torch.where(run[:, None], logits, self.pending_logits))
-        column = self.n_generated.clamp(max=self.slots - 1)[:, None]
         self.history.scatter_(
             1, column, torch.where(run, new, self.history.gather(1, column)[:, 0])[:, None]
         )
