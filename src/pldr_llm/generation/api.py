@@ -244,7 +244,7 @@ def generate_details(
             if streamer is None and stopping_criteria is None and not output_logits:
                 while not engine.all_done():
                     engine.advance(CHECK_EVERY)
-                new_ids = [engine.generated(s) for s in slots]
+                new_ids = engine.generated_many(slots)
             else:
                 _host_loop(
                     engine, slots, new_ids, step_logits, config.pad_id, streamer, stopping_criteria

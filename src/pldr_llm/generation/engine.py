@@ -293,8 +293,16 @@ class DecodeEngine:
 
     def generated(self, slot: int) -> list[int]:
         """The ids generated in ``slot`` so far (reported or not)."""
-        n = int(self.n_generated[slot])
-        return self.history[slot, :n].tolist()
+        return self.generated_many([slot])[0]
+
+    def generated_many(self, slots: Sequence[int]) -> list[list[int]]:
+        """:meth:`generated` for several slots with one read from the device."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            counts = self.n_generated[index]
+            width = int(counts.max()) if len(slots) else 0
+            rows = self.history[index, :width].tolist()
+        return [row[:n] for row, n in zip(rows, counts.tolist())]
 
     # ------------------------------------------------------------------ prefill
     def add(
