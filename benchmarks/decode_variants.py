@@ -58,7 +58,7 @@ def main() -> None:
             model, 1, 32 + args.new, compile=options or True, steps_per_graph=steps_per_graph
         )
 
-        def run() -> torch.Tensor:
+        def run(engine: DecodeEngine = engine) -> torch.Tensor:
             slot = engine.add(prompt[0].tolist(), params)
             engine.advance(args.new - 1)
             new = engine.generated(slot)
