@@ -608,10 +608,16 @@ class DecodeEngine:
                     fn()
             return
         many = self.steps_per_graph
-        while count > 0:
-            n = many if count >= many else 1
-            self._graph(greedy, n).replay()
-            count -= n
+        if count == 1 or many == 1:
+            graph = self._graph(greedy, 1)
+            for _ in range(count):
+                graph.replay()
+            return
+        # Rounded up to whole graphs of `many` steps: one capture serves every count, and extra
+        # steps change nothing a caller reads (rows stop at their own max_new_tokens).
+        graph = self._graph(greedy, many)
+        for _ in range(-(-count // many)):
+            graph.replay()
 
     def _graph(self, greedy: bool, n: int) -> Any:
         """The captured graph of ``n`` steps (captured now on first use)."""
@@ -647,7 +653,8 @@ class DecodeEngine:
     @torch.inference_mode()
     def advance(self, count: int) -> None:
         """Run ``count`` decoding steps without reporting (for :func:`generate`; read the ids
-        with :meth:`generated`). Rows that finish stop advancing; nothing reads back to the host."""
+        with :meth:`generated`). Rows that finish stop advancing; nothing reads back to the host.
+        With CUDA graphs of ``steps_per_graph`` steps, ``count`` is rounded up to whole graphs."""
         if self._running:
             self._run_steps(count)
 
