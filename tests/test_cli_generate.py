@@ -162,7 +162,8 @@ def test_stream_prints_the_same_text(published: tuple[Path, PLDRModel, PLDRToken
 
 
 def test_streamer_writes_as_tokens_come(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
-    from pldr_llm.commands.generate import TextStreamer, final_text
+    from pldr_llm.commands.generate import TextStreamer
+    from pldr_llm.generation import final_text
 
     _, model, tok = published
 
