@@ -275,8 +275,7 @@ def generate_details(
     for r, n in enumerate(new_ids):
         generated[r, : len(n)] = torch.tensor(n, dtype=torch.long)
     base = matrix if matrix is not None else torch.tensor(rows, dtype=torch.long)
-    device = prompt_ids.device if isinstance(prompt_ids, Tensor) else torch.device("cpu")
-    full = torch.cat((base, generated), dim=1).to(device)
+    full = torch.cat((base, generated), dim=1).to(model.device)  # where the model is, as before
     if kind == "vector":
         full = full[0]
     return GenerationOutput(full, new_ids, logits_out, capture)
