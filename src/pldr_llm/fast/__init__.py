@@ -8,20 +8,18 @@ training through ``pldr-llm train``. See BENCHMARKS.md.
 * :func:`linear_cross_entropy`: the LM loss, chunked, without the [B, L, V] float32 logits
   (what ``PLDRModel.forward(..., labels=...)`` and so the trainer use).
 * :func:`compile_decoder_layers`: ``torch.compile`` on each decoder layer, in place.
-* :class:`StaticDecoder` / :func:`greedy_generate`: static KV-cache + CUDA-graph one-token step.
+* Decoding (static KV-cache, CUDA-graph step): :class:`pldr_llm.generation.DecodeEngine`.
 * :class:`CapturedForward`: a prompt's forward (prefill) captured in a CUDA graph.
 """
 
 from pldr_llm.fast.compile import compile_decoder_layers, uncompile_decoder_layers
-from pldr_llm.fast.decode import CapturedForward, StaticDecoder, greedy_generate
+from pldr_llm.fast.decode import CapturedForward
 from pldr_llm.fast.loss import chunk_loss_and_grad, linear_cross_entropy
 
 __all__ = [
     "CapturedForward",
-    "StaticDecoder",
     "chunk_loss_and_grad",
     "compile_decoder_layers",
-    "greedy_generate",
     "linear_cross_entropy",
     "uncompile_decoder_layers",
 ]
