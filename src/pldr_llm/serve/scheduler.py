@@ -1,0 +1,336 @@
+"""Continuous batching: one worker thread owns the decoding engine and the model.
+
+Requests wait in a bounded queue (:class:`QueueFull` when it is full: the server answers 429).
+Between two engine steps the worker admits waiting sequences into free slots, steps once, routes
+each slot's token to its sequence (text deltas from an incremental detokenizer, stop strings,
+``max_tokens``) and releases finished or cancelled slots. A cancelled sequence (its client went
+away) frees its slot at the next step. Other work on the model (the deductive outputs) runs on the
+same thread between steps, so nothing else ever touches the model concurrently.
+
+Results travel to the asyncio side through ``loop.call_soon_threadsafe`` into a per-sequence
+:class:`asyncio.Queue` of :class:`Event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pldr_llm.serve.engine import DecodeEngine, SamplingParams, find_stop
+from pldr_llm.serve.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound."""
+
+
+class ShuttingDown(Exception):
+    """The server no longer takes requests."""
+
+
+@dataclass
+class Event:
+    """A piece of one sequence's output: ``text`` delta (with the logprobs of the tokens that
+    completed it), or the end (``finish_reason`` set), or an ``error``."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+    index: int = 0  # the choice this event belongs to
+
+
+class Detokenizer:
+    """Turns a growing list of new ids into text deltas that are always final.
+
+    Each step decodes prompt + new ids together (what ``pldr-llm generate`` prints), takes the
+    part after the prompt's text, and holds back what may still change: a trailing replacement
+    character (half a UTF-8 sequence of byte-fallback pieces) and a tail that could be the start
+    of a stop string. ``cut`` is set once a stop string appears; the text ends before it.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stops: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_ids = list(prompt_ids)
+        self.prompt_text = tokenizer.decode(self.prompt_ids)
+        self.new_ids: list[int] = []
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.sent = 0  # characters of the completion already emitted
+        self.stopped = False
+
+    def completion(self) -> str:
+        text = self.tokenizer.decode(self.prompt_ids + self.new_ids)
+        if text.startswith(self.prompt_text):
+            return text[len(self.prompt_text) :]
+        return self.tokenizer.decode(self.new_ids)  # pragma: no cover - defensive
+
+    def push(self, token: int) -> str:
+        """Add one id; return the new text that is now safe to show."""
+        self.new_ids.append(token)
+        text = self.completion()
+        cut = find_stop(text, self.stops) if self.stops else None
+        if cut is not None:
+            self.stopped = True
+            end = cut
+        else:
+            end = len(text)
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+            end = max(self.sent, min(end, len(text) - self.hold))
+        delta = text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+    def flush(self) -> str:
+        """At the end: the rest of the text (up to a stop string)."""
+        if self.stopped:
+            return ""
+        text = self.completion()
+        cut = find_stop(text, self.stops) if self.stops else None
+        end = cut if cut is not None else len(text)
+        delta = text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+
+class GenSequence:
+    """One sequence being generated (a choice of a request)."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stops: Sequence[str],
+        tokenizer: Any,
+        loop: asyncio.AbstractEventLoop,
+        events: asyncio.Queue[Event],
+        index: int = 0,
+        key: tuple[bool, bool] = (True, True),
+    ) -> None:
+        self.index = index
+        self.key = key  # (KV-cache on, G-cache on)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.detok = Detokenizer(tokenizer, prompt_ids, stops)
+        self.loop = loop
+        self.events = events  # shared by the sequences of one request
+        self.cancelled = False
+        self.slot: int | None = None
+        self.created = time.perf_counter()
+        self.last_token_at: float | None = None
+        self.pending_tokens: list[int] = []
+        self.pending_logprobs: list[float] = []
+        self.produced = 0
+
+    def cancel(self) -> None:
+        """The client went away: free the slot at the next step (safe from any thread)."""
+        self.cancelled = True
+
+    def _send(self, event: Event) -> None:
+        event.index = self.index
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class Scheduler:
+    """The worker thread, its waiting queue and the engine it owns."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        metrics: Metrics | None = None,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        # One engine per cache mode (KV-cache on/off, G-cache on/off), made when first asked for:
+        # the cache switches are per request, an engine's are fixed when it is built.
+        self._engines: dict[tuple[bool, bool], Any] = {}
+        self._engine_options = dict(engine_options or {})
+        self._max_batch = max_batch
+        self._engine_for((True, True))
+        self._waiting: collections.deque[GenSequence] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            collections.deque()
+        )
+        self._running: dict[tuple[tuple[bool, bool], int], GenSequence] = {}
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="pldr-serve-worker", daemon=True)
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread.start()
+
+    def drain_and_stop(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish what is queued and running, then stop the worker."""
+        with self._cond:
+            self._accepting = False
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def _engine_for(self, key: tuple[bool, bool]) -> Any:
+        engine = self._engines.get(key)
+        if engine is None:
+            engine = DecodeEngine(
+                self.model,
+                self._max_batch,
+                enable_kvcache=key[0],
+                enable_Gcache=key[1],
+                output_logprobs=True,
+                **self._engine_options,
+            )
+            self._engines[key] = engine
+        return engine
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, seqs: Sequence[GenSequence]) -> None:
+        """Queue the sequences of one request (all or none: :class:`QueueFull`)."""
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown()
+            if len(self._waiting) + len(seqs) > self.max_queue:
+                raise QueueFull()
+            self._waiting.extend(seqs)
+            self.metrics.queue_depth = len(self._waiting)
+            self._cond.notify_all()
+
+    def run_on_worker(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker thread between two steps; a future of its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown()
+            self._jobs.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    # ------------------------------------------------------------------ the worker
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._running or self._jobs or self._stop):
+                    self._cond.wait()
+                if self._stop and not (self._waiting or self._running or self._jobs):
+                    return
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, future in jobs:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to the waiting request
+                        future.set_exception(exc)
+            try:
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # a failing step ends its sequences, not the server
+                for seq in list(self._running.values()):
+                    self._finish(seq, None, error=f"generation failed: {exc}")
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    return
+                seq = self._waiting[0]
+                if seq.cancelled:
+                    self._waiting.popleft()
+                    self.metrics.queue_depth = len(self._waiting)
+                    continue
+                engine = self._engine_for(seq.key)
+                if engine.free_slots <= 0:  # first come, first served
+                    return
+                self._waiting.popleft()
+                self.metrics.queue_depth = len(self._waiting)
+            try:
+                seq.slot = engine.add(seq.prompt_ids, seq.params)
+            except Exception as exc:
+                seq._send(Event(finish_reason="error", error=str(exc)))
+                continue
+            self._running[(seq.key, seq.slot)] = seq
+            self.metrics.running = len(self._running)
+
+    def _step(self) -> None:
+        for seq in list(self._running.values()):
+            if seq.cancelled:
+                self._finish(seq, None)
+        for key in sorted({k for k, _ in self._running}):
+            self._step_engine(key)
+
+    def _step_engine(self, key: tuple[bool, bool]) -> None:
+        out = self._engines[key].step()
+        now = time.perf_counter()
+        logprobs = out.logprobs or [0.0] * len(out.slots)
+        for slot, token, done, logprob in zip(out.slots, out.token_ids, out.finished, logprobs):
+            seq = self._running.get((key, slot))
+            if seq is None:
+                continue
+            if seq.last_token_at is None:
+                self.metrics.ttft.observe(now - seq.created)
+            else:
+                self.metrics.itl.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            seq.produced += 1
+            self.metrics.completion_tokens += 1
+            eos = token == self.model.config.eos_id and seq.params.stop_at_eos
+            delta = "" if eos else seq.detok.push(token)
+            seq.pending_tokens.append(token)
+            seq.pending_logprobs.append(float(logprob))
+            if delta:
+                seq._send(Event(delta, seq.pending_tokens, seq.pending_logprobs))
+                seq.pending_tokens, seq.pending_logprobs = [], []
+            if seq.detok.stopped or eos:
+                self._finish(seq, "stop")
+            elif done or seq.produced >= seq.params.max_new_tokens:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: GenSequence, reason: str | None, error: str | None = None) -> None:
+        if seq.slot is not None:
+            self._engines[seq.key].release(seq.slot)
+            self._running.pop((seq.key, seq.slot), None)
+            seq.slot = None
+        self.metrics.running = len(self._running)
+        if seq.cancelled and reason is None and error is None:
+            return
+        rest = "" if error else seq.detok.flush()
+        seq._send(
+            Event(
+                rest,
+                seq.pending_tokens,
+                seq.pending_logprobs,
+                finish_reason=reason or "error",
+                completion_tokens=seq.produced,
+                error=error,
+            )
+        )
+        seq.pending_tokens, seq.pending_logprobs = [], []
