@@ -102,15 +102,16 @@ def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
 
 def check_model(body: dict[str, Any], model_id: str) -> None:
     """The ``model`` field must name the served model (the only one; it is fixed at start)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
     model = body.get("model")
     if model is None:
         raise bad("you must give 'model'", "model")
     if model != model_id:
-        raise APIError(
-            404,
+        raise bad(
             f"the model '{model}' does not exist; this server serves '{model_id}'",
-            param="model",
-            code="model_not_found",
+            "model",
+            "model_not_found",
         )
 
 
