@@ -365,3 +365,120 @@ def test_detokenizer_holds_back_a_possible_stop_string(loaded) -> None:
     shown = "".join(detok.push(i) for i in ids)
     assert detok.stopped
     assert shown + detok.flush() == " alpha "
+
+
+# ---------------------------------------------------------------------- rows and shutdown
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_disconnected_client_frees_its_row(bundle: Path) -> None:
+    import time
+
+    with live_server(bundle, max_batch=1) as (url, _):
+        before = _metric(url, "pldr_completion_tokens_total")
+        body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 94, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line:  # the first token arrived: the row is running; now hang up
+                    break
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").json()["running"]:
+            assert time.monotonic() < deadline, "the row of a gone client was never freed"
+            time.sleep(0.005)
+        # 94 tokens take ~0.7 s here; the row was freed long before they were all made.
+        assert _metric(url, "pldr_completion_tokens_total") - before < 94
+        # The one slot is free again: the next request runs to the end.
+        r = _post(url, "/v1/completions", json={**body, "max_tokens": 5})
+        assert r.json()["usage"]["completion_tokens"] == 5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "pldr_llm", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(bundle: Path) -> None:
+    import signal
+    import time
+
+    port = _free_port()
+    proc = _serve_cli("--model", str(bundle), "--port", str(port), "--max-batch", "2", "-q")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 90, "temperature": 0}
+        body["stream"] = True
+        events = []
+        refused = None
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                if not events:
+                    proc.send_signal(signal.SIGTERM)  # after the first token
+                    signalled = time.monotonic()
+                elif refused is None and time.monotonic() - signalled > 0.3:
+                    # uvicorn notices the signal within 0.1 s and closes its listening socket.
+                    try:
+                        httpx.get(url + "/health", timeout=2)
+                        refused = False
+                    except httpx.TransportError:
+                        refused = True
+                events.append(line)
+        assert refused is not False, "a new connection was accepted while draining"
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", "0.0.0.0"], "without an API key"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--api-key", " "], "API key is empty"),
+    ],
+)
+def test_cli_refuses_bad_settings_in_one_line(bundle: Path, args: list[str], message: str) -> None:
+    proc = _serve_cli("--model", str(bundle), *args)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.count("\n") == 1 and err.startswith("pldr-llm: error: ") and message in err

@@ -325,12 +325,16 @@ class _Server:
             reasons: list[str | None] = [None] * len(seqs)
             produced = 0
             left = len(seqs)
+            checked = time.monotonic()
             while left:
-                try:
-                    ev = await asyncio.wait_for(events.get(), 1.0)
-                except asyncio.TimeoutError:
+                if time.monotonic() - checked > 0.5:
+                    # A client that went away frees its rows (the finally below).
+                    checked = time.monotonic()
                     if await request.is_disconnected():
-                        raise
+                        return Response(status_code=499)
+                try:
+                    ev = await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
                     continue
                 texts[ev.index] += ev.text
                 tokens[ev.index] += ev.tokens
@@ -602,10 +606,30 @@ def run_server(
             f"refusing to listen on {host} (reachable from other machines) without an API key: "
             "give --api-key KEY (or PLDR_API_KEY), or --insecure"
         )
+    import contextlib
+    import signal
+    import threading
+
     import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            # uvicorn's own handler re-raises SIGTERM once drained, so the process would end
+            # "killed by SIGTERM"; a drained, orderly stop exits with status 0 instead.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     app = create_app(model, tokenizer, options)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False
     )
-    uvicorn.Server(config).run()
+    Server(config).run()
