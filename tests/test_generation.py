@@ -114,8 +114,9 @@ def test_top_p_keeps_at_least_one():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": 0.0}, "temperature"),
-        ({"temperature": 1.5}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.2}, "top_p"),
         ({"top_k": -1}, "top_k"),

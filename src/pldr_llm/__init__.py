@@ -25,9 +25,13 @@ _EXPORTS = {
     "PLDRConfig": "pldr_llm.config",
     "read_hyperparameters_file": "pldr_llm.config",
     "PLDRError": "pldr_llm.errors",
+    "DecodeEngine": "pldr_llm.generation",
+    "SamplingParams": "pldr_llm.generation",
     "filter_logits": "pldr_llm.generation",
     "generate": "pldr_llm.generation",
     "generate_details": "pldr_llm.generation",
+    "generate_text": "pldr_llm.generation",
+    "stream_generate": "pldr_llm.generation",
     "load_g_file": "pldr_llm.gfile",
     "save_g_file": "pldr_llm.gfile",
     "dag_regularizer": "pldr_llm.losses",
@@ -55,7 +59,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from pldr_llm.config import PLDRConfig, read_hyperparameters_file
     from pldr_llm.errors import PLDRError
-    from pldr_llm.generation import filter_logits, generate, generate_details
+    from pldr_llm.generation import (
+        DecodeEngine,
+        SamplingParams,
+        filter_logits,
+        generate,
+        generate_details,
+        generate_text,
+        stream_generate,
+    )
     from pldr_llm.gfile import load_g_file, save_g_file
     from pldr_llm.losses import dag_regularizer, masked_accuracy, masked_cross_entropy
     from pldr_llm.model import (
@@ -131,6 +143,7 @@ def _register_with_transformers() -> None:
 _register_with_transformers()
 
 __all__ = [
+    "DecodeEngine",
     "Deductive",
     "GCacheEntry",
     "PLDRCache",
@@ -142,6 +155,9 @@ __all__ = [
     "filter_logits",
     "generate",
     "generate_details",
+    "generate_text",
+    "stream_generate",
+    "SamplingParams",
     "PLDRTokenizer",
     "inference_G_model",
     "load_bundle",

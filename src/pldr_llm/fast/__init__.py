@@ -9,12 +9,12 @@ them. See BENCHMARKS.md.
   [B, L, V] float32 logits; :func:`packed_causal_lm_loss` for padding-free batches, without
   the host syncs of ``forward``'s checks.
 * :func:`compile_decoder_layers`: ``torch.compile`` on each decoder layer, in place.
-* :class:`StaticDecoder` / :func:`greedy_generate`: static KV-cache + CUDA-graph one-token step.
+* Decoding (static KV-cache, CUDA-graph step): :class:`pldr_llm.generation.DecodeEngine`.
 * :class:`CapturedForward`: a prompt's forward (prefill) captured in a CUDA graph.
 """
 
 from pldr_llm.fast.compile import compile_decoder_layers, uncompile_decoder_layers
-from pldr_llm.fast.decode import CapturedForward, StaticDecoder, greedy_generate
+from pldr_llm.fast.decode import CapturedForward
 from pldr_llm.fast.loss import (
     causal_lm_loss,
     chunk_loss_and_grad,
@@ -24,11 +24,9 @@ from pldr_llm.fast.loss import (
 
 __all__ = [
     "CapturedForward",
-    "StaticDecoder",
     "causal_lm_loss",
     "chunk_loss_and_grad",
     "compile_decoder_layers",
-    "greedy_generate",
     "linear_cross_entropy",
     "packed_causal_lm_loss",
     "uncompile_decoder_layers",

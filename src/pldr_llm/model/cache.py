@@ -34,12 +34,12 @@ class LayerKV:
 
 @dataclass
 class StaticLayerKV:
-    """A preallocated KV-cache layer for CUDA-graph decoding (see :mod:`pldr_llm.fast`).
+    """A preallocated KV-cache layer for static decoding (see :mod:`pldr_llm.generation`).
 
     ``key`` and ``value`` are [B, H, T_max, dk] buffers whose addresses never change; ``append``
-    writes the new keys/values in place at slot ``write_index`` ([n] long, on the device) and
-    returns the whole buffers. Slots not yet written hold stale values: the caller's attention
-    bias must mask every slot past the current one.
+    writes one new key/value per row in place, row ``b`` at slot ``write_index[b]`` ([B] long, on
+    the device), and returns the whole buffers. Slots not yet written hold stale values: the
+    caller's attention bias must mask them.
     """
 
     key: Tensor
@@ -48,8 +48,10 @@ class StaticLayerKV:
     metric_tensor: Tensor | None = None
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        self.key.index_copy_(-2, self.write_index, keys.to(self.key.dtype))
-        self.value.index_copy_(-2, self.write_index, values.to(self.value.dtype))
+        batch, heads, _, depth = self.key.shape
+        index = self.write_index.view(batch, 1, 1, 1).expand(batch, heads, 1, depth)
+        self.key.scatter_(-2, index, keys.to(self.key.dtype))
+        self.value.scatter_(-2, index, values.to(self.value.dtype))
         return self.key, self.value
 
 

@@ -1,0 +1,56 @@
+"""Generation: one decoding loop for every path that produces text.
+
+* :class:`DecodeEngine`, :class:`SamplingParams`, :class:`StepOutput`: the static, slot-based
+  loop (KV-cache allocated once, CUDA-graph step with sampling inside) -- see
+  :mod:`pldr_llm.generation.engine`.
+* :func:`generate`, :func:`generate_details`, :func:`stream_generate`, :func:`generate_text`: the
+  user-facing calls, all on that loop.
+* :func:`filter_logits` & co: the original's sampling filters (:mod:`~.sampling`).
+"""
+
+from pldr_llm.generation.api import (
+    GenerationOutput,
+    StopStrings,
+    final_text,
+    find_stop,
+    generate,
+    generate_details,
+    generate_text,
+    stream_generate,
+)
+from pldr_llm.generation.engine import DecodeEngine, GInit, StepOutput, sdpa_backends
+from pldr_llm.generation.sampling import (
+    FILTERED_LOGIT,
+    SamplingParams,
+    filter_logits,
+    filter_rows,
+    gumbel_noise,
+    sample_rows,
+    top_k_filter,
+    top_p_filter,
+    validate_sampling,
+)
+
+__all__ = [
+    "FILTERED_LOGIT",
+    "DecodeEngine",
+    "GInit",
+    "GenerationOutput",
+    "SamplingParams",
+    "StepOutput",
+    "StopStrings",
+    "filter_logits",
+    "filter_rows",
+    "final_text",
+    "find_stop",
+    "generate",
+    "generate_details",
+    "generate_text",
+    "gumbel_noise",
+    "sample_rows",
+    "sdpa_backends",
+    "stream_generate",
+    "top_k_filter",
+    "top_p_filter",
+    "validate_sampling",
+]

@@ -1,0 +1,454 @@
+"""Text generation on the one decoding loop (:class:`~pldr_llm.generation.DecodeEngine`).
+
+:func:`generate` / :func:`generate_details` take the prompt kinds of the original's
+``generate_text`` (a vector, a [B, L] matrix, or a list of id lists of different lengths), run every
+row as it would run alone, and return the same kind. :func:`stream_generate` yields ids as they
+come, :func:`generate_text` is text in, text out, and :func:`find_stop` / :class:`StopStrings` cut
+a row at a stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.generation.engine import DecodeEngine, GInit
+from pldr_llm.generation.sampling import SamplingParams, validate_sampling
+from pldr_llm.model.model import PLDRModel
+
+# Host reads of "is every row done?" while decoding without a streamer (graph replays between).
+CHECK_EVERY = 32
+# Engines kept per model for reuse (their CUDA graphs are the expensive part).
+_MAX_CACHED_ENGINES = 4
+
+
+@dataclass
+class GenerationOutput:
+    """Ids (prompt + new, per the input's rank) and, when asked, the logits of every step."""
+
+    ids: Tensor | list[list[int]]
+    new_ids: list[list[int]]
+    # [steps, B, V]: last-position logits before filtering (zeros for rows that had stopped)
+    step_logits: Tensor | None = None
+    capture_seconds: float = 0.0  # time this call spent capturing / compiling CUDA graphs
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index of the earliest match of any of ``stop`` in ``text``, else None."""
+    found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(found) if found else None
+
+
+class StopStrings:
+    """A ``stopping_criteria`` for :func:`generate`: a row stops when its new text holds one of
+    ``stops``. The new text is what decoding prompt + new ids adds after the prompt's text."""
+
+    def __init__(self, tokenizer: Any, prompts: Sequence[Sequence[int]], stops: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.prompts = [list(p) for p in prompts]
+        self.prompt_text = [tokenizer.decode(p) for p in self.prompts]
+        self.stops = list(stops)
+
+    def __call__(self, row: int, new_ids: list[int]) -> bool:
+        text = self.tokenizer.decode(self.prompts[row] + new_ids)
+        return find_stop(text[len(self.prompt_text[row]) :], self.stops) is not None
+
+
+def final_text(
+    tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int], stops: Sequence[str] = ()
+) -> str:
+    """The original's result: prompt and new ids decoded together, cut before a stop string."""
+    text = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    if stops:
+        start = len(tokenizer.decode(list(prompt_ids)))
+        cut = find_stop(text[start:], stops)
+        if cut is not None:
+            text = text[: start + cut]
+    return text
+
+
+def _prompt_rows(
+    prompt_ids: Tensor | Sequence[int] | Sequence[Sequence[int]],
+    attention_mask: Tensor | None,
+    eos_id: int,
+) -> tuple[list[list[int]], Tensor | None, str]:
+    """(rows of ids each as it runs alone, the [B, L] input or None, kind: vector|matrix|list)."""
+    if isinstance(prompt_ids, Tensor):
+        ids = prompt_ids.long().cpu()
+        kind = "vector" if ids.dim() == 1 else "matrix"
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+            if attention_mask is not None and attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+        if ids.dim() != 2:
+            raise PLDRError(f"prompt_ids must be [L] or [B, L], got shape {tuple(ids.shape)}")
+        if ids.shape[1] == 0:  # empty prompt: start from end-of-text, like the original
+            ids = torch.full((ids.shape[0], 1), eos_id, dtype=torch.long)
+            return ids.tolist(), ids, kind
+        if attention_mask is None:
+            return ids.tolist(), ids, kind
+        if attention_mask.shape != ids.shape:
+            raise PLDRError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from prompt shape "
+                f"{tuple(ids.shape)}"
+            )
+        keep = attention_mask.cpu().bool()
+        rows = [ids[r][keep[r]].tolist() or [eos_id] for r in range(ids.shape[0])]
+        return rows, ids, kind
+    items = list(prompt_ids)
+    if not items:
+        raise PLDRError("no prompt given")
+    if isinstance(items[0], (list, tuple)) or (isinstance(items[0], Tensor) and items[0].dim() > 0):
+        rows = [[int(t) for t in r] or [eos_id] for r in items]
+        return rows, None, "list"
+    return [[int(t) for t in items] or [eos_id]], None, "vector"
+
+
+def _engine_for(
+    model: PLDRModel,
+    batch: int,
+    length: int,
+    kv: bool,
+    g: bool,
+    compile: bool,
+    keep_logits: bool,
+    cuda_graph: bool | None,
+) -> DecodeEngine:
+    """A fresh engine on the CPU (cheap); on CUDA a cached one per shape bucket (graphs kept)."""
+    config = model.config
+    use_graph = model.device.type == "cuda" and kv if cuda_graph is None else cuda_graph
+    if not use_graph:
+        return DecodeEngine(
+            model,
+            batch,
+            max(2, length),
+            cuda_graph=False,
+            enable_kvcache=kv,
+            enable_Gcache=g,
+            keep_logits=keep_logits,
+        )
+    # Buckets: powers of two, so repeated calls of similar sizes replay the same graphs.
+    rows = 1 << (batch - 1).bit_length()
+    span = min(config.max_seq_len, max(64, 1 << (length - 1).bit_length()))
+    key = (rows, span, kv, g, bool(compile), keep_logits, model.dtype, str(model.device))
+    cache: dict = model.__dict__.setdefault("_pldr_decode_engines", {})
+    engine = cache.pop(key, None)
+    if engine is None:
+        engine = DecodeEngine(
+            model,
+            rows,
+            span,
+            cuda_graph=True,
+            compile=compile,
+            steps_per_graph=8,
+            enable_kvcache=kv,
+            enable_Gcache=g,
+            keep_logits=keep_logits,
+        )
+    cache[key] = engine  # most recently used last
+    while len(cache) > _MAX_CACHED_ENGINES:
+        cache.pop(next(iter(cache)))
+    return engine
+
+
+def generate_details(
+    model: PLDRModel,
+    prompt_ids: Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    enable_kvcache: bool = True,
+    enable_Gcache: bool = True,
+    G_init: GInit | None = None,
+    stop_at_eos: bool = True,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    attention_mask: Tensor | None = None,
+    stopping_criteria: Callable[[int, list[int]], bool] | None = None,
+    streamer: Callable[[Tensor], None] | None = None,
+    output_logits: bool = False,
+    seed: int | None = None,
+    compile: bool = False,
+    cuda_graph: bool | None = None,
+) -> GenerationOutput:
+    """:func:`generate` with the new ids per row, the step logits and the capture time."""
+    validate_sampling(temperature, top_k, top_p)
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
+        raise PLDRError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise PLDRError(f"seed must be an integer or None, got {seed!r}")
+    config = model.config
+    eos = config.eos_id if eos_id is None else eos_id
+    rows, matrix, kind = _prompt_rows(prompt_ids, attention_mask, eos)
+    longest = max(len(r) for r in rows)
+    if longest > config.max_seq_len:
+        raise PLDRError(
+            f"prompt has {longest} tokens, longer than max_seq_len={config.max_seq_len}"
+        )
+    if longest + max_new_tokens > config.max_seq_len:
+        raise PLDRError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_seq_len={config.max_seq_len}"
+        )
+    vocab = config.input_vocab_size
+    flat = [t for r in rows for t in r]
+    if min(flat) < 0 or max(flat) >= vocab:
+        bad = min(flat) if min(flat) < 0 else max(flat)
+        raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+    if seed is None:
+        # One seed for every row: each row samples what it would alone with that seed.
+        seed = (
+            int(torch.randint(0, 2**62, (1,), generator=generator).item())
+            if (generator is not None and generator.device.type == "cpu")
+            else int(torch.randint(0, 2**62, (1,)).item())
+        )
+    params = SamplingParams(
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=float(top_p),
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        stop_at_eos=stop_at_eos and eos == config.eos_id,
+        stop_token_ids=(eos,) if stop_at_eos and eos != config.eos_id else (),
+    )
+    batch = len(rows)
+    new_ids: list[list[int]] = [[] for _ in range(batch)]
+    step_logits: list[Tensor] = []
+    capture = 0.0
+    if max_new_tokens > 0:
+        engine = _engine_for(
+            model,
+            batch,
+            longest + max_new_tokens,
+            enable_kvcache,
+            enable_Gcache,
+            compile,
+            output_logits,
+            cuda_graph,
+        )
+        captured_before = engine.capture_seconds
+        slots: list[int] = []
+        try:
+            slots = engine.add_many(rows, [params] * batch, G_init)
+            if streamer is None and stopping_criteria is None and not output_logits:
+                while not engine.all_done():
+                    engine.advance(CHECK_EVERY)
+                new_ids = [engine.generated(s) for s in slots]
+            else:
+                _host_loop(
+                    engine, slots, new_ids, step_logits, config.pad_id, streamer, stopping_criteria
+                )
+        finally:
+            for slot in slots:
+                engine.release(slot)
+        capture = engine.capture_seconds - captured_before
+    logits_out = None
+    if output_logits:
+        vocab_size = config.input_vocab_size
+        logits_out = (
+            torch.stack(step_logits)
+            if step_logits
+            else torch.zeros(0, batch, vocab_size, device=model.device)
+        )
+    if kind == "list":
+        return GenerationOutput(
+            [p + n for p, n in zip(rows, new_ids)], new_ids, logits_out, capture
+        )
+    steps = max((len(n) for n in new_ids), default=0)
+    generated = torch.full((batch, steps), config.pad_id, dtype=torch.long)
+    for r, n in enumerate(new_ids):
+        generated[r, : len(n)] = torch.tensor(n, dtype=torch.long)
+    base = matrix if matrix is not None else torch.tensor(rows, dtype=torch.long)
+    device = prompt_ids.device if isinstance(prompt_ids, Tensor) else torch.device("cpu")
+    full = torch.cat((base, generated), dim=1).to(device)
+    if kind == "vector":
+        full = full[0]
+    return GenerationOutput(full, new_ids, logits_out, capture)
+
+
+def _host_loop(
+    engine: DecodeEngine,
+    slots: list[int],
+    new_ids: list[list[int]],
+    step_logits: list[Tensor],
+    pad_id: int,
+    streamer: Callable[[Tensor], None] | None,
+    stopping_criteria: Callable[[int, list[int]], bool] | None,
+) -> None:
+    """Step by step, for streamers, stopping criteria and step logits (one host sync per step)."""
+    row_of = {slot: row for row, slot in enumerate(slots)}
+    batch = len(slots)
+    vocab = engine.config.input_vocab_size
+    while engine.active_slots:
+        out = engine.step()
+        tokens = [pad_id] * batch
+        if out.logits is not None:
+            logits = torch.zeros(batch, vocab, device=out.logits.device)
+        for i, (slot, token, finished) in enumerate(zip(out.slots, out.token_ids, out.finished)):
+            row = row_of[slot]
+            tokens[row] = token
+            new_ids[row].append(token)
+            if out.logits is not None:
+                logits[row] = out.logits[i]
+            stop = stopping_criteria is not None and stopping_criteria(row, new_ids[row])
+            if stop and not finished:
+                engine.finish(slot)
+        if out.logits is not None:
+            step_logits.append(logits)
+        if streamer is not None:
+            streamer(torch.tensor(tokens, dtype=torch.long))
+
+
+def generate(
+    model: PLDRModel,
+    prompt_ids: Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    enable_kvcache: bool = True,
+    enable_Gcache: bool = True,
+    G_init: GInit | None = None,
+    stop_at_eos: bool = True,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    attention_mask: Tensor | None = None,
+    stopping_criteria: Callable[[int, list[int]], bool] | None = None,
+    streamer: Callable[[Tensor], None] | None = None,
+    seed: int | None = None,
+    compile: bool = False,
+    cuda_graph: bool | None = None,
+) -> Tensor | list[list[int]]:
+    """Generate up to ``max_new_tokens`` ids after ``prompt_ids``.
+
+    ``prompt_ids`` is [L] or [B, L] (returns the same rank, new ids appended; rows that stopped
+    early are filled with the pad id), or a list of id lists of different lengths (returns a list,
+    each prompt + its new ids). Every row computes what it would alone (``attention_mask`` marks
+    the padding of a [B, L] tensor, which is dropped). An empty prompt starts from the end-of-text
+    id, like the original. Sampling: temperature (0: greedy), then top-p, then top-k; ``seed``
+    (or one drawn from ``generator`` / torch's default generator) makes it reproducible, the same
+    for every row and on every device. On CUDA the step runs as a captured graph
+    (``compile=True``: torch.compile first); ``cuda_graph=False`` runs it eagerly.
+    """
+    return generate_details(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        enable_kvcache=enable_kvcache,
+        enable_Gcache=enable_Gcache,
+        G_init=G_init,
+        stop_at_eos=stop_at_eos,
+        eos_id=eos_id,
+        generator=generator,
+        attention_mask=attention_mask,
+        stopping_criteria=stopping_criteria,
+        streamer=streamer,
+        seed=seed,
+        compile=compile,
+        cuda_graph=cuda_graph,
+    ).ids
+
+
+def stream_generate(
+    model: PLDRModel,
+    prompt_ids: Sequence[int] | Tensor,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    stop_token_ids: Sequence[int] = (),
+    enable_kvcache: bool = True,
+    enable_Gcache: bool = True,
+    G_init: GInit | None = None,
+) -> Iterator[int]:
+    """Yield the new ids of one prompt as they are produced (the same ids :func:`generate`
+    returns for that seed). Closing the iterator early frees the slot."""
+    ids = [
+        int(t)
+        for t in (prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, Tensor) else prompt_ids)
+    ] or [model.config.eos_id]
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    params = SamplingParams(
+        float(temperature),
+        top_k,
+        float(top_p),
+        seed,
+        max_new_tokens,
+        stop_at_eos,
+        tuple(int(t) for t in stop_token_ids),
+    )
+    params.validate()
+    if max_new_tokens == 0:
+        return
+    if len(ids) + max_new_tokens > model.config.max_seq_len:
+        raise PLDRError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_seq_len={model.config.max_seq_len}"
+        )
+    engine = _engine_for(
+        model, 1, len(ids) + max_new_tokens, enable_kvcache, enable_Gcache, False, False, None
+    )
+    slot = engine.add(ids, params, G_init)
+    try:
+        while slot in engine.active_slots:
+            out = engine.step()
+            for s, token, finished in zip(out.slots, out.token_ids, out.finished):
+                if s == slot:
+                    yield token
+                    if finished:
+                        return
+    finally:
+        engine.release(slot)
+
+
+def generate_text(
+    model: PLDRModel,
+    tokenizer: Any,
+    prompt: str | list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> str | list[str]:
+    """Text in, text out: each prompt's text followed by its generated text, cut before the
+    earliest of ``stop``. Prompts are encoded as the original does (an empty prompt starts from
+    end-of-text); ``kwargs`` go to :func:`generate_details`."""
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    if not prompts:
+        raise PLDRError("no prompt given")
+    stops = [s for s in (stop or []) if s]
+    rows = [tokenizer.prompt_ids(p) for p in prompts]
+    criteria = StopStrings(tokenizer, rows, stops) if stops else None
+    out = generate_details(
+        model,
+        rows,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stopping_criteria=criteria,
+        **kwargs,
+    )
+    texts = [final_text(tokenizer, r, n, stops) for r, n in zip(rows, out.new_ids)]
+    return texts[0] if single else texts

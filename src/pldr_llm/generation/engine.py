@@ -1,0 +1,636 @@
+"""The decoding loop: a static, slot-based decoder that every generation path runs on.
+
+:class:`DecodeEngine` holds ``max_batch`` rows ("slots"), each an independent sequence with its
+own KV-cache slot, G-cache row, sampling parameters and RNG stream. The KV-cache is allocated once
+([max_batch, H, max_len, dk] per layer) and written in place at a per-row write index; the
+attention bias masks padding and unwritten positions. Because no buffer ever moves, the one-token
+step can be captured in a CUDA graph (with the sampling inside it) and replayed for every token.
+
+A row computes exactly what it would alone: its prompt runs through :meth:`PLDRModel.forward`
+alone (or batched with prompts of the same length, which is the same computation), and each step
+attends only over the row's own keys with the reference's rules (a new key that is the pad id is
+masked, rotary positions count every token). So batches of prompts of different lengths give each
+row's lone result, and a sampled row depends only on its seed and parameters.
+
+The cache modes of the original:
+
+* KV on, G on: the prompt runs once, then one token per step; G_LM is inferred once.
+* KV on, G off: one token per step; G_LM is recomputed every step from the cached metric tensor.
+* KV off, G on / off: the whole sequence runs every step (eager and slow, for comparison), with
+  G_LM from the first pass (G on) or recomputed from the grown sequence (G off).
+
+``g_init`` replaces the G-cache of the first pass (and of every pass when the G-cache is off), as
+the original's ``Gcachelst_init``.
+
+Steps are pipelined: :meth:`DecodeEngine.add` samples a row's first token, and each
+:meth:`DecodeEngine.step` reports every active row's pending token while it computes the next one.
+So the first :meth:`step` after :meth:`add` reports the slot's first token, and a row's last
+token comes with ``finished=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.generation.sampling import SamplingParams, sample_rows
+from pldr_llm.model.cache import GCacheEntry, PLDRCache, StaticLayerKV, g_entries
+from pldr_llm.model.model import PLDRModel
+from pldr_llm.model.plga import MASK_VALUE
+
+GInit = Sequence[tuple[Tensor | None, Tensor] | GCacheEntry | Tensor]
+
+MAX_STOP_IDS = 16  # stop ids per row held in the static buffers
+
+
+@dataclass
+class StepOutput:
+    """What one :meth:`DecodeEngine.step` produced: one token per slot that was active.
+
+    ``finished[i]`` is True when ``token_ids[i]`` is the slot's last token (end-of-text, a stop id,
+    or max_new_tokens reached). ``logprobs`` (with ``output_logprobs``) is the log-probability of
+    each token under the model's unfiltered distribution at temperature 1.
+    """
+
+    slots: list[int]
+    token_ids: list[int]
+    finished: list[bool]
+    logprobs: list[float] | None = None
+    logits: Tensor | None = None  # [n, V] float32 logits of each token (``keep_logits`` only)
+
+
+def sdpa_backends() -> contextlib.AbstractContextManager[Any]:
+    """Attention kernels without cuDNN, whose per-shape setup made every new length slow in bf16.
+
+    Flash and memory-efficient attention (and the math fallback) need no per-shape planning.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(
+            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        )
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+
+
+def maybe_compile(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
+    """``fn`` as is, or through torch.compile (``compile`` may be a dict of its options)."""
+    if not compile:
+        return fn
+    options = dict(compile) if isinstance(compile, dict) else {}
+    options.setdefault("dynamic", False)
+    if "mode" not in options:
+        # Inductor's coordinate-descent tuning of its reduction kernels: +10% tokens/s for
+        # batch-1 fp32 decoding on an H200 (BENCHMARKS.md).
+        options.setdefault("options", {"coordinate_descent_tuning": True})
+    return torch.compile(fn, **options)
+
+
+def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Warm ``fn`` up on a side stream (compiles, picks kernels), then capture it in a graph;
+    returns the graph and the captured call's outputs (static tensors each replay rewrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def prepare_g_init(model: PLDRModel, g_init: GInit | None) -> list[GCacheEntry] | None:
+    """``g_init`` as one entry per layer on the model's device and dtype (checked)."""
+    if g_init is None:
+        return None
+    entries = g_entries(g_init)
+    config = model.config
+    if len(entries) != config.num_layers:
+        raise PLDRError(f"G_init has {len(entries)} layers, the model has {config.num_layers}")
+    want = (config.num_heads, config.depth, config.depth)
+    device, dtype = model.device, model.dtype
+    out = []
+    for index, e in enumerate(entries):
+        if tuple(e.G_LM.shape[-3:]) != want or e.G_LM.shape[0] != 1:
+            raise PLDRError(
+                f"G_init layer {index} has shape {tuple(e.G_LM.shape)}, the model needs "
+                f"[1, {want[0]}, {want[1]}, {want[2]}]"
+            )
+        out.append(
+            GCacheEntry(
+                e.A_LM.to(device, dtype) if e.A_LM is not None else None,
+                e.G_LM.to(device, dtype),
+                e.A_P.to(device, dtype) if e.A_P is not None else None,
+            )
+        )
+    return out
+
+
+class DecodeEngine:
+    """Static, slot-based decoder: ``max_batch`` rows ("slots"), each an independent sequence with
+    its own KV-cache slot (written in place, per-row write index), G-cache row, sampling
+    parameters and RNG stream.
+
+    ``max_len`` (default: the model's max_seq_len) bounds prompt + new tokens of a slot.
+    ``cuda_graph`` (default: on for a CUDA model with the KV-cache) captures the one-token step,
+    lazily, the first time it runs (once with sampling, once arg-max only for all-greedy batches);
+    ``compile`` passes the step through torch.compile first; ``steps_per_graph`` > 1 also captures
+    that many steps in one graph for :meth:`advance` (used by :func:`generate`). On the CPU the same
+    step runs eagerly. ``capture_seconds`` accumulates the time spent capturing and compiling.
+    """
+
+    def __init__(
+        self,
+        model: PLDRModel,
+        max_batch: int,
+        max_len: int | None = None,
+        *,
+        cuda_graph: bool | None = None,
+        compile: bool | dict[str, Any] = False,
+        steps_per_graph: int = 1,
+        enable_kvcache: bool = True,
+        enable_Gcache: bool = True,
+        output_logprobs: bool = False,
+        keep_logits: bool = False,
+    ) -> None:
+        config = model.config
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise PLDRError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        max_len = config.max_seq_len if max_len is None else max_len
+        if not 2 <= max_len <= config.max_seq_len:
+            raise PLDRError(
+                f"max_len must be in [2, max_seq_len={config.max_seq_len}], got {max_len}"
+            )
+        if steps_per_graph < 1:
+            raise PLDRError(f"steps_per_graph must be >= 1, got {steps_per_graph}")
+        self.model = model
+        self.config = config
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.enable_kvcache = enable_kvcache
+        self.enable_Gcache = enable_Gcache
+        self.output_logprobs = output_logprobs
+        self.keep_logits = keep_logits
+        self.steps_per_graph = steps_per_graph
+        self.capture_seconds = 0.0
+        device, dtype = model.device, model.dtype
+        self.device = device
+        self.use_graph = (
+            device.type == "cuda" and enable_kvcache if cuda_graph is None else bool(cuda_graph)
+        )
+        if self.use_graph and not enable_kvcache:
+            raise PLDRError("CUDA-graph decoding needs the KV-cache")
+        # Key slots rounded up to a multiple of 8 (aligned rows for the fused attention kernels);
+        # the extra slots are never written and always masked.
+        slots = -(-max_len // 8) * 8
+        self.slots = slots
+        heads, depth, vocab = config.num_heads, config.depth, config.input_vocab_size
+        batch = max_batch
+
+        with torch.inference_mode():
+
+            def zeros(*size: int, dt: torch.dtype = torch.long) -> Tensor:
+                return torch.zeros(size, dtype=dt, device=device)
+
+            self.ids = zeros(batch, 1)  # pending token: the input of the next step
+            self.position = zeros(batch, 1)  # its rotary position
+            self.write_index = zeros(batch)  # the KV slot its key/value go to
+            self.n_generated = zeros(batch)  # tokens generated so far, the pending one included
+            self.active = zeros(batch, dt=torch.bool)
+            self.done = zeros(batch, dt=torch.bool)  # the pending token is the row's last
+            self.key_valid = zeros(batch, slots, dt=torch.bool)
+            self.slot_range = torch.arange(slots, device=device)
+            self.history = zeros(batch, slots)  # generated ids per row
+            self.temperature = torch.ones(batch, device=device)
+            self.top_k = zeros(batch)
+            self.top_p = torch.ones(batch, device=device)
+            self.seed = zeros(batch)
+            self.max_new = zeros(batch)
+            self.stop_eos = zeros(batch, dt=torch.bool)
+            self.stop_ids = torch.full((batch, MAX_STOP_IDS), -1, dtype=torch.long, device=device)
+            self.logprob = zeros(batch, dt=torch.float32)
+            self.pending_logits = zeros(batch, vocab, dt=torch.float32) if keep_logits else None
+            self.report = zeros(3, batch, dt=torch.float32)  # token, finished, logprob
+            if enable_kvcache:
+                shape = (batch, heads, slots, depth)
+                self.kv = [
+                    StaticLayerKV(
+                        zeros(*shape, dt=dtype), zeros(*shape, dt=dtype), self.write_index
+                    )
+                    for _ in range(config.num_layers)
+                ]
+                self.g = [
+                    GCacheEntry(None, zeros(batch, heads, depth, depth, dt=dtype))
+                    for _ in range(config.num_layers)
+                ]
+                if not enable_Gcache:
+                    # G_LM is recomputed each step from A, except on rows given a G_init.
+                    self.metric = [
+                        zeros(batch, heads, depth, depth, dt=dtype)
+                        for _ in range(config.num_layers)
+                    ]
+                    self.g_fixed = zeros(batch, dt=torch.bool)
+        # Without the KV-cache: per slot, its prompt (host ids) and its G-cache (or None).
+        self._prompts: dict[int, list[int]] = {}
+        self._slot_g: dict[int, list[GCacheEntry] | None] = {}
+        self._slot_params: dict[int, SamplingParams] = {}
+        self._free = list(range(batch))
+        self._running: set[int] = set()  # active slots whose last token is not reported yet
+        self._greedy: set[int] = set()
+        step_fn = maybe_compile(self._kv_step, compile) if enable_kvcache else None
+        self._step_fns = {
+            False: step_fn,
+            True: maybe_compile(lambda: self._kv_step(all_greedy=True), compile)
+            if enable_kvcache
+            else None,
+        }
+        self._graphs: dict[tuple[bool, int], Any] = {}
+
+    # ------------------------------------------------------------------ slots
+    @property
+    def free_slots(self) -> int:
+        """Number of slots a request can be added to."""
+        return len(self._free)
+
+    @property
+    def active_slots(self) -> list[int]:
+        """Slots whose tokens are not all reported yet (in slot order)."""
+        return sorted(self._running)
+
+    def release(self, slot: int) -> None:
+        """Free ``slot`` (a finished or cancelled request); its next :meth:`add` starts afresh."""
+        if not 0 <= slot < self.max_batch or slot in self._free:
+            raise PLDRError(f"slot {slot} is not in use")
+        with torch.inference_mode():
+            self.active[slot] = False
+            self.done[slot] = False
+        self._running.discard(slot)
+        self._greedy.discard(slot)
+        self._prompts.pop(slot, None)
+        self._slot_g.pop(slot, None)
+        self._slot_params.pop(slot, None)
+        self._free.append(slot)
+        self._free.sort()
+
+    def finish(self, slot: int) -> None:
+        """Stop ``slot`` now (e.g. a stop string matched): it reports nothing more but stays
+        taken until :meth:`release`."""
+        with torch.inference_mode():
+            self.active[slot] = False
+        self._running.discard(slot)
+
+    def generated(self, slot: int) -> list[int]:
+        """The ids generated in ``slot`` so far (reported or not)."""
+        n = int(self.n_generated[slot])
+        return self.history[slot, :n].tolist()
+
+    # ------------------------------------------------------------------ prefill
+    def add(
+        self, prompt_ids: Sequence[int], params: SamplingParams, g_init: GInit | None = None
+    ) -> int:
+        """Prefill ``prompt_ids`` alone (as ``model.forward`` on it would), fill a free slot and
+        sample its first token (reported by the next :meth:`step`); returns the slot.
+
+        Raises :class:`PLDRError` when no slot is free or prompt + max_new_tokens exceeds max_len.
+        """
+        return self.add_many([prompt_ids], [params], g_init)[0]
+
+    @torch.inference_mode()
+    def add_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        g_init: GInit | None = None,
+    ) -> list[int]:
+        """:meth:`add` for several prompts: one forward per prompt length (same results)."""
+        if len(prompts) != len(params):
+            raise PLDRError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        if len(prompts) > len(self._free):
+            raise PLDRError(
+                f"{len(prompts)} prompt(s) but only {len(self._free)} free slot(s) "
+                f"(max_batch={self.max_batch})"
+            )
+        vocab = self.config.input_vocab_size
+        rows: list[list[int]] = []
+        for prompt, p in zip(prompts, params):
+            if not isinstance(p, SamplingParams):
+                raise PLDRError(f"params must be SamplingParams, got {type(p).__name__}")
+            p.validate()
+            row = [int(t) for t in prompt]
+            if not row:
+                raise PLDRError("empty prompt (start from the end-of-text id instead)")
+            if min(row) < 0 or max(row) >= vocab:
+                bad = min(row) if min(row) < 0 else max(row)
+                raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+            if p.max_new_tokens < 1:
+                raise PLDRError("max_new_tokens must be >= 1 for a decoding slot")
+            if len(row) + p.max_new_tokens > self.max_len:
+                raise PLDRError(
+                    f"prompt ({len(row)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds "
+                    f"max_len={self.max_len}"
+                )
+            if len(p.stop_token_ids) > MAX_STOP_IDS:
+                raise PLDRError(
+                    f"at most {MAX_STOP_IDS} stop_token_ids, got {len(p.stop_token_ids)}"
+                )
+            rows.append(row)
+        init = prepare_g_init(self.model, g_init)
+        slots = [self._free.pop(0) for _ in rows]
+        try:
+            by_length: dict[int, list[int]] = {}
+            for index, row in enumerate(rows):
+                by_length.setdefault(len(row), []).append(index)
+            for members in by_length.values():
+                self._prefill(
+                    [slots[i] for i in members],
+                    [rows[i] for i in members],
+                    [params[i] for i in members],
+                    init,
+                )
+        except BaseException:
+            for slot in slots:
+                self._running.discard(slot)
+                self.active[slot] = False
+            self._free = sorted(set(self._free) | set(slots))
+            raise
+        return slots
+
+    def _prefill(
+        self,
+        slots: list[int],
+        rows: list[list[int]],
+        params: list[SamplingParams],
+        init: list[GCacheEntry] | None,
+    ) -> None:
+        model, device = self.model, self.device
+        ids = torch.tensor(rows, dtype=torch.long, device=device)
+        n, length = ids.shape
+        index = torch.tensor(slots, dtype=torch.long, device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            with sdpa_backends():
+                cache = PLDRCache(g=init) if init is not None else None
+                out = model(ids, cache=cache, logits_to_keep=1)
+        finally:
+            model.train(was_training)
+        logits = out.logits[:, -1].float()
+        if self.enable_kvcache:
+            for static, kv in zip(self.kv, out.cache.kv):
+                static.key[index, :, :length] = kv.key.to(static.key.dtype)
+                static.value[index, :, :length] = kv.value.to(static.value.dtype)
+            for static_g, g in zip(self.g, out.cache.g):
+                static_g.G_LM[index] = g.G_LM.expand(n, -1, -1, -1).to(static_g.G_LM.dtype)
+            if not self.enable_Gcache:
+                self.g_fixed[index] = init is not None
+                if init is None:
+                    for metric, kv in zip(self.metric, out.cache.kv):
+                        metric[index] = kv.metric_tensor.to(metric.dtype)
+            valid = torch.zeros(n, self.slots, dtype=torch.bool, device=device)
+            valid[:, :length] = out.cache.key_valid
+            self.key_valid[index] = valid
+        else:
+            for i, (slot, row) in enumerate(zip(slots, rows)):
+                self._prompts[slot] = row
+                # G on: the first pass's G_LM serves every later pass; G off: G_init or nothing.
+                self._slot_g[slot] = (
+                    [
+                        GCacheEntry(None, e.G_LM[i : i + 1] if e.G_LM.shape[0] > 1 else e.G_LM)
+                        for e in out.cache.g
+                    ]
+                    if self.enable_Gcache
+                    else init
+                )
+        seeds = [
+            p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            for p in params
+        ]
+        stop_ids = torch.full((n, MAX_STOP_IDS), -1, dtype=torch.long)
+        for r, p in enumerate(params):
+            if p.stop_token_ids:
+                stop_ids[r, : len(p.stop_token_ids)] = torch.tensor(p.stop_token_ids)
+        self.temperature[index] = torch.tensor(
+            [float(p.temperature) for p in params], device=device
+        )
+        self.top_k[index] = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p[index] = torch.tensor([float(p.top_p) for p in params], device=device)
+        self.seed[index] = torch.tensor(seeds, dtype=torch.long, device=device)
+        self.max_new[index] = torch.tensor([p.max_new_tokens for p in params], device=device)
+        self.stop_eos[index] = torch.tensor([p.stop_at_eos for p in params], device=device)
+        self.stop_ids[index] = stop_ids.to(device)
+        zeros = torch.zeros(n, dtype=torch.long, device=device)
+        first = sample_rows(
+            logits,
+            self.temperature[index],
+            self.top_k[index],
+            self.top_p[index],
+            self.seed[index],
+            zeros,
+            all_greedy=all(p.greedy for p in params),
+        )
+        self.ids[index] = first[:, None]
+        self.position[index] = length
+        self.write_index[index] = length
+        self.n_generated[index] = 1
+        history = torch.zeros(n, self.slots, dtype=torch.long, device=device)
+        history[:, 0] = first
+        self.history[index] = history
+        if self.output_logprobs:
+            self.logprob[index] = torch.log_softmax(logits, -1).gather(-1, first[:, None])[:, 0]
+        if self.pending_logits is not None:
+            self.pending_logits[index] = logits
+        self.active[index] = True
+        self.done[index] = self._finished(index)
+        for slot, p in zip(slots, params):
+            self._running.add(slot)
+            self._slot_params[slot] = p
+            if p.greedy:
+                self._greedy.add(slot)
+
+    def _finished(self, rows: Tensor | slice) -> Tensor:
+        """Whether the pending token of ``rows`` is their last (device tensor, no sync)."""
+        ids = self.ids[rows, 0]
+        stop = (self.n_generated[rows] >= self.max_new[rows]) | (
+            self.stop_eos[rows] & (ids == self.config.eos_id)
+        )
+        stop = stop | (self.stop_ids[rows] == ids[:, None]).any(-1)
+        return self.active[rows] & stop
+
+    # ------------------------------------------------------------------ the step
+    def _step_g(self) -> list[GCacheEntry]:
+        """The G-cache of this step: cached, or recomputed from each row's metric tensor."""
+        if self.enable_Gcache:
+            return self.g
+        out = []
+        fixed = self.g_fixed[:, None, None, None]
+        for layer, metric, g in zip(self.model.decoder.dec_layers, self.metric, self.g):
+            attention = layer.mha1
+            if attention.predefined_G:
+                g_lm = attention.predefined_G_LM.to(g.G_LM.dtype).expand_as(g.G_LM)
+            else:
+                _, _, g_lm = attention.plgatt_layer(metric)
+            out.append(GCacheEntry(None, torch.where(fixed, g.G_LM, g_lm)))
+        return out
+
+    def _advance_rows(self, logits: Tensor, all_greedy: bool) -> None:
+        """Sample each running row's next token from ``logits`` [B, V] and advance the state;
+        the pending tokens (and whether they were last) go to ``report`` first."""
+        run = self.active & ~self.done
+        new = sample_rows(
+            logits,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.seed,
+            self.n_generated,
+            all_greedy=all_greedy,
+        )
+        self.report[0].copy_(self.ids[:, 0])
+        self.report[1].copy_(self.done)
+        self.report[2].copy_(self.logprob)
+        if self.output_logprobs:
+            chosen = torch.log_softmax(logits, -1).gather(-1, new[:, None])[:, 0]
+            self.logprob.copy_(torch.where(run, chosen, self.logprob))
+        if self.pending_logits is not None:
+            self.pending_logits.copy_(torch.where(run[:, None], logits, self.pending_logits))
+        column = self.n_generated.clamp(max=self.slots - 1)[:, None]
+        self.history.scatter_(
+            1, column, torch.where(run, new, self.history.gather(1, column)[:, 0])[:, None]
+        )
+        step = run.long()
+        self.ids.copy_(torch.where(run, new, self.ids[:, 0])[:, None])
+        self.position.add_(step[:, None])
+        self.write_index.add_(step)
+        self.n_generated.add_(step)
+        self.done.copy_(self._finished(slice(None)))
+
+    def _kv_step(self, all_greedy: bool = False) -> None:
+        """One token for every running row, on the static buffers (no host sync)."""
+        model = self.model
+        # The reference masks a new key that is the pad id (rows are never per-row padded here).
+        new_valid = self.ids != self.config.pad_id
+        self.key_valid.scatter_(1, self.write_index[:, None], new_valid)
+        allowed = self.key_valid & (self.slot_range[None, :] <= self.write_index[:, None])
+        bias = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device)
+        bias = bias.masked_fill(~allowed, MASK_VALUE)[:, None, None, :]
+        hidden, _, _, _ = model.run_layers(
+            self.ids, self.position, bias, False, kv=self.kv, g=self._step_g()
+        )
+        logits = model.final_layer(hidden[:, -1]).float()
+        self._advance_rows(logits, all_greedy)
+
+    def _full_step(self) -> None:
+        """Without the KV-cache: every running row's whole sequence runs again, alone."""
+        model = self.model
+        run = (self.active & ~self.done).tolist()
+        counts = self.n_generated.tolist()
+        logits = torch.zeros(
+            self.max_batch, self.config.input_vocab_size, dtype=torch.float32, device=self.device
+        )
+        for slot, running in enumerate(run):
+            if not running:
+                continue
+            sequence = torch.cat(
+                (
+                    torch.tensor(self._prompts[slot], dtype=torch.long, device=self.device),
+                    self.history[slot, : counts[slot]],
+                )
+            )[None]
+            g = self._slot_g.get(slot)
+            out = model(sequence, cache=PLDRCache(g=g) if g is not None else None, logits_to_keep=1)
+            logits[slot] = out.logits[0, -1].float()
+        self._advance_rows(logits, all_greedy=False)
+
+    def _run_steps(self, count: int) -> None:
+        """``count`` steps without a host sync (graph replays where captured)."""
+        greedy = bool(self._running) and self._running <= self._greedy
+        if not self.enable_kvcache:
+            for _ in range(count):
+                self._full_step()
+            return
+        if not self.use_graph:
+            fn = self._step_fns[greedy]
+            with sdpa_backends():
+                for _ in range(count):
+                    fn()
+            return
+        many = self.steps_per_graph
+        while count > 0:
+            n = many if count >= many else 1
+            self._graph(greedy, n).replay()
+            count -= n
+
+    def _graph(self, greedy: bool, n: int) -> Any:
+        """The captured graph of ``n`` steps (captured now on first use)."""
+        key = (greedy, n)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        import time
+
+        start = time.perf_counter()
+        fn = self._step_fns[greedy]
+
+        def steps() -> None:
+            for _ in range(n):
+                fn()
+
+        # Warm-up and capture run the step for real: with every row inactive it changes nothing
+        # a row reads (the pending tokens' keys/values are rewritten with the same values).
+        saved = [t.clone() for t in (self.active, self.done, self.report, self.logprob)]
+        self.active.zero_()
+        self.done.zero_()
+        try:
+            with sdpa_backends():
+                graph, _ = capture_graph(steps, warmup=3 if n == 1 else 1)
+        finally:
+            for t, s in zip((self.active, self.done, self.report, self.logprob), saved):
+                t.copy_(s)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - start
+        self._graphs[key] = graph
+        return graph
+
+    @torch.inference_mode()
+    def advance(self, count: int) -> None:
+        """Run ``count`` decoding steps without reporting (for :func:`generate`; read the ids
+        with :meth:`generated`). Rows that finish stop advancing; nothing reads back to the host."""
+        if self._running:
+            self._run_steps(count)
+
+    @torch.inference_mode()
+    def all_done(self) -> bool:
+        """True when every active slot has produced its last token (one host sync)."""
+        if not self._running:
+            return True
+        return bool((self.done | ~self.active).all())
+
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        """One decoding step for every active slot (one host sync); reports each active slot's
+        pending token. A slot whose token comes with ``finished=True`` stops; :meth:`release`
+        it to reuse the slot."""
+        slots = self.active_slots
+        if not slots:
+            return StepOutput([], [], [], [] if self.output_logprobs else None)
+        logits = self.pending_logits[slots].clone() if self.pending_logits is not None else None
+        self._run_steps(1)
+        report = self.report[:, slots].tolist()
+        tokens = [int(t) for t in report[0]]
+        finished = [bool(f) for f in report[1]]
+        for slot, fin in zip(slots, finished):
+            if fin:
+                self._running.discard(slot)
+                self.active[slot] = False
+        return StepOutput(
+            slots, tokens, finished, report[2] if self.output_logprobs else None, logits
+        )
