@@ -10,11 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from support import make_bundle
+REPO = Path(__file__).resolve().parents[1]
 
-# The paper tokenizer (vocabulary 32000), everything else tiny: a decoding step takes a
-# millisecond or so on a CPU, and random weights sample many byte-fallback pieces (which tests
+# A tokenizer trained here (600 pieces, byte fallback, the original's conventions) on the
+# repository's own docs, and a tiny model with random weights: a decoding step of 16 rows takes
+# a few milliseconds on a CPU, and random weights sample many byte-fallback pieces (which tests
 # the streamed text's UTF-8 handling).
+VOCAB = 600
 HP = {
     "num_layers": 2,
     "d_model": 16,
@@ -23,15 +25,25 @@ HP = {
     "A_dff": 8,
     "num_reslayerA": 1,
     "num_denseA": 1,
-    "input_vocab_size": 32000,
+    "input_vocab_size": VOCAB,
     "max_seq_len": 96,
 }
 MODEL_ID = "PLDRv51-Tiny-1"
 
 
-def build_bundle(root: Path, tokenizer_dir: Path) -> Path:
+def build_bundle(root: Path, hp: dict[str, Any] | None = None) -> Path:
+    """A pldr-llm model folder (config.json, model.safetensors, tokenizer.model)."""
+    import torch
+
+    from pldr_llm import PLDRConfig, PLDRModel
+    from pldr_llm.tokenizer import train_tokenizer
+
+    corpus = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+    tokenizer = train_tokenizer(corpus, VOCAB, root / "tokenizer" / "tok", seed=0, progress=False)
     folder = root / MODEL_ID
-    make_bundle(folder, tokenizer_dir, HP)
+    torch.manual_seed(0)
+    PLDRModel(PLDRConfig.from_hpdict(hp or HP)).eval().save(folder)
+    tokenizer.save(folder)
     return folder
 
 

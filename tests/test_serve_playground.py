@@ -59,13 +59,11 @@ return [c.width, c.height, colours.size, opaque];
 """
 
 
-def test_playground_generates_and_draws_the_deductive_heatmaps(
-    browser, tmp_path: Path, paper_tokenizer_dir: Path
-) -> None:
+def test_playground_generates_and_draws_the_deductive_heatmaps(browser, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    folder = build_bundle(tmp_path, paper_tokenizer_dir)
+    folder = build_bundle(tmp_path)
     with live_server(folder) as (url, _):
         browser.get(url + "/")
         wait = WebDriverWait(browser, 60)

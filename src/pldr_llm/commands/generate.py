@@ -311,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
         "G_init": g_init,
         "eos_id": config.eos_id,
         "generator": generator,
+        # The row's own seed (counter-based RNG): the text `pldr-llm serve` gives for this seed.
+        "seed": args.seed,
     }
     start = time.perf_counter()
     produced = 0

@@ -32,7 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.serve.engine import SamplingParams
+from pldr_llm.generation import SamplingParams
 from pldr_llm.serve.metrics import Metrics
 from pldr_llm.serve.protocol import (
     APIError,

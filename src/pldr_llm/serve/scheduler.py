@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pldr_llm.serve.engine import DecodeEngine, SamplingParams, find_stop
+from pldr_llm.generation import DecodeEngine, SamplingParams, find_stop
 from pldr_llm.serve.metrics import Metrics
 
 
@@ -258,26 +258,42 @@ class Scheduler:
                     self._finish(seq, None, error=f"generation failed: {exc}")
 
     def _admit(self) -> None:
+        """Move waiting sequences into free slots, first come first served. Sequences of the same
+        cache mode that arrive together are prefilled in one call (batched by prompt length)."""
         while True:
             with self._cond:
-                if not self._waiting:
-                    return
-                seq = self._waiting[0]
-                if seq.cancelled:
+                while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()
-                    self.metrics.queue_depth = len(self._waiting)
-                    continue
-                engine = self._engine_for(seq.key)
-                if engine.free_slots <= 0:  # first come, first served
+                if not self._waiting:
+                    self.metrics.queue_depth = 0
                     return
-                self._waiting.popleft()
+                key = self._waiting[0].key
+                engine = self._engine_for(key)
+                batch: list[GenSequence] = []
+                while (
+                    self._waiting and len(batch) < engine.free_slots and self._waiting[0].key == key
+                ):
+                    seq = self._waiting.popleft()
+                    if not seq.cancelled:
+                        batch.append(seq)
                 self.metrics.queue_depth = len(self._waiting)
+            if not batch:
+                return  # no free slot for the sequence at the head of the queue
             try:
-                seq.slot = engine.add(seq.prompt_ids, seq.params)
-            except Exception as exc:
-                seq._send(Event(finish_reason="error", error=str(exc)))
-                continue
-            self._running[(seq.key, seq.slot)] = seq
+                slots = engine.add_many([s.prompt_ids for s in batch], [s.params for s in batch])
+            except Exception:
+                slots = []
+                for seq in batch:  # find the sequence that failed; admit the others
+                    try:
+                        slots.append(engine.add(seq.prompt_ids, seq.params))
+                    except Exception as exc:
+                        slots.append(None)
+                        seq._send(Event(finish_reason="error", error=str(exc)))
+            for seq, slot in zip(batch, slots):
+                if slot is None:
+                    continue
+                seq.slot = slot
+                self._running[(key, slot)] = seq
             self.metrics.running = len(self._running)
 
     def _step(self) -> None:
