@@ -244,6 +244,7 @@ class _Server:
                     top_p=req.top_p,
                     seed=seed,
                     max_new_tokens=max_new,
+                    stop_at_eos=not req.ignore_eos,
                 )
                 try:
                     params.validate()
@@ -408,22 +409,40 @@ class _Server:
             left = len(seqs)
             produced = 0
             while left:
+                # Everything that is already there goes out in one write, one chunk per choice:
+                # when the client or this loop falls behind, fewer, larger chunks.
+                merged: dict[int, Event] = {}
                 ev = await events.get()
-                if ev.error:
-                    err = APIError(500, ev.error, type_="server_error").body()
-                    yield f"data: {json.dumps(err)}\n\n"
-                    return
-                if ev.finish_reason is not None:
-                    left -= 1
-                    produced += ev.completion_tokens
-                if not ev.text and ev.finish_reason is None:
-                    continue
-                lp = self._logprobs(ev.tokens, ev.logprobs, chat) if req.logprobs else None
-                if chat:
-                    choice: dict[str, Any] = {"index": ev.index, "delta": {"content": ev.text}}
-                else:
-                    choice = {"index": ev.index, "text": ev.text}
-                yield chunk([{**choice, "logprobs": lp, "finish_reason": ev.finish_reason}])
+                while True:
+                    if ev.error:
+                        err = APIError(500, ev.error, type_="server_error").body()
+                        yield f"data: {json.dumps(err)}\n\n"
+                        return
+                    if ev.finish_reason is not None:
+                        left -= 1
+                        produced += ev.completion_tokens
+                    into = merged.setdefault(ev.index, Event(index=ev.index))
+                    into.text += ev.text
+                    into.tokens += ev.tokens
+                    into.logprobs += ev.logprobs
+                    into.finish_reason = ev.finish_reason
+                    if events.empty():
+                        break
+                    ev = events.get_nowait()
+                out = []
+                for ev in merged.values():
+                    if not ev.text and ev.finish_reason is None:
+                        continue
+                    lp = self._logprobs(ev.tokens, ev.logprobs, chat) if req.logprobs else None
+                    if chat:
+                        choice: dict[str, Any] = {"index": ev.index, "delta": {"content": ev.text}}
+                    else:
+                        choice = {"index": ev.index, "text": ev.text}
+                    out.append(
+                        chunk([{**choice, "logprobs": lp, "finish_reason": ev.finish_reason}])
+                    )
+                if out:
+                    yield "".join(out)
             if req.include_usage:
                 usage = {
                     "prompt_tokens": prompt_tokens,

@@ -66,6 +66,7 @@ class CompletionRequest:
     enable_kvcache: bool = True
     enable_gcache: bool = True
     include_usage: bool = False
+    ignore_eos: bool = False
 
     def seeds(self) -> list[int]:
         """Seeds of the ``n`` choices: ``seed, seed + 1, ...`` (a random base when unset)."""
@@ -177,6 +178,7 @@ def parse_sampling(body: dict[str, Any], prompts: list[str]) -> CompletionReques
         enable_kvcache=_flag(body, "enable_kvcache", True),
         enable_gcache=_flag(body, "enable_gcache", True),
         include_usage=bool(options.get("include_usage", False)),
+        ignore_eos=_flag(body, "ignore_eos", False),
     )
 
 

@@ -135,12 +135,11 @@ class GenSequence:
         """The client went away: free the slot at the next step (safe from any thread)."""
         self.cancelled = True
 
-    def _send(self, event: Event) -> None:
-        event.index = self.index
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
+
+def _deliver(items: list[tuple[GenSequence, Event]]) -> None:
+    """On the event loop: hand each event to its request."""
+    for seq, event in items:
+        seq.events.put_nowait(event)
 
 
 class Scheduler:
@@ -171,6 +170,7 @@ class Scheduler:
             collections.deque()
         )
         self._running: dict[tuple[tuple[bool, bool], int], GenSequence] = {}
+        self._outbox: list[tuple[GenSequence, Event]] = []
         self._cond = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -234,6 +234,25 @@ class Scheduler:
         return future
 
     # ------------------------------------------------------------------ the worker
+    def _post(self, seq: GenSequence, event: Event) -> None:
+        event.index = seq.index
+        self._outbox.append((seq, event))
+
+    def _flush(self) -> None:
+        """Send the events of this step: one wake-up per event loop, not one per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenSequence, Event]]] = {}
+        for seq, event in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                for seq, _ in items:
+                    seq.cancelled = True
+
     def _work(self) -> None:
         while True:
             with self._cond:
@@ -256,6 +275,7 @@ class Scheduler:
             except Exception as exc:  # a failing step ends its sequences, not the server
                 for seq in list(self._running.values()):
                     self._finish(seq, None, error=f"generation failed: {exc}")
+            self._flush()
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots, first come first served. Sequences of the same
@@ -288,7 +308,7 @@ class Scheduler:
                         slots.append(engine.add(seq.prompt_ids, seq.params))
                     except Exception as exc:
                         slots.append(None)
-                        seq._send(Event(finish_reason="error", error=str(exc)))
+                        self._post(seq, Event(finish_reason="error", error=str(exc)))
             for seq, slot in zip(batch, slots):
                 if slot is None:
                     continue
@@ -323,7 +343,7 @@ class Scheduler:
             seq.pending_tokens.append(token)
             seq.pending_logprobs.append(float(logprob))
             if delta:
-                seq._send(Event(delta, seq.pending_tokens, seq.pending_logprobs))
+                self._post(seq, Event(delta, seq.pending_tokens, seq.pending_logprobs))
                 seq.pending_tokens, seq.pending_logprobs = [], []
             if seq.detok.stopped or eos:
                 self._finish(seq, "stop")
@@ -339,7 +359,8 @@ class Scheduler:
         if seq.cancelled and reason is None and error is None:
             return
         rest = "" if error else seq.detok.flush()
-        seq._send(
+        self._post(
+            seq,
             Event(
                 rest,
                 seq.pending_tokens,
@@ -347,6 +368,6 @@ class Scheduler:
                 finish_reason=reason or "error",
                 completion_tokens=seq.produced,
                 error=error,
-            )
+            ),
         )
         seq.pending_tokens, seq.pending_logprobs = [], []
