@@ -51,55 +51,65 @@ class Event:
 class Detokenizer:
     """Turns a growing list of new ids into text deltas that are always final.
 
-    Each step decodes prompt + new ids together (what ``pldr-llm generate`` prints), takes the
-    part after the prompt's text, and holds back what may still change: a trailing replacement
-    character (half a UTF-8 sequence of byte-fallback pieces) and a tail that could be the start
-    of a stop string. ``cut`` is set once a stop string appears; the text ends before it.
+    Incremental, so a token costs the same at position 10 and 1000: each step decodes only a
+    short window (the ids since the last emitted text, plus a few before them so that
+    SentencePiece's word-boundary spaces come out as in a full decode) and keeps the part past the
+    window's old text. It holds back what may still change: a trailing replacement character
+    (half a UTF-8 sequence of byte-fallback pieces) and a tail that could be the start of a stop
+    string. ``stopped`` is set once a stop string appears; the text ends before it. The deltas
+    add up to what decoding prompt + new ids together gives after the prompt's text (what
+    ``pldr-llm generate`` prints).
     """
+
+    WINDOW = 6  # prompt ids decoded with the first new ones (spaces at the boundary)
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stops: Sequence[str]) -> None:
         self.tokenizer = tokenizer
-        self.prompt_ids = list(prompt_ids)
-        self.prompt_text = tokenizer.decode(self.prompt_ids)
-        self.new_ids: list[int] = []
+        self.ids = list(prompt_ids)
+        self.read = len(self.ids)  # ids up to here are in ``text``
+        self.prefix = max(0, self.read - self.WINDOW)  # where the decoded window starts
+        self.text = ""  # the completion's text up to ``read``
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.sent = 0  # characters of the completion already emitted
+        self.sent = 0  # characters of ``text`` already emitted
         self.stopped = False
 
-    def completion(self) -> str:
-        text = self.tokenizer.decode(self.prompt_ids + self.new_ids)
-        if text.startswith(self.prompt_text):
-            return text[len(self.prompt_text) :]
-        return self.tokenizer.decode(self.new_ids)  # pragma: no cover - defensive
+    def _advance(self, final: bool) -> None:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read])
+        window = decode(self.ids[self.prefix :])
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def _emit(self, final: bool) -> str:
+        end = len(self.text)
+        if self.stops:
+            start = max(0, self.sent - self.hold)
+            cut = find_stop(self.text[start:], self.stops)
+            if cut is not None:
+                self.stopped = True
+                end = start + cut
+            elif not final:
+                end = max(self.sent, end - self.hold)
+        delta = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
 
     def push(self, token: int) -> str:
         """Add one id; return the new text that is now safe to show."""
-        self.new_ids.append(token)
-        text = self.completion()
-        cut = find_stop(text, self.stops) if self.stops else None
-        if cut is not None:
-            self.stopped = True
-            end = cut
-        else:
-            end = len(text)
-            while end > self.sent and text[end - 1] == "\ufffd":
-                end -= 1
-            end = max(self.sent, min(end, len(text) - self.hold))
-        delta = text[self.sent : end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return delta
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        self._advance(final=False)
+        return self._emit(final=False)
 
     def flush(self) -> str:
         """At the end: the rest of the text (up to a stop string)."""
         if self.stopped:
             return ""
-        text = self.completion()
-        cut = find_stop(text, self.stops) if self.stops else None
-        end = cut if cut is not None else len(text)
-        delta = text[self.sent : end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return delta
+        self._advance(final=True)
+        return self._emit(final=True)
 
 
 class GenSequence:
