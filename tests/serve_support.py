@@ -48,14 +48,16 @@ def build_bundle(root: Path, hp: dict[str, Any] | None = None) -> Path:
 
 
 @contextmanager
-def live_server(folder: Path, **options: Any) -> Iterator[tuple[str, Any]]:
+def live_server(
+    folder: Path, device: str = "cpu", dtype: str | None = None, **options: Any
+) -> Iterator[tuple[str, Any]]:
     """``(base_url, app)`` of a server on a free 127.0.0.1 port, stopped (drained) at exit."""
     import uvicorn
 
     from pldr_llm.bundle import load_bundle
     from pldr_llm.serve import ServeOptions, create_app
 
-    model, tokenizer = load_bundle(str(folder))
+    model, tokenizer = load_bundle(str(folder), device=device, dtype=dtype)
     app = create_app(model, tokenizer, ServeOptions(model_id=MODEL_ID, **options))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
