@@ -220,7 +220,7 @@ def test_seeded_sampling_is_reproducible(published: tuple[Path, PLDRModel, PLDRT
         model,
         torch.tensor(tok.prompt_ids(PROMPT)),
         max_new_tokens=NEW,
-        generator=torch.Generator().manual_seed(1234),
+        seed=1234,
         **sampling,
     ).tolist()
     args = (
@@ -327,7 +327,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
         (["--model", str(tampered)], "escapes the target folder"),
         (["--model", str(small_vocab)], "32000 pieces but the model"),
         (["--model", str(folder), "--device", "tpu"], "unknown device 'tpu'"),
-        (["--model", str(folder), "--temperature", "1.5"], "temperature must be in (0, 1]"),
+        (["--model", str(folder), "--temperature", "-1"], "temperature must be a finite number"),
         (["--model", str(folder), "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--model", str(folder), "-n", "500"], "exceeds max_seq_len=96"),
     ]
@@ -355,3 +355,18 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
         assert len(lines) == 1 and lines[0].startswith("pldr-llm: error:"), (args, stderr)
         assert message in lines[0], (args, lines[0])
     assert not (tmp_path / "escaped.model").exists() and not Path("/escaped.model").exists()
+
+
+def test_temperature_zero_is_greedy_and_timing_is_json(
+    published: tuple[Path, PLDRModel, PLDRTokenizer],
+) -> None:
+    folder, model, tok = published
+    ids = generate(model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=NEW, top_k=1)
+    result = _generate_cli(
+        folder, "--prompt", PROMPT, "--temperature", "0", "-n", str(NEW), "--timing", "-q"
+    )
+    assert result.stdout == tok.decode(ids.tolist()) + "\n"
+    timing = json.loads(result.stderr.strip().splitlines()[-1])
+    assert timing["new_tokens"] == len(ids) - len(tok.prompt_ids(PROMPT))
+    assert timing["capture_seconds"] == 0.0  # no CUDA graph on the CPU
+    assert timing["tokens_per_s"] > 0 and timing["device"] == "cpu"

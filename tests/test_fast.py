@@ -1,8 +1,7 @@
 """The optimized paths of pldr_llm.fast against the eager reference (CPU, float32).
 
-Chunked loss = masked cross-entropy of the full logits (value and gradients); the static-cache
-decoder = :func:`pldr_llm.generate` with ``top_k=1`` (ids and step logits); the captured prefill =
-``model.forward``; compiled layers = eager layers. GPU-only checks (CUDA graphs, Inductor) are
+Chunked loss = masked cross-entropy of the full logits (value and gradients); the captured
+prefill = ``model.forward``; compiled layers = eager layers. GPU-only checks (CUDA graphs, Inductor) are
 marked ``gpu``.
 """
 
@@ -12,13 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pldr_llm import PLDRError, generate, generate_details, masked_cross_entropy
+from pldr_llm import PLDRError, masked_cross_entropy
 from pldr_llm.fast import (
     CapturedForward,
-    StaticDecoder,
     causal_lm_loss,
     compile_decoder_layers,
-    greedy_generate,
     linear_cross_entropy,
     packed_causal_lm_loss,
     uncompile_decoder_layers,
@@ -124,80 +121,6 @@ def test_packed_loss_matches_forward_loss(tiny_model):
         close(g, w, atol=1e-5, rtol=1e-3)
 
 
-# ---------------------------------------------------------------------------- static decoding
-def reference_greedy(model, prompt, steps, **kwargs):
-    model.attn_implementation = "eager"
-    result = generate_details(model, prompt, steps, top_k=1, output_logits=True, **kwargs)
-    model.attn_implementation = "sdpa"
-    return result
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_static_decoder_matches_generate(tiny_model, batch):
-    model = tiny_model
-    prompt = random_ids((batch, 6), model.config.input_vocab_size, seed=5)
-    expected = reference_greedy(model, prompt, 20, stop_at_eos=False)
-    decoder = StaticDecoder(model, batch, 26)
-    ids, logits = decoder.generate(prompt, 20, stop_at_eos=False, output_logits=True)
-    assert torch.equal(ids, expected.ids)
-    close(logits, expected.step_logits)
-    # the decoder is reusable: a second prompt decodes from fresh state
-    prompt2 = random_ids((batch, 4), model.config.input_vocab_size, seed=6)
-    ids2, _ = decoder.generate(prompt2, 9, stop_at_eos=False)
-    assert torch.equal(ids2, reference_greedy(model, prompt2, 9, stop_at_eos=False).ids)
-
-
-def test_static_decoder_left_padding_per_row(tiny_model):
-    """Rows of different lengths (left padding + attention_mask) decode as each would alone."""
-    model = tiny_model
-    prompt = random_ids((3, 7), model.config.input_vocab_size, seed=7)
-    mask = torch.ones_like(prompt)
-    mask[0, :3] = 0
-    mask[2, :5] = 0
-    prompt = prompt.masked_fill(mask == 0, 0)
-    expected = reference_greedy(model, prompt, 12, attention_mask=mask, stop_at_eos=False)
-    ids, logits = StaticDecoder(model, 3, 19).generate(
-        prompt, 12, attention_mask=mask, stop_at_eos=False, output_logits=True
-    )
-    assert torch.equal(ids, expected.ids)
-    close(logits, expected.step_logits)
-
-
-def test_static_decoder_pad_ids_without_mask(tiny_model):
-    """The original's semantics (no attention_mask): pad-id keys masked, positions shared."""
-    model = tiny_model
-    prompt = random_ids((2, 8), model.config.input_vocab_size, seed=8)
-    prompt[1, :3] = 0
-    expected = reference_greedy(model, prompt, 10, stop_at_eos=False)
-    ids, logits = StaticDecoder(model, 2, 18).generate(
-        prompt, 10, stop_at_eos=False, output_logits=True
-    )
-    assert torch.equal(ids, expected.ids)
-    close(logits, expected.step_logits)
-
-
-def test_static_decoder_stops_at_eos_like_generate(tiny_model):
-    model = tiny_model
-    prompt = random_ids((2, 5), model.config.input_vocab_size, seed=9)
-    free_run = reference_greedy(model, prompt, 16, stop_at_eos=False).ids
-    eos = int(free_run[0, 5 + 3])  # row 0 emits this id at its 4th step
-    expected = reference_greedy(model, prompt, 16, stop_at_eos=True, eos_id=eos).ids
-    ids, _ = StaticDecoder(model, 2, 21).generate(prompt, 16, eos_id=eos, check_every=4)
-    assert torch.equal(ids, expected)
-
-
-def test_greedy_generate_vector_prompt(tiny_model):
-    model = tiny_model
-    prompt = random_ids((6,), model.config.input_vocab_size, seed=10)
-    expected = generate(model, prompt, 7, top_k=1, stop_at_eos=False)
-    got = greedy_generate(model, prompt, 7, stop_at_eos=False)
-    assert got.dim() == 1 and torch.equal(got, expected)
-    with pytest.raises(PLDRError, match="max_len"):
-        StaticDecoder(model, 1, 8).generate(prompt, 7)
-    with pytest.raises(PLDRError, match="max_seq_len"):
-        StaticDecoder(model, 1, model.config.max_seq_len + 1)
-
-
 # ---------------------------------------------------------------------------- captured prefill
 def test_captured_forward_matches_forward(tiny_model):
     model = tiny_model
@@ -239,43 +162,10 @@ def test_compiled_layers_trace_whole_and_match(tiny_model):
         close(g, w, atol=1e-5, rtol=1e-3)
 
 
-def test_static_step_traces_whole(tiny_model):
-    model = tiny_model
-    prompt = random_ids((2, 5), model.config.input_vocab_size, seed=13)
-    expected = reference_greedy(model, prompt, 8, stop_at_eos=False).ids
-    torch._dynamo.reset()
-    decoder = StaticDecoder(model, 2, 13, compile={"backend": "aot_eager", "fullgraph": True})
-    ids, _ = decoder.generate(prompt, 8, stop_at_eos=False)
-    assert torch.equal(ids, expected)
-
-
 # ---------------------------------------------------------------------------- GPU
 def cuda_model(tiny_model):
     torch.set_float32_matmul_precision("highest")
     return tiny_model.cuda()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_graph_decoder_matches_eager(tiny_model, compiled):
-    model = cuda_model(tiny_model)
-    prompt = random_ids((4, 6), model.config.input_vocab_size, seed=14).cuda()
-    expected = reference_greedy(model, prompt, 24, stop_at_eos=False)
-    decoder = StaticDecoder(model, 4, 30, compile=compiled)
-    assert decoder.use_graph
-    ids, logits = decoder.generate(prompt, 24, stop_at_eos=False, output_logits=True)
-    assert torch.equal(ids, expected.ids)
-    close(logits, expected.step_logits, atol=1e-4, rtol=1e-3)
-
-
-@pytest.mark.gpu
-def test_multi_step_graph_matches_eager(tiny_model):
-    model = cuda_model(tiny_model)
-    prompt = random_ids((2, 5), model.config.input_vocab_size, seed=17).cuda()
-    expected = reference_greedy(model, prompt, 23, stop_at_eos=False)
-    decoder = StaticDecoder(model, 2, 40, steps_per_graph=4)
-    ids, _ = decoder.generate(prompt, 23, stop_at_eos=False)  # 1 + 5 x 4 + 2 single steps
-    assert torch.equal(ids, expected.ids)
 
 
 @pytest.mark.gpu

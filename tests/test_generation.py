@@ -7,6 +7,7 @@ import torch
 
 from pldr_llm import PLDRError, generate, generate_details
 from pldr_llm.generation import top_p_filter
+from reference_decoding import reference_generate
 
 PROMPTS = [[5, 17, 22, 9, 41, 7], [12, 3], [250, 31, 8, 99]]
 MODES = [(True, True), (True, False), (False, True), (False, False)]
@@ -141,3 +142,238 @@ def test_bad_inputs(tiny_model):
         generate(tiny_model, [4, 5], tiny_model.config.max_seq_len)
     with pytest.raises(PLDRError, match="G_init has 1 layers"):
         generate(tiny_model, [4, 5], 2, G_init=[torch.eye(16).expand(4, 16, 16)])
+
+
+# ---------------------------------------------------------------------------- the one loop
+# The engine against the plain eager loop of tests/reference_decoding.py (model.forward with a
+# growing cache, scalar filters). float32 on the CPU: ids must be equal; logits agree to 1e-5
+# (the engine attends over a static, masked cache, so sums run over more masked slots).
+SAMPLING = [
+    {"temperature": 0.0},
+    {"top_k": 1},
+    {"temperature": 0.8, "top_p": 0.9},
+    {"temperature": 1.3, "top_k": 20},
+    {"temperature": 0.7, "top_p": 0.8, "top_k": 5},
+]
+
+
+@pytest.mark.parametrize(("kv", "g"), MODES)
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_every_cache_mode_equals_the_eager_loop(tiny_model, kv, g, sampling):
+    want = [
+        reference_generate(tiny_model, p, 9, kv=kv, g=g, seed=11, stop_at_eos=False, **sampling)
+        for p in PROMPTS
+    ]
+    out = generate_details(
+        tiny_model,
+        PROMPTS,
+        9,
+        enable_kvcache=kv,
+        enable_Gcache=g,
+        seed=11,
+        stop_at_eos=False,
+        **sampling,
+    )
+    assert out.new_ids == want
+
+
+@pytest.mark.parametrize(("kv", "g"), MODES)
+def test_g_init_in_every_cache_mode(tiny_model, kv, g):
+    torch.manual_seed(3)
+    g_init = [
+        torch.rand(1, tiny_model.config.num_heads, tiny_model.config.depth, tiny_model.config.depth)
+        for _ in range(tiny_model.config.num_layers)
+    ]
+    want = [
+        reference_generate(tiny_model, p, 6, kv=kv, g=g, top_k=1, stop_at_eos=False, g_init=g_init)
+        for p in PROMPTS
+    ]
+    out = generate_details(
+        tiny_model,
+        PROMPTS,
+        6,
+        top_k=1,
+        enable_kvcache=kv,
+        enable_Gcache=g,
+        G_init=g_init,
+        stop_at_eos=False,
+    )
+    assert out.new_ids == want
+    plain = generate_details(tiny_model, PROMPTS, 6, top_k=1, stop_at_eos=False)
+    assert plain.new_ids != want  # G_init changed what was attended
+
+
+def test_step_logits_equal_the_eager_loop(tiny_model):
+    _, want = reference_generate(
+        tiny_model, PROMPTS[0], 7, top_k=1, stop_at_eos=False, return_logits=True
+    )
+    out = generate_details(
+        tiny_model, [PROMPTS[0]], 7, top_k=1, stop_at_eos=False, output_logits=True
+    )
+    assert out.step_logits.shape == (7, 1, tiny_model.config.input_vocab_size)
+    torch.testing.assert_close(out.step_logits[:, 0], want, atol=1e-5, rtol=1e-4)
+
+
+def test_per_row_filters_equal_the_original_filters():
+    from pldr_llm.generation import filter_logits, filter_rows
+
+    torch.manual_seed(0)
+    logits = torch.randn(len(SAMPLING) + 2, 50) * 3
+    logits[-1, :10] = logits[-1, 0]  # ties with the k-th value are kept
+    rows = SAMPLING + [{"top_p": 0.5}, {"top_k": 3}]
+    temperature = torch.tensor([r.get("temperature", 1.0) for r in rows])
+    top_k = torch.tensor([r.get("top_k", 0) for r in rows])
+    top_p = torch.tensor([r.get("top_p", 1.0) for r in rows])
+    got = filter_rows(logits, temperature, top_k, top_p)
+    for i, r in enumerate(rows):
+        if r.get("temperature", 1.0) == 0:
+            continue  # greedy rows take the arg-max of the raw logits
+        want = filter_logits(logits[i : i + 1], **r)
+        assert torch.equal(got[i : i + 1], want), r
+    assert int((got[-1] > -1e10).sum()) == 10  # top-3 kept all 10 tied maxima
+
+
+def test_gumbel_noise_is_a_pure_function_with_the_right_law():
+    from pldr_llm.generation import gumbel_noise
+
+    seeds, steps = torch.tensor([1, 1, 2, 2**40 + 1]), torch.tensor([0, 1, 0, 0])
+    noise = gumbel_noise(seeds, steps, 20000)
+    assert torch.equal(noise, gumbel_noise(seeds, steps, 20000))
+    assert torch.equal(noise[0], gumbel_noise(seeds[:1], steps[:1], 20000)[0])
+    for a, b in [(0, 1), (0, 2), (0, 3)]:  # other step, other seed, high seed bits all count
+        assert not torch.equal(noise[a], noise[b])
+    # Gumbel(0, 1): mean = Euler's gamma 0.5772, variance pi^2/6; 20000 draws: sd of the mean 0.009
+    assert abs(float(noise.mean()) - 0.5772) < 0.03
+    assert abs(float(noise.var()) - 1.6449) < 0.1
+
+
+def test_sampled_row_depends_only_on_its_seed(tiny_model):
+    params = {"temperature": 0.9, "top_p": 0.95, "seed": 5, "stop_at_eos": False}
+    alone = generate(tiny_model, [PROMPTS[1]], 10, **params)
+    batched = generate(tiny_model, PROMPTS, 10, **params)
+    assert batched[1] == alone[0]
+    other = generate(tiny_model, [PROMPTS[1]], 10, **{**params, "seed": 6})
+    assert other != alone
+
+
+def test_engine_slots_report_pipelined_tokens(tiny_model):
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    engine = DecodeEngine(tiny_model, max_batch=2, max_len=24)
+    assert engine.free_slots == 2 and not engine.use_graph
+    a = engine.add(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=4, stop_at_eos=False))
+    first = engine.step()
+    assert first.slots == [a] and first.finished == [False]
+    # a second request joins mid-way; the first one's tokens do not change
+    b = engine.add(PROMPTS[1], SamplingParams(temperature=0.8, seed=2, max_new_tokens=3))
+    assert engine.free_slots == 0 and engine.active_slots == sorted([a, b])
+    with pytest.raises(PLDRError, match="free slot"):
+        engine.add(PROMPTS[2], SamplingParams())
+    got = {a: first.token_ids, b: []}
+    finished = {a: False, b: False}
+    while engine.active_slots:
+        out = engine.step()
+        for slot, token, done in zip(out.slots, out.token_ids, out.finished):
+            assert not finished[slot]
+            got[slot].append(token)
+            finished[slot] = done
+    assert got[a] == generate(tiny_model, [PROMPTS[0]], 4, top_k=1, stop_at_eos=False)[0][6:]
+    want_b = generate(tiny_model, [PROMPTS[1]], 3, temperature=0.8, seed=2)[0][2:]
+    assert got[b] == want_b and finished == {a: True, b: True}
+    assert engine.step().slots == []
+    engine.release(a)
+    engine.release(b)
+    assert engine.free_slots == 2
+    with pytest.raises(PLDRError, match="not in use"):
+        engine.release(a)
+    with pytest.raises(PLDRError, match="max_len"):
+        engine.add(list(range(4, 20)), SamplingParams(max_new_tokens=10))
+    with pytest.raises(PLDRError, match="temperature"):
+        engine.add([4], SamplingParams(temperature=-1))
+
+
+def test_engine_stop_ids_and_logprobs(tiny_model):
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    free = generate(tiny_model, [PROMPTS[0]], 8, top_k=1, stop_at_eos=False)[0][6:]
+    engine = DecodeEngine(tiny_model, 1, 32, output_logprobs=True)
+    engine.add(PROMPTS[0], SamplingParams(top_k=1, stop_token_ids=(free[3],), max_new_tokens=8))
+    tokens, logprobs = [], []
+    while engine.active_slots:
+        out = engine.step()
+        tokens += out.token_ids
+        logprobs += out.logprobs
+    assert tokens == free[: free.index(free[3]) + 1]
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([PROMPTS[0]])).logits[0, -1].float()
+    assert logprobs[0] == pytest.approx(float(torch.log_softmax(logits, -1)[tokens[0]]), abs=1e-5)
+    assert all(lp <= 0 for lp in logprobs)
+
+
+def test_stream_generate_and_text_api(tiny_model):
+    from pldr_llm.generation import find_stop, stream_generate
+
+    params = {"temperature": 0.9, "top_k": 30, "seed": 4}
+    streamed = list(stream_generate(tiny_model, PROMPTS[2], 9, stop_at_eos=False, **params))
+    assert streamed == generate(tiny_model, [PROMPTS[2]], 9, stop_at_eos=False, **params)[0][4:]
+    assert find_stop("abc STOP def END", ["END", "STOP"]) == 4
+    assert find_stop("abc", ["x", ""]) is None
+
+
+def test_compiled_step_traces_whole(tiny_model):
+    """The step is one graph (no host sync inside): ``aot_eager`` traces it without codegen."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    torch._dynamo.reset()
+    engine = DecodeEngine(
+        tiny_model, 2, 20, cuda_graph=False, compile={"backend": "aot_eager", "fullgraph": True}
+    )
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_new_tokens=8, stop_at_eos=False)
+    slots = engine.add_many(PROMPTS[:2], [params, params])
+    engine.advance(7)
+    got = [engine.generated(s) for s in slots]
+    assert (
+        got
+        == generate_details(
+            tiny_model, PROMPTS[:2], 8, temperature=0.8, top_p=0.9, seed=1, stop_at_eos=False
+        ).new_ids
+    )
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("sampling", [{"top_k": 1}, {"temperature": 0.8, "top_p": 0.9}])
+def test_cuda_graph_loop_equals_the_eager_loop(tiny_model, compiled, sampling):
+    torch.set_float32_matmul_precision("highest")
+    model = tiny_model.cuda()
+    prompts = PROMPTS + [[7] * 9]
+    kwargs = {"seed": 3, "stop_at_eos": False, **sampling}
+    eager = generate_details(model, prompts, 24, cuda_graph=False, **kwargs)
+    graph = generate_details(model, prompts, 24, compile=compiled, **kwargs)
+    assert graph.new_ids == eager.new_ids
+    alone = generate_details(model, [prompts[1]], 24, **kwargs)
+    assert alone.new_ids[0] == eager.new_ids[1]
+    model.cpu()
+    assert generate_details(model, prompts, 24, **kwargs).new_ids == eager.new_ids
+
+
+@pytest.mark.gpu
+def test_cuda_engine_bfloat16_runs_and_steps_per_graph(tiny_model):
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    model = tiny_model.cuda()
+    engine = DecodeEngine(model, 2, 64, steps_per_graph=4)
+    params = SamplingParams(top_k=1, max_new_tokens=23, stop_at_eos=False)
+    slots = engine.add_many(PROMPTS[:2], [params, params])
+    engine.advance(22)  # 5 graphs of 4 steps + 2 single steps
+    got = [engine.generated(s) for s in slots]
+    assert (
+        got
+        == generate_details(
+            model, PROMPTS[:2], 23, top_k=1, stop_at_eos=False, cuda_graph=False
+        ).new_ids
+    )
+    half = tiny_model.to(torch.bfloat16)
+    out = generate_details(half, PROMPTS, 16, top_k=1, stop_at_eos=False)
+    assert all(len(n) == 16 for n in out.new_ids)

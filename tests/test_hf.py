@@ -345,6 +345,31 @@ def test_sampling_draws_the_native_ids(kv, g, golden_model, hf):
     assert not torch.equal(other, out)  # the seed matters: it really samples
 
 
+def test_static_cache_generate_reaches_the_native_loop(golden_model, golden_expected, hf):
+    """transformers' static-cache recipe runs on the native loop; transformers' own loop (asked
+    for scores) gives the same ids, so both paths agree."""
+    prompt = golden_expected["prompt_ids"].reshape(1, -1)
+    model = hf.PldrllmForCausalLM.from_core(golden_model)
+    native = generate(golden_model, prompt, 8, top_k=1, stop_at_eos=False)
+    routed = model.generate(
+        prompt,
+        max_new_tokens=8,
+        do_sample=False,
+        cache_implementation="static",
+        eos_token_id=None,
+    )
+    assert torch.equal(routed, native)
+    own = model.generate(
+        prompt,
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert torch.equal(own.sequences, native) and len(own.scores) == 8
+
+
 def test_beam_search_needs_caches_off(golden_model, hf):
     model = hf.PldrllmForCausalLM.from_core(golden_model)
     prompt = torch.tensor([[5, 6, 7]])

@@ -213,7 +213,7 @@ def test_cached_scoring_equals_stepwise_decoding(setup):
         ("Hi", " there"),
     ]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    for kv, g in [(True, True), (True, False), (False, True)]:
+    for kv, g in [(True, True), (True, False), (False, True), (False, False)]:
         lm = _eval_model(setup, batch_size=3, score_mode="cached", kvcache=kv, gcache=g)
         results = lm.loglikelihood(requests, disable_tqdm=True)
         for (context, cont), (logprob, _) in zip(pairs, results):
@@ -231,7 +231,8 @@ def test_cached_scoring_equals_stepwise_decoding(setup):
                         )
                         kv_cache = step.cache
                     else:
-                        step = model(torch.tensor([seq]), cache=PLDRCache(g=g_cache))
+                        cache = PLDRCache(g=g_cache) if g else None
+                        step = model(torch.tensor([seq]), cache=cache)
                     total += float(torch.log_softmax(step.logits[0, -1], -1)[nxt])
             assert logprob == pytest.approx(total, abs=1e-4), (kv, g, context)
 

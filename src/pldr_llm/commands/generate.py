@@ -32,7 +32,8 @@ def register(subparsers: Any) -> None:
         help="generate text from a PLDR-LLM",
         description="Generate text from a PLDR-LLM (a published bundle folder, a pldr-llm folder, "
         "or a Hugging Face hub repository id). Sampling stacks as in the original: temperature, "
-        "then top-p, then top-k; --top-k 1 is greedy.",
+        "then top-p, then top-k; --temperature 0 or --top-k 1 is greedy. On a GPU the decoding "
+        "step runs as a captured CUDA graph.",
     )
     p.add_argument("--model", "-m", required=True, metavar="X", help="model folder or hub repo id")
     p.add_argument(
@@ -50,7 +51,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=50, metavar="N", help="default: 50")
     p.add_argument(
-        "--temperature", "-t", type=float, default=1.0, metavar="T", help="in (0, 1]; default: 1"
+        "--temperature",
+        "-t",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help=">= 0 (0: greedy); default: 1",
     )
     p.add_argument(
         "--top-k",
@@ -76,7 +82,21 @@ def register(subparsers: Any) -> None:
         help="initial G-cache (the paper's G_LM pickles or a pldr-llm safetensors G file)",
     )
     p.add_argument(
-        "--seed", type=int, default=None, metavar="S", help="seed for reproducible sampling"
+        "--seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seed for reproducible sampling (each prompt samples what it would alone)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step before capturing it (GPU; slower start)",
+    )
+    p.add_argument(
+        "--timing",
+        action="store_true",
+        help="print a JSON line of timings on stderr (generation, capture/compile, tokens/s)",
     )
     add_model_arguments(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
@@ -109,29 +129,6 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list
     if not out and prompt_file is None:
         raise PLDRError("give a prompt with --prompt TEXT or --prompt-file FILE")
     return out
-
-
-def cut_at_stop(text: str, start: int, stops: Sequence[str]) -> int | None:
-    """Index of the first stop string found in ``text[start:]`` (as an index of ``text``)."""
-    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-class StopStrings:
-    """A ``stopping_criteria`` for :func:`pldr_llm.generate`: a row stops when its new text holds
-    one of ``stops``. The new text is what decoding prompt + new ids adds after the prompt."""
-
-    def __init__(
-        self, tokenizer: PLDRTokenizer, prompts: Sequence[Sequence[int]], stops: Sequence[str]
-    ):
-        self.tokenizer = tokenizer
-        self.prompts = [list(p) for p in prompts]
-        self.prompt_text = [tokenizer.decode(p) for p in self.prompts]
-        self.stops = list(stops)
-
-    def __call__(self, row: int, new_ids: list[int]) -> bool:
-        text = self.tokenizer.decode(self.prompts[row] + new_ids)
-        return cut_at_stop(text, len(self.prompt_text[row]), self.stops) is not None
 
 
 class TextStreamer:
@@ -169,10 +166,12 @@ class TextStreamer:
         self.printed = text
 
     def _visible(self, text: str) -> str:
-        cut = cut_at_stop(text, self.prompt_len, self.stops) if self.stops else None
+        from pldr_llm.generation import find_stop
+
+        cut = find_stop(text[self.prompt_len :], self.stops) if self.stops else None
         if cut is not None:
             self.done = True
-            return text[:cut]
+            return text[: self.prompt_len + cut]
         end = len(text)
         while end > self.prompt_len and text[end - 1] == "\ufffd":
             end -= 1
@@ -196,21 +195,6 @@ class TextStreamer:
             self.out.write(text[len(self.printed) :])
         self.out.write("\n")
         self.out.flush()
-
-
-def final_text(
-    tokenizer: PLDRTokenizer,
-    prompt_ids: Sequence[int],
-    new_ids: Sequence[int],
-    stops: Sequence[str],
-) -> str:
-    """The original's result: prompt ids and new ids decoded together, cut before a stop string."""
-    text = tokenizer.decode(list(prompt_ids) + list(new_ids))
-    if stops:
-        cut = cut_at_stop(text, len(tokenizer.decode(list(prompt_ids))), stops)
-        if cut is not None:
-            text = text[:cut]
-    return text
 
 
 def _load_g_init(path: str, config: Any) -> list[Any]:
@@ -258,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_device,
         resolve_dtype,
     )
-    from pldr_llm.generation import generate_details, validate_sampling
+    from pldr_llm.generation import StopStrings, final_text, generate_details, validate_sampling
 
     # Everything the user typed is checked before the model is read.
     validate_sampling(args.temperature, args.top_k, args.top_p)
@@ -296,11 +280,8 @@ def run(args: argparse.Namespace) -> int:
         f"loaded {bundle_summary(files, model)} on {device} ({str(dtype).removeprefix('torch.')})",
     )
 
-    generator = None
     if args.seed is not None:
         torch.manual_seed(args.seed)
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-
     common: dict[str, Any] = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -310,12 +291,12 @@ def run(args: argparse.Namespace) -> int:
         "enable_Gcache": not args.no_g_cache,
         "G_init": g_init,
         "eos_id": config.eos_id,
-        "generator": generator,
-        # The row's own seed (counter-based RNG): the text `pldr-llm serve` gives for this seed.
         "seed": args.seed,
+        "compile": args.compile,
     }
     start = time.perf_counter()
     produced = 0
+    capture = 0.0
     if args.stream:
         # One prompt at a time, so that its tokens can be shown as they come.
         for ids in prompt_ids:
@@ -326,12 +307,14 @@ def run(args: argparse.Namespace) -> int:
             )
             new = out.new_ids[0]
             produced += len(new)
+            capture += out.capture_seconds
             streamer.final(final_text(tokenizer, ids, new, stops))
     else:
         for first in range(0, len(prompt_ids), args.batch_size):
             chunk = prompt_ids[first : first + args.batch_size]
             criteria = StopStrings(tokenizer, chunk, stops) if stops else None
             out = generate_details(model, chunk, stopping_criteria=criteria, **common)
+            capture += out.capture_seconds
             for offset, (ids, new) in enumerate(zip(chunk, out.new_ids)):
                 produced += len(new)
                 text = final_text(tokenizer, ids, new, stops)
@@ -347,9 +330,21 @@ def run(args: argparse.Namespace) -> int:
                     print(text, flush=True)
     seconds = time.perf_counter() - start
     rate = produced / seconds if seconds > 0 else float("inf")
+    graphs = f", of which {capture:.2f}s capturing/compiling the decoding step" if capture else ""
     log(
         args,
-        f"{produced} new tokens for {len(prompts)} prompt(s) in {seconds:.2f}s "
+        f"{produced} new tokens for {len(prompts)} prompt(s) in {seconds:.2f}s{graphs} "
         f"({rate:.1f} tokens/s)",
     )
+    if args.timing:
+        timing = {
+            "new_tokens": produced,
+            "prompts": len(prompts),
+            "seconds": round(seconds, 4),
+            "capture_seconds": round(capture, 4),
+            "tokens_per_s": round(rate, 2),
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        print(json.dumps(timing), file=sys.stderr, flush=True)
     return 0

@@ -17,15 +17,16 @@ continuation is scored:
 
 * ``score_mode=full`` (default): one pass over context + continuation, the way the original's
   harness and lm-eval's ``hf`` model score; the metric tensor A then sees the whole input.
-* ``score_mode=cached``: the context runs first and its caches are kept, then the continuation
-  runs on them: with ``kvcache`` it attends to the cached keys and the context's A (as
-  generation with the KV-cache does); with ``gcache`` (and no KV-cache) G_LM comes from the
-  context. Each continuation token gets the probability the generator would give it.
+* ``score_mode=cached``: the decoding loop itself (:class:`pldr_llm.generation.DecodeEngine`)
+  prefills the context and emits the continuation token by token (teacher-forced), in the
+  cache modes ``kvcache`` / ``gcache``: each continuation token gets exactly the probability
+  the generator gives it.
 
 ``gcache_file=PATH`` (a G-cache file, see :func:`pldr_llm.gfile.load_g_file`) replaces the
 G-cache in every pass of scoring and generation (the paper's predefined G_LM experiments).
 ``kvcache`` and ``gcache`` (both on by default) are the cache modes of ``generate_until``, which
-runs ``pldr_llm.generate`` on a batch of requests at once.
+runs a batch of requests at once on the one decoding loop (:mod:`pldr_llm.generation`: static
+caches, a CUDA-graph step on GPUs).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from lm_eval.api.registry import register_model
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation import generate_details
+from pldr_llm.generation import find_stop, generate_details
 from pldr_llm.model.cache import GCacheEntry, PLDRCache
 from pldr_llm.model.model import PLDRModel
 
@@ -270,64 +271,41 @@ class PLDRLLMEvalModel(TemplateLM):
         return list(torch.split(logprobs, [e - s for s, e in spans]))
 
     def _score_cached(self, contexts: list[list[int]], conts: list[list[int]]) -> list[Tensor]:
-        """Log-probabilities of each continuation, the context run first with its caches kept."""
-        model, device, pad = self.model, self._device, self.model.config.pad_id
-        batch = len(contexts)
-        width = max(len(c) for c in contexts)
-        ids = torch.full((batch, width), pad, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, ctx in enumerate(contexts):
-            ids[row, : len(ctx)] = torch.tensor(ctx, dtype=torch.long)
-            mask[row, : len(ctx)] = 1
-        first = model(
-            ids.to(device),
-            attention_mask=mask.to(device),
-            cache=self._g_cache(),
-            output_hidden_states=True,
-            logits_to_keep=1,
+        """Log-probabilities of each continuation as the generator gives them: the decoding loop
+        (:class:`~pldr_llm.generation.DecodeEngine`, this model's cache modes and G-cache file)
+        prefills the context and then emits the continuation, forced token by token."""
+        from pldr_llm.generation import SamplingParams
+        from pldr_llm.generation.api import engine_for
+
+        limit = self.model.config.max_seq_len
+        # The loop holds prompt + new tokens within max_seq_len: drop the oldest context token
+        # when the request uses the whole window plus one.
+        contexts = [
+            ctx[max(0, len(ctx) + len(cont) - limit) :] for ctx, cont in zip(contexts, conts)
+        ]
+        if any(not ctx for ctx in contexts):
+            raise PLDRError(f"a continuation fills the whole context of {limit} tokens")
+        longest = max(len(c) + len(t) for c, t in zip(contexts, conts))
+        engine = engine_for(
+            self.model, len(contexts), longest, self.kvcache, self.gcache, False, True, None
         )
-        assert first.hidden_states is not None
-        heads = self._head(first.hidden_states, [(len(c) - 1, len(c)) for c in contexts])
-        rest_len = max(len(c) - 1 for c in conts)
-        if rest_len == 0:
-            return heads
-        g = first.cache.g if self.gcache else self.g_init
-        if self.kvcache:
-            # The continuation attends to the cached context keys, with the context's A.
-            cache = first.cache.with_g(g)
-            rest = torch.full((batch, rest_len), pad, dtype=torch.long)
-            rest_mask = torch.zeros((batch, rest_len), dtype=torch.long)
-            for row, cont in enumerate(conts):
-                rest[row, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-                rest_mask[row, : len(cont) - 1] = 1
-            second = model(
-                rest.to(device),
-                attention_mask=rest_mask.to(device),
-                cache=cache,
-                output_hidden_states=True,
-                logits_to_keep=1,
-            )
-            spans = [(0, len(c) - 1) for c in conts]
-        else:
-            # No KV-cache: the whole input runs again, with the context's G_LM when G is on.
-            full = [ctx + cont[:-1] for ctx, cont in zip(contexts, conts)]
-            fwidth = max(len(x) for x in full)
-            rest = torch.full((batch, fwidth), pad, dtype=torch.long)
-            rest_mask = torch.zeros((batch, fwidth), dtype=torch.long)
-            for row, x in enumerate(full):
-                rest[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-                rest_mask[row, : len(x)] = 1
-            second = model(
-                rest.to(device),
-                attention_mask=rest_mask.to(device),
-                cache=PLDRCache(g=g) if g is not None else None,
-                output_hidden_states=True,
-                logits_to_keep=1,
-            )
-            spans = [(len(ctx), len(ctx) + len(cont) - 1) for ctx, cont in zip(contexts, conts)]
-        assert second.hidden_states is not None
-        tails = self._head(second.hidden_states, [(s, e) if e > s else (0, 0) for s, e in spans])
-        return [torch.cat((h, t[: e - s])) for h, t, (s, e) in zip(heads, tails, spans)]
+        params = [
+            SamplingParams(temperature=0, max_new_tokens=len(cont), stop_at_eos=False)
+            for cont in conts
+        ]
+        slots: list[int] = []
+        try:
+            slots = engine.add_many(contexts, params, self.g_init, forced_ids=conts)
+            logits: dict[int, list[Tensor]] = {slot: [] for slot in slots}
+            while engine.active_slots:
+                out = engine.step()
+                assert out.logits is not None
+                for i, slot in enumerate(out.slots):
+                    logits[slot].append(out.logits[i])
+        finally:
+            for slot in slots:
+                engine.release(slot)
+        return [F.log_softmax(torch.stack(logits[slot]), dim=-1) for slot in slots]
 
     def _prepare(self, context: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
         """Left-truncate context + continuation to the model's context (as lm-eval's hf does)."""
@@ -476,7 +454,7 @@ class PLDRLLMEvalModel(TemplateLM):
         max_new = max(0, min(max_new, self.max_length - longest))
 
         def stop(row: int, new_ids: list[int]) -> bool:
-            return bool(until) and any(s in self.tok_decode(new_ids) for s in until)
+            return find_stop(self.tok_decode(new_ids), until) is not None
 
         out = generate_details(
             self.model,
@@ -493,8 +471,6 @@ class PLDRLLMEvalModel(TemplateLM):
         for new_ids in out.new_ids:
             ids = [i for i in new_ids if i != self.eot_token_id]
             text = self.tok_decode(ids)
-            for s in until:
-                if s and s in text:
-                    text = text.split(s)[0]
-            texts.append(text)
+            cut = find_stop(text, until)
+            texts.append(text if cut is None else text[:cut])
         return texts

@@ -109,7 +109,7 @@ def _prompt_rows(
     return [[int(t) for t in items] or [eos_id]], None, "vector"
 
 
-def _engine_for(
+def engine_for(
     model: PLDRModel,
     batch: int,
     length: int,
@@ -119,7 +119,8 @@ def _engine_for(
     keep_logits: bool,
     cuda_graph: bool | None,
 ) -> DecodeEngine:
-    """A fresh engine on the CPU (cheap); on CUDA a cached one per shape bucket (graphs kept)."""
+    """An engine for ``batch`` rows of up to ``length`` tokens: a fresh one on the CPU (cheap),
+    on CUDA a cached one per shape bucket, so later calls replay its captured graphs."""
     config = model.config
     use_graph = model.device.type == "cuda" and kv if cuda_graph is None else cuda_graph
     if not use_graph:
@@ -226,7 +227,7 @@ def generate_details(
     step_logits: list[Tensor] = []
     capture = 0.0
     if max_new_tokens > 0:
-        engine = _engine_for(
+        engine = engine_for(
             model,
             batch,
             longest + max_new_tokens,
@@ -243,7 +244,7 @@ def generate_details(
             if streamer is None and stopping_criteria is None and not output_logits:
                 while not engine.all_done():
                     engine.advance(CHECK_EVERY)
-                new_ids = [engine.generated(s) for s in slots]
+                new_ids = engine.generated_many(slots)
             else:
                 _host_loop(
                     engine, slots, new_ids, step_logits, config.pad_id, streamer, stopping_criteria
@@ -401,7 +402,7 @@ def stream_generate(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"max_seq_len={model.config.max_seq_len}"
         )
-    engine = _engine_for(
+    engine = engine_for(
         model, 1, len(ids) + max_new_tokens, enable_kvcache, enable_Gcache, False, False, None
     )
     slot = engine.add(ids, params, G_init)

@@ -217,6 +217,9 @@ class DecodeEngine:
             self.max_new = zeros(batch)
             self.stop_eos = zeros(batch, dt=torch.bool)
             self.stop_ids = torch.full((batch, MAX_STOP_IDS), -1, dtype=torch.long, device=device)
+            # Teacher forcing (scoring): row b's n-th new token is forced[b, n] while n < forced_len.
+            self.forced = zeros(batch, slots)
+            self.forced_len = zeros(batch)
             self.logprob = zeros(batch, dt=torch.float32)
             self.pending_logits = zeros(batch, vocab, dt=torch.float32) if keep_logits else None
             self.report = zeros(3, batch, dt=torch.float32)  # token, finished, logprob
@@ -290,19 +293,34 @@ class DecodeEngine:
 
     def generated(self, slot: int) -> list[int]:
         """The ids generated in ``slot`` so far (reported or not)."""
-        n = int(self.n_generated[slot])
-        return self.history[slot, :n].tolist()
+        return self.generated_many([slot])[0]
+
+    def generated_many(self, slots: Sequence[int]) -> list[list[int]]:
+        """:meth:`generated` for several slots with one read from the device."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            counts = self.n_generated[index]
+            width = int(counts.max()) if len(slots) else 0
+            rows = self.history[index, :width].tolist()
+        return [row[:n] for row, n in zip(rows, counts.tolist())]
 
     # ------------------------------------------------------------------ prefill
     def add(
-        self, prompt_ids: Sequence[int], params: SamplingParams, g_init: GInit | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        g_init: GInit | None = None,
+        forced_ids: Sequence[int] | None = None,
     ) -> int:
         """Prefill ``prompt_ids`` alone (as ``model.forward`` on it would), fill a free slot and
         sample its first token (reported by the next :meth:`step`); returns the slot.
 
+        ``forced_ids`` (teacher forcing, for scoring a continuation) makes the slot emit these ids
+        instead of sampled ones, with the logits/log-probabilities the model gives them.
         Raises :class:`PLDRError` when no slot is free or prompt + max_new_tokens exceeds max_len.
         """
-        return self.add_many([prompt_ids], [params], g_init)[0]
+        forced = [forced_ids] if forced_ids is not None else None
+        return self.add_many([prompt_ids], [params], g_init, forced)[0]
 
     @torch.inference_mode()
     def add_many(
@@ -310,8 +328,14 @@ class DecodeEngine:
         prompts: Sequence[Sequence[int]],
         params: Sequence[SamplingParams],
         g_init: GInit | None = None,
+        forced_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[int]:
-        """:meth:`add` for several prompts: one forward per prompt length (same results)."""
+        """:meth:`add` for several prompts in one forward (same results as one by one).
+
+        Prompts of different lengths are left-padded with an attention mask that keeps padding
+        out of A, the keys and the rotary positions. (One corner differs from a lone run: a pad
+        id *inside* such a prompt is attended to by the prompt pass, where alone it is masked.)
+        """
         if len(prompts) != len(params):
             raise PLDRError(f"{len(prompts)} prompts but {len(params)} sampling params")
         if len(prompts) > len(self._free):
@@ -343,19 +367,17 @@ class DecodeEngine:
                     f"at most {MAX_STOP_IDS} stop_token_ids, got {len(p.stop_token_ids)}"
                 )
             rows.append(row)
+        forced = [[int(t) for t in f] for f in forced_ids] if forced_ids is not None else None
+        if forced is not None:
+            if len(forced) != len(rows):
+                raise PLDRError(f"{len(rows)} prompts but {len(forced)} forced id lists")
+            for f, p in zip(forced, params):
+                if len(f) > p.max_new_tokens or any(t < 0 or t >= vocab for t in f):
+                    raise PLDRError("forced ids must be vocabulary ids, at most max_new_tokens")
         init = prepare_g_init(self.model, g_init)
         slots = [self._free.pop(0) for _ in rows]
         try:
-            by_length: dict[int, list[int]] = {}
-            for index, row in enumerate(rows):
-                by_length.setdefault(len(row), []).append(index)
-            for members in by_length.values():
-                self._prefill(
-                    [slots[i] for i in members],
-                    [rows[i] for i in members],
-                    [params[i] for i in members],
-                    init,
-                )
+            self._prefill(slots, rows, list(params), init, forced)
         except BaseException:
             for slot in slots:
                 self._running.discard(slot)
@@ -370,17 +392,23 @@ class DecodeEngine:
         rows: list[list[int]],
         params: list[SamplingParams],
         init: list[GCacheEntry] | None,
+        forced: list[list[int]] | None = None,
     ) -> None:
-        model, device = self.model, self.device
-        ids = torch.tensor(rows, dtype=torch.long, device=device)
-        n, length = ids.shape
+        model, device, pad = self.model, self.device, self.config.pad_id
+        n, length = len(rows), max(len(r) for r in rows)
+        mask = None
+        if any(len(r) != length for r in rows):
+            mask = torch.tensor(
+                [[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device
+            )
+        ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], device=device)
         index = torch.tensor(slots, dtype=torch.long, device=device)
         was_training = model.training
         model.eval()
         try:
             with sdpa_backends():
                 cache = PLDRCache(g=init) if init is not None else None
-                out = model(ids, cache=cache, logits_to_keep=1)
+                out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
         finally:
             model.train(was_training)
         logits = out.logits[:, -1].float()
@@ -396,7 +424,8 @@ class DecodeEngine:
                     for metric, kv in zip(self.metric, out.cache.kv):
                         metric[index] = kv.metric_tensor.to(metric.dtype)
             valid = torch.zeros(n, self.slots, dtype=torch.bool, device=device)
-            valid[:, :length] = out.cache.key_valid
+            # Decoding keeps the lone run's rule: a key that is the pad id is masked.
+            valid[:, :length] = out.cache.key_valid & (ids != pad)
             self.key_valid[index] = valid
         else:
             for i, (slot, row) in enumerate(zip(slots, rows)):
@@ -437,8 +466,21 @@ class DecodeEngine:
             zeros,
             all_greedy=all(p.greedy for p in params),
         )
+        forced_rows = torch.zeros(n, self.slots, dtype=torch.long)
+        forced_len = torch.zeros(n, dtype=torch.long)
+        for r, f in enumerate(forced or []):
+            forced_rows[r, : len(f)] = torch.tensor(f, dtype=torch.long)
+            forced_len[r] = len(f)
+        self.forced[index] = forced_rows.to(device)
+        self.forced_len[index] = forced_len.to(device)
+        first = torch.where(forced_len.to(device) > 0, self.forced[index, 0], first)
         self.ids[index] = first[:, None]
-        self.position[index] = length
+        next_position = out.cache.next_position
+        self.position[index] = (
+            next_position[:, None]
+            if next_position is not None
+            else torch.full_like(first, length)[:, None]
+        )
         self.write_index[index] = length
         self.n_generated[index] = 1
         history = torch.zeros(n, self.slots, dtype=torch.long, device=device)
@@ -494,6 +536,9 @@ class DecodeEngine:
             self.n_generated,
             all_greedy=all_greedy,
         )
+        column = self.n_generated.clamp(max=self.slots - 1)[:, None]
+        forced = self.forced.gather(1, column)[:, 0]
+        new = torch.where(self.n_generated < self.forced_len, forced, new)
         self.report[0].copy_(self.ids[:, 0])
         self.report[1].copy_(self.done)
         self.report[2].copy_(self.logprob)
@@ -502,7 +547,6 @@ class DecodeEngine:
             self.logprob.copy_(torch.where(run, chosen, self.logprob))
         if self.pending_logits is not None:
             self.pending_logits.copy_(torch.where(run[:, None], logits, self.pending_logits))
-        column = self.n_generated.clamp(max=self.slots - 1)[:, None]
         self.history.scatter_(
             1, column, torch.where(run, new, self.history.gather(1, column)[:, 0])[:, None]
         )

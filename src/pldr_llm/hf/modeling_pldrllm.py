@@ -351,8 +351,104 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         processors.append(PldrllmSamplingFilter(temperature or 1.0, top_k or 0, top_p or 1.0))
         return processors
 
+    # Arguments the native decoding loop takes over; any other argument (beam search, logits
+    # processors, scores in the output, ...) goes to transformers' own loop.
+    _LOOP_ARGS = frozenset(
+        {
+            "input_ids",
+            "inputs",
+            "attention_mask",
+            "max_new_tokens",
+            "max_length",
+            "do_sample",
+            "temperature",
+            "top_k",
+            "top_p",
+            "eos_token_id",
+            "pad_token_id",
+            "use_cache",
+            "cache_implementation",
+            "enable_kvcache",
+            "enable_Gcache",
+            "G_init",
+            "num_beams",
+            "seed",
+            "compile",
+        }
+    )
+
+    def _loop_generate(self, kwargs: dict[str, Any]) -> Tensor | None:
+        """``generate()`` on :func:`pldr_llm.generate` (the one decoding loop: static caches, a
+        CUDA-graph step on GPUs), or None when an argument needs transformers' loop."""
+        if set(kwargs) - self._LOOP_ARGS or (kwargs.get("num_beams") or 1) > 1:
+            return None
+        cache_implementation = kwargs.get("cache_implementation")
+        if cache_implementation not in (None, "static"):
+            return None
+        ids = kwargs.get("input_ids", kwargs.get("inputs"))
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
+            return None
+        config = self.generation_config
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        if isinstance(eos, (list, tuple)):
+            if len(eos) != 1:
+                return None
+            eos = eos[0]
+        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new is None:
+            max_length = kwargs.get("max_length", config.max_length)
+            max_new = max(0, int(max_length) - ids.shape[1])
+        kv_on, g_on = self._cache_modes(
+            kwargs.get("use_cache"), kwargs.get("enable_kvcache"), kwargs.get("enable_Gcache")
+        )
+        sampling: dict[str, Any] = {"top_k": 1}
+        if kwargs.get("do_sample", config.do_sample):
+            # transformers' global top-k default (50) is not the original's (no filter)
+            top_k = kwargs.get("top_k", getattr(config, "top_k", None))
+            sampling = {
+                "temperature": float(kwargs.get("temperature", config.temperature) or 1.0),
+                "top_k": int(top_k or 0),
+                "top_p": float(kwargs.get("top_p", config.top_p) or 1.0),
+            }
+        from pldr_llm.generation import generate
+
+        mask = kwargs.get("attention_mask")
+        if mask is not None and bool(mask.bool().all()):
+            mask = None
+        init = self._g_init_entries(kwargs.get("G_init"))
+        return generate(
+            self.core,
+            ids,
+            int(max_new),
+            enable_kvcache=kv_on,
+            enable_Gcache=g_on,
+            G_init=init,
+            eos_id=None if eos is None else int(eos),
+            stop_at_eos=eos is not None,
+            attention_mask=mask,
+            seed=kwargs.get("seed"),
+            compile=bool(kwargs.get("compile", False)),
+            **sampling,
+        )
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``generate()``, with the PLDR cache modes (see the module docstring)."""
+        """transformers' ``generate()``, with the PLDR cache modes (see the module docstring).
+
+        Greedy and sampled decoding of a [B, L] prompt (with ``attention_mask``,
+        ``max_new_tokens``, ``eos_token_id``, ``cache_implementation="static"``, the cache modes,
+        ``G_init``) run on the native decoding loop of :mod:`pldr_llm.generation` -- the same ids
+        as ``pldr_llm.generate``, with a CUDA-graph step on GPUs (``compile=True`` adds
+        torch.compile, the static-cache recipe of transformers). Other arguments use
+        transformers' loop.
+        """
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs} if len(args) == 1 else kwargs
+        if len(args) <= 1 and "generation_config" not in kwargs:
+            routed = self._loop_generate(kwargs)
+            if routed is not None:
+                return routed
+            kwargs.pop("seed", None)
+            kwargs.pop("compile", None)
         config = kwargs.get("generation_config") or self.generation_config
         num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
         kv_on, g_on = self._cache_modes(
@@ -368,6 +464,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             # pldr_llm.generate samples without a top-k filter unless asked; transformers'
             # global default would be 50.
             kwargs["top_k"] = 0
+        if len(args) == 1:
+            return super().generate(**kwargs)
         return super().generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ saving / loading
