@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
         help="the name clients pass as 'model' (default: the folder's name)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument(
         "--max-batch", type=int, default=16, metavar="N", help="sequences decoded together (16)"
     )
