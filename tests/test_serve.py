@@ -97,6 +97,29 @@ def test_greedy_completion_matches_generate(client: openai.OpenAI, loaded) -> No
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+@pytest.mark.parametrize(("kv", "g"), [(True, False), (False, True), (False, False)])
+def test_cache_switches_are_per_request(
+    client: openai.OpenAI, server, loaded, kv: bool, g: bool
+) -> None:
+    model, tok = loaded
+    ids = tok.prompt_ids(PROMPT)
+    out = generate(model, ids, max_new_tokens=12, top_k=1, enable_kvcache=kv, enable_Gcache=g)
+    want = tok.decode(out.tolist())[len(tok.decode(ids)) :]
+    r = client.completions.create(
+        model=MODEL_ID,
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"enable_kvcache": kv, "enable_gcache": g},
+    )
+    assert r.choices[0].text == want
+    assert (kv, g) in server[1].state.server.scheduler._engines  # an engine in that cache mode
+    if not kv and not g:
+        # A recomputed over the grown sequence: other logits than the cached run, other ids.
+        cached = generate(model, ids, max_new_tokens=12, top_k=1)
+        assert cached.tolist() != out.tolist()
+
+
 def test_seeded_sampling_is_the_text_of_pldr_llm_generate(
     client: openai.OpenAI, bundle: Path, loaded
 ) -> None:

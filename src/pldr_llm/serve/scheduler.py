@@ -289,7 +289,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots, first come first served. Sequences of the same
-        cache mode that arrive together are prefilled in one call (batched by prompt length)."""
+        cache mode that arrive together are prefilled in one call."""
         while True:
             with self._cond:
                 while self._waiting and self._waiting[0].cancelled:
@@ -298,7 +298,13 @@ class Scheduler:
                     self.metrics.queue_depth = 0
                     return
                 key = self._waiting[0].key
-                engine = self._engine_for(key)
+                try:
+                    engine = self._engine_for(key)
+                except Exception as exc:  # e.g. a cache mode this device cannot run
+                    self._post(
+                        self._waiting.popleft(), Event(finish_reason="error", error=str(exc))
+                    )
+                    continue
                 batch: list[GenSequence] = []
                 while (
                     self._waiting and len(batch) < engine.free_slots and self._waiting[0].key == key
