@@ -1,10 +1,10 @@
-"""Batch-1 greedy decoding on the GPU: StaticDecoder compile options against the eager ids.
+"""Batch-1 greedy decoding on the GPU: DecodeEngine compile options against the eager ids.
 
     python benchmarks/decode_variants.py --json decode_variants.json
 
 110M configuration in float32 (no TF32), 32-token prompt, 256 new tokens, KV + G cache. For each
 variant it prints tokens/s (prefill included, capture/compile excluded) and whether the ids equal
-``pldr_llm.generate``'s, then writes the rows as JSON.
+the eager loop's (``pldr_llm.generate(..., cuda_graph=False)``), then writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import torch
 
 from pldr_llm import PLDRConfig, PLDRModel, generate
-from pldr_llm.fast.decode import StaticDecoder
+from pldr_llm.generation import DecodeEngine, SamplingParams
 
 VARIANTS = {  # name: (torch.compile options, coordinate-descent tuning, steps per graph)
     "compile (default)": ({}, False, 1),
@@ -44,7 +44,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = PLDRModel(PLDRConfig()).cuda().eval()
     prompt = torch.randint(4, 32000, (1, 32), device="cuda")
-    reference = generate(model, prompt, args.new, top_k=1, stop_at_eos=False)
+    reference = generate(model, prompt, args.new, top_k=1, stop_at_eos=False, cuda_graph=False)
+    params = SamplingParams(top_k=1, max_new_tokens=args.new, stop_at_eos=False)
     rows = []
     for name in args.variants.split(","):
         options, coordinate_descent, steps_per_graph = VARIANTS[name]
@@ -53,16 +54,24 @@ def main() -> None:
         inductor_config.coordinate_descent_tuning = coordinate_descent
         torch._dynamo.reset()
         start = time.perf_counter()
-        decoder = StaticDecoder(
+        engine = DecodeEngine(
             model, 1, 32 + args.new, compile=options or True, steps_per_graph=steps_per_graph
         )
+
+        def run(engine: DecodeEngine = engine) -> torch.Tensor:
+            slot = engine.add(prompt[0].tolist(), params)
+            engine.advance(args.new - 1)
+            new = engine.generated(slot)
+            engine.release(slot)
+            return torch.cat((prompt, torch.tensor([new], device=prompt.device)), dim=1)
+
+        run()  # warm-up: compiles and captures
         build_s = time.perf_counter() - start
-        decoder.generate(prompt, args.new, stop_at_eos=False)  # warm-up
         times = []
         for _ in range(3):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            ids, _ = decoder.generate(prompt, args.new, stop_at_eos=False)
+            ids = run()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         best = min(times)

@@ -219,7 +219,7 @@ def test_per_row_filters_equal_the_original_filters():
 
     torch.manual_seed(0)
     logits = torch.randn(len(SAMPLING) + 2, 50) * 3
-    logits[-1, :10] = logits[-1, 0]  # ties with the k-th value are kept
+    logits[-1, :10] = 20.0  # ties with the k-th value are kept
     rows = SAMPLING + [{"top_p": 0.5}, {"top_k": 3}]
     temperature = torch.tensor([r.get("temperature", 1.0) for r in rows])
     top_k = torch.tensor([r.get("top_k", 0) for r in rows])

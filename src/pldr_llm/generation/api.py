@@ -242,8 +242,13 @@ def generate_details(
         try:
             slots = engine.add_many(rows, [params] * batch, G_init)
             if streamer is None and stopping_criteria is None and not output_logits:
-                while not engine.all_done():
-                    engine.advance(CHECK_EVERY)
+                # The longest row needs max_new_tokens - 1 steps after its first token; every
+                # CHECK_EVERY steps one host read says whether all rows stopped early.
+                remaining = max_new_tokens - 1
+                while remaining > 0 and not engine.all_done():
+                    count = min(CHECK_EVERY, remaining)
+                    engine.advance(count)
+                    remaining -= count
                 new_ids = engine.generated_many(slots)
             else:
                 _host_loop(
