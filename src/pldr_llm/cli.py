@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "pldr_llm.commands.inspect",
     "pldr_llm.commands.compare",
     "pldr_llm.commands.eval",
+    "pldr_llm.commands.serve",
 ]
 
 

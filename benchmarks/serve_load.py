@@ -1,0 +1,266 @@
+"""Load test of ``pldr-llm serve``: N concurrent streaming clients on localhost.
+
+    # the issue's GPU setting: the 110M configuration (random init, seed 0) on one GPU
+    python benchmarks/serve_load.py --device cuda --dtype bfloat16 --clients 64 --max-tokens 256 \\
+        --min-tokens-per-s 20000 --json serve_load_gpu.json
+    # CPU smoke run: a tiny model, 32 clients, zero errors
+    python benchmarks/serve_load.py --quick
+
+It starts ``python -m pldr_llm serve`` on a free 127.0.0.1 port (a separate process, so that the
+clients do not share the server's interpreter), waits for ``/health``, then runs ``--clients``
+concurrent streaming ``/v1/completions`` requests of ``--max-tokens`` tokens each (``ignore_eos``,
+so every request makes exactly that many), ``--rounds`` times per client. It reports the
+aggregate tokens/s (all completion tokens / wall time of the whole load), p50/p99 time to first
+token and inter-token latency, and the error count, then stops the server with SIGTERM. Bounded:
+every request has a timeout, and ``--time-limit`` caps the whole run. Exit status 1 when there
+were errors or ``--min-tokens-per-s`` was not reached.
+
+Without ``--model`` it builds the model folder itself in a temporary directory: the 110M
+configuration (or with ``--quick`` a tiny one) with random weights (seed 0) and a tokenizer trained
+on this repository's docs (the text is random either way; speed does not depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "num_layers": 2,
+    "d_model": 64,
+    "num_heads": 4,
+    "dff": 96,
+    "A_dff": 24,
+    "num_reslayerA": 2,
+    "num_denseA": 2,
+    "input_vocab_size": 2000,
+    "max_seq_len": 256,
+}
+
+
+def build_model(folder: Path, quick: bool) -> Path:
+    """A model folder: random weights (seed 0), a tokenizer trained on the repository's docs."""
+    import torch
+
+    from pldr_llm import PLDRConfig, PLDRModel
+    from pldr_llm.tokenizer import train_tokenizer
+
+    corpus = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+    tokenizer = train_tokenizer(corpus, 2000, folder / "tok" / "tokenizer", seed=0, progress=False)
+    torch.manual_seed(0)
+    config = PLDRConfig.from_hpdict(TINY) if quick else PLDRConfig()
+    target = folder / ("tiny" if quick else "pldr-110m")
+    PLDRModel(config).eval().save(target)
+    tokenizer.save(target)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def one_request(client: Any, url: str, body: dict[str, Any], timeout: float) -> dict:
+    """One streamed completion: token count, time to first token, inter-token gaps."""
+    start = time.perf_counter()
+    first = None
+    last = None
+    gaps: list[float] = []
+    tokens = 0
+    done = False
+    async with client.stream("POST", url, json=body, timeout=timeout) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                return {"error": chunk["error"]["message"]}
+            now = time.perf_counter()
+            n = sum(len((c.get("logprobs") or {}).get("tokens") or []) for c in chunk["choices"])
+            if n == 0:
+                continue
+            tokens += n
+            if first is None:
+                first = now - start
+                gaps.extend([0.0] * (n - 1))  # tokens that arrived with the first one
+            else:
+                gaps.extend([(now - last) / n] * n)  # a chunk of n tokens: n equal gaps
+            last = now
+    if not done:
+        return {"error": "the stream ended without [DONE]"}
+    return {"ttft": first, "gaps": gaps, "tokens": tokens}
+
+
+async def run_load(args: argparse.Namespace, base: str, model_id: str) -> dict[str, Any]:
+    import httpx
+
+    url = base + "/v1/completions"
+    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients)
+    results: list[dict] = []
+    async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as client:
+
+        async def client_loop(i: int) -> None:
+            for r in range(args.rounds):
+                body = {
+                    "model": model_id,
+                    "prompt": f"Client {i} round {r}: the power law graph attention",
+                    "max_tokens": args.max_tokens,
+                    "temperature": args.temperature,
+                    "seed": 1000 * i + r,
+                    "stream": True,
+                    "logprobs": 0,  # each chunk lists its tokens: exact token counts
+                    "ignore_eos": True,
+                }
+                try:
+                    results.append(await one_request(client, url, body, args.request_timeout))
+                except Exception as exc:  # counted, not raised: a load test reports errors
+                    results.append({"error": f"{type(exc).__name__}: {exc}"})
+
+        start = time.perf_counter()
+        await asyncio.wait_for(
+            asyncio.gather(*(client_loop(i) for i in range(args.clients))), args.time_limit
+        )
+        wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    tokens = sum(r["tokens"] for r in ok)
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    gaps = [g for r in ok for g in r["gaps"]]
+    ms = lambda x: None if x is None else round(1000 * x, 2)  # noqa: E731
+    return {
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "max_tokens": args.max_tokens,
+        "requests": len(results),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "completion_tokens": tokens,
+        "short_requests": sum(1 for r in ok if r["tokens"] != args.max_tokens),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "ttft_ms_p50": ms(percentile(ttft, 50)),
+        "ttft_ms_p99": ms(percentile(ttft, 99)),
+        "itl_ms_p50": ms(percentile(gaps, 50)),
+        "itl_ms_p99": ms(percentile(gaps, 99)),
+        "itl_ms_mean": ms(statistics.fmean(gaps)) if gaps else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model folder (default: build one, see above)")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 32 x 64")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--clients", type=int, default=None, help="default: 64 (quick: 32)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: 256 (quick: 64)")
+    parser.add_argument("--rounds", type=int, default=1, help="requests per client (1)")
+    parser.add_argument("--max-batch", type=int, default=None, help="default: --clients")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true", help="serve --compile")
+    parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument("--time-limit", type=float, default=540.0, help="cap on the load (s)")
+    parser.add_argument("--min-tokens-per-s", type=float, default=None)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    args.clients = args.clients or (32 if args.quick else 64)
+    args.max_tokens = args.max_tokens or (64 if args.quick else 256)
+    if not (1 <= args.clients <= 1024 and 1 <= args.rounds <= 100):
+        parser.error("--clients must be in [1, 1024] and --rounds in [1, 100]")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.model) if args.model else build_model(Path(tmp), args.quick)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "pldr_llm", "serve", "--model", str(folder)]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", args.device]
+        cmd += ["--dtype", args.dtype, "--max-batch", str(args.max_batch or args.clients)]
+        cmd += ["--max-queue", str(args.clients * 2), "--model-id", "bench", "-q"]
+        if args.compile:
+            cmd.append("--compile")
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        server = subprocess.Popen(cmd, env=env)
+        try:
+            import httpx
+
+            deadline = time.monotonic() + 300
+            while True:
+                if server.poll() is not None:
+                    raise SystemExit(f"the server exited with status {server.returncode}")
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not start within 300 s")
+                try:
+                    if httpx.get(base + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            # Warm-up (CUDA-graph capture, compilation, allocator): one short request per slot.
+            warm = argparse.Namespace(**{**vars(args), "max_tokens": 4, "rounds": 1})
+            asyncio.run(run_load(warm, base, "bench"))
+            result = asyncio.run(run_load(args, base, "bench"))
+            metrics = httpx.get(base + "/metrics", timeout=10).text
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    import torch
+
+    result.update(
+        {
+            "model": str(args.model or ("tiny (random)" if args.quick else "110M (random)")),
+            "device": args.device,
+            "dtype": args.dtype,
+            "temperature": args.temperature,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+            "server_metrics_ttft_count": next(
+                (
+                    line.split()[-1]
+                    for line in metrics.splitlines()
+                    if line.startswith("pldr_time_to_first_token_seconds_count")
+                ),
+                None,
+            ),
+        }
+    )
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    failed = result["errors"] > 0 or result["short_requests"] > 0
+    if args.min_tokens_per_s is not None and (result["tokens_per_s"] or 0) < args.min_tokens_per_s:
+        failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

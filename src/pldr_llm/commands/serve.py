@@ -1,0 +1,118 @@
+"""``pldr-llm serve``: an OpenAI-compatible server for one model (see docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from pldr_llm.commands.common import add_model_arguments, log
+from pldr_llm.errors import PLDRError
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` command."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a PLDR-LLM over an OpenAI-compatible HTTP API, with a playground",
+        description="Serve one PLDR-LLM over the OpenAI API (/v1/completions, /v1/models; "
+        "/v1/chat/completions when the model folder has a chat template), with continuous "
+        "batching, /health, Prometheus /metrics, /v1/deductive and a playground page at /. "
+        "SIGTERM stops taking requests, finishes those in flight, then exits.",
+    )
+    p.add_argument("--model", "-m", required=True, metavar="X", help="model folder or hub repo id")
+    p.add_argument(
+        "--model-id",
+        metavar="NAME",
+        help="the name clients pass as 'model' (default: the folder's name)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--max-batch", type=int, default=16, metavar="N", help="sequences decoded together (16)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="sequences waiting for a slot before requests get 429 (256)",
+    )
+    p.add_argument(
+        "--max-body",
+        type=int,
+        default=1 << 20,
+        metavar="BYTES",
+        help="largest request body; larger ones get 413 (default: 1 MiB)",
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $PLDR_API_KEY if set)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API key",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
+    p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
+    add_model_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and serve it until SIGTERM / Ctrl-C."""
+    if args.max_batch < 1:
+        raise PLDRError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_queue < 1:
+        raise PLDRError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.max_body < 1024:
+        raise PLDRError(f"--max-body must be at least 1024 bytes, got {args.max_body}")
+    if not 0 <= args.port <= 65535:
+        raise PLDRError(f"--port must be in [0, 65535], got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PLDR_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise PLDRError("the API key is empty")
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise PLDRError("serve needs its extra: pip install 'pldr-llm[serve]'") from None
+
+    from pldr_llm.bundle import bundle_summary, load_bundle, resolve_bundle
+    from pldr_llm.serve.app import ServeOptions, find_chat_template, is_loopback, run_server
+
+    if not is_loopback(args.host) and not api_key and not args.insecure:
+        raise PLDRError(
+            f"refusing to listen on {args.host} (reachable from other machines) without an API "
+            "key: give --api-key KEY (or PLDR_API_KEY), or --insecure"
+        )
+    files = resolve_bundle(args.model)
+    template = find_chat_template(files.root)
+    model, tokenizer = load_bundle(
+        files, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer
+    )
+    log(args, f"loaded {bundle_summary(files, model)}")
+    model_id = args.model_id or files.root.name
+    options = ServeOptions(
+        model_id=model_id,
+        api_key=api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_body=args.max_body,
+        chat_template=template,
+        engine_options={"compile": True} if args.compile else None,
+    )
+    log(args, f"serving '{model_id}' on http://{args.host}:{args.port}/ (playground at /)")
+    run_server(
+        model,
+        tokenizer,
+        options,
+        host=args.host,
+        port=args.port,
+        insecure=args.insecure,
+        log_level="warning" if args.quiet else "info",
+    )
+    return 0

@@ -1,0 +1,654 @@
+"""The ASGI app: the OpenAI API's completions (and chat completions when the model has a chat
+template), health, Prometheus metrics, the deductive outputs as JSON, and the playground page.
+
+:func:`create_app` builds it around a loaded model; :func:`run_server` serves it with uvicorn.
+The model is fixed when the app is built: nothing in a request names a file or a model path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.generation import SamplingParams
+from pldr_llm.serve.metrics import Metrics
+from pldr_llm.serve.protocol import (
+    APIError,
+    CompletionRequest,
+    bad,
+    check_model,
+    parse_completion,
+    parse_messages,
+    parse_sampling,
+)
+from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, ShuttingDown
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+DEDUCTIVE_TENSORS = ("A", "A_LM", "A_P", "G_LM")
+
+
+@dataclass
+class ServeOptions:
+    """Settings of one server (see ``pldr-llm serve --help``)."""
+
+    model_id: str
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 256
+    max_body: int = DEFAULT_MAX_BODY
+    chat_template: str | None = None
+    engine_options: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes, 400 when not UTF-8 or not JSON."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes", code="too_large")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes", code="too_large")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("the request body is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise bad(f"the request body is not valid JSON ({exc})") from None
+
+
+def render_chat(template: str, messages: list[dict[str, str]]) -> str:
+    """The prompt text of ``messages`` through the model's chat template (sandboxed Jinja)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+        )
+    except Exception as exc:  # a template error is the request's (its messages') problem
+        raise bad(f"the chat template failed on these messages: {exc}", "messages") from None
+
+
+def find_chat_template(folder: str | Path) -> str | None:
+    """A chat template the model folder declares (``chat_template.jinja``, or ``chat_template``
+    in ``tokenizer_config.json``); None for a base model."""
+    root = Path(folder)
+    jinja = root / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = root / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError):
+            raise PLDRError(f"{config} is not a JSON object") from None
+        if isinstance(value, str):
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------- the app
+
+
+class _Server:
+    """The request handlers and the state they share."""
+
+    def __init__(self, model: Any, tokenizer: Any, options: ServeOptions) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = options
+        self.metrics = Metrics()
+        self.max_len = int(model.config.max_seq_len)
+        self.created = int(time.time())
+        self.scheduler = Scheduler(
+            model,
+            tokenizer,
+            max_batch=options.max_batch,
+            max_queue=options.max_queue,
+            metrics=self.metrics,
+            engine_options=options.engine_options,
+        )
+        self.draining = False
+        self.api_key = options.api_key.encode() if options.api_key else None
+
+    # ------------------------------------------------------------------ checks
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        # Compared in constant time, so that timing tells nothing about the key.
+        if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+            raise APIError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer KEY'",
+                type_="authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def body(self, request: Request) -> Any:
+        self.authorize(request)
+        return await read_json(request, self.options.max_body)
+
+    # ------------------------------------------------------------------ simple endpoints
+    async def index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    async def health(self, request: Request) -> Response:
+        state = "draining" if self.draining else "ok"
+        return JSONResponse(
+            {
+                "status": state,
+                "model": self.options.model_id,
+                "running": self.scheduler.running,
+                "queued": self.scheduler.queue_depth,
+            },
+            status_code=503 if self.draining else 200,
+        )
+
+    async def metrics_text(self, request: Request) -> Response:
+        return PlainTextResponse(
+            self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.options.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "pldr-llm",
+            "max_model_len": self.max_len,
+            "chat": self.options.chat_template is not None,
+        }
+
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self.authorize(request)
+        if request.path_params["model"] != self.options.model_id:
+            raise APIError(404, f"the model '{request.path_params['model']}' does not exist")
+        return JSONResponse(self.model_card())
+
+    # ------------------------------------------------------------------ generation
+    def _sequences(
+        self, req: CompletionRequest
+    ) -> tuple[list[GenSequence], asyncio.Queue[Event], int]:
+        """The ``len(prompts) * n`` sequences of a request (choice ``i * n + j``: prompt i,
+        seed ``seed + j``), and the prompt token count."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        seqs = []
+        prompt_tokens = 0
+        for i, prompt in enumerate(req.prompts):
+            ids = self.tokenizer.prompt_ids(prompt)
+            if len(ids) >= self.max_len:
+                raise bad(
+                    f"the prompt has {len(ids)} tokens; this model's context is {self.max_len} "
+                    "tokens, which must hold the prompt and at least one new token",
+                    "prompt",
+                    "context_length_exceeded",
+                )
+            prompt_tokens += len(ids)
+            room = self.max_len - len(ids)
+            max_new = room if req.max_tokens is None else min(req.max_tokens, room)
+            for j, seed in enumerate(req.seeds()):
+                params = SamplingParams(
+                    temperature=req.temperature,
+                    top_k=req.top_k,
+                    top_p=req.top_p,
+                    seed=seed,
+                    max_new_tokens=max_new,
+                    stop_at_eos=not req.ignore_eos,
+                )
+                try:
+                    params.validate()
+                except PLDRError as exc:
+                    raise bad(str(exc)) from None
+                key = (req.enable_kvcache, req.enable_gcache)
+                seqs.append(
+                    GenSequence(
+                        ids, params, req.stop, self.tokenizer, loop, events, i * req.n + j, key
+                    )
+                )
+        return seqs, events, prompt_tokens
+
+    def _submit(self, seqs: list[GenSequence]) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type_="server_error")
+        try:
+            self.scheduler.submit(seqs)
+        except QueueFull:
+            raise APIError(
+                429,
+                "the server is busy (its request queue is full); retry later",
+                type_="rate_limit_error",
+                code="queue_full",
+            ) from None
+        except ShuttingDown:
+            raise APIError(503, "the server is shutting down", type_="server_error") from None
+
+    def _logprobs(self, tokens: list[int], logprobs: list[float], chat: bool) -> Any:
+        pieces = [self.tokenizer.decode([t]) for t in tokens]
+        if chat:
+            return {
+                "content": [
+                    {
+                        "token": p,
+                        "logprob": lp,
+                        "bytes": list(p.encode("utf-8")),
+                        "top_logprobs": [],
+                    }
+                    for p, lp in zip(pieces, logprobs)
+                ]
+            }
+        return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None}
+
+    async def completions(self, request: Request) -> Response:
+        body = await self.body(request)
+        check_model(body, self.options.model_id)
+        req = parse_completion(body)
+        return await self._generate(request, req, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await self.body(request)
+        check_model(body, self.options.model_id)
+        if self.options.chat_template is None:
+            raise bad(
+                f"'{self.options.model_id}' is a base model: it declares no chat template, so "
+                "it has no chat completions; use /v1/completions",
+                "model",
+                "model_not_chat",
+            )
+        prompt = render_chat(self.options.chat_template, parse_messages(body))
+        return await self._generate(request, parse_sampling(body, [prompt]), chat=True)
+
+    async def _generate(self, request: Request, req: CompletionRequest, chat: bool) -> Response:
+        seqs, events, prompt_tokens = self._sequences(req)
+        self._submit(seqs)
+        self.metrics.prompt_tokens += prompt_tokens
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if req.stream:
+            return StreamingResponse(
+                self._stream(request, req, seqs, events, rid, prompt_tokens, chat),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            texts = [""] * len(seqs)
+            tokens: list[list[int]] = [[] for _ in seqs]
+            logprobs: list[list[float]] = [[] for _ in seqs]
+            reasons: list[str | None] = [None] * len(seqs)
+            produced = 0
+            left = len(seqs)
+            checked = time.monotonic()
+            while left:
+                if time.monotonic() - checked > 0.5:
+                    # A client that went away frees its rows (the finally below).
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                try:
+                    ev = await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    continue
+                texts[ev.index] += ev.text
+                tokens[ev.index] += ev.tokens
+                logprobs[ev.index] += ev.logprobs
+                if ev.finish_reason is not None:
+                    if ev.error:
+                        raise APIError(500, ev.error, type_="server_error")
+                    reasons[ev.index] = ev.finish_reason
+                    produced += ev.completion_tokens
+                    left -= 1
+        finally:
+            for s in seqs:
+                s.cancel()  # a no-op for finished ones; frees the rows of an abandoned request
+        choices = []
+        for i, text in enumerate(texts):
+            lp = self._logprobs(tokens[i], logprobs[i], chat) if req.logprobs else None
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": text}}
+            else:
+                choice = {"index": i, "text": text}
+            choices.append({**choice, "logprobs": lp, "finish_reason": reasons[i]})
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": self.options.model_id,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": produced,
+                    "total_tokens": prompt_tokens + produced,
+                },
+            }
+        )
+
+    async def _stream(
+        self,
+        request: Request,
+        req: CompletionRequest,
+        seqs: list[GenSequence],
+        events: asyncio.Queue[Event],
+        rid: str,
+        prompt_tokens: int,
+        chat: bool,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
+            data: dict[str, Any] = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": self.options.model_id,
+                "choices": choices,
+            }
+            if usage is not None:
+                data["usage"] = usage
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:
+                yield chunk(
+                    [
+                        {"index": s.index, "delta": {"role": "assistant", "content": ""}}
+                        | {"logprobs": None, "finish_reason": None}
+                        for s in seqs
+                    ]
+                )
+            left = len(seqs)
+            produced = 0
+            while left:
+                # Everything that is already there goes out in one write, one chunk per choice:
+                # when the client or this loop falls behind, fewer, larger chunks.
+                merged: dict[int, Event] = {}
+                ev = await events.get()
+                while True:
+                    if ev.error:
+                        err = APIError(500, ev.error, type_="server_error").body()
+                        yield f"data: {json.dumps(err)}\n\n"
+                        return
+                    if ev.finish_reason is not None:
+                        left -= 1
+                        produced += ev.completion_tokens
+                    into = merged.setdefault(ev.index, Event(index=ev.index))
+                    into.text += ev.text
+                    into.tokens += ev.tokens
+                    into.logprobs += ev.logprobs
+                    into.finish_reason = ev.finish_reason
+                    if events.empty():
+                        break
+                    ev = events.get_nowait()
+                out = []
+                for ev in merged.values():
+                    if not ev.text and ev.finish_reason is None:
+                        continue
+                    lp = self._logprobs(ev.tokens, ev.logprobs, chat) if req.logprobs else None
+                    if chat:
+                        choice: dict[str, Any] = {"index": ev.index, "delta": {"content": ev.text}}
+                    else:
+                        choice = {"index": ev.index, "text": ev.text}
+                    out.append(
+                        chunk([{**choice, "logprobs": lp, "finish_reason": ev.finish_reason}])
+                    )
+                if out:
+                    yield "".join(out)
+            if req.include_usage:
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": produced,
+                    "total_tokens": prompt_tokens + produced,
+                }
+                yield chunk([], usage)
+            yield "data: [DONE]\n\n"
+        finally:
+            # Also reached when the client disconnects (the response task is cancelled).
+            for s in seqs:
+                s.cancel()
+
+    # ------------------------------------------------------------------ deductive outputs
+    async def deductive(self, request: Request) -> Response:
+        body = await self.body(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        if body.get("model") is not None:
+            check_model(body, self.options.model_id)
+        prompt = body.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise bad("'prompt' must be a string", "prompt")
+        names = body.get("tensors", ["G_LM"])
+        if (
+            not isinstance(names, list)
+            or not names
+            or any(n not in DEDUCTIVE_TENSORS for n in names)
+        ):
+            raise bad(f"'tensors' must be a non-empty list of {list(DEDUCTIVE_TENSORS)}", "tensors")
+        ids = self.tokenizer.prompt_ids(prompt)
+        if len(ids) > self.max_len:
+            raise bad(
+                f"the prompt has {len(ids)} tokens, more than the context ({self.max_len})",
+                "prompt",
+                "context_length_exceeded",
+            )
+        try:
+            future = self.scheduler.run_on_worker(lambda: deductive_payload(self.model, ids, names))
+        except ShuttingDown:
+            raise APIError(503, "the server is shutting down", type_="server_error") from None
+        payload = await asyncio.wrap_future(future)
+        payload.update({"object": "deductive", "model": self.options.model_id})
+        return JSONResponse(payload)
+
+
+def _finite_list(t: Any) -> Any:
+    import torch
+
+    t = t.double()
+    values = t.tolist()
+    if bool(torch.isfinite(t).all()):
+        return values
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x if x == x and abs(x) != float("inf") else None
+
+    return clean(values)
+
+
+def deductive_payload(model: Any, ids: list[int], names: list[str]) -> dict[str, Any]:
+    """The deductive outputs of one uncached pass over ``ids`` (what ``pldr-llm inspect``
+    analyses): per layer and head the ``dk x dk`` matrices of ``names``, and the inspect report
+    (singular values, rank, log|det|, RMS) of G_LM and the other requested tensors."""
+    from pldr_llm.deductive import analyze_deductive, deductive_outputs, head_matrices
+
+    layers = deductive_outputs(model, ids)
+    others = [n for n in names if n != "G_LM"]
+    report = analyze_deductive(layers, others=others, source={"kind": "serve", "prompt_ids": ids})
+    tensors = {
+        name: [_finite_list(head_matrices(layer[name]).float()) for layer in layers]
+        for name in names
+    }
+    return {
+        "prompt_ids": ids,
+        "num_layers": report.num_layers,
+        "num_heads": report.num_heads,
+        "dk": report.dk,
+        "tensors": tensors,
+        "report": report.to_dict(),
+    }
+
+
+class _Errors:
+    """ASGI middleware: counts requests by endpoint and status, and answers any exception that
+    escapes a handler with an OpenAI error object (never a traceback)."""
+
+    def __init__(self, app: Any, server: _Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = False
+
+        async def wrapped(message: Any) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, wrapped)
+        except Exception:
+            if not started:
+                err = APIError(500, "internal server error", type_="server_error")
+                await error_response(err)(scope, receive, send)
+        finally:
+            path = scope.get("path", "")
+            known = ("/v1/completions", "/v1/chat/completions", "/v1/deductive", "/v1/models")
+            endpoint = next((k for k in known if path.startswith(k)), None)
+            if endpoint is None:
+                endpoint = path if path in ("/", "/health", "/metrics") else "other"
+            self.server.metrics.count_request(endpoint, status)
+
+
+def create_app(model: Any, tokenizer: Any, options: ServeOptions) -> Any:
+    """The ASGI app serving ``model`` (already loaded, in eval mode) with ``tokenizer``."""
+    server = _Server(model, tokenizer, options)
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        status = exc.status_code
+        message = {404: "no such endpoint", 405: "method not allowed"}.get(status, str(exc.detail))
+        return error_response(APIError(status, f"{message}: {request.method} {request.url.path}"))
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        server.scheduler.start()
+        yield
+        # uvicorn has stopped taking connections and waited for those in flight.
+        server.draining = True
+        await asyncio.get_running_loop().run_in_executor(None, server.scheduler.drain_and_stop)
+
+    routes = [
+        Route("/", server.index),
+        Route("/health", server.health),
+        Route("/metrics", server.metrics_text),
+        Route("/v1/models", server.models),
+        Route("/v1/models/{model:path}", server.model),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/v1/deductive", server.deductive, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={APIError: api_error, HTTPException: http_error},
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    app.add_middleware(_Errors, server=server)
+    return app
+
+
+def run_server(
+    model: Any,
+    tokenizer: Any,
+    options: ServeOptions,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    insecure: bool = False,
+    log_level: str = "info",
+) -> None:
+    """Serve until SIGTERM/SIGINT: then stop taking requests, finish those in flight, return."""
+    if not is_loopback(host) and not options.api_key and not insecure:
+        raise PLDRError(
+            f"refusing to listen on {host} (reachable from other machines) without an API key: "
+            "give --api-key KEY (or PLDR_API_KEY), or --insecure"
+        )
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            # uvicorn's own handler re-raises SIGTERM once drained, so the process would end
+            # "killed by SIGTERM"; a drained, orderly stop exits with status 0 instead.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    app = create_app(model, tokenizer, options)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False
+    )
+    Server(config).run()

@@ -1,0 +1,107 @@
+"""Server metrics in the Prometheus text format (no client library needed).
+
+Counters: requests by endpoint and status, prompt and completion tokens. Gauges: queue depth and
+running sequences. Histograms: time to first token and inter-token latency, in seconds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+
+# Bucket bounds in seconds: from a fast GPU step (~1 ms) to a slow CPU prefill (tens of seconds).
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Histogram:
+    """A cumulative histogram with fixed buckets (thread-safe)."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self.counts[bisect.bisect_left(self.buckets, value)] += 1
+            self.total += value
+            self.count += 1
+
+    def lines(self, name: str, help_text: str) -> list[str]:
+        with self._lock:
+            out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+            running = 0
+            for bound, n in zip(self.buckets, self.counts):
+                running += n
+                out.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
+            out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+            out.append(f"{name}_sum {self.total:.6f}")
+            out.append(f"{name}_count {self.count}")
+        return out
+
+
+class Metrics:
+    """Everything ``GET /metrics`` reports."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.queue_depth = 0
+        self.running = 0
+        self.ttft = Histogram()
+        self.itl = Histogram()
+        self._lock = threading.Lock()
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint, status)] += 1
+
+    def render(self) -> str:
+        """The Prometheus text exposition (format 0.0.4)."""
+        lines = [
+            "# HELP pldr_requests_total HTTP requests by endpoint and status code.",
+            "# TYPE pldr_requests_total counter",
+        ]
+        with self._lock:
+            for (endpoint, status), n in sorted(self.requests.items()):
+                lines.append(f'pldr_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+        lines += [
+            "# HELP pldr_prompt_tokens_total Prompt tokens of admitted requests.",
+            "# TYPE pldr_prompt_tokens_total counter",
+            f"pldr_prompt_tokens_total {self.prompt_tokens}",
+            "# HELP pldr_completion_tokens_total Tokens generated.",
+            "# TYPE pldr_completion_tokens_total counter",
+            f"pldr_completion_tokens_total {self.completion_tokens}",
+            "# HELP pldr_queue_depth Sequences waiting for a decoding slot.",
+            "# TYPE pldr_queue_depth gauge",
+            f"pldr_queue_depth {self.queue_depth}",
+            "# HELP pldr_running_sequences Sequences in the running batch.",
+            "# TYPE pldr_running_sequences gauge",
+            f"pldr_running_sequences {self.running}",
+        ]
+        lines += self.ttft.lines(
+            "pldr_time_to_first_token_seconds", "From queueing a sequence to its first token."
+        )
+        lines += self.itl.lines(
+            "pldr_inter_token_latency_seconds", "Between two tokens of one sequence."
+        )
+        return "\n".join(lines) + "\n"

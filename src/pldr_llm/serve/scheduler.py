@@ -1,0 +1,389 @@
+"""Continuous batching: one worker thread owns the decoding engine and the model.
+
+Requests wait in a bounded queue (:class:`QueueFull` when it is full: the server answers 429).
+Between two engine steps the worker admits waiting sequences into free slots, steps once, routes
+each slot's token to its sequence (text deltas from an incremental detokenizer, stop strings,
+``max_tokens``) and releases finished or cancelled slots. A cancelled sequence (its client went
+away) frees its slot at the next step. Other work on the model (the deductive outputs) runs on the
+same thread between steps, so nothing else ever touches the model concurrently.
+
+Results travel to the asyncio side through ``loop.call_soon_threadsafe`` into a per-sequence
+:class:`asyncio.Queue` of :class:`Event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pldr_llm.generation import DecodeEngine, SamplingParams, find_stop
+from pldr_llm.serve.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound."""
+
+
+class ShuttingDown(Exception):
+    """The server no longer takes requests."""
+
+
+@dataclass
+class Event:
+    """A piece of one sequence's output: ``text`` delta (with the logprobs of the tokens that
+    completed it), or the end (``finish_reason`` set), or an ``error``."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+    index: int = 0  # the choice this event belongs to
+
+
+class Detokenizer:
+    """Turns a growing list of new ids into text deltas that are always final.
+
+    Incremental, so a token costs the same at position 10 and 1000: each step decodes only a
+    short window (the ids since the last emitted text, plus a few before them so that
+    SentencePiece's word-boundary spaces come out as in a full decode) and keeps the part past the
+    window's old text. It holds back what may still change: a trailing replacement character
+    (half a UTF-8 sequence of byte-fallback pieces) and a tail that could be the start of a stop
+    string. ``stopped`` is set once a stop string appears; the text ends before it. The deltas
+    add up to what decoding prompt + new ids together gives after the prompt's text (what
+    ``pldr-llm generate`` prints).
+    """
+
+    WINDOW = 6  # prompt ids decoded with the first new ones (spaces at the boundary)
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stops: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids)
+        self.read = len(self.ids)  # ids up to here are in ``text``
+        self.prefix = max(0, self.read - self.WINDOW)  # where the decoded window starts
+        self.text = ""  # the completion's text up to ``read``
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.sent = 0  # characters of ``text`` already emitted
+        self.stopped = False
+
+    def _advance(self, final: bool) -> None:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read])
+        window = decode(self.ids[self.prefix :])
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def _emit(self, final: bool) -> str:
+        end = len(self.text)
+        if self.stops:
+            start = max(0, self.sent - self.hold)
+            cut = find_stop(self.text[start:], self.stops)
+            if cut is not None:
+                self.stopped = True
+                end = start + cut
+            elif not final:
+                end = max(self.sent, end - self.hold)
+        delta = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+    def push(self, token: int) -> str:
+        """Add one id; return the new text that is now safe to show."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        self._advance(final=False)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """At the end: the rest of the text (up to a stop string)."""
+        if self.stopped:
+            return ""
+        self._advance(final=True)
+        return self._emit(final=True)
+
+
+class GenSequence:
+    """One sequence being generated (a choice of a request)."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stops: Sequence[str],
+        tokenizer: Any,
+        loop: asyncio.AbstractEventLoop,
+        events: asyncio.Queue[Event],
+        index: int = 0,
+        key: tuple[bool, bool] = (True, True),
+    ) -> None:
+        self.index = index
+        self.key = key  # (KV-cache on, G-cache on)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.detok = Detokenizer(tokenizer, prompt_ids, stops)
+        self.loop = loop
+        self.events = events  # shared by the sequences of one request
+        self.cancelled = False
+        self.slot: int | None = None
+        self.created = time.perf_counter()
+        self.last_token_at: float | None = None
+        self.pending_tokens: list[int] = []
+        self.pending_logprobs: list[float] = []
+        self.produced = 0
+
+    def cancel(self) -> None:
+        """The client went away: free the slot at the next step (safe from any thread)."""
+        self.cancelled = True
+
+
+def _deliver(items: list[tuple[GenSequence, Event]]) -> None:
+    """On the event loop: hand each event to its request."""
+    for seq, event in items:
+        seq.events.put_nowait(event)
+
+
+class Scheduler:
+    """The worker thread, its waiting queue and the engine it owns."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        metrics: Metrics | None = None,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        # One engine per cache mode (KV-cache on/off, G-cache on/off), made when first asked for:
+        # the cache switches are per request, an engine's are fixed when it is built.
+        self._engines: dict[tuple[bool, bool], Any] = {}
+        self._engine_options = dict(engine_options or {})
+        self._max_batch = max_batch
+        self._engine_for((True, True))
+        self._waiting: collections.deque[GenSequence] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            collections.deque()
+        )
+        self._running: dict[tuple[tuple[bool, bool], int], GenSequence] = {}
+        self._outbox: list[tuple[GenSequence, Event]] = []
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="pldr-serve-worker", daemon=True)
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread.start()
+
+    def drain_and_stop(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish what is queued and running, then stop the worker."""
+        with self._cond:
+            self._accepting = False
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def _engine_for(self, key: tuple[bool, bool]) -> Any:
+        engine = self._engines.get(key)
+        if engine is None:
+            engine = DecodeEngine(
+                self.model,
+                self._max_batch,
+                enable_kvcache=key[0],
+                enable_Gcache=key[1],
+                output_logprobs=True,
+                **self._engine_options,
+            )
+            self._engines[key] = engine
+        return engine
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, seqs: Sequence[GenSequence]) -> None:
+        """Queue the sequences of one request (all or none: :class:`QueueFull`)."""
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown()
+            if len(self._waiting) + len(seqs) > self.max_queue:
+                raise QueueFull()
+            self._waiting.extend(seqs)
+            self.metrics.queue_depth = len(self._waiting)
+            self._cond.notify_all()
+
+    def run_on_worker(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker thread between two steps; a future of its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown()
+            self._jobs.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    # ------------------------------------------------------------------ the worker
+    def _post(self, seq: GenSequence, event: Event) -> None:
+        event.index = seq.index
+        self._outbox.append((seq, event))
+
+    def _flush(self) -> None:
+        """Send the events of this step: one wake-up per event loop, not one per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenSequence, Event]]] = {}
+        for seq, event in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                for seq, _ in items:
+                    seq.cancelled = True
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._running or self._jobs or self._stop):
+                    self._cond.wait()
+                if self._stop and not (self._waiting or self._running or self._jobs):
+                    return
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, future in jobs:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to the waiting request
+                        future.set_exception(exc)
+            try:
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # a failing step ends its sequences, not the server
+                for seq in list(self._running.values()):
+                    self._finish(seq, None, error=f"generation failed: {exc}")
+            self._flush()
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free slots, first come first served. Sequences of the same
+        cache mode that arrive together are prefilled in one call."""
+        while True:
+            with self._cond:
+                while self._waiting and self._waiting[0].cancelled:
+                    self._waiting.popleft()
+                if not self._waiting:
+                    self.metrics.queue_depth = 0
+                    return
+                key = self._waiting[0].key
+                try:
+                    engine = self._engine_for(key)
+                except Exception as exc:  # e.g. a cache mode this device cannot run
+                    self._post(
+                        self._waiting.popleft(), Event(finish_reason="error", error=str(exc))
+                    )
+                    continue
+                batch: list[GenSequence] = []
+                while (
+                    self._waiting and len(batch) < engine.free_slots and self._waiting[0].key == key
+                ):
+                    seq = self._waiting.popleft()
+                    if not seq.cancelled:
+                        batch.append(seq)
+                self.metrics.queue_depth = len(self._waiting)
+            if not batch:
+                return  # no free slot for the sequence at the head of the queue
+            try:
+                slots = engine.add_many([s.prompt_ids for s in batch], [s.params for s in batch])
+            except Exception:
+                slots = []
+                for seq in batch:  # find the sequence that failed; admit the others
+                    try:
+                        slots.append(engine.add(seq.prompt_ids, seq.params))
+                    except Exception as exc:
+                        slots.append(None)
+                        self._post(seq, Event(finish_reason="error", error=str(exc)))
+            for seq, slot in zip(batch, slots):
+                if slot is None:
+                    continue
+                seq.slot = slot
+                self._running[(key, slot)] = seq
+            self.metrics.running = len(self._running)
+
+    def _step(self) -> None:
+        for seq in list(self._running.values()):
+            if seq.cancelled:
+                self._finish(seq, None)
+        for key in sorted({k for k, _ in self._running}):
+            self._step_engine(key)
+
+    def _step_engine(self, key: tuple[bool, bool]) -> None:
+        out = self._engines[key].step()
+        now = time.perf_counter()
+        logprobs = out.logprobs or [0.0] * len(out.slots)
+        for slot, token, done, logprob in zip(out.slots, out.token_ids, out.finished, logprobs):
+            seq = self._running.get((key, slot))
+            if seq is None:
+                continue
+            if seq.last_token_at is None:
+                self.metrics.ttft.observe(now - seq.created)
+            else:
+                self.metrics.itl.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            seq.produced += 1
+            self.metrics.completion_tokens += 1
+            eos = token == self.model.config.eos_id and seq.params.stop_at_eos
+            delta = "" if eos else seq.detok.push(token)
+            seq.pending_tokens.append(token)
+            seq.pending_logprobs.append(float(logprob))
+            if delta:
+                self._post(seq, Event(delta, seq.pending_tokens, seq.pending_logprobs))
+                seq.pending_tokens, seq.pending_logprobs = [], []
+            if seq.detok.stopped or eos:
+                self._finish(seq, "stop")
+            elif done or seq.produced >= seq.params.max_new_tokens:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: GenSequence, reason: str | None, error: str | None = None) -> None:
+        if seq.slot is not None:
+            self._engines[seq.key].release(seq.slot)
+            self._running.pop((seq.key, seq.slot), None)
+            seq.slot = None
+        self.metrics.running = len(self._running)
+        if seq.cancelled and reason is None and error is None:
+            return
+        rest = "" if error else seq.detok.flush()
+        self._post(
+            seq,
+            Event(
+                rest,
+                seq.pending_tokens,
+                seq.pending_logprobs,
+                finish_reason=reason or "error",
+                completion_tokens=seq.produced,
+                error=error,
+            ),
+        )
+        seq.pending_tokens, seq.pending_logprobs = [], []

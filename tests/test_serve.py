@@ -1,0 +1,565 @@
+"""``pldr-llm serve`` end to end: a tiny model (a small trained tokenizer, random weights) served on a
+free localhost port, called with the real ``openai`` client and with raw HTTP.
+
+Expected texts come from the library's own decoding (``pldr-llm generate``, ``generate``), so
+each check fails if the server routes, cuts, seeds or batches a row wrongly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from pldr_llm import cli, generate, generate_details  # noqa: E402
+from pldr_llm.bundle import load_bundle  # noqa: E402
+from pldr_llm.generation import generate_text  # noqa: E402
+from pldr_llm.serve.scheduler import Detokenizer  # noqa: E402
+from serve_support import MODEL_ID, build_bundle, live_server  # noqa: E402
+
+PROMPT = "The power law graph attention"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_bundle(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def long_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model with a 1024-token context: long requests, for timing-free checks of
+    what happens while a row is still running."""
+    from serve_support import HP
+
+    return build_bundle(tmp_path_factory.mktemp("serve_long"), {**HP, "max_seq_len": 1024})
+
+
+@pytest.fixture(scope="module")
+def loaded(bundle: Path):
+    return load_bundle(str(bundle))
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path):
+    with live_server(bundle, max_batch=8, max_queue=64) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def _generate_cli(bundle: Path, prompt: str, *args: str) -> str:
+    """What ``pldr-llm generate`` prints (prompt + new text), run in this process."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["generate", "--model", str(bundle), "--prompt", prompt, "-q", *args])
+    assert code == 0
+    return out.getvalue().rstrip("\n")
+
+
+def _greedy_text(loaded, prompt: str, steps: int) -> tuple[str, list[int]]:
+    model, tok = loaded
+    ids = tok.prompt_ids(prompt)
+    out = generate(model, ids, max_new_tokens=steps, top_k=1)
+    new = out[len(ids) :].tolist()
+    full = tok.decode(ids + new)
+    return full[len(tok.decode(ids)) :], new
+
+
+# ---------------------------------------------------------------------- OpenAI API
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL_ID]
+
+
+def test_greedy_completion_matches_generate(client: openai.OpenAI, loaded) -> None:
+    text, new = _greedy_text(loaded, PROMPT, 20)
+    r = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=20, temperature=0)
+    assert r.choices[0].text == text
+    eos = 3 in new
+    assert r.choices[0].finish_reason == ("stop" if eos else "length")
+    assert r.usage.prompt_tokens == len(loaded[1].prompt_ids(PROMPT))
+    assert r.usage.completion_tokens == len(new)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+@pytest.mark.parametrize(("kv", "g"), [(True, False), (False, True), (False, False)])
+def test_cache_switches_are_per_request(
+    client: openai.OpenAI, server, loaded, kv: bool, g: bool
+) -> None:
+    model, tok = loaded
+    ids = tok.prompt_ids(PROMPT)
+    out = generate(model, ids, max_new_tokens=12, top_k=1, enable_kvcache=kv, enable_Gcache=g)
+    want = tok.decode(out.tolist())[len(tok.decode(ids)) :]
+    r = client.completions.create(
+        model=MODEL_ID,
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"enable_kvcache": kv, "enable_gcache": g},
+    )
+    assert r.choices[0].text == want
+    assert (kv, g) in server[1].state.server.scheduler._engines  # an engine in that cache mode
+    if not kv and not g:
+        # A recomputed over the grown sequence: other logits than the cached run, other ids.
+        cached = generate(model, ids, max_new_tokens=12, top_k=1)
+        assert cached.tolist() != out.tolist()
+
+
+def test_seeded_sampling_is_the_text_of_pldr_llm_generate(
+    client: openai.OpenAI, bundle: Path, loaded
+) -> None:
+    printed = _generate_cli(bundle, PROMPT, "--seed", "1234", "-t", "0.9", "-n", "24")
+    prompt_text = loaded[1].decode(loaded[1].prompt_ids(PROMPT))
+    expected = printed[len(prompt_text) :]
+    kwargs = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 24, "temperature": 0.9}
+    first = client.completions.create(seed=1234, **kwargs).choices[0].text
+    again = client.completions.create(seed=1234, **kwargs).choices[0].text
+    other = client.completions.create(seed=4321, **kwargs).choices[0].text
+    assert first == expected
+    model, tok = loaded
+    library = generate_text(model, tok, PROMPT, 24, temperature=0.9, seed=1234)
+    assert library == printed
+    assert again == expected
+    assert other != expected  # 24 tokens from 600 pieces: never equal by chance
+
+
+def test_streaming_gives_the_same_text_in_pieces(client: openai.OpenAI, server) -> None:
+    kwargs = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 30, "seed": 7}
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    deltas = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(deltas) == whole
+    assert len([d for d in deltas if d]) > 1  # it really streamed
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # The raw stream: server-sent events ending in [DONE].
+    with httpx.stream("POST", server[0] + "/v1/completions", json={**kwargs, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def test_stop_strings_cut_the_text(client: openai.OpenAI, loaded) -> None:
+    full, _ = _greedy_text(loaded, PROMPT, 40)
+    words = full.split()
+    assert len(words) > 4, full
+    stop = words[3]
+    cut = full.index(stop)
+    kwargs = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    r = client.completions.create(stop=[stop, "\u2603never"], **kwargs)
+    assert r.choices[0].text == full[:cut]
+    assert r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(stop=stop, stream=True, **kwargs)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == full[:cut]
+
+
+def test_n_choices_use_consecutive_seeds(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL_ID, "max_tokens": 12, "temperature": 1.0}
+    r = client.completions.create(prompt=[PROMPT, "Another prompt"], n=3, seed=50, **kwargs)
+    assert [c.index for c in r.choices] == list(range(6))
+    for i, prompt in enumerate([PROMPT, "Another prompt"]):
+        for j in range(3):
+            alone = client.completions.create(prompt=prompt, seed=50 + j, **kwargs)
+            assert r.choices[i * 3 + j].text == alone.choices[0].text
+    assert len({c.text for c in r.choices[:3]}) == 3
+
+
+def test_logprobs_are_those_of_the_chosen_tokens(client: openai.OpenAI, loaded) -> None:
+    model, tok = loaded
+    ids = tok.prompt_ids(PROMPT)
+    r = client.completions.create(
+        model=MODEL_ID, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == r.usage.completion_tokens == len(lp.tokens)
+    # The logits of the same cached decoding (A and G_LM depend on the whole prompt, so an
+    # uncached pass over prompt + new ids gives other logits, by design).
+    out = generate_details(model, ids, max_new_tokens=6, top_k=1, output_logits=True)
+    new = out.new_ids[0]
+    assert out.step_logits is not None
+    logits = out.step_logits[: len(new), 0]
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(new)), torch.tensor(new)]
+    # The same float32 arithmetic; only the log-softmax's summation order may differ.
+    assert torch.allclose(torch.tensor(lp.token_logprobs), expected, atol=1e-5, rtol=0)
+
+
+def test_sixteen_concurrent_streams_are_independent(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL_ID, "max_tokens": 24, "temperature": 1.0}
+    prompts = [f"Prompt number {i}" for i in range(16)]
+
+    def stream(i: int) -> str:
+        chunks = client.completions.create(prompt=prompts[i], seed=100 + i, stream=True, **kwargs)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(stream, range(16)))
+    alone = [
+        client.completions.create(prompt=prompts[i], seed=100 + i, **kwargs).choices[0].text
+        for i in range(16)
+    ]
+    assert texts == alone
+    assert len(set(texts)) == 16
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def _post(url: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.post(url + path, timeout=60, **kwargs)
+
+
+BAD = {
+    "malformed JSON": {"content": b'{"model": "x", "prompt": '},
+    "not UTF-8": {"content": b'{"model": "\xff\xfe", "prompt": "a"}'},
+    "unknown model": {"json": {"model": "gpt-4", "prompt": "a"}},
+    "prompt longer than the context": {"json": {"model": MODEL_ID, "prompt": "word " * 200}},
+    "max_tokens 0": {"json": {"model": MODEL_ID, "prompt": "a", "max_tokens": 0}},
+    "max_tokens negative": {"json": {"model": MODEL_ID, "prompt": "a", "max_tokens": -3}},
+    "temperature above 2": {"json": {"model": MODEL_ID, "prompt": "a", "temperature": 2.5}},
+    "temperature negative": {"json": {"model": MODEL_ID, "prompt": "a", "temperature": -0.1}},
+    "top_p 0": {"json": {"model": MODEL_ID, "prompt": "a", "top_p": 0}},
+    "top_p above 1": {"json": {"model": MODEL_ID, "prompt": "a", "top_p": 1.5}},
+    "prompt not text": {"json": {"model": MODEL_ID, "prompt": {"file": "/etc/passwd"}}},
+    "body not an object": {"json": [1, 2, 3]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_gets_400_and_the_server_keeps_serving(server, case: str) -> None:
+    url = server[0]
+    r = _post(url, "/v1/completions", **BAD[case])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] and "\n" not in error["message"]
+    ok = _post(url, "/v1/completions", json={"model": MODEL_ID, "prompt": "a", "max_tokens": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
+
+
+def test_openai_client_sees_bad_request_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL_ID, prompt="a", temperature=3)
+    with pytest.raises(openai.BadRequestError, match="base model"):
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_max_tokens_is_capped_by_the_context(client: openai.OpenAI, loaded) -> None:
+    ids = loaded[1].prompt_ids(PROMPT)
+    r = client.completions.create(
+        model=MODEL_ID, prompt=PROMPT, max_tokens=10_000, temperature=0, stop=None
+    )
+    text, new = _greedy_text(loaded, PROMPT, 96 - len(ids))
+    assert r.choices[0].text == text
+    assert r.usage.completion_tokens == len(new) <= 96 - len(ids)
+
+
+def test_unknown_endpoint_and_method_get_error_objects(server) -> None:
+    r = httpx.get(server[0] + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server[0] + "/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+# ---------------------------------------------------------------------- other endpoints
+
+
+def test_health_and_metrics(server, client: openai.OpenAI) -> None:
+    url = server[0]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    client.completions.create(model=MODEL_ID, prompt="a", max_tokens=3)
+    _post(url, "/v1/completions", json={"model": MODEL_ID, "prompt": "a", "top_p": 9})
+    text = httpx.get(url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['pldr_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+    assert values['pldr_requests_total{endpoint="/v1/completions",status="400"}'] >= 1
+    assert values["pldr_completion_tokens_total"] >= 3
+    assert values["pldr_time_to_first_token_seconds_count"] >= 1
+    assert values["pldr_inter_token_latency_seconds_count"] >= 2
+    assert (
+        values['pldr_time_to_first_token_seconds_bucket{le="+Inf"}']
+        == (values["pldr_time_to_first_token_seconds_count"])
+    )
+    assert values["pldr_queue_depth"] == 0
+
+
+def test_deductive_endpoint_gives_the_numbers_of_inspect(server, loaded) -> None:
+    from pldr_llm.deductive import analyze_deductive, deductive_outputs
+
+    model, tok = loaded
+    r = _post(server[0], "/v1/deductive", json={"prompt": PROMPT, "tensors": ["G_LM", "A_P"]})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    ids = tok.prompt_ids(PROMPT)
+    layers = deductive_outputs(model, ids)
+    report = analyze_deductive(layers, others=["A_P"]).to_dict()
+    assert data["prompt_ids"] == ids
+    assert (data["num_layers"], data["num_heads"], data["dk"]) == (2, 2, 8)
+    for name in ("G_LM", "A_P"):
+        got = torch.tensor(data["tensors"][name])
+        assert got.shape == (2, 2, 8, 8)
+        want = torch.stack([layer[name][0] for layer in layers]).double()
+        assert torch.equal(got, want)  # float32 values carried exactly through JSON
+    assert data["report"]["layers"] == json.loads(json.dumps(report["layers"]))
+    bad = _post(server[0], "/v1/deductive", json={"prompt": "a", "tensors": ["../weights"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tensors"
+
+
+def test_queue_bound_answers_429(bundle: Path) -> None:
+    with live_server(bundle, max_batch=1, max_queue=2) as (url, _):
+        body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 2}
+        r = _post(url, "/v1/completions", json={**body, "n": 3})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert _post(url, "/v1/completions", json={**body, "n": 2}).status_code == 200
+
+
+def test_api_key_and_body_limit(bundle: Path) -> None:
+    key = "s3cret-key"
+    with live_server(bundle, api_key=key) as (url, _):
+        body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 2}
+        assert _post(url, "/v1/completions", json=body).status_code == 401
+        wrong = _post(url, "/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert wrong.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert _post(url, "/v1/deductive", json={"prompt": "a"}).status_code == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        big = {**body, "prompt": "x" * (1 << 20)}
+        r = _post(url, "/v1/completions", json=big, headers=auth)
+        assert r.status_code == 413 and "error" in r.json()
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        assert good.completions.create(**body).usage.completion_tokens >= 1
+        assert httpx.get(url + "/health").status_code == 200  # not under /v1
+
+
+def test_chat_completions_with_a_chat_template(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / MODEL_ID
+    shutil.copytree(bundle, folder)
+    template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    (folder / "chat_template.jinja").write_text(template)
+    from pldr_llm.serve import find_chat_template
+
+    with live_server(folder, chat_template=find_chat_template(folder)) as (url, _):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "Hello there"}]
+        chat = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=8, seed=3)
+        plain = c.completions.create(
+            model=MODEL_ID, prompt="user: Hello there\nassistant:", max_tokens=8, seed=3
+        )
+        assert chat.choices[0].message.content == plain.choices[0].text
+        assert chat.choices[0].message.role == "assistant"
+        streamed = c.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=8, seed=3, stream=True
+        )
+        text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+        assert text == plain.choices[0].text
+
+
+# ---------------------------------------------------------------------- the detokenizer
+
+
+def test_detokenizer_never_emits_half_a_character(loaded) -> None:
+    tok = loaded[1]
+    prompt = tok.prompt_ids("Say")
+    target = " 日本語🙂 ok"
+    ids = tok.encode(target, add_eos=False)
+    assert any(tok.id_to_piece(i).startswith("<0x") for i in ids)  # byte-fallback pieces
+    detok = Detokenizer(tok, prompt, stops=())
+    deltas = [detok.push(i) for i in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+
+
+def test_detokenizer_holds_back_a_possible_stop_string(loaded) -> None:
+    tok = loaded[1]
+    prompt = tok.prompt_ids("Say")
+    ids = tok.encode(" alpha beta gamma", add_eos=False)
+    detok = Detokenizer(tok, prompt, stops=["beta gam"])
+    shown = "".join(detok.push(i) for i in ids)
+    assert detok.stopped
+    assert shown + detok.flush() == " alpha "
+
+
+# ---------------------------------------------------------------------- rows and shutdown
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_disconnected_client_frees_its_row(long_bundle: Path) -> None:
+    import time
+
+    with live_server(long_bundle, max_batch=1) as (url, _):
+        before = _metric(url, "pldr_completion_tokens_total")
+        body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 1000, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line:  # the first token arrived: the row is running; now hang up
+                    break
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").json()["running"]:
+            assert time.monotonic() < deadline, "the row of a gone client was never freed"
+            time.sleep(0.005)
+        # 1000 tokens take seconds; the row was freed long before they were all made.
+        assert _metric(url, "pldr_completion_tokens_total") - before < 1000
+        # The one slot is free again: the next request runs to the end.
+        r = _post(url, "/v1/completions", json={**body, "max_tokens": 5})
+        assert r.json()["usage"]["completion_tokens"] == 5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "pldr_llm", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(long_bundle: Path) -> None:
+    import signal
+    import time
+
+    port = _free_port()
+    proc = _serve_cli("--model", str(long_bundle), "--port", str(port), "--max-batch", "2", "-q")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 600, "temperature": 0}
+        body["stream"] = True
+        events = []
+        refused = None
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                if not events:
+                    proc.send_signal(signal.SIGTERM)  # after the first token
+                    signalled = time.monotonic()
+                elif refused is None and time.monotonic() - signalled > 0.3:
+                    # uvicorn notices the signal within 0.1 s and closes its listening socket.
+                    try:
+                        httpx.get(url + "/health", timeout=2)
+                        refused = False
+                    except httpx.TransportError:
+                        refused = True
+                events.append(line)
+        assert refused is not False, "a new connection was accepted while draining"
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert refused is True  # 600 tokens outlast the 0.3 s
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", "0.0.0.0"], "without an API key"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--api-key", " "], "API key is empty"),
+    ],
+)
+def test_cli_refuses_bad_settings_in_one_line(
+    bundle: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--model", str(bundle), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pldr-llm: error: ") and message in err
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_incremental_detokenizer_equals_a_full_decode(loaded, seed: int) -> None:
+    """Random ids (byte pieces, broken UTF-8, control ids) streamed one by one add up to the
+    text of one decode of prompt + ids -- with and without a stop string that never occurs."""
+    tok = loaded[1]
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, tok.vocab_size, (int(torch.randint(1, 12, (1,), generator=g)),))
+    prompt_ids = prompt.tolist()
+    ids = torch.randint(0, tok.vocab_size, (200,), generator=g).tolist()
+    want = tok.decode(prompt_ids + ids)[len(tok.decode(prompt_ids)) :]
+    for stops in ((), ("\u2603\u2603",)):
+        detok = Detokenizer(tok, prompt_ids, stops)
+        got = "".join(detok.push(i) for i in ids) + detok.flush()
+        assert got == want
+
+
+@pytest.mark.gpu
+def test_gpu_server_rows_are_independent_and_match_generate(long_bundle: Path) -> None:
+    """On CUDA (graph-captured steps): greedy text equals ``generate`` on the same model, and 16
+    concurrent sampled streams each give their lone text."""
+    model, tok = load_bundle(str(long_bundle), device="cuda")
+    with live_server(long_bundle, device="cuda", max_batch=16) as (url, _):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        ids = tok.prompt_ids(PROMPT)
+        out = generate(model, ids, max_new_tokens=64, top_k=1)
+        want = tok.decode(out.tolist())[len(tok.decode(ids)) :]
+        r = c.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=64, temperature=0)
+        assert r.choices[0].text == want
+        kwargs = {"model": MODEL_ID, "max_tokens": 64, "temperature": 1.0}
+
+        def stream(i: int) -> str:
+            chunks = c.completions.create(prompt=f"p{i}", seed=i, stream=True, **kwargs)
+            return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            texts = list(pool.map(stream, range(16)))
+        alone = [
+            c.completions.create(prompt=f"p{i}", seed=i, **kwargs).choices[0].text
+            for i in range(16)
+        ]
+        assert texts == alone
