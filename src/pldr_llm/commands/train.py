@@ -85,6 +85,9 @@ IGNORED_FLAGS = ("master_addr", "master_port", "is_train", "enable_full_dist_loa
 # Train keys that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = frozenset(
     {
+        # The trainer re-applies this run's learning rate to the restored schedule, so the advice
+        # after a divergence ("lower train.learning_rate and resume") can be followed.
+        "learning_rate",
         "max_steps",
         "epochs",
         "steps_per_epoch",
@@ -583,6 +586,10 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is None and not args.print_config:
         raise PLDRError("give the run folder with --out DIR")
     run_dir = Path(out_dir) if out_dir is not None else None
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        raise PLDRError(
+            f"--out {run_dir} is a file, not a folder: give a new folder or an existing run folder"
+        )
     saved_path = run_dir / RUN_FILE if run_dir is not None else None
     saved = None
     if saved_path is not None and saved_path.is_file():
@@ -645,9 +652,6 @@ def _train(resolved: ResolvedConfig, canonical: dict, run_dir: Path, resuming: b
         _setup_logging(env.is_main)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / (RUN_FILE + ".tmp")
-            tmp.write_text(_dump_yaml(canonical), encoding="utf-8")
-            os.replace(tmp, run_dir / RUN_FILE)
             logger.info(
                 "%s run in %s on %d process(es), device %s",
                 "resuming" if resuming else "starting",
@@ -697,6 +701,12 @@ def _train(resolved: ResolvedConfig, canonical: dict, run_dir: Path, resuming: b
                 logger.warning(
                     "'train.val_every' is set but the data config has no validation split"
                 )
+        if env.is_main:
+            # Written once the tokenizer, model and data are set up: a start that fails before
+            # (a missing --tokenizer.path) leaves no run.yaml that would refuse the fixed command.
+            tmp = run_dir / (RUN_FILE + ".tmp")
+            tmp.write_text(_dump_yaml(canonical), encoding="utf-8")
+            os.replace(tmp, run_dir / RUN_FILE)
         result = trainer.fit(
             train_batches,
             run_dir,
@@ -729,7 +739,8 @@ def _train(resolved: ResolvedConfig, canonical: dict, run_dir: Path, resuming: b
             raise PLDRError(
                 f"training stopped at step {result.step}: more than "
                 f"{cfg.max_nonfinite_steps} steps had a non-finite loss (the last good weights "
-                "are in the last checkpoint; lower train.learning_rate and resume)"
+                "are in the last checkpoint): run the same command with a lower "
+                f"--train.learning_rate (e.g. {cfg.learning_rate / 2:g}) to resume from there"
             )
         return 0
     finally:
