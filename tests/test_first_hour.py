@@ -36,6 +36,17 @@ HP = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_handler():
+    """``pldr-llm train`` attaches its log handler to the stderr of its first run; under pytest
+    that is an earlier test's capture, closed since. Each test starts without one."""
+    import logging
+
+    logging.getLogger("pldr_llm").handlers.clear()
+    yield
+    logging.getLogger("pldr_llm").handlers.clear()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, paper_tokenizer_dir: Path) -> Path:
     """A model in the project's format (config.json, model.safetensors, tokenizer.model)."""
@@ -326,3 +337,68 @@ def test_readme_python_block_runs(tmp_path: Path, monkeypatch) -> None:
     assert (tmp_path / "my-model" / "model.safetensors").stat().st_mode & 0o777 == 0o644 & ~(
         _umask()
     )
+
+
+# ------------------------------------------------------------------ training runs
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two steps of the tiny preset, a checkpoint after each."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    code = main(
+        ["train", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--save_every", "1",
+         "--log_every", "1", "--val_every", "1000", "--progress", "false"]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        # metrics, TensorBoard events and run.yaml (its max_steps) legitimately grow on resume
+        if p.is_file()
+        and "tensorboard" not in p.parts
+        and p.name not in ("metrics.jsonl", "run.yaml")
+    }
+
+
+def test_file_size_limit_during_training_keeps_the_checkpoints(
+    short_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    before = _snapshot(run)
+    result = _cli(
+        "train", "--out", str(run), "--max-steps", "3", "--progress", "false",
+        preexec_fn=_limit_file_size(2 << 20),  # the step-3 checkpoint (~12 MB) cannot be written
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr.decode()[-2000:]
+    assert b"Traceback" not in result.stderr
+    errors = [x for x in result.stderr.decode().splitlines() if x.startswith("pldr-llm: error")]
+    assert errors == [
+        f"pldr-llm: error: could not write checkpoint {run / 'checkpoints' / 'step_00000003'} "
+        "(the write failed); the disk may be full or a file-size limit (ulimit -f) reached: free "
+        "space and run the same command to resume from the last complete checkpoint"
+    ]
+    assert _snapshot(run) == before  # the model, the exports and both checkpoints untouched
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000001",
+        "step_00000002",
+    ]
+
+
+def test_truncated_distcp_on_resume(short_run: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    damaged = run / "checkpoints" / "step_00000002"
+    shard = next((damaged / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert main(["train", "--out", str(run), "--max-steps", "3", "--progress", "false"]) == 2
+    _one_line(capsys, f"checkpoint {damaged} cannot be read", "EOFError", "remove that folder")
+    shutil.rmtree(damaged)  # the advice, followed: resumes from step 1
+    assert main(["train", "--out", str(run), "--max-steps", "3", "--progress", "false"]) == 0
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r.get("event") is None][-2:] == [2, 3]

@@ -143,6 +143,35 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub's host answers a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _go_offline_without_network() -> bool:
+    """Without a network, turn on the Hub libraries' offline mode before they are imported.
+
+    Otherwise ``datasets`` and ``huggingface_hub`` retry every request for about 40 s before a
+    missing dataset fails; offline, a cached dataset loads and a missing one fails at once with
+    the one-line message below. Must run before ``lm_eval`` (which imports them) is imported.
+    """
+    if any(os.environ.get(v, "").strip() for v in _OFFLINE_ENV):
+        return False  # the user decided
+    if _hub_reachable():
+        return False
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[name] = "1"
+    return True
+
+
 def run_text(args: argparse.Namespace) -> int:
     """``--text FILE``: perplexity and bits per byte, printed as one JSON object."""
     from pldr_llm.bundle import load_bundle
@@ -186,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         return run_text(args)
     if args.context is not None or args.stride is not None:
         raise PLDRError("--context and --stride go with --text FILE")
+    auto_offline = _go_offline_without_network()
 
     try:
         from lm_eval import simple_evaluate
@@ -255,9 +285,9 @@ def run(args: argparse.Namespace) -> int:
             if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
         ]
         where = (
-            f"offline mode is on ({', '.join(offline)})"
-            if offline
-            else "the Hub could not be reached"
+            "the Hub could not be reached"
+            if auto_offline or not offline
+            else f"offline mode is on ({', '.join(offline)})"
         )
         raise PLDRError(
             f"task {task} (of {', '.join(names)}) needs the dataset {dataset} from the "
