@@ -402,3 +402,22 @@ def test_truncated_distcp_on_resume(short_run: Path, tmp_path: Path, capsys) -> 
     assert main(["train", "--out", str(run), "--max-steps", "3", "--progress", "false"]) == 0
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r.get("event") is None][-2:] == [2, 3]
+
+
+def test_train_help_describes_every_key(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    sections = re.findall(r"^(\w+) keys:$", text, re.M)
+    assert sections == ["model", "data", "tokenizer", "train"]
+    # Each key's entry: the option, then a description (wrapped onto following lines).
+    entries = re.findall(r"^  (--(\w+)\.(\w+))(.*?)(?=^  --|^\S|\Z)", text, re.M | re.S)
+    assert len(entries) > 60
+    for option, section, key, rest in entries:
+        words = " ".join(rest.split())
+        assert len(words) > 10, option  # a description, not just a metavar
+        if (section, key) not in {("model", "dk"), ("model", "predefined_G")} and key not in (
+            "context_length",
+        ):
+            assert "(default: " in words, option
+    assert "peak learning rate of the schedule (AdamW) (default: 0.001)" in " ".join(text.split())

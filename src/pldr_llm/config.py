@@ -72,6 +72,21 @@ class PLDRConfig:
     ``depth`` (dk) is ``d_model // num_heads``. ``version`` is ``"v510"`` for the learned power law
     graph attention and ``"v510G"`` for a model whose G_LM is predefined per layer (no metric
     learner weights).
+
+    Attributes:
+        num_layers: decoder layers.
+        d_model: model width.
+        num_heads: attention heads (dk = d_model / num_heads).
+        dff: hidden size of each layer's SwiGLU feed-forward net.
+        A_dff: hidden size of the residual GLU units that refine the metric tensor A.
+        num_reslayerA: residual units refining A per layer.
+        num_denseA: GLU layers per residual unit.
+        input_vocab_size: vocabulary size (null in a run config: the tokenizer's).
+        max_seq_len: longest sequence (context) the model accepts.
+        activation: activation of the GLU units (silu).
+        version: v510 (learned G_LM) or v510G (predefined G_LM).
+        pad_id: padding id (masked as a key).
+        eos_id: end-of-text id.
     """
 
     num_layers: int = 5
