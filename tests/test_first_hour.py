@@ -421,3 +421,14 @@ def test_train_help_describes_every_key(capsys) -> None:
         ):
             assert "(default: " in words, option
     assert "peak learning rate of the schedule (AdamW) (default: 0.001)" in " ".join(text.split())
+
+
+def test_test_data_is_self_contained() -> None:
+    """The suite reads only tests/data: small files, no checkpoints or pickles (project policy)."""
+    data = REPO / "tests" / "data"
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert (data / "README.md") in files
+    for path in files:
+        assert path.stat().st_size < 2 << 20, path
+        assert path.suffix not in (".pth", ".pkl", ".pt", ".bin"), path
+        assert path.name in (data / "README.md").read_text() or path.name == "README.md", path

@@ -962,6 +962,8 @@ def _export_original(
     """Complete ``run_dir/original/`` (the .pth written by the trainer) into an original bundle."""
     import shutil
 
+    from pldr_llm.fileio import atomic_write_text
+
     cfg = resolved.train
     if not cfg.export_pth:
         return
@@ -972,7 +974,7 @@ def _export_original(
     hp = trainer.model.config.to_hpdict()
     hp.update(cfg.to_hpdict())
     hp["save_model_path"] = name
-    (target / f"{name}_hyperparameters.py").write_text(_hyperparameters_py(hp), encoding="utf-8")
+    atomic_write_text(target / f"{name}_hyperparameters.py", _hyperparameters_py(hp))
     shutil.copyfile(tokenizer_file, target / TOKENIZER_FILE)
 
 
