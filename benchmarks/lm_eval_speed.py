@@ -29,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = (
-    REPO.parent / "shared/paper/tokenizer/refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
+    REPO / "tests/data/paper/tokenizer/refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
 )
 WORDS = (
     "the a of to and in is was that for on with as by at from it this be are an which or have "

@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden data beside the repository, small configurations, GPU skips."""
+"""Shared fixtures: the committed test data (tests/data), small configurations, GPU skips."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+#: Everything the tests read lives here (tests/data/README.md says where each file came from).
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,38 +24,91 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared golden data not found at {SHARED}")
-    return SHARED
+def data_dir() -> Path:
+    """The test data committed with the repository."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def paper_tokenizer_dir(shared_dir: Path) -> Path:
+def paper_tokenizer_dir() -> Path:
     """The paper's SentencePiece tokenizer folder (.model, .vocab, tokenizer_cases.json)."""
-    from support import PAPER_TOKENIZER_MODEL
-
-    path = shared_dir / "paper" / "tokenizer"
-    if not (path / PAPER_TOKENIZER_MODEL).is_file():
-        pytest.skip(f"paper tokenizer not found in {path}")
-    return path
+    return DATA / "paper" / "tokenizer"
 
 
 @pytest.fixture(scope="session")
-def paper_g_dir(shared_dir: Path) -> Path:
-    """The paper's published G_LM pickles."""
-    path = shared_dir / "paper" / "G_LM"
-    if not path.is_dir():
-        pytest.skip(f"paper G_LM files not found at {path}")
-    return path
+def paper_hyperparameters_file() -> Path:
+    """The published ``PLDRv51_110M_2_hyperparameters.py``."""
+    return DATA / "paper" / "PLDRv51_110M_2_hyperparameters.py"
 
 
 @pytest.fixture(scope="session")
-def golden_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "golden" / "tiny"
-    if not path.is_dir():
-        pytest.skip(f"golden data not found at {path}")
-    return path
+def paper_g_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The paper's G_LM pickles, rebuilt in their published format from the committed tensors.
+
+    Pickles are not committed (project policy); the tensors are, as safetensors, and the identity
+    ones are exact, so each file is written back as a protocol-5 pickle of CUDA-tagged tensors,
+    byte-for-byte the structure of the published files (see tests/data/README.md).
+    """
+    from safetensors.torch import load_file
+
+    from support import write_cuda_pickle
+
+    folder = tmp_path_factory.mktemp("G_LM")
+    source = DATA / "paper" / "G_LM"
+    identity = [torch.eye(64).expand(1, 14, 64, 64).clone() for _ in range(5)]
+    write_cuda_pickle(
+        folder / "predefined_G_LM_cache_list_IDENTITY_5layer_14head_64x64_paper.pkl", identity
+    )
+    pairs = [[torch.zeros(1, 14, 64, 64), g.clone()] for g in identity]
+    write_cuda_pickle(folder / "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl", pairs)
+    for name, stored in (
+        ("PLDRv51_110M_1", "PLDRv51_110M_1_G_LM.safetensors"),
+        ("RANDOM_NORMAL", "RANDOM_NORMAL_G_LM.safetensors"),
+    ):
+        tensors = load_file(str(source / stored))
+        g_list = [tensors[f"layer{i}.G_LM"] for i in range(5)]
+        write_cuda_pickle(
+            folder / f"predefined_G_LM_cache_list_{name}_5layer_14head_64x64_paper.pkl", g_list
+        )
+    nab2 = load_file(str(source / "NAB2_random_normal_G_LM.safetensors"))
+    pairs = [[torch.zeros(1, 14, 64, 64), nab2[f"layer{i}.G_LM"]] for i in range(5)]
+    write_cuda_pickle(folder / "Gcachelst_init_mismatched_random_normal_NAB2_ablation.pkl", pairs)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def golden_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden tiny case, with the original's ``reference_checkpoint.pth`` rebuilt.
+
+    The ``.pth`` is not committed (no checkpoints in git); it is written here exactly as the
+    original writes it -- ``torch.save({"model_state_dict": ..., ...})`` with the original's key
+    order -- from the committed ``reference_state.safetensors``.
+    """
+    from safetensors.torch import load_file
+
+    source = DATA / "golden" / "tiny"
+    folder = tmp_path_factory.mktemp("golden_tiny")
+    for name in (
+        "case.json",
+        "expected.safetensors",
+        "reference_state.safetensors",
+        "trained_state.safetensors",
+    ):
+        (folder / name).symlink_to(source / name)
+    layout = json.loads((source / "reference_checkpoint.json").read_text())
+    state = load_file(str(source / "reference_state.safetensors"))
+    ordered = {key: state[key] for key in layout["key_order"]}
+    assert len(ordered) == len(state)
+    torch.save(
+        {
+            "model_state_dict": ordered,
+            "optimizer_state_dict": layout["optimizer_state_dict"],
+            "loss": layout["loss"],
+            "accuracy": layout["accuracy"],
+        },
+        folder / "reference_checkpoint.pth",
+    )
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -42,3 +42,28 @@ def make_bundle(
         tar.add(tokenizer_dir / PAPER_TOKENIZER_MODEL, arcname=f"tokenizer/{PAPER_TOKENIZER_MODEL}")
         tar.add(tokenizer_dir / PAPER_TOKENIZER_VOCAB, arcname=f"tokenizer/{PAPER_TOKENIZER_VOCAB}")
     return model
+
+
+def write_cuda_pickle(path: Path, obj: object) -> Path:
+    """``pickle.dump(obj)`` of CPU tensors written exactly as if they had been saved from CUDA.
+
+    The paper's G files are plain pickles whose storages reduce to
+    ``torch.storage._load_from_bytes(<legacy torch.save of the storage>)``; that inner stream tags
+    each storage with the device it lived on (``"cuda:0"``). Torch writes that tag with
+    ``torch.serialization.location_tag``, so swapping it for the duration of the dump yields the
+    same bytes a CUDA machine writes, without needing one -- and the readers' map-to-CPU path is
+    exercised by every test that loads these files.
+    """
+    import pickle
+
+    import torch.serialization as serialization
+
+    real = serialization.location_tag
+    serialization.location_tag = lambda storage: "cuda:0"
+    try:
+        data = pickle.dumps(obj, protocol=5)
+    finally:
+        serialization.location_tag = real
+    assert b"cuda:0" in data  # the tag really went in (a torch change would trip this)
+    path.write_bytes(data)
+    return path

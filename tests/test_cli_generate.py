@@ -302,7 +302,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
     published: tuple[Path, PLDRModel, PLDRTokenizer],
     tmp_path: Path,
     paper_tokenizer_dir: Path,
-    shared_dir: Path,
+    paper_g_dir: Path,
 ) -> None:
     folder = published[0]
     two = _copy(folder, tmp_path / "two")
@@ -315,7 +315,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
     no_tokenizer = _copy(folder, tmp_path / "no_tokenizer", skip=(".tar.gz",))
     small_vocab = tmp_path / "small_vocab"
     make_bundle(small_vocab, paper_tokenizer_dir, {**HP, "input_vocab_size": 500})
-    paper_g = shared_dir / "paper" / "G_LM" / "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
+    paper_g = paper_g_dir / "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
 
     cases = [
         (["--model", str(tmp_path / "missing")], "model folder not found"),

@@ -48,8 +48,8 @@ def test_impossible_shapes_are_clear_errors(changes, message):
         PLDRConfig.from_hpdict(hp)
 
 
-def test_published_hyperparameters_file(shared_dir):
-    path = shared_dir / "paper" / "PLDRv51_110M_2_hyperparameters.py"
+def test_published_hyperparameters_file(paper_hyperparameters_file):
+    path = paper_hyperparameters_file
     hp = read_hyperparameters_file(path)
     assert hp["activation"] == "silu" and hp["fsdp_sharding_strategy"] == "HYBRID_SHARD"
     config = PLDRConfig.from_hyperparameters_file(path)

@@ -89,12 +89,12 @@ def test_config_round_trips_core_config(hf):
     assert config.tie_word_embeddings is False
 
 
-def test_tokenizer_encodes_without_end_of_text(hf, tokenizer_path: Path, shared_dir: Path):
+def test_tokenizer_encodes_without_end_of_text(hf, tokenizer_path: Path, paper_tokenizer_dir: Path):
     from pldr_llm.tokenizer import load_tokenizer
 
     tok = hf.PldrllmTokenizer(vocab_file=str(tokenizer_path))
     native = load_tokenizer(tokenizer_path)
-    cases = json.loads((shared_dir / "paper/tokenizer/tokenizer_cases.json").read_text())["cases"]
+    cases = json.loads((paper_tokenizer_dir / "tokenizer_cases.json").read_text())["cases"]
     for case in cases:
         ids = tok(case["text"])["input_ids"]
         assert ids == case["ids"][:-1], case["text"]

@@ -1,4 +1,4 @@
-"""The model reproduces the original implementation's outputs (../shared/golden/tiny).
+"""The model reproduces the original implementation's outputs (tests/data/golden/tiny).
 
 Tolerances are the golden README's for float32 on the CPU (atol=1e-5, rtol=1e-4); token ids must
 be equal.

@@ -160,7 +160,7 @@ def test_overrides_and_original_aliases(capsys) -> None:
     assert data["column"] == "content"
     # --max-steps never touches the schedule's length
     cfg = _print_config(capsys, "--preset", "tiny", "--max-steps", "50")
-    assert cfg["train"]["max_steps"] == 50 and cfg["train"]["lr_total_steps"] == 400
+    assert cfg["train"]["max_steps"] == 50 and cfg["train"]["lr_total_steps"] == 200
     # the original's train_batches_cnt sets the schedule's length too
     cfg = _print_config(capsys, "--preset", "tiny", "--train_batches_cnt", "300")
     assert cfg["train"]["steps_per_epoch"] == 300 and cfg["train"]["lr_total_steps"] == 300

@@ -171,9 +171,21 @@ def save_reference_checkpoint(
         "loss": loss,
         "accuracy": accuracy,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    from pldr_llm.fileio import atomic_path
+
+    with atomic_path(path) as tmp:  # fsync + rename, 0644: a failed write keeps the old file
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:
+            # torch's zip writer loses the errno of a failed write (full disk, ulimit -f) and
+            # reports "[enforce fail at inline_container.cc] ... unexpected pos"; other
+            # RuntimeErrors are bugs and pass through.
+            if "inline_container" not in str(exc):
+                raise
+            raise PLDRError(
+                f"could not write {path} (the disk may be full or a file-size limit, ulimit -f, "
+                "reached): free space or write elsewhere"
+            ) from None
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -37,11 +38,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _version() -> str:
+    from pldr_llm import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pldr-llm",
         description="Build, pretrain, run, evaluate and study PLDR-LLMs.",
     )
+    parser.add_argument("--version", action="version", version=f"pldr-llm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -59,13 +67,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PLDRError as exc:
         print(f"pldr-llm: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-        print(f"pldr-llm: error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        # A full disk, a file-size limit, a read-only or unwritable path, a closed output: the
+        # user's environment, not a bug. One line naming the path and what to do.
+        from pldr_llm.fileio import io_error_message
+
+        if exc.filename is None:
+            _silence_stdout()  # the failed stream may be stdout: don't fail again at exit
+            print(f"pldr-llm: error: writing the output: {io_error_message(exc)}", file=sys.stderr)
+        else:
+            print(f"pldr-llm: error: {io_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pldr-llm: interrupted", file=sys.stderr)
         return 130
+    try:
+        sys.stdout.flush()  # `pldr-llm ... > /dev/full` fails here, not at interpreter exit
+    except OSError as exc:
+        from pldr_llm.fileio import io_error_message
+
+        _silence_stdout()
+        print(f"pldr-llm: error: standard output: {io_error_message(exc)}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's exit-time flush of a broken stdout stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or already closed
+        pass
 
 
 if __name__ == "__main__":

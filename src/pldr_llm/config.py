@@ -133,6 +133,31 @@ class PLDRConfig:
       ``final_bias`` (LM head): False drops those biases.
     * ``layer_norm_eps``: epsilon of every LayerNorm.
     * ``cache_first_G``: the G-cache keeps the first row's A_LM/G_LM for the whole batch.
+
+    Attributes:
+        num_layers: decoder layers.
+        d_model: model width.
+        num_heads: attention heads (dk = d_model / num_heads).
+        dff: hidden size of each layer's SwiGLU feed-forward net.
+        A_dff: hidden size of the residual GLU units that refine the metric tensor A.
+        num_reslayerA: residual units refining A per layer.
+        num_denseA: GLU layers per residual unit.
+        input_vocab_size: vocabulary size (null in a run config: the tokenizer's).
+        max_seq_len: longest sequence (context) the model accepts.
+        activation: activation of the GLU units (silu).
+        version: v510 (learned G_LM) or v510G (predefined G_LM).
+        pad_id: padding id (masked as a key).
+        eos_id: end-of-text id.
+        bos_id: start-of-text id.
+        rope_theta: rotary base.
+        reference_rope: true = the original's interleaved-pair rotary embedding; false = rotate-half.
+        rope_scaling: transformers-style rotary scaling (rotate-half only), e.g. {rope_type: linear, factor: 2}.
+        attention_bias: biases on wq, wk, wv and dense.
+        glu_bias: biases on every GLU (feed-forward net and metric learner).
+        final_bias: bias on the LM head.
+        layer_norm_eps: epsilon of every LayerNorm.
+        cache_first_G: the G-cache keeps the first row's A_LM/G_LM for the whole batch.
+        causal_metric: build A at position t from positions <= t only (not in the original).
     """
 
     num_layers: int = 5
@@ -393,7 +418,9 @@ class PLDRConfig:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        from pldr_llm.fileio import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> PLDRConfig:

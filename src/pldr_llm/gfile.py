@@ -568,7 +568,7 @@ def save_g_file(
     pairs, a list of G_LM tensors, a ``PLDRCache``...). ``metadata`` values are stored as
     strings next to ``format``, ``num_layers``, ``num_heads`` and ``dk``. Returns the path.
     """
-    from safetensors.torch import save_file
+    from pldr_llm.fileio import save_safetensors
 
     norm = normalize_g_entries(entries)
     tensors: dict[str, Tensor] = {}
@@ -588,5 +588,5 @@ def save_g_file(
     out = Path(path)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=meta)
+    save_safetensors(tensors, out, metadata=meta)  # atomic, 0644
     return out

@@ -126,6 +126,7 @@ class PLDRTokenizer:
         """Token ids of ``text``: no start id, and the end-of-text id appended when ``add_eos``."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        _check_encodable(text)
         return list(self._sp.encode(text, out_type=int, add_bos=False, add_eos=add_eos))
 
     def encode_batch(self, texts: Sequence[str], add_eos: bool = True) -> list[list[int]]:
@@ -183,6 +184,23 @@ class PLDRTokenizer:
 
 
 # ---------------------------------------------------------------------- loading
+
+
+def _check_encodable(text: str) -> None:
+    """Refuse text holding lone surrogates, naming the first one.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (``sys.argv`` and ``sys.stdin`` decode
+    with ``surrogateescape``: byte 0xE9 becomes U+DCE9). SentencePiece cannot encode them, and
+    guessing an encoding (Latin-1? cp1252?) would silently change the prompt, so they are refused.
+    """
+    for position, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            code = ord(char)
+            what = f"byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+            raise PLDRError(
+                f"text is not valid UTF-8: {what} at character {position}; "
+                "give UTF-8 text (e.g. convert it with iconv -t UTF-8)"
+            )
 
 
 def load_tokenizer(path: str | Path) -> PLDRTokenizer:
@@ -382,8 +400,10 @@ def iter_text(
 
     files = [Path(p) for p in paths]
     for path in files:
-        if not path.is_file():
+        if not path.exists():
             raise PLDRError(f"input file not found: {path}")
+        if path.is_dir():
+            raise PLDRError(f"input {path} is a directory: give the text files in it")
     field = column or "text"
     for path in files:
         kind = _input_format(path)

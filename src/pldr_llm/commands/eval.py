@@ -38,6 +38,26 @@ def register(subparsers: Any) -> None:
         help="comma-separated lm-eval task or group names (default: pldrllm_zeroshot)",
     )
     p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="instead of tasks: perplexity and bits per byte on this UTF-8 text file (offline)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --text: ids per window (default: the model's max_seq_len)",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        metavar="S",
+        help="with --text: ids between window starts; each token is scored once with at least "
+        "N - S ids of context (default: N // 2)",
+    )
+    p.add_argument(
         "--limit", type=float, default=None, metavar="N", help="score only N examples per task"
     )
     p.add_argument(
@@ -123,9 +143,79 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub's host answers a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _go_offline_without_network() -> bool:
+    """Without a network, turn on the Hub libraries' offline mode before they are imported.
+
+    Otherwise ``datasets`` and ``huggingface_hub`` retry every request for about 40 s before a
+    missing dataset fails; offline, a cached dataset loads and a missing one fails at once with
+    the one-line message below. Must run before ``lm_eval`` (which imports them) is imported.
+    """
+    if any(os.environ.get(v, "").strip() for v in _OFFLINE_ENV):
+        return False  # the user decided
+    if _hub_reachable():
+        return False
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[name] = "1"
+    return True
+
+
+def run_text(args: argparse.Namespace) -> int:
+    """``--text FILE``: perplexity and bits per byte, printed as one JSON object."""
+    from pldr_llm.bundle import load_bundle
+    from pldr_llm.errors import PLDRError
+    from pldr_llm.eval.perplexity import perplexity
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise PLDRError(f"--text file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PLDRError(f"--text file {path} is not UTF-8 (byte {exc.start})") from None
+    model, tokenizer = load_bundle(
+        args.model, device=args.device or "cpu", dtype=args.dtype, tokenizer=args.tokenizer
+    )
+    result = perplexity(
+        model, tokenizer, text, context=args.context, stride=args.stride, batch_size=args.batch_size
+    )
+    record = {"text": str(path), "model": args.model, **result.to_dict()}
+    print(json.dumps(record))
+    if args.output:
+        from pldr_llm.fileio import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(record, indent=2) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate; prints the results table on stdout."""
     from pldr_llm.errors import PLDRError
+
+    if args.limit is not None and not args.limit > 0:
+        raise PLDRError(
+            f"--limit must be positive (a count, or a fraction of each task below 1), got "
+            f"{args.limit:g}"
+        )
+    if args.batch_size < 1:
+        raise PLDRError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.text is not None:
+        return run_text(args)
+    if args.context is not None or args.stride is not None:
+        raise PLDRError("--context and --stride go with --text FILE")
+    auto_offline = _go_offline_without_network()
 
     try:
         from lm_eval import simple_evaluate
@@ -195,9 +285,9 @@ def run(args: argparse.Namespace) -> int:
             if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
         ]
         where = (
-            f"offline mode is on ({', '.join(offline)})"
-            if offline
-            else "the Hub could not be reached"
+            "the Hub could not be reached"
+            if auto_offline or not offline
+            else f"offline mode is on ({', '.join(offline)})"
         )
         raise PLDRError(
             f"task {task} (of {', '.join(names)}) needs the dataset {dataset} from the "
@@ -218,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
             if k in results
         }
         keep["model"] = {"pretrained": args.model, "score_mode": args.score_mode}
-        out.write_text(json.dumps(keep, indent=2, default=str) + "\n")
+        from pldr_llm.fileio import atomic_write_text
+
+        atomic_write_text(out, json.dumps(keep, indent=2, default=str) + "\n")
         print(f"pldr-llm: results written to {out}", file=sys.stderr)
     return 0

@@ -191,9 +191,9 @@ def write_json(path: str, data: Any) -> None:
     if path == "-":
         sys.stdout.write(text + "\n")
     else:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        from pldr_llm.fileio import atomic_write_text
+
+        atomic_write_text(path, text + "\n")  # atomic; /dev/full errors name the path
 
 
 # ---------------------------------------------------------------------- run

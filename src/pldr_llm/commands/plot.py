@@ -51,6 +51,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 0
     """Draw the curves of ``run_dir`` to ``out`` (default ``run_dir/curves.png``); returns it."""
     from pldr_llm.train.metrics import read_metrics
 
+    if smooth < 0:
+        raise PLDRError(f"--smooth must be 0 (off) or a number of steps, got {smooth}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PLDRError(f"run folder not found: {run_dir}")
@@ -58,7 +60,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 0
     steps = [r for r in records if "loss" in r and r.get("event") is None]
     vals = [r for r in records if r.get("event") == "val"]
     if not steps:
-        raise PLDRError(f"{run_dir}/metrics.jsonl holds no training step")
+        raise PLDRError(
+            f"{run_dir}/metrics.jsonl holds no complete training step (a line cut short by a "
+            "kill is skipped): train for at least one logged step"
+        )
     try:
         import matplotlib
 
@@ -125,8 +130,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 0
     fig.suptitle(str(run_dir.resolve().name))
     fig.tight_layout()
     target = Path(out) if out is not None else run_dir / "curves.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
+    from pldr_llm.fileio import atomic_path
+
+    with atomic_path(target) as tmp:  # a full disk leaves the previous plot intact
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return target
 

@@ -131,5 +131,12 @@ def run_decode(args: argparse.Namespace) -> int:
     except ValueError:
         raise PLDRError("ids must be integers") from None
     tok = load_tokenizer(args.tokenizer)
+    outside = [i for i in ids if not 0 <= i < tok.vocab_size]
+    if outside:
+        # The library decodes these as the unknown piece (a model's embedding may be larger than
+        # its tokenizer); a user typing ids wants to know.
+        raise PLDRError(
+            f"id {outside[0]} is outside the tokenizer's vocabulary (0..{tok.vocab_size - 1})"
+        )
     print(tok.decode(ids))
     return 0

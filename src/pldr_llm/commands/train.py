@@ -46,6 +46,11 @@ class TokenizerSettings:
     ``path``: an existing SentencePiece model (the original's ``tok_model``). Without it, a unigram
     tokenizer of ``vocab_size`` pieces is trained at the start of the run on up to ``train_docs``
     documents of the training data and saved as ``tokenizer.model`` in the run folder.
+
+    Attributes:
+        path: an existing SentencePiece .model (or folder, .tar.gz); null: train one.
+        vocab_size: pieces of the tokenizer trained at the start of the run.
+        train_docs: documents the tokenizer is trained on.
     """
 
     path: str | None = None
@@ -85,6 +90,9 @@ IGNORED_FLAGS = ("master_addr", "master_port", "is_train", "enable_full_dist_loa
 # Train keys that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = frozenset(
     {
+        # The trainer re-applies this run's learning rate to the restored schedule, so the advice
+        # after a divergence ("lower train.learning_rate and resume") can be followed.
+        "learning_rate",
         "max_steps",
         "epochs",
         "steps_per_epoch",
@@ -159,6 +167,91 @@ def _data_fields() -> dict[str, str]:
         fields[key] = "bool"
     fields["split_names"] = "list[str] | None"
     return fields
+
+
+#: Help of the keys that are not fields of a config dataclass (they are defined in this module).
+_EXTRA_KEY_HELP = {
+    ("model", "dk"): "head size; gives d_model = dk * num_heads instead of d_model",
+    ("model", "predefined_G"): "G_LM file of a v510G model (pldr-llm G file or the paper's pickle)",
+    ("train", "context_length"): "tokens per training sequence (default: model.max_seq_len)",
+}
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{field: first sentence}`` from the ``Attributes:`` section of a dataclass's docstring.
+
+    The descriptions live next to the fields they describe (the class docstring) instead of a
+    separate table that could drift; ``train --help`` shows them.
+    """
+    lines = (cls.__doc__ or "").splitlines()
+    docs: dict[str, str] = {}
+    current: list[str] = []
+    inside, indent = False, None
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            inside = True
+            continue
+        if not inside or not stripped:
+            continue
+        width = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = width
+        if width < indent:
+            break
+        if width == indent and ":" in stripped:
+            names, text = stripped.split(":", 1)
+            current = [n.strip() for n in names.split(",")]
+            for name in current:
+                docs[name] = text.strip()
+        else:
+            for name in current:
+                docs[name] += " " + stripped
+    return {name: _first_sentence(text) for name, text in docs.items()}
+
+
+def _first_sentence(text: str) -> str:
+    text = text.replace("``", "")
+    end = text.find(". ")
+    return text[: end + 1] if end >= 0 else text
+
+
+def _key_help() -> dict[tuple[str, str], str]:
+    """``(section, key) -> "description (default: value)"`` for ``train --help``."""
+    from pldr_llm.config import PLDRConfig
+    from pldr_llm.data.config import DataConfig
+    from pldr_llm.train.config import TrainConfig
+
+    out = dict(_EXTRA_KEY_HELP)
+    for section, cls in (
+        ("model", PLDRConfig),
+        ("data", DataConfig),
+        ("tokenizer", TokenizerSettings),
+        ("train", TrainConfig),
+    ):
+        docs = _attribute_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in docs:
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            out[(section, f.name)] = f"{docs[f.name].rstrip('.')} (default: {_shown(default)})"
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(v) for v in value) if value else "none"
+    return str(value)
 
 
 @dataclass
@@ -293,9 +386,12 @@ def register(subparsers: Any) -> None:
         s: p.add_argument_group(f"{s} keys", f"any {s} key: --{s}.KEY VALUE") for s in SECTIONS
     }
     seen: set[str] = set()
+    key_help = _key_help()
     for target, forms in strings.items():
         option = names[forms[0]]
         kwargs: dict[str, Any] = {"dest": f"ov:{target}", "default": argparse.SUPPRESS}
+        if (option.section, option.key) in key_help:
+            kwargs["help"] = key_help[(option.section, option.key)].replace("%", "%%")
         if _is_list(option.annotation):
             kwargs.update(nargs="+", type=_parse_scalar, metavar="V")
         elif _is_bool(option.annotation):
@@ -588,6 +684,10 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is None and not args.print_config:
         raise PLDRError("give the run folder with --out DIR")
     run_dir = Path(out_dir) if out_dir is not None else None
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        raise PLDRError(
+            f"--out {run_dir} is a file, not a folder: give a new folder or an existing run folder"
+        )
     saved_path = run_dir / RUN_FILE if run_dir is not None else None
     saved = None
     if saved_path is not None and saved_path.is_file():
@@ -650,9 +750,6 @@ def _train(resolved: ResolvedConfig, canonical: dict, run_dir: Path, resuming: b
         _setup_logging(env.is_main)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / (RUN_FILE + ".tmp")
-            tmp.write_text(_dump_yaml(canonical), encoding="utf-8")
-            os.replace(tmp, run_dir / RUN_FILE)
             logger.info(
                 "%s run in %s on %d process(es), device %s",
                 "resuming" if resuming else "starting",
@@ -702,6 +799,12 @@ def _train(resolved: ResolvedConfig, canonical: dict, run_dir: Path, resuming: b
                 logger.warning(
                     "'train.val_every' is set but the data config has no validation split"
                 )
+        if env.is_main:
+            # Written once the tokenizer, model and data are set up: a start that fails before
+            # (a missing --tokenizer.path) leaves no run.yaml that would refuse the fixed command.
+            tmp = run_dir / (RUN_FILE + ".tmp")
+            tmp.write_text(_dump_yaml(canonical), encoding="utf-8")
+            os.replace(tmp, run_dir / RUN_FILE)
         result = trainer.fit(
             train_batches,
             run_dir,
@@ -734,7 +837,8 @@ def _train(resolved: ResolvedConfig, canonical: dict, run_dir: Path, resuming: b
             raise PLDRError(
                 f"training stopped at step {result.step}: more than "
                 f"{cfg.max_nonfinite_steps} steps had a non-finite loss (the last good weights "
-                "are in the last checkpoint; lower train.learning_rate and resume)"
+                "are in the last checkpoint): run the same command with a lower "
+                f"--train.learning_rate (e.g. {cfg.learning_rate / 2:g}) to resume from there"
             )
         return 0
     finally:
@@ -863,6 +967,8 @@ def _export_original(
     """Complete ``run_dir/original/`` (the .pth written by the trainer) into an original bundle."""
     import shutil
 
+    from pldr_llm.fileio import atomic_write_text
+
     cfg = resolved.train
     if not cfg.export_pth:
         return
@@ -873,7 +979,7 @@ def _export_original(
     hp = trainer.model.config.to_hpdict()
     hp.update(cfg.to_hpdict())
     hp["save_model_path"] = name
-    (target / f"{name}_hyperparameters.py").write_text(_hyperparameters_py(hp), encoding="utf-8")
+    atomic_write_text(target / f"{name}_hyperparameters.py", _hyperparameters_py(hp))
     shutil.copyfile(tokenizer_file, target / TOKENIZER_FILE)
 
 

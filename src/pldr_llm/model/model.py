@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import load_safetensors, save_safetensors
 from pldr_llm.model.cache import (
     GCacheEntry,
     LayerKV,
@@ -372,7 +372,8 @@ class PLDRModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        # Atomic and 0644 (pldr_llm.fileio): a failed save leaves the previous files intact.
+        save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         self.config.save(directory / CONFIG_NAME)
         return directory
 
@@ -393,7 +394,7 @@ class PLDRModel(nn.Module):
                 )
         config = PLDRConfig.load(config_path)
         model = cls(config)
-        state = load_file(str(weights_path), device="cpu")
+        state = load_safetensors(weights_path)  # a truncated file is a PLDRError naming it
         from pldr_llm.checkpoint import load_state_dict_strict
 
         load_state_dict_strict(model, state, source=str(weights_path))

@@ -30,6 +30,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import io_error_message
 from pldr_llm.train.distributed import DistEnv, barrier, broadcast_object
 
 __all__ = [
@@ -143,11 +145,12 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _single_process_quiet():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-        torch.save(rank_state, tmp / _rank_file(self.env.rank))
-        if self.env.is_main:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+        with _write_errors(tmp, final):
+            with _single_process_quiet():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+            torch.save(rank_state, tmp / _rank_file(self.env.rank))
+            if self.env.is_main:
+                torch.save(trainer_state, tmp / TRAINER_STATE)
         barrier()
         if self.env.is_main:
             marker = {
@@ -182,7 +185,6 @@ class CheckpointManager:
         self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> LoadedCheckpoint:
         """Restore model (and optimizer) from ``path``; return the rest of its state."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             get_state_dict,
@@ -198,15 +200,13 @@ class CheckpointManager:
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            with _single_process_quiet():
-                dcp.load(state, checkpoint_id=str(path / "dcp"))
+            _dcp_load(state, path)
             set_state_dict(
                 model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
             )
         else:
             state = {"model": get_model_state_dict(model)}
-            with _single_process_quiet():
-                dcp.load(state, checkpoint_id=str(path / "dcp"))
+            _dcp_load(state, path)
             set_model_state_dict(model, state["model"])
         trainer_state = _safe_load(path / TRAINER_STATE)
         saved_world = int(marker.get("world_size", 1))
@@ -398,3 +398,49 @@ def export_model(
         save_reference_checkpoint(plain, reference_pth, loss=loss, accuracy=accuracy)
     barrier()
     return out
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """``dcp.load`` that turns a damaged checkpoint (a truncated ``.distcp`` file: EOFError inside
+    a ``CheckpointException``) into one line naming it and saying how to go on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path / "dcp"))
+    except (CheckpointException, OSError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()
+        cause = next((line.strip() for line in reversed(reason) if "Error" in line), "")
+        raise PLDRError(
+            f"checkpoint {path} cannot be read, it is damaged ({cause or type(exc).__name__}): "
+            f"remove that folder and run the same command to resume from the checkpoint before it"
+        ) from None
+
+
+@contextlib.contextmanager
+def _write_errors(tmp: Path, final: Path) -> Iterator[None]:
+    """A checkpoint write that fails on a full disk or a file-size limit becomes one line.
+
+    torch's zip writer reports a failed write as ``RuntimeError: [enforce fail at
+    inline_container.cc] ... unexpected pos`` (the errno is lost), and ``dcp`` wraps errors in a
+    ``CheckpointException``; other RuntimeErrors are bugs and pass through. The half-written
+    folder is removed; the previous checkpoints were never touched (the new one is renamed into
+    place only when complete).
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (CheckpointException, OSError, RuntimeError) as exc:
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and not isinstance(exc, CheckpointException):
+            if "inline_container" not in text and "PytorchStreamWriter" not in text:
+                raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = io_error_message(exc) if isinstance(exc, OSError) else "the write failed"
+        raise PLDRError(
+            f"could not write checkpoint {final} ({detail}); the disk may be full or a file-size "
+            "limit (ulimit -f) reached: free space and run the same command to resume from the "
+            "last complete checkpoint"
+        ) from None

@@ -63,6 +63,50 @@ class TrainConfig:
     ``global_batch_size`` (optional) fixes the number of sequences per optimizer step across all
     ranks instead, so the same config trains identically on 1 or N processes; ``batch_size`` is
     then derived from it and the world size (see :meth:`resolve_batch_size`).
+
+    Attributes:
+        learning_rate: peak learning rate of the schedule (AdamW).
+        warmup_steps: steps of linear warm-up from 0 to ``learning_rate``.
+        lr_total_steps: length of the warm-up + cosine schedule, in steps.
+        lr_alpha: the cosine decays to ``lr_alpha * learning_rate``.
+        adamw_decay: AdamW's decoupled weight decay.
+        betas: AdamW's two betas.
+        eps: AdamW's epsilon.
+        clip_grad_value: clip every gradient element to [-v, v]; null: no clipping.
+        dag_reg_coeffs: DAG loss coefficients [c_A, c_AP, c_G]; all 0: no DAG loss (v510_dag).
+        disable_amp: train in float32 on GPU instead of bfloat16 autocast.
+        batch_size: sequences per optimizer step on each rank.
+        global_batch_size: sequences per optimizer step across ranks (sets batch_size).
+        grad_accum_steps: micro-batches per optimizer step.
+        max_steps: stop after this many optimizer steps; null: after ``epochs``.
+        epochs: passes over the training data.
+        steps_per_epoch: optimizer steps per epoch; null: one pass over the data.
+        seed: random seed of the initial weights and the data order.
+        device: auto, cpu, cuda or cuda:N.
+        max_nonfinite_steps: stop (diverged) after more steps with a non-finite loss.
+        log_every: a log line and running means every N steps.
+        val_every: validate every N steps; null: never.
+        val_batches: batches per validation.
+        tensorboard: write TensorBoard events; null: when the package is installed.
+        progress: show a progress bar; null: when stderr is a terminal.
+        save_every: a checkpoint every N steps; null: none but the listed ones.
+        save_steps: checkpoints at these steps.
+        save_epochs: checkpoints at the end of these epochs.
+        save_at_end: a checkpoint and the exported model at the end of the run.
+        keep_last: keep this many checkpoints; null: all.
+        save_type: checkpoint format: dcp, torch or both.
+        export_pth: also export the model in the original's .pth format (original/).
+        init_from: start from these weights (a model folder or .pth).
+        run_name: the run's name (the original's save_model_path).
+        fsdp_sharding_strategy: FSDP sharding: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD.
+        fsdp_cpu_offload: keep FSDP parameters on the CPU.
+        disable_fsdp_mixed_precision: FSDP computes in float32.
+        fsdp_reduce_dtype: dtype of FSDP's gradient reduction: float32 or bfloat16.
+        backward_prefetch: FSDP's backward prefetch: PRE, POST or NOPREFETCH.
+        auto_size_minimum: FSDP wraps modules of at least this many parameters.
+        compile: torch.compile the whole model.
+        chunked_loss: compute the loss in chunks without full float32 logits (one process).
+        compile_layers: torch.compile each decoder layer on its own.
     """
 
     # --- optimization (AdamW with decoupled weight decay, the original's constants)

@@ -318,6 +318,12 @@ class ProgressBar:
             elapsed = time.perf_counter() - self._start
             done = step - self._start_step
             eta = ""
+            if not getattr(self, "_legend_shown", False):
+                self._legend_shown = True
+                logger.info(
+                    "columns: this step's loss, (R: mean since the last line, G: mean since "
+                    "the start), this step's accuracy and learning rate"
+                )
             if self.total and done > 0:
                 eta = f" eta {_fmt_time(elapsed / done * (self.total - step))}"
             logger.info(
