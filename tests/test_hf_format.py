@@ -617,3 +617,33 @@ def test_cuda_graph_decoder_with_the_switches_matches_eager(compiled):
     ids, logits = decoder.generate(prompt, 20, stop_at_eos=False, output_logits=True)
     assert torch.equal(ids, expected.ids)
     torch.testing.assert_close(logits, expected.step_logits, atol=1e-4, rtol=1e-3)
+
+
+def test_transformers_needs_the_predefined_G_values(folders, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    import pldr_llm.hf  # noqa: F401
+
+    folder, _ = folders["random"]
+    broken = tmp_path / "no_past_G"
+    shutil.copytree(folder, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    del state["decoder.past_G_values"]
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PLDRError, match="needs its G_LM tensors") as info:
+        AutoModelForCausalLM.from_pretrained(broken)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PLDRError, match="missing keys"):
+        load_bundle(broken)
+
+
+def test_lm_eval_prefix_follows_add_bos_token(tmp_path, paper_tokenizer_dir):
+    pytest.importorskip("lm_eval")
+    from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
+
+    model = _learned_model(14)
+    write_authors_folder(tmp_path / "bos", model, paper_tokenizer_dir, add_bos_token=True)
+    write_authors_folder(tmp_path / "plain", model, paper_tokenizer_dir)
+    assert PLDRLLMEvalModel(pretrained=str(tmp_path / "bos"), device="cpu").prefix_token_id == 2
+    assert PLDRLLMEvalModel(pretrained=str(tmp_path / "plain"), device="cpu").prefix_token_id == 3
