@@ -578,21 +578,20 @@ def _eager_greedy(model: PLDRModel, prompt: torch.Tensor, steps: int):
         model.attn_implementation = "sdpa"
 
 
-def test_static_decoder_and_loss_with_the_switches():
-    from pldr_llm import masked_cross_entropy
-    from pldr_llm.fast import StaticDecoder, causal_lm_loss
+def test_decoding_loop_and_loss_with_the_switches():
+    from pldr_llm import generate_details, masked_cross_entropy
 
     model = _learned_model(21, **SWITCHED)
     prompt = torch.randint(4, 32000, (2, 5), generator=torch.Generator().manual_seed(1))
     expected = _eager_greedy(model, prompt, 12)
-    ids, _ = StaticDecoder(model, 2, 20).generate(prompt, 12, stop_at_eos=False)
-    assert torch.equal(ids, expected.ids)
-    # The chunked training loss handles an LM head without bias (value and gradients).
+    got_ids = generate_details(model, prompt, 12, top_k=1, stop_at_eos=False).ids
+    assert torch.equal(got_ids, expected.ids)
+    # The chunked training loss (forward with labels) handles an LM head without bias.
     model.train()
     batch = torch.randint(4, 32000, (2, 9), generator=torch.Generator().manual_seed(2))
     inputs, targets = batch[:, :-1], batch[:, 1:]
     want = masked_cross_entropy(model(inputs).logits, targets)
-    got = causal_lm_loss(model, inputs, targets, chunk_rows=5)
+    got = model(inputs, labels=targets).loss
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     weight = model.final_layer.weight
     torch.testing.assert_close(
@@ -607,16 +606,23 @@ def test_static_decoder_and_loss_with_the_switches():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cuda_graph_decoder_with_the_switches_matches_eager(compiled):
     """GPU: CUDA-graph (and Inductor) decoding of a rotate-half, bias-free model = eager ids."""
-    from pldr_llm.fast import StaticDecoder
+    from pldr_llm import generate_details
 
     model = _learned_model(22, **SWITCHED).cuda()
     prompt = torch.randint(4, 32000, (3, 6), generator=torch.Generator().manual_seed(3)).cuda()
     expected = _eager_greedy(model, prompt, 20)
-    decoder = StaticDecoder(model, 3, 30, compile=compiled)
-    assert decoder.use_graph
-    ids, logits = decoder.generate(prompt, 20, stop_at_eos=False, output_logits=True)
-    assert torch.equal(ids, expected.ids)
-    torch.testing.assert_close(logits, expected.step_logits, atol=1e-4, rtol=1e-3)
+    out = generate_details(
+        model,
+        prompt,
+        20,
+        top_k=1,
+        stop_at_eos=False,
+        output_logits=True,
+        cuda_graph=True,
+        compile=compiled,
+    )
+    assert torch.equal(out.ids, expected.ids)
+    torch.testing.assert_close(out.step_logits, expected.step_logits, atol=1e-4, rtol=1e-3)
 
 
 def test_transformers_needs_the_predefined_G_values(folders, tmp_path):
