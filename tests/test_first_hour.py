@@ -143,6 +143,21 @@ def test_file_size_limit_during_convert_keeps_the_previous_model(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_file_size_limit_during_hf_export(model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    result = _cli(
+        "convert", "--model", str(model_dir), "--out", str(out), "--to", "hf",
+        preexec_fn=_limit_file_size(1 << 20),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert b"Traceback" not in result.stderr
+    assert result.stderr.decode().strip().splitlines()[-1] == (
+        f"pldr-llm: error: writing {out}: the file is larger than the file-size limit "
+        "(ulimit -f): raise it or write elsewhere"
+    )
+
+
 def test_model_files_are_readable_by_others(model_dir: Path, tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
