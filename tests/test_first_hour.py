@@ -447,3 +447,15 @@ def test_test_data_is_self_contained() -> None:
         assert path.stat().st_size < 2 << 20, path
         assert path.suffix not in (".pth", ".pkl", ".pt", ".bin"), path
         assert path.name in (data / "README.md").read_text() or path.name == "README.md", path
+
+
+def test_divergence_advice_can_be_followed(short_run: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    common = ["train", "--out", str(run), "--max-steps", "4", "--progress", "false"]
+    # A learning rate of 1e30 blows the weights up: the next losses are NaN.
+    assert main([*common, "--train.learning_rate", "1e30", "--max_nonfinite_steps", "0"]) == 2
+    _one_line(capsys, "non-finite loss", "run the same command with a lower --train.learning_rate")
+    # The advice, followed: the same command with a lower rate resumes (it is not refused).
+    assert main([*common, "--train.learning_rate", "1e-4"]) == 0
+    capsys.readouterr()
