@@ -143,6 +143,21 @@ def test_file_size_limit_during_convert_keeps_the_previous_model(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_file_size_limit_during_hf_export(model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    result = _cli(
+        "convert", "--model", str(model_dir), "--out", str(out), "--to", "hf",
+        preexec_fn=_limit_file_size(1 << 20),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert b"Traceback" not in result.stderr
+    assert result.stderr.decode().strip().splitlines()[-1] == (
+        f"pldr-llm: error: writing {out}: the file is larger than the file-size limit "
+        "(ulimit -f): raise it or write elsewhere"
+    )
+
+
 def test_model_files_are_readable_by_others(model_dir: Path, tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
@@ -432,3 +447,15 @@ def test_test_data_is_self_contained() -> None:
         assert path.stat().st_size < 2 << 20, path
         assert path.suffix not in (".pth", ".pkl", ".pt", ".bin"), path
         assert path.name in (data / "README.md").read_text() or path.name == "README.md", path
+
+
+def test_divergence_advice_can_be_followed(short_run: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    common = ["train", "--out", str(run), "--max-steps", "4", "--progress", "false"]
+    # A learning rate of 1e30 blows the weights up: the next losses are NaN.
+    assert main([*common, "--train.learning_rate", "1e30", "--max_nonfinite_steps", "0"]) == 2
+    _one_line(capsys, "non-finite loss", "run the same command with a lower --train.learning_rate")
+    # The advice, followed: the same command with a lower rate resumes (it is not refused).
+    assert main([*common, "--train.learning_rate", "1e-4"]) == 0
+    capsys.readouterr()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -62,8 +63,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    from safetensors import SafetensorError  # small; torch-free
+
     try:
         result = args.func(args)
+    except SafetensorError as exc:
+        # A failed write inside a library that saves safetensors itself (transformers'
+        # save_pretrained for `convert --to hf`): "I/O error: ... (os error 27)". Anything
+        # else from safetensors is a bug and keeps its traceback.
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        from pldr_llm.fileio import io_error_message
+
+        code = int(found.group(1))
+        where = getattr(args, "out", None) or "a safetensors file"
+        failure = io_error_message(OSError(code, os.strerror(code)))
+        print(f"pldr-llm: error: writing {where}: {failure}", file=sys.stderr)
+        return 2
     except PLDRError as exc:
         print(f"pldr-llm: error: {exc}", file=sys.stderr)
         return 2
