@@ -1,6 +1,7 @@
 """Causal-leak audit averaged over consecutive windows of a text (issue 14's figures).
 
     python benchmarks/leak_windows.py --model runs/tiny --text val.txt --windows 8 [--json out.json]
+    python benchmarks/leak_windows.py --model runs/tiny --text default   # tiny's validation docs
 
 Encodes the text with the model's tokenizer, cuts it into ``--windows`` consecutive windows of
 ``max_seq_len`` tokens (``--length``), runs :func:`pldr_llm.deductive.leak_audit` on each with
@@ -32,7 +33,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model, tokenizer = load_bundle(args.model, device=args.device)
-    ids = list(tokenizer.encode(Path(args.text).read_text(encoding="utf-8")))
+    if args.text == "default":  # the validation documents of the tiny preset (170..185)
+        from pldr_llm.data import default_corpus
+
+        text = "\n\n".join(default_corpus()[170:186])
+    else:
+        text = Path(args.text).read_text(encoding="utf-8")
+    ids = list(tokenizer.encode(text))
     length = args.length or model.config.max_seq_len
     prefix = args.prefix or length // 2
     audits = []

@@ -225,3 +225,17 @@ def test_leak_audit_json_and_plot(tmp_path: Path) -> None:
     summary = plot_leak(tmp_path / "leak.png", audit)
     assert summary.grids == {"loss": (2, 1)}
     assert (tmp_path / "leak.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.gpu
+def test_leak_audit_on_gpu_matches_cpu() -> None:
+    """The audit and the causal metric give the CPU's figures on CUDA (float32: TF32 off by
+    default for matmuls, so rounding stays near float32's)."""
+    ids = _ids()
+    for causal in (False, True):
+        cpu = leak_audit(_model(causal, torch.float32), ids, prompt_len=10, block=7)
+        gpu = leak_audit(_model(causal, torch.float32).cuda(), ids.cuda(), prompt_len=10, block=7)
+        for name in ("loss_full", "loss_causal", "loss_generation"):
+            a = torch.tensor(getattr(cpu, name), dtype=torch.float64)
+            b = torch.tensor(getattr(gpu, name), dtype=torch.float64)
+            assert torch.allclose(a, b, atol=2e-3), name

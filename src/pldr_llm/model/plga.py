@@ -21,7 +21,6 @@ returns them as a deductive output). Both compute the same function.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -209,8 +208,8 @@ class PowerLawGraphAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        #: Build A causally (``PLDRConfig.causal_metric``); plain attributes, not state: the
-        #: leak audit switches them on for one pass.
+        #: Build A causally (``PLDRConfig.causal_metric``), ``metric_block`` positions at a
+        #: time; plain attributes, not state (the block size changes speed, not results).
         self.causal_metric = causal_metric
         self.metric_block = CAUSAL_METRIC_BLOCK
         self.depth = d_model // num_heads
@@ -259,7 +258,6 @@ class PowerLawGraphAttention(nn.Module):
         queries: Tensor,
         query_valid: Tensor | None,
         running: Tensor | None = None,
-        observe: Callable[[int, Tensor], None] | None = None,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Queries transformed by their own causal G_LM: ``q_t G_LM(t)``, [B, H, L, dk].
 
@@ -268,8 +266,7 @@ class PowerLawGraphAttention(nn.Module):
         by the power law. Positions are processed ``metric_block`` at a time (cumulative sums of
         outer products on top of the previous block's total), so at most [B, H, block, dk, dk]
         per tensor exists at once; with gradients each block is recomputed in the backward pass
-        (activation checkpointing) instead of keeping every position's tensors. ``observe(start,
-        g_lm_block)`` sees each block's G_LM [B, H, n, dk, dk] (without gradients only).
+        (activation checkpointing) instead of keeping every position's tensors.
 
         Returns (transformed queries, the new raw running sum [B, H, dk, dk], and (A, A_LM, A_P,
         G_LM) of the last position, which equal the non-causal ones of the whole sequence).
@@ -280,7 +277,7 @@ class PowerLawGraphAttention(nn.Module):
             masked = queries.masked_fill(~query_valid[:, None, :, None], 0.0)
         if running is None:
             running = queries.new_zeros(batch, heads, dk, dk)
-        use_checkpoint = torch.is_grad_enabled() and queries.requires_grad and observe is None
+        use_checkpoint = torch.is_grad_enabled() and queries.requires_grad
         pieces, last = [], None
         for start in range(0, length, self.metric_block):
             q = queries[:, :, start : start + self.metric_block]
@@ -290,8 +287,6 @@ class PowerLawGraphAttention(nn.Module):
             else:
                 out = self._causal_block(q, qm, running)
             transformed, blocks = out[0], out[1:]
-            if observe is not None:
-                observe(start, blocks[3])
             pieces.append(transformed)
             last = tuple(t[:, :, -1] for t in blocks)
             # The next block continues from this block's total (the same sum, without the LN).
