@@ -267,12 +267,18 @@ def test_cuda_step_makes_no_host_sync() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dag", [False, True])
-def test_cuda_default_levers_follow_eager(dag: bool) -> None:
+@pytest.mark.parametrize(("dag", "amp"), [(False, True), (True, True), (True, False)])
+def test_cuda_default_levers_follow_eager(dag: bool, amp: bool) -> None:
     """On a GPU the default levers (SDPA, chunked loss, compiled layers + CUDA graphs, fused
     AdamW) follow the eager path (every lever off) over five steps, with and without the DAG
-    loss. Both run under bf16 autocast (8-bit mantissa: ~4e-3 relative per rounding), so the
-    losses (~4.6) are compared to 2e-2."""
+    loss.
+
+    Under bf16 autocast (8-bit mantissa: ~4e-3 relative per rounding) the cross-entropy (~4.6)
+    is compared to 2e-2. The DAG terms are not compared in bf16: they are dominated by the
+    largest entries of A_P = A_LM ** pw, where A_LM sits near its 1e-9 floor and pw is often
+    negative, so the one-ulp bf16 difference between eager (rounds after every op) and Inductor
+    (fuses iSwiGLU + 1e-9 in float32, rounds once) is amplified into O(1) relative differences.
+    In float32 (``amp=False``) the same comparison is tight: DAG terms to 1e-3 relative."""
     coeffs = (0.05, 0.05, 0.05) if dag else (0.0, 0.0, 0.0)
     runs = []
     for levers in (True, False):
@@ -285,6 +291,7 @@ def test_cuda_default_levers_follow_eager(dag: bool) -> None:
             lr_total_steps=50,
             device="cuda",
             dag_reg_coeffs=coeffs,
+            disable_amp=not amp,
             attn_implementation="sdpa" if levers else "eager",
             chunked_loss=off,
             compile_layers=off,
@@ -296,6 +303,8 @@ def test_cuda_default_levers_follow_eager(dag: bool) -> None:
         runs.append(trainer.read_steps([trainer.step_async(_batch(s)) for s in range(5)]))
     fast, eager = runs
     for got, want in zip(fast, eager):
-        assert got["loss"] == pytest.approx(want["loss"], abs=2e-2)
-        if dag:
-            assert got["dag_A"] == pytest.approx(want["dag_A"], rel=2e-2)
+        key = "lm_loss" if dag else "loss"
+        assert got[key] == pytest.approx(want[key], abs=2e-2 if amp else 1e-3)
+        if dag and not amp:
+            for name in ("dag_A", "dag_A_P", "dag_G"):
+                assert got[name] == pytest.approx(want[name], rel=1e-3, abs=1e-6)
