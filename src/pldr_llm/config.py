@@ -507,3 +507,13 @@ def read_hyperparameters_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(hpdict, dict):
         raise PLDRError(f"{path}: no 'hpdict = {{...}}' dictionary found")
     return hpdict
+
+
+def hyperparameters_file_text(hpdict: dict[str, Any]) -> str:
+    """The original's ``*_hyperparameters.py`` layout: an import and one ``hpdict`` literal."""
+    lines = ["import torch.nn.functional as F", "", "hpdict = {"]
+    for key, value in hpdict.items():
+        text = f"F.{value}" if key == "activation" else repr(value)
+        lines.append(f"    {key!r}: {text},")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
