@@ -31,6 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import (
+    CHECKPOINT_SUFFIX,
+    CONFIG_NAME,
+    HYPERPARAMETERS_SUFFIX,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 if TYPE_CHECKING:  # heavy imports only where the model is loaded
     import torch
@@ -53,11 +60,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CHECKPOINT_SUFFIX = ".pth"
-HYPERPARAMETERS_SUFFIX = "_hyperparameters.py"
 
 # What a hub download fetches: the files of both folder formats, nothing else (published repos
 # may hold large extra files such as other checkpoints' exports).

@@ -1,4 +1,8 @@
-"""Safe file writing and reading: atomic replaces, ordinary permissions, one-line I/O errors.
+"""File names, safe reading and writing: atomic replaces, ordinary permissions, one-line errors.
+
+The names of the files of a saved model (:data:`CONFIG_NAME`, :data:`WEIGHTS_NAME`, ...) are
+defined here once, for the model, the bundle loader and the transformers folders. Reading never
+runs code: safetensors, or ``torch.load(weights_only=True)`` (:func:`safe_torch_load`).
 
 Why atomic: a model file, export, plot, JSON report or G file is often written over a previous one
 (a resumed run saves its final model again). Writing straight into the target leaves a truncated
@@ -16,16 +20,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from pldr_llm.errors import PLDRError
 
+if TYPE_CHECKING:  # torch loads on first use: the CLI answers --help and config errors without it
+    from torch import Tensor
+
 __all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "CHECKPOINT_SUFFIX",
+    "HYPERPARAMETERS_SUFFIX",
+    "safe_torch_load",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -33,6 +46,13 @@ __all__ = [
     "load_safetensors",
     "save_safetensors",
 ]
+
+# The files of a saved model: the project's format (and transformers'), then the original's.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CHECKPOINT_SUFFIX = ".pth"
+HYPERPARAMETERS_SUFFIX = "_hyperparameters.py"
 
 
 def _umask() -> int:
@@ -152,3 +172,25 @@ def io_error_message(exc: OSError) -> str:
             where += f" -> {os.fsdecode(exc.filename2)}"
         return f"{where}: {what}"
     return what
+
+
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load`` with ``weights_only=True`` on the CPU (a file never runs code), one-line errors."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise PLDRError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise PLDRError(
+            f"{path}: refused to load (only tensors are allowed): {_first_line(exc)}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to read is a bad file
+        raise PLDRError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,15 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from pldr_llm.model.model import PLDRModel
     from pldr_llm.tokenizer import PLDRTokenizer
 
 MODEL_TYPE = "pldrllm"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # The authors' buffers of a predefined-G model: per layer (A, A_LM, G_LM) and a status flag.
@@ -116,7 +114,7 @@ def read_tokenizer_flags(folder: str | Path) -> tuple[bool, bool]:
 
 def load_hf_state(model: PLDRModel, folder: str | Path, data: dict[str, Any] | None = None) -> None:
     """Load a transformers folder's weights into ``model`` (strict: every weight must match)."""
-    from pldr_llm.checkpoint import load_state_dict_strict
+    from pldr_llm.model.state_dict import load_state_dict_strict
 
     folder = Path(folder)
     if data is None:

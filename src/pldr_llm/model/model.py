@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import load_safetensors, save_safetensors
+from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, save_safetensors
 from pldr_llm.model.cache import (
     GCacheEntry,
     LayerKV,
@@ -35,9 +35,7 @@ from pldr_llm.model.cache import (
 from pldr_llm.model.layers import GLU, xavier_linear
 from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
 from pldr_llm.model.rope import RotaryEmbedding
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from pldr_llm.model.state_dict import load_state_dict_strict
 
 
 @dataclass
@@ -395,8 +393,6 @@ class PLDRModel(nn.Module):
         config = PLDRConfig.load(config_path)
         model = cls(config)
         state = load_safetensors(weights_path)  # a truncated file is a PLDRError naming it
-        from pldr_llm.checkpoint import load_state_dict_strict
-
         load_state_dict_strict(model, state, source=str(weights_path))
         model.to(device=map_location)
         if dtype is not None:

@@ -265,20 +265,17 @@ def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path) -> Any:
 
 def _load_initial_weights(model: Any, source: str) -> None:
     """Start from the weights of an original ``.pth``, a project folder or a DCP folder."""
-    from pldr_llm.checkpoint import (
-        load_state_dict_strict,
-        reference_state_dict,
-        safe_torch_load,
-    )
+    from pldr_llm.checkpoint import reference_state_dict
+    from pldr_llm.fileio import WEIGHTS_NAME, load_safetensors, safe_torch_load
+    from pldr_llm.model.state_dict import load_state_dict_strict
 
     path = Path(source)
     if path.is_file():
         state = reference_state_dict(safe_torch_load(path), str(path))
         load_state_dict_strict(model, state, source=str(path))
-    elif (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        load_state_dict_strict(model, load_file(str(path / "model.safetensors")), source=str(path))
+    elif (path / WEIGHTS_NAME).is_file():
+        state = load_safetensors(path / WEIGHTS_NAME)
+        load_state_dict_strict(model, state, source=str(path))
     elif path.is_dir():
         import torch.distributed.checkpoint as dcp
 
