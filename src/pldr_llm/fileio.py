@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import re
@@ -27,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.errors import PLDRError, first_line
 
 if TYPE_CHECKING:  # torch loads on first use: the CLI answers --help and config errors without it
     from torch import Tensor
@@ -39,6 +40,7 @@ __all__ = [
     "CHECKPOINT_SUFFIX",
     "HYPERPARAMETERS_SUFFIX",
     "safe_torch_load",
+    "read_json_object",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -185,12 +187,19 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise PLDRError(
-            f"{path}: refused to load (only tensors are allowed): {_first_line(exc)}"
+            f"{path}: refused to load (only tensors are allowed): {first_line(exc)}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any other failure to read is a bad file
-        raise PLDRError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise PLDRError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def read_json_object(path: str | os.PathLike[str], kind: str = "config") -> dict[str, Any]:
+    """A JSON file that must hold an object (a model's or tokenizer's config); one-line errors."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PLDRError(f"{path} is not a readable JSON {kind} ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise PLDRError(f"{path}: a {kind} must be a JSON object")
+    return data
