@@ -143,7 +143,7 @@ class PLDRModel(nn.Module):
 
         ``labels`` [B, L] (the next tokens; ``pad_id`` ignored): the output's ``loss`` is the mean
         cross-entropy computed chunk by chunk from the hidden states by
-        :func:`pldr_llm.fast.linear_cross_entropy` (the [B, L, vocab] logits never exist), and
+        :func:`pldr_llm.losses.linear_cross_entropy` (the [B, L, vocab] logits never exist), and
         ``correct`` counts arg-max hits; ``logits`` then covers the last position only unless
         ``logits_to_keep`` says otherwise. Inside ``forward`` so that FSDP sees the LM head.
 
@@ -236,7 +236,7 @@ class PLDRModel(nn.Module):
         )
         loss = correct = None
         if labels is not None:
-            from pldr_llm.fast.loss import linear_cross_entropy
+            from pldr_llm.losses import linear_cross_entropy
 
             head = self.final_layer
             loss, correct = linear_cross_entropy(
@@ -282,7 +282,7 @@ class PLDRModel(nn.Module):
         """Embedding, decoder layers -> (hidden [B, L, d_model], KV, G, deductive per layer).
 
         The body of :meth:`forward` without its checks and mask building: it reads no device
-        value on the host, so :mod:`pldr_llm.fast` can compile it or capture it in a CUDA graph.
+        value on the host, so :mod:`pldr_llm.model.compile` can compile it or capture it in a CUDA graph.
         ``positions``, ``bias`` and ``is_causal`` are what :meth:`forward` derives from the ids.
         """
         hidden = self.decoder.embedding(input_ids) * self.decoder.embedding_scale

@@ -179,7 +179,7 @@ class Trainer:
             # change, which CUDA-graph trees would answer by re-recording. Opt in explicitly.
             self.levers["cuda_graphs"] = False
         if self.levers["compile_layers"] and not config.compile:
-            from pldr_llm.fast import compile_decoder_layers
+            from pldr_llm.model.compile import compile_decoder_layers
 
             options = {"mode": "reduce-overhead"} if self.levers["cuda_graphs"] else {}
             compile_decoder_layers(model, **options)
