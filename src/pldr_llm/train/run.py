@@ -40,7 +40,7 @@ def start_run(
     config: str | os.PathLike[str] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> FitResult:
-    """:func:`~pldr_llm.train.runconfig.prepare_run` then :func:`run`: ``pldr-llm train`` in one call."""
+    """:func:`~pldr_llm.train.runconfig.prepare_run`, then :func:`run`: ``pldr-llm train``."""
     return run(prepare_run(out, preset=preset, config=config, overrides=overrides))
 
 

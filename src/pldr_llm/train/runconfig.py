@@ -428,7 +428,8 @@ def check_resumable(saved: dict[str, dict], new: dict[str, dict]) -> None:
             if _norm(old_s.get(key)) != _norm(new_s.get(key)):
                 raise PLDRError(
                     f"the run folder was started with {section}.{key}={old_s.get(key)!r}, this "
-                    f"command gives {new_s.get(key)!r}; resume with the same settings or use a new --out"
+                    f"command gives {new_s.get(key)!r}; resume with the same settings or use a "
+                    "new --out"
                 )
 
 
