@@ -177,7 +177,7 @@ def io_error_message(exc: OSError) -> str:
 
 
 def safe_torch_load(path: str | os.PathLike[str]) -> Any:
-    """``torch.load`` with ``weights_only=True`` on the CPU (a file never runs code), one-line errors."""
+    """``torch.load(weights_only=True)`` on the CPU (a file never runs code), one-line errors."""
     import torch
 
     path = Path(path)
