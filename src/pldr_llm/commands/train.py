@@ -28,9 +28,9 @@ import time
 from typing import Any
 
 from pldr_llm.errors import PLDRError
+from pldr_llm.presets import PRESETS
 from pldr_llm.train.runconfig import (
     IGNORED_FLAGS,
-    PRESETS,
     SECTIONS,
     TokenizerSettings,
     is_bool,
@@ -210,9 +210,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
             section, key = dest[3:].split(".", 1)
             out[section][key] = value
     batches = getattr(args, "alias:train_batches_cnt", None)
-    if batches is not None:  # the original: also the schedule's length
-        out["train"]["steps_per_epoch"] = batches
-        out["train"].setdefault("lr_total_steps", batches)
+    if batches is not None:  # the original's steps per epoch, also the schedule's length
+        out["train"]["train_batches_cnt"] = batches
     return out
 
 

@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from pldr_llm.errors import PLDRError
+from pldr_llm.presets import load_preset
 from pldr_llm.train.config import IGNORED_KEYS, ORIGINAL_ALIASES
 
 __all__ = [
     "SECTIONS",
     "RUN_FILE",
     "TOKENIZER_FILE",
-    "PRESETS",
     "TokenizerSettings",
     "RunConfig",
-    "load_preset",
     "prepare_run",
     "resolve",
     "check_resumable",
@@ -39,7 +38,6 @@ __all__ = [
 SECTIONS = ("model", "data", "tokenizer", "train")
 RUN_FILE = "run.yaml"
 TOKENIZER_FILE = "tokenizer.model"
-PRESETS = ("tiny", "paper-110m")
 # Original flags that mean nothing here (torchrun launches the processes); accepted and ignored.
 IGNORED_FLAGS = tuple(sorted(IGNORED_KEYS))
 
@@ -69,10 +67,6 @@ class TokenizerSettings:
             raise PLDRError(
                 f"'tokenizer.train_docs' must be a positive integer, got {self.train_docs!r}"
             )
-
-
-# Keys of the model section besides PLDRConfig's fields.
-MODEL_EXTRA_KEYS = ("dk", "predefined_G")
 
 
 # ---------------------------------------------------------------------- key registry
@@ -239,18 +233,6 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The built-in preset ``name`` as a dict of sections."""
-    from importlib import resources
-
-    if name not in PRESETS:
-        raise PLDRError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    text = resources.files("pldr_llm.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    import yaml
-
-    return yaml.safe_load(text) or {}
-
-
 def normalize(raw: dict[str, Any], names: dict[str, Option], where: str) -> dict[str, dict]:
     """Sections from a file: section mappings, or flat keys (incl. the original's names)."""
     out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
@@ -262,8 +244,7 @@ def normalize(raw: dict[str, Any], names: dict[str, Option], where: str) -> dict
                 raise PLDRError(f"{where}: section {key!r} must be a mapping")
             for sub, sub_value in value.items():
                 if sub == "train_batches_cnt" and key == "train":
-                    out["train"]["steps_per_epoch"] = sub_value
-                    out["train"].setdefault("lr_total_steps", sub_value)
+                    _steps_per_epoch(out, sub_value)
                     continue
                 option = names.get(f"{key}.{sub}")
                 if option is None and sub in ORIGINAL_ALIASES and ORIGINAL_ALIASES[sub][0] == key:
@@ -274,15 +255,20 @@ def normalize(raw: dict[str, Any], names: dict[str, Option], where: str) -> dict
             continue
         if key in IGNORED_FLAGS:
             continue
-        if key == "train_batches_cnt":  # the original: also the schedule's length
-            out["train"]["steps_per_epoch"] = value
-            out["train"].setdefault("lr_total_steps", value)
+        if key == "train_batches_cnt":
+            _steps_per_epoch(out, value)
             continue
         option = names.get(key)
         if option is None:
             raise PLDRError(f"{where}: unknown key {key!r}")
         out[option.section][option.key] = value
     return out
+
+
+def _steps_per_epoch(sections: dict[str, dict[str, Any]], value: Any) -> None:
+    """The original's ``train_batches_cnt``: steps per epoch and also the schedule's length."""
+    sections["train"]["steps_per_epoch"] = value
+    sections["train"].setdefault("lr_total_steps", value)
 
 
 # Keys that describe the same thing: setting one in an overlay drops the other from the base.
