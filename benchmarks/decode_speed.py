@@ -259,6 +259,11 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--anchor", type=Path, default=None, help="the shared anchor folder")
     parser.add_argument("--compile", action="store_true", help="torch.compile before capture")
+    parser.add_argument(
+        "--api-compile",
+        action="store_true",
+        help="also time pldr_llm.generate(compile=True) warm, batch 1 greedy, each dtype",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -315,6 +320,17 @@ def main() -> None:
                             **timing,
                         }
                     )
+            if args.api_compile and not args.compile:
+                timing = api_run(model, prompts[:1], new, SAMPLING["greedy"], True)
+                rows.append(
+                    {
+                        "path": "pldr_llm.generate compile=True (warm)",
+                        "dtype": dtype,
+                        "sampling": "greedy",
+                        "batch": 1,
+                        **timing,
+                    }
+                )
             if dtype == "float32":
                 rows.append(
                     {

@@ -206,7 +206,12 @@ def main() -> int:
         cmd += ["--max-queue", str(args.clients * 2), "--model-id", "bench", "-q"]
         if args.compile:
             cmd.append("--compile")
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        # The repository's sources first, keeping whatever the caller's PYTHONPATH adds.
+        paths = [
+            str(REPO / "src"),
+            *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+        ]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         server = subprocess.Popen(cmd, env=env)
         try:
             import httpx

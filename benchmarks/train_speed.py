@@ -208,7 +208,7 @@ def llama_baseline(args: argparse.Namespace, batch: int) -> dict[str, Any]:
 def anchor_figures(anchor: Path, timeout: int) -> dict[str, Any]:
     """The original implementation's training step (``bench_original.py``'s REF_RESULT)."""
     proc = subprocess.run(
-        [sys.executable, str(anchor / "bench_original.py")],
+        [sys.executable, str(anchor.resolve() / "bench_original.py")],
         capture_output=True,
         text=True,
         timeout=timeout,

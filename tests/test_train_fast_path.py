@@ -278,7 +278,9 @@ def test_cuda_default_levers_follow_eager(dag: bool, amp: bool) -> None:
     largest entries of A_P = A_LM ** pw, where A_LM sits near its 1e-9 floor and pw is often
     negative, so the one-ulp bf16 difference between eager (rounds after every op) and Inductor
     (fuses iSwiGLU + 1e-9 in float32, rounds once) is amplified into O(1) relative differences.
-    In float32 (``amp=False``) the same comparison is tight: DAG terms to 1e-3 relative."""
+    In float32 (``amp=False``) the DAG terms are compared to 5e-3 relative: Inductor reorders the
+    float32 reductions of the metric learner (Q^T Q, LayerNorm), and the power law amplifies those
+    ~1e-7 relative differences; on an H200 (2026-12-01) they reached 1.7e-3 after four AdamW steps."""
     coeffs = (0.05, 0.05, 0.05) if dag else (0.0, 0.0, 0.0)
     runs = []
     for levers in (True, False):
@@ -307,4 +309,4 @@ def test_cuda_default_levers_follow_eager(dag: bool, amp: bool) -> None:
         assert got[key] == pytest.approx(want[key], abs=2e-2 if amp else 1e-3)
         if dag and not amp:
             for name in ("dag_A", "dag_A_P", "dag_G"):
-                assert got[name] == pytest.approx(want[name], rel=1e-3, abs=1e-6)
+                assert got[name] == pytest.approx(want[name], rel=5e-3, abs=1e-6)

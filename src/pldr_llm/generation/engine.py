@@ -146,6 +146,9 @@ class DecodeEngine:
     ``compile`` passes the step through torch.compile first; ``steps_per_graph`` > 1 also captures
     that many steps in one graph for :meth:`advance` (used by :func:`generate`). On the CPU the same
     step runs eagerly. ``capture_seconds`` accumulates the time spent capturing and compiling.
+
+    Not thread-safe: call it from one thread (a server's decoding loop), which owns the device
+    buffers. The first :meth:`step` after :meth:`add` reports the slot's first token.
     """
 
     def __init__(

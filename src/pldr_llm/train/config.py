@@ -134,13 +134,13 @@ class TrainConfig:
         backward_prefetch: FSDP's backward prefetch: PRE, POST or NOPREFETCH.
         auto_size_minimum: FSDP wraps modules of at least this many parameters.
         compile: torch.compile the whole model.
-        chunked_loss: compute the loss in chunks without full float32 logits (one process).
-        compile_layers: torch.compile each decoder layer on its own.
-        cuda_graphs: replay the compiled layers as CUDA graphs (needs compile_layers).
-        fused_optimizer: fused AdamW, which also skips a non-finite step on the device.
-        attn_implementation: sdpa (fused kernels) or eager (the original's arithmetic).
-        prefetch_batches: batches prepared ahead by a background thread; 0: inline.
-        peak_tflops: peak dense bf16 TFLOP/s of one accelerator, for the MFU figure.
+        chunked_loss: compute the loss chunk by chunk inside the forward, never the full float32 logits (null: on with CUDA).
+        compile_layers: torch.compile each decoder layer on its own (null: on with CUDA, off on the CPU).
+        cuda_graphs: replay each compiled layer's forward and backward as CUDA graphs (null: on with CUDA, off under FSDP).
+        fused_optimizer: fused AdamW that skips a non-finite step on the device, without a host sync (null: on with CUDA).
+        attn_implementation: attention kernel: sdpa (fused, the default) or eager (the original's exact arithmetic).
+        prefetch_batches: batches a background thread prepares ahead of the step (0: on the main thread).
+        peak_tflops: the device's peak bf16 TFLOP/s, the denominator of the logged MFU (989: H100/H200 dense).
     """
 
     # --- optimization (AdamW with decoupled weight decay, the original's constants)
