@@ -151,7 +151,7 @@ def llama_baseline(args: argparse.Namespace, batch: int) -> dict[str, Any]:
     from _data import markov_batches
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pldr_llm.commands.train import load_preset
+    from pldr_llm.presets import load_preset
 
     model_cfg = load_preset(args.preset)["model"]
     context = int(load_preset(args.preset)["train"]["context_length"])

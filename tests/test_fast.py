@@ -1,4 +1,4 @@
-"""The optimized paths of pldr_llm.fast against the eager reference (CPU, float32).
+"""The optimized paths (chunked loss, compiled layers, captured prefill) vs eager (CPU, float32).
 
 Chunked loss = masked cross-entropy of the full logits (value and gradients); the captured
 prefill = ``model.forward``; compiled layers = eager layers. GPU-only checks (CUDA graphs, Inductor) are
@@ -12,12 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pldr_llm import PLDRError, masked_cross_entropy
-from pldr_llm.fast import (
-    CapturedForward,
-    compile_decoder_layers,
-    linear_cross_entropy,
-    uncompile_decoder_layers,
-)
+from pldr_llm.generation.captured import CapturedForward
+from pldr_llm.losses import linear_cross_entropy
+from pldr_llm.model.compile import compile_decoder_layers, uncompile_decoder_layers
 
 ATOL, RTOL = 1e-5, 1e-4
 

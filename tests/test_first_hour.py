@@ -208,7 +208,7 @@ def test_failed_start_leaves_no_run_yaml(tmp_path: Path, capsys) -> None:
 
 def test_learning_rate_may_change_on_resume() -> None:
     """The advice after a divergence (lower the learning rate, resume) can be followed."""
-    from pldr_llm.commands.train import _diff_for_resume
+    from pldr_llm.train.runconfig import check_resumable as _diff_for_resume
 
     saved = {"train": {"learning_rate": 1e-3, "seed": 1}}
     _diff_for_resume(saved, {"train": {"learning_rate": 5e-4, "seed": 1}})

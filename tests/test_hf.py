@@ -448,3 +448,23 @@ def test_trust_remote_code_loads_without_the_package(
     for kv, g in MODES:
         key = _mode_key(kv, g)
         assert result[key] == golden_expected[f"{key}.ids"].tolist(), key
+
+
+def test_core_follows_the_wrapper_without_side_effects(hf):
+    """``model.core`` is a plain accessor; mode, attention and children reach it when they change."""
+    core = _small_vocab_model()
+    model = hf.PldrllmForCausalLM.from_core(core)
+    assert model.core is core and not core.training
+    model.train()
+    assert core.training and core.decoder.training
+    model.eval()
+    assert not core.training
+    model.set_attn_implementation("eager")
+    assert core.attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+    assert core.attn_implementation == "sdpa"
+    replacement = PLDRModel(core.config).decoder
+    model.decoder = replacement
+    assert core.decoder is replacement
+    core.training = True  # reading the accessor changes nothing
+    assert model.core.training and not model.training

@@ -116,3 +116,32 @@ def test_plot_draws_a_png(tiny_run: Path, tmp_path: Path) -> None:
     target = tmp_path / "curves.png"
     assert main(["plot", str(tiny_run), "--out", str(target), "--smooth", "5"]) == 0
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_notebook_run_is_the_cli_run(tiny_run: Path, tmp_path: Path) -> None:
+    """The three-line Python start (docs/training.md) runs the same run as the command."""
+    from safetensors.torch import load_file
+
+    from pldr_llm.train.run import start_run
+
+    overrides = {"train.max_steps": 20, "log_every": 10, "save_every": 10, "progress": False}
+    result = start_run(tmp_path / "run", preset="tiny", overrides=overrides)
+    assert result.status == "completed" and result.step == 20
+    assert (tmp_path / "run" / "run.yaml").read_text() == (tiny_run / "run.yaml").read_text()
+    ours = load_file(str(tmp_path / "run" / "model.safetensors"))
+    theirs = load_file(str(tiny_run / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    # Same seed, same one-thread tokenizer, same CPU kernels: the same weights to the bit.
+    for name, tensor in theirs.items():
+        assert ours[name].equal(tensor), name
+
+
+def test_prepare_run_checks_like_the_command(tmp_path: Path) -> None:
+    from pldr_llm.errors import PLDRError
+    from pldr_llm.train.runconfig import prepare_run
+
+    cfg = prepare_run(None, preset="tiny", overrides={"chkpt_batches": [5], "dk": 16})
+    assert cfg.train.save_steps == (5,)  # the original's name, from the one alias table
+    assert cfg.model["d_model"] == 16 * cfg.model["num_heads"]
+    with pytest.raises(PLDRError, match="unknown key 'no_such_key'"):
+        prepare_run(None, preset="tiny", overrides={"no_such_key": 1})

@@ -278,3 +278,20 @@ def test_the_originals_sample_script_ports_by_changing_the_command(capsys) -> No
     assert train["val_batches"] == 2000 and train["val_every"] == 12000
     assert train["dag_reg_coeffs"] == [0.05, 0.05, 0.05] and train["run_name"] == "my-model"
     assert train["save_steps"] == [4000, 12000, 31250] and train["save_type"] == "torch"
+
+
+def test_resumability_is_declared_on_the_fields() -> None:
+    """What a resumed run may change is read from the fields' metadata, train and data alike."""
+    from pldr_llm.errors import PLDRError
+    from pldr_llm.train.config import TrainConfig
+    from pldr_llm.train.runconfig import check_resumable
+
+    resumable = TrainConfig.resumable_fields()
+    assert {"learning_rate", "max_steps", "save_every", "compile"} <= resumable
+    assert not {"seed", "lr_total_steps", "warmup_steps", "dag_reg_coeffs"} & resumable
+    saved = {"data": {"cache_dir": "/a", "split": "train"}, "train": {"max_steps": 5}}
+    check_resumable(saved, {"data": {"cache_dir": "/b", "split": "train"}, "train": {}})
+    with pytest.raises(PLDRError, match="data.split"):
+        check_resumable(saved, {"data": {"cache_dir": "/a", "split": "test"}})
+    with pytest.raises(PLDRError, match="train.lr_total_steps"):
+        check_resumable({"train": {"lr_total_steps": 10}}, {"train": {"lr_total_steps": 20}})

@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_bundle": "pldr_llm.bundle",
     "load_model": "pldr_llm.checkpoint",
     "load_reference_checkpoint": "pldr_llm.checkpoint",
-    "safe_torch_load": "pldr_llm.checkpoint",
+    "safe_torch_load": "pldr_llm.fileio",
     "save_reference_checkpoint": "pldr_llm.checkpoint",
     "PLDRConfig": "pldr_llm.config",
     "read_hyperparameters_file": "pldr_llm.config",
@@ -54,11 +54,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from pldr_llm.checkpoint import (
         load_model,
         load_reference_checkpoint,
-        safe_torch_load,
         save_reference_checkpoint,
     )
     from pldr_llm.config import PLDRConfig, read_hyperparameters_file
     from pldr_llm.errors import PLDRError
+    from pldr_llm.fileio import safe_torch_load
     from pldr_llm.generation import (
         DecodeEngine,
         SamplingParams,

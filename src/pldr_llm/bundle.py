@@ -21,7 +21,6 @@ vocabulary does not fit the model's embedding, or an unusable device is a one-li
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -30,7 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pldr_llm.config import PLDRConfig
-from pldr_llm.errors import PLDRError
+from pldr_llm.devices import resolve_device
+from pldr_llm.errors import PLDRError, first_line
+from pldr_llm.fileio import (
+    CHECKPOINT_SUFFIX,
+    CONFIG_NAME,
+    HYPERPARAMETERS_SUFFIX,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    read_json_object,
+)
 
 if TYPE_CHECKING:  # heavy imports only where the model is loaded
     import torch
@@ -53,11 +61,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CHECKPOINT_SUFFIX = ".pth"
-HYPERPARAMETERS_SUFFIX = "_hyperparameters.py"
 
 # What a hub download fetches: the files of both folder formats, nothing else (published repos
 # may hold large extra files such as other checkpoints' exports).
@@ -100,31 +103,6 @@ class BundleFiles:
 # ---------------------------------------------------------------------- devices and dtypes
 
 
-def resolve_device(spec: str | torch.device | None) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available) as a usable
-    ``torch.device`` (None: cpu).
-
-    An unknown name, or CUDA on a machine without it, is a PLDRError.
-    """
-    import torch
-
-    spec = str(spec or "cpu").strip().lower()
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
-        raise PLDRError(f"unknown device {spec!r}: use cpu, cuda or cuda:N")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PLDRError(f"device {spec!r} asked for, but CUDA is not available on this machine")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise PLDRError(
-                f"device {spec!r} does not exist: this machine has {count} CUDA device(s)"
-            )
-    return device
-
-
 def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
     """A dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``) as a torch dtype; None and
     ``"auto"`` (keep the stored dtype) give None."""
@@ -143,11 +121,6 @@ def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
 
 
 # ---------------------------------------------------------------------- locating the folder
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def looks_like_hub_id(spec: str) -> bool:
@@ -192,12 +165,12 @@ def _download(repo_id: str, revision: str | None) -> Path:
         ) from None
     except hub_errors.HFValidationError as exc:
         raise PLDRError(
-            f"{repo_id!r} is not a valid hub repository id ({_first_line(exc)})"
+            f"{repo_id!r} is not a valid hub repository id ({first_line(exc)})"
         ) from None
     except Exception as exc:  # network stacks raise many classes (httpx, OSError, hub HTTP errors)
         raise PLDRError(
             f"could not fetch {where} from the Hugging Face hub: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"{type(exc).__name__}: {first_line(exc)}"
         ) from None
     return Path(path)
 
@@ -260,12 +233,7 @@ def _tokenizer_in(folder: Path) -> Path | None:
 
 def _read_config_json(path: Path) -> tuple[str, PLDRConfig]:
     """``("pldr", config)`` for the project's config, ``("hf", config)`` for a transformers one."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PLDRError(f"{path} is not a readable JSON config ({_first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise PLDRError(f"{path}: a config must be a JSON object")
+    data = read_json_object(path)
     if "model_type" in data or "architectures" in data:
         from pldr_llm.hf.folder import is_hf_config, pldr_config_from_hf
 

@@ -7,98 +7,31 @@ The original saves ``torch.save({"model_state_dict": ..., "optimizer_state_dict"
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.model.model import CONFIG_NAME, WEIGHTS_NAME, PLDRModel
+from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_NAME, safe_torch_load
+from pldr_llm.model.model import PLDRModel
+from pldr_llm.model.state_dict import load_state_dict_strict
 
-# Prefixes that wrappers add to state-dict keys (torch.compile, DDP/FSDP1) and that mean nothing
-# for the weights themselves.
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
+# Re-exported here, where the readers of checkpoints look for them.
+__all__ = [
+    "load_model",
+    "load_reference_checkpoint",
+    "load_state_dict_strict",
+    "reference_state_dict",
+    "safe_torch_load",
+    "save_reference_checkpoint",
+]
+
 # Keys our model has that the original's state dicts do not (v510G's fixed G_LM).
 _NOT_IN_REFERENCE = ("predefined_G_LM",)
-
-
-def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` on the CPU, with one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise PLDRError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PLDRError(f"{path}: refused to load (only tensors are allowed): {first}") from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PLDRError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-
-
-def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.replace(prefix, "")
-        out[key] = value
-    return out
-
-
-def _names(keys: Sequence[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-_SHAPE_HINTS = (
-    ("embedding.weight", "input_vocab_size x d_model"),
-    ("final_layer.weight", "input_vocab_size x d_model"),
-    ("final_layer.bias", "input_vocab_size"),
-    ("ffn.gluw1", "dff x d_model"),
-    ("ffn.gluw3", "d_model x dff"),
-    ("denseAs", "A_dff x d_model/num_heads"),
-    ("plgatt_layer", "num_heads x d_model/num_heads x d_model/num_heads"),
-    ("mha1.layernorm1", "d_model/num_heads"),
-    ("reslayerAs", "d_model/num_heads"),
-)
-
-
-def load_state_dict_strict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``model``: every key must match by name and shape, or a PLDRError says
-    which keys are missing or unexpected, or which shape differs (and from which hyperparameter)."""
-    state = _strip_prefixes(state)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_names(unexpected)}")
-        hint = ""
-        layers_in_state = {k.split(".")[2] for k in state if k.startswith("decoder.dec_layers.")}
-        config = getattr(model, "config", None)
-        if config is not None and layers_in_state and len(layers_in_state) != config.num_layers:
-            hint = (
-                f" (checkpoint has {len(layers_in_state)} layers, num_layers={config.num_layers})"
-            )
-        raise PLDRError(f"{source} does not match the model: {'; '.join(parts)}{hint}")
-    for key, tensor in state.items():
-        want = expected[key].shape
-        if tuple(tensor.shape) != tuple(want):
-            hint = next((h for pattern, h in _SHAPE_HINTS if pattern in key), "")
-            hint = f" [{hint}]" if hint else ""
-            raise PLDRError(
-                f"{source}: shape of {key} is {tuple(tensor.shape)} in the checkpoint but "
-                f"{tuple(want)} from the hyperparameters{hint}"
-            )
-    model.load_state_dict(state, strict=True)
 
 
 def _to_config(hpdict: Mapping[str, Any] | PLDRConfig) -> PLDRConfig:

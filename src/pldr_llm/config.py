@@ -23,6 +23,18 @@ ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "sigmoid")
 
 MODEL_VERSIONS = ("v510", "v510G")
 
+# The switches of the authors' transformers implementation that the original hard-codes.
+_SWITCHES = (
+    "rope_theta",
+    "reference_rope",
+    "rope_scaling",
+    "attention_bias",
+    "glu_bias",
+    "final_bias",
+    "layer_norm_eps",
+    "cache_first_G",
+)
+
 # The architecture fields of PLDRConfig that transformers' PldrllmConfig and hpdicts share.
 ARCHITECTURE_KEYS = (
     "num_layers",
@@ -36,14 +48,7 @@ ARCHITECTURE_KEYS = (
     "max_seq_len",
     "activation",
     "version",
-    "rope_theta",
-    "reference_rope",
-    "rope_scaling",
-    "attention_bias",
-    "glu_bias",
-    "final_bias",
-    "layer_norm_eps",
-    "cache_first_G",
+    *_SWITCHES,
     "causal_metric",
 )
 
@@ -63,18 +68,6 @@ HF_NAMES = {
 }
 # The authors' predefined-G kinds (``custom_G_type``); every one maps onto version v510G.
 CUSTOM_G_TYPES = ("identity", "random", "external")
-
-# The switches of the authors' transformers implementation that the original hard-codes.
-_SWITCHES = (
-    "rope_theta",
-    "reference_rope",
-    "rope_scaling",
-    "attention_bias",
-    "glu_bias",
-    "final_bias",
-    "layer_norm_eps",
-    "cache_first_G",
-)
 
 # rope_scaling types implemented (as in transformers' Llama); others are refused.
 ROPE_SCALING_TYPES = ("default", "linear", "llama3")
@@ -507,3 +500,13 @@ def read_hyperparameters_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(hpdict, dict):
         raise PLDRError(f"{path}: no 'hpdict = {{...}}' dictionary found")
     return hpdict
+
+
+def hyperparameters_file_text(hpdict: dict[str, Any]) -> str:
+    """The original's ``*_hyperparameters.py`` layout: an import and one ``hpdict`` literal."""
+    lines = ["import torch.nn.functional as F", "", "hpdict = {"]
+    for key, value in hpdict.items():
+        text = f"F.{value}" if key == "activation" else repr(value)
+        lines.append(f"    {key!r}: {text},")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,8 @@
-"""Safe file writing and reading: atomic replaces, ordinary permissions, one-line I/O errors.
+"""File names, safe reading and writing: atomic replaces, ordinary permissions, one-line errors.
+
+The names of the files of a saved model (:data:`CONFIG_NAME`, :data:`WEIGHTS_NAME`, ...) are
+defined here once, for the model, the bundle loader and the transformers folders. Reading never
+runs code: safetensors, or ``torch.load(weights_only=True)`` (:func:`safe_torch_load`).
 
 Why atomic: a model file, export, plot, JSON report or G file is often written over a previous one
 (a resumed run saves its final model again). Writing straight into the target leaves a truncated
@@ -15,17 +19,28 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from pldr_llm.errors import PLDRError, first_line
 
-from pldr_llm.errors import PLDRError
+if TYPE_CHECKING:  # torch loads on first use: the CLI answers --help and config errors without it
+    from torch import Tensor
 
 __all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "CHECKPOINT_SUFFIX",
+    "HYPERPARAMETERS_SUFFIX",
+    "safe_torch_load",
+    "read_json_object",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -33,6 +48,13 @@ __all__ = [
     "load_safetensors",
     "save_safetensors",
 ]
+
+# The files of a saved model: the project's format (and transformers'), then the original's.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CHECKPOINT_SUFFIX = ".pth"
+HYPERPARAMETERS_SUFFIX = "_hyperparameters.py"
 
 
 def _umask() -> int:
@@ -152,3 +174,32 @@ def io_error_message(exc: OSError) -> str:
             where += f" -> {os.fsdecode(exc.filename2)}"
         return f"{where}: {what}"
     return what
+
+
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU (a file never runs code), one-line errors."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise PLDRError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise PLDRError(
+            f"{path}: refused to load (only tensors are allowed): {first_line(exc)}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to read is a bad file
+        raise PLDRError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
+
+
+def read_json_object(path: str | os.PathLike[str], kind: str = "config") -> dict[str, Any]:
+    """A JSON file that must hold an object (a model's or tokenizer's config); one-line errors."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PLDRError(f"{path} is not a readable JSON {kind} ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise PLDRError(f"{path}: a {kind} must be a JSON object")
+    return data

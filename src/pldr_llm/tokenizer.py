@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.errors import PLDRError, first_line
 
 __all__ = [
     "PLDRTokenizer",
@@ -75,7 +75,7 @@ class PLDRTokenizer:
             # every non-ASCII path, and a read error here must become a one-line PLDRError.
             processor.LoadFromSerializedProto(path.read_bytes())
         except (RuntimeError, OSError) as exc:
-            raise PLDRError(f"{path} is not a SentencePiece model ({_first_line(exc)})") from None
+            raise PLDRError(f"{path} is not a SentencePiece model ({first_line(exc)})") from None
         self._sp = processor
         self.model_path: Path = path.resolve()
         self.vocab_path: Path | None = _vocab_file_for(path)
@@ -308,12 +308,12 @@ def extract_tokenizer_archive(archive: str | Path, target: str | Path) -> Path:
     try:
         tar = tarfile.open(archive, mode="r:*")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise PLDRError(f"{archive} is not a readable tar archive ({_first_line(exc)})") from None
+        raise PLDRError(f"{archive} is not a readable tar archive ({first_line(exc)})") from None
     with tar:
         try:
             members = tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise PLDRError(f"{archive} is a damaged tar archive ({_first_line(exc)})") from None
+            raise PLDRError(f"{archive} is a damaged tar archive ({first_line(exc)})") from None
         planned = [(m, _check_member(m, archive, target)) for m in members]
         total = sum(m.size for m, _ in planned if m.isfile())
         if total > MAX_ARCHIVE_BYTES:
@@ -339,11 +339,6 @@ def extract_tokenizer_archive(archive: str | Path, target: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------- training
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _input_format(path: Path) -> str:
@@ -454,7 +449,7 @@ def _iter_parquet(path: Path, field: str, progress: bool, tqdm: Any) -> Iterator
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own error classes for unreadable files
-        raise PLDRError(f"{path} is not a readable parquet file ({_first_line(exc)})") from None
+        raise PLDRError(f"{path} is not a readable parquet file ({first_line(exc)})") from None
     names = parquet.schema_arrow.names
     if field not in names:
         raise PLDRError(
@@ -571,5 +566,5 @@ def train_tokenizer(
     except RuntimeError as exc:
         if failure:
             raise failure[0] from None
-        raise PLDRError(f"tokenizer training failed: {_first_line(exc)}") from None
+        raise PLDRError(f"tokenizer training failed: {first_line(exc)}") from None
     return PLDRTokenizer(Path(f"{prefix}.model"))

@@ -40,9 +40,19 @@ def read_prompt_lines(prompt_file: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str]:
-    """The ``--prompt`` texts (in order), then the lines of ``--prompt-file``."""
+def read_prompts(
+    prompts: Sequence[str] | None, prompt_file: str | None, required: bool = False
+) -> list[str]:
+    """The ``--prompt`` texts (in order), then the non-blank lines of ``--prompt-file``.
+
+    ``required``: at least one prompt must be given, and a prompt file must hold one (PLDRError).
+    """
     out = list(prompts or [])
     if prompt_file is not None:
-        out.extend(read_prompt_lines(prompt_file))
+        lines = read_prompt_lines(prompt_file)
+        if required and not lines:
+            raise PLDRError(f"prompt file {prompt_file} holds no prompt")
+        out.extend(lines)
+    if required and not out and prompt_file is None:
+        raise PLDRError("give a prompt with --prompt TEXT or --prompt-file FILE")
     return out

@@ -111,21 +111,16 @@ def run(args: argparse.Namespace) -> int:
     layers_a, source_a = _side(args, args.a)
     layers_b, source_b = _side(args, args.b)
     others = [n for n in ("A", "A_LM", "A_P", "G_LM") if n != args.tensor]
-    report_a = analyze_deductive(
-        layers_a,
-        rtol=args.rtol,
-        batch_index=args.batch_index,
-        tensor=args.tensor,
-        others=others,
-        source=source_a,
-    )
-    report_b = analyze_deductive(
-        layers_b,
-        rtol=args.rtol,
-        batch_index=args.batch_index,
-        tensor=args.tensor,
-        others=others,
-        source=source_b,
+    report_a, report_b = (
+        analyze_deductive(
+            layers,
+            rtol=args.rtol,
+            batch_index=args.batch_index,
+            tensor=args.tensor,
+            others=others,
+            source=source,
+        )
+        for layers, source in ((layers_a, source_a), (layers_b, source_b))
     )
     if (report_a.num_layers, report_a.num_heads, report_a.dk) != (
         report_b.num_layers,

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pldr_llm.errors import first_line
+
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # datasets' packaged builders: a task using one reads local files, never the Hub.
 _LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "sql"})
@@ -136,11 +138,6 @@ def _dataset_failure(exc: BaseException) -> tuple[str, str] | None:
 def _unknown(manager: Any, names: list[str]) -> list[str]:
     known = set(manager.all_tasks)
     return [n for n in names if n not in known and not manager.match_tasks([n])]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -277,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         task, dataset = failed
         if dataset in _LOCAL_BUILDERS or Path(dataset).exists():
             raise PLDRError(
-                f"task {task} could not load its dataset ({dataset}): {_first_line(exc)}"
+                f"task {task} could not load its dataset ({dataset}): {first_line(exc)}"
             ) from None
         offline = [
             v
@@ -291,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         )
         raise PLDRError(
             f"task {task} (of {', '.join(names)}) needs the dataset {dataset} from the "
-            f"Hugging Face Hub and {where}: {_first_line(exc)}. Run once with network access "
+            f"Hugging Face Hub and {where}: {first_line(exc)}. Run once with network access "
             "(the datasets cache keeps it) or point HF_DATASETS_CACHE at a cache that holds it"
         ) from None
     if results is None:  # non-zero ranks of a distributed run

@@ -107,8 +107,9 @@ class DataConfig:
     val_split: str | None = None
     test_split: str | None = None
     val_source: str | None = None
-    streaming: bool = True
-    cache_dir: str | None = None
+    # Where the data comes from, not what it is: a resumed run may change these two.
+    streaming: bool = dataclasses.field(default=True, metadata={"resumable": True})
+    cache_dir: str | None = dataclasses.field(default=None, metadata={"resumable": True})
     trust_remote_code: bool = False
     shuffle: bool = False
     shuffle_seed: int = 0

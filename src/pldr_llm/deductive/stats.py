@@ -32,8 +32,6 @@ REPORT_VERSION = 1
 
 LayerTensors = dict[str, Tensor]
 
-LayerTensors = dict[str, Tensor]
-
 
 def rank_rule(rtol: float | None = None) -> str:
     """The numerical-rank rule in words, as written into reports."""

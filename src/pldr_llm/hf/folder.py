@@ -23,15 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, read_json_object
 
 if TYPE_CHECKING:
     from pldr_llm.model.model import PLDRModel
     from pldr_llm.tokenizer import PLDRTokenizer
 
 MODEL_TYPE = "pldrllm"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # The authors' buffers of a predefined-G model: per layer (A, A_LM, G_LM) and a status flag.
@@ -105,18 +103,13 @@ def read_tokenizer_flags(folder: str | Path) -> tuple[bool, bool]:
     path = Path(folder) / TOKENIZER_CONFIG
     if not path.is_file():
         return False, False
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PLDRError(f"{path} is not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise PLDRError(f"{path}: a tokenizer config must be a JSON object")
+    data = read_json_object(path, "tokenizer config")
     return bool(data.get("add_bos_token", False)), bool(data.get("add_eos_token", False))
 
 
 def load_hf_state(model: PLDRModel, folder: str | Path, data: dict[str, Any] | None = None) -> None:
     """Load a transformers folder's weights into ``model`` (strict: every weight must match)."""
-    from pldr_llm.checkpoint import load_state_dict_strict
+    from pldr_llm.model.state_dict import load_state_dict_strict
 
     folder = Path(folder)
     if data is None:
@@ -166,12 +159,7 @@ def load_hf_folder(
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise PLDRError(f"{folder} has no {CONFIG_NAME}")
-    try:
-        data = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PLDRError(f"{config_path} is not a readable JSON config ({exc})") from None
-    if not isinstance(data, dict):
-        raise PLDRError(f"{config_path}: a config must be a JSON object")
+    data = read_json_object(config_path)
     model = PLDRModel(pldr_config_from_hf(data))
     load_hf_state(model, folder, data)
     tokenizer = None

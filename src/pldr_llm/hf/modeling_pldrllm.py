@@ -143,21 +143,40 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         self.decoder = core.decoder
         self.final_layer = core.final_layer
         self.post_init()
+        self._sync_attention()
+        core.training = self.training
 
     @property
     def core(self) -> PLDRModel:
-        """The wrapped core model (same parameters and buffers)."""
-        core: PLDRModel = self.__dict__["_core"]
-        # Submodules may have been replaced (loading, dtype casts): keep the core pointing at ours.
-        if core.decoder is not self.decoder:
-            core.decoder = self.decoder
-        if core.final_layer is not self.final_layer:
-            core.final_layer = self.final_layer
-        core.training = self.training
-        core.attn_implementation = (
-            "eager" if getattr(self.config, "_attn_implementation", None) == "eager" else "sdpa"
-        )
-        return core
+        """The wrapped core model (same parameters, buffers, training mode and attention).
+
+        A plain accessor: the core is kept in step where things change -- a replaced child
+        (:meth:`__setattr__`), :meth:`train` / ``eval()``, and the attention implementation
+        (:meth:`_sync_attention`, at construction and in :meth:`set_attn_implementation`).
+        """
+        return self.__dict__["_core"]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        core = self.__dict__.get("_core")
+        # The core's two children are ours: one replaced here (loading, from_core) is its too.
+        if core is not None and name in ("decoder", "final_layer"):
+            setattr(core, name, value)
+
+    def train(self, mode: bool = True) -> "PldrllmForCausalLM":
+        super().train(mode)
+        self.__dict__["_core"].training = mode
+        return self
+
+    def set_attn_implementation(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().set_attn_implementation(*args, **kwargs)
+        self._sync_attention()
+        return out
+
+    def _sync_attention(self) -> None:
+        """transformers' ``config._attn_implementation`` -> the core's ("eager" or "sdpa")."""
+        eager = getattr(self.config, "_attn_implementation", None) == "eager"
+        self.__dict__["_core"].attn_implementation = "eager" if eager else "sdpa"
 
     @classmethod
     def from_core(cls, model: PLDRModel, **config_kwargs: Any) -> "PldrllmForCausalLM":
@@ -168,6 +187,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         hf_model.decoder = model.decoder
         hf_model.final_layer = model.final_layer
         hf_model.__dict__["_core"] = model
+        hf_model._sync_attention()
         hf_model.train(model.training)
         return hf_model
 

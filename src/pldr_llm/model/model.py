@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import load_safetensors, save_safetensors
+from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, save_safetensors
 from pldr_llm.model.cache import (
     GCacheEntry,
     LayerKV,
@@ -35,9 +35,7 @@ from pldr_llm.model.cache import (
 from pldr_llm.model.layers import GLU, xavier_linear
 from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
 from pldr_llm.model.rope import RotaryEmbedding
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from pldr_llm.model.state_dict import load_state_dict_strict
 
 
 @dataclass
@@ -145,7 +143,7 @@ class PLDRModel(nn.Module):
 
         ``labels`` [B, L] (the next tokens; ``pad_id`` ignored): the output's ``loss`` is the mean
         cross-entropy computed chunk by chunk from the hidden states by
-        :func:`pldr_llm.fast.linear_cross_entropy` (the [B, L, vocab] logits never exist), and
+        :func:`pldr_llm.losses.linear_cross_entropy` (the [B, L, vocab] logits never exist), and
         ``correct`` counts arg-max hits; ``logits`` then covers the last position only unless
         ``logits_to_keep`` says otherwise. Inside ``forward`` so that FSDP sees the LM head.
 
@@ -238,7 +236,7 @@ class PLDRModel(nn.Module):
         )
         loss = correct = None
         if labels is not None:
-            from pldr_llm.fast.loss import linear_cross_entropy
+            from pldr_llm.losses import linear_cross_entropy
 
             head = self.final_layer
             loss, correct = linear_cross_entropy(
@@ -284,7 +282,7 @@ class PLDRModel(nn.Module):
         """Embedding, decoder layers -> (hidden [B, L, d_model], KV, G, deductive per layer).
 
         The body of :meth:`forward` without its checks and mask building: it reads no device
-        value on the host, so :mod:`pldr_llm.fast` can compile it or capture it in a CUDA graph.
+        value on the host, so :mod:`pldr_llm.model.compile` can compile it or capture it in a CUDA graph.
         ``positions``, ``bias`` and ``is_causal`` are what :meth:`forward` derives from the ids.
         """
         hidden = self.decoder.embedding(input_ids) * self.decoder.embedding_scale
@@ -395,8 +393,6 @@ class PLDRModel(nn.Module):
         config = PLDRConfig.load(config_path)
         model = cls(config)
         state = load_safetensors(weights_path)  # a truncated file is a PLDRError naming it
-        from pldr_llm.checkpoint import load_state_dict_strict
-
         load_state_dict_strict(model, state, source=str(weights_path))
         model.to(device=map_location)
         if dtype is not None:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import io_error_message
+from pldr_llm.fileio import io_error_message, safe_torch_load
 from pldr_llm.train.distributed import DistEnv, barrier, broadcast_object
 
 __all__ = [
@@ -208,13 +208,13 @@ class CheckpointManager:
             state = {"model": get_model_state_dict(model)}
             _dcp_load(state, path)
             set_model_state_dict(model, state["model"])
-        trainer_state = _safe_load(path / TRAINER_STATE)
+        trainer_state = safe_torch_load(path / TRAINER_STATE)
         saved_world = int(marker.get("world_size", 1))
         rank_state = None
         if saved_world == self.env.world_size:
             rank_path = path / _rank_file(self.env.rank)
             if rank_path.is_file():
-                rank_state = _safe_load(rank_path)
+                rank_state = safe_torch_load(rank_path)
         else:
             rank_state = self._reshard_rank_states(path, saved_world)
         return LoadedCheckpoint(path, int(marker["step"]), trainer_state, rank_state, saved_world)
@@ -226,7 +226,7 @@ class CheckpointManager:
             rank_path = path / _rank_file(r)
             if not rank_path.is_file():
                 return None
-            old.append(_safe_load(rank_path))
+            old.append(safe_torch_load(rank_path))
         logger.warning(
             "resuming a %d-rank checkpoint on %d ranks: data positions are resharded and random "
             "states restart from the seed",
@@ -248,16 +248,6 @@ def _single_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
         yield
-
-
-def _safe_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``: a checkpoint never runs code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PLDRError(f"checkpoint file missing: {path}") from None
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise PLDRError(f"cannot read checkpoint file {path}: {str(exc).splitlines()[0]}") from None
 
 
 def _write_synced(path: Path, text: str) -> None:

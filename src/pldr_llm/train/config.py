@@ -18,7 +18,13 @@ from pldr_llm.config import ARCHITECTURE_KEYS as MODEL_ARCHITECTURE_KEYS
 from pldr_llm.errors import PLDRError
 from pldr_llm.train.schedule import validate_schedule
 
-__all__ = ["TrainConfig", "SHARDING_STRATEGIES", "HPDICT_ALIASES", "ARCHITECTURE_KEYS"]
+__all__ = [
+    "TrainConfig",
+    "SHARDING_STRATEGIES",
+    "ORIGINAL_ALIASES",
+    "HPDICT_ALIASES",
+    "ARCHITECTURE_KEYS",
+]
 
 # The original's FSDP sharding strategies (FSDP1 names); the FSDP2 equivalents are documented in
 # pldr_llm.train.distributed.
@@ -33,17 +39,26 @@ BACKWARD_PREFETCH = ("PRE", "POST", "NOPREFETCH")
 SAVE_TYPES = ("dcp", "torch", "both")
 DEVICES = ("auto", "cpu", "cuda")
 
-# Original spellings -> TrainConfig field.
+# The original's flag and hpdict spellings -> (section, key) of a run configuration: the one
+# table of aliases (``pldr-llm train`` accepts each as a flag or a config key; the ``train`` ones
+# are also read from an original hpdict by :meth:`TrainConfig.from_hpdict`).
+ORIGINAL_ALIASES: dict[str, tuple[str, str]] = {
+    "tok_model": ("tokenizer", "path"),
+    "Adff": ("model", "A_dff"),
+    "gcachelst": ("model", "predefined_G"),
+    "DAG_reg_coeffs": ("train", "dag_reg_coeffs"),
+    "chkpt_batches": ("train", "save_steps"),
+    "chkpt_epochs": ("train", "save_epochs"),
+    "verbose_freq": ("train", "log_every"),
+    "val_verbose_freq": ("train", "val_every"),
+    "train_batches_cnt": ("train", "steps_per_epoch"),
+    "val_batches_cnt": ("train", "val_batches"),
+    "load_ckpt": ("train", "init_from"),
+    "save_model_path": ("train", "run_name"),
+}
+# Original spellings -> TrainConfig field (the ``train`` part of the table above).
 HPDICT_ALIASES = {
-    "DAG_reg_coeffs": "dag_reg_coeffs",
-    "chkpt_batches": "save_steps",
-    "chkpt_epochs": "save_epochs",
-    "verbose_freq": "log_every",
-    "val_verbose_freq": "val_every",
-    "val_batches_cnt": "val_batches",
-    "train_batches_cnt": "steps_per_epoch",
-    "load_ckpt": "init_from",
-    "save_model_path": "run_name",
+    alias: key for alias, (section, key) in ORIGINAL_ALIASES.items() if section == "train"
 }
 
 # Keys of the original's hpdict that describe the model; TrainConfig.from_hpdict skips them.
@@ -52,6 +67,15 @@ ARCHITECTURE_KEYS = frozenset((*MODEL_ARCHITECTURE_KEYS, "pad_id", "eos_id"))
 # Keys of the original that mean nothing here (process launch is torchrun's job); accepted so
 # that its hpdicts and scripts load, and ignored.
 IGNORED_KEYS = frozenset({"is_train", "enable_full_dist_load", "master_addr", "master_port"})
+
+#: Field metadata of the settings that may change when a run is resumed (see
+#: :meth:`TrainConfig.resumable_fields`); any other difference would change what the run computes.
+RESUMABLE = {"resumable": True}
+
+
+def _resumable(default: Any) -> Any:
+    """A field that a resumed run may change (speed, logging, checkpoints, length of the run)."""
+    return dataclasses.field(default=default, metadata=RESUMABLE)
 
 
 @dataclass
@@ -63,6 +87,11 @@ class TrainConfig:
     ``global_batch_size`` (optional) fixes the number of sequences per optimizer step across all
     ranks instead, so the same config trains identically on 1 or N processes; ``batch_size`` is
     then derived from it and the world size (see :meth:`resolve_batch_size`).
+
+    Fields given with ``_resumable(...)`` may differ when a run is resumed (``learning_rate``
+    among them: the trainer re-applies it to the restored schedule, so the advice after a
+    divergence, "lower train.learning_rate and resume", can be followed); any other difference
+    is refused.
 
     Attributes:
         learning_rate: peak learning rate of the schedule (AdamW).
@@ -115,7 +144,7 @@ class TrainConfig:
     """
 
     # --- optimization (AdamW with decoupled weight decay, the original's constants)
-    learning_rate: float = 1e-3
+    learning_rate: float = _resumable(1e-3)
     warmup_steps: int = 2000
     lr_total_steps: int = 250_000
     lr_alpha: float = 0.1
@@ -124,47 +153,47 @@ class TrainConfig:
     eps: float = 1e-5
     clip_grad_value: float | None = 1.0
     dag_reg_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    disable_amp: bool = False
+    disable_amp: bool = _resumable(False)
 
     # --- batches and length of the run
-    batch_size: int = 16
+    batch_size: int = _resumable(16)
     global_batch_size: int | None = None
     grad_accum_steps: int = 1
-    max_steps: int | None = None
-    epochs: int = 1
-    steps_per_epoch: int | None = None
+    max_steps: int | None = _resumable(None)
+    epochs: int = _resumable(1)
+    steps_per_epoch: int | None = _resumable(None)
     seed: int = 1234
-    device: str = "auto"
+    device: str = _resumable("auto")
 
     # --- faults
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: int = _resumable(20)
 
     # --- metrics and validation
-    log_every: int = 100
-    val_every: int | None = None
-    val_batches: int = 20
-    tensorboard: bool | None = None
-    progress: bool | None = None
+    log_every: int = _resumable(100)
+    val_every: int | None = _resumable(None)
+    val_batches: int = _resumable(20)
+    tensorboard: bool | None = _resumable(None)
+    progress: bool | None = _resumable(None)
 
     # --- checkpoints and exports
-    save_every: int | None = None
-    save_steps: tuple[int, ...] = ()
-    save_epochs: tuple[int, ...] = ()
-    save_at_end: bool = True
-    keep_last: int | None = 3
-    save_type: str = "dcp"
-    export_pth: bool = True
-    init_from: str | None = None
-    run_name: str | None = None
+    save_every: int | None = _resumable(None)
+    save_steps: tuple[int, ...] = _resumable(())
+    save_epochs: tuple[int, ...] = _resumable(())
+    save_at_end: bool = _resumable(True)
+    keep_last: int | None = _resumable(3)
+    save_type: str = _resumable("dcp")
+    export_pth: bool = _resumable(True)
+    init_from: str | None = _resumable(None)
+    run_name: str | None = _resumable(None)
 
     # --- distributed (the original's FSDP keys)
-    fsdp_sharding_strategy: str = "FULL_SHARD"
-    fsdp_cpu_offload: bool = False
-    disable_fsdp_mixed_precision: bool = False
-    fsdp_reduce_dtype: str = "float32"
-    backward_prefetch: str = "PRE"
-    auto_size_minimum: int | None = None
-    compile: bool = False
+    fsdp_sharding_strategy: str = _resumable("FULL_SHARD")
+    fsdp_cpu_offload: bool = _resumable(False)
+    disable_fsdp_mixed_precision: bool = _resumable(False)
+    fsdp_reduce_dtype: str = _resumable("float32")
+    backward_prefetch: str = _resumable("PRE")
+    auto_size_minimum: int | None = _resumable(None)
+    compile: bool = _resumable(False)
 
     # --- speed levers (docs/training.md). ``None`` means "on when training on a GPU, off on the
     # CPU"; ``false`` turns one off. ``chunked_loss``: the LM loss computed chunk by chunk from
@@ -174,15 +203,15 @@ class TrainConfig:
     # ``compile_layers``). ``fused_optimizer``: fused AdamW, which also skips a non-finite step
     # on the device. ``attn_implementation``: "sdpa" (fused kernels) or "eager" (the original's
     # arithmetic); ``None`` keeps the model's (sdpa).
-    chunked_loss: bool | None = None
-    compile_layers: bool | None = None
-    cuda_graphs: bool | None = None
-    fused_optimizer: bool | None = None
-    attn_implementation: str | None = None
+    chunked_loss: bool | None = _resumable(None)
+    compile_layers: bool | None = _resumable(None)
+    cuda_graphs: bool | None = _resumable(None)
+    fused_optimizer: bool | None = _resumable(None)
+    attn_implementation: str | None = _resumable(None)
     # Batches prepared (tokenized, checked, pinned) ahead by a background thread; 0: inline.
-    prefetch_batches: int = 4
+    prefetch_batches: int = _resumable(4)
     # Peak dense bf16 TFLOP/s of one accelerator, for the MFU figure (989: H100/H200 SXM).
-    peak_tflops: float = 989.0
+    peak_tflops: float = _resumable(989.0)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -325,6 +354,11 @@ class TrainConfig:
         return None
 
     # ------------------------------------------------------------------ dict forms
+    @classmethod
+    def resumable_fields(cls) -> frozenset[str]:
+        """The fields a resumed run may change (declared with ``_resumable`` on the field)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable"))
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

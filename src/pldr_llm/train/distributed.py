@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pldr_llm.devices import resolve_device
 from pldr_llm.errors import PLDRError
 
 __all__ = [
@@ -70,21 +71,6 @@ class DistEnv:
     def distributed(self) -> bool:
         """Whether a process group is active (even a one-process one)."""
         return dist.is_available() and dist.is_initialized()
-
-
-def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
-    if preference == "cpu":
-        return torch.device("cpu")
-    if preference.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise PLDRError(f"'device' is {preference!r} but CUDA is not available")
-        return torch.device(preference)
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise PLDRError("'device' is 'cuda' but CUDA is not available")
-        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
 
 
 def _env_int(name: str, default: int) -> int:

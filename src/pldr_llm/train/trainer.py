@@ -179,7 +179,7 @@ class Trainer:
             # change, which CUDA-graph trees would answer by re-recording. Opt in explicitly.
             self.levers["cuda_graphs"] = False
         if self.levers["compile_layers"] and not config.compile:
-            from pldr_llm.fast import compile_decoder_layers
+            from pldr_llm.model.compile import compile_decoder_layers
 
             options = {"mode": "reduce-overhead"} if self.levers["cuda_graphs"] else {}
             compile_decoder_layers(model, **options)
@@ -573,16 +573,18 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.scheduler.load_state_dict(dict(state["scheduler"]))
-        # The schedule's shape comes from this run's config, not from the checkpoint.
-        self.scheduler.lr_lambdas[0].__init__(
-            self.config.lr_total_steps, self.config.warmup_steps, self.config.lr_alpha
-        )
-        self.scheduler.base_lrs = [self.config.learning_rate] * len(self.optimizer.param_groups)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+        # The schedule's position comes from the checkpoint; its shape and peak learning rate
+        # from this run's config (a resumed run may lower train.learning_rate): this scheduler's
+        # own state, moved to the saved step, through the scheduler's load_state_dict.
+        saved, own = dict(state["scheduler"]), self.scheduler.state_dict()
+        own["base_lrs"] = [self.config.learning_rate] * len(self.optimizer.param_groups)
+        own["last_epoch"] = saved["last_epoch"]
+        own["_step_count"] = saved.get("_step_count", own.get("_step_count"))
+        own["_last_lr"] = [b * self.scheduler.lr_lambdas[0](self.step) for b in own["base_lrs"]]
+        self.scheduler.load_state_dict(own)
+        for group, base, lr in zip(self.optimizer.param_groups, own["base_lrs"], own["_last_lr"]):
             group["initial_lr"] = base
-            group["lr"] = base * self.scheduler.lr_lambdas[0](self.step)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            group["lr"] = lr
 
     # ------------------------------------------------------------------ the run
     def fit(

@@ -1,0 +1,311 @@
+"""A whole training run: tokenizer, model, initial weights, :meth:`Trainer.fit`, both exports.
+
+``pldr-llm train`` parses its arguments and calls this; a notebook starts the same run with::
+
+    from pldr_llm.train.run import start_run
+
+    result = start_run("runs/tiny", preset="tiny", overrides={"train.max_steps": 20})
+
+The run folder receives ``run.yaml`` (the resolved config), ``tokenizer.model``,
+``metrics.jsonl``, ``checkpoints/`` and, at the end, the trained model (``config.json`` +
+``model.safetensors``) and ``original/``, the same model in the original's bundle format
+(``.pth`` + ``_hyperparameters.py`` + tokenizer). Starting it again on a folder that holds a run
+resumes it from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pldr_llm.errors import PLDRError
+from pldr_llm.train.runconfig import RUN_FILE, TOKENIZER_FILE, RunConfig, prepare_run
+
+if TYPE_CHECKING:
+    from pldr_llm.train.trainer import FitResult
+
+__all__ = ["run", "start_run", "RunConfig", "prepare_run"]
+
+logger = logging.getLogger("pldr_llm.train")
+
+
+def start_run(
+    out: str | os.PathLike[str],
+    *,
+    preset: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> FitResult:
+    """:func:`~pldr_llm.train.runconfig.prepare_run`, then :func:`run`: ``pldr-llm train``."""
+    return run(prepare_run(out, preset=preset, config=config, overrides=overrides))
+
+
+def _setup_logging(is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    root = logging.getLogger("pldr_llm")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def run(resolved: RunConfig) -> FitResult:
+    """Train the run ``resolved`` describes (from :func:`~pldr_llm.train.runconfig.prepare_run`).
+
+    Returns the trainer's result: ``status`` ``"completed"`` (both exports written) or
+    ``"interrupted"`` (by a signal; starting it again resumes). A run that diverged raises
+    :class:`PLDRError` with the advice to follow.
+    """
+    if resolved.run_dir is None:
+        raise PLDRError("give the run folder with --out DIR")
+    run_dir, resuming = resolved.run_dir, resolved.resuming
+    import random
+
+    import numpy as np
+    import torch
+
+    from pldr_llm.data import build_batches
+    from pldr_llm.data.config import open_source
+    from pldr_llm.train.distributed import barrier, cleanup_distributed, setup_distributed
+    from pldr_llm.train.trainer import Trainer
+
+    cfg = resolved.train
+    # Open the data source before anything slow: a missing file or column fails now.
+    open_source(resolved.data, "train")
+    env = setup_distributed(cfg.device)
+    try:
+        _setup_logging(env.is_main)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            logger.info(
+                "%s run in %s on %d process(es), device %s",
+                "resuming" if resuming else "starting",
+                run_dir,
+                env.world_size,
+                env.device,
+            )
+        barrier()
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (2**32))
+        torch.manual_seed(cfg.seed)
+
+        tokenizer, tokenizer_file = _tokenizer(resolved, run_dir, env)
+        model = _build_model(resolved, tokenizer, run_dir=run_dir)
+        if env.is_main:
+            logger.info(
+                "model: %s parameters, %d layers, d_model %d, %d heads, context %d",
+                f"{model.num_parameters():,}",
+                model.config.num_layers,
+                model.config.d_model,
+                model.config.num_heads,
+                resolved.context_length,
+            )
+        trainer = Trainer(model, cfg, env=env)
+        train_batches = build_batches(
+            resolved.data,
+            tokenizer,
+            batch_size=trainer.batch_size,
+            context_length=resolved.context_length,
+            rank=env.rank,
+            world_size=env.world_size,
+            pad_id=model.config.pad_id,
+        )
+        val_batches = None
+        if cfg.val_every:
+            val_batches = build_batches(
+                resolved.data,
+                tokenizer,
+                batch_size=trainer.batch_size,
+                context_length=resolved.context_length,
+                split="validation",
+                rank=env.rank,
+                world_size=env.world_size,
+                pad_id=model.config.pad_id,
+            )
+            if val_batches is None and env.is_main:
+                logger.warning(
+                    "'train.val_every' is set but the data config has no validation split"
+                )
+        if env.is_main:
+            # Written once the tokenizer, model and data are set up: a start that fails before
+            # (a missing --tokenizer.path) leaves no run.yaml that would refuse the fixed command.
+            tmp = run_dir / (RUN_FILE + ".tmp")
+            tmp.write_text(resolved.to_yaml(), encoding="utf-8")
+            os.replace(tmp, run_dir / RUN_FILE)
+        result = trainer.fit(
+            train_batches,
+            run_dir,
+            val_data=val_batches,
+            resume=True,
+            tokenizer_file=tokenizer_file,
+        )
+        if result.status == "completed" and env.is_main:
+            _export_original(trainer, resolved, run_dir, tokenizer_file)
+        barrier()
+        if env.is_main:
+            metrics = result.last_metrics or {}
+            logger.info(
+                "%s at step %d%s",
+                result.status,
+                result.step,
+                f": loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}"
+                if metrics.get("loss") is not None
+                else "",
+            )
+        if result.status == "interrupted":
+            if env.is_main:
+                logger.warning(
+                    "stopped by a signal at step %d; run the same command to resume", result.step
+                )
+            return result
+        if result.status == "diverged":
+            raise PLDRError(
+                f"training stopped at step {result.step}: more than "
+                f"{cfg.max_nonfinite_steps} steps had a non-finite loss (the last good weights "
+                "are in the last checkpoint): run the same command with a lower "
+                f"--train.learning_rate (e.g. {cfg.learning_rate / 2:g}) to resume from there"
+            )
+        return result
+    finally:
+        cleanup_distributed(env)
+
+
+def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any) -> tuple[Any, Path]:
+    """Load the configured tokenizer, the run's own, or train one (rank 0) on the training data."""
+    from pldr_llm.tokenizer import load_tokenizer
+    from pldr_llm.train.distributed import barrier
+
+    settings = resolved.tokenizer
+    if settings.path is not None:
+        tok = load_tokenizer(settings.path)
+        return tok, Path(tok.model_path)
+    own = run_dir / TOKENIZER_FILE
+    if not own.is_file():
+        if env.is_main:
+            _train_tokenizer(resolved, run_dir)
+        barrier()
+    tok = load_tokenizer(own)
+    return tok, own
+
+
+def _train_tokenizer(resolved: RunConfig, run_dir: Path) -> None:
+    import itertools
+    import tempfile
+
+    from pldr_llm.data.config import open_source
+    from pldr_llm.tokenizer import train_tokenizer
+
+    settings = resolved.tokenizer
+    started = time.perf_counter()
+    source = open_source(resolved.data, "train")
+    assert source is not None
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tokenizer-") as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        count = 0
+        with open(corpus, "w", encoding="utf-8") as fh:
+            for doc in itertools.islice(source.iter_documents(), settings.train_docs):
+                if doc:
+                    fh.write(doc.rstrip("\n") + "\n")
+                    count += 1
+        if count == 0:
+            raise PLDRError("the training data holds no text to train a tokenizer on")
+        # One thread and a fixed seed: the same data always gives the same tokenizer, so a run
+        # repeated from scratch reproduces its numbers.
+        train_tokenizer(
+            [corpus],
+            settings.vocab_size,
+            Path(tmp) / "tokenizer",
+            num_threads=1,
+            seed=resolved.train.seed,
+            progress=False,
+        )
+        os.replace(Path(tmp) / "tokenizer.model", run_dir / TOKENIZER_FILE)
+        vocab = Path(tmp) / "tokenizer.vocab"
+        if vocab.is_file():
+            os.replace(vocab, run_dir / "tokenizer.vocab")
+    logger.info(
+        "trained a %d-piece tokenizer on %d documents in %.1fs",
+        settings.vocab_size,
+        count,
+        time.perf_counter() - started,
+    )
+
+
+def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path) -> Any:
+    from pldr_llm.config import PLDRConfig
+    from pldr_llm.model import PLDRModel
+
+    model_keys = dict(resolved.model)
+    if model_keys.get("input_vocab_size") is None:
+        model_keys["input_vocab_size"] = tokenizer.vocab_size
+    config = PLDRConfig(**model_keys)
+    if tokenizer.vocab_size > config.input_vocab_size:
+        raise PLDRError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but 'model.input_vocab_size' is "
+            f"{config.input_vocab_size}"
+        )
+    model = PLDRModel(config)
+    if resolved.predefined_G is not None:
+        from pldr_llm.gfile import load_g_file
+
+        model.set_predefined_G([g for _, g in load_g_file(resolved.predefined_G)])
+    init_from = resolved.train.init_from
+    has_checkpoint = (run_dir / "checkpoints").is_dir() and any(
+        (p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step_*")
+    )
+    if init_from and not has_checkpoint:
+        _load_initial_weights(model, init_from)
+    return model
+
+
+def _load_initial_weights(model: Any, source: str) -> None:
+    """Start from the weights of an original ``.pth``, a project folder or a DCP folder."""
+    from pldr_llm.checkpoint import reference_state_dict
+    from pldr_llm.fileio import WEIGHTS_NAME, load_safetensors, safe_torch_load
+    from pldr_llm.model.state_dict import load_state_dict_strict
+
+    path = Path(source)
+    if path.is_file():
+        state = reference_state_dict(safe_torch_load(path), str(path))
+        load_state_dict_strict(model, state, source=str(path))
+    elif (path / WEIGHTS_NAME).is_file():
+        state = load_safetensors(path / WEIGHTS_NAME)
+        load_state_dict_strict(model, state, source=str(path))
+    elif path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        dcp_dir = path / "dcp" if (path / "dcp").is_dir() else path
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(dcp_dir))
+        model.load_state_dict(state["model"])
+    else:
+        raise PLDRError(f"'train.init_from': no checkpoint at {path}")
+    logger.info("initial weights from %s", path)
+
+
+def _export_original(
+    trainer: Any, resolved: RunConfig, run_dir: Path, tokenizer_file: Path
+) -> None:
+    """Complete ``run_dir/original/`` (the .pth written by the trainer) into an original bundle."""
+    import shutil
+
+    from pldr_llm.config import hyperparameters_file_text
+    from pldr_llm.fileio import atomic_write_text
+
+    cfg = resolved.train
+    if not cfg.export_pth:
+        return
+    name = cfg.run_name or "pldr-llm"
+    target = run_dir / "original"
+    if not (target / f"{name}-model-checkpoint.pth").is_file():
+        return
+    hp = trainer.model.config.to_hpdict()
+    hp.update(cfg.to_hpdict())
+    hp["save_model_path"] = name
+    atomic_write_text(target / f"{name}_hyperparameters.py", hyperparameters_file_text(hp))
+    shutil.copyfile(tokenizer_file, target / TOKENIZER_FILE)
