@@ -441,6 +441,37 @@ def test_step_many_equals_single_steps(tiny_model, k):
     assert all(len(slots) > 0 for slots, _, _, _ in runs[0][0])
 
 
+def test_launch_then_collect_with_a_release_in_between(tiny_model):
+    """A server routes one block while the next computes: releasing a slot meanwhile is allowed
+    (its tokens of that block are still reported), adding is refused until collect()."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    params = SamplingParams(seed=3, max_new_tokens=10, stop_at_eos=False)
+    kw = {"seed": 3, "stop_at_eos": False}
+    want = generate(tiny_model, PROMPTS[:2], 10, **kw)
+    engine = DecodeEngine(tiny_model, 2, 24)
+    a, b = engine.add_many(PROMPTS[:2], [params, params])
+    first = engine.step_many(4)
+    engine.launch(4)
+    with pytest.raises(PLDRError, match="in flight"):
+        engine.add([5], params)
+    with pytest.raises(PLDRError, match="in flight"):
+        engine.launch(4)
+    engine.release(a)  # e.g. a stop string matched in the first block
+    second = engine.collect()
+    assert [o.slots for o in second] == [[a, b]] * 4
+    got_b = [t for o in first + second for s, t in zip(o.slots, o.token_ids) if s == b]
+    assert got_b == want[1][2:10]
+    assert engine.active_slots == [b] and engine.free_slots == 1
+    c = engine.add(PROMPTS[2], params)  # the released slot starts afresh
+    assert c == a
+    while engine.active_slots:
+        engine.step_many(3)
+    assert engine.generated(c) == generate(tiny_model, [PROMPTS[2]], 10, **kw)[0][4:]
+    with pytest.raises(PLDRError, match="no block"):
+        engine.collect()
+
+
 # ---------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True])

@@ -276,6 +276,7 @@ class DecodeEngine:
         self._graphs: dict[tuple[SamplingMode, int], Any] = {}
         # Per-step reports of a block of n > 1 steps ([n, 3, batch], see step_many).
         self._reports: dict[int, Tensor] = {}
+        self._in_flight: tuple[list[int], int] | None = None  # (slots, k) of a launched block
 
     # ------------------------------------------------------------------ slots
     @property
@@ -355,6 +356,7 @@ class DecodeEngine:
         out of A, the keys and the rotary positions. (One corner differs from a lone run: a pad
         id *inside* such a prompt is attended to by the prompt pass, where alone it is masked.)
         """
+        self._check_idle()
         if len(prompts) != len(params):
             raise PLDRError(f"{len(prompts)} prompts but {len(params)} sampling params")
         if len(prompts) > len(self._free):
@@ -694,6 +696,7 @@ class DecodeEngine:
         """Run ``count`` decoding steps without reporting (for :func:`generate`; read the ids
         with :meth:`generated`). Rows that finish stop advancing; nothing reads back to the host.
         With CUDA graphs of ``steps_per_graph`` steps, ``count`` is rounded up to whole graphs."""
+        self._check_idle()
         if self._running:
             self._run_steps(count)
 
@@ -709,6 +712,7 @@ class DecodeEngine:
         """One decoding step for every active slot (one host sync); reports each active slot's
         pending token. A slot whose token comes with ``finished=True`` stops; :meth:`release`
         it to reuse the slot."""
+        self._check_idle()
         slots = self.active_slots
         if not slots:
             return StepOutput([], [], [], [] if self.output_logprobs else None)
@@ -735,20 +739,54 @@ class DecodeEngine:
         stops advancing there, as with :meth:`step`, and is left out of the later outputs. With
         ``keep_logits`` (per-step logits) it is k :meth:`step` calls.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise PLDRError(f"step_many needs k >= 1 steps, got {k!r}")
-        if k == 1 or self.pending_logits is not None:
+        if self.pending_logits is not None:
+            self._check_k(k)
             outputs = []
             for _ in range(k):
                 if not self._running:
                     break
                 outputs.append(self.step())
             return outputs
+        self.launch(k)
+        return self.collect()
+
+    @staticmethod
+    def _check_k(k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PLDRError(f"a block needs k >= 1 steps, got {k!r}")
+
+    def _check_idle(self) -> None:
+        if self._in_flight is not None:
+            raise PLDRError("a block of steps is in flight: collect() it first")
+
+    @torch.inference_mode()
+    def launch(self, k: int) -> None:
+        """Start a block of ``k`` steps for the active slots without waiting for the device;
+        :meth:`collect` returns its outputs. Between the two the host is free (a server routes
+        the previous block's tokens meanwhile); :meth:`release` may be called then (a released
+        slot's tokens of the block are still reported: the caller drops them), but not
+        :meth:`add`, :meth:`step` or another :meth:`launch`."""
+        self._check_k(k)
+        self._check_idle()
+        if self.pending_logits is not None:
+            raise PLDRError("launch() does not keep per-step logits: use step()")
         slots = self.active_slots
+        if slots:
+            self._run_steps(k, block=k)
+        self._in_flight = (slots, k)
+
+    @torch.inference_mode()
+    def collect(self) -> list[StepOutput]:
+        """The outputs of the block :meth:`launch` started (one host sync): one
+        :class:`StepOutput` per step, each with the slots that had not finished before it."""
+        if self._in_flight is None:
+            raise PLDRError("no block of steps in flight: launch() one first")
+        slots, k = self._in_flight
+        self._in_flight = None
         if not slots:
             return []
-        self._run_steps(k, block=k)
-        reports = self._report_buffer(k)[:, :, slots].tolist()  # the one host sync
+        buffer = self._report_buffer(k) if k > 1 else self.report[None]
+        reports = buffer[:, :, slots].tolist()  # the one host sync
         outputs = []
         live = list(range(len(slots)))  # positions in `slots` not finished yet
         for tokens, finished, logprobs in reports:
@@ -763,6 +801,7 @@ class DecodeEngine:
             outputs.append(out)
             live = [j for j, fin in zip(live, out.finished) if not fin]
         for j in set(range(len(slots))) - set(live):
-            self._running.discard(slots[j])
-            self.active[slots[j]] = False
+            if slots[j] in self._running:  # not released meanwhile
+                self._running.discard(slots[j])
+                self.active[slots[j]] = False
         return outputs

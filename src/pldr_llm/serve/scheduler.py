@@ -179,6 +179,8 @@ class Scheduler:
             raise PLDRError(f"tokens_per_sync must be an integer >= 1, got {tokens_per_sync}")
         self.tokens_per_sync = tokens_per_sync
         self._admitted = False  # sequences were admitted since the last step
+        # Engines with a block of steps launched ahead (computing while the host routes).
+        self._in_flight: set[tuple[bool, bool]] = set()
         self.model = model
         self.tokenizer = tokenizer
         self.max_queue = max_queue
@@ -280,9 +282,13 @@ class Scheduler:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._running or self._jobs or self._stop):
+                while not (
+                    self._waiting or self._running or self._jobs or self._in_flight or self._stop
+                ):
                     self._cond.wait()
-                if self._stop and not (self._waiting or self._running or self._jobs):
+                if self._stop and not (
+                    self._waiting or self._running or self._jobs or self._in_flight
+                ):
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
@@ -294,7 +300,7 @@ class Scheduler:
                         future.set_exception(exc)
             try:
                 self._admit()
-                if self._running:
+                if self._running or self._in_flight:
                     self._step()
             except Exception as exc:  # a failing step ends its sequences, not the server
                 for seq in list(self._running.values()):
@@ -303,8 +309,9 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots, first come first served. Sequences of the same
-        cache mode that arrive together are prefilled in one call."""
-        while True:
+        cache mode that arrive together are prefilled in one call. Not while a block of steps
+        is in flight: its outputs are collected (and no more launched ahead) first."""
+        while not self._in_flight:
             with self._cond:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()
@@ -356,12 +363,24 @@ class Scheduler:
         busy = self._admitted or self._waiting or self._jobs
         steps = 1 if busy else self.tokens_per_sync
         self._admitted = False
-        for key in sorted({k for k, _ in self._running}):
+        for key in sorted({k for k, _ in self._running} | self._in_flight):
             self._step_engine(key, steps)
 
     def _step_engine(self, key: tuple[bool, bool], steps: int = 1) -> None:
         engine = self._engines[key]
-        outs = engine.step_many(steps) if steps > 1 else [engine.step()]
+        if key in self._in_flight:
+            self._in_flight.discard(key)
+            outs = engine.collect()
+        elif steps > 1:
+            outs = engine.step_many(steps)
+        else:
+            outs = [engine.step()]
+        if steps > 1 and engine.active_slots:
+            # Launch the next block before routing this one, so that the device computes
+            # while the host detokenizes. Its tokens of sequences that end in this block (a stop
+            # string, a cancel) are dropped when it is collected; nothing is admitted meanwhile.
+            engine.launch(steps)
+            self._in_flight.add(key)
         now = time.perf_counter()
         for out in outs:  # in step order: each sequence's detokenizer gets its ids in order
             self._route(key, out, now)
