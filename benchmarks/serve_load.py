@@ -232,8 +232,9 @@ def main() -> int:
                         break
                 except httpx.TransportError:
                     time.sleep(0.2)
-            # Warm-up (CUDA-graph capture, compilation, allocator): one short request per slot.
-            warm = argparse.Namespace(**{**vars(args), "max_tokens": 4, "rounds": 1})
+            # Warm-up (CUDA-graph capture, compilation, allocator): one short request per slot,
+            # long enough for the blocks of several steps per sync to be captured too.
+            warm = argparse.Namespace(**{**vars(args), "max_tokens": 16, "rounds": 1})
             asyncio.run(run_load(warm, base, "bench"))
             result = asyncio.run(run_load(args, base, "bench"))
             metrics = httpx.get(base + "/metrics", timeout=10).text
