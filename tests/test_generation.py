@@ -524,11 +524,12 @@ def test_cuda_step_many_graph_equals_eager(tiny_model, k):
         SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_new_tokens=13),
     ]
     runs = []
-    for graph in (False, True):
+    for graph, ahead in [(False, False), (True, False), (True, True)]:
         engine = DecodeEngine(model, 3, 32, cuda_graph=graph, output_logprobs=True)
         engine.add_many(PROMPTS, params)
-        runs.append([(o.slots, o.token_ids, o.finished) for o in _drain_many(engine, k)])
-    assert runs[0] == runs[1] and len(runs[0]) >= 7
+        outs = _drain_ahead(engine, k) if ahead else _drain_many(engine, k)
+        runs.append([(o.slots, o.token_ids, o.finished) for o in outs])
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) >= 7
     model.cpu()
 
 
@@ -537,3 +538,15 @@ def _drain_many(engine, k: int) -> list:
     while engine.active_slots:
         outs += engine.step_many(k)
     return outs
+
+
+def _drain_ahead(engine, k: int) -> list:
+    """As the server drives it: the next block is launched before this one is looked at."""
+    outs = []
+    engine.launch(k)
+    while True:
+        block = engine.collect()
+        if not engine.active_slots:
+            return outs + block
+        engine.launch(k)
+        outs += block
