@@ -186,6 +186,9 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=None, help="default: --clients")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="serve --compile")
+    parser.add_argument(
+        "--tokens-per-sync", type=int, default=None, help="serve --tokens-per-sync (its default)"
+    )
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--time-limit", type=float, default=540.0, help="cap on the load (s)")
     parser.add_argument("--min-tokens-per-s", type=float, default=None)
@@ -206,6 +209,8 @@ def main() -> int:
         cmd += ["--max-queue", str(args.clients * 2), "--model-id", "bench", "-q"]
         if args.compile:
             cmd.append("--compile")
+        if args.tokens_per_sync is not None:
+            cmd += ["--tokens-per-sync", str(args.tokens_per_sync)]
         # The repository's sources first, keeping whatever the caller's PYTHONPATH adds.
         paths = [
             str(REPO / "src"),
@@ -227,8 +232,9 @@ def main() -> int:
                         break
                 except httpx.TransportError:
                     time.sleep(0.2)
-            # Warm-up (CUDA-graph capture, compilation, allocator): one short request per slot.
-            warm = argparse.Namespace(**{**vars(args), "max_tokens": 4, "rounds": 1})
+            # Warm-up (CUDA-graph capture, compilation, allocator): one short request per slot,
+            # long enough for the blocks of several steps per sync to be captured too.
+            warm = argparse.Namespace(**{**vars(args), "max_tokens": 16, "rounds": 1})
             asyncio.run(run_load(warm, base, "bench"))
             result = asyncio.run(run_load(args, base, "bench"))
             metrics = httpx.get(base + "/metrics", timeout=10).text

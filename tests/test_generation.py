@@ -340,6 +340,138 @@ def test_compiled_step_traces_whole(tiny_model):
     )
 
 
+# ---------------------------------------------------------------------------- step variants
+def test_plain_variant_equals_the_filters_for_rows_that_filter_nothing():
+    """top_p 1 and top_k 0 or >= vocab make the filters the identity: the sort-free variant
+    must then pick exactly the ids of filter_rows + noise (and differ when a row filters)."""
+    from pldr_llm.generation import filter_rows, gumbel_noise, sample_rows
+
+    torch.manual_seed(1)
+    vocab, rows = 300, 8
+    logits = torch.randn(rows, vocab) * 4
+    temperature = torch.tensor([1.0, 0.5, 1.7, 0.0, 1.0, 0.9, 2.5, 1.0])
+    top_k = torch.tensor([0, 0, vocab, 0, vocab + 7, 0, 0, 0])
+    top_p = torch.ones(rows)
+    for step in range(20):
+        seed, steps = torch.arange(rows) * 7 + 3, torch.full((rows,), step)
+        args = (logits, temperature, top_k, top_p, seed, steps)
+        plain = sample_rows(*args, mode="plain")
+        filtered = filter_rows(logits, temperature, top_k, top_p)
+        by_hand = (filtered + gumbel_noise(seed, steps, vocab)).argmax(-1)
+        by_hand[3] = logits[3].argmax()  # temperature 0: greedy
+        assert torch.equal(plain, by_hand)
+        assert torch.equal(plain, sample_rows(*args, mode="filtered"))
+    # a row that does filter (top_k 2): the plain variant would draw outside its top 2
+    top_k2 = torch.full((rows,), 2)
+    drawn = [
+        sample_rows(logits, temperature, top_k2, top_p, seed, torch.full((rows,), s), mode=m)
+        for s in range(20)
+        for m in ("plain", "filtered")
+    ]
+    assert any(not torch.equal(a, b) for a, b in zip(drawn[::2], drawn[1::2]))
+
+
+def test_step_variant_follows_the_running_rows(tiny_model):
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+    from pldr_llm.generation.sampling import batch_mode, row_mode
+
+    vocab = tiny_model.config.input_vocab_size
+    assert row_mode(SamplingParams(temperature=0), vocab) == "greedy"
+    assert row_mode(SamplingParams(top_k=1), vocab) == "greedy"
+    assert row_mode(SamplingParams(top_k=vocab), vocab) == "plain"
+    assert row_mode(SamplingParams(top_p=0.99), vocab) == "filtered"
+    assert row_mode(SamplingParams(top_k=vocab - 1), vocab) == "filtered"
+    assert batch_mode(["greedy", "plain"]) == "plain"
+    assert batch_mode(["plain", "filtered", "greedy"]) == "filtered"
+
+    engine = DecodeEngine(tiny_model, 3, 24)
+    used: list[str] = []
+    for mode, fn in list(engine._step_fns.items()):
+        engine._step_fns[mode] = lambda fn=fn, mode=mode: (used.append(mode), fn())[1]
+    greedy = engine.add(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=9))
+    engine.step()
+    plain = engine.add(PROMPTS[1], SamplingParams(seed=1, max_new_tokens=9, stop_at_eos=False))
+    engine.step()
+    engine.add(PROMPTS[2], SamplingParams(top_p=0.9, seed=2, max_new_tokens=2))
+    engine.step()  # the mixed batch takes the filtered variant ...
+    engine.step()
+    engine.step()  # ... until the filtering row has finished
+    assert used == ["greedy", "plain", "filtered", "filtered", "plain"]
+    assert {greedy, plain} <= set(engine.active_slots)
+
+
+def _drain(engine, k: int) -> list:
+    """Every step's (slots, tokens, finished, logprobs) until no slot runs."""
+    steps = []
+    while engine.active_slots:
+        outs = engine.step_many(k) if k > 1 else [engine.step()]
+        steps += [(o.slots, o.token_ids, o.finished, o.logprobs) for o in outs]
+    return steps
+
+
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_step_many_equals_single_steps(tiny_model, k):
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    base = {"max_new_tokens": 11, "stop_at_eos": False}
+    first = [
+        SamplingParams(temperature=0, **base),
+        SamplingParams(seed=4, **{**base, "max_new_tokens": 6}),  # finishes mid-block
+        SamplingParams(temperature=0.8, top_p=0.9, seed=5, **base),
+    ]
+    stop = generate(tiny_model, [PROMPTS[1]], 9, seed=9, stop_at_eos=False)[0][2:][4]
+    later = SamplingParams(seed=9, max_new_tokens=9, stop_token_ids=(stop,))
+    runs = []
+    for many in (1, k):
+        engine = DecodeEngine(tiny_model, 4, 32, output_logprobs=True)
+        engine.add_many(PROMPTS, first)
+        outs = engine.step_many(many) if many > 1 else [engine.step() for _ in range(k)]
+        steps = [(o.slots, o.token_ids, o.finished, o.logprobs) for o in outs]
+        joined = engine.add([7, 8, 9], first[2])  # a row joins while the others run
+        steps += _drain(engine, many)
+        for slot in range(4):
+            engine.release(slot)
+        slot = engine.add(PROMPTS[1], later)  # a reused slot, a stop id mid-block
+        steps += _drain(engine, many)
+        runs.append((steps, joined, slot))
+    assert runs[0] == runs[1]
+    tokens = [t for slots, ids, _, _ in runs[0][0] for s, t in zip(slots, ids) if s == 0]
+    later_ids = tokens[11:]  # slot 0: the greedy row's 11 ids, then the stop-id row's
+    assert later_ids.index(stop) == len(later_ids) - 1 < 8  # stopped at the stop id
+    assert all(len(slots) > 0 for slots, _, _, _ in runs[0][0])
+
+
+def test_launch_then_collect_with_a_release_in_between(tiny_model):
+    """A server routes one block while the next computes: releasing a slot meanwhile is allowed
+    (its tokens of that block are still reported), adding is refused until collect()."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    params = SamplingParams(seed=3, max_new_tokens=10, stop_at_eos=False)
+    kw = {"seed": 3, "stop_at_eos": False}
+    want = generate(tiny_model, PROMPTS[:2], 10, **kw)
+    engine = DecodeEngine(tiny_model, 2, 24)
+    a, b = engine.add_many(PROMPTS[:2], [params, params])
+    first = engine.step_many(4)
+    engine.launch(4)
+    with pytest.raises(PLDRError, match="in flight"):
+        engine.add([5], params)
+    with pytest.raises(PLDRError, match="in flight"):
+        engine.launch(4)
+    engine.release(a)  # e.g. a stop string matched in the first block
+    second = engine.collect()
+    assert [o.slots for o in second] == [[a, b]] * 4
+    got_b = [t for o in first + second for s, t in zip(o.slots, o.token_ids) if s == b]
+    assert got_b == want[1][2:10]
+    assert engine.active_slots == [b] and engine.free_slots == 1
+    c = engine.add(PROMPTS[2], params)  # the released slot starts afresh
+    assert c == a
+    while engine.active_slots:
+        engine.step_many(3)
+    assert engine.generated(c) == generate(tiny_model, [PROMPTS[2]], 10, **kw)[0][4:]
+    with pytest.raises(PLDRError, match="no block"):
+        engine.collect()
+
+
 # ---------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True])
@@ -377,3 +509,44 @@ def test_cuda_engine_bfloat16_runs_and_steps_per_graph(tiny_model):
     half = tiny_model.to(torch.bfloat16)
     out = generate_details(half, PROMPTS, 16, top_k=1, stop_at_eos=False)
     assert all(len(n) == 16 for n in out.new_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 4])
+def test_cuda_step_many_graph_equals_eager(tiny_model, k):
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    torch.set_float32_matmul_precision("highest")
+    model = tiny_model.cuda()
+    params = [
+        SamplingParams(temperature=0, max_new_tokens=13, stop_at_eos=False),
+        SamplingParams(seed=4, max_new_tokens=7, stop_at_eos=False),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_new_tokens=13),
+    ]
+    runs = []
+    for graph, ahead in [(False, False), (True, False), (True, True)]:
+        engine = DecodeEngine(model, 3, 32, cuda_graph=graph, output_logprobs=True)
+        engine.add_many(PROMPTS, params)
+        outs = _drain_ahead(engine, k) if ahead else _drain_many(engine, k)
+        runs.append([(o.slots, o.token_ids, o.finished) for o in outs])
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) >= 7
+    model.cpu()
+
+
+def _drain_many(engine, k: int) -> list:
+    outs = []
+    while engine.active_slots:
+        outs += engine.step_many(k)
+    return outs
+
+
+def _drain_ahead(engine, k: int) -> list:
+    """As the server drives it: the next block is launched before this one is looked at."""
+    outs = []
+    engine.launch(k)
+    while True:
+        block = engine.collect()
+        if not engine.active_slots:
+            return outs + block
+        engine.launch(k)
+        outs += block

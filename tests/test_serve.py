@@ -216,6 +216,51 @@ def test_sixteen_concurrent_streams_are_independent(client: openai.OpenAI) -> No
     assert len(set(texts)) == 16
 
 
+def _completions(url: str, requests: list[dict]) -> list[tuple[str, str, int, str]]:
+    """(text, finish_reason, completion_tokens, streamed text) of each request, sent together."""
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+    def one(kwargs: dict) -> tuple[str, str, int, str]:
+        r = c.completions.create(model=MODEL_ID, **kwargs)
+        chunks = c.completions.create(model=MODEL_ID, stream=True, **kwargs)
+        streamed = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens, streamed
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def test_tokens_per_sync_gives_the_texts_of_single_steps(bundle: Path, loaded) -> None:
+    """Blocks of 4 steps per host sync: the same texts, usage and stream as one step per sync,
+    with stop strings that match inside a block (its later tokens are dropped)."""
+    full, new = _greedy_text(loaded, PROMPT, 40)
+    words = full.split()
+    # stop strings ending at several token offsets, so some fall inside a block of 4
+    stops = [words[i] for i in (1, 2, 3, 5) if len(words) > i]
+    requests = [
+        {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stop": stop} for stop in stops
+    ]
+    requests += [
+        {"prompt": f"Prompt number {i}", "max_tokens": 17 + i, "seed": 300 + i, "top_p": p}
+        for i, p in enumerate([1.0, 0.9, 1.0, 1.0])
+    ]
+    results = {}
+    for k in (1, 4):
+        with live_server(bundle, max_batch=8, tokens_per_sync=k) as (url, app):
+            engine = app.state.server.scheduler._engines[(True, True)]
+            blocks = []
+            launch = engine.launch
+            engine.launch = lambda n, b=blocks, f=launch: (b.append(n), f(n))[1]
+            results[k] = _completions(url, requests)
+        # blocks of 4 (step_many and the ones launched ahead), or only single steps
+        assert (blocks.count(4) > 5) if k == 4 else set(blocks) <= {1}
+    assert results[4] == results[1]
+    for (text, reason, count, streamed), stop in zip(results[1], stops):
+        assert text == full[: full.index(stop)] == streamed and reason == "stop"
+        assert 0 < count < len(new)  # the tokens after the stop string are not counted
+    assert all(r[0] == r[3] and r[1] in ("length", "stop") for r in results[1])
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -512,6 +557,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(long_bundle: Path) -> No
         (["--host", "0.0.0.0"], "without an API key"),
         (["--max-batch", "0"], "--max-batch"),
         (["--api-key", " "], "API key is empty"),
+        (["--tokens-per-sync", "0"], "--tokens-per-sync"),
     ],
 )
 def test_cli_refuses_bad_settings_in_one_line(

@@ -56,6 +56,14 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="allow a non-loopback --host without an API key",
     )
+    p.add_argument(
+        "--tokens-per-sync",
+        type=int,
+        default=4,
+        metavar="K",
+        help="decoding steps per host sync while no request waits for a slot; 1: one sync per "
+        "token (4)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
     p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
     add_model_arguments(p)
@@ -66,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and serve it until SIGTERM / Ctrl-C."""
     if args.max_batch < 1:
         raise PLDRError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if not 1 <= args.tokens_per_sync <= 64:
+        raise PLDRError(f"--tokens-per-sync must be in [1, 64], got {args.tokens_per_sync}")
     if args.max_queue < 1:
         raise PLDRError(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.max_body < 1024:
@@ -104,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         max_body=args.max_body,
         chat_template=template,
         engine_options={"compile": True} if args.compile else None,
+        tokens_per_sync=args.tokens_per_sync,
     )
     log(args, f"serving '{model_id}' on http://{args.host}:{args.port}/ (playground at /)")
     run_server(

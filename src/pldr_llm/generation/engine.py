@@ -31,6 +31,7 @@ token comes with ``finished=True``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,13 @@ import torch
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation.sampling import SamplingParams, sample_rows
+from pldr_llm.generation.sampling import (
+    SamplingMode,
+    SamplingParams,
+    batch_mode,
+    row_mode,
+    sample_rows,
+)
 from pldr_llm.model.cache import GCacheEntry, PLDRCache, StaticLayerKV, g_entries
 from pldr_llm.model.model import PLDRModel
 from pldr_llm.model.plga import MASK_VALUE
@@ -142,9 +149,12 @@ class DecodeEngine:
 
     ``max_len`` (default: the model's max_seq_len) bounds prompt + new tokens of a slot.
     ``cuda_graph`` (default: on for a CUDA model with the KV-cache) captures the one-token step,
-    lazily, the first time it runs (once with sampling, once arg-max only for all-greedy batches);
-    ``compile`` passes the step through torch.compile first; ``steps_per_graph`` > 1 also captures
-    that many steps in one graph for :meth:`advance` (used by :func:`generate`). On the CPU the same
+    lazily, the first time each variant runs: one per sampling mode of the running rows
+    (``greedy``: arg-max only; ``plain``: temperature + noise, no row filters; ``filtered``: the
+    sort-based filters), see :func:`~pldr_llm.generation.sampling.batch_mode`. ``compile`` passes
+    the step through torch.compile first; ``steps_per_graph`` > 1 also captures that many steps in
+    one graph for :meth:`advance` (used by :func:`generate`), and :meth:`step_many` captures k
+    steps in one graph (the server's several tokens per host sync). On the CPU the same
     step runs eagerly. ``capture_seconds`` accumulates the time spent capturing and compiling.
 
     Not thread-safe: call it from one thread (a server's decoding loop), which owns the device
@@ -251,15 +261,22 @@ class DecodeEngine:
         self._slot_params: dict[int, SamplingParams] = {}
         self._free = list(range(batch))
         self._running: set[int] = set()  # active slots whose last token is not reported yet
-        self._greedy: set[int] = set()
-        step_fn = maybe_compile(self._kv_step, compile) if enable_kvcache else None
-        self._step_fns = {
-            False: step_fn,
-            True: maybe_compile(lambda: self._kv_step(all_greedy=True), compile)
-            if enable_kvcache
-            else None,
+        # Each slot's sampling mode (host side, so choosing a step variant needs no sync).
+        self._mode: dict[int, SamplingMode] = {}
+        # One step function per sampling mode (sample_rows's variants): an all-greedy batch
+        # skips the sort and the noise, a batch where no row filters skips the sort.
+        self._step_fns: dict[SamplingMode, Callable[[], None] | None] = {
+            mode: (
+                maybe_compile(functools.partial(self._kv_step, mode=mode), compile)
+                if enable_kvcache
+                else None
+            )
+            for mode in ("greedy", "plain", "filtered")
         }
-        self._graphs: dict[tuple[bool, int], Any] = {}
+        self._graphs: dict[tuple[SamplingMode, int], Any] = {}
+        # Per-step reports of a block of n > 1 steps ([n, 3, batch], see step_many).
+        self._reports: dict[int, Tensor] = {}
+        self._in_flight: tuple[list[int], int] | None = None  # (slots, k) of a launched block
 
     # ------------------------------------------------------------------ slots
     @property
@@ -280,7 +297,7 @@ class DecodeEngine:
             self.active[slot] = False
             self.done[slot] = False
         self._running.discard(slot)
-        self._greedy.discard(slot)
+        self._mode.pop(slot, None)
         self._prompts.pop(slot, None)
         self._slot_g.pop(slot, None)
         self._slot_params.pop(slot, None)
@@ -339,6 +356,7 @@ class DecodeEngine:
         out of A, the keys and the rotary positions. (One corner differs from a lone run: a pad
         id *inside* such a prompt is attended to by the prompt pass, where alone it is masked.)
         """
+        self._check_idle()
         if len(prompts) != len(params):
             raise PLDRError(f"{len(prompts)} prompts but {len(params)} sampling params")
         if len(prompts) > len(self._free):
@@ -467,7 +485,7 @@ class DecodeEngine:
             self.top_p[index],
             self.seed[index],
             zeros,
-            all_greedy=all(p.greedy for p in params),
+            mode=batch_mode(row_mode(p, self.config.input_vocab_size) for p in params),
         )
         forced_rows = torch.zeros(n, self.slots, dtype=torch.long)
         forced_len = torch.zeros(n, dtype=torch.long)
@@ -498,8 +516,7 @@ class DecodeEngine:
         for slot, p in zip(slots, params):
             self._running.add(slot)
             self._slot_params[slot] = p
-            if p.greedy:
-                self._greedy.add(slot)
+            self._mode[slot] = row_mode(p, self.config.input_vocab_size)
 
     def _finished(self, rows: Tensor | slice) -> Tensor:
         """Whether the pending token of ``rows`` is their last (device tensor, no sync)."""
@@ -526,7 +543,7 @@ class DecodeEngine:
             out.append(GCacheEntry(None, torch.where(fixed, g.G_LM, g_lm)))
         return out
 
-    def _advance_rows(self, logits: Tensor, all_greedy: bool) -> None:
+    def _advance_rows(self, logits: Tensor, mode: SamplingMode) -> None:
         """Sample each running row's next token from ``logits`` [B, V] and advance the state;
         the pending tokens (and whether they were last) go to ``report`` first."""
         run = self.active & ~self.done
@@ -537,7 +554,7 @@ class DecodeEngine:
             self.top_p,
             self.seed,
             self.n_generated,
-            all_greedy=all_greedy,
+            mode=mode,
         )
         column = self.n_generated.clamp(max=self.slots - 1)[:, None]
         forced = self.forced.gather(1, column)[:, 0]
@@ -560,7 +577,7 @@ class DecodeEngine:
         self.n_generated.add_(step)
         self.done.copy_(self._finished(slice(None)))
 
-    def _kv_step(self, all_greedy: bool = False) -> None:
+    def _kv_step(self, mode: SamplingMode = "filtered") -> None:
         """One token for every running row, on the static buffers (no host sync)."""
         model = self.model
         # The reference masks a new key that is the pad id (rows are never per-row padded here).
@@ -573,7 +590,7 @@ class DecodeEngine:
             self.ids, self.position, bias, False, kv=self.kv, g=self._step_g()
         )
         logits = model.final_layer(hidden[:, -1]).float()
-        self._advance_rows(logits, all_greedy)
+        self._advance_rows(logits, mode)
 
     def _full_step(self) -> None:
         """Without the KV-cache: every running row's whole sequence runs again, alone."""
@@ -595,47 +612,68 @@ class DecodeEngine:
             g = self._slot_g.get(slot)
             out = model(sequence, cache=PLDRCache(g=g) if g is not None else None, logits_to_keep=1)
             logits[slot] = out.logits[0, -1].float()
-        self._advance_rows(logits, all_greedy=False)
+        self._advance_rows(logits, "filtered")
 
-    def _run_steps(self, count: int) -> None:
-        """``count`` steps without a host sync (graph replays where captured)."""
-        greedy = bool(self._running) and self._running <= self._greedy
-        if not self.enable_kvcache:
-            for _ in range(count):
-                self._full_step()
-            return
-        if not self.use_graph:
-            fn = self._step_fns[greedy]
+    def _step_mode(self) -> SamplingMode:
+        """The sampling variant the running rows need (from host-side sets: no sync)."""
+        return batch_mode(self._mode[slot] for slot in self._running)
+
+    def _report_buffer(self, n: int) -> Tensor:
+        """The static [n, 3, batch] buffer a block of ``n`` steps writes its reports to."""
+        buffer = self._reports.get(n)
+        if buffer is None:
+            buffer = torch.zeros(3 * n * self.max_batch, device=self.device).view(n, 3, -1)
+            self._reports[n] = buffer
+        return buffer
+
+    def _block(self, mode: SamplingMode, n: int) -> Callable[[], None]:
+        """``n`` steps in a row; with n > 1 each step's report is kept in its buffer row, so
+        one host read after the block sees every step (no host read inside: capturable)."""
+        fn = self._step_fns[mode] if self.enable_kvcache else self._full_step
+        assert fn is not None
+        reports = self._report_buffer(n) if n > 1 else None
+
+        def steps() -> None:
+            for i in range(n):
+                fn()
+                if reports is not None:
+                    reports[i].copy_(self.report)
+
+        return steps
+
+    def _run_steps(self, count: int, block: int | None = None) -> None:
+        """``count`` steps without a host sync (graph replays where captured); with ``block``
+        (step_many), exactly ``count`` steps as one block whose reports are all kept."""
+        mode = self._step_mode()
+        if block is not None or not self.use_graph:
+            n = count if block is not None else 1
+            steps = self._graph(mode, n).replay if self.use_graph else self._block(mode, n)
             with sdpa_backends():
-                for _ in range(count):
-                    fn()
+                for _ in range(count // n):
+                    steps()
             return
         many = self.steps_per_graph
         if count == 1 or many == 1:
-            graph = self._graph(greedy, 1)
+            graph = self._graph(mode, 1)
             for _ in range(count):
                 graph.replay()
             return
         # Rounded up to whole graphs of `many` steps: one capture serves every count, and extra
         # steps change nothing a caller reads (rows stop at their own max_new_tokens).
-        graph = self._graph(greedy, many)
+        graph = self._graph(mode, many)
         for _ in range(-(-count // many)):
             graph.replay()
 
-    def _graph(self, greedy: bool, n: int) -> Any:
+    def _graph(self, mode: SamplingMode, n: int) -> Any:
         """The captured graph of ``n`` steps (captured now on first use)."""
-        key = (greedy, n)
+        key = (mode, n)
         graph = self._graphs.get(key)
         if graph is not None:
             return graph
         import time
 
         start = time.perf_counter()
-        fn = self._step_fns[greedy]
-
-        def steps() -> None:
-            for _ in range(n):
-                fn()
+        steps = self._block(mode, n)
 
         # Warm-up and capture run the step for real: with every row inactive it changes nothing
         # a row reads (the pending tokens' keys/values are rewritten with the same values).
@@ -658,6 +696,7 @@ class DecodeEngine:
         """Run ``count`` decoding steps without reporting (for :func:`generate`; read the ids
         with :meth:`generated`). Rows that finish stop advancing; nothing reads back to the host.
         With CUDA graphs of ``steps_per_graph`` steps, ``count`` is rounded up to whole graphs."""
+        self._check_idle()
         if self._running:
             self._run_steps(count)
 
@@ -673,6 +712,7 @@ class DecodeEngine:
         """One decoding step for every active slot (one host sync); reports each active slot's
         pending token. A slot whose token comes with ``finished=True`` stops; :meth:`release`
         it to reuse the slot."""
+        self._check_idle()
         slots = self.active_slots
         if not slots:
             return StepOutput([], [], [], [] if self.output_logprobs else None)
@@ -688,3 +728,80 @@ class DecodeEngine:
         return StepOutput(
             slots, tokens, finished, report[2] if self.output_logprobs else None, logits
         )
+
+    @torch.inference_mode()
+    def step_many(self, k: int) -> list[StepOutput]:
+        """``k`` decoding steps with one host sync: the outputs of ``k`` :meth:`step` calls
+        (the same tokens, in order), ending early once no slot is left.
+
+        The k steps run as one block (one captured graph of k steps on CUDA) that keeps every
+        step's report in a static buffer, read once at the end. A row that finishes mid-block
+        stops advancing there, as with :meth:`step`, and is left out of the later outputs. With
+        ``keep_logits`` (per-step logits) it is k :meth:`step` calls.
+        """
+        if self.pending_logits is not None:
+            self._check_k(k)
+            outputs = []
+            for _ in range(k):
+                if not self._running:
+                    break
+                outputs.append(self.step())
+            return outputs
+        self.launch(k)
+        return self.collect()
+
+    @staticmethod
+    def _check_k(k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PLDRError(f"a block needs k >= 1 steps, got {k!r}")
+
+    def _check_idle(self) -> None:
+        if self._in_flight is not None:
+            raise PLDRError("a block of steps is in flight: collect() it first")
+
+    @torch.inference_mode()
+    def launch(self, k: int) -> None:
+        """Start a block of ``k`` steps for the active slots without waiting for the device;
+        :meth:`collect` returns its outputs. Between the two the host is free (a server routes
+        the previous block's tokens meanwhile); :meth:`release` may be called then (a released
+        slot's tokens of the block are still reported: the caller drops them), but not
+        :meth:`add`, :meth:`step` or another :meth:`launch`."""
+        self._check_k(k)
+        self._check_idle()
+        if self.pending_logits is not None:
+            raise PLDRError("launch() does not keep per-step logits: use step()")
+        slots = self.active_slots
+        if slots:
+            self._run_steps(k, block=k)
+        self._in_flight = (slots, k)
+
+    @torch.inference_mode()
+    def collect(self) -> list[StepOutput]:
+        """The outputs of the block :meth:`launch` started (one host sync): one
+        :class:`StepOutput` per step, each with the slots that had not finished before it."""
+        if self._in_flight is None:
+            raise PLDRError("no block of steps in flight: launch() one first")
+        slots, k = self._in_flight
+        self._in_flight = None
+        if not slots:
+            return []
+        buffer = self._report_buffer(k) if k > 1 else self.report[None]
+        reports = buffer[:, :, slots].tolist()  # the one host sync
+        outputs = []
+        live = list(range(len(slots)))  # positions in `slots` not finished yet
+        for tokens, finished, logprobs in reports:
+            if not live:
+                break
+            out = StepOutput(
+                [slots[j] for j in live],
+                [int(tokens[j]) for j in live],
+                [bool(finished[j]) for j in live],
+                [logprobs[j] for j in live] if self.output_logprobs else None,
+            )
+            outputs.append(out)
+            live = [j for j, fin in zip(live, out.finished) if not fin]
+        for j in set(range(len(slots))) - set(live):
+            if slots[j] in self._running:  # not released meanwhile
+                self._running.discard(slots[j])
+                self.active[slots[j]] = False
+        return outputs

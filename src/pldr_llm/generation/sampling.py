@@ -16,7 +16,9 @@ what other rows do.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -157,6 +159,28 @@ def filter_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     return torch.where(scaled < threshold, torch.full_like(scaled, FILTERED_LOGIT), scaled)
 
 
+SamplingMode = Literal["greedy", "plain", "filtered"]
+
+
+def row_mode(params: SamplingParams, vocab: int) -> SamplingMode:
+    """What one row needs: ``greedy`` (arg-max), ``plain`` (temperature + noise, the filters
+    are the identity: top_p >= 1 and top_k 0 or >= vocab) or ``filtered`` (a sort)."""
+    if params.greedy:
+        return "greedy"
+    if params.top_p >= 1.0 and (params.top_k == 0 or params.top_k >= vocab):
+        return "plain"
+    return "filtered"
+
+
+def batch_mode(modes: Iterable[SamplingMode]) -> SamplingMode:
+    """The cheapest :func:`sample_rows` mode that gives every row its own result: ``greedy``
+    only when all rows are greedy, ``plain`` when none filters, else ``filtered``."""
+    modes = set(modes)
+    if not modes or modes == {"greedy"}:
+        return "greedy"
+    return "filtered" if "filtered" in modes else "plain"
+
+
 def sample_rows(
     logits: Tensor,
     temperature: Tensor,
@@ -165,16 +189,27 @@ def sample_rows(
     seed: Tensor,
     step: Tensor,
     all_greedy: bool = False,
+    mode: SamplingMode | None = None,
 ) -> Tensor:
     """One id per row of [B, V] logits, each row with its own parameters and RNG stream.
 
-    Greedy rows (temperature 0 or top_k 1) take the arg-max of the raw logits; ``all_greedy``
-    skips the sort and the noise when the caller knows every row is greedy.
+    Greedy rows (temperature 0 or top_k 1) take the arg-max of the raw logits. ``mode`` (see
+    :func:`batch_mode`; ``all_greedy`` is ``mode="greedy"``) lets the caller skip work it knows
+    no row needs: ``greedy`` skips the sort and the noise, ``plain`` skips the sort. For a row
+    whose filters keep every token, :func:`filter_rows` returns the scaled logits unchanged, so
+    ``plain`` gives exactly the ids ``filtered`` gives (same scaling, same noise, same arg-max).
     """
+    if mode is None:
+        mode = "greedy" if all_greedy else "filtered"
     greedy_ids = logits.argmax(dim=-1)
-    if all_greedy:
+    if mode == "greedy":
         return greedy_ids
-    filtered = filter_rows(logits.float(), temperature, top_k, top_p)
+    if mode == "plain":
+        logits = logits.float()
+        safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+        filtered = logits / safe_t[:, None].to(logits.dtype)
+    else:
+        filtered = filter_rows(logits.float(), temperature, top_k, top_p)
     sampled = (filtered + gumbel_noise(seed, step, logits.shape[-1])).argmax(dim=-1)
     greedy = (temperature == 0) | (top_k == 1)
     return torch.where(greedy, greedy_ids, sampled)

@@ -48,6 +48,7 @@ from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, S
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEDUCTIVE_TENSORS = ("A", "A_LM", "A_P", "G_LM")
+DEFAULT_TOKENS_PER_SYNC = 4
 
 
 @dataclass
@@ -61,6 +62,9 @@ class ServeOptions:
     max_body: int = DEFAULT_MAX_BODY
     chat_template: str | None = None
     engine_options: dict[str, Any] | None = None
+    # Decoding steps per host sync while no request waits for a slot (1: one sync per token);
+    # docs/serving.md says why.
+    tokens_per_sync: int = DEFAULT_TOKENS_PER_SYNC
 
 
 # ---------------------------------------------------------------------- helpers
@@ -152,6 +156,7 @@ class _Server:
             max_queue=options.max_queue,
             metrics=self.metrics,
             engine_options=options.engine_options,
+            tokens_per_sync=options.tokens_per_sync,
         )
         self.draining = False
         self.api_key = options.api_key.encode() if options.api_key else None

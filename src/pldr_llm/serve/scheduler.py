@@ -1,9 +1,15 @@
 """Continuous batching: one worker thread owns the decoding engine and the model.
 
 Requests wait in a bounded queue (:class:`QueueFull` when it is full: the server answers 429).
-Between two engine steps the worker admits waiting sequences into free slots, steps once, routes
-each slot's token to its sequence (text deltas from an incremental detokenizer, stop strings,
-``max_tokens``) and releases finished or cancelled slots. A cancelled sequence (its client went
+Between two engine steps the worker admits waiting sequences into free slots, steps, routes
+each slot's tokens to its sequence (text deltas from an incremental detokenizer, stop strings,
+``max_tokens``) and releases finished or cancelled slots. When no sequence waits for a slot and
+none was just admitted, it runs ``tokens_per_sync`` steps per host sync
+(:meth:`DecodeEngine.step_many`): the device runs several steps back to back and the host reads
+them once, instead of stopping the device at every token. Right after admissions it takes single
+steps, so new requests get their first token at once, and while sequences wait, slots free at
+the next step. A sequence that ends mid-way through such a block (a stop string) discards the
+block's later tokens. A cancelled sequence (its client went
 away) frees its slot at the next step. Other work on the model (the deductive outputs) runs on the
 same thread between steps, so nothing else ever touches the model concurrently.
 
@@ -22,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pldr_llm.errors import PLDRError
 from pldr_llm.generation import DecodeEngine, SamplingParams, find_stop
 from pldr_llm.serve.metrics import Metrics
 
@@ -164,7 +171,16 @@ class Scheduler:
         max_queue: int = 256,
         metrics: Metrics | None = None,
         engine_options: dict[str, Any] | None = None,
+        tokens_per_sync: int = 1,
     ) -> None:
+        if isinstance(tokens_per_sync, bool) or not isinstance(tokens_per_sync, int):
+            raise PLDRError(f"tokens_per_sync must be an integer >= 1, got {tokens_per_sync!r}")
+        if tokens_per_sync < 1:
+            raise PLDRError(f"tokens_per_sync must be an integer >= 1, got {tokens_per_sync}")
+        self.tokens_per_sync = tokens_per_sync
+        self._admitted = False  # sequences were admitted since the last step
+        # Engines with a block of steps launched ahead (computing while the host routes).
+        self._in_flight: set[tuple[bool, bool]] = set()
         self.model = model
         self.tokenizer = tokenizer
         self.max_queue = max_queue
@@ -266,9 +282,13 @@ class Scheduler:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._running or self._jobs or self._stop):
+                while not (
+                    self._waiting or self._running or self._jobs or self._in_flight or self._stop
+                ):
                     self._cond.wait()
-                if self._stop and not (self._waiting or self._running or self._jobs):
+                if self._stop and not (
+                    self._waiting or self._running or self._jobs or self._in_flight
+                ):
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
@@ -280,7 +300,7 @@ class Scheduler:
                         future.set_exception(exc)
             try:
                 self._admit()
-                if self._running:
+                if self._running or self._in_flight:
                     self._step()
             except Exception as exc:  # a failing step ends its sequences, not the server
                 for seq in list(self._running.values()):
@@ -289,8 +309,9 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots, first come first served. Sequences of the same
-        cache mode that arrive together are prefilled in one call."""
-        while True:
+        cache mode that arrive together are prefilled in one call. Not while a block of steps
+        is in flight: its outputs are collected (and no more launched ahead) first."""
+        while not self._in_flight:
             with self._cond:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()
@@ -330,22 +351,46 @@ class Scheduler:
                     continue
                 seq.slot = slot
                 self._running[(key, slot)] = seq
+                self._admitted = True
             self.metrics.running = len(self._running)
 
     def _step(self) -> None:
         for seq in list(self._running.values()):
             if seq.cancelled:
                 self._finish(seq, None)
-        for key in sorted({k for k, _ in self._running}):
-            self._step_engine(key)
+        # Several steps per sync only while nobody waits: a new sequence's first token, or a
+        # slot a waiting sequence needs, is then at most one step away.
+        busy = self._admitted or self._waiting or self._jobs
+        steps = 1 if busy else self.tokens_per_sync
+        self._admitted = False
+        for key in sorted({k for k, _ in self._running} | self._in_flight):
+            self._step_engine(key, steps)
 
-    def _step_engine(self, key: tuple[bool, bool]) -> None:
-        out = self._engines[key].step()
+    def _step_engine(self, key: tuple[bool, bool], steps: int = 1) -> None:
+        engine = self._engines[key]
+        if key in self._in_flight:
+            self._in_flight.discard(key)
+            outs = engine.collect()
+        elif steps > 1:
+            outs = engine.step_many(steps)
+        else:
+            outs = [engine.step()]
+        if steps > 1 and engine.active_slots:
+            # Launch the next block before routing this one, so that the device computes
+            # while the host detokenizes. Its tokens of sequences that end in this block (a stop
+            # string, a cancel) are dropped when it is collected; nothing is admitted meanwhile.
+            engine.launch(steps)
+            self._in_flight.add(key)
         now = time.perf_counter()
+        for out in outs:  # in step order: each sequence's detokenizer gets its ids in order
+            self._route(key, out, now)
+
+    def _route(self, key: tuple[bool, bool], out: Any, now: float) -> None:
+        """Hand one step's tokens to their sequences."""
         logprobs = out.logprobs or [0.0] * len(out.slots)
         for slot, token, done, logprob in zip(out.slots, out.token_ids, out.finished, logprobs):
             seq = self._running.get((key, slot))
-            if seq is None:
+            if seq is None:  # finished earlier in this block (a stop string) or cancelled
                 continue
             if seq.last_token_at is None:
                 self.metrics.ttft.observe(now - seq.created)
