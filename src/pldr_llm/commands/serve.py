@@ -59,10 +59,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--tokens-per-sync",
         type=int,
-        default=4,
+        default=16,  # serve.app.DEFAULT_TOKENS_PER_SYNC (not imported here: no starlette at parse time)
         metavar="K",
         help="decoding steps per host sync while no request waits for a slot; 1: one sync per "
-        "token (4)",
+        "token (16)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
     p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")

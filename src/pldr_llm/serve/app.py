@@ -48,7 +48,9 @@ from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, S
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEDUCTIVE_TENSORS = ("A", "A_LM", "A_P", "G_LM")
-DEFAULT_TOKENS_PER_SYNC = 4
+# 16: on an H200 (64 clients x 256 tokens, bf16) 4 gave 13.7k tokens/s, 16 gave 18.7k and 32
+# 18.6k (BENCHMARKS.md); larger blocks only add burstiness.
+DEFAULT_TOKENS_PER_SYNC = 16
 
 
 @dataclass
