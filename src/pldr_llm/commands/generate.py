@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pldr_llm.commands.common import add_model_arguments, log
+from pldr_llm.commands.common import add_model_arguments, log, read_prompts
 from pldr_llm.errors import PLDRError
 
 if TYPE_CHECKING:
@@ -114,21 +114,6 @@ def register(subparsers: Any) -> None:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str]:
-    """The ``--prompt`` texts (in order), then the non-blank lines of ``--prompt-file``."""
-    from pldr_llm.commands.common import read_prompt_lines
-
-    out = list(prompts or [])
-    if prompt_file is not None:
-        lines = read_prompt_lines(prompt_file)
-        if not lines:
-            raise PLDRError(f"prompt file {prompt_file} holds no prompt")
-        out.extend(lines)
-    if not out and prompt_file is None:
-        raise PLDRError("give a prompt with --prompt TEXT or --prompt-file FILE")
-    return out
 
 
 class TextStreamer:
@@ -256,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("--stream and --jsonl do not go together")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
-    prompts = read_prompts(args.prompt, args.prompt_file)
+    prompts = read_prompts(args.prompt, args.prompt_file, required=True)
     stops = list(args.stop or [])
     _configure_stdout()
 
