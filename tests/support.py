@@ -67,3 +67,48 @@ def write_cuda_pickle(path: Path, obj: object) -> Path:
     assert b"cuda:0" in data  # the tag really went in (a torch change would trip this)
     path.write_bytes(data)
     return path
+
+
+#: A two-layer model small enough for many trainer steps in a test.
+TINY_TRAIN_HP = {
+    "num_layers": 2,
+    "d_model": 32,
+    "num_heads": 2,
+    "dff": 48,
+    "A_dff": 8,
+    "num_reslayerA": 1,
+    "num_denseA": 1,
+    "input_vocab_size": 97,
+    "max_seq_len": 32,
+}
+
+
+def golden_trainer(golden_dir: Path, golden_case: dict, attn: str = "eager", **extra):
+    """A Trainer on the golden tiny model with the golden case's optimizer and schedule (CPU).
+
+    ``attn="eager"`` is the original's arithmetic (scores materialized like the original).
+    """
+    from pldr_llm import load_reference_checkpoint
+    from pldr_llm.train import TrainConfig, Trainer
+
+    model = load_reference_checkpoint(
+        golden_dir / "reference_checkpoint.pth", golden_case["hpdict"]
+    )
+    model.attn_implementation = attn
+    train = golden_case["train"]
+    schedule = train["schedule"]
+    config = TrainConfig(
+        learning_rate=train["lr"],
+        betas=tuple(train["betas"]),
+        eps=train["eps"],
+        adamw_decay=train["weight_decay"],
+        lr_total_steps=schedule["total_steps"],
+        warmup_steps=schedule["warmup_steps"],
+        lr_alpha=schedule["alpha"],
+        clip_grad_value=train["clip_grad_value"],
+        batch_size=2,
+        device="cpu",
+        attn_implementation=attn,
+        **extra,
+    )
+    return Trainer(model, config)

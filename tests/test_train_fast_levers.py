@@ -6,18 +6,9 @@ import torch
 
 from pldr_llm import PLDRConfig, PLDRModel
 from pldr_llm.train import TrainConfig, Trainer
+from support import TINY_TRAIN_HP
 
-HP = {
-    "num_layers": 2,
-    "d_model": 32,
-    "num_heads": 2,
-    "dff": 48,
-    "A_dff": 8,
-    "num_reslayerA": 1,
-    "num_denseA": 1,
-    "input_vocab_size": 97,
-    "max_seq_len": 32,
-}
+HP = TINY_TRAIN_HP
 
 
 def _run(chunked: bool, steps: int = 3):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,43 +18,9 @@ from pldr_llm import PLDRConfig, PLDRModel
 from pldr_llm.train import TrainConfig, Trainer
 from pldr_llm.train.metrics import read_metrics
 from pldr_llm.train.prefetch import BatchFeed
+from support import TINY_TRAIN_HP, golden_trainer
 
-HP = {
-    "num_layers": 2,
-    "d_model": 32,
-    "num_heads": 2,
-    "dff": 48,
-    "A_dff": 8,
-    "num_reslayerA": 1,
-    "num_denseA": 1,
-    "input_vocab_size": 97,
-    "max_seq_len": 32,
-}
-
-
-def _golden_trainer(golden_dir: Path, golden_case: dict, attn: str, **extra) -> Trainer:
-    from pldr_llm import load_reference_checkpoint
-
-    model = load_reference_checkpoint(
-        golden_dir / "reference_checkpoint.pth", golden_case["hpdict"]
-    )
-    train = golden_case["train"]
-    schedule = train["schedule"]
-    config = TrainConfig(
-        learning_rate=train["lr"],
-        betas=tuple(train["betas"]),
-        eps=train["eps"],
-        adamw_decay=train["weight_decay"],
-        lr_total_steps=schedule["total_steps"],
-        warmup_steps=schedule["warmup_steps"],
-        lr_alpha=schedule["alpha"],
-        clip_grad_value=train["clip_grad_value"],
-        batch_size=2,
-        device="cpu",
-        attn_implementation=attn,
-        **extra,
-    )
-    return Trainer(model, config)
+HP = TINY_TRAIN_HP
 
 
 def test_default_levers_first_three_losses_agree_with_eager(
@@ -69,8 +34,8 @@ def test_default_levers_first_three_losses_agree_with_eager(
     update) agrees to float32 rounding.
     """
     ids = golden_expected["input_ids"]
-    eager = _golden_trainer(golden_dir, golden_case, "eager")
-    fast = _golden_trainer(
+    eager = golden_trainer(golden_dir, golden_case, "eager")
+    fast = golden_trainer(
         golden_dir,
         golden_case,
         "sdpa",
@@ -95,10 +60,8 @@ def test_dag_loss_beside_fused_attention(golden_dir, golden_case, golden_expecte
     dag = golden_case["dag"]
     coeffs = tuple(dag.get("coefficients") or dag.get("coeffs") or dag.get("reg_coeffs"))
     ids = golden_expected["input_ids"]
-    eager = _golden_trainer(golden_dir, golden_case, "eager", dag_reg_coeffs=coeffs)
-    fast = _golden_trainer(
-        golden_dir, golden_case, "sdpa", dag_reg_coeffs=coeffs, chunked_loss=True
-    )
+    eager = golden_trainer(golden_dir, golden_case, "eager", dag_reg_coeffs=coeffs)
+    fast = golden_trainer(golden_dir, golden_case, "sdpa", dag_reg_coeffs=coeffs, chunked_loss=True)
     want, got = eager.train_step(ids), fast.train_step(ids)
     for key in ("dag_A", "dag_A_P", "dag_G"):
         assert got[key] == pytest.approx(dag[key], rel=1e-4, abs=1e-6)

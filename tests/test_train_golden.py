@@ -8,37 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pldr_llm.train import TrainConfig, Trainer, lr_multiplier
-
-
-def _golden_trainer(golden_dir: Path, golden_case: dict, **extra) -> Trainer:
-    from pldr_llm import load_reference_checkpoint
-
-    model = load_reference_checkpoint(
-        golden_dir / "reference_checkpoint.pth", golden_case["hpdict"]
-    )
-    # The eager attention materializes the scores like the original (same arithmetic).
-    model.attn_implementation = "eager"
-    train = golden_case["train"]
-    schedule = train["schedule"]
-    config = TrainConfig(
-        learning_rate=train["lr"],
-        betas=tuple(train["betas"]),
-        eps=train["eps"],
-        adamw_decay=train["weight_decay"],
-        lr_total_steps=schedule["total_steps"],
-        warmup_steps=schedule["warmup_steps"],
-        lr_alpha=schedule["alpha"],
-        clip_grad_value=train["clip_grad_value"],
-        batch_size=2,
-        device="cpu",
-        **extra,
-    )
-    return Trainer(model, config)
+from pldr_llm.train import Trainer, lr_multiplier
+from support import golden_trainer
 
 
 def _three_steps(golden_dir, golden_case, golden_expected, **extra):
-    trainer = _golden_trainer(golden_dir, golden_case, **extra)
+    trainer = golden_trainer(golden_dir, golden_case, **extra)
     ids = golden_expected["input_ids"]
     return trainer, [trainer.train_step(ids) for _ in golden_case["train"]["steps"]]
 
@@ -136,8 +111,8 @@ def test_gradient_accumulation_is_the_same_step(golden_dir, golden_case, golden_
     learned powers) amplifies rounding into gradient differences of up to 1.5e-2 on this small
     padded batch; after updates the losses agree to 1e-3 (2e-5 on one CPU thread, 8e-4 on two).
     """
-    whole_trainer = _golden_trainer(golden_dir, golden_case)
-    split_trainer = _golden_trainer(golden_dir, golden_case, grad_accum_steps=2)
+    whole_trainer = golden_trainer(golden_dir, golden_case)
+    split_trainer = golden_trainer(golden_dir, golden_case, grad_accum_steps=2)
     whole_grads, split_grads = _record_gradients(whole_trainer), _record_gradients(split_trainer)
     ids = golden_expected["input_ids"]
     whole = [whole_trainer.train_step(ids) for _ in range(3)]
@@ -163,7 +138,7 @@ def test_dag_loss_values_match_golden(golden_dir, golden_case, golden_expected) 
     dag = golden_case["dag"]
     coeffs = dag.get("coefficients") or dag.get("coeffs") or dag.get("reg_coeffs")
     assert coeffs is not None, sorted(dag)
-    trainer = _golden_trainer(golden_dir, golden_case, dag_reg_coeffs=tuple(coeffs))
+    trainer = golden_trainer(golden_dir, golden_case, dag_reg_coeffs=tuple(coeffs))
     result = trainer.train_step(golden_expected["input_ids"])
     plain = golden_case["train"]["steps"][0]["loss"]
     for key in ("dag_A", "dag_A_P", "dag_G"):
