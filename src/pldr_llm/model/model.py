@@ -288,13 +288,15 @@ class PLDRModel(nn.Module):
         hidden = self.decoder.embedding(input_ids) * self.decoder.embedding_scale
         hidden = self.decoder.layernorm1(hidden)
 
+        layers = self.decoder.dec_layers
+        rotation = layers[0].mha1.rotary.rotation(positions)  # the same in every layer
         kv_entries: list[LayerKV] = []
         g_entries: list[GCacheEntry] = []
         deductive: list[Deductive] = []
-        for index, layer in enumerate(self.decoder.dec_layers):
+        for index, layer in enumerate(layers):
             hidden, layer_kv, layer_g, layer_deductive = layer(
                 hidden,
-                positions=positions,
+                rotation=rotation,
                 bias=bias,
                 is_causal=is_causal,
                 past=kv[index] if kv is not None else None,

@@ -311,7 +311,7 @@ class PowerLawGraphAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        positions: Tensor,
+        rotation: tuple[Tensor, Tensor],
         bias: Tensor | None,
         is_causal: bool,
         past: LayerKV | StaticLayerKV | None = None,
@@ -323,8 +323,10 @@ class PowerLawGraphAttention(nn.Module):
     ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
         # Rotate in the [B, L, H, dk] layout and only then move heads forward: the metric tensor
         # sums over positions, and this keeps the original's memory layout (hence its rounding).
-        queries = self.rotary(self._heads(self.wq(x)), positions).transpose(1, 2)
-        keys = self.rotary(self._heads(self.wk(x)), positions).transpose(1, 2)
+        # ``rotation``: the (cos, sin) rows of this pass's positions (RotaryEmbedding.rotation),
+        # computed once per forward for every layer.
+        queries = self.rotary.rotate(self._heads(self.wq(x)), rotation).transpose(1, 2)
+        keys = self.rotary.rotate(self._heads(self.wk(x)), rotation).transpose(1, 2)
         values = self._heads(self.wv(x)).transpose(1, 2)
 
         metric = None

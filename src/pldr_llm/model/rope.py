@@ -80,24 +80,44 @@ class RotaryEmbedding(nn.Module):
         )
 
     def tables(self) -> tuple[Tensor, Tensor]:
-        """Freshly computed (cos, sin) tables on the CPU, float32."""
+        """Freshly computed (cos, sin) tables [max_seq_len, dk] on the CPU, float32.
+
+        They are laid out for :meth:`rotate`, which computes ``x * cos + partner(x) * sin``:
+        ``partner`` swaps each feature with the one it is rotated with, and the sign of the
+        sine sits in the table (``-sin`` for the first feature of each pair). Because
+        ``a * c + b * (-s)`` rounds exactly like ``a * c - b * s``, this is the same arithmetic
+        as the two-formula rotation of the original, in three element-wise kernels.
+        """
         with torch.device("cpu"):
             theta = inverse_frequencies(self.dim, self.base, self.scaling)
             positions = torch.arange(self.max_seq_len, dtype=theta.dtype)
-            angles = torch.outer(positions, theta).float()
-            return torch.cos(angles), torch.sin(angles)
+            angles = torch.outer(positions, theta).float()  # [L, dk/2]
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            if self.interleaved:  # pairs (2i, 2i + 1)
+                return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+            return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)  # pairs (i, i + dk/2)
+
+    def rotation(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The float32 (cos, sin) rows of ``positions`` ([L] shared, or [B, L] per row) for
+        :meth:`rotate`: [..., L, 1, dk], broadcast over heads. Every layer rotates at the same
+        positions, so a forward computes this once."""
+        # Positions are checked against max_seq_len by PLDRModel.forward (and by the decoding
+        # loop) before they get here: a check here would read a device value back.
+        return self.cos[positions][..., None, :], self.sin[positions][..., None, :]
+
+    def rotate(self, x: Tensor, rotation: tuple[Tensor, Tensor]) -> Tensor:
+        """Rotate ``x`` [B, L, H, dk] by ``rotation`` (from :meth:`rotation`)."""
+        cos, sin = rotation
+        if not self.interleaved:  # as transformers: the rotation runs in the input's dtype
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+            half = self.dim // 2
+            partner = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+            return x * cos + partner * sin
+        # The original rotates in float32 whatever the input dtype, then casts back.
+        xf = x.float()
+        partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return (xf * cos + partner * sin).type_as(x)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` [B, L, H, dk] at ``positions`` ([L] shared, or [B, L] per row)."""
-        # Positions are checked against max_seq_len by PLDRModel.forward (and by the fast paths'
-        # constructors) before they get here: a check here would read a device value per layer.
-        cos = self.cos[positions][..., None, :]  # [L, 1, dk/2] or [B, L, 1, dk/2]: over heads
-        sin = self.sin[positions][..., None, :]
-        if not self.interleaved:
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-            first, second = x[..., : self.dim // 2], x[..., self.dim // 2 :]
-            return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-        x_even, x_odd = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1)
-        return rotated.flatten(-2).type_as(x)
+        return self.rotate(x, self.rotation(positions))
