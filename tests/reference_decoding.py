@@ -2,16 +2,18 @@
 
 It grows the cache with ``model.forward`` (concatenating KV-cache) exactly as the original's
 ``generate_text`` walks its cache modes, and samples with the scalar filters of the original
-(:func:`pldr_llm.generation.filter_logits`) and the documented counter-based Gumbel noise. Nothing
-here shares code with :class:`pldr_llm.generation.DecodeEngine` beyond the model itself, the
-filters and the noise function.
+(:func:`pldr_llm.generation.filter_logits`) and the documented draw: the first token whose
+cumulative probability under ``softmax(filtered)`` exceeds the row's uniform number of the step
+(:func:`pldr_llm.generation.uniform_draws`). Nothing here shares code with
+:class:`pldr_llm.generation.DecodeEngine` beyond the model itself, the filters and the uniform
+numbers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pldr_llm.generation import filter_logits, gumbel_noise
+from pldr_llm.generation import filter_logits, uniform_draws
 from pldr_llm.model.cache import PLDRCache, g_entries
 
 
@@ -55,8 +57,9 @@ def reference_generate(
             token = int(logits.argmax(-1))
         else:
             filtered = filter_logits(logits, temperature, top_k, top_p)
-            noise = gumbel_noise(torch.tensor([seed]), torch.tensor([step]), logits.shape[-1])
-            token = int((filtered + noise).argmax(-1))
+            u = uniform_draws(torch.tensor(seed), torch.tensor(step))
+            cumulative = torch.softmax(filtered, dim=-1)[0].cumsum(0)
+            token = int((cumulative > u * cumulative[-1]).nonzero()[0])
         new.append(token)
         sequence = torch.cat((sequence, torch.tensor([[token]])), dim=1)
         if stop_at_eos and token == eos:

@@ -233,18 +233,36 @@ def test_per_row_filters_equal_the_original_filters():
     assert int((got[-1] > -1e10).sum()) == 10  # top-3 kept all 10 tied maxima
 
 
-def test_gumbel_noise_is_a_pure_function_with_the_right_law():
-    from pldr_llm.generation import gumbel_noise
+def test_uniform_draws_are_a_pure_function_with_the_right_law():
+    from pldr_llm.generation import uniform_draws
 
-    seeds, steps = torch.tensor([1, 1, 2, 2**40 + 1]), torch.tensor([0, 1, 0, 0])
-    noise = gumbel_noise(seeds, steps, 20000)
-    assert torch.equal(noise, gumbel_noise(seeds, steps, 20000))
-    assert torch.equal(noise[0], gumbel_noise(seeds[:1], steps[:1], 20000)[0])
-    for a, b in [(0, 1), (0, 2), (0, 3)]:  # other step, other seed, high seed bits all count
-        assert not torch.equal(noise[a], noise[b])
-    # Gumbel(0, 1): mean = Euler's gamma 0.5772, variance pi^2/6; 20000 draws: sd of the mean 0.009
-    assert abs(float(noise.mean()) - 0.5772) < 0.03
-    assert abs(float(noise.var()) - 1.6449) < 0.1
+    seeds = torch.tensor([1, 1, 2, 2**40 + 1])[:, None]
+    steps = torch.arange(5000)[None, :]
+    u = uniform_draws(seeds, steps)
+    assert u.shape == (4, 5000) and u.dtype == torch.float32
+    assert torch.equal(u, uniform_draws(seeds, steps))
+    assert torch.equal(u[0], uniform_draws(seeds[:1], steps)[0])  # the batch does not matter
+    assert torch.equal(u[:, 7], uniform_draws(seeds[:, 0], torch.full((4,), 7)))
+    assert torch.equal(u[0], u[1])  # same seed, same stream
+    for a, b in [(0, 2), (0, 3)]:  # another seed, the high seed bits: another stream
+        assert not torch.equal(u[a], u[b])
+    assert bool((u > 0).all() and (u < 1).all())
+    # Uniform(0, 1): mean 1/2, variance 1/12; 20000 draws: sd of the mean 0.002
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert abs(float(u.var()) - 1 / 12) < 0.005
+
+
+def test_inverse_cdf_draws_each_token_with_its_probability():
+    from pldr_llm.generation import inverse_cdf, uniform_draws
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.0, 0.0, 0.0, 2.0]])
+    u = uniform_draws(torch.tensor([3, 4])[:, None], torch.arange(20000)[None, :])
+    drawn = torch.stack([inverse_cdf(probs, u[:, i]) for i in range(0, 20000, 1)], 1)
+    assert bool((drawn[1] == 3).all())  # unnormalized rows; zero-probability ids never drawn
+    freq = torch.bincount(drawn[0], minlength=4).double() / drawn.shape[1]
+    assert freq[1] == 0
+    # 20000 draws: sd of a frequency <= 0.0036
+    assert torch.allclose(freq, probs[0].double(), atol=0.015)
 
 
 def test_sampled_row_depends_only_on_its_seed(tiny_model):
@@ -343,8 +361,8 @@ def test_compiled_step_traces_whole(tiny_model):
 # ---------------------------------------------------------------------------- step variants
 def test_plain_variant_equals_the_filters_for_rows_that_filter_nothing():
     """top_p 1 and top_k 0 or >= vocab make the filters the identity: the sort-free variant
-    must then pick exactly the ids of filter_rows + noise (and differ when a row filters)."""
-    from pldr_llm.generation import filter_rows, gumbel_noise, sample_rows
+    must then pick exactly the ids of filter_rows + the draw (and differ when a row filters)."""
+    from pldr_llm.generation import filter_rows, inverse_cdf, sample_rows, uniform_draws
 
     torch.manual_seed(1)
     vocab, rows = 300, 8
@@ -354,17 +372,19 @@ def test_plain_variant_equals_the_filters_for_rows_that_filter_nothing():
     top_p = torch.ones(rows)
     for step in range(20):
         seed, steps = torch.arange(rows) * 7 + 3, torch.full((rows,), step)
-        args = (logits, temperature, top_k, top_p, seed, steps)
+        args = (logits, temperature, top_k, top_p, uniform_draws(seed, steps))
         plain = sample_rows(*args, mode="plain")
         filtered = filter_rows(logits, temperature, top_k, top_p)
-        by_hand = (filtered + gumbel_noise(seed, steps, vocab)).argmax(-1)
+        by_hand = inverse_cdf(torch.softmax(filtered, -1), uniform_draws(seed, steps))
         by_hand[3] = logits[3].argmax()  # temperature 0: greedy
         assert torch.equal(plain, by_hand)
         assert torch.equal(plain, sample_rows(*args, mode="filtered"))
     # a row that does filter (top_k 2): the plain variant would draw outside its top 2
     top_k2 = torch.full((rows,), 2)
     drawn = [
-        sample_rows(logits, temperature, top_k2, top_p, seed, torch.full((rows,), s), mode=m)
+        sample_rows(
+            logits, temperature, top_k2, top_p, uniform_draws(seed, torch.full((rows,), s)), m
+        )
         for s in range(20)
         for m in ("plain", "filtered")
     ]
@@ -386,8 +406,15 @@ def test_step_variant_follows_the_running_rows(tiny_model):
 
     engine = DecodeEngine(tiny_model, 3, 24)
     used: list[str] = []
-    for mode, fn in list(engine._step_fns.items()):
-        engine._step_fns[mode] = lambda fn=fn, mode=mode: (used.append(mode), fn())[1]
+    step_fn = engine._step_fn
+
+    def recording(variant):
+        mode, forcing = variant
+        assert not forcing  # no row is teacher-forced here
+        fn = step_fn(variant)
+        return lambda: (used.append(mode), fn())[1]
+
+    engine._step_fn = recording
     greedy = engine.add(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=9))
     engine.step()
     plain = engine.add(PROMPTS[1], SamplingParams(seed=1, max_new_tokens=9, stop_at_eos=False))

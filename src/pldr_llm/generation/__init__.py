@@ -24,10 +24,11 @@ from pldr_llm.generation.sampling import (
     SamplingParams,
     filter_logits,
     filter_rows,
-    gumbel_noise,
+    inverse_cdf,
     sample_rows,
     top_k_filter,
     top_p_filter,
+    uniform_draws,
     validate_sampling,
 )
 
@@ -46,8 +47,9 @@ __all__ = [
     "generate",
     "generate_details",
     "generate_text",
-    "gumbel_noise",
+    "inverse_cdf",
     "sample_rows",
+    "uniform_draws",
     "sdpa_backends",
     "stream_generate",
     "top_k_filter",

@@ -46,6 +46,7 @@ from pldr_llm.generation.sampling import (
     batch_mode,
     row_mode,
     sample_rows,
+    uniform_draws,
 )
 from pldr_llm.model.cache import GCacheEntry, PLDRCache, StaticLayerKV, g_entries
 from pldr_llm.model.model import PLDRModel
@@ -54,6 +55,10 @@ from pldr_llm.model.plga import MASK_VALUE
 GInit = Sequence[tuple[Tensor | None, Tensor] | GCacheEntry | Tensor]
 
 MAX_STOP_IDS = 16  # stop ids per row held in the static buffers
+
+#: A variant of the one-token step: the sampling mode the running rows need, and whether any of
+#: them is teacher-forced. Each variant is captured on its first use.
+StepVariant = tuple[SamplingMode, bool]
 
 
 @dataclass
@@ -215,21 +220,33 @@ class DecodeEngine:
                 return torch.zeros(size, dtype=dt, device=device)
 
             self.ids = zeros(batch, 1)  # pending token: the input of the next step
-            self.position = zeros(batch, 1)  # its rotary position
-            self.write_index = zeros(batch)  # the KV slot its key/value go to
-            self.n_generated = zeros(batch)  # tokens generated so far, the pending one included
+            # Three per-row counters that every step advances together (one kernel): the
+            # pending token's rotary position, the KV slot its key/value go to, and the tokens
+            # generated so far (the pending one included).
+            self.counters = zeros(3, batch)
+            self.position = self.counters[0].view(batch, 1)
+            self.write_index = self.counters[1]
+            self.n_generated = self.counters[2]
             self.active = zeros(batch, dt=torch.bool)
             self.done = zeros(batch, dt=torch.bool)  # the pending token is the row's last
-            self.key_valid = zeros(batch, slots, dt=torch.bool)
-            self.slot_range = torch.arange(slots, device=device)
+            # The attention bias over each row's key slots (0 or the mask value, like the
+            # original's): unwritten slots stay masked, a step unmasks the slot it writes
+            # unless its token is the pad id.
+            self.key_bias = torch.full((batch, slots), MASK_VALUE, dtype=dtype, device=device)
+            self._bias_values = torch.tensor([MASK_VALUE, 0.0], dtype=dtype, device=device)
             self.history = zeros(batch, slots)  # generated ids per row
+            self.slot_steps = torch.arange(slots, device=device)
             self.temperature = torch.ones(batch, device=device)
             self.top_k = zeros(batch)
             self.top_p = torch.ones(batch, device=device)
-            self.seed = zeros(batch)
+            # Each row's random number for each of its tokens (uniform_draws of its seed),
+            # drawn when the row is added: a step reads one instead of hashing.
+            self.uniforms = zeros(batch, slots, dt=torch.float32)
             self.max_new = zeros(batch)
-            self.stop_eos = zeros(batch, dt=torch.bool)
-            self.stop_ids = torch.full((batch, MAX_STOP_IDS), -1, dtype=torch.long, device=device)
+            # Stop ids per row, end-of-text among them when the row stops there (-1: unused).
+            self.stop_ids = torch.full(
+                (batch, MAX_STOP_IDS + 1), -1, dtype=torch.long, device=device
+            )
             # Teacher forcing (scoring): row b's n-th new token is forced[b, n] while n < forced_len.
             self.forced = zeros(batch, slots)
             self.forced_len = zeros(batch)
@@ -261,19 +278,15 @@ class DecodeEngine:
         self._slot_params: dict[int, SamplingParams] = {}
         self._free = list(range(batch))
         self._running: set[int] = set()  # active slots whose last token is not reported yet
-        # Each slot's sampling mode (host side, so choosing a step variant needs no sync).
+        # Each slot's sampling mode, and the teacher-forced slots (host side, so choosing a step
+        # variant needs no sync).
         self._mode: dict[int, SamplingMode] = {}
-        # One step function per sampling mode (sample_rows's variants): an all-greedy batch
-        # skips the sort and the noise, a batch where no row filters skips the sort.
-        self._step_fns: dict[SamplingMode, Callable[[], None] | None] = {
-            mode: (
-                maybe_compile(functools.partial(self._kv_step, mode=mode), compile)
-                if enable_kvcache
-                else None
-            )
-            for mode in ("greedy", "plain", "filtered")
-        }
-        self._graphs: dict[tuple[SamplingMode, int], Any] = {}
+        self._forced_slots: set[int] = set()
+        # One step function per variant (sample_rows's modes: an all-greedy batch skips the
+        # sort and the noise, a batch where no row filters skips the sort), made on first use.
+        self._compile = compile
+        self._step_fns: dict[StepVariant, Callable[[], None]] = {}
+        self._graphs: dict[tuple[StepVariant, int], Any] = {}
         # Per-step reports of a block of n > 1 steps ([n, 3, batch], see step_many).
         self._reports: dict[int, Tensor] = {}
         self._in_flight: tuple[list[int], int] | None = None  # (slots, k) of a launched block
@@ -298,6 +311,7 @@ class DecodeEngine:
             self.done[slot] = False
         self._running.discard(slot)
         self._mode.pop(slot, None)
+        self._forced_slots.discard(slot)
         self._prompts.pop(slot, None)
         self._slot_g.pop(slot, None)
         self._slot_params.pop(slot, None)
@@ -447,7 +461,7 @@ class DecodeEngine:
             valid = torch.zeros(n, self.slots, dtype=torch.bool, device=device)
             # Decoding keeps the lone run's rule: a key that is the pad id is masked.
             valid[:, :length] = out.cache.key_valid & (ids != pad)
-            self.key_valid[index] = valid
+            self.key_bias[index] = self._bias_values[valid.long()]
         else:
             for i, (slot, row) in enumerate(zip(slots, rows)):
                 self._prompts[slot] = row
@@ -464,27 +478,26 @@ class DecodeEngine:
             p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             for p in params
         ]
-        stop_ids = torch.full((n, MAX_STOP_IDS), -1, dtype=torch.long)
+        stop_ids = torch.full((n, MAX_STOP_IDS + 1), -1, dtype=torch.long)
         for r, p in enumerate(params):
-            if p.stop_token_ids:
-                stop_ids[r, : len(p.stop_token_ids)] = torch.tensor(p.stop_token_ids)
+            ids_r = list(p.stop_token_ids) + ([self.config.eos_id] if p.stop_at_eos else [])
+            if ids_r:
+                stop_ids[r, : len(ids_r)] = torch.tensor(ids_r)
         self.temperature[index] = torch.tensor(
             [float(p.temperature) for p in params], device=device
         )
         self.top_k[index] = torch.tensor([p.top_k for p in params], device=device)
         self.top_p[index] = torch.tensor([float(p.top_p) for p in params], device=device)
-        self.seed[index] = torch.tensor(seeds, dtype=torch.long, device=device)
+        seed = torch.tensor(seeds, dtype=torch.long, device=device)
+        self.uniforms[index] = uniform_draws(seed[:, None], self.slot_steps[None, :])
         self.max_new[index] = torch.tensor([p.max_new_tokens for p in params], device=device)
-        self.stop_eos[index] = torch.tensor([p.stop_at_eos for p in params], device=device)
         self.stop_ids[index] = stop_ids.to(device)
-        zeros = torch.zeros(n, dtype=torch.long, device=device)
         first = sample_rows(
             logits,
             self.temperature[index],
             self.top_k[index],
             self.top_p[index],
-            self.seed[index],
-            zeros,
+            self.uniforms[index, 0],
             mode=batch_mode(row_mode(p, self.config.input_vocab_size) for p in params),
         )
         forced_rows = torch.zeros(n, self.slots, dtype=torch.long)
@@ -517,15 +530,13 @@ class DecodeEngine:
             self._running.add(slot)
             self._slot_params[slot] = p
             self._mode[slot] = row_mode(p, self.config.input_vocab_size)
+        for slot, f in zip(slots, forced or [[]] * len(slots)):
+            if f:
+                self._forced_slots.add(slot)
 
-    def _finished(self, rows: Tensor | slice) -> Tensor:
+    def _finished(self, rows: Tensor) -> Tensor:
         """Whether the pending token of ``rows`` is their last (device tensor, no sync)."""
-        ids = self.ids[rows, 0]
-        stop = (self.n_generated[rows] >= self.max_new[rows]) | (
-            self.stop_eos[rows] & (ids == self.config.eos_id)
-        )
-        stop = stop | (self.stop_ids[rows] == ids[:, None]).any(-1)
-        return self.active[rows] & stop
+        return self.active[rows] & self._stop_now()[rows]
 
     # ------------------------------------------------------------------ the step
     def _step_g(self) -> list[GCacheEntry]:
@@ -543,54 +554,54 @@ class DecodeEngine:
             out.append(GCacheEntry(None, torch.where(fixed, g.G_LM, g_lm)))
         return out
 
-    def _advance_rows(self, logits: Tensor, mode: SamplingMode) -> None:
+    def _advance_rows(self, logits: Tensor, variant: StepVariant) -> None:
         """Sample each running row's next token from ``logits`` [B, V] and advance the state;
-        the pending tokens (and whether they were last) go to ``report`` first."""
+        the pending tokens (and whether they were last) go to ``report`` first.
+
+        Every kernel here runs once per token, so the bookkeeping is kept to a few: the three
+        counters advance together, end-of-text is one of the stop ids, and teacher forcing is
+        only in the variant of the step that a forced row needs."""
+        mode, forcing = variant
         run = self.active & ~self.done
-        new = sample_rows(
-            logits,
-            self.temperature,
-            self.top_k,
-            self.top_p,
-            self.seed,
-            self.n_generated,
-            mode=mode,
-        )
+        # A row never generates more than slots - 1 tokens; the clamp keeps the index of a
+        # free slot's stale counter in range.
         column = self.n_generated.clamp(max=self.slots - 1)[:, None]
-        forced = self.forced.gather(1, column)[:, 0]
-        new = torch.where(self.n_generated < self.forced_len, forced, new)
+        uniform = self.uniforms.gather(1, column)[:, 0] if mode != "greedy" else self.temperature
+        new = sample_rows(logits, self.temperature, self.top_k, self.top_p, uniform, mode)
+        if forcing:
+            forced = self.forced.gather(1, column)[:, 0]
+            new = torch.where(self.n_generated < self.forced_len, forced, new)
         self.report[0].copy_(self.ids[:, 0])
         self.report[1].copy_(self.done)
-        self.report[2].copy_(self.logprob)
         if self.output_logprobs:
+            self.report[2].copy_(self.logprob)
             chosen = torch.log_softmax(logits, -1).gather(-1, new[:, None])[:, 0]
-            self.logprob.copy_(torch.where(run, chosen, self.logprob))
+            torch.where(run, chosen, self.logprob, out=self.logprob)
         if self.pending_logits is not None:
-            self.pending_logits.copy_(torch.where(run[:, None], logits, self.pending_logits))
-        self.history.scatter_(
-            1, column, torch.where(run, new, self.history.gather(1, column)[:, 0])[:, None]
-        )
-        step = run.long()
-        self.ids.copy_(torch.where(run, new, self.ids[:, 0])[:, None])
-        self.position.add_(step[:, None])
-        self.write_index.add_(step)
-        self.n_generated.add_(step)
-        self.done.copy_(self._finished(slice(None)))
+            torch.where(run[:, None], logits, self.pending_logits, out=self.pending_logits)
+        # Rows that do not run write past their last token, which nothing reads.
+        self.history.scatter_(1, column, new[:, None])
+        torch.where(run[:, None], new[:, None], self.ids, out=self.ids)
+        self.counters.add_(run.long())  # position, write index, tokens generated
+        torch.logical_and(self.active, self._stop_now(), out=self.done)
 
-    def _kv_step(self, mode: SamplingMode = "filtered") -> None:
+    def _stop_now(self) -> Tensor:
+        """Whether each row's pending token ends it (a stop id, or max_new_tokens reached)."""
+        stop = (self.stop_ids == self.ids).any(-1)
+        return stop | (self.n_generated >= self.max_new)
+
+    def _kv_step(self, variant: StepVariant = ("filtered", True)) -> None:
         """One token for every running row, on the static buffers (no host sync)."""
         model = self.model
         # The reference masks a new key that is the pad id (rows are never per-row padded here).
-        new_valid = self.ids != self.config.pad_id
-        self.key_valid.scatter_(1, self.write_index[:, None], new_valid)
-        allowed = self.key_valid & (self.slot_range[None, :] <= self.write_index[:, None])
-        bias = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device)
-        bias = bias.masked_fill(~allowed, MASK_VALUE)[:, None, None, :]
+        value = self._bias_values[(self.ids != self.config.pad_id).long()]
+        self.key_bias.scatter_(1, self.write_index[:, None], value)
+        bias = self.key_bias[:, None, None, :]
         hidden, _, _, _ = model.run_layers(
             self.ids, self.position, bias, False, kv=self.kv, g=self._step_g()
         )
         logits = model.final_layer(hidden[:, -1]).float()
-        self._advance_rows(logits, mode)
+        self._advance_rows(logits, variant)
 
     def _full_step(self) -> None:
         """Without the KV-cache: every running row's whole sequence runs again, alone."""
@@ -612,11 +623,20 @@ class DecodeEngine:
             g = self._slot_g.get(slot)
             out = model(sequence, cache=PLDRCache(g=g) if g is not None else None, logits_to_keep=1)
             logits[slot] = out.logits[0, -1].float()
-        self._advance_rows(logits, "filtered")
+        self._advance_rows(logits, ("filtered", True))
 
-    def _step_mode(self) -> SamplingMode:
-        """The sampling variant the running rows need (from host-side sets: no sync)."""
-        return batch_mode(self._mode[slot] for slot in self._running)
+    def _step_variant(self) -> StepVariant:
+        """The step variant the running rows need (from host-side sets: no sync)."""
+        mode = batch_mode(self._mode[slot] for slot in self._running)
+        return mode, bool(self._forced_slots & self._running)
+
+    def _step_fn(self, variant: StepVariant) -> Callable[[], None]:
+        """The one-token step of ``variant`` (through torch.compile when asked)."""
+        fn = self._step_fns.get(variant)
+        if fn is None:
+            fn = maybe_compile(functools.partial(self._kv_step, variant), self._compile)
+            self._step_fns[variant] = fn
+        return fn
 
     def _report_buffer(self, n: int) -> Tensor:
         """The static [n, 3, batch] buffer a block of ``n`` steps writes its reports to."""
@@ -626,11 +646,10 @@ class DecodeEngine:
             self._reports[n] = buffer
         return buffer
 
-    def _block(self, mode: SamplingMode, n: int) -> Callable[[], None]:
+    def _block(self, variant: StepVariant, n: int) -> Callable[[], None]:
         """``n`` steps in a row; with n > 1 each step's report is kept in its buffer row, so
         one host read after the block sees every step (no host read inside: capturable)."""
-        fn = self._step_fns[mode] if self.enable_kvcache else self._full_step
-        assert fn is not None
+        fn = self._step_fn(variant) if self.enable_kvcache else self._full_step
         reports = self._report_buffer(n) if n > 1 else None
 
         def steps() -> None:
@@ -644,36 +663,36 @@ class DecodeEngine:
     def _run_steps(self, count: int, block: int | None = None) -> None:
         """``count`` steps without a host sync (graph replays where captured); with ``block``
         (step_many), exactly ``count`` steps as one block whose reports are all kept."""
-        mode = self._step_mode()
+        variant = self._step_variant()
         if block is not None or not self.use_graph:
             n = count if block is not None else 1
-            steps = self._graph(mode, n).replay if self.use_graph else self._block(mode, n)
+            steps = self._graph(variant, n).replay if self.use_graph else self._block(variant, n)
             with sdpa_backends():
                 for _ in range(count // n):
                     steps()
             return
         many = self.steps_per_graph
         if count == 1 or many == 1:
-            graph = self._graph(mode, 1)
+            graph = self._graph(variant, 1)
             for _ in range(count):
                 graph.replay()
             return
         # Rounded up to whole graphs of `many` steps: one capture serves every count, and extra
         # steps change nothing a caller reads (rows stop at their own max_new_tokens).
-        graph = self._graph(mode, many)
+        graph = self._graph(variant, many)
         for _ in range(-(-count // many)):
             graph.replay()
 
-    def _graph(self, mode: SamplingMode, n: int) -> Any:
+    def _graph(self, variant: StepVariant, n: int) -> Any:
         """The captured graph of ``n`` steps (captured now on first use)."""
-        key = (mode, n)
+        key = (variant, n)
         graph = self._graphs.get(key)
         if graph is not None:
             return graph
         import time
 
         start = time.perf_counter()
-        steps = self._block(mode, n)
+        steps = self._block(variant, n)
 
         # Warm-up and capture run the step for real: with every row inactive it changes nothing
         # a row reads (the pending tokens' keys/values are rewritten with the same values).

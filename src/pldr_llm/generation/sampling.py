@@ -6,11 +6,14 @@ kept); filtered logits become -1e10. :func:`sample_rows` does the same per row w
 ([B] temperature, top-k, top-p), so it runs inside a captured CUDA graph: one descending sort
 serves both filters (keep = min(k or V, top-p count); threshold = sorted[keep - 1]).
 
-Randomness is a pure function of (row seed, row step index, vocabulary index): a murmur3-style
-32-bit hash computed with integer tensor ops, turned into Gumbel noise; the token is
-``argmax(filtered + gumbel)``, an exact draw from ``softmax(filtered)``. A row's text thus depends
-only on its seed and its parameters -- not on the batch it shares, the device, graph capture or
-what other rows do.
+Randomness is one uniform number per row and step, a pure function of (row seed, step index): a
+murmur3-style 32-bit hash computed with integer tensor ops (:func:`uniform_draws`). The token is
+the inverse of the cumulative distribution of ``softmax(filtered)`` at that number (the first
+token whose cumulative probability exceeds it): an exact draw from the filtered distribution.
+A row's text thus depends only on its seed and its parameters -- not on the batch it shares,
+graph capture or what other rows do. One number per token, not one per vocabulary entry, keeps
+the draw to a handful of kernels (a softmax, a cumulative sum and a search), which is what
+sampling costs inside the decoding step.
 """
 
 from __future__ import annotations
@@ -133,15 +136,23 @@ def row_keys(seed: Tensor, step: Tensor) -> Tensor:
     return _fmix32(key ^ _fmix32((step & _MASK32) ^ 0x5BD1E995))
 
 
-def gumbel_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
-    """[B, vocab] float32 Gumbel(0, 1) noise, a pure function of (seed, step, vocab index)."""
-    key = row_keys(seed, step)[:, None]
-    index = torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :]
-    h = _fmix32(key ^ _mul32(index + 1, 0x9E3779B1))
-    h = _fmix32(h ^ key)
+def uniform_draws(seed: Tensor, step: Tensor) -> Tensor:
+    """Uniform numbers in (0, 1), float32, a pure function of (seed, step) (int64 tensors of
+    one shape, or broadcastable): the draw of a row's ``step``-th token."""
+    seed, step = torch.broadcast_tensors(seed, step)
+    h = row_keys(seed.reshape(-1), step.reshape(-1)).view(seed.shape)
     # 24 bits -> u in (0, 1), exactly representable in float32
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-    return -torch.log(-torch.log(u))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
+    """One id per row of ``probs`` [B, V]: the first whose cumulative probability exceeds
+    ``uniform`` [B] times the row's total (so unnormalized rows are fine, and a token of
+    probability 0 is never drawn). -1 where rounding put the target at the very end."""
+    cdf = probs.cumsum(dim=-1)
+    target = uniform[:, None].to(cdf.dtype) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return torch.where(ids < probs.shape[-1], ids, -1)
 
 
 def filter_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -186,21 +197,18 @@ def sample_rows(
     temperature: Tensor,
     top_k: Tensor,
     top_p: Tensor,
-    seed: Tensor,
-    step: Tensor,
-    all_greedy: bool = False,
-    mode: SamplingMode | None = None,
+    uniform: Tensor,
+    mode: SamplingMode = "filtered",
 ) -> Tensor:
-    """One id per row of [B, V] logits, each row with its own parameters and RNG stream.
+    """One id per row of [B, V] logits, each row with its own parameters and random number
+    ``uniform`` [B] (:func:`uniform_draws` of its seed and step).
 
     Greedy rows (temperature 0 or top_k 1) take the arg-max of the raw logits. ``mode`` (see
-    :func:`batch_mode`; ``all_greedy`` is ``mode="greedy"``) lets the caller skip work it knows
-    no row needs: ``greedy`` skips the sort and the noise, ``plain`` skips the sort. For a row
-    whose filters keep every token, :func:`filter_rows` returns the scaled logits unchanged, so
-    ``plain`` gives exactly the ids ``filtered`` gives (same scaling, same noise, same arg-max).
+    :func:`batch_mode`) lets the caller skip work it knows no row needs: ``greedy`` skips the
+    draw, ``plain`` the sort. For a row whose filters keep every token, :func:`filter_rows`
+    returns the scaled logits unchanged, so ``plain`` gives exactly the ids ``filtered`` gives
+    (same scaling, same distribution, same draw).
     """
-    if mode is None:
-        mode = "greedy" if all_greedy else "filtered"
     greedy_ids = logits.argmax(dim=-1)
     if mode == "greedy":
         return greedy_ids
@@ -210,6 +218,7 @@ def sample_rows(
         filtered = logits / safe_t[:, None].to(logits.dtype)
     else:
         filtered = filter_rows(logits.float(), temperature, top_k, top_p)
-    sampled = (filtered + gumbel_noise(seed, step, logits.shape[-1])).argmax(dim=-1)
-    greedy = (temperature == 0) | (top_k == 1)
+    sampled = inverse_cdf(torch.softmax(filtered, dim=-1), uniform)
+    # Greedy rows, and the (2**-24-rare) draw that rounding put past the end: the arg-max.
+    greedy = (temperature == 0) | (top_k == 1) | (sampled < 0)
     return torch.where(greedy, greedy_ids, sampled)
