@@ -577,3 +577,37 @@ def _drain_ahead(engine, k: int) -> list:
             return outs + block
         engine.launch(k)
         outs += block
+
+
+@pytest.mark.gpu
+def test_cuda_warm_up_captures_ahead_and_changes_no_result(tiny_model):
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    torch.set_float32_matmul_precision("highest")
+    model = tiny_model.cuda()
+    params = [
+        SamplingParams(temperature=0, max_new_tokens=9, stop_at_eos=False),
+        SamplingParams(seed=4, max_new_tokens=9, stop_at_eos=False),
+    ]
+    cold = DecodeEngine(model, 2, 32)
+    cold.add_many(PROMPTS[:2], params)
+    want = _drain_many(cold, 4)
+    warm = DecodeEngine(model, 2, 32)
+    assert warm.warm_up(steps=(1, 4), modes=("plain",)) > 0
+    captured = warm.capture_seconds
+    assert set(warm._graphs) == {(("plain", False), 1), (("plain", False), 4)}
+    warm.add_many(PROMPTS[:2], params)
+    got = _drain_many(warm, 4)
+    assert warm.capture_seconds == captured  # the first request captured nothing
+    assert [(o.slots, o.token_ids, o.finished) for o in got] == [
+        (o.slots, o.token_ids, o.finished) for o in want
+    ]
+    model.cpu()
+
+
+def test_warm_up_is_a_no_op_without_cuda_graphs(tiny_model):
+    from pldr_llm.generation import DecodeEngine
+
+    engine = DecodeEngine(tiny_model, 2, 32)
+    assert engine.warm_up(steps=(1, 4)) == 0.0
+    assert engine.free_slots == 2 and not engine._graphs

@@ -711,6 +711,30 @@ class DecodeEngine:
         return graph
 
     @torch.inference_mode()
+    def warm_up(
+        self,
+        steps: Sequence[int] = (1,),
+        modes: Sequence[SamplingMode] = ("greedy", "plain", "filtered"),
+    ) -> float:
+        """Capture the step graphs of every mode in ``modes`` for blocks of each of ``steps``
+        now, and run a one-token prompt through the prefill (which loads its kernels), instead
+        of on the first request that needs them: a server calls this before it takes requests.
+        Returns the seconds it took (nothing to do without CUDA graphs)."""
+        self._check_idle()
+        if not self.use_graph or not self._free:
+            return 0.0
+        import time
+
+        start = time.perf_counter()
+        slot = self.add([self.config.eos_id], SamplingParams(max_new_tokens=1))
+        self.release(slot)
+        for mode in modes:
+            for n in steps:
+                self._check_k(n)
+                self._graph((mode, False), n)
+        return time.perf_counter() - start
+
+    @torch.inference_mode()
     def advance(self, count: int) -> None:
         """Run ``count`` decoding steps without reporting (for :func:`generate`; read the ids
         with :meth:`generated`). Rows that finish stop advancing; nothing reads back to the host.

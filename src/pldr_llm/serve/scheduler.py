@@ -190,7 +190,10 @@ class Scheduler:
         self._engines: dict[tuple[bool, bool], Any] = {}
         self._engine_options = dict(engine_options or {})
         self._max_batch = max_batch
-        self._engine_for((True, True))
+        # The default cache mode's step graphs are captured now, before the first request, for
+        # single steps and for blocks of tokens_per_sync (a first request would otherwise wait
+        # for the captures: ~0.2 s of its time to first token on an H200).
+        self._engine_for((True, True)).warm_up(steps=sorted({1, tokens_per_sync}))
         self._waiting: collections.deque[GenSequence] = collections.deque()
         self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
             collections.deque()
