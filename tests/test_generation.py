@@ -611,3 +611,52 @@ def test_warm_up_is_a_no_op_without_cuda_graphs(tiny_model):
     engine = DecodeEngine(tiny_model, 2, 32)
     assert engine.warm_up(steps=(1, 4)) == 0.0
     assert engine.free_slots == 2 and not engine._graphs
+
+
+def test_packed_projections_decode_like_the_model_and_follow_weight_changes(tiny_model):
+    """The packed wq|wk|wv and gluw1|gluw2 (on by default on CUDA) compute the same function:
+    equal ids here, logits equal to float32 rounding (one matrix product of stacked rows
+    instead of several: the same dot products, possibly summed in another order)."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    params = [
+        SamplingParams(temperature=0, max_new_tokens=12, stop_at_eos=False),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=12, stop_at_eos=False),
+    ]
+
+    def drain(engine):
+        outs = []
+        while engine.active_slots:
+            out = engine.step()
+            outs.append((out.slots, out.token_ids, out.finished, out.logits))
+        return outs
+
+    def run(pack: bool):
+        engine = DecodeEngine(tiny_model, 2, 40, pack_projections=pack, keep_logits=True)
+        engine.add_many(PROMPTS[:2], params)
+        return engine, drain(engine)
+
+    plain_engine, plain = run(False)
+    packed_engine, packed = run(True)
+    assert plain_engine.packed is None and len(packed_engine.packed) == len(
+        tiny_model.decoder.dec_layers
+    )
+    assert [o[:3] for o in packed] == [o[:3] for o in plain]
+    for a, b in zip(packed, plain):
+        torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-5)
+    # A weight changed in place after the engine was built is seen by the next request.
+    with torch.no_grad():
+        tiny_model.decoder.dec_layers[0].mha1.wk.weight.mul_(1.5)
+        tiny_model.decoder.dec_layers[1].ffn.gluw2.bias.add_(0.25)
+    try:
+        fresh_engine, fresh = run(False)
+        for slot in (0, 1):
+            packed_engine.release(slot)
+        packed_engine.add_many(PROMPTS[:2], params)
+        again = drain(packed_engine)
+        assert [o[:3] for o in again] == [o[:3] for o in fresh]
+        assert [o[:3] for o in again] != [o[:3] for o in plain]
+    finally:
+        with torch.no_grad():
+            tiny_model.decoder.dec_layers[0].mha1.wk.weight.div_(1.5)
+            tiny_model.decoder.dec_layers[1].ffn.gluw2.bias.sub_(0.25)

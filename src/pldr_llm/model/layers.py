@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,5 +38,51 @@ class GLU(nn.Module):
         self.gluw3 = xavier_linear(hidden, d_out, bias)
         self.activation = ACTIVATION_FUNCTIONS[activation]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gluw3(self.activation(self.gluw1(x)) * self.gluw2(x))
+    def forward(self, x: Tensor, packed: PackedLinear | None = None) -> Tensor:
+        """``packed`` (gluw1 and gluw2 as one matrix, see :class:`PackedLinear`) computes both
+        input projections with one matrix product."""
+        if packed is None:
+            return self.gluw3(self.activation(self.gluw1(x)) * self.gluw2(x))
+        gate, up = packed(x).chunk(2, dim=-1)
+        return self.gluw3(self.activation(gate) * up)
+
+
+@dataclass(eq=False)
+class PackedLinear:
+    """Several Linear layers of one input packed into one weight (rows stacked) for inference:
+    one matrix product instead of several, which is what decoding one token is made of.
+
+    The packed tensors are copies: :meth:`refresh` copies the layers' weights again (into the
+    same tensors, so a captured CUDA graph stays valid) when any of them changed in place
+    (their version counters) or was replaced.
+    """
+
+    layers: tuple[nn.Linear, ...]
+    weight: Tensor = field(init=False)
+    bias: Tensor | None = field(init=False)
+    _seen: list[tuple[int, int]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        with torch.no_grad():
+            self.weight = torch.cat([layer.weight for layer in self.layers])
+            biases = [layer.bias for layer in self.layers]
+            self.bias = None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
+        self._seen = self._state()
+
+    def _state(self) -> list[tuple[int, int]]:
+        tensors = [t for layer in self.layers for t in (layer.weight, layer.bias) if t is not None]
+        return [(t._version, t.data_ptr()) for t in tensors]
+
+    def refresh(self) -> None:
+        """Copy the layers' weights again if any changed since the last copy."""
+        state = self._state()
+        if state == self._seen:
+            return
+        with torch.no_grad():
+            torch.cat([layer.weight for layer in self.layers], out=self.weight)
+            if self.bias is not None:
+                torch.cat([layer.bias for layer in self.layers], out=self.bias)  # type: ignore[misc]
+        self._seen = state
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)

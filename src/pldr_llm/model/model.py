@@ -32,7 +32,7 @@ from pldr_llm.model.cache import (
     StaticLayerKV,
     register_pytree_dataclass,
 )
-from pldr_llm.model.layers import GLU, xavier_linear
+from pldr_llm.model.layers import GLU, PackedLinear, xavier_linear
 from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
 from pldr_llm.model.rope import RotaryEmbedding
 from pldr_llm.model.state_dict import load_state_dict_strict
@@ -53,6 +53,18 @@ class PLDROutput:
 
 
 register_pytree_dataclass(PLDROutput)
+
+
+@dataclass(eq=False)
+class PackedLayer:
+    """A decoder layer's projections packed for decoding (see :class:`PackedLinear`)."""
+
+    qkv: PackedLinear  # mha1.wq | mha1.wk | mha1.wv
+    gate_up: PackedLinear  # ffn.gluw1 | ffn.gluw2
+
+    def refresh(self) -> None:
+        self.qkv.refresh()
+        self.gate_up.refresh()
 
 
 class DecoderLayer(nn.Module):
@@ -83,11 +95,21 @@ class DecoderLayer(nn.Module):
         self.layernorm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(
-        self, x: Tensor, **attention_kwargs
+        self, x: Tensor, packed: PackedLayer | None = None, **attention_kwargs
     ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
-        attended, kv, g, deductive = self.mha1(x, **attention_kwargs)
+        qkv = packed.qkv if packed is not None else None
+        attended, kv, g, deductive = self.mha1(x, packed_qkv=qkv, **attention_kwargs)
         hidden = self.layernorm1(x + attended)
-        return self.layernorm2(hidden + self.ffn(hidden)), kv, g, deductive
+        ffn = self.ffn(hidden, packed.gate_up if packed is not None else None)
+        return self.layernorm2(hidden + ffn), kv, g, deductive
+
+    def pack(self) -> PackedLayer:
+        """This layer's projections packed for decoding (copies of the weights)."""
+        attention = self.mha1
+        return PackedLayer(
+            PackedLinear((attention.wq, attention.wk, attention.wv)),
+            PackedLinear((self.ffn.gluw1, self.ffn.gluw2)),
+        )
 
 
 class Decoder(nn.Module):
@@ -278,12 +300,14 @@ class PLDRModel(nn.Module):
         query_valid: Tensor | None = None,
         output_deductive: bool = False,
         output_scores: bool = True,
+        packed: list[PackedLayer] | None = None,
     ) -> tuple[Tensor, list[LayerKV], list[GCacheEntry], list[Deductive]]:
         """Embedding, decoder layers -> (hidden [B, L, d_model], KV, G, deductive per layer).
 
         The body of :meth:`forward` without its checks and mask building: it reads no device
         value on the host, so :mod:`pldr_llm.model.compile` can compile it or capture it in a CUDA graph.
         ``positions``, ``bias`` and ``is_causal`` are what :meth:`forward` derives from the ids.
+        ``packed`` (:meth:`DecoderLayer.pack` of each layer) is what the decoding loop passes.
         """
         hidden = self.decoder.embedding(input_ids) * self.decoder.embedding_scale
         hidden = self.decoder.layernorm1(hidden)
@@ -305,6 +329,7 @@ class PLDRModel(nn.Module):
                 implementation=self.attn_implementation,
                 need_deductive=output_deductive,
                 need_scores=output_scores,
+                packed=packed[index] if packed is not None else None,
             )
             kv_entries.append(layer_kv)
             g_entries.append(layer_g)

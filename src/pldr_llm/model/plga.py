@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pldr_llm.errors import PLDRError
 from pldr_llm.model.cache import GCacheEntry, LayerKV, StaticLayerKV, register_pytree_dataclass
-from pldr_llm.model.layers import GLU, xavier_linear
+from pldr_llm.model.layers import GLU, PackedLinear, xavier_linear
 from pldr_llm.model.rope import RotaryEmbedding
 
 # Keeps A_LM strictly positive so that A_LM ** pw is defined for any learned power.
@@ -320,14 +320,24 @@ class PowerLawGraphAttention(nn.Module):
         implementation: str = "sdpa",
         need_deductive: bool = False,
         need_scores: bool = True,
+        packed_qkv: PackedLinear | None = None,
     ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
         # Rotate in the [B, L, H, dk] layout and only then move heads forward: the metric tensor
         # sums over positions, and this keeps the original's memory layout (hence its rounding).
         # ``rotation``: the (cos, sin) rows of this pass's positions (RotaryEmbedding.rotation),
         # computed once per forward for every layer.
-        queries = self.rotary.rotate(self._heads(self.wq(x)), rotation).transpose(1, 2)
-        keys = self.rotary.rotate(self._heads(self.wk(x)), rotation).transpose(1, 2)
-        values = self._heads(self.wv(x)).transpose(1, 2)
+        if packed_qkv is None:
+            queries = self.rotary.rotate(self._heads(self.wq(x)), rotation).transpose(1, 2)
+            keys = self.rotary.rotate(self._heads(self.wk(x)), rotation).transpose(1, 2)
+            values = self._heads(self.wv(x)).transpose(1, 2)
+        else:
+            # Decoding: wq | wk | wv as one matrix product, and queries and keys rotated
+            # together (the same element-wise arithmetic, in half the kernels).
+            batch, length, _ = x.shape
+            heads = packed_qkv(x).view(batch, length, 3 * self.num_heads, self.depth)
+            rotated = self.rotary.rotate(heads[:, :, : 2 * self.num_heads], rotation)
+            queries, keys = rotated.transpose(1, 2).chunk(2, dim=1)
+            values = heads[:, :, 2 * self.num_heads :].transpose(1, 2)
 
         metric = None
         if past is not None:
