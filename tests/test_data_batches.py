@@ -371,3 +371,38 @@ def test_encode_batch_is_used_when_present() -> None:
 
     assert all(torch.equal(a, b) for a, b in zip(run(DocTokenizer()), run(Batched()), strict=True))
     assert calls and calls[0] == 6  # one call per group of batch_size * batch_agg_count
+
+
+def test_later_epochs_reuse_the_tokenized_documents_and_yield_the_same_batches():
+    """A repeated corpus is tokenized once: the memo changes no batch, only the work."""
+    from pldr_llm.data.batches import BatchIterator
+
+    class Counting:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def encode(self, text: str, add_eos: bool = True) -> list[int]:
+            self.calls += 1
+            return [4 + (ord(c) % 50) for c in text] + ([2] if add_eos else [])
+
+    texts = [f"document number {i} " * (1 + i % 3) for i in range(12)]
+
+    def batches(memo_limit: int | None, n: int) -> tuple[list, int]:
+        import pldr_llm.data.batches as module
+
+        saved = module.MEMO_IDS
+        if memo_limit is not None:
+            module.MEMO_IDS = memo_limit
+        try:
+            tok = Counting()
+            it = BatchIterator(
+                ListSource(texts), tok, batch_size=2, sample_length=16, shuffle=True, seed=3
+            )
+            return [next(it) for _ in range(n)], tok.calls
+        finally:
+            module.MEMO_IDS = saved
+
+    with_memo, calls = batches(None, 40)  # several epochs
+    without, calls_without = batches(0, 40)
+    assert all(torch.equal(a, b) for a, b in zip(with_memo, without))
+    assert calls == len(texts) and calls_without > 2 * len(texts)

@@ -29,6 +29,7 @@ epoch.
 
 from __future__ import annotations
 
+import array
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,8 @@ from pldr_llm.errors import PLDRError
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "pldr_llm.data.BatchIterator/1"
+#: Ids of tokenized documents kept for the next epochs of a repeated corpus (int32: 64 MB).
+MEMO_IDS = 16_000_000
 
 
 class Tokenizer(Protocol):
@@ -137,6 +140,8 @@ class BatchIterator:
         self._pos = _Position()
         self._batches = 0
         self._gen: Iterator[torch.Tensor] | None = None
+        self._memo: dict[str, array.array] = {}  # tokenized documents of a repeated corpus
+        self._memo_ids = 0
 
     # ------------------------------------------------------------------ properties
 
@@ -191,11 +196,30 @@ class BatchIterator:
             block += 1
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        # A tokenizer may offer a faster batched encoder; the result must be the same.
-        batch = getattr(self.tokenizer, "encode_batch", None)
-        if batch is not None:
-            return list(batch(texts, add_eos=True))
-        return [self.tokenizer.encode(t, add_eos=True) for t in texts]
+        """Tokenize ``texts``; documents seen before come from the memo (see below)."""
+        memo = self._memo
+        todo = [t for t in texts if t not in memo]
+        if todo:
+            # A tokenizer may offer a faster batched encoder; the result must be the same.
+            batch = getattr(self.tokenizer, "encode_batch", None)
+            if batch is not None:
+                fresh = list(batch(todo, add_eos=True))
+            else:
+                fresh = [self.tokenizer.encode(t, add_eos=True) for t in todo]
+            if self.repeat:
+                # A small corpus is read again every epoch; its ids are kept (as int32 arrays,
+                # MEMO_IDS at most) so that later epochs do not tokenize it again: on a
+                # background thread that work holds the interpreter lock the training step
+                # needs to launch its kernels.
+                for text, ids in zip(todo, fresh):
+                    if self._memo_ids + len(ids) <= MEMO_IDS:
+                        memo[text] = array.array("i", ids)
+                        self._memo_ids += len(ids)
+            if len(todo) == len(texts):
+                return fresh
+            done = dict(zip(todo, fresh))
+            return [done[t] if t in done else memo[t].tolist() for t in texts]
+        return [memo[t].tolist() for t in texts]
 
     def _generate(self) -> Iterator[torch.Tensor]:
         pos = self._pos
