@@ -82,6 +82,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
+TTFT_METRIC = "pldr_time_to_first_token_seconds"
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of the Prometheus sample ``name`` (no labels) in ``text``, 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 async def one_request(client: Any, url: str, body: dict[str, Any], timeout: float) -> dict:
     """One streamed completion: token count, time to first token, inter-token gaps."""
     start = time.perf_counter()
@@ -236,8 +247,19 @@ def main() -> int:
             # long enough for the blocks of several steps per sync to be captured too.
             warm = argparse.Namespace(**{**vars(args), "max_tokens": 16, "rounds": 1})
             asyncio.run(run_load(warm, base, "bench"))
+            before = httpx.get(base + "/metrics", timeout=10).text
             result = asyncio.run(run_load(args, base, "bench"))
             metrics = httpx.get(base + "/metrics", timeout=10).text
+            # The server's own view of the timed run's time to first token (from the request's
+            # arrival at the scheduler to its first routed token): what the HTTP path adds is
+            # the difference to the clients' figure.
+            count = metric_value(metrics, TTFT_METRIC + "_count") - metric_value(
+                before, TTFT_METRIC + "_count"
+            )
+            total = metric_value(metrics, TTFT_METRIC + "_sum") - metric_value(
+                before, TTFT_METRIC + "_sum"
+            )
+            result["server_ttft_ms_mean"] = round(1000 * total / count, 2) if count else None
         finally:
             server.send_signal(signal.SIGTERM)
             try:

@@ -144,6 +144,7 @@ class GenSequence:
         self.slot: int | None = None
         self.created = time.perf_counter()
         self.last_token_at: float | None = None
+        self.pending_text = ""  # routed but not yet posted (posted once per step or block)
         self.pending_tokens: list[int] = []
         self.pending_logprobs: list[float] = []
         self.produced = 0
@@ -385,11 +386,20 @@ class Scheduler:
             engine.launch(steps)
             self._in_flight.add(key)
         now = time.perf_counter()
+        routed: dict[int, GenSequence] = {}
         for out in outs:  # in step order: each sequence's detokenizer gets its ids in order
-            self._route(key, out, now)
+            self._route(key, out, now, routed)
+        # One event per sequence and block, not one per token: with several tokens per sync
+        # the event loop's work (an SSE chunk each) is what limits a busy server.
+        for seq in routed.values():
+            if seq.pending_text and seq.slot is not None:
+                self._post(seq, Event(seq.pending_text, seq.pending_tokens, seq.pending_logprobs))
+                seq.pending_text, seq.pending_tokens, seq.pending_logprobs = "", [], []
 
-    def _route(self, key: tuple[bool, bool], out: Any, now: float) -> None:
-        """Hand one step's tokens to their sequences."""
+    def _route(
+        self, key: tuple[bool, bool], out: Any, now: float, routed: dict[int, GenSequence]
+    ) -> None:
+        """Hand one step's tokens to their sequences (``routed``: the sequences that got one)."""
         logprobs = out.logprobs or [0.0] * len(out.slots)
         for slot, token, done, logprob in zip(out.slots, out.token_ids, out.finished, logprobs):
             seq = self._running.get((key, slot))
@@ -406,9 +416,8 @@ class Scheduler:
             delta = "" if eos else seq.detok.push(token)
             seq.pending_tokens.append(token)
             seq.pending_logprobs.append(float(logprob))
-            if delta:
-                self._post(seq, Event(delta, seq.pending_tokens, seq.pending_logprobs))
-                seq.pending_tokens, seq.pending_logprobs = [], []
+            seq.pending_text += delta
+            routed[id(seq)] = seq
             if seq.detok.stopped or eos:
                 self._finish(seq, "stop")
             elif done or seq.produced >= seq.params.max_new_tokens:
@@ -422,7 +431,8 @@ class Scheduler:
         self.metrics.running = len(self._running)
         if seq.cancelled and reason is None and error is None:
             return
-        rest = "" if error else seq.detok.flush()
+        rest = "" if error else seq.pending_text + seq.detok.flush()
+        seq.pending_text = ""
         self._post(
             seq,
             Event(
