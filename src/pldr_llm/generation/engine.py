@@ -15,7 +15,8 @@ row's lone result, and a sampled row depends only on its seed and parameters.
 The cache modes of the original:
 
 * KV on, G on: the prompt runs once, then one token per step; G_LM is inferred once.
-* KV on, G off: one token per step; G_LM is recomputed every step from the cached metric tensor.
+* KV on, G off: one token per step; G_LM is recomputed every step from the cached metric tensor
+  (with ``causal_metric``, A continues the cached running sum of ``q^T q`` with each new token).
 * KV off, G on / off: the whole sequence runs every step (eager and slow, for comparison), with
   G_LM from the first pass (G on) or recomputed from the grown sequence (G off).
 
@@ -243,6 +244,14 @@ class DecodeEngine:
         self.capture_seconds = 0.0
         device, dtype = model.device, model.dtype
         self.device = device
+        # A causal metric with the KV-cache and no G-cache: each step's layers continue the raw
+        # running sum of q^T q held in `metric` (as model.forward with a KV-cache does).
+        self.causal_running = (
+            enable_kvcache
+            and not enable_Gcache
+            and config.causal_metric
+            and config.version != "v510G"
+        )
         self.use_graph = (
             device.type == "cuda" and enable_kvcache and not record_deductive
             if cuda_graph is None
@@ -302,7 +311,9 @@ class DecodeEngine:
                         zeros(*shape, dt=dtype),
                         zeros(*shape, dt=dtype),
                         self.write_index,
-                        self.metric[i] if learned and self.metric is not None else None,
+                        self.metric[i]
+                        if (learned or self.causal_running) and self.metric is not None
+                        else None,
                     )
                     for i in range(config.num_layers)
                 ]
@@ -458,6 +469,8 @@ class DecodeEngine:
         init = prepare_g_init(self.model, g_init)
         if init is not None and self.record_deductive and self.enable_kvcache:
             raise PLDRError("record_deductive with the KV-cache takes no G_init")
+        if init is not None and self.causal_running:
+            raise PLDRError("G_init with a causal metric needs the G-cache on (or no KV-cache)")
         slots = [self._free.pop(0) for _ in rows]
         try:
             self._prefill(slots, rows, list(params), init, forced)
@@ -609,10 +622,13 @@ class DecodeEngine:
         return self.active[rows] & stop
 
     # ------------------------------------------------------------------ the step
-    def _step_g(self) -> list[GCacheEntry]:
-        """The G-cache of this step: cached, or recomputed from each row's metric tensor."""
+    def _step_g(self) -> list[GCacheEntry] | None:
+        """The G-cache of this step: cached, or recomputed from each row's metric tensor (None:
+        the layers compute it, from the causal metric's running sum)."""
         if self.enable_Gcache:
             return self.g
+        if self.causal_running:
+            return None
         out = []
         fixed = self.g_fixed[:, None, None, None]
         assert self.metric is not None
@@ -704,7 +720,7 @@ class DecodeEngine:
         allowed = self.key_valid & (self.slot_range[None, :] <= self.write_index[:, None])
         bias = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device)
         bias = bias.masked_fill(~allowed, MASK_VALUE)[:, None, None, :]
-        hidden, _, _, deductive = model.run_layers(
+        hidden, kv_out, _, deductive = model.run_layers(
             self.ids,
             self.position,
             bias,
@@ -715,8 +731,17 @@ class DecodeEngine:
         )
         if self.record_deductive:
             self._record("step", {s: (deductive, s) for s in self._record_slots()})
+        if self.causal_running:
+            self._advance_metric(kv_out)
         logits = model.final_layer(hidden[:, -1]).float()
         self._advance_rows(logits, mode)
+
+    def _advance_metric(self, kv_out: Sequence[Any]) -> None:
+        """Keep each running row's new running sum of q^T q (``causal_running``)."""
+        assert self.metric is not None
+        run = (self.active & ~self.done)[:, None, None, None]
+        for metric, kv in zip(self.metric, kv_out):
+            metric.copy_(torch.where(run, kv.metric_tensor.to(metric.dtype), metric))
 
     def _full_step(self) -> None:
         """Without the KV-cache: every running row's whole sequence runs again, alone."""
