@@ -13,7 +13,7 @@ import torch
 import pldr_llm
 from pldr_llm import PLDRConfig, PLDRError, PLDRModel
 from pldr_llm.deductive import CACHE_MODES, cache_mode_runs, deductive_outputs
-from pldr_llm.generation import DecodeEngine, SamplingParams
+from pldr_llm.generation import DecodeEngine, DeductiveRecord, SamplingParams
 from reference_decoding import reference_generate
 
 #: (KV-cache, G-cache) per mode, named like the golden data
@@ -74,6 +74,7 @@ def test_every_cache_mode_runs_through_the_loop(tiny_model) -> None:
         # On the tiny model caching changes no greedy token: every mode's ids are the uncached
         # ones of the plain model.forward loop (tests/reference_decoding.py).
         assert ids == uncached, mode
+        assert all(isinstance(r, DeductiveRecord) for r in records)
         assert [r.stage for r in records] == ["prefill"] + ["step"] * STEPS
         assert all(set(r.outputs) == {0} for r in records)
         prompt = records[0].outputs[0]
