@@ -182,6 +182,10 @@ def test_record_deductive_refusals(tiny_model) -> None:
     with pytest.raises(PLDRError, match="G_init"):
         engine.add(PROMPT, GREEDY, g_init=g_init)
     assert engine.free_slots == 1 and engine.deductive == []
+    # A causal metric with KV on / G off continues A per token: a fixed G_init has no place.
+    causal = DecodeEngine(tiny(causal_metric=True), 1, enable_Gcache=False)
+    with pytest.raises(PLDRError, match="G_init"):
+        causal.add(PROMPT, GREEDY, g_init=g_init)
     # Without the KV-cache a G_init is what the pass uses: it is recorded as such.
     engine = DecodeEngine(tiny_model, 1, enable_kvcache=False, record_deductive=True)
     engine.add(PROMPT, GREEDY, g_init=g_init)
@@ -247,3 +251,20 @@ def test_cache_mode_runs_on_cuda_matches_the_cpu(tiny_model) -> None:
     for got, want in zip(gpu.steps["kv0_g0"][-1], cpu.steps["kv0_g0"][-1]):
         # Different kernels (cuBLAS vs CPU BLAS) in float32, amplified by the power law.
         torch.testing.assert_close(got["A"], want["A"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_causal_metric_kv_g_off_cuda_graph_equals_eager() -> None:
+    """The running-sum update of a causal metric (KV on, G off) is captured with the step: the
+    CUDA-graph loop gives the eager loop's ids, which are model.forward's KV loop's."""
+    torch.set_float32_matmul_precision("highest")
+    model = tiny(causal_metric=True)
+    want = reference_generate(model, PROMPT, 20, kv=True, g=False, top_k=1)  # on the CPU
+    model.cuda()
+    params = SamplingParams(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
+    for graph in (False, True):
+        engine = DecodeEngine(model, 2, enable_Gcache=False, cuda_graph=graph)
+        slot = engine.add(PROMPT, params)
+        while engine.active_slots:
+            engine.step()
+        assert engine.generated(slot) == want, graph
