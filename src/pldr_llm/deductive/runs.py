@@ -13,7 +13,6 @@ from pldr_llm.deductive.stats import (
     DEDUCTIVE_NAMES,
     DeductiveReport,
     LayerTensors,
-    _detach,
     analyze_deductive,
     compare,
     layer_tensors,
@@ -90,12 +89,55 @@ class CacheRuns:
     g_cache: list[tuple[Tensor | None, Tensor]]
 
 
+#: (KV-cache, G-cache) of each mode on :class:`~pldr_llm.generation.DecodeEngine`
+_ENGINE_MODES = {
+    "kv1_g1": (True, True),
+    "kv1_g0": (True, False),
+    "kv0_g1": (False, True),
+    "kv0_g0": (False, False),
+}
+
+
+def _engine_walk(
+    model: Any, prompt: list[int], steps: int, mode: str, forced: list[int] | None
+) -> tuple[list[LayerTensors], list[list[LayerTensors]], list[int]]:
+    """Decode ``steps`` tokens in ``mode`` on the one decoding loop, recording the deductive
+    outputs: (prompt pass, one per step, the generated ids). ``forced`` fixes the tokens
+    (teacher forcing); without it the tokens are greedy."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    kv, g = _ENGINE_MODES[mode]
+    engine = DecodeEngine(
+        model,
+        1,
+        max_len=len(prompt) + steps,
+        enable_kvcache=kv,
+        enable_Gcache=g,
+        record_deductive=True,
+    )
+    params = SamplingParams(temperature=0.0, max_new_tokens=steps, stop_at_eos=False)
+    slot = engine.add(prompt, params, forced_ids=forced)
+    for _ in range(steps):
+        engine.step()
+    records = engine.deductive
+    if len(records) != steps + 1 or any(slot not in r.outputs for r in records):
+        raise PLDRError(f"the decoding loop recorded {len(records)} passes, expected {steps + 1}")
+    # Clones made here are ordinary tensors (the loop runs in inference mode).
+    layers = [
+        [{k: v.clone() for k, v in layer.items()} for layer in _cpu_layers(r.outputs[slot])]
+        for r in records
+    ]
+    return layers[0], layers[1:], engine.generated(slot)
+
+
 @torch.no_grad()
 def cache_mode_runs(model: Any, prompt_ids: Sequence[int] | Tensor, steps: int = 2) -> CacheRuns:
     """Decode ``steps`` greedy tokens after the prompt and record deductive outputs per mode.
 
-    The continuation is fixed first (greedy on full recomputation), then every mode decodes that
-    same token sequence, so differences come only from caching:
+    Every mode runs on the one decoding loop (:class:`~pldr_llm.generation.DecodeEngine` with
+    ``record_deductive``, eager attention). The continuation is fixed first (greedy on full
+    recomputation, ``kv0_g0``), then every other mode decodes that same token sequence (teacher
+    forcing), so differences come only from caching:
 
     * ``kv0_g0``: no cache; each step recomputes A, A_LM, A_P, G_LM over the grown sequence.
     * ``kv1_g1``: KV- and G-cache of the prompt pass; only the new token is run, G_LM reused.
@@ -103,51 +145,25 @@ def cache_mode_runs(model: Any, prompt_ids: Sequence[int] | Tensor, steps: int =
       law recomputed from it.
     * ``kv0_g1``: G-cache only; the grown sequence is recomputed with the prompt's G_LM.
     """
-    if steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PLDRError("steps must be at least 1")
-    device = _model_device(model)
-    ids = _as_ids(prompt_ids, device)
+    ids = _as_ids(prompt_ids, _model_device(model))
+    prompt_list = [int(i) for i in ids[0].tolist()]
     max_len = int(getattr(getattr(model, "config", None), "max_seq_len", 0) or 0)
     if max_len and ids.shape[1] + steps > max_len:
         raise PLDRError(
             f"prompt of {ids.shape[1]} tokens plus {steps} steps exceeds max_seq_len={max_len}"
         )
     with _EvalMode(model):
-        first = model(ids, output_deductive=True)
-        prompt = _cpu_layers(first.deductive)
-        g_cache = [(_detach(e.A_LM), _detach(e.G_LM)) for e in first.cache.g]
-
-        # Fixed continuation and the reference (no cache) outputs of every step.
-        seq = ids
-        logits = first.logits
-        reference: list[list[LayerTensors]] = []
-        for _ in range(steps):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat((seq, token), dim=1)
-            out = model(seq, output_deductive=True)
-            reference.append(_cpu_layers(out.deductive))
-            logits = out.logits
-        continuation = seq[0, ids.shape[1] :]
-
-        runs: dict[str, list[list[LayerTensors]]] = {"kv0_g0": reference}
-        for mode in ("kv1_g1", "kv1_g0"):
-            cache = first.cache if mode == "kv1_g1" else first.cache.drop_g()
-            outs = []
-            for k in range(steps):
-                out = model(continuation[k : k + 1][None], cache=cache, output_deductive=True)
-                outs.append(_cpu_layers(out.deductive))
-                cache = out.cache if mode == "kv1_g1" else out.cache.drop_g()
-            runs[mode] = outs
-        g_only = first.cache.drop_kv()
-        runs["kv0_g1"] = [
-            _cpu_layers(
-                model(seq[:, : ids.shape[1] + k + 1], cache=g_only, output_deductive=True).deductive
-            )
-            for k in range(steps)
-        ]
+        prompt, reference, continuation = _engine_walk(model, prompt_list, steps, "kv0_g0", None)
+        runs = {"kv0_g0": reference}
+        for mode in ("kv1_g1", "kv1_g0", "kv0_g1"):
+            runs[mode] = _engine_walk(model, prompt_list, steps, mode, continuation)[1]
+    # The prompt pass's (A_LM, G_LM) are what fills the G-cache.
+    g_cache = [(layer.get("A_LM"), layer["G_LM"]) for layer in prompt]
     return CacheRuns(
-        prompt_ids=[int(i) for i in ids[0].tolist()],
-        continuation=[int(i) for i in continuation.tolist()],
+        prompt_ids=prompt_list,
+        continuation=continuation,
         prompt=prompt,
         steps={m: runs[m] for m in CACHE_MODES},
         g_cache=g_cache,

@@ -2,7 +2,8 @@
 
 * :class:`DecodeEngine`, :class:`SamplingParams`, :class:`StepOutput`: the static, slot-based
   loop (KV-cache allocated once, CUDA-graph step with sampling inside) -- see
-  :mod:`pldr_llm.generation.engine`.
+  :mod:`pldr_llm.generation.engine`; :class:`DeductiveRecord`: what it records with
+  ``record_deductive`` (the deductive cache-mode runs).
 * :func:`generate`, :func:`generate_details`, :func:`stream_generate`, :func:`generate_text`: the
   user-facing calls, all on that loop.
 * :func:`filter_logits` & co: the original's sampling filters (:mod:`~.sampling`).
@@ -18,7 +19,13 @@ from pldr_llm.generation.api import (
     generate_text,
     stream_generate,
 )
-from pldr_llm.generation.engine import DecodeEngine, GInit, StepOutput, sdpa_backends
+from pldr_llm.generation.engine import (
+    DecodeEngine,
+    DeductiveRecord,
+    GInit,
+    StepOutput,
+    sdpa_backends,
+)
 from pldr_llm.generation.sampling import (
     FILTERED_LOGIT,
     SamplingParams,
@@ -35,6 +42,7 @@ from pldr_llm.generation.sampling import (
 __all__ = [
     "FILTERED_LOGIT",
     "DecodeEngine",
+    "DeductiveRecord",
     "GInit",
     "GenerationOutput",
     "SamplingParams",

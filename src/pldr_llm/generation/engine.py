@@ -15,7 +15,8 @@ row's lone result, and a sampled row depends only on its seed and parameters.
 The cache modes of the original:
 
 * KV on, G on: the prompt runs once, then one token per step; G_LM is inferred once.
-* KV on, G off: one token per step; G_LM is recomputed every step from the cached metric tensor.
+* KV on, G off: one token per step; G_LM is recomputed every step from the cached metric tensor
+  (with ``causal_metric``, A continues the cached running sum of ``q^T q`` with each new token).
 * KV off, G on / off: the whole sequence runs every step (eager and slow, for comparison), with
   G_LM from the first pass (G on) or recomputed from the grown sequence (G off).
 
@@ -26,6 +27,10 @@ Steps are pipelined: :meth:`DecodeEngine.add` samples a row's first token, and e
 :meth:`DecodeEngine.step` reports every active row's pending token while it computes the next one.
 So the first :meth:`step` after :meth:`add` reports the slot's first token, and a row's last
 token comes with ``finished=True``.
+
+``record_deductive`` keeps the deductive outputs (A, A_LM, A_P, G_LM per layer) of every prompt
+pass and step in :attr:`DecodeEngine.deductive` (eager only): the deductive cache-mode comparison
+(:func:`pldr_llm.deductive.cache_mode_runs`) walks the cache modes on this loop.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -50,7 +55,7 @@ from pldr_llm.generation.sampling import (
 )
 from pldr_llm.model.cache import GCacheEntry, PLDRCache, StaticLayerKV, g_entries
 from pldr_llm.model.model import PLDRModel
-from pldr_llm.model.plga import MASK_VALUE
+from pldr_llm.model.plga import MASK_VALUE, Deductive
 
 GInit = Sequence[tuple[Tensor | None, Tensor] | GCacheEntry | Tensor]
 
@@ -75,6 +80,22 @@ class StepOutput:
     finished: list[bool]
     logprobs: list[float] | None = None
     logits: Tensor | None = None  # [n, V] float32 logits of each token (``keep_logits`` only)
+
+
+@dataclass
+class DeductiveRecord:
+    """The deductive outputs of one model pass of :class:`DecodeEngine` (``record_deductive``).
+
+    ``stage`` is ``"prefill"`` (the prompt pass of :meth:`~DecodeEngine.add_many`) or ``"step"``
+    (one decoding step: each slot's pass over the token that step reports). ``outputs[slot]``
+    holds one :class:`~pldr_llm.model.plga.Deductive` per layer, batch dimension 1, as
+    ``model.forward(..., output_deductive=True)`` gives them for that pass: A, A_LM, A_P, G_LM
+    (a tensor the pass does not compute, e.g. A when the G-cache skips the metric learner without
+    a KV-cache, is None; attention scores are left out).
+    """
+
+    stage: Literal["prefill", "step"]
+    outputs: dict[int, list[Deductive]]
 
 
 def sdpa_backends() -> contextlib.AbstractContextManager[Any]:
@@ -118,6 +139,13 @@ def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CU
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def _row(t: Tensor | None, i: int) -> Tensor | None:
+    """Row ``i`` of a batched tensor ([1, ...] as is: it broadcasts over the batch)."""
+    if t is None:
+        return None
+    return t if t.shape[0] == 1 else t[i : i + 1]
 
 
 def prepare_g_init(model: PLDRModel, g_init: GInit | None) -> list[GCacheEntry] | None:
@@ -164,6 +192,13 @@ class DecodeEngine:
     steps in one graph (the server's several tokens per host sync). On the CPU the same
     step runs eagerly. ``capture_seconds`` accumulates the time spent capturing and compiling.
 
+    ``record_deductive`` appends a :class:`DeductiveRecord` to :attr:`deductive` for every prompt
+    pass and every step (the caller reads and clears that list). It runs the eager attention
+    (the scores are computed, as ``output_deductive=True`` does) without graphs or compile, and
+    the static caches then also hold A (with the keys) and A_LM, A_P (with G_LM), as the
+    original's caches do, so that a cached step reports them. It takes no ``g_init`` with the
+    KV-cache.
+
     Not thread-safe: call it from one thread (a server's decoding loop), which owns the device
     buffers. The first :meth:`step` after :meth:`add` reports the slot's first token.
     """
@@ -182,8 +217,14 @@ class DecodeEngine:
         output_logprobs: bool = False,
         keep_logits: bool = False,
         pack_projections: bool | None = None,
+        record_deductive: bool = False,
     ) -> None:
         config = model.config
+        if record_deductive and (compile or cuda_graph):
+            raise PLDRError(
+                "record_deductive runs the eager step: it cannot be combined with cuda_graph "
+                "or compile"
+            )
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise PLDRError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         max_len = config.max_seq_len if max_len is None else max_len
@@ -201,12 +242,28 @@ class DecodeEngine:
         self.enable_Gcache = enable_Gcache
         self.output_logprobs = output_logprobs
         self.keep_logits = keep_logits
+        self.record_deductive = record_deductive
+        #: the recorded passes (``record_deductive``), oldest first
+        self.deductive: list[DeductiveRecord] = []
+        # Per slot, the generated count of its last recorded step (a finished row that stays in a
+        # block of steps is recorded once).
+        self._recorded_n: dict[int, int] = {}
         self.steps_per_graph = steps_per_graph
         self.capture_seconds = 0.0
         device, dtype = model.device, model.dtype
         self.device = device
+        # A causal metric with the KV-cache and no G-cache: each step's layers continue the raw
+        # running sum of q^T q held in `metric` (as model.forward with a KV-cache does).
+        self.causal_running = (
+            enable_kvcache
+            and not enable_Gcache
+            and config.causal_metric
+            and config.version != "v510G"
+        )
         self.use_graph = (
-            device.type == "cuda" and enable_kvcache if cuda_graph is None else bool(cuda_graph)
+            device.type == "cuda" and enable_kvcache and not record_deductive
+            if cuda_graph is None
+            else bool(cuda_graph)
         )
         if self.use_graph and not enable_kvcache:
             raise PLDRError("CUDA-graph decoding needs the KV-cache")
@@ -215,7 +272,7 @@ class DecodeEngine:
         # default on CUDA, where a decoding step is a chain of small kernels; the CPU keeps the
         # model's own projections (and so exactly model.forward's arithmetic).
         if pack_projections is None:
-            pack_projections = device.type == "cuda" and enable_kvcache
+            pack_projections = device.type == "cuda" and enable_kvcache and not record_deductive
         self.packed = (
             [layer.pack() for layer in model.decoder.dec_layers] if pack_projections else None
         )
@@ -265,25 +322,39 @@ class DecodeEngine:
             self.logprob = zeros(batch, dt=torch.float32)
             self.pending_logits = zeros(batch, vocab, dt=torch.float32) if keep_logits else None
             self.report = zeros(3, batch, dt=torch.float32)  # token, finished, logprob
+            self.metric: list[Tensor] | None = None
             if enable_kvcache:
-                shape = (batch, heads, slots, depth)
-                self.kv = [
-                    StaticLayerKV(
-                        zeros(*shape, dt=dtype), zeros(*shape, dt=dtype), self.write_index
-                    )
-                    for _ in range(config.num_layers)
-                ]
-                self.g = [
-                    GCacheEntry(None, zeros(batch, heads, depth, depth, dt=dtype))
-                    for _ in range(config.num_layers)
-                ]
-                if not enable_Gcache:
+                # Recording a model that learns G: the caches also hold A, A_LM and A_P.
+                learned = record_deductive and config.version != "v510G"
+                if not enable_Gcache or learned:
                     # G_LM is recomputed each step from A, except on rows given a G_init.
                     self.metric = [
                         zeros(batch, heads, depth, depth, dt=dtype)
                         for _ in range(config.num_layers)
                     ]
+                if not enable_Gcache:
                     self.g_fixed = zeros(batch, dt=torch.bool)
+                shape = (batch, heads, slots, depth)
+                self.kv = [
+                    StaticLayerKV(
+                        zeros(*shape, dt=dtype),
+                        zeros(*shape, dt=dtype),
+                        self.write_index,
+                        self.metric[i]
+                        if (learned or self.causal_running) and self.metric is not None
+                        else None,
+                    )
+                    for i in range(config.num_layers)
+                ]
+                square = (batch, heads, depth, depth)
+                self.g = [
+                    GCacheEntry(
+                        zeros(*square, dt=dtype) if learned else None,
+                        zeros(*square, dt=dtype),
+                        zeros(*square, dt=dtype) if learned else None,
+                    )
+                    for _ in range(config.num_layers)
+                ]
         # Without the KV-cache: per slot, its prompt (host ids) and its G-cache (or None).
         self._prompts: dict[int, list[int]] = {}
         self._slot_g: dict[int, list[GCacheEntry] | None] = {}
@@ -424,6 +495,10 @@ class DecodeEngine:
         init = prepare_g_init(self.model, g_init)
         for packed in self.packed or ():
             packed.refresh()  # the weights may have changed since the last request
+        if init is not None and self.record_deductive and self.enable_kvcache:
+            raise PLDRError("record_deductive with the KV-cache takes no G_init")
+        if init is not None and self.causal_running:
+            raise PLDRError("G_init with a causal metric needs the G-cache on (or no KV-cache)")
         slots = [self._free.pop(0) for _ in rows]
         try:
             self._prefill(slots, rows, list(params), init, forced)
@@ -457,20 +532,35 @@ class DecodeEngine:
         try:
             with sdpa_backends():
                 cache = PLDRCache(g=init) if init is not None else None
-                out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+                out = model(
+                    ids,
+                    attention_mask=mask,
+                    cache=cache,
+                    logits_to_keep=1,
+                    output_deductive=self.record_deductive,
+                )
         finally:
             model.train(was_training)
+        if self.record_deductive:
+            self._record("prefill", {s: (out.deductive or [], i) for i, s in enumerate(slots)})
         logits = out.logits[:, -1].float()
         if self.enable_kvcache:
             for static, kv in zip(self.kv, out.cache.kv):
                 static.key[index, :, :length] = kv.key.to(static.key.dtype)
                 static.value[index, :, :length] = kv.value.to(static.value.dtype)
             for static_g, g in zip(self.g, out.cache.g):
-                static_g.G_LM[index] = g.G_LM.expand(n, -1, -1, -1).to(static_g.G_LM.dtype)
+                for buffer, t in (
+                    (static_g.G_LM, g.G_LM),
+                    (static_g.A_LM, g.A_LM),
+                    (static_g.A_P, g.A_P),
+                ):
+                    if buffer is not None and t is not None:  # A_LM, A_P: record_deductive
+                        buffer[index] = t.expand(n, -1, -1, -1).to(buffer.dtype)
             if not self.enable_Gcache:
                 self.g_fixed[index] = init is not None
-                if init is None:
-                    for metric, kv in zip(self.metric, out.cache.kv):
+            if init is None and self.metric is not None:
+                for metric, kv in zip(self.metric, out.cache.kv):
+                    if kv.metric_tensor is not None:  # None: no metric learner (v510G)
                         metric[index] = kv.metric_tensor.to(metric.dtype)
             valid = torch.zeros(n, self.slots, dtype=torch.bool, device=device)
             # Decoding keeps the lone run's rule: a key that is the pad id is masked.
@@ -482,7 +572,11 @@ class DecodeEngine:
                 # G on: the first pass's G_LM serves every later pass; G off: G_init or nothing.
                 self._slot_g[slot] = (
                     [
-                        GCacheEntry(None, e.G_LM[i : i + 1] if e.G_LM.shape[0] > 1 else e.G_LM)
+                        GCacheEntry(
+                            _row(e.A_LM, i) if self.record_deductive else None,
+                            _row(e.G_LM, i),
+                            _row(e.A_P, i) if self.record_deductive else None,
+                        )
                         for e in out.cache.g
                     ]
                     if self.enable_Gcache
@@ -553,20 +647,60 @@ class DecodeEngine:
         return self.active[rows] & self._stop_now()[rows]
 
     # ------------------------------------------------------------------ the step
-    def _step_g(self) -> list[GCacheEntry]:
-        """The G-cache of this step: cached, or recomputed from each row's metric tensor."""
+    def _step_g(self) -> list[GCacheEntry] | None:
+        """The G-cache of this step: cached, or recomputed from each row's metric tensor (None:
+        the layers compute it, from the causal metric's running sum)."""
         if self.enable_Gcache:
             return self.g
+        if self.causal_running:
+            return None
         out = []
         fixed = self.g_fixed[:, None, None, None]
+        assert self.metric is not None
         for layer, metric, g in zip(self.model.decoder.dec_layers, self.metric, self.g):
             attention = layer.mha1
+            a_lm = a_p = None
             if attention.predefined_G:
                 g_lm = attention.predefined_G_LM.to(g.G_LM.dtype).expand_as(g.G_LM)
             else:
-                _, _, g_lm = attention.plgatt_layer(metric)
-            out.append(GCacheEntry(None, torch.where(fixed, g.G_LM, g_lm)))
+                a_lm, a_p, g_lm = attention.plgatt_layer(metric)
+            if not self.record_deductive:  # A_LM, A_P only feed the recorded outputs
+                a_lm = a_p = None
+            out.append(GCacheEntry(a_lm, torch.where(fixed, g.G_LM, g_lm), a_p))
         return out
+
+    def _record_slots(self) -> list[int]:
+        """Slots this step reports (``record_deductive``): active, not recorded at this count."""
+        counts = self.n_generated.tolist()
+        return [s for s in sorted(self._running) if self._recorded_n.get(s) != counts[s]]
+
+    def _record(
+        self,
+        stage: Literal["prefill", "step"],
+        rows: dict[int, tuple[Sequence[Deductive], int]],
+    ) -> None:
+        """Keep, for each slot, batch row ``row`` of the per-layer outputs of its pass
+        (``rows[slot] = (deductive, row)``); copies, since the static caches the layers report
+        from are rewritten later."""
+
+        def keep(t: Tensor | None, row: int) -> Tensor | None:
+            picked = _row(t, row)
+            return picked.clone() if picked is not None else None
+
+        outputs = {}
+        for slot, (deductive, row) in rows.items():
+            outputs[slot] = [
+                Deductive(keep(d.A, row), keep(d.A_LM, row), keep(d.A_P, row), keep(d.G_LM, row))
+                for d in deductive
+            ]
+        if stage == "prefill":
+            for slot in rows:
+                self._recorded_n.pop(slot, None)
+        else:
+            counts = self.n_generated.tolist()
+            for slot in rows:
+                self._recorded_n[slot] = counts[slot]
+        self.deductive.append(DeductiveRecord(stage, outputs))
 
     def _advance_rows(self, logits: Tensor, variant: StepVariant) -> None:
         """Sample each running row's next token from ``logits`` [B, V] and advance the state;
@@ -611,11 +745,29 @@ class DecodeEngine:
         value = self._bias_values[(self.ids != self.config.pad_id).long()]
         self.key_bias.scatter_(1, self.write_index[:, None], value)
         bias = self.key_bias[:, None, None, :]
-        hidden, _, _, _ = model.run_layers(
-            self.ids, self.position, bias, False, kv=self.kv, g=self._step_g(), packed=self.packed
+        hidden, kv_out, _, deductive = model.run_layers(
+            self.ids,
+            self.position,
+            bias,
+            False,
+            kv=self.kv,
+            g=self._step_g(),
+            output_deductive=self.record_deductive,
+            packed=self.packed,
         )
+        if self.record_deductive:
+            self._record("step", {s: (deductive, s) for s in self._record_slots()})
+        if self.causal_running:
+            self._advance_metric(kv_out)
         logits = model.final_layer(hidden[:, -1]).float()
         self._advance_rows(logits, variant)
+
+    def _advance_metric(self, kv_out: Sequence[Any]) -> None:
+        """Keep each running row's new running sum of q^T q (``causal_running``)."""
+        assert self.metric is not None
+        run = (self.active & ~self.done)[:, None, None, None]
+        for metric, kv in zip(self.metric, kv_out):
+            metric.copy_(torch.where(run, kv.metric_tensor.to(metric.dtype), metric))
 
     def _full_step(self) -> None:
         """Without the KV-cache: every running row's whole sequence runs again, alone."""
@@ -625,8 +777,11 @@ class DecodeEngine:
         logits = torch.zeros(
             self.max_batch, self.config.input_vocab_size, dtype=torch.float32, device=self.device
         )
+        # Recording: a finished row's last pass runs too (its token is reported by this step).
+        record = self._record_slots() if self.record_deductive else []
+        recorded: dict[int, tuple[Sequence[Deductive], int]] = {}
         for slot, running in enumerate(run):
-            if not running:
+            if not running and slot not in record:
                 continue
             sequence = torch.cat(
                 (
@@ -635,8 +790,17 @@ class DecodeEngine:
                 )
             )[None]
             g = self._slot_g.get(slot)
-            out = model(sequence, cache=PLDRCache(g=g) if g is not None else None, logits_to_keep=1)
+            out = model(
+                sequence,
+                cache=PLDRCache(g=g) if g is not None else None,
+                logits_to_keep=1,
+                output_deductive=self.record_deductive,
+            )
             logits[slot] = out.logits[0, -1].float()
+            if slot in record:
+                recorded[slot] = (out.deductive or [], 0)
+        if self.record_deductive:
+            self._record("step", recorded)
         self._advance_rows(logits, ("filtered", True))
 
     def _step_variant(self) -> StepVariant:
