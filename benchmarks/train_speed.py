@@ -64,12 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="run folders (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="instead: the defaults against eager, every step logged (--steps, first batch), "
+        "and their loss curves compared step by step",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.preset = args.preset or ("tiny" if quick else "paper-110m")
     args.steps = args.steps or (12 if quick else 160)
     args.window = tuple(args.window or ((4, 12) if quick else (50, 150)))
-    args.log_every = 2 if quick else 10
+    args.log_every = 1 if args.curve else (2 if quick else 10)
     args.batches = [int(b) for b in (args.batches or ("2" if quick else "32,16")).split(",")]
     names = (args.variants or ("default,eager" if quick else ",".join(VARIANTS))).split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -254,8 +260,57 @@ def format_table(results: list[dict[str, Any]], batches: list[int]) -> str:
     return "\n".join(lines)
 
 
+def step_losses(metrics: Path) -> dict[int, float]:
+    """The loss of every logged step of a run (log_every 1: every step)."""
+    from pldr_llm.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(metrics) if "event" not in r}
+
+
+def compare_curves(args: argparse.Namespace) -> int:
+    """``--curve``: the defaults and eager from the same weights on the same batches."""
+    batch = args.batches[0]
+    with tempfile.TemporaryDirectory(prefix="train-curve-") as tmp:
+        root = Path(args.out) if args.out else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        runs = {
+            name: run_cli(args, root, name, VARIANTS[name], batch) for name in ("default", "eager")
+        }
+        if any(r["returncode"] != 0 for r in runs.values()):
+            print(json.dumps(runs, indent=1))
+            return 1
+        default = step_losses(root / f"default_b{batch}_w1" / "metrics.jsonl")
+        eager = step_losses(root / f"eager_b{batch}_w1" / "metrics.jsonl")
+    steps = sorted(set(default) & set(eager))
+    diffs = [abs(default[s] - eager[s]) for s in steps]
+    last = steps[-50:]
+    report = {
+        "argv": sys.argv[1:],
+        "preset": args.preset,
+        "batch": batch,
+        "steps": len(steps),
+        "first_loss": [default[steps[0]], eager[steps[0]]],
+        "last_loss": [default[steps[-1]], eager[steps[-1]]],
+        "max_abs_diff": max(diffs),
+        "max_abs_diff_step": steps[diffs.index(max(diffs))],
+        "first_three_max_abs_diff": max(diffs[:3]),
+        "last50_mean": [
+            statistics.fmean(default[s] for s in last),
+            statistics.fmean(eager[s] for s in last),
+        ],
+        "default": {s: default[s] for s in steps},
+        "eager": {s: eager[s] for s in steps},
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("default", "eager")}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.curve:
+        return compare_curves(args)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
         root = Path(args.out) if args.out else Path(tmp)

@@ -146,7 +146,10 @@ def engine_for(
             span,
             cuda_graph=True,
             compile=compile,
-            steps_per_graph=8,
+            # One step per graph: at batch 1 a step is ~0.6 ms of GPU work against ~15 us to
+            # launch a replay, so longer graphs only cost capture time (0.15 s for 8 steps
+            # against 0.085 s for one, on an H200).
+            steps_per_graph=1,
             enable_kvcache=kv,
             enable_Gcache=g,
             keep_logits=keep_logits,
