@@ -22,6 +22,8 @@ from pldr_llm.errors import PLDRError
 if TYPE_CHECKING:
     import torch
 
+    from pldr_llm.config import PLDRConfig
+    from pldr_llm.model.cache import GCacheEntry
     from pldr_llm.tokenizer import PLDRTokenizer
 
 
@@ -182,23 +184,17 @@ class TextStreamer:
         self.out.flush()
 
 
-def _load_g_init(path: str, config: Any) -> list[Any]:
-
+def _load_g_init(path: str, config: PLDRConfig) -> list[GCacheEntry]:
+    """The G file at ``path``, checked against the model's configuration before its weights
+    are read (``generate`` prepares it for the model with the same check)."""
     from pldr_llm.gfile import load_g_file
+    from pldr_llm.model.cache import check_g_init
 
     entries = load_g_file(path)
-    if len(entries) != config.num_layers:
-        raise PLDRError(
-            f"{path} holds a G-cache for {len(entries)} layers, the model has {config.num_layers}"
-        )
-    want = (config.num_heads, config.depth, config.depth)
-    for index, (a_lm, g_lm) in enumerate(entries):
-        for name, t in (("A_LM", a_lm), ("G_LM", g_lm)):
-            if t is not None and tuple(t.shape[-3:]) != want:
-                raise PLDRError(
-                    f"{path}: {name} of layer {index} has shape {tuple(t.shape)}, the model needs "
-                    f"[1, {want[0]}, {want[1]}, {want[2]}] (num_heads, dk, dk)"
-                )
+    try:
+        check_g_init(config, entries)
+    except PLDRError as exc:
+        raise PLDRError(f"{path}: {exc}") from None
     return entries
 
 

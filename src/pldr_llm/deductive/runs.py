@@ -19,6 +19,7 @@ from pldr_llm.deductive.stats import (
     layer_tensors,
 )
 from pldr_llm.errors import PLDRError
+from pldr_llm.model.cache import GCacheEntry
 
 #: Cache modes of :func:`cache_mode_runs`, named like the golden data: KV-cache on/off, G-cache
 #: on/off. ``kv0_g0`` (no cache at all, everything recomputed) is the reference.
@@ -79,15 +80,15 @@ class CacheRuns:
 
     ``prompt`` is the uncached pass over the prompt (which is also what fills the G-cache);
     ``steps[mode][k]`` the outputs of decoding step ``k + 1`` (the prompt plus ``k + 1``
-    continuation tokens) in ``mode`` (see :data:`CACHE_MODES`). ``g_cache`` holds the
-    ``(A_LM, G_LM)`` pairs of the prompt pass.
+    continuation tokens) in ``mode`` (see :data:`CACHE_MODES`). ``g_cache`` is the G-cache of
+    the prompt pass (A_LM, G_LM per layer, on the CPU).
     """
 
     prompt_ids: list[int]
     continuation: list[int]
     prompt: list[LayerTensors]
     steps: dict[str, list[list[LayerTensors]]]
-    g_cache: list[tuple[Tensor | None, Tensor]]
+    g_cache: list[GCacheEntry]
 
 
 @torch.no_grad()
@@ -115,7 +116,7 @@ def cache_mode_runs(model: Any, prompt_ids: Sequence[int] | Tensor, steps: int =
     with _EvalMode(model):
         first = model(ids, output_deductive=True)
         prompt = _cpu_layers(first.deductive)
-        g_cache = [(_detach(e.A_LM), _detach(e.G_LM)) for e in first.cache.g]
+        g_cache = [GCacheEntry(_detach(e.A_LM), _detach(e.G_LM)) for e in first.cache.g]
 
         # Fixed continuation and the reference (no cache) outputs of every step.
         seq = ids
@@ -209,8 +210,8 @@ class InspectResult:
     runs: CacheRuns
 
     @property
-    def g_cache(self) -> list[tuple[Tensor | None, Tensor]]:
-        """``(A_LM, G_LM)`` per layer from the first prompt (for ``save_g_file``)."""
+    def g_cache(self) -> list[GCacheEntry]:
+        """The G-cache (A_LM, G_LM per layer) of the first prompt (for ``save_g_file``)."""
         return self.runs.g_cache
 
 

@@ -18,7 +18,7 @@ from pldr_llm.generation.api import (
     generate_text,
     stream_generate,
 )
-from pldr_llm.generation.engine import DecodeEngine, GInit, StepOutput, sdpa_backends
+from pldr_llm.generation.engine import DecodeEngine, StepOutput, sdpa_backends
 from pldr_llm.generation.sampling import (
     FILTERED_LOGIT,
     SamplingParams,
@@ -30,6 +30,7 @@ from pldr_llm.generation.sampling import (
     top_p_filter,
     validate_sampling,
 )
+from pldr_llm.model.cache import GInit
 
 __all__ = [
     "FILTERED_LOGIT",

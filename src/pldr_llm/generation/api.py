@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation.engine import DecodeEngine, GInit
+from pldr_llm.generation.engine import DecodeEngine
 from pldr_llm.generation.sampling import SamplingParams, validate_sampling
+from pldr_llm.model.cache import GInit
 from pldr_llm.model.model import PLDRModel
 
 # Host reads of "is every row done?" while decoding without a streamer (graph replays between).
