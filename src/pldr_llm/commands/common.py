@@ -10,8 +10,13 @@ from pathlib import Path
 from pldr_llm.errors import PLDRError
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``--device``, ``--dtype`` and ``--tokenizer`` (used with models)."""
+def add_model_arguments(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """``--model`` (required; ``model=False`` where the command names its model another way),
+    ``--device``, ``--dtype`` and ``--tokenizer``: the options of a command that runs a model."""
+    if model:
+        p.add_argument(
+            "--model", "-m", required=True, metavar="X", help="model folder or hub repo id"
+        )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument(
         "--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)"

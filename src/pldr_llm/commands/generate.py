@@ -27,17 +27,17 @@ if TYPE_CHECKING:
     from pldr_llm.tokenizer import PLDRTokenizer
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``generate`` command."""
-    p = subparsers.add_parser(
-        "generate",
-        help="generate text from a PLDR-LLM",
-        description="Generate text from a PLDR-LLM (a published bundle folder, a pldr-llm folder, "
-        "or a Hugging Face hub repository id). Sampling stacks as in the original: temperature, "
-        "then top-p, then top-k; --temperature 0 or --top-k 1 is greedy. On a GPU the decoding "
-        "step runs as a captured CUDA graph.",
-    )
-    p.add_argument("--model", "-m", required=True, metavar="X", help="model folder or hub repo id")
+HELP = "generate text from a PLDR-LLM"
+DESCRIPTION = (
+    "Generate text from a PLDR-LLM (a published bundle folder, a pldr-llm folder, "
+    "or a Hugging Face hub repository id). Sampling stacks as in the original: temperature, "
+    "then top-p, then top-k; --temperature 0 or --top-k 1 is greedy. On a GPU the decoding "
+    "step runs as a captured CUDA graph."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``generate`` command's options."""
     p.add_argument(
         "--prompt",
         "-p",
@@ -112,7 +112,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per batch (16)")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
-    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------- helpers

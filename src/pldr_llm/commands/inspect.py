@@ -19,17 +19,17 @@ from typing import Any
 
 from pldr_llm.commands.common import add_model_arguments, log, read_prompts
 
+HELP = "spectra, ranks, determinants and cache invariance of deductive outputs"
+DESCRIPTION = (
+    "Report per layer and head the singular values, numerical rank, log|det| "
+    "and RMS of G_LM -- of a model (run on prompts with and without caches, with the RMSE "
+    "between cached and uncached deductive outputs and across prompts) or of a stored G_LM "
+    "list (--g-file: the paper's pickles or a pldr-llm safetensors G file)."
+)
 
-def register(subparsers: Any) -> None:
-    """Add the ``inspect`` command."""
-    p = subparsers.add_parser(
-        "inspect",
-        help="spectra, ranks, determinants and cache invariance of deductive outputs",
-        description="Report per layer and head the singular values, numerical rank, log|det| "
-        "and RMS of G_LM -- of a model (run on prompts with and without caches, with the RMSE "
-        "between cached and uncached deductive outputs and across prompts) or of a stored G_LM "
-        "list (--g-file: the paper's pickles or a pldr-llm safetensors G file).",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``inspect`` command's options."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", "-m", metavar="X", help="model folder or hub repo id")
     source.add_argument(
@@ -74,9 +74,8 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="prefixes per batch in the causal pass (default: 16)",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, model=False)
     p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout, no logs")
-    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------- shared with compare

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from pldr_llm.errors import PLDRError
 
+HELP = "draw a run's loss/accuracy/lr curves to a PNG"
+DESCRIPTION = (
+    "Draw the loss, accuracy and learning-rate curves of a training run "
+    "(RUN_DIR/metrics.jsonl) to a PNG file."
+)
 
-def register(subparsers: Any) -> None:
-    """Add the ``plot`` command."""
-    p = subparsers.add_parser(
-        "plot",
-        help="draw a run's loss/accuracy/lr curves to a PNG",
-        description="Draw the loss, accuracy and learning-rate curves of a training run "
-        "(RUN_DIR/metrics.jsonl) to a PNG file.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``plot`` command's options."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder of 'pldr-llm train'")
     p.add_argument(
         "--out", "-o", metavar="FILE", help="PNG file to write (default: RUN_DIR/curves.png)"
@@ -33,7 +32,6 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="also draw a moving average of N steps (default: 0, off)",
     )
-    p.set_defaults(func=run)
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
