@@ -24,6 +24,26 @@ def add_model_arguments(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer instead of the model's")
 
 
+def add_prompt_arguments(
+    p: argparse.ArgumentParser, prompt_help: str, file_help: str, ids: bool = False
+) -> None:
+    """``--prompt`` (repeatable), ``--prompt-file`` and, with ``ids``, ``--prompt-ids``: the
+    prompts of a command that runs a model (read back by :func:`read_prompts`)."""
+    p.add_argument(
+        "--prompt", "-p", action="append", default=None, metavar="TEXT", help=prompt_help
+    )
+    p.add_argument("--prompt-file", metavar="FILE", help=file_help)
+    if ids:
+        p.add_argument(
+            "--prompt-ids",
+            action="append",
+            default=None,
+            metavar="IDS",
+            help="a prompt as token ids, e.g. '12 7 99' or '12,7,99' (repeatable; no tokenizer "
+            "needed)",
+        )
+
+
 def log(args: argparse.Namespace, message: str) -> None:
     """A ``pldr-llm: ...`` line on stderr unless ``--quiet``."""
     if not getattr(args, "quiet", False):

@@ -18,7 +18,7 @@ from typing import Any
 from pldr_llm.commands.inspect import (
     add_analysis_arguments,
     add_model_arguments,
-    add_prompt_arguments,
+    add_run_prompt_arguments,
     load_model,
     log,
     model_prompts,
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["A", "A_LM", "A_P", "G_LM"],
         help="tensor whose spectra are shown (default: G_LM)",
     )
-    add_prompt_arguments(p)
+    add_run_prompt_arguments(p)
     p.add_argument("--json", metavar="OUT", help="write reports and RMSE as JSON ('-': stdout)")
     p.add_argument("--plot", metavar="OUT.png", help="draw A - B heatmaps and overlaid spectra")
     add_analysis_arguments(p)

@@ -16,7 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pldr_llm.commands.common import add_model_arguments, log, read_prompts
+from pldr_llm.commands.common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    log,
+    read_prompts,
+)
 from pldr_llm.errors import PLDRError
 
 if TYPE_CHECKING:
@@ -38,18 +43,10 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``generate`` command's options."""
-    p.add_argument(
-        "--prompt",
-        "-p",
-        action="append",
-        default=None,
-        metavar="TEXT",
-        help="prompt text (repeat for a batch; an empty prompt starts from end-of-text)",
-    )
-    p.add_argument(
-        "--prompt-file",
-        metavar="FILE",
-        help="one prompt per line (blank lines skipped), generated in batches; '-' reads stdin",
+    add_prompt_arguments(
+        p,
+        "prompt text (repeat for a batch; an empty prompt starts from end-of-text)",
+        "one prompt per line (blank lines skipped), generated in batches; '-' reads stdin",
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=50, metavar="N", help="default: 50")
     p.add_argument(

@@ -17,7 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.commands.common import add_model_arguments, log, read_prompts
+from pldr_llm.commands.common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    log,
+    read_prompts,
+)
 
 HELP = "spectra, ranks, determinants and cache invariance of deductive outputs"
 DESCRIPTION = (
@@ -35,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--g-file", metavar="FILE", help="G_LM list: the paper's .pkl or a safetensors G file"
     )
-    add_prompt_arguments(p)
+    add_run_prompt_arguments(p)
     p.add_argument(
         "--steps",
         type=int,
@@ -81,23 +86,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------- shared with compare
 
 
-def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
-    """``--prompt``, ``--prompt-file`` and ``--prompt-ids`` (used with models)."""
-    p.add_argument(
-        "--prompt",
-        "-p",
-        action="append",
-        default=None,
-        metavar="TEXT",
-        help="prompt text (repeat to compare prompts); default: the end-of-text token alone",
-    )
-    p.add_argument("--prompt-file", metavar="F", help="one prompt per line (blank lines skipped)")
-    p.add_argument(
-        "--prompt-ids",
-        action="append",
-        default=None,
-        metavar="IDS",
-        help="a prompt as token ids, e.g. '12 7 99' or '12,7,99' (repeatable; no tokenizer needed)",
+def add_run_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    """The prompts a model runs on to show its deductive outputs (``inspect``, ``compare``)."""
+    add_prompt_arguments(
+        p,
+        "prompt text (repeat to compare prompts); default: the end-of-text token alone",
+        "one prompt per line (blank lines skipped)",
+        ids=True,
     )
 
 

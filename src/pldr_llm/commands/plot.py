@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from pldr_llm.errors import PLDRError
 
@@ -82,32 +83,27 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 0
     has_dag = any("dag_A" in r for r in steps)
     panels = 4 if has_dag else 3
     fig, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels), sharex=True)
-    ax = axes[0]
-    x, y = series(steps, "loss")
-    ax.plot(x, y, lw=0.8, alpha=0.6, label="train loss")
-    if smooth and smooth > 1:
-        ax.plot(x, _moving_average(y, smooth), lw=1.5, label=f"train loss ({smooth}-step mean)")
-    gx, gy = series(steps, "loss_global")
-    if gx:
-        ax.plot(gx, gy, lw=1.2, ls="--", label="global mean")
-    vx, vy = series(vals, "val_loss")
-    if vx:
-        ax.plot(vx, vy, "o-", lw=1.5, label="validation loss")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
 
-    ax = axes[1]
-    x, y = series(steps, "accuracy")
-    ax.plot(x, y, lw=0.8, alpha=0.6, label="train accuracy")
-    if smooth and smooth > 1:
-        ax.plot(x, _moving_average(y, smooth), lw=1.5, label=f"{smooth}-step mean")
-    vx, vy = series(vals, "val_accuracy")
-    if vx:
-        ax.plot(vx, vy, "o-", lw=1.5, label="validation accuracy")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    def metric_panel(ax: Any, key: str, global_mean: bool) -> None:
+        """Train ``key`` (raw and its moving mean), its global mean, and its validation figure."""
+        x, y = series(steps, key)
+        ax.plot(x, y, lw=0.8, alpha=0.6, label=f"train {key}")
+        if smooth and smooth > 1:
+            ax.plot(
+                x, _moving_average(y, smooth), lw=1.5, label=f"train {key} ({smooth}-step mean)"
+            )
+        gx, gy = series(steps, f"{key}_global") if global_mean else ([], [])
+        if gx:
+            ax.plot(gx, gy, lw=1.2, ls="--", label="global mean")
+        vx, vy = series(vals, f"val_{key}")
+        if vx:
+            ax.plot(vx, vy, "o-", lw=1.5, label=f"validation {key}")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+    metric_panel(axes[0], "loss", global_mean=True)
+    metric_panel(axes[1], "accuracy", global_mean=False)
 
     ax = axes[2]
     x, y = series(steps, "lr")
