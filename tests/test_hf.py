@@ -197,10 +197,9 @@ def test_folder_reads_back_without_transformers_and_v510G_exports(
     from transformers import AutoModelForCausalLM
 
     from pldr_llm import predefined_G_model
-    from pldr_llm.hf.folder import is_hf_folder, load_hf_folder
+    from pldr_llm.bundle import load_bundle
 
-    assert is_hf_folder(golden_export) and not is_hf_folder(tmp_path)
-    core, tok = load_hf_folder(golden_export)
+    core, tok = load_bundle(golden_export, require_tokenizer=False)
     assert tok is None and core.config == golden_model.config
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():

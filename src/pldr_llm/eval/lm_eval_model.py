@@ -102,14 +102,12 @@ def load_pretrained(
     elif hasattr(pretrained, "core") and isinstance(pretrained.core, PLDRModel):
         model = pretrained.core
     else:
-        from pldr_llm.hf.folder import is_hf_folder, load_hf_folder
+        from pldr_llm.bundle import load_bundle
 
-        if isinstance(pretrained, (str, Path)) and is_hf_folder(pretrained):
-            model, folder_tok = load_hf_folder(pretrained)
-        else:
-            from pldr_llm.bundle import load_bundle
-
-            model, folder_tok = load_bundle(str(pretrained), device="cpu", tokenizer=None)
+        # Any model folder (transformers exports too) or hub id; its tokenizer unless given one.
+        model, folder_tok = load_bundle(
+            str(pretrained), device="cpu", tokenizer=tok, require_tokenizer=False
+        )
         tok = tok if tok is not None else folder_tok
     if tok is None:
         raise PLDRError("the pldrllm model needs a tokenizer (model argument tokenizer=PATH)")

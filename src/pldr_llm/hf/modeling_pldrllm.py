@@ -40,7 +40,7 @@ from transformers.utils import ModelOutput
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation import filter_logits
+from pldr_llm.generation.sampling import filter_logits
 from pldr_llm.hf.code_bundle import AUTO_MAP_CONFIG, write_code_files
 from pldr_llm.hf.configuration_pldrllm import PldrllmConfig
 from pldr_llm.hf.folder import (
@@ -419,7 +419,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
                 "top_k": int(top_k or 0),
                 "top_p": float(kwargs.get("top_p", config.top_p) or 1.0),
             }
-        from pldr_llm.generation import generate
+        from pldr_llm.generation.api import generate
 
         mask = kwargs.get("attention_mask")
         if mask is not None and bool(mask.bool().all()):

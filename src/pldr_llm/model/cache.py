@@ -12,6 +12,7 @@ lengths decode exactly as they would alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -94,23 +95,11 @@ class PLDRCache:
 
     def drop_g(self) -> PLDRCache:
         """The same cache without its G part (keeps the KV-cache)."""
-        return PLDRCache(
-            kv=self.kv,
-            g=None,
-            key_valid=self.key_valid,
-            next_position=self.next_position,
-            per_row=self.per_row,
-        )
+        return self.with_g(None)
 
     def with_g(self, g: list[GCacheEntry] | None) -> PLDRCache:
         """The same KV-cache with another G-cache."""
-        return PLDRCache(
-            kv=self.kv,
-            g=g,
-            key_valid=self.key_valid,
-            next_position=self.next_position,
-            per_row=self.per_row,
-        )
+        return dataclasses.replace(self, g=g)
 
     @classmethod
     def from_g_list(cls, entries: GInit) -> PLDRCache:
