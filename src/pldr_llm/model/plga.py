@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,10 +78,22 @@ def power_law(
     return a_lm, a_p, g_lm
 
 
-def plga_attention(queries: Tensor, g_lm: Tensor, *attention: Any) -> tuple[Tensor, Tensor | None]:
-    """``softmax((Q G_LM) K^T / sqrt(dk) + bias) V``: :func:`attend` (whose arguments follow
-    ``g_lm``) of the transformed queries ``Q G_LM``."""
-    return attend(queries @ g_lm.to(queries.dtype), *attention)
+def plga_attention(
+    queries: Tensor,
+    g_lm: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    is_causal: bool = False,
+    implementation: str = "sdpa",
+) -> tuple[Tensor, Tensor | None]:
+    """``softmax((Q G_LM) K^T / sqrt(dk) + bias) V``; returns (output, scores or None).
+
+    ``bias`` is an additive float mask broadcastable to [B, H, L, S]; ``is_causal`` (only with
+    ``bias=None``) asks for the plain causal mask. ``scores`` (before mask and softmax) are only
+    materialized by the eager implementation.
+    """
+    return attend(queries @ g_lm.to(queries.dtype), keys, values, bias, is_causal, implementation)
 
 
 def attend(
@@ -93,13 +104,7 @@ def attend(
     is_causal: bool = False,
     implementation: str = "sdpa",
 ) -> tuple[Tensor, Tensor | None]:
-    """``softmax(transformed K^T / sqrt(dk) + bias) V`` of the transformed queries ``Q G_LM``
-    [B, H, L, dk]; returns (output, scores or None).
-
-    ``bias`` is an additive float mask broadcastable to [B, H, L, S]; ``is_causal`` (only with
-    ``bias=None``) asks for the plain causal mask. ``scores`` (before mask and softmax) are only
-    materialized by the eager implementation.
-    """
+    """:func:`plga_attention` given the transformed queries ``Q G_LM`` [B, H, L, dk]."""
     dk = transformed.shape[-1]
     if implementation == "sdpa":
         if bias is not None:
