@@ -22,7 +22,7 @@ from pldr_llm.errors import PLDRError
 from pldr_llm.model.cache import GCacheEntry
 
 #: Cache modes of :func:`cache_mode_runs`, named like the golden data: KV-cache on/off, G-cache
-#: on/off. ``kv0_g0`` (no cache at all, everything recomputed) is the reference.
+#: on/off. ``kv0_g0`` (no cache at all, everything recomputed) is the yardstick.
 CACHE_MODES = ("kv1_g1", "kv1_g0", "kv0_g1", "kv0_g0")
 
 
@@ -118,19 +118,19 @@ def cache_mode_runs(model: Any, prompt_ids: Sequence[int] | Tensor, steps: int =
         prompt = _cpu_layers(first.deductive)
         g_cache = [GCacheEntry(_detach(e.A_LM), _detach(e.G_LM)) for e in first.cache.g]
 
-        # Fixed continuation and the reference (no cache) outputs of every step.
+        # Fixed continuation and the uncached outputs of every step.
         seq = ids
         logits = first.logits
-        reference: list[list[LayerTensors]] = []
+        uncached: list[list[LayerTensors]] = []
         for _ in range(steps):
             token = logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat((seq, token), dim=1)
             out = model(seq, output_deductive=True)
-            reference.append(_cpu_layers(out.deductive))
+            uncached.append(_cpu_layers(out.deductive))
             logits = out.logits
         continuation = seq[0, ids.shape[1] :]
 
-        runs: dict[str, list[list[LayerTensors]]] = {"kv0_g0": reference}
+        runs: dict[str, list[list[LayerTensors]]] = {"kv0_g0": uncached}
         for mode in ("kv1_g1", "kv1_g0"):
             cache = first.cache if mode == "kv1_g1" else first.cache.drop_g()
             outs = []
