@@ -134,3 +134,6 @@ def test_exported_model_code_carries_only_the_model() -> None:
     for name in files:
         assert not name.startswith(("pldr_train", "pldr_commands", "pldr_serve", "pldr_deductive"))
     assert "pldr_checkpoint.py" not in files and "pldr_bundle.py" not in files
+    # Nor the tokenizer package (the folder's tokenizer class stands alone), nor the generation
+    # package's front door, which would pull in every user call.
+    assert "pldr_tokenizer.py" not in files and "pldr_generation.py" not in files

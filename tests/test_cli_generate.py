@@ -334,7 +334,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
     ]
     if paper_g.is_file():
         cases.append(
-            (["--model", str(folder), "--g-init", str(paper_g)], "for 5 layers, the model has 2")
+            (["--model", str(folder), "--g-init", str(paper_g)], "has 5 layers, the model has 2")
         )
     # Independent processes: start them all, then check each (two CPUs halve the wait).
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}

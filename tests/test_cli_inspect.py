@@ -49,10 +49,8 @@ def test_inspect_g_file_writes_json_plot_and_g(paper_g_dir: Path, tmp_path: Path
     assert data["source"] == {"kind": "g_file", "path": str(paper_g_dir / LEARNED)}
     assert [len(layer["heads"]) for layer in data["layers"]] == [14] * 5
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for (_, g), (_, ref) in zip(
-        load_g_file(out_g), load_g_file(paper_g_dir / LEARNED), strict=True
-    ):
-        assert torch.equal(g, ref)
+    for e, ref in zip(load_g_file(out_g), load_g_file(paper_g_dir / LEARNED), strict=True):
+        assert torch.equal(e.G_LM, ref.G_LM)
     assert read_g_metadata(out_g)["source"] == str(paper_g_dir / LEARNED)
 
 
@@ -117,8 +115,8 @@ def test_inspect_model_cache_modes(tiny_dir: Path, golden_expected, tmp_path: Pa
         assert step["vs_prompt"]["overall"]["G_LM"] > 0.0
     assert data["rmse"]["across_prompts"]["pairs"][0]["overall"]["G_LM"] > 0.0
     entries = load_g_file(out_g)
-    assert len(entries) == 2 and entries[0][0] is not None
-    assert entries[0][1].shape == (1, 4, 16, 16)
+    assert len(entries) == 2 and entries[0].A_LM is not None
+    assert entries[0].G_LM.shape == (1, 4, 16, 16)
 
     # compare the model (run on the same prompt) with the G-cache it wrote: identical G_LM.
     capsys.readouterr()

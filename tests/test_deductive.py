@@ -38,8 +38,8 @@ def test_learned_file_matches_float64_computation(paper_g_dir: Path) -> None:
     report = analyze_g_list(paper_g_dir / LEARNED)
     assert (report.num_layers, report.num_heads, report.dk) == (5, 14, 64)
     entries = load_g_file(paper_g_dir / LEARNED)
-    for i, (_, g) in enumerate(entries):
-        mats = g[0].numpy().astype(np.float64)
+    for i, entry in enumerate(entries):
+        mats = entry.G_LM[0].numpy().astype(np.float64)
         for h in range(14):
             m = mats[h]
             stats = report.layers[i][h]
@@ -112,8 +112,8 @@ def test_compare_g_files(paper_g_dir: Path) -> None:
     diff = compare(paper_g_dir / LEARNED, paper_g_dir / IDENTITY)
     learned = load_g_file(paper_g_dir / LEARNED)
     expected = [
-        np.sqrt(np.mean((g[0].double().numpy() - np.eye(64)) ** 2, axis=(-2, -1)))
-        for _, g in learned
+        np.sqrt(np.mean((e.G_LM[0].double().numpy() - np.eye(64)) ** 2, axis=(-2, -1)))
+        for e in learned
     ]
     for i in range(5):
         np.testing.assert_allclose(diff["layers"][i]["G_LM"], expected[i], rtol=1e-12)

@@ -144,6 +144,34 @@ def test_bad_inputs(tiny_model):
         generate(tiny_model, [4, 5], 2, G_init=[torch.eye(16).expand(4, 16, 16)])
 
 
+def test_prepare_g_init_reads_checks_and_casts(tiny_model):
+    """The one preparation of a G_init: any G list in, the model's dtype out, one check."""
+    from pldr_llm.model.cache import GCacheEntry, PLDRCache, prepare_g_init
+
+    config = tiny_model.config
+    heads, dk = config.num_heads, config.depth
+    g = torch.randn(heads, dk, dk, dtype=torch.float64)
+    assert prepare_g_init(tiny_model, None) is None
+    for source in (
+        [g] * config.num_layers,  # bare G_LM, no batch dimension
+        [(None, g[None])] * config.num_layers,  # (A_LM, G_LM) pairs
+        PLDRCache.from_g_list([GCacheEntry(g, g)] * config.num_layers),  # a cache
+    ):
+        entries = prepare_g_init(tiny_model, source)
+        assert entries is not None and len(entries) == config.num_layers
+        for e in entries:
+            assert e.G_LM.shape == (1, heads, dk, dk) and e.G_LM.dtype == tiny_model.dtype
+            assert torch.equal(e.G_LM, g[None].to(tiny_model.dtype))
+    with pytest.raises(PLDRError, match=f"G_LM of layer 0 has shape \\[1, {heads + 1}"):
+        prepare_g_init(tiny_model, [torch.randn(1, heads + 1, dk, dk)] * config.num_layers)
+    batched = [torch.randn(3, heads, dk, dk)] * config.num_layers
+    with pytest.raises(PLDRError, match="needs \\[1, "):
+        prepare_g_init(tiny_model, batched)  # the decoding loop takes one G per layer
+    assert prepare_g_init(tiny_model, batched, rows=3)[0].G_LM.shape[0] == 3  # transformers' rows
+    with pytest.raises(PLDRError, match="needs \\[1 or 2, "):
+        prepare_g_init(tiny_model, batched, rows=2)
+
+
 # ---------------------------------------------------------------------------- the one loop
 # The engine against the plain eager loop of tests/reference_decoding.py (model.forward with a
 # growing cache, scalar filters). float32 on the CPU: ids must be equal; logits agree to 1e-5

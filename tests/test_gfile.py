@@ -18,14 +18,9 @@ import pytest
 import torch
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.gfile import (
-    G_FILE_FORMAT,
-    load_g_file,
-    load_g_pickle,
-    normalize_g_entries,
-    read_g_metadata,
-    save_g_file,
-)
+from pldr_llm.gfile import G_FILE_FORMAT, load_g_file, read_g_metadata, save_g_file
+from pldr_llm.model.cache import GCacheEntry, PLDRCache, g_entries
+from pldr_llm.tensor_pickle import load_tensor_pickle
 
 PREDEFINED = "predefined_G_LM_cache_list_{}_5layer_14head_64x64_paper.pkl"
 PAIRS = "Gcachelst_init_mismatched_{}_ablation.pkl"
@@ -45,7 +40,8 @@ PAPER_FILES = {
 def test_paper_files_load_on_cpu(paper_g_dir: Path, name: str) -> None:
     entries = load_g_file(paper_g_dir / name)
     assert len(entries) == 5
-    for a_lm, g_lm in entries:
+    for entry in entries:
+        a_lm, g_lm = entry.A_LM, entry.G_LM
         assert g_lm.shape == (1, 14, 64, 64)
         assert g_lm.dtype == torch.float32 and g_lm.device.type == "cpu"
         assert torch.isfinite(g_lm).all()
@@ -57,11 +53,11 @@ def test_paper_files_load_on_cpu(paper_g_dir: Path, name: str) -> None:
 
 def test_identity_files_hold_the_identity(paper_g_dir: Path) -> None:
     eye = torch.eye(64).expand(1, 14, 64, 64)
-    for _, g_lm in load_g_file(paper_g_dir / PREDEFINED.format("IDENTITY")):
-        assert torch.equal(g_lm, eye)
-    for a_lm, g_lm in load_g_file(paper_g_dir / PAIRS.format("identity_NAB1")):
-        assert torch.equal(g_lm, eye)
-        assert a_lm is not None
+    for entry in load_g_file(paper_g_dir / PREDEFINED.format("IDENTITY")):
+        assert torch.equal(entry.G_LM, eye)
+    for entry in load_g_file(paper_g_dir / PAIRS.format("identity_NAB1")):
+        assert torch.equal(entry.G_LM, eye)
+        assert entry.A_LM is not None
 
 
 def _raw_storages(data: bytes) -> list[bytes]:
@@ -83,16 +79,16 @@ def test_learned_file_values_are_the_stored_bytes(paper_g_dir: Path) -> None:
     raw = _raw_storages(path.read_bytes())
     entries = load_g_file(path)
     assert len(raw) == len(entries) == 5
-    for payload, (_, g_lm) in zip(raw, entries, strict=True):
-        assert g_lm.contiguous().numpy().tobytes() == payload
+    for payload, entry in zip(raw, entries, strict=True):
+        assert entry.G_LM.contiguous().numpy().tobytes() == payload
     # The learned G_LM is not a trivial matrix: its heads differ from each other.
-    assert not torch.equal(entries[0][1][0, 0], entries[0][1][0, 1])
+    assert not torch.equal(entries[0].G_LM[0, 0], entries[0].G_LM[0, 1])
 
 
 def test_pair_file_values_are_the_stored_bytes(paper_g_dir: Path) -> None:
     path = paper_g_dir / PAIRS.format("random_normal_NAB2")
     raw = _raw_storages(path.read_bytes())
-    flat = [t for pair in load_g_file(path) for t in pair]
+    flat = [t for e in load_g_file(path) for t in (e.A_LM, e.G_LM)]
     assert len(raw) == len(flat) == 10
     for payload, tensor in zip(raw, flat, strict=True):
         assert tensor is not None and tensor.numpy().tobytes() == payload
@@ -147,7 +143,7 @@ def test_pickle_running_a_command_is_refused_and_does_not_run(tmp_path: Path) ->
 )
 def test_other_dangerous_globals_are_refused(obj: object, name: str) -> None:
     with pytest.raises(PLDRError, match=rf"'{name}'"):
-        load_g_pickle(pickle.dumps([obj]))
+        load_tensor_pickle(pickle.dumps([obj]))
 
 
 def test_command_hidden_in_a_storage_payload_is_refused(tmp_path: Path) -> None:
@@ -171,7 +167,7 @@ def test_command_hidden_in_a_storage_payload_is_refused(tmp_path: Path) -> None:
 
     payload = pickle.dumps([_Rebuild(_Storage())])
     with pytest.raises(PLDRError, match=r"'(posix|os|nt)\.system'"):
-        load_g_pickle(payload)
+        load_tensor_pickle(payload)
     assert not marker.exists()
 
 
@@ -215,7 +211,7 @@ def test_view_outside_its_storage_is_refused() -> None:
             )
 
     with pytest.raises(PLDRError, match="reaches element 99 of a storage of 4"):
-        load_g_pickle(pickle.dumps([_Big()]))
+        load_tensor_pickle(pickle.dumps([_Big()]))
 
 
 @pytest.mark.parametrize("data", [b"", b"\x80\x05garbage", b"not a pickle at all"])
@@ -240,7 +236,7 @@ def test_plain_pickle_of_views_and_protocol_2(tmp_path: Path) -> None:
     base = torch.randn(3, 2, 5, 5)
     g_list = [base[0:1], base[1:2].transpose(-1, -2), base[2:3]]  # shared storage, a strided view
     for protocol in (2, 5):
-        got = load_g_pickle(pickle.dumps(g_list, protocol=protocol))
+        got = load_tensor_pickle(pickle.dumps(g_list, protocol=protocol))
         assert all(torch.equal(x, y) for x, y in zip(got, g_list, strict=True))
 
 
@@ -251,14 +247,14 @@ def test_legacy_and_zip_torch_save(tmp_path: Path) -> None:
         path = tmp_path / f"g_{zipped}.pt"
         torch.save(pairs, path, _use_new_zipfile_serialization=zipped)
         entries = load_g_file(path)
-        for (a, g), (ra, rg) in zip(entries, pairs, strict=True):
-            assert a is not None and torch.equal(a, ra) and torch.equal(g, rg)
+        for e, (ra, rg) in zip(entries, pairs, strict=True):
+            assert e.A_LM is not None and torch.equal(e.A_LM, ra) and torch.equal(e.G_LM, rg)
 
 
 def test_double_and_half_storages() -> None:
     for dtype in (torch.float64, torch.float16, torch.bfloat16):
         t = torch.randn(1, 2, 3, 3).to(dtype)
-        (got,) = load_g_pickle(pickle.dumps([t]))
+        (got,) = load_tensor_pickle(pickle.dumps([t]))
         assert got.dtype == dtype and torch.equal(got, t)
 
 
@@ -280,8 +276,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         "layer1.G_LM",
     ]
     entries = load_g_file(path)
-    for (a, g), (ra, rg) in zip(entries, pairs, strict=True):
-        assert a is not None and torch.equal(a, ra) and torch.equal(g, rg)
+    for e, (ra, rg) in zip(entries, pairs, strict=True):
+        assert e.A_LM is not None and torch.equal(e.A_LM, ra) and torch.equal(e.G_LM, rg)
     meta = read_g_metadata(path)
     assert meta["format"] == G_FILE_FORMAT
     assert (meta["num_layers"], meta["num_heads"], meta["dk"]) == ("2", "3", "8")
@@ -294,49 +290,55 @@ def test_g_only_round_trip_from_a_paper_file(paper_g_dir: Path, tmp_path: Path) 
     from safetensors.torch import load_file
 
     assert sorted(load_file(str(path))) == [f"layer{i}.G_LM" for i in range(5)]
-    for (a, g), (_, ref) in zip(load_g_file(path), load_g_file(source), strict=True):
-        assert a is None and torch.equal(g, ref)
+    for e, ref in zip(load_g_file(path), load_g_file(source), strict=True):
+        assert e.A_LM is None and torch.equal(e.G_LM, ref.G_LM)
 
 
 def test_golden_expected_file_reads_as_g_list(golden_dir: Path, golden_expected: dict) -> None:
     # Other keys (logits, Gi.layer0.G_LM, ...) are ignored; layer{i}.A_LM/G_LM are taken.
     entries = load_g_file(golden_dir / "expected.safetensors")
     assert len(entries) == 2
-    for i, (a, g) in enumerate(entries):
-        assert torch.equal(g, golden_expected[f"layer{i}.G_LM"])
-        assert a is not None and torch.equal(a, golden_expected[f"layer{i}.A_LM"])
+    for i, e in enumerate(entries):
+        assert torch.equal(e.G_LM, golden_expected[f"layer{i}.G_LM"])
+        assert e.A_LM is not None and torch.equal(e.A_LM, golden_expected[f"layer{i}.A_LM"])
 
 
-def test_normalize_rejects_bad_shapes() -> None:
+def test_g_entries_rejects_bad_shapes(tmp_path: Path) -> None:
     with pytest.raises(PLDRError, match="expected \\[..., dk, dk\\]"):
-        normalize_g_entries([torch.zeros(1, 2, 3, 4)])
+        g_entries([torch.zeros(1, 2, 3, 4)])
     with pytest.raises(PLDRError, match="layer 1 G_LM has shape"):
-        normalize_g_entries([torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4)])
+        g_entries([torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4)])
     with pytest.raises(PLDRError, match="layer 0 A_LM"):
-        normalize_g_entries([(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 4, 4))])
+        g_entries([(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 4, 4))])
     with pytest.raises(PLDRError, match="non-empty list"):
-        normalize_g_entries([])
+        g_entries([])
+    with pytest.raises(PLDRError, match="floating-point"):
+        g_entries([torch.zeros(1, 2, 4, 4, dtype=torch.long)])
+    from safetensors.torch import save_file
+
+    gap = tmp_path / "gap.safetensors"
+    save_file({"layer0.G_LM": torch.zeros(2, 2), "layer2.G_LM": torch.zeros(2, 2)}, str(gap))
     with pytest.raises(PLDRError, match="'layer1.G_LM' is missing"):
-        normalize_g_entries({"layer0.G_LM": torch.zeros(2, 2), "layer2.G_LM": torch.zeros(2, 2)})
+        load_g_file(gap)
 
 
-def test_normalize_accepts_cache_like_objects() -> None:
-    from pldr_llm.model.cache import GCacheEntry, PLDRCache
-
+def test_g_entries_accepts_cache_like_objects() -> None:
     g = torch.randn(1, 2, 4, 4)
     cache = PLDRCache.from_g_list([(None, g), (torch.ones(2, 4, 4), g)])
-    entries = normalize_g_entries(cache)
-    assert entries[0][0] is None and torch.equal(entries[0][1], g)
-    assert entries[1][0] is not None and entries[1][0].shape == (1, 2, 4, 4)
-    assert torch.equal(normalize_g_entries([GCacheEntry(None, g)])[0][1], g)
-    assert len(normalize_g_entries(torch.randn(3, 1, 2, 4, 4))) == 3
+    entries = g_entries(cache)
+    assert entries[0].A_LM is None and torch.equal(entries[0].G_LM, g)
+    assert entries[1].A_LM is not None and entries[1].A_LM.shape == (1, 2, 4, 4)
+    assert torch.equal(g_entries([GCacheEntry(None, g)])[0].G_LM, g)
+    assert len(g_entries(torch.randn(3, 1, 2, 4, 4))) == 3
+    with pytest.raises(PLDRError, match="no G-cache"):
+        g_entries(PLDRCache())
 
 
 def test_unpickler_never_imports_from_the_file(tmp_path: Path) -> None:
     # A module a malicious pickle names must not even be imported.
     payload = pickle.dumps([torch.eye(2)]).replace(b"collections", b"notamodule1")
     with pytest.raises(PLDRError, match="'notamodule1.OrderedDict'"):
-        load_g_pickle(payload)
+        load_tensor_pickle(payload)
     assert "notamodule1" not in sys.modules
 
 
@@ -359,7 +361,7 @@ def test_build_opcode_cannot_alter_the_reader() -> None:
     )
     for evil in (pickle.dumps([_Payload()]), outer):
         with contextlib.suppress(PLDRError):  # refused or harmless; what it leaves behind matters
-            load_g_pickle(evil)
+            load_tensor_pickle(evil)
     t = torch.randn(1, 2, 3, 3)
-    (got,) = load_g_pickle(pickle.dumps([t]))
+    (got,) = load_tensor_pickle(pickle.dumps([t]))
     assert got.dtype == torch.float32 and torch.equal(got, t)

@@ -197,10 +197,9 @@ def test_folder_reads_back_without_transformers_and_v510G_exports(
     from transformers import AutoModelForCausalLM
 
     from pldr_llm import predefined_G_model
-    from pldr_llm.hf.folder import is_hf_folder, load_hf_folder
+    from pldr_llm.bundle import load_bundle
 
-    assert is_hf_folder(golden_export) and not is_hf_folder(tmp_path)
-    core, tok = load_hf_folder(golden_export)
+    core, tok = load_bundle(golden_export, require_tokenizer=False)
     assert tok is None and core.config == golden_model.config
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
@@ -280,6 +279,49 @@ def test_generate_with_custom_G_init(golden_model, golden_expected, hf):
         eos_token_id=None,
     )
     assert torch.equal(out[0], golden_expected["gen_identityG.ids"])
+
+
+def test_transformers_loop_takes_a_G_init_per_row(golden_model, hf):
+    """transformers' own loop (here: scores asked for) accepts one G_init row per batch row
+    (``prepare_g_init(..., rows=B)``); each row decodes as it does alone with its own G."""
+    config = golden_model.config
+    torch.manual_seed(5)
+    shape = (config.num_heads, config.depth, config.depth)
+    g_rows = [
+        torch.stack([torch.eye(config.depth).expand(shape), torch.randn(shape)])
+        for _ in range(config.num_layers)
+    ]
+    prompts = torch.tensor([[5, 17, 42, 99], [11, 12, 13, 14]])
+    model = hf.PldrllmForCausalLM.from_core(golden_model)
+    out = model.generate(
+        prompts,
+        max_new_tokens=6,
+        do_sample=False,
+        enable_kvcache=True,
+        enable_Gcache=False,
+        G_init=g_rows,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    for row in range(2):
+        alone = generate(
+            golden_model,
+            prompts[row],
+            6,
+            top_k=1,
+            enable_kvcache=True,
+            enable_Gcache=False,
+            G_init=[g[row] for g in g_rows],
+            stop_at_eos=False,
+        )
+        assert torch.equal(out.sequences[row], alone), row
+    assert not torch.equal(out.sequences[0], out.sequences[1])  # the rows' G differ
+    three = [torch.cat([g, g[:1]]) for g in g_rows]  # 3 rows of G for 2 prompts
+    with pytest.raises(PLDRError, match="needs \\[1 or 2, "):
+        model.generate(prompts, max_new_tokens=2, G_init=three, output_scores=True)
+    with pytest.raises(PLDRError, match="needs \\[1, "):  # the native loop: one G per layer
+        model.generate(prompts, max_new_tokens=2, G_init=g_rows)
 
 
 def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -319,6 +320,18 @@ def test_bad_model_arguments_are_one_line_errors(setup):
         _eval_model(setup, kvcache="maybe")
     with pytest.raises(PLDRError, match="batch_size"):
         _eval_model(setup, batch_size=0)
+
+
+def test_gcache_file_that_does_not_fit_names_the_file(setup, tmp_path: Path):
+    from pldr_llm.gfile import save_g_file
+
+    config = setup["model"].config
+    wrong = tmp_path / "wrong_heads.safetensors"  # one head too many: checked by prepare_g_init
+    save_g_file(
+        wrong, [torch.eye(config.depth).expand(1, config.num_heads + 1, -1, -1)] * config.num_layers
+    )
+    with pytest.raises(PLDRError, match=f"^{re.escape(str(wrong))}: G_init G_LM of layer 0"):
+        _eval_model(setup, gcache_file=str(wrong))
 
 
 def test_cli_eval_prints_the_table(setup, capsys, monkeypatch):

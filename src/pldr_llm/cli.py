@@ -1,9 +1,10 @@
 """The ``pldr-llm`` command line.
 
-Each subcommand lives in its own module under :mod:`pldr_llm.commands` and exposes two functions:
-``register(subparsers)`` adds its parser (and sets ``func`` via ``set_defaults``), and the function
-set as ``func`` runs it with the parsed ``argparse.Namespace``. Heavy imports happen inside the
-run function, so ``pldr-llm --help`` stays fast.
+Each subcommand lives in its own module under :mod:`pldr_llm.commands`, named as the command, and
+exposes ``HELP`` and ``DESCRIPTION`` (and optionally ``PARSER_OPTIONS``, more keywords of its
+parser), ``add_arguments(parser)`` and ``run(args)``, which runs it with the parsed
+``argparse.Namespace``. :func:`build_parser` makes the parsers from them. Heavy imports happen
+inside the run function, so ``pldr-llm --help`` stays fast.
 
 Any :class:`~pldr_llm.errors.PLDRError` (and a few standard input errors) is printed as one line,
 ``pldr-llm: error: ...``, on stderr with exit status 2 — never a traceback.
@@ -53,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pldr-llm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        command = importlib.import_module(name)
+        p = sub.add_parser(
+            name.rpartition(".")[2],
+            help=command.HELP,
+            description=command.DESCRIPTION,
+            **getattr(command, "PARSER_OPTIONS", {}),
+        )
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

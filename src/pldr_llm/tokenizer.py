@@ -77,6 +77,17 @@ class PLDRTokenizer:
         except (RuntimeError, OSError) as exc:
             raise PLDRError(f"{path} is not a SentencePiece model ({first_line(exc)})") from None
         self._sp = processor
+        # The processor never changes after loading: its sizes and special ids are read once.
+        #: Number of pieces (ids are ``0 .. vocab_size - 1``).
+        self.vocab_size = int(processor.get_piece_size())
+        #: Padding id (0 for PLDR-LLM tokenizers).
+        self.pad_id = int(processor.pad_id())
+        #: End-of-text id (3 for PLDR-LLM tokenizers).
+        self.eos_id = int(processor.eos_id())
+        #: Unknown-piece id (1 for PLDR-LLM tokenizers).
+        self.unk_id = int(processor.unk_id())
+        #: Start id (2 for PLDR-LLM tokenizers); the original never adds it.
+        self.bos_id = int(processor.bos_id())
         self.model_path: Path = path.resolve()
         self.vocab_path: Path | None = _vocab_file_for(path)
         #: Prompt conventions of a transformers folder's ``tokenizer_config.json``
@@ -85,31 +96,6 @@ class PLDRTokenizer:
         self.add_eos = False
 
     # ------------------------------------------------------------------ properties
-    @property
-    def vocab_size(self) -> int:
-        """Number of pieces (ids are ``0 .. vocab_size - 1``)."""
-        return int(self._sp.get_piece_size())
-
-    @property
-    def pad_id(self) -> int:
-        """Padding id (0 for PLDR-LLM tokenizers)."""
-        return int(self._sp.pad_id())
-
-    @property
-    def eos_id(self) -> int:
-        """End-of-text id (3 for PLDR-LLM tokenizers)."""
-        return int(self._sp.eos_id())
-
-    @property
-    def unk_id(self) -> int:
-        """Unknown-piece id (1 for PLDR-LLM tokenizers)."""
-        return int(self._sp.unk_id())
-
-    @property
-    def bos_id(self) -> int:
-        """Start id (2 for PLDR-LLM tokenizers); the original never adds it."""
-        return int(self._sp.bos_id())
-
     @property
     def processor(self) -> Any:
         """The underlying ``sentencepiece.SentencePieceProcessor``."""

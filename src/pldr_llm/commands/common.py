@@ -10,13 +10,38 @@ from pathlib import Path
 from pldr_llm.errors import PLDRError
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``--device``, ``--dtype`` and ``--tokenizer`` (used with models)."""
+def add_model_arguments(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """``--model`` (required; ``model=False`` where the command names its model another way),
+    ``--device``, ``--dtype`` and ``--tokenizer``: the options of a command that runs a model."""
+    if model:
+        p.add_argument(
+            "--model", "-m", required=True, metavar="X", help="model folder or hub repo id"
+        )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument(
         "--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)"
     )
     p.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer instead of the model's")
+
+
+def add_prompt_arguments(
+    p: argparse.ArgumentParser, prompt_help: str, file_help: str, ids: bool = False
+) -> None:
+    """``--prompt`` (repeatable), ``--prompt-file`` and, with ``ids``, ``--prompt-ids``: the
+    prompts of a command that runs a model (read back by :func:`read_prompts`)."""
+    p.add_argument(
+        "--prompt", "-p", action="append", default=None, metavar="TEXT", help=prompt_help
+    )
+    p.add_argument("--prompt-file", metavar="FILE", help=file_help)
+    if ids:
+        p.add_argument(
+            "--prompt-ids",
+            action="append",
+            default=None,
+            metavar="IDS",
+            help="a prompt as token ids, e.g. '12 7 99' or '12,7,99' (repeatable; no tokenizer "
+            "needed)",
+        )
 
 
 def log(args: argparse.Namespace, message: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from pldr_llm.commands.inspect import (
     add_analysis_arguments,
     add_model_arguments,
-    add_prompt_arguments,
+    add_run_prompt_arguments,
     load_model,
     log,
     model_prompts,
@@ -28,16 +28,17 @@ from pldr_llm.commands.inspect import (
 _G_KEY = re.compile(r"^layer\d+\.G_LM$")
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``compare`` command."""
-    p = subparsers.add_parser(
-        "compare",
-        help="compare the deductive outputs of two models or G files",
-        description="Per layer and head RMSE between the G_LM (and A_LM, A, A_P where both have "
-        "them) of A and B, with their spectra side by side. A and B are G files (.pkl, .pickle, "
-        "or safetensors with layer{i}.G_LM keys) or models (run without caches on the first "
-        "prompt; default prompt: the end-of-text token).",
-    )
+HELP = "compare the deductive outputs of two models or G files"
+DESCRIPTION = (
+    "Per layer and head RMSE between the G_LM (and A_LM, A, A_P where both have "
+    "them) of A and B, with their spectra side by side. A and B are G files (.pkl, .pickle, "
+    "or safetensors with layer{i}.G_LM keys) or models (run without caches on the first "
+    "prompt; default prompt: the end-of-text token)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``compare`` command's options."""
     p.add_argument("a", metavar="A", help="model or G file")
     p.add_argument("b", metavar="B", help="model or G file")
     p.add_argument(
@@ -46,13 +47,12 @@ def register(subparsers: Any) -> None:
         choices=["A", "A_LM", "A_P", "G_LM"],
         help="tensor whose spectra are shown (default: G_LM)",
     )
-    add_prompt_arguments(p)
+    add_run_prompt_arguments(p)
     p.add_argument("--json", metavar="OUT", help="write reports and RMSE as JSON ('-': stdout)")
     p.add_argument("--plot", metavar="OUT.png", help="draw A - B heatmaps and overlaid spectra")
     add_analysis_arguments(p)
-    add_model_arguments(p)
+    add_model_arguments(p, model=False)
     p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout, no logs")
-    p.set_defaults(func=run)
 
 
 def is_g_file(spec: str) -> bool:

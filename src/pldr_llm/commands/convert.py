@@ -15,15 +15,16 @@ from typing import Any
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.vocab")
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``convert`` command."""
-    p = subparsers.add_parser(
-        "convert",
-        help="convert a model to the pldr-llm folder format (or a Hugging Face export)",
-        description="Read a model (published bundle folder, pldr-llm folder or hub repository id) "
-        "and write it as config.json + model.safetensors + tokenizer.model (--to pldr), or as a "
-        "Hugging Face transformers folder (--to hf).",
-    )
+HELP = "convert a model to the pldr-llm folder format (or a Hugging Face export)"
+DESCRIPTION = (
+    "Read a model (published bundle folder, pldr-llm folder or hub repository id) "
+    "and write it as config.json + model.safetensors + tokenizer.model (--to pldr), or as a "
+    "Hugging Face transformers folder (--to hf)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``convert`` command's options."""
     p.add_argument("--model", "-m", required=True, metavar="X", help="model folder or hub repo id")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     p.add_argument(
@@ -36,7 +37,6 @@ def register(subparsers: Any) -> None:
         help="store weights as float32, bfloat16 or float16 (default: as they are)",
     )
     p.add_argument("--force", action="store_true", help="overwrite a model already in DIR")
-    p.set_defaults(func=run)
 
 
 def _export_hf() -> Any:

@@ -23,14 +23,15 @@ _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "sql"})
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``eval`` command."""
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate a model with lm-evaluation-harness (default: the paper's zero-shot set)",
-        description="Score a model on lm-evaluation-harness tasks with the native, batched "
-        "'pldrllm' lm-eval model and print the results table.",
-    )
+HELP = "evaluate a model with lm-evaluation-harness (default: the paper's zero-shot set)"
+DESCRIPTION = (
+    "Score a model on lm-evaluation-harness tasks with the native, batched "
+    "'pldrllm' lm-eval model and print the results table."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``eval`` command's options."""
     p.add_argument(
         "--model", "-m", required=True, metavar="X", help="model folder, hub id or HF export"
     )
@@ -107,7 +108,6 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--output", "-o", default=None, metavar="FILE", help="also write the results as JSON"
     )
-    p.set_defaults(func=run)
 
 
 def _dataset_failure(exc: BaseException) -> tuple[str, str] | None:

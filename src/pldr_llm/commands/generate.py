@@ -16,38 +16,37 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pldr_llm.commands.common import add_model_arguments, log, read_prompts
+from pldr_llm.commands.common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    log,
+    read_prompts,
+)
 from pldr_llm.errors import PLDRError
 
 if TYPE_CHECKING:
     import torch
 
+    from pldr_llm.config import PLDRConfig
+    from pldr_llm.model.cache import GCacheEntry
     from pldr_llm.tokenizer import PLDRTokenizer
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``generate`` command."""
-    p = subparsers.add_parser(
-        "generate",
-        help="generate text from a PLDR-LLM",
-        description="Generate text from a PLDR-LLM (a published bundle folder, a pldr-llm folder, "
-        "or a Hugging Face hub repository id). Sampling stacks as in the original: temperature, "
-        "then top-p, then top-k; --temperature 0 or --top-k 1 is greedy. On a GPU the decoding "
-        "step runs as a captured CUDA graph.",
-    )
-    p.add_argument("--model", "-m", required=True, metavar="X", help="model folder or hub repo id")
-    p.add_argument(
-        "--prompt",
-        "-p",
-        action="append",
-        default=None,
-        metavar="TEXT",
-        help="prompt text (repeat for a batch; an empty prompt starts from end-of-text)",
-    )
-    p.add_argument(
-        "--prompt-file",
-        metavar="FILE",
-        help="one prompt per line (blank lines skipped), generated in batches; '-' reads stdin",
+HELP = "generate text from a PLDR-LLM"
+DESCRIPTION = (
+    "Generate text from a PLDR-LLM (a published bundle folder, a pldr-llm folder, "
+    "or a Hugging Face hub repository id). Sampling stacks as in the original: temperature, "
+    "then top-p, then top-k; --temperature 0 or --top-k 1 is greedy. On a GPU the decoding "
+    "step runs as a captured CUDA graph."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``generate`` command's options."""
+    add_prompt_arguments(
+        p,
+        "prompt text (repeat for a batch; an empty prompt starts from end-of-text)",
+        "one prompt per line (blank lines skipped), generated in batches; '-' reads stdin",
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=50, metavar="N", help="default: 50")
     p.add_argument(
@@ -110,7 +109,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per batch (16)")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
-    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -182,23 +180,17 @@ class TextStreamer:
         self.out.flush()
 
 
-def _load_g_init(path: str, config: Any) -> list[Any]:
-
+def _load_g_init(path: str, config: PLDRConfig) -> list[GCacheEntry]:
+    """The G file at ``path``, checked against the model's configuration before its weights
+    are read (``generate`` prepares it for the model with the same check)."""
     from pldr_llm.gfile import load_g_file
+    from pldr_llm.model.cache import check_g_init
 
     entries = load_g_file(path)
-    if len(entries) != config.num_layers:
-        raise PLDRError(
-            f"{path} holds a G-cache for {len(entries)} layers, the model has {config.num_layers}"
-        )
-    want = (config.num_heads, config.depth, config.depth)
-    for index, (a_lm, g_lm) in enumerate(entries):
-        for name, t in (("A_LM", a_lm), ("G_LM", g_lm)):
-            if t is not None and tuple(t.shape[-3:]) != want:
-                raise PLDRError(
-                    f"{path}: {name} of layer {index} has shape {tuple(t.shape)}, the model needs "
-                    f"[1, {want[0]}, {want[1]}, {want[2]}] (num_heads, dk, dk)"
-                )
+    try:
+        check_g_init(config, entries)
+    except PLDRError as exc:
+        raise PLDRError(f"{path}: {exc}") from None
     return entries
 
 

@@ -17,25 +17,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.commands.common import add_model_arguments, log, read_prompts
+from pldr_llm.commands.common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    log,
+    read_prompts,
+)
+
+HELP = "spectra, ranks, determinants and cache invariance of deductive outputs"
+DESCRIPTION = (
+    "Report per layer and head the singular values, numerical rank, log|det| "
+    "and RMS of G_LM -- of a model (run on prompts with and without caches, with the RMSE "
+    "between cached and uncached deductive outputs and across prompts) or of a stored G_LM "
+    "list (--g-file: the paper's pickles or a pldr-llm safetensors G file)."
+)
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``inspect`` command."""
-    p = subparsers.add_parser(
-        "inspect",
-        help="spectra, ranks, determinants and cache invariance of deductive outputs",
-        description="Report per layer and head the singular values, numerical rank, log|det| "
-        "and RMS of G_LM -- of a model (run on prompts with and without caches, with the RMSE "
-        "between cached and uncached deductive outputs and across prompts) or of a stored G_LM "
-        "list (--g-file: the paper's pickles or a pldr-llm safetensors G file).",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``inspect`` command's options."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", "-m", metavar="X", help="model folder or hub repo id")
     source.add_argument(
         "--g-file", metavar="FILE", help="G_LM list: the paper's .pkl or a safetensors G file"
     )
-    add_prompt_arguments(p)
+    add_run_prompt_arguments(p)
     p.add_argument(
         "--steps",
         type=int,
@@ -74,31 +79,20 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="prefixes per batch in the causal pass (default: 16)",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, model=False)
     p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout, no logs")
-    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------- shared with compare
 
 
-def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
-    """``--prompt``, ``--prompt-file`` and ``--prompt-ids`` (used with models)."""
-    p.add_argument(
-        "--prompt",
-        "-p",
-        action="append",
-        default=None,
-        metavar="TEXT",
-        help="prompt text (repeat to compare prompts); default: the end-of-text token alone",
-    )
-    p.add_argument("--prompt-file", metavar="F", help="one prompt per line (blank lines skipped)")
-    p.add_argument(
-        "--prompt-ids",
-        action="append",
-        default=None,
-        metavar="IDS",
-        help="a prompt as token ids, e.g. '12 7 99' or '12,7,99' (repeatable; no tokenizer needed)",
+def add_run_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    """The prompts a model runs on to show its deductive outputs (``inspect``, ``compare``)."""
+    add_prompt_arguments(
+        p,
+        "prompt text (repeat to compare prompts); default: the end-of-text token alone",
+        "one prompt per line (blank lines skipped)",
+        ids=True,
     )
 
 

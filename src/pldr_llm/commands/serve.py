@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
 from pldr_llm.commands.common import add_model_arguments, log
 from pldr_llm.errors import PLDRError
 
+HELP = "serve a PLDR-LLM over an OpenAI-compatible HTTP API, with a playground"
+DESCRIPTION = (
+    "Serve one PLDR-LLM over the OpenAI API (/v1/completions, /v1/models; "
+    "/v1/chat/completions when the model folder has a chat template), with continuous "
+    "batching, /health, Prometheus /metrics, /v1/deductive and a playground page at /. "
+    "SIGTERM stops taking requests, finishes those in flight, then exits."
+)
 
-def register(subparsers: Any) -> None:
-    """Add the ``serve`` command."""
-    p = subparsers.add_parser(
-        "serve",
-        help="serve a PLDR-LLM over an OpenAI-compatible HTTP API, with a playground",
-        description="Serve one PLDR-LLM over the OpenAI API (/v1/completions, /v1/models; "
-        "/v1/chat/completions when the model folder has a chat template), with continuous "
-        "batching, /health, Prometheus /metrics, /v1/deductive and a playground page at /. "
-        "SIGTERM stops taking requests, finishes those in flight, then exits.",
-    )
-    p.add_argument("--model", "-m", required=True, metavar="X", help="model folder or hub repo id")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``serve`` command's options."""
     p.add_argument(
         "--model-id",
         metavar="NAME",
@@ -67,7 +65,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
     p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
     add_model_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

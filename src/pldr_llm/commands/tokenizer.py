@@ -10,17 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+
+HELP = "train or use a SentencePiece tokenizer"
+DESCRIPTION = (
+    "Train a SentencePiece tokenizer with the original PLDR-LLM conventions, "
+    "or encode/decode text with one."
+)
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``tokenizer`` command and its ``train``/``encode``/``decode`` subcommands."""
-    parser = subparsers.add_parser(
-        "tokenizer",
-        help="train or use a SentencePiece tokenizer",
-        description="Train a SentencePiece tokenizer with the original PLDR-LLM conventions, "
-        "or encode/decode text with one.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``tokenizer`` command's options."""
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION")
 
     train = sub.add_parser(
@@ -68,10 +67,11 @@ def register(subparsers: Any) -> None:
     decode.add_argument("ids", nargs="+", help="ids, separated by spaces or commas, or a JSON list")
     decode.set_defaults(func=run_decode)
 
-    parser.set_defaults(func=_needs_action, _parser=parser)
+    parser.set_defaults(_parser=parser)  # for run(): the help of a missing action
 
 
-def _needs_action(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``pldr-llm tokenizer`` without an action: its help, exit 2."""
     args._parser.print_help(sys.stderr)
     return 2
 

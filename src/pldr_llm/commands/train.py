@@ -130,19 +130,22 @@ def _shown(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------- parser
-def register(subparsers: Any) -> None:
-    """Add the ``train`` command."""
-    p = subparsers.add_parser(
-        "train",
-        help="pretrain a PLDR-LLM (CPU, one GPU, or torchrun + FSDP2)",
-        description="Pretrain a PLDR-LLM. Settings come from --preset and/or --config (YAML or "
-        "TOML with sections model, data, tokenizer, train); any key is overridden with "
-        "--section.key VALUE (or --key VALUE when unambiguous); the original's flags are "
-        "accepted. A folder that already holds a run is resumed. Multi-GPU: "
-        "torchrun --nproc-per-node N -m pldr_llm train ...",
-        allow_abbrev=False,
-        usage="pldr-llm train [--preset NAME] [--config FILE] --out DIR [--section.key VALUE ...]",
-    )
+HELP = "pretrain a PLDR-LLM (CPU, one GPU, or torchrun + FSDP2)"
+DESCRIPTION = (
+    "Pretrain a PLDR-LLM. Settings come from --preset and/or --config (YAML or "
+    "TOML with sections model, data, tokenizer, train); any key is overridden with "
+    "--section.key VALUE (or --key VALUE when unambiguous); the original's flags are "
+    "accepted. A folder that already holds a run is resumed. Multi-GPU: "
+    "torchrun --nproc-per-node N -m pldr_llm train ..."
+)
+PARSER_OPTIONS = {
+    "allow_abbrev": False,
+    "usage": "pldr-llm train [--preset NAME] [--config FILE] --out DIR [--section.key VALUE ...]",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``train`` command's options."""
     p.add_argument(
         "--preset", choices=PRESETS, help="built-in settings: tiny (CPU, minutes), paper-110m"
     )
@@ -200,7 +203,6 @@ def register(subparsers: Any) -> None:
         p.add_argument(
             f"--{flag}", dest=f"ignored:{flag}", nargs="?", const=True, help=argparse.SUPPRESS
         )
-    p.set_defaults(func=run)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict]:

@@ -20,24 +20,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pldr_llm.data import sources
 from pldr_llm.data.corpus import default_corpus
 from pldr_llm.data.packing import check_padding_type
-from pldr_llm.data.sources import (
-    FILE_FORMATS,
-    TXT_SPLITS,
-    DocumentSource,
-    FileSource,
-    HFSource,
-    ListSource,
-    SliceSource,
-    find_files,
-)
 from pldr_llm.errors import PLDRError
 
 #: ``source`` value that selects the embedded corpus (:func:`pldr_llm.data.default_corpus`).
 DEFAULT_SOURCE = "default"
 
-SOURCE_FORMATS = ("auto", *FILE_FORMATS, "hf")
+SOURCE_FORMATS = ("auto", *sources.FILE_FORMATS, "hf")
 SPLIT_STYLES = ("index", "percent")
 SPLITS = ("train", "validation", "test")
 
@@ -173,7 +164,11 @@ class DataConfig:
         want("source", isinstance(self.source, str) and bool(self.source), "must be a name/path")
         want("format", self.format in SOURCE_FORMATS, f"must be one of {', '.join(SOURCE_FORMATS)}")
         want("column", isinstance(self.column, str) and bool(self.column), "must be a column name")
-        want("txt_split", self.txt_split in TXT_SPLITS, f"must be one of {', '.join(TXT_SPLITS)}")
+        want(
+            "txt_split",
+            self.txt_split in sources.TXT_SPLITS,
+            f"must be one of {', '.join(sources.TXT_SPLITS)}",
+        )
         want("split", isinstance(self.split, str) and bool(self.split), "must be a split name")
         want(
             "split_style",
@@ -267,13 +262,15 @@ def parse_split(split: str) -> tuple[str, tuple[Bound | None, Bound | None] | No
     return name, (bound(a), bound(b))
 
 
-def _base_source(cfg: DataConfig, source: str, split: str) -> DocumentSource:
+def _base_source(cfg: DataConfig, source: str, split: str) -> sources.DocumentSource:
     if source == DEFAULT_SOURCE and cfg.format == "auto":
-        return ListSource(default_corpus(), description="default corpus (CPython pydoc topics)")
-    files = find_files(source, cfg.format)
+        return sources.ListSource(
+            default_corpus(), description="default corpus (CPython pydoc topics)"
+        )
+    files = sources.find_files(source, cfg.format)
     if files is not None:
-        return FileSource(files, column=cfg.column, txt_split=cfg.txt_split)
-    return HFSource(
+        return sources.FileSource(files, column=cfg.column, txt_split=cfg.txt_split)
+    return sources.HFSource(
         source,
         split=split,
         column=cfg.column,
@@ -286,8 +283,8 @@ def _base_source(cfg: DataConfig, source: str, split: str) -> DocumentSource:
 
 
 def _sliced(
-    base: DocumentSource, start: Bound | None, stop: Bound | None, what: str
-) -> DocumentSource:
+    base: sources.DocumentSource, start: Bound | None, stop: Bound | None, what: str
+) -> sources.DocumentSource:
     if start is None and stop is None:
         return base
     needs_total = any(b is not None and (b.percent or b.value < 0) for b in (start, stop))
@@ -296,10 +293,12 @@ def _sliced(
     b = stop.resolve(total, what) if stop is not None else None
     if b is not None and b < a:
         raise PLDRError(f"{what}: interval end {b} is before its start {a}")
-    return SliceSource(base, a, b)
+    return sources.SliceSource(base, a, b)
 
 
-def open_source(cfg: DataConfig, which: str = "train", check: bool = True) -> DocumentSource | None:
+def open_source(
+    cfg: DataConfig, which: str = "train", check: bool = True
+) -> sources.DocumentSource | None:
     """The document source of one split (``"train"``, ``"validation"`` or ``"test"``).
 
     Returns None when the configuration defines no such split (no offset and no split name). With
@@ -310,7 +309,7 @@ def open_source(cfg: DataConfig, which: str = "train", check: bool = True) -> Do
         raise PLDRError(f"unknown data split {which!r}; use one of {', '.join(SPLITS)}")
     name, _ = parse_split(cfg.split)
     start, stop = cfg.train_bounds()
-    source: DocumentSource | None
+    source: sources.DocumentSource | None
     if which == "train":
         source = _sliced(_base_source(cfg, cfg.source, name), start, stop, "train interval")
     else:

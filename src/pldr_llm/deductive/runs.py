@@ -18,9 +18,10 @@ from pldr_llm.deductive.stats import (
     layer_tensors,
 )
 from pldr_llm.errors import PLDRError
+from pldr_llm.model.cache import GCacheEntry
 
 #: Cache modes of :func:`cache_mode_runs`, named like the golden data: KV-cache on/off, G-cache
-#: on/off. ``kv0_g0`` (no cache at all, everything recomputed) is the reference.
+#: on/off. ``kv0_g0`` (no cache at all, everything recomputed) is the yardstick.
 CACHE_MODES = ("kv1_g1", "kv1_g0", "kv0_g1", "kv0_g0")
 
 
@@ -78,15 +79,15 @@ class CacheRuns:
 
     ``prompt`` is the uncached pass over the prompt (which is also what fills the G-cache);
     ``steps[mode][k]`` the outputs of decoding step ``k + 1`` (the prompt plus ``k + 1``
-    continuation tokens) in ``mode`` (see :data:`CACHE_MODES`). ``g_cache`` holds the
-    ``(A_LM, G_LM)`` pairs of the prompt pass.
+    continuation tokens) in ``mode`` (see :data:`CACHE_MODES`). ``g_cache`` is the G-cache of
+    the prompt pass (A_LM, G_LM per layer, on the CPU).
     """
 
     prompt_ids: list[int]
     continuation: list[int]
     prompt: list[LayerTensors]
     steps: dict[str, list[list[LayerTensors]]]
-    g_cache: list[tuple[Tensor | None, Tensor]]
+    g_cache: list[GCacheEntry]
 
 
 #: (KV-cache, G-cache) of each mode on :class:`~pldr_llm.generation.DecodeEngine`
@@ -160,7 +161,7 @@ def cache_mode_runs(model: Any, prompt_ids: Sequence[int] | Tensor, steps: int =
         for mode in ("kv1_g1", "kv1_g0", "kv0_g1"):
             runs[mode] = _engine_walk(model, prompt_list, steps, mode, continuation)[1]
     # The prompt pass's (A_LM, G_LM) are what fills the G-cache.
-    g_cache = [(layer.get("A_LM"), layer["G_LM"]) for layer in prompt]
+    g_cache = [GCacheEntry(layer.get("A_LM"), layer["G_LM"]) for layer in prompt]
     return CacheRuns(
         prompt_ids=prompt_list,
         continuation=continuation,
@@ -225,8 +226,8 @@ class InspectResult:
     runs: CacheRuns
 
     @property
-    def g_cache(self) -> list[tuple[Tensor | None, Tensor]]:
-        """``(A_LM, G_LM)`` per layer from the first prompt (for ``save_g_file``)."""
+    def g_cache(self) -> list[GCacheEntry]:
+        """The G-cache (A_LM, G_LM per layer) of the first prompt (for ``save_g_file``)."""
         return self.runs.g_cache
 
 

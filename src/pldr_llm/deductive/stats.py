@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.gfile import load_g_file, normalize_g_entries
+from pldr_llm.gfile import load_g_file
+from pldr_llm.model.cache import g_entries
 
 #: The deductive tensors, in the order reports and plots list them.
 DEDUCTIVE_NAMES = ("A", "A_LM", "A_P", "G_LM")
@@ -208,8 +209,9 @@ def layer_tensors(obj: Any) -> list[LayerTensors]:
                     d[name] = _detach(v)
             layers.append(d)  # type: ignore[arg-type]
         return layers
-    for a, g in normalize_g_entries(obj):
-        layers.append({"G_LM": g} if a is None else {"A_LM": a, "G_LM": g})
+    for e in g_entries(obj):
+        pair = {"A_LM": _detach(e.A_LM), "G_LM": _detach(e.G_LM)}
+        layers.append({k: v for k, v in pair.items() if v is not None})  # type: ignore[misc]
     return layers
 
 

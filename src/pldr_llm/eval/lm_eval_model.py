@@ -46,7 +46,7 @@ from torch import Tensor
 
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation import find_stop, generate_details
-from pldr_llm.model.cache import GCacheEntry, PLDRCache
+from pldr_llm.model.cache import GCacheEntry, PLDRCache, prepare_g_init
 from pldr_llm.model.model import PLDRModel
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,12 @@ def load_pretrained(
     elif hasattr(pretrained, "core") and isinstance(pretrained.core, PLDRModel):
         model = pretrained.core
     else:
-        from pldr_llm.hf.folder import is_hf_folder, load_hf_folder
+        from pldr_llm.bundle import load_bundle
 
-        if isinstance(pretrained, (str, Path)) and is_hf_folder(pretrained):
-            model, folder_tok = load_hf_folder(pretrained)
-        else:
-            from pldr_llm.bundle import load_bundle
-
-            model, folder_tok = load_bundle(str(pretrained), device="cpu", tokenizer=None)
+        # Any model folder (transformers exports too) or hub id; its tokenizer unless given one.
+        model, folder_tok = load_bundle(
+            str(pretrained), device="cpu", tokenizer=tok, require_tokenizer=False
+        )
         tok = tok if tok is not None else folder_tok
     if tok is None:
         raise PLDRError("the pldrllm model needs a tokenizer (model argument tokenizer=PATH)")
@@ -176,30 +174,13 @@ class PLDRLLMEvalModel(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.g_init: list[GCacheEntry] | None = None
         if gcache_file:
-            self.g_init = self._load_g_file(gcache_file)
+            from pldr_llm.gfile import load_g_file
 
-    def _load_g_file(self, path: str) -> list[GCacheEntry]:
-        from pldr_llm.gfile import load_g_file
-
-        pairs = load_g_file(path)
-        config = self.model.config
-        if len(pairs) != config.num_layers:
-            raise PLDRError(
-                f"{path}: G-cache has {len(pairs)} layers, the model has {config.num_layers}"
-            )
-        dtype, device = self.model.dtype, self._device
-        entries = []
-        for a_lm, g_lm in pairs:
-            g = g_lm.to(device=device, dtype=dtype)
-            g = g.unsqueeze(0) if g.dim() == 3 else g
-            if tuple(g.shape[1:]) != (config.num_heads, config.depth, config.depth):
-                raise PLDRError(
-                    f"{path}: G_LM has shape {tuple(g.shape)}, the model needs "
-                    f"[1, {config.num_heads}, {config.depth}, {config.depth}]"
-                )
-            a = a_lm.to(device=device, dtype=dtype) if a_lm is not None else None
-            entries.append(GCacheEntry(a.unsqueeze(0) if a is not None and a.dim() == 3 else a, g))
-        return entries
+            entries = load_g_file(gcache_file)  # its errors name the file
+            try:
+                self.g_init = prepare_g_init(self.model, entries)
+            except PLDRError as exc:
+                raise PLDRError(f"{gcache_file}: {exc}") from None
 
     # ------------------------------------------------------------------ lm-eval properties
     @property

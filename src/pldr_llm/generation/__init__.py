@@ -22,7 +22,6 @@ from pldr_llm.generation.api import (
 from pldr_llm.generation.engine import (
     DecodeEngine,
     DeductiveRecord,
-    GInit,
     StepOutput,
     sdpa_backends,
 )
@@ -38,6 +37,7 @@ from pldr_llm.generation.sampling import (
     uniform_draws,
     validate_sampling,
 )
+from pldr_llm.model.cache import GInit
 
 __all__ = [
     "FILTERED_LOGIT",

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation.engine import DecodeEngine, GInit
+from pldr_llm.generation.engine import DecodeEngine
 from pldr_llm.generation.sampling import SamplingParams, validate_sampling
+from pldr_llm.model.cache import GInit
 from pldr_llm.model.model import PLDRModel
 
 # Host reads of "is every row done?" while decoding without a streamer (graph replays between).
@@ -321,21 +322,7 @@ def generate(
     model: PLDRModel,
     prompt_ids: Tensor | Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    enable_kvcache: bool = True,
-    enable_Gcache: bool = True,
-    G_init: GInit | None = None,
-    stop_at_eos: bool = True,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-    attention_mask: Tensor | None = None,
-    stopping_criteria: Callable[[int, list[int]], bool] | None = None,
-    streamer: Callable[[Tensor], None] | None = None,
-    seed: int | None = None,
-    compile: bool = False,
-    cuda_graph: bool | None = None,
+    **options: Any,
 ) -> Tensor | list[list[int]]:
     """Generate up to ``max_new_tokens`` ids after ``prompt_ids``.
 
@@ -347,27 +334,13 @@ def generate(
     (or one drawn from ``generator`` / torch's default generator) makes it reproducible, the same
     for every row and on every device. On CUDA the step runs as a captured graph
     (``compile=True``: torch.compile first); ``cuda_graph=False`` runs it eagerly.
+
+    ``options`` are the keyword arguments of :func:`generate_details` (temperature, top_k, top_p,
+    enable_kvcache, enable_Gcache, G_init, stop_at_eos, eos_id, generator, attention_mask,
+    stopping_criteria, streamer, seed, compile, cuda_graph), whose defaults apply: one signature
+    for both calls.
     """
-    return generate_details(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        enable_kvcache=enable_kvcache,
-        enable_Gcache=enable_Gcache,
-        G_init=G_init,
-        stop_at_eos=stop_at_eos,
-        eos_id=eos_id,
-        generator=generator,
-        attention_mask=attention_mask,
-        stopping_criteria=stopping_criteria,
-        streamer=streamer,
-        seed=seed,
-        compile=compile,
-        cuda_graph=cuda_graph,
-    ).ids
+    return generate_details(model, prompt_ids, max_new_tokens, **options).ids
 
 
 def stream_generate(

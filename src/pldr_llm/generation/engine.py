@@ -53,11 +53,9 @@ from pldr_llm.generation.sampling import (
     sample_rows,
     uniform_draws,
 )
-from pldr_llm.model.cache import GCacheEntry, PLDRCache, StaticLayerKV, g_entries
+from pldr_llm.model.cache import GCacheEntry, GInit, PLDRCache, StaticLayerKV, prepare_g_init
 from pldr_llm.model.model import PLDRModel
 from pldr_llm.model.plga import MASK_VALUE, Deductive
-
-GInit = Sequence[tuple[Tensor | None, Tensor] | GCacheEntry | Tensor]
 
 MAX_STOP_IDS = 16  # stop ids per row held in the static buffers
 
@@ -146,33 +144,6 @@ def _row(t: Tensor | None, i: int) -> Tensor | None:
     if t is None:
         return None
     return t if t.shape[0] == 1 else t[i : i + 1]
-
-
-def prepare_g_init(model: PLDRModel, g_init: GInit | None) -> list[GCacheEntry] | None:
-    """``g_init`` as one entry per layer on the model's device and dtype (checked)."""
-    if g_init is None:
-        return None
-    entries = g_entries(g_init)
-    config = model.config
-    if len(entries) != config.num_layers:
-        raise PLDRError(f"G_init has {len(entries)} layers, the model has {config.num_layers}")
-    want = (config.num_heads, config.depth, config.depth)
-    device, dtype = model.device, model.dtype
-    out = []
-    for index, e in enumerate(entries):
-        if tuple(e.G_LM.shape[-3:]) != want or e.G_LM.shape[0] != 1:
-            raise PLDRError(
-                f"G_init layer {index} has shape {tuple(e.G_LM.shape)}, the model needs "
-                f"[1, {want[0]}, {want[1]}, {want[2]}]"
-            )
-        out.append(
-            GCacheEntry(
-                e.A_LM.to(device, dtype) if e.A_LM is not None else None,
-                e.G_LM.to(device, dtype),
-                e.A_P.to(device, dtype) if e.A_P is not None else None,
-            )
-        )
-    return out
 
 
 class DecodeEngine:

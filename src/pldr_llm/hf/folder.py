@@ -27,7 +27,6 @@ from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, read_
 
 if TYPE_CHECKING:
     from pldr_llm.model.model import PLDRModel
-    from pldr_llm.tokenizer import PLDRTokenizer
 
 MODEL_TYPE = "pldrllm"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -120,17 +119,6 @@ def load_hf_state(model: PLDRModel, folder: str | Path, data: dict[str, Any] | N
     load_state_dict_strict(model, state, source=str(folder))
 
 
-def is_hf_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder with a PLDR-LLM transformers ``config.json``."""
-    config = Path(path) / CONFIG_NAME
-    if not config.is_file():
-        return False
-    try:
-        return is_hf_config(json.loads(config.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-
-
 def read_hf_state(folder: str | Path) -> dict[str, Any]:
     """The weights of a transformers folder (single or sharded safetensors), on the CPU."""
     from safetensors.torch import load_file
@@ -146,26 +134,3 @@ def read_hf_state(folder: str | Path) -> dict[str, Any]:
             state.update(load_file(str(folder / shard), device="cpu"))
         return state
     raise PLDRError(f"{folder} has no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME})")
-
-
-def load_hf_folder(
-    folder: str | Path, require_tokenizer: bool = False
-) -> tuple[PLDRModel, PLDRTokenizer | None]:
-    """Load the core model (eval mode, CPU) and the tokenizer of a PLDR-LLM transformers folder."""
-    from pldr_llm.model.model import PLDRModel
-    from pldr_llm.tokenizer import load_tokenizer
-
-    folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise PLDRError(f"{folder} has no {CONFIG_NAME}")
-    data = read_json_object(config_path)
-    model = PLDRModel(pldr_config_from_hf(data))
-    load_hf_state(model, folder, data)
-    tokenizer = None
-    if (folder / "tokenizer.model").is_file():
-        tokenizer = load_tokenizer(folder / "tokenizer.model")
-        tokenizer.add_bos, tokenizer.add_eos = read_tokenizer_flags(folder)
-    elif require_tokenizer:
-        raise PLDRError(f"no tokenizer.model in {folder}")
-    return model.eval(), tokenizer

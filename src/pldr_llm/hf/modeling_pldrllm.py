@@ -40,7 +40,7 @@ from transformers.utils import ModelOutput
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation import filter_logits
+from pldr_llm.generation.sampling import filter_logits
 from pldr_llm.hf.code_bundle import AUTO_MAP_CONFIG, write_code_files
 from pldr_llm.hf.configuration_pldrllm import PldrllmConfig
 from pldr_llm.hf.folder import (
@@ -50,7 +50,7 @@ from pldr_llm.hf.folder import (
     core_state_from_hf,
     hf_state_from_core,
 )
-from pldr_llm.model.cache import GCacheEntry, PLDRCache, g_entries
+from pldr_llm.model.cache import PLDRCache, prepare_g_init
 from pldr_llm.model.model import PLDRModel
 from pldr_llm.model.plga import Deductive
 from pldr_llm.model.rope import RotaryEmbedding
@@ -273,26 +273,6 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         return result
 
     # ------------------------------------------------------------------ generation
-    def _g_init_entries(self, G_init: Any) -> list[GCacheEntry] | None:
-        if G_init is None:
-            return None
-        if isinstance(G_init, PLDRCache):
-            if G_init.g is None:
-                raise PLDRError("G_init is a PLDRCache without a G-cache")
-            entries = g_entries(G_init.g)
-        else:
-            entries = g_entries(G_init)
-        if len(entries) != self.config.num_layers:
-            raise PLDRError(
-                f"G_init has {len(entries)} layers, the model has {self.config.num_layers}"
-            )
-        device, dtype = self.final_layer.weight.device, self.final_layer.weight.dtype
-
-        def cast(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device=device, dtype=dtype)
-
-        return [GCacheEntry(cast(e.A_LM), cast(e.G_LM), cast(e.A_P)) for e in entries]
-
     def _cache_modes(
         self, use_cache: bool | None, enable_kvcache: bool | None, enable_Gcache: bool | None
     ) -> tuple[bool, bool]:
@@ -325,7 +305,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         device = self.final_layer.weight.device
         cache = pldr_cache
         if cache is None:
-            init = self._g_init_entries(G_init)
+            init = prepare_g_init(self.core, G_init, rows=input_ids.shape[0])
             cache = PLDRCache(g=init) if init is not None else None
         if cache is not None and cache.kv is not None:
             inputs = {"input_ids": input_ids[:, -1:], "attention_mask": None}
@@ -358,7 +338,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         out_cache: PLDRCache = outputs.pldr_cache
         # What pldr_llm.generate keeps between steps: the KV-cache when on; the G-cache of this
         # pass when on, else G_init (or nothing, so G_LM is recomputed).
-        g = out_cache.g if g_on else self._g_init_entries(model_kwargs.get("G_init"))
+        rows = outputs.logits.shape[0]
+        g = out_cache.g if g_on else prepare_g_init(self.core, model_kwargs.get("G_init"), rows)
         if kv_on:
             model_kwargs["pldr_cache"] = out_cache.with_g(g)
         elif g is not None:
@@ -438,19 +419,18 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
                 "top_k": int(top_k or 0),
                 "top_p": float(kwargs.get("top_p", config.top_p) or 1.0),
             }
-        from pldr_llm.generation import generate
+        from pldr_llm.generation.api import generate
 
         mask = kwargs.get("attention_mask")
         if mask is not None and bool(mask.bool().all()):
             mask = None
-        init = self._g_init_entries(kwargs.get("G_init"))
         return generate(
             self.core,
             ids,
             int(max_new),
             enable_kvcache=kv_on,
             enable_Gcache=g_on,
-            G_init=init,
+            G_init=kwargs.get("G_init"),
             eos_id=None if eos is None else int(eos),
             stop_at_eos=eos is not None,
             attention_mask=mask,

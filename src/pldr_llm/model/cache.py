@@ -12,11 +12,15 @@ lengths decode exactly as they would alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from pldr_llm.errors import PLDRError
 
 
 @dataclass
@@ -91,29 +95,15 @@ class PLDRCache:
 
     def drop_g(self) -> PLDRCache:
         """The same cache without its G part (keeps the KV-cache)."""
-        return PLDRCache(
-            kv=self.kv,
-            g=None,
-            key_valid=self.key_valid,
-            next_position=self.next_position,
-            per_row=self.per_row,
-        )
+        return self.with_g(None)
 
     def with_g(self, g: list[GCacheEntry] | None) -> PLDRCache:
         """The same KV-cache with another G-cache."""
-        return PLDRCache(
-            kv=self.kv,
-            g=g,
-            key_valid=self.key_valid,
-            next_position=self.next_position,
-            per_row=self.per_row,
-        )
+        return dataclasses.replace(self, g=g)
 
     @classmethod
-    def from_g_list(
-        cls, entries: Sequence[tuple[Tensor | None, Tensor] | GCacheEntry | Tensor]
-    ) -> PLDRCache:
-        """A G-only cache from ``(A_LM, G_LM)`` pairs (or bare G_LM tensors), one per layer.
+    def from_g_list(cls, entries: GInit) -> PLDRCache:
+        """A G-only cache from a G list (see :func:`g_entries`), one entry per layer.
 
         Tensors of shape [H, dk, dk] are given a batch dimension of 1, which broadcasts.
         """
@@ -142,27 +132,132 @@ class PLDRCache:
         )
 
 
-def _batched(t: Tensor | None) -> Tensor | None:
+#: A G_init, or any G list: a :class:`PLDRCache` (its G-cache); a tensor whose first dimension is
+#: the layer; or a sequence with, per layer, a G_LM tensor, an ``(A_LM, G_LM)`` pair (A_LM may be
+#: ``None``) or an object with ``A_LM``/``G_LM`` attributes (:class:`GCacheEntry`, ``Deductive``).
+GInit = PLDRCache | Tensor | Sequence[Any]
+
+
+def _layer_tensor(t: Any, what: str) -> Tensor | None:
+    """One tensor of a G list, checked; [H, dk, dk] given a batch dimension of 1 (it broadcasts)."""
     if t is None:
         return None
-    t = torch.as_tensor(t)
+    if not isinstance(t, Tensor):
+        raise PLDRError(f"{what} is a {type(t).__name__}, not a tensor")
+    if t.dim() < 2 or t.shape[-1] != t.shape[-2]:
+        raise PLDRError(f"{what} has shape {list(t.shape)}; expected [..., dk, dk]")
+    if t.is_sparse or t.is_complex() or not t.is_floating_point():
+        raise PLDRError(f"{what} has dtype {t.dtype}; expected a real floating-point tensor")
     return t.unsqueeze(0) if t.dim() == 3 else t
 
 
-def g_entries(
-    entries: Sequence[tuple[Tensor | None, Tensor] | GCacheEntry | Tensor],
-) -> list[GCacheEntry]:
-    """Normalize a G list (pairs, entries or bare G_LM tensors) into :class:`GCacheEntry` items."""
-    out = []
-    for item in entries:
-        if isinstance(item, GCacheEntry):
-            out.append(GCacheEntry(_batched(item.A_LM), _batched(item.G_LM), _batched(item.A_P)))
-        elif isinstance(item, Tensor):
-            out.append(GCacheEntry(None, _batched(item)))
+def g_entries(source: GInit) -> list[GCacheEntry]:
+    """Any G list (see :data:`GInit`) as one :class:`GCacheEntry` per layer.
+
+    The one reading of a G list: G files load through it, G_init and ``save_g_file`` accept what
+    it accepts. Tensors keep their device and dtype; [H, dk, dk] ones get a batch dimension of 1.
+    Raises :class:`PLDRError` for anything else, and when layers differ in shape.
+    """
+    # Duck-typed, not isinstance: a cache made by a copy of this module (a transformers folder's
+    # code) must read the same.
+    if hasattr(source, "g") and not isinstance(source, (Tensor, list, tuple)):
+        source = source.g  # type: ignore[union-attr]
+        if source is None:
+            raise PLDRError("the cache holds no G-cache")
+    if isinstance(source, Tensor):
+        if source.dim() < 3:
+            raise PLDRError(f"a G tensor of shape {list(source.shape)} has no layer dimension")
+        source = list(source.unbind(0))
+    if not isinstance(source, (list, tuple)) or not source:
+        raise PLDRError(f"expected a non-empty list of per-layer G_LM, got {type(source).__name__}")
+    entries = []
+    for i, item in enumerate(source):
+        if isinstance(item, Tensor):
+            a_lm, g_lm, a_p = None, item, None
+        elif hasattr(item, "G_LM"):
+            a_lm, g_lm, a_p = getattr(item, "A_LM", None), item.G_LM, getattr(item, "A_P", None)
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            (a_lm, g_lm), a_p = item, None
         else:
-            a_lm, g_lm = item[0], item[1]
-            out.append(GCacheEntry(_batched(a_lm), _batched(g_lm)))
-    return out
+            raise PLDRError(
+                f"layer {i} is a {type(item).__name__}; expected a G_LM tensor or an "
+                "[A_LM, G_LM] pair"
+            )
+        g = _layer_tensor(g_lm, f"layer {i} G_LM")
+        if g is None:
+            raise PLDRError(f"layer {i} has no G_LM")
+        entries.append(
+            GCacheEntry(
+                _layer_tensor(a_lm, f"layer {i} A_LM"), g, _layer_tensor(a_p, f"layer {i} A_P")
+            )
+        )
+    shape = entries[0].G_LM.shape
+    for i, e in enumerate(entries):
+        if e.G_LM.shape != shape:
+            raise PLDRError(
+                f"layer {i} G_LM has shape {list(e.G_LM.shape)}, layer 0 has {list(shape)}"
+            )
+        if e.A_LM is not None and e.A_LM.shape != shape:
+            raise PLDRError(
+                f"layer {i} A_LM has shape {list(e.A_LM.shape)} but G_LM has {list(shape)}"
+            )
+    return entries
+
+
+def check_g_init(
+    config: Any, entries: Sequence[GCacheEntry], rows: int | None = None, what: str = "G_init"
+) -> None:
+    """Raise :class:`PLDRError` unless ``entries`` fit a model of ``config`` (a ``PLDRConfig``):
+    one per layer, each tensor [1, H, dk, dk] -- or [rows, H, dk, dk] when ``rows`` is given (a
+    G_init per batch row, which transformers' own decoding loop accepts). ``what`` names the
+    entries in the message."""
+    if len(entries) != config.num_layers:
+        raise PLDRError(f"{what} has {len(entries)} layers, the model has {config.num_layers}")
+    want = (config.num_heads, config.depth, config.depth)
+    batches = (1,) if rows is None else (1, rows)
+    for index, e in enumerate(entries):
+        for name, t in (("A_LM", e.A_LM), ("G_LM", e.G_LM), ("A_P", e.A_P)):
+            if t is not None and (t.dim() != 4 or t.shape[0] not in batches or t.shape[1:] != want):
+                first = "1" if rows is None or rows == 1 else f"1 or {rows}"
+                raise PLDRError(
+                    f"{what} {name} of layer {index} has shape {list(t.shape)}, the model needs "
+                    f"[{first}, {want[0]}, {want[1]}, {want[2]}] (batch, num_heads, dk, dk)"
+                )
+
+
+class _ModelLike(Protocol):
+    """What :func:`prepare_g_init` reads of a :class:`~pldr_llm.model.model.PLDRModel`."""
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+
+def prepare_g_init(
+    model: _ModelLike, source: GInit | None, rows: int | None = None
+) -> list[GCacheEntry] | None:
+    """A G_init for ``model``: read by :func:`g_entries`, checked by :func:`check_g_init` and
+    cast to the model's device and dtype; ``None`` stays ``None``.
+
+    Every place that accepts a G_init goes through here (``pldr_llm.generate``, the decoding
+    engine, transformers' ``generate``, lm-eval, the CLI). A G file is read first with
+    :func:`pldr_llm.gfile.load_g_file`.
+    """
+    if source is None:
+        return None
+    entries = g_entries(source)
+    check_g_init(model.config, entries, rows)
+    device, dtype = model.device, model.dtype
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    return [GCacheEntry(cast(e.A_LM), cast(e.G_LM), cast(e.A_P)) for e in entries]
 
 
 def register_pytree_dataclass(cls: type) -> type:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
-from torch import Tensor
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.model.cache import GCacheEntry, g_entries
+from pldr_llm.model.cache import GCacheEntry, GInit, check_g_init, g_entries
 from pldr_llm.model.model import PLDRModel
 from pldr_llm.model.rope import RotaryEmbedding
 
 
-def predefined_G_model(
-    model: PLDRModel, G_list: Sequence[Tensor | tuple[Tensor | None, Tensor] | GCacheEntry]
-) -> PLDRModel:
+def predefined_G_model(model: PLDRModel, G_list: GInit) -> PLDRModel:
     """A v510G model: attends with the given G_LM per layer and shares every other weight.
 
     ``G_list`` holds one G_LM per layer ([H, dk, dk] or [1, H, dk, dk]), or ``(A_LM, G_LM)``
@@ -25,6 +20,7 @@ def predefined_G_model(
     copied), so training one trains the other.
     """
     entries = g_entries(G_list)
+    check_g_init(model.config, entries, what="the predefined G list")
     config = dataclasses.replace(model.config, version="v510G")
     with torch.device("meta"):
         g_model = PLDRModel(config)
@@ -42,14 +38,6 @@ def predefined_G_model(
         attention.predefined_G_LM = torch.empty(
             1, config.num_heads, config.depth, config.depth, device=device, dtype=model.dtype
         )
-    if len(entries) != config.num_layers:
-        raise PLDRError(f"G list has {len(entries)} layers, the model has {config.num_layers}")
-    for index, entry in enumerate(entries):
-        if entry.G_LM.shape[0] != 1:
-            raise PLDRError(
-                f"G_LM of layer {index} has batch size {entry.G_LM.shape[0]}; a predefined G_LM "
-                "must be one tensor per layer (batch size 1)"
-            )
     g_model.set_predefined_G([e.G_LM.to(device) for e in entries])
     g_model.train(model.training)
     return g_model

@@ -253,7 +253,7 @@ def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path) -> Any:
     if resolved.predefined_G is not None:
         from pldr_llm.gfile import load_g_file
 
-        model.set_predefined_G([g for _, g in load_g_file(resolved.predefined_G)])
+        model.set_predefined_G([e.G_LM for e in load_g_file(resolved.predefined_G)])
     init_from = resolved.train.init_from
     has_checkpoint = (run_dir / "checkpoints").is_dir() and any(
         (p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step_*")

@@ -723,6 +723,28 @@ class Trainer:
             rates.pause(self.tokens_seen, self.step, time.perf_counter())
             return path
 
+        def next_epoch() -> None:
+            """The epoch ended: its record, then the next one (and its checkpoint when due)."""
+            nonlocal epoch, step_in_epoch
+            self._end_epoch(writer, meters, epoch)
+            epoch += 1
+            step_in_epoch = 0
+            if epoch in cfg.save_epochs:
+                save()
+
+        def tell_data_the_epoch() -> bool:
+            """``train_data.set_epoch(epoch)`` where it has one (reshuffles); whether it had."""
+            setter = getattr(train_data, "set_epoch", None)
+            if callable(setter):
+                setter(epoch)
+            return callable(setter)
+
+        def restart_feed() -> None:
+            """A new batch feed from the start of the (next epoch of the) training data."""
+            nonlocal feed
+            feed.close()
+            feed = BatchFeed(train_data, self.prepare_batch, cfg.prefetch_batches)
+
         status = "completed"
         # An endless iterator (BatchIterator with repeat) never ends: no per-step agreement on
         # "is there a batch" between ranks is needed (it was a host read every step).
@@ -751,18 +773,11 @@ class Trainer:
                     if step_in_epoch == 0:
                         raise PLDRError("the training data yielded no batch")
                     flush()
-                    self._end_epoch(writer, meters, epoch)
-                    epoch += 1
-                    step_in_epoch = 0
-                    if epoch in cfg.save_epochs:
-                        save()
+                    next_epoch()
                     if epoch >= cfg.epochs or stopping["status"]:
                         break
-                    setter = getattr(train_data, "set_epoch", None)
-                    if callable(setter):
-                        setter(epoch)
-                    feed.close()
-                    feed = BatchFeed(train_data, self.prepare_batch, cfg.prefetch_batches)
+                    tell_data_the_epoch()
+                    restart_feed()
                     continue
 
                 data_epoch = fed.epoch
@@ -818,18 +833,11 @@ class Trainer:
                     rates.pause(self.tokens_seen, self.step, time.perf_counter())
 
                 if epoch_due:
-                    self._end_epoch(writer, meters, epoch)
-                    epoch += 1
-                    step_in_epoch = 0
-                    if epoch in cfg.save_epochs:
-                        save()
+                    next_epoch()
                     if epoch >= cfg.epochs and cfg.max_steps is None:
                         break
-                    setter = getattr(train_data, "set_epoch", None)
-                    if callable(setter):
-                        setter(epoch)
-                        feed.close()
-                        feed = BatchFeed(train_data, self.prepare_batch, cfg.prefetch_batches)
+                    if tell_data_the_epoch():
+                        restart_feed()
 
                 if save_due:
                     save()

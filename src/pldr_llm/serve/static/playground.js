@@ -180,6 +180,20 @@ function statsOf(report, name, layer, head) {
   return name === report.tensor ? h : h[name];
 }
 
+// One head's cell of a grid: a canvas (returned, to draw on) above its label.
+function headCell(grid, id, text) {
+  const cell = document.createElement("div");
+  cell.className = "cell";
+  const canvas = document.createElement("canvas");
+  canvas.id = id;
+  cell.appendChild(canvas);
+  const label = document.createElement("span");
+  label.textContent = text;
+  cell.appendChild(label);
+  grid.appendChild(cell);
+  return canvas;
+}
+
 function renderDeductive() {
   const data = lastDeductive;
   if (!data) return;
@@ -194,27 +208,10 @@ function renderDeductive() {
   for (let l = 0; l < data.num_layers; l++) {
     for (let h = 0; h < data.num_heads; h++) {
       const stats = statsOf(data.report, name, l, h);
-      const cell = document.createElement("div");
-      cell.className = "cell";
-      const canvas = document.createElement("canvas");
-      canvas.id = "heatmap-" + l + "-" + h;
-      cell.appendChild(canvas);
-      const label = document.createElement("span");
-      label.textContent = "L" + l + " H" + h + " rank " + stats.rank;
-      cell.appendChild(label);
-      heat.appendChild(cell);
-      drawHeatmap(canvas, data.tensors[name][l][h], symmetric);
-
-      const scell = document.createElement("div");
-      scell.className = "cell";
-      const sc = document.createElement("canvas");
-      sc.id = "spectrum-" + l + "-" + h;
-      scell.appendChild(sc);
-      const sl = document.createElement("span");
-      sl.textContent = "L" + l + " H" + h;
-      scell.appendChild(sl);
-      spectra.appendChild(scell);
-      drawSpectrum(sc, stats.singular_values);
+      const where = "L" + l + " H" + h;
+      const map = headCell(heat, "heatmap-" + l + "-" + h, where + " rank " + stats.rank);
+      drawHeatmap(map, data.tensors[name][l][h], symmetric);
+      drawSpectrum(headCell(spectra, "spectrum-" + l + "-" + h, where), stats.singular_values);
     }
   }
   $("deductive-panel").dataset.drawn = name;
