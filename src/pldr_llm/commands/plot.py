@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from pldr_llm.errors import PLDRError
+
 HELP = "draw a run's loss/accuracy/lr curves to a PNG"
 DESCRIPTION = (
     "Draw the loss, accuracy and learning-rate curves of a training run "
@@ -31,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     """Draw the curves and print the PNG's path."""
     from pldr_llm.train.curves import plot_run
 
+    if args.smooth < 0:  # named as the user typed it (plot_run names its parameter)
+        raise PLDRError(f"--smooth must be 0 (off) or a number of steps, got {args.smooth}")
     target = plot_run(args.run_dir, args.out, args.smooth)
     print(target)
     return 0

@@ -78,24 +78,6 @@ def power_law(
     return a_lm, a_p, g_lm
 
 
-def plga_attention(
-    queries: Tensor,
-    g_lm: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    bias: Tensor | None,
-    is_causal: bool = False,
-    implementation: str = "sdpa",
-) -> tuple[Tensor, Tensor | None]:
-    """``softmax((Q G_LM) K^T / sqrt(dk) + bias) V``; returns (output, scores or None).
-
-    ``bias`` is an additive float mask broadcastable to [B, H, L, S]; ``is_causal`` (only with
-    ``bias=None``) asks for the plain causal mask. ``scores`` (before mask and softmax) are only
-    materialized by the eager implementation.
-    """
-    return attend(queries @ g_lm.to(queries.dtype), keys, values, bias, is_causal, implementation)
-
-
 def attend(
     transformed: Tensor,
     keys: Tensor,
@@ -104,7 +86,13 @@ def attend(
     is_causal: bool = False,
     implementation: str = "sdpa",
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`plga_attention` given the transformed queries ``Q G_LM`` [B, H, L, dk]."""
+    """``softmax(transformed K^T / sqrt(dk) + bias) V`` for the transformed queries
+    ``Q G_LM`` [B, H, L, dk]; returns (output, scores or None).
+
+    ``bias`` is an additive float mask broadcastable to [B, H, L, S]; ``is_causal`` (only with
+    ``bias=None``) asks for the plain causal mask. ``scores`` (before mask and softmax) are only
+    materialized by the eager implementation.
+    """
     dk = transformed.shape[-1]
     if implementation == "sdpa":
         if bias is not None:
@@ -371,10 +359,9 @@ class PowerLawGraphAttention(nn.Module):
         # A, A_LM, A_P and G_LM are computed before attention whatever its kernel; only the
         # attention scores need the eager implementation (the DAG loss does not read them).
         impl = "eager" if need_deductive and need_scores else implementation
-        if transformed is None:
-            attended, scores = plga_attention(queries, g_lm, keys, values, bias, is_causal, impl)
-        else:
-            attended, scores = attend(transformed, keys, values, bias, is_causal, impl)
+        if transformed is None:  # one G_LM for every query (the causal metric made its own)
+            transformed = queries @ g_lm.to(queries.dtype)
+        attended, scores = attend(transformed, keys, values, bias, is_causal, impl)
         batch, _, length, _ = attended.shape
         out = self.dense(attended.transpose(1, 2).reshape(batch, length, -1))
 
