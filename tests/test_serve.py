@@ -147,9 +147,11 @@ def test_seeded_sampling_is_the_text_of_pldr_llm_generate(
 
 
 def test_streaming_gives_the_same_text_in_pieces(client: openai.OpenAI, server) -> None:
-    # ignore_eos: 30 tokens whatever the random model draws (its words follow the tokenizer,
-    # which is trained on the docs).
-    kwargs = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 30, "seed": 7}
+    # ignore_eos: 64 tokens whatever the random model draws (its words follow the tokenizer,
+    # which is trained on the docs). The server sends one event per sequence and block of steps
+    # (16 by default) and holds back incomplete UTF-8, so a stream needs a few blocks to show
+    # more than one piece.
+    kwargs = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 64, "seed": 7}
     kwargs["extra_body"] = {"ignore_eos": True}
     whole = client.completions.create(**kwargs).choices[0].text
     chunks = list(client.completions.create(stream=True, **kwargs))
