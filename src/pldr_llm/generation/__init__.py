@@ -19,12 +19,8 @@ from pldr_llm.generation.api import (
     generate_text,
     stream_generate,
 )
-from pldr_llm.generation.engine import (
-    DecodeEngine,
-    DeductiveRecord,
-    StepOutput,
-    sdpa_backends,
-)
+from pldr_llm.generation.engine import DecodeEngine, DeductiveRecord, StepOutput
+from pldr_llm.generation.graphs import sdpa_backends
 from pldr_llm.generation.sampling import (
     FILTERED_LOGIT,
     SamplingParams,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation.engine import capture_graph, maybe_compile, sdpa_backends
+from pldr_llm.generation.graphs import capture_graph, maybe_compile, sdpa_backends
 from pldr_llm.model.cache import GCacheEntry, LayerKV, PLDRCache
 from pldr_llm.model.model import PLDRModel, PLDROutput
 
