@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import TINY_HPDICT
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Everything the tests read lives here (tests/data/README.md says where each file came from).
 DATA = Path(__file__).resolve().parent / "data"
@@ -129,19 +131,6 @@ def golden_model(golden_dir: Path, golden_case: dict):
     from pldr_llm import load_reference_checkpoint
 
     return load_reference_checkpoint(golden_dir / "reference_checkpoint.pth", golden_case["hpdict"])
-
-
-TINY_HPDICT = {
-    "num_layers": 2,
-    "d_model": 64,
-    "num_heads": 4,
-    "dff": 96,
-    "num_reslayerA": 2,
-    "num_denseA": 2,
-    "A_dff": 24,
-    "input_vocab_size": 300,
-    "max_seq_len": 64,
-}
 
 
 @pytest.fixture()

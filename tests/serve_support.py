@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from support import PAPER_VOCAB_HP
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A tokenizer trained here (600 pieces, byte fallback, the original's conventions) on the
@@ -17,17 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # a few milliseconds on a CPU, and random weights sample many byte-fallback pieces (which tests
 # the streamed text's UTF-8 handling).
 VOCAB = 600
-HP = {
-    "num_layers": 2,
-    "d_model": 16,
-    "num_heads": 2,
-    "dff": 24,
-    "A_dff": 8,
-    "num_reslayerA": 1,
-    "num_denseA": 1,
-    "input_vocab_size": VOCAB,
-    "max_seq_len": 96,
-}
+HP = {**PAPER_VOCAB_HP, "input_vocab_size": VOCAB, "max_seq_len": 96}
 MODEL_ID = "PLDRv51-Tiny-1"
 
 

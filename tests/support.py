@@ -13,6 +13,52 @@ from pldr_llm import PLDRConfig, PLDRModel, save_reference_checkpoint
 PAPER_TOKENIZER_MODEL = "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
 PAPER_TOKENIZER_VOCAB = "refinedweb-tokenizer-pldrllm-kvg-cache-paper.vocab"
 
+#: The random tiny model of the decoding tests (conftest's ``tiny_model``, seed 0).
+TINY_HPDICT = {
+    "num_layers": 2,
+    "d_model": 64,
+    "num_heads": 4,
+    "dff": 96,
+    "num_reslayerA": 2,
+    "num_denseA": 2,
+    "A_dff": 24,
+    "input_vocab_size": 300,
+    "max_seq_len": 64,
+}
+
+#: Vocabulary 32000 to fit the paper tokenizer, everything else as small as the model allows
+#: (bundles for the CLI tests; tests override ``max_seq_len`` or the vocabulary as they need).
+PAPER_VOCAB_HP = {
+    "num_layers": 2,
+    "d_model": 16,
+    "num_heads": 2,
+    "dff": 24,
+    "A_dff": 8,
+    "num_reslayerA": 1,
+    "num_denseA": 1,
+    "input_vocab_size": 32000,
+    "max_seq_len": 64,
+}
+
+
+def paper_vocab_model(seed: int, **switches) -> PLDRModel:
+    """A seeded random model (d_model 32) whose embedding fits the paper tokenizer, in eval
+    mode; ``switches`` are further :class:`PLDRConfig` fields."""
+    torch.manual_seed(seed)
+    config = PLDRConfig(
+        num_layers=2,
+        d_model=32,
+        num_heads=2,
+        dff=48,
+        A_dff=16,
+        num_reslayerA=1,
+        num_denseA=1,
+        input_vocab_size=32000,
+        max_seq_len=64,
+        **switches,
+    )
+    return PLDRModel(config).eval()
+
 
 def write_hyperparameters(path: Path, hp: dict) -> None:
     """A ``*_hyperparameters.py`` laid out like the published ones."""

@@ -22,20 +22,9 @@ from pldr_llm.bundle import (
 )
 from pldr_llm.errors import PLDRError
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
-from support import make_bundle, write_hyperparameters
+from support import PAPER_VOCAB_HP, make_bundle, write_hyperparameters
 
-# vocabulary 32000 to fit the paper tokenizer; everything else as small as the model allows
-HP = {
-    "num_layers": 2,
-    "d_model": 16,
-    "num_heads": 2,
-    "dff": 24,
-    "A_dff": 8,
-    "num_reslayerA": 1,
-    "num_denseA": 1,
-    "input_vocab_size": 32000,
-    "max_seq_len": 64,
-}
+HP = PAPER_VOCAB_HP
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pldr_llm import PLDRConfig, PLDRError, PLDRModel
 from pldr_llm.deductive import CACHE_MODES, cache_mode_runs, deductive_outputs
 from pldr_llm.generation import DecodeEngine, DeductiveRecord, SamplingParams
 from reference_decoding import reference_generate
+from support import TINY_HPDICT
 
 #: (KV-cache, G-cache) per mode, named like the golden data
 MODES = {
@@ -30,19 +31,8 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=STEPS, stop_at_eos=False
 
 
 def tiny(**extra) -> PLDRModel:
-    """The tiny test model (conftest's TINY_HPDICT, seed 0) with config switches."""
-    hp = {
-        "num_layers": 2,
-        "d_model": 64,
-        "num_heads": 4,
-        "dff": 96,
-        "num_reslayerA": 2,
-        "num_denseA": 2,
-        "A_dff": 24,
-        "input_vocab_size": 300,
-        "max_seq_len": 64,
-    }
-    config = PLDRConfig.from_hpdict(hp)
+    """The tiny test model (TINY_HPDICT, seed 0) with config switches."""
+    config = PLDRConfig.from_hpdict(TINY_HPDICT)
     torch.manual_seed(0)
     return PLDRModel(PLDRConfig(**{**config.__dict__, **extra})).eval()
 

@@ -18,20 +18,9 @@ import torch
 from pldr_llm import PLDRModel, generate
 from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
-from support import make_bundle
+from support import PAPER_VOCAB_HP, make_bundle
 
-# vocabulary 32000 for the paper tokenizer; the rest tiny so that each run takes a moment
-HP = {
-    "num_layers": 2,
-    "d_model": 16,
-    "num_heads": 2,
-    "dff": 24,
-    "A_dff": 8,
-    "num_reslayerA": 1,
-    "num_denseA": 1,
-    "input_vocab_size": 32000,
-    "max_seq_len": 96,
-}
+HP = {**PAPER_VOCAB_HP, "max_seq_len": 96}
 PROMPT = "Write a letter requesting that people use language models responsibly."
 NEW = 12
 

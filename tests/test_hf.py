@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from pldr_llm import PLDRConfig, PLDRModel, generate  # noqa: E402
 from pldr_llm.errors import PLDRError  # noqa: E402
-from support import PAPER_TOKENIZER_MODEL  # noqa: E402
+from support import PAPER_TOKENIZER_MODEL, paper_vocab_model  # noqa: E402
 
 MODES = [(True, True), (True, False), (False, True), (False, False)]
 
@@ -44,23 +44,6 @@ def golden_export(tmp_path_factory, golden_dir: Path, golden_case: dict, hf) -> 
     out = tmp_path_factory.mktemp("golden_hf")
     hf.export_hf(model, None, out)
     return out
-
-
-def _small_vocab_model() -> PLDRModel:
-    """A seeded random model whose embedding fits the paper tokenizer (32000 pieces)."""
-    torch.manual_seed(3)
-    config = PLDRConfig(
-        num_layers=2,
-        d_model=32,
-        num_heads=2,
-        dff=48,
-        A_dff=16,
-        num_reslayerA=1,
-        num_denseA=1,
-        input_vocab_size=32000,
-        max_seq_len=64,
-    )
-    return PLDRModel(config).eval()
 
 
 def _mode_key(kv: bool, g: bool) -> str:
@@ -430,7 +413,7 @@ def test_converted_bundle_generates_native_ids(tmp_path: Path, tokenizer_path: P
     from pldr_llm.tokenizer import load_tokenizer
 
     own = tmp_path / "own"
-    _small_vocab_model().save(own)
+    paper_vocab_model(3).save(own)
     load_tokenizer(tokenizer_path).save(own)
     out = tmp_path / "hf"
     assert main(["convert", "--model", str(own), "--out", str(out), "--to", "hf"]) == 0
@@ -494,7 +477,7 @@ def test_trust_remote_code_loads_without_the_package(
 
 def test_core_follows_the_wrapper_without_side_effects(hf):
     """``model.core`` is a plain accessor; mode, attention and children reach it when they change."""
-    core = _small_vocab_model()
+    core = paper_vocab_model(3)
     model = hf.PldrllmForCausalLM.from_core(core)
     assert model.core is core and not core.training
     model.train()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from pldr_llm import PLDRConfig, PLDRModel, generate, load_bundle, predefined_G_model
 from pldr_llm.errors import PLDRError
 from pldr_llm.model.rope import RotaryEmbedding
-from support import PAPER_TOKENIZER_MODEL
+from support import PAPER_TOKENIZER_MODEL, paper_vocab_model
 
 PROMPT = "Once upon a time"
 NEW = 6
@@ -47,20 +47,7 @@ VARIANTS = {
 
 def _learned_model(seed: int, **switches) -> PLDRModel:
     """A seeded tiny model whose embedding fits the paper tokenizer (32000 pieces)."""
-    torch.manual_seed(seed)
-    config = PLDRConfig(
-        num_layers=2,
-        d_model=32,
-        num_heads=2,
-        dff=48,
-        A_dff=16,
-        num_reslayerA=1,
-        num_denseA=1,
-        input_vocab_size=32000,
-        max_seq_len=64,
-        **switches,
-    )
-    model = PLDRModel(config).eval()
+    model = paper_vocab_model(seed, **switches)
     with torch.no_grad():  # nonzero biases, so that dropping them would show
         for name, p in model.named_parameters():
             if name.endswith("bias"):

@@ -10,20 +10,9 @@ import pytest
 from pldr_llm.bundle import load_bundle
 from pldr_llm.cli import main
 from pldr_llm.deductive import leak_audit
-from support import make_bundle
+from support import PAPER_VOCAB_HP, make_bundle
 
-# vocabulary 32000 for the paper tokenizer; the rest small so that the run takes a moment
-HP = {
-    "num_layers": 2,
-    "d_model": 16,
-    "num_heads": 2,
-    "dff": 24,
-    "A_dff": 8,
-    "num_reslayerA": 1,
-    "num_denseA": 1,
-    "input_vocab_size": 32000,
-    "max_seq_len": 24,
-}
+HP = {**PAPER_VOCAB_HP, "max_seq_len": 24}
 TEXT = (
     "The power law graph attention builds a metric tensor from every query of the sequence, "
     "so a teacher-forced loss may see tokens that generation never has."

@@ -15,9 +15,9 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")  # lm-eval itself needs it
 
-from pldr_llm import PLDRConfig, PLDRModel  # noqa: E402
+from pldr_llm import PLDRModel  # noqa: E402
 from pldr_llm.errors import PLDRError  # noqa: E402
-from support import PAPER_TOKENIZER_MODEL
+from support import PAPER_TOKENIZER_MODEL, paper_vocab_model
 
 TASK = "pldr_local_mc"
 
@@ -68,19 +68,7 @@ def setup(tmp_path_factory, tokenizer_path: Path):
     from pldr_llm.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("lm_eval")
-    torch.manual_seed(5)
-    config = PLDRConfig(
-        num_layers=2,
-        d_model=32,
-        num_heads=2,
-        dff=48,
-        A_dff=16,
-        num_reslayerA=1,
-        num_denseA=1,
-        input_vocab_size=32000,
-        max_seq_len=64,
-    )
-    model = PLDRModel(config).eval()
+    model = paper_vocab_model(5)
     tok = load_tokenizer(tokenizer_path)
     own = root / "own"
     model.save(own)
