@@ -196,30 +196,28 @@ class BatchIterator:
             block += 1
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        """Tokenize ``texts``; documents seen before come from the memo (see below)."""
+        """Tokenize ``texts``; documents seen before come from the memo."""
         memo = self._memo
-        todo = [t for t in texts if t not in memo]
-        if todo:
-            # A tokenizer may offer a faster batched encoder; the result must be the same.
-            batch = getattr(self.tokenizer, "encode_batch", None)
-            if batch is not None:
-                fresh = list(batch(todo, add_eos=True))
-            else:
-                fresh = [self.tokenizer.encode(t, add_eos=True) for t in todo]
-            if self.repeat:
-                # A small corpus is read again every epoch; its ids are kept (as int32 arrays,
-                # MEMO_IDS at most) so that later epochs do not tokenize it again: on a
-                # background thread that work holds the interpreter lock the training step
-                # needs to launch its kernels.
-                for text, ids in zip(todo, fresh):
-                    if self._memo_ids + len(ids) <= MEMO_IDS:
-                        memo[text] = array.array("i", ids)
-                        self._memo_ids += len(ids)
-            if len(todo) == len(texts):
-                return fresh
-            done = dict(zip(todo, fresh))
-            return [done[t] if t in done else memo[t].tolist() for t in texts]
-        return [memo[t].tolist() for t in texts]
+        todo = list(dict.fromkeys(t for t in texts if t not in memo))
+        # A tokenizer may offer a faster batched encoder; the result must be the same.
+        batch = getattr(self.tokenizer, "encode_batch", None)
+        if not todo:
+            fresh = []
+        elif batch is not None:
+            fresh = list(batch(todo, add_eos=True))
+        else:
+            fresh = [self.tokenizer.encode(t, add_eos=True) for t in todo]
+        done = dict(zip(todo, fresh))
+        if self.repeat:
+            # A small corpus is read again every epoch; its ids are kept (as int32 arrays,
+            # MEMO_IDS at most) so that later epochs do not tokenize it again: on a background
+            # thread that work holds the interpreter lock the training step needs to launch
+            # its kernels.
+            for text, ids in done.items():
+                if self._memo_ids + len(ids) <= MEMO_IDS:
+                    memo[text] = array.array("i", ids)
+                    self._memo_ids += len(ids)
+        return [done[t] if t in done else memo[t].tolist() for t in texts]
 
     def _generate(self) -> Iterator[torch.Tensor]:
         pos = self._pos

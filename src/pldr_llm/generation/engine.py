@@ -36,6 +36,7 @@ pass and step in :attr:`DecodeEngine.deductive` (eager only): the deductive cach
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -642,7 +643,7 @@ class DecodeEngine:
         # A row never generates more than slots - 1 tokens; the clamp keeps the index of a
         # free slot's stale counter in range.
         column = self.n_generated.clamp(max=self.slots - 1)[:, None]
-        uniform = self.uniforms.gather(1, column)[:, 0] if mode != "greedy" else self.temperature
+        uniform = self.uniforms.gather(1, column)[:, 0] if mode != "greedy" else None
         new = sample_rows(logits, self.temperature, self.top_k, self.top_p, uniform, mode)
         if forcing:
             forced = self.forced.gather(1, column)[:, 0]
@@ -795,8 +796,6 @@ class DecodeEngine:
         graph = self._graphs.get(key)
         if graph is not None:
             return graph
-        import time
-
         start = time.perf_counter()
         steps = self._block(variant, n)
 
@@ -829,8 +828,6 @@ class DecodeEngine:
         self._check_idle()
         if not self.use_graph or not self._free:
             return 0.0
-        import time
-
         start = time.perf_counter()
         slot = self.add([self.config.eos_id], SamplingParams(max_new_tokens=1))
         self.release(slot)

@@ -197,11 +197,12 @@ def sample_rows(
     temperature: Tensor,
     top_k: Tensor,
     top_p: Tensor,
-    uniform: Tensor,
+    uniform: Tensor | None,
     mode: SamplingMode = "filtered",
 ) -> Tensor:
     """One id per row of [B, V] logits, each row with its own parameters and random number
-    ``uniform`` [B] (:func:`uniform_draws` of its seed and step).
+    ``uniform`` [B] (:func:`uniform_draws` of its seed and step; unused, may be None, when
+    ``mode`` is ``greedy``).
 
     Greedy rows (temperature 0 or top_k 1) take the arg-max of the raw logits. ``mode`` (see
     :func:`batch_mode`) lets the caller skip work it knows no row needs: ``greedy`` skips the
@@ -212,6 +213,8 @@ def sample_rows(
     greedy_ids = logits.argmax(dim=-1)
     if mode == "greedy":
         return greedy_ids
+    if uniform is None:
+        raise PLDRError(f"sampling mode {mode!r} needs each row's uniform number")
     if mode == "plain":
         logits = logits.float()
         safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,7 +45,6 @@ class GLU(nn.Module):
         return self.gluw3(self.activation(gate) * up)
 
 
-@dataclass(eq=False)
 class PackedLinear:
     """Several Linear layers of one input packed into one weight (rows stacked) for inference:
     one matrix product instead of several, which is what decoding one token is made of.
@@ -57,15 +54,11 @@ class PackedLinear:
     (their version counters) or was replaced.
     """
 
-    layers: tuple[nn.Linear, ...]
-    weight: Tensor = field(init=False)
-    bias: Tensor | None = field(init=False)
-    _seen: list[tuple[int, int]] = field(init=False, default_factory=list)
-
-    def __post_init__(self) -> None:
+    def __init__(self, layers: tuple[nn.Linear, ...]) -> None:
+        self.layers = layers
         with torch.no_grad():
-            self.weight = torch.cat([layer.weight for layer in self.layers])
-            biases = [layer.bias for layer in self.layers]
+            self.weight = torch.cat([layer.weight for layer in layers])
+            biases = [layer.bias for layer in layers]
             self.bias = None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
         self._seen = self._state()
 
