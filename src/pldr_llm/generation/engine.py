@@ -54,6 +54,7 @@ from pldr_llm.generation.sampling import (
     sample_rows,
     uniform_draws,
 )
+from pldr_llm.model import fused as fused_kernels
 from pldr_llm.model.cache import GCacheEntry, GInit, PLDRCache, StaticLayerKV, prepare_g_init
 from pldr_llm.model.model import PLDRModel
 from pldr_llm.model.plga import MASK_VALUE, Deductive
@@ -147,6 +148,7 @@ class DecodeEngine:
         keep_logits: bool = False,
         pack_projections: bool | None = None,
         record_deductive: bool = False,
+        fused: bool | None = None,
     ) -> None:
         config = model.config
         if record_deductive and (compile or cuda_graph):
@@ -202,6 +204,17 @@ class DecodeEngine:
         # model's own projections (and so exactly model.forward's arithmetic).
         if pack_projections is None:
             pack_projections = device.type == "cuda" and enable_kvcache and not record_deductive
+        # The fused kernels of the one-token step (pldr_llm.model.fused: nine kernels a layer
+        # instead of ~17): by default wherever they run, with or without CUDA graphs (so the
+        # captured and the uncaptured loop compute the same), but not with torch.compile,
+        # which fuses the step itself. fused=False keeps the op-by-op step.
+        why_not = self._why_not_fused(model, enable_kvcache, enable_Gcache, record_deductive)
+        if fused is None:
+            fused = why_not is None and device.type == "cuda" and not compile
+        elif fused and why_not is not None:
+            raise PLDRError(f"fused decoding cannot run here: {why_not}")
+        self.fused = fused
+        pack_projections = pack_projections or fused
         self.packed = (
             [layer.pack() for layer in model.decoder.dec_layers] if pack_projections else None
         )
@@ -302,6 +315,19 @@ class DecodeEngine:
         # Per-step reports of a block of n > 1 steps ([n, 3, batch], see step_many).
         self._reports: dict[int, Tensor] = {}
         self._in_flight: tuple[list[int], int] | None = None  # (slots, k) of a launched block
+
+    @staticmethod
+    def _why_not_fused(
+        model: PLDRModel, enable_kvcache: bool, enable_Gcache: bool, record_deductive: bool
+    ) -> str | None:
+        """Why the fused step cannot run this engine (None: it can)."""
+        if not fused_kernels.available(model.device):
+            return "it needs Triton and a CUDA device"
+        if not (enable_kvcache and enable_Gcache):
+            return "it needs the KV-cache and the G-cache"
+        if record_deductive:
+            return "record_deductive runs the eager step"
+        return fused_kernels.supports(model)
 
     # ------------------------------------------------------------------ slots
     @property
@@ -639,6 +665,22 @@ class DecodeEngine:
         counters advance together, end-of-text is one of the stop ids, and teacher forcing is
         only in the variant of the step that a forced row needs."""
         mode, forcing = variant
+        if self.fused and not self.output_logprobs and self.pending_logits is None:
+            # The same bookkeeping in one kernel (after a two-kernel arg-max when greedy).
+            new = None
+            if mode != "greedy":
+                column = self.n_generated.clamp(max=self.slots - 1)[:, None]
+                uniform = self.uniforms.gather(1, column)[:, 0]
+                new = sample_rows(
+                    logits.float(), self.temperature, self.top_k, self.top_p, uniform, mode
+                )
+            fused_kernels.advance(
+                new, logits, self.ids.view(-1), self.active, self.done, self.counters,
+                self.history, self.report, self.stop_ids, self.max_new,
+                self.forced if forcing else None, self.forced_len if forcing else None,
+            )  # fmt: skip
+            return
+        logits = logits.float()
         run = self.active & ~self.done
         # A row never generates more than slots - 1 tokens; the clamp keeps the index of a
         # free slot's stale counter in range.
@@ -670,6 +712,14 @@ class DecodeEngine:
     def _kv_step(self, variant: StepVariant = ("filtered", True)) -> None:
         """One token for every running row, on the static buffers (no host sync)."""
         model = self.model
+        if self.fused:
+            assert self.packed is not None
+            hidden = fused_kernels.decode_hidden(
+                model, self.packed, self.ids.view(-1), self.counters[0], self.key_bias,
+                self.kv, self.g, MASK_VALUE,
+            )  # fmt: skip
+            self._advance_rows(model.final_layer(hidden), variant)
+            return
         # The reference masks a new key that is the pad id (rows are never per-row padded here).
         value = self._bias_values[(self.ids != self.config.pad_id).long()]
         self.key_bias.scatter_(1, self.write_index[:, None], value)
@@ -688,8 +738,7 @@ class DecodeEngine:
             self._record("step", {s: (deductive, s) for s in self._record_slots()})
         if self.causal_running:
             self._advance_metric(kv_out)
-        logits = model.final_layer(hidden[:, -1]).float()
-        self._advance_rows(logits, variant)
+        self._advance_rows(model.final_layer(hidden[:, -1]), variant)
 
     def _advance_metric(self, kv_out: Sequence[Any]) -> None:
         """Keep each running row's new running sum of q^T q (``causal_running``)."""
