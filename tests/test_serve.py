@@ -296,6 +296,32 @@ BAD = {
 }
 
 
+def test_sampling_fields_take_defaults_and_are_checked_by_name() -> None:
+    from pldr_llm.serve.protocol import APIError, CompletionRequest, parse_sampling
+
+    assert parse_sampling({}, ["a"]) == CompletionRequest(prompts=["a"])
+    body = {"max_tokens": 9, "max_completion_tokens": 5, "temperature": 0, "top_k": 3, "seed": 7}
+    req = parse_sampling({**body, "n": 2, "stream": True, "enable_gcache": False}, ["a"])
+    # max_completion_tokens (the newer name) wins over max_tokens
+    assert (req.max_tokens, req.temperature, req.top_k, req.seed, req.n) == (5, 0.0, 3, 7, 2)
+    assert (req.stream, req.enable_gcache, req.enable_kvcache) == (True, False, True)
+    for name, value in [
+        ("max_tokens", 0),
+        ("max_completion_tokens", -1),
+        ("temperature", 2.5),
+        ("temperature", "hot"),
+        ("top_p", 0),
+        ("top_k", -1),
+        ("seed", -1),
+        ("n", 17),
+        ("stream", 1),
+    ]:
+        with pytest.raises(APIError) as raised:
+            parse_sampling({name: value}, ["a"])
+        assert (raised.value.status, raised.value.param) == (400, name)
+        assert f"'{name}'" in raised.value.message
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_gets_400_and_the_server_keeps_serving(server, case: str) -> None:
     url = server[0]

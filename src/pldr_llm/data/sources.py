@@ -38,17 +38,14 @@ from pldr_llm.errors import PLDRError
 
 TXT_SPLITS = ("blank_line", "line", "file")
 
-# File name endings -> format. ``.gz`` is handled on top for txt and jsonl.
-_EXTENSIONS = {
-    ".txt": "txt",
-    ".text": "txt",
-    ".md": "txt",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".parquet": "parquet",
+# Format -> the file name endings that imply it. ``.gz`` is handled on top for txt and jsonl.
+_ENDINGS = {
+    "txt": (".txt", ".text", ".md"),
+    "jsonl": (".jsonl", ".ndjson", ".json"),
+    "parquet": (".parquet",),
 }
-FILE_FORMATS = ("txt", "jsonl", "parquet")
+FILE_FORMATS = tuple(_ENDINGS)
+_FORMAT_OF_ENDING = {ending: fmt for fmt, endings in _ENDINGS.items() for ending in endings}
 
 
 class DocumentSource(abc.ABC):
@@ -131,9 +128,9 @@ def file_format(path: Path) -> str | None:
     """The format a file name implies (``txt``, ``jsonl``, ``parquet``) or None."""
     suffixes = path.suffixes
     if suffixes and suffixes[-1] == ".gz":
-        fmt = _EXTENSIONS.get(suffixes[-2]) if len(suffixes) >= 2 else None
+        fmt = _FORMAT_OF_ENDING.get(suffixes[-2]) if len(suffixes) >= 2 else None
         return fmt if fmt in ("txt", "jsonl") else None
-    return _EXTENSIONS.get(path.suffix)
+    return _FORMAT_OF_ENDING.get(path.suffix)
 
 
 def _txt_documents(path: Path, txt_split: str, skip: int) -> Generator[str, None, int]:

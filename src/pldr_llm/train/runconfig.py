@@ -133,12 +133,13 @@ def registry() -> tuple[dict[str, Option], dict[str, list[str]]]:
             for form in forms:
                 names[form] = option
             strings[f"{section}.{key}"] = forms
-    for alias, (section, key) in ORIGINAL_ALIASES.items():
-        if alias == "train_batches_cnt":
-            continue  # registered on its own: it also sets lr_total_steps
-        option = Option(section, key, fields[section][key])
-        names.setdefault(alias, option)
-        strings[f"{section}.{key}"].append(alias)
+    for section, aliases in ORIGINAL_ALIASES.items():
+        for alias, key in aliases.items():
+            if alias == "train_batches_cnt":
+                continue  # registered on its own: it also sets lr_total_steps
+            option = Option(section, key, fields[section][key])
+            names.setdefault(alias, option)
+            strings[f"{section}.{key}"].append(alias)
     return names, strings
 
 
@@ -247,7 +248,7 @@ def normalize(raw: dict[str, Any], names: dict[str, Option], where: str) -> dict
                     _steps_per_epoch(out, sub_value)
                     continue
                 option = names.get(f"{key}.{sub}")
-                if option is None and sub in ORIGINAL_ALIASES and ORIGINAL_ALIASES[sub][0] == key:
+                if option is None and sub in ORIGINAL_ALIASES.get(key, {}):
                     option = names[sub]
                 if option is None:
                     raise PLDRError(f"{where}: unknown key '{key}.{sub}'")
