@@ -23,7 +23,9 @@ httpx = pytest.importorskip("httpx")
 
 from pldr_llm import cli, generate, generate_details  # noqa: E402
 from pldr_llm.bundle import load_bundle  # noqa: E402
+from pldr_llm.errors import PLDRError  # noqa: E402
 from pldr_llm.generation import generate_text  # noqa: E402
+from pldr_llm.serve.app import ServeOptions  # noqa: E402
 from pldr_llm.serve.scheduler import Detokenizer  # noqa: E402
 from serve_support import MODEL_ID, build_bundle, live_server  # noqa: E402
 
@@ -596,6 +598,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(long_bundle: Path) -> No
         (["--max-batch", "0"], "--max-batch"),
         (["--api-key", " "], "API key is empty"),
         (["--tokens-per-sync", "0"], "--tokens-per-sync"),
+        (["--port", "70000"], "port must be in [0, 65535]"),
     ],
 )
 def test_cli_refuses_bad_settings_in_one_line(
@@ -604,6 +607,15 @@ def test_cli_refuses_bad_settings_in_one_line(
     assert cli.main(["serve", "--model", str(bundle), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pldr-llm: error: ") and message in err
+
+
+def test_serve_options_refuse_an_exposed_host_without_a_key() -> None:
+    with pytest.raises(PLDRError, match="refusing to listen on 0.0.0.0"):
+        ServeOptions(model_id="m", host="0.0.0.0")
+    # a key, or saying insecure, allows it; a loopback host needs neither
+    assert ServeOptions(model_id="m", host="0.0.0.0", api_key="k").host == "0.0.0.0"
+    assert ServeOptions(model_id="m", host="0.0.0.0", insecure=True).insecure
+    assert ServeOptions(model_id="m", host="::1").port == 8000
 
 
 @pytest.mark.parametrize("seed", range(5))
