@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,7 @@ def registry() -> tuple[dict[str, Option], dict[str, list[str]]]:
     """Every accepted option name -> target, and target -> its option strings (for help)."""
     fields = _section_fields()
     names: dict[str, Option] = {}
-    flat_count: dict[str, int] = {}
-    for keys in fields.values():
-        for key in keys:
-            flat_count[key] = flat_count.get(key, 0) + 1
+    flat_count = Counter(key for keys in fields.values() for key in keys)
     strings: dict[str, list[str]] = {}
     for section, keys in fields.items():
         for key, annotation in keys.items():
