@@ -377,34 +377,28 @@ def import_datasets() -> Any:
     return datasets
 
 
+@dataclass(eq=False)
 class HFSource(DocumentSource):
     """A split of a Hugging Face dataset, streamed (default) or downloaded and memory-mapped.
 
     ``split`` is a plain split name (``"train"``); intervals are applied by :class:`SliceSource`
     because streaming datasets do not accept ``train[a:b]``. With ``streaming=False`` the dataset is
     downloaded once into the Hugging Face cache and resuming at document ``n`` is immediate; when
-    streamed, resuming re-reads (without tokenizing) the documents before ``n``.
+    streamed, resuming re-reads (without tokenizing) the documents before ``n``. ``subset``,
+    ``data_files``, ``trust_remote_code`` and ``cache_dir`` go to ``datasets.load_dataset``.
     """
 
-    def __init__(
-        self,
-        name: str,
-        split: str = "train",
-        column: str = "text",
-        subset: str | None = None,
-        data_files: str | list[str] | None = None,
-        streaming: bool = True,
-        trust_remote_code: bool = False,
-        cache_dir: str | None = None,
-    ) -> None:
-        self.name, self.split, self.column, self.subset = name, split, column, subset
-        self.cache_dir = cache_dir
-        self.data_files, self.streaming, self.trust_remote_code = (
-            data_files,
-            streaming,
-            trust_remote_code,
-        )
-        self.description = f"{name}{'/' + subset if subset else ''}:{split}"
+    name: str
+    split: str = "train"
+    column: str = "text"
+    subset: str | None = None
+    data_files: str | list[str] | None = None
+    streaming: bool = True
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.description = f"{self.name}{'/' + self.subset if self.subset else ''}:{self.split}"
         self._ds: Any = None
 
     def _dataset(self) -> Any:
