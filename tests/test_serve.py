@@ -609,6 +609,14 @@ def test_cli_refuses_bad_settings_in_one_line(
     assert err.count("\n") == 1 and err.startswith("pldr-llm: error: ") and message in err
 
 
+def test_cli_refuses_an_exposed_host_before_looking_for_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "no-such-model")
+    assert cli.main(["serve", "--model", missing, "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
+
+
 def test_serve_options_refuse_an_exposed_host_without_a_key() -> None:
     with pytest.raises(PLDRError, match="refusing to listen on 0.0.0.0"):
         ServeOptions(model_id="m", host="0.0.0.0")

@@ -87,11 +87,17 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("serve needs its extra: pip install 'pldr-llm[serve]'") from None
 
     from pldr_llm.bundle import bundle_summary, load_bundle, resolve_bundle
-    from pldr_llm.serve.app import ServeOptions, find_chat_template, run_server
+    from pldr_llm.serve.app import (
+        ServeOptions,
+        check_listen_address,
+        find_chat_template,
+        run_server,
+    )
 
+    # Before a hub model is downloaded or any model loaded (ServeOptions checks it again).
+    check_listen_address(args.host, args.port, api_key, args.insecure)
     files = resolve_bundle(args.model)
     model_id = args.model_id or files.root.name
-    # Checked (host, port, API key) before the model is loaded, which can take a while.
     options = ServeOptions(
         model_id=model_id,
         api_key=api_key,

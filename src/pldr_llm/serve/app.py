@@ -75,13 +75,7 @@ class ServeOptions:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise PLDRError(f"the port must be in [0, 65535], got {self.port}")
-        if not is_loopback(self.host) and not self.api_key and not self.insecure:
-            raise PLDRError(
-                f"refusing to listen on {self.host} (reachable from other machines) without an "
-                "API key: give --api-key KEY (or PLDR_API_KEY), or --insecure"
-            )
+        check_listen_address(self.host, self.port, self.api_key, self.insecure)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -95,6 +89,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def check_listen_address(host: str, port: int, api_key: str | None, insecure: bool) -> None:
+    """Refuse a bad port, and a host other machines can reach without an API key or insecure."""
+    if not 0 <= port <= 65535:
+        raise PLDRError(f"the port must be in [0, 65535], got {port}")
+    if not is_loopback(host) and not api_key and not insecure:
+        raise PLDRError(
+            f"refusing to listen on {host} (reachable from other machines) without an API key: "
+            "give --api-key KEY (or PLDR_API_KEY), or --insecure"
+        )
 
 
 def error_response(exc: APIError) -> JSONResponse:
