@@ -72,6 +72,13 @@ def test_config_round_trips_core_config(hf):
     assert config.tie_word_embeddings is False
 
 
+def test_config_defaults_are_the_core_defaults(hf):
+    assert hf.PldrllmConfig().pldr_config() == PLDRConfig()
+    # head_dim follows the width and heads given; older exports' PLDRConfig names still load
+    config = hf.PldrllmConfig(d_model=64, num_heads=4, version="v510G")
+    assert (config.hidden_size, config.head_dim, config.custom_G_type) == (64, 16, "external")
+
+
 def test_tokenizer_encodes_without_end_of_text(hf, tokenizer_path: Path, paper_tokenizer_dir: Path):
     from pldr_llm.tokenizer import load_tokenizer
 

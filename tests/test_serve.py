@@ -23,7 +23,9 @@ httpx = pytest.importorskip("httpx")
 
 from pldr_llm import cli, generate, generate_details  # noqa: E402
 from pldr_llm.bundle import load_bundle  # noqa: E402
+from pldr_llm.errors import PLDRError  # noqa: E402
 from pldr_llm.generation import generate_text  # noqa: E402
+from pldr_llm.serve.app import ServeOptions  # noqa: E402
 from pldr_llm.serve.scheduler import Detokenizer  # noqa: E402
 from serve_support import MODEL_ID, build_bundle, live_server  # noqa: E402
 
@@ -294,6 +296,32 @@ BAD = {
     "prompt not text": {"json": {"model": MODEL_ID, "prompt": {"file": "/etc/passwd"}}},
     "body not an object": {"json": [1, 2, 3]},
 }
+
+
+def test_sampling_fields_take_defaults_and_are_checked_by_name() -> None:
+    from pldr_llm.serve.protocol import APIError, CompletionRequest, parse_sampling
+
+    assert parse_sampling({}, ["a"]) == CompletionRequest(prompts=["a"])
+    body = {"max_tokens": 9, "max_completion_tokens": 5, "temperature": 0, "top_k": 3, "seed": 7}
+    req = parse_sampling({**body, "n": 2, "stream": True, "enable_gcache": False}, ["a"])
+    # max_completion_tokens (the newer name) wins over max_tokens
+    assert (req.max_tokens, req.temperature, req.top_k, req.seed, req.n) == (5, 0.0, 3, 7, 2)
+    assert (req.stream, req.enable_gcache, req.enable_kvcache) == (True, False, True)
+    for name, value in [
+        ("max_tokens", 0),
+        ("max_completion_tokens", -1),
+        ("temperature", 2.5),
+        ("temperature", "hot"),
+        ("top_p", 0),
+        ("top_k", -1),
+        ("seed", -1),
+        ("n", 17),
+        ("stream", 1),
+    ]:
+        with pytest.raises(APIError) as raised:
+            parse_sampling({name: value}, ["a"])
+        assert (raised.value.status, raised.value.param) == (400, name)
+        assert f"'{name}'" in raised.value.message
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -570,6 +598,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(long_bundle: Path) -> No
         (["--max-batch", "0"], "--max-batch"),
         (["--api-key", " "], "API key is empty"),
         (["--tokens-per-sync", "0"], "--tokens-per-sync"),
+        (["--port", "70000"], "port must be in [0, 65535]"),
     ],
 )
 def test_cli_refuses_bad_settings_in_one_line(
@@ -578,6 +607,23 @@ def test_cli_refuses_bad_settings_in_one_line(
     assert cli.main(["serve", "--model", str(bundle), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pldr-llm: error: ") and message in err
+
+
+def test_cli_refuses_an_exposed_host_before_looking_for_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "no-such-model")
+    assert cli.main(["serve", "--model", missing, "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
+
+
+def test_serve_options_refuse_an_exposed_host_without_a_key() -> None:
+    with pytest.raises(PLDRError, match="refusing to listen on 0.0.0.0"):
+        ServeOptions(model_id="m", host="0.0.0.0")
+    # a key, or saying insecure, allows it; a loopback host needs neither
+    assert ServeOptions(model_id="m", host="0.0.0.0", api_key="k").host == "0.0.0.0"
+    assert ServeOptions(model_id="m", host="0.0.0.0", insecure=True).insecure
+    assert ServeOptions(model_id="m", host="::1").port == 8000
 
 
 @pytest.mark.parametrize("seed", range(5))

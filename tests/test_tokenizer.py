@@ -342,6 +342,14 @@ def test_train_tokenizer_errors(corpus_files: dict[str, Path], tmp_path: Path) -
     bad.write_text('{"text": "fine line"}\n{"other": 1}\n')
     with pytest.raises(PLDRError, match=r"late.jsonl:2: record has no field 'text'"):
         train_tokenizer([bad], vocab_size=300, out_prefix=tmp_path / "t", progress=False)
+    # the trainer's own settings are checked before anything is read
+    for setting, message in [
+        ({"input_sentence_size": 0}, "input_sentence_size must be a positive integer"),
+        ({"character_coverage": 1.5}, r"character_coverage must be in \(0, 1\]"),
+        ({"num_threads": 0}, "num_threads must be positive"),
+    ]:
+        with pytest.raises(PLDRError, match=message):
+            train_tokenizer([empty], vocab_size=300, out_prefix=tmp_path / "t", **setting)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -383,6 +391,7 @@ def test_cli_tokenizer_train_errors(corpus_files: dict[str, Path], tmp_path: Pat
     for args, message in [
         (["--input", str(corpus_files["jsonl"])], "no field 'text'"),
         (["--input", str(tmp_path / "nothing.txt")], "input file not found"),
+        (["--input", str(corpus_files["txt"]), "--threads", "0"], "num_threads must be positive"),
     ]:
         result = _cli(
             "tokenizer",

@@ -79,29 +79,34 @@ _LLAMA3_KEYS = (
     "original_max_position_embeddings",
 )
 
+# The training keys of the original's hyperparameter dictionary, in its spelling and order
+# (``TrainConfig.to_hpdict`` writes them; ``HPDICT_ALIASES`` maps the spellings that differ).
+HPDICT_TRAINING_KEYS = (
+    "warmup_steps",
+    "lr_total_steps",
+    "learning_rate",
+    "DAG_reg_coeffs",
+    "lr_alpha",
+    "adamw_decay",
+    "disable_amp",
+    "auto_size_minimum",
+    "disable_fsdp_mixed_precision",
+    "fsdp_cpu_offload",
+    "fsdp_sharding_strategy",
+    "backward_prefetch",
+    "epochs",
+    "save_type",
+)
 # hpdict keys that describe training or the run, not the architecture; accepted and ignored here
 # (the trainer reads them through ``TrainConfig.from_hpdict``).
 TRAINING_KEYS = frozenset(
     {
-        "epochs",
+        *HPDICT_TRAINING_KEYS,
         "save_model_path",
-        "warmup_steps",
-        "lr_total_steps",
-        "learning_rate",
-        "lr_alpha",
-        "adamw_decay",
-        "disable_amp",
-        "auto_size_minimum",
-        "disable_fsdp_mixed_precision",
-        "fsdp_cpu_offload",
-        "fsdp_sharding_strategy",
-        "backward_prefetch",
-        "save_type",
         "device",
         "batch_size",
         "context_length",
         "dag_reg_coeffs",
-        "DAG_reg_coeffs",
     }
 )
 

@@ -482,6 +482,8 @@ def train_tokenizer(
         out_prefix: output path without suffix.
         column: field of JSON-lines/parquet records holding the text (default ``"text"``).
         input_sentence_size: SentencePiece samples at most this many lines.
+        character_coverage: the share of characters the pieces cover (0, 1].
+        num_threads: trainer threads (default: the CPU count, at most 16).
         seed: seed of SentencePiece's sampling, for reproducible training.
         progress: tqdm bars on stderr while the inputs are read.
         verbose: keep SentencePiece's own (long) training log on stderr.
@@ -495,6 +497,16 @@ def train_tokenizer(
         )
     if not inputs:
         raise PLDRError("no input files given")
+    if isinstance(input_sentence_size, bool) or not (
+        isinstance(input_sentence_size, int) and input_sentence_size > 0
+    ):
+        raise PLDRError(
+            f"input_sentence_size must be a positive integer, got {input_sentence_size!r}"
+        )
+    if not 0.0 < character_coverage <= 1.0:
+        raise PLDRError(f"character_coverage must be in (0, 1], got {character_coverage!r}")
+    if num_threads is not None and num_threads <= 0:
+        raise PLDRError(f"num_threads must be positive, got {num_threads!r}")
     prefix = Path(out_prefix)
     if prefix.suffix == ".model":  # accept "--out dir/name.model" too
         prefix = prefix.with_suffix("")

@@ -224,8 +224,6 @@ def run(args: argparse.Namespace) -> int:
     from pldr_llm.eval import TASKS_DIR
     from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
 
-    if args.batch_size < 1:
-        raise PLDRError(f"--batch-size must be >= 1, got {args.batch_size}")
     for folder in args.include_path:
         if not Path(folder).is_dir():
             raise PLDRError(f"--include-path {folder} is not a folder")

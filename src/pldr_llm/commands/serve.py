@@ -77,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.max_body < 1024:
         raise PLDRError(f"--max-body must be at least 1024 bytes, got {args.max_body}")
-    if not 0 <= args.port <= 65535:
-        raise PLDRError(f"--port must be in [0, 65535], got {args.port}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("PLDR_API_KEY")
     if api_key is not None and not api_key.strip():
         raise PLDRError("the API key is empty")
@@ -89,19 +87,16 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError("serve needs its extra: pip install 'pldr-llm[serve]'") from None
 
     from pldr_llm.bundle import bundle_summary, load_bundle, resolve_bundle
-    from pldr_llm.serve.app import ServeOptions, find_chat_template, is_loopback, run_server
-
-    if not is_loopback(args.host) and not api_key and not args.insecure:
-        raise PLDRError(
-            f"refusing to listen on {args.host} (reachable from other machines) without an API "
-            "key: give --api-key KEY (or PLDR_API_KEY), or --insecure"
-        )
-    files = resolve_bundle(args.model)
-    template = find_chat_template(files.root)
-    model, tokenizer = load_bundle(
-        files, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer
+    from pldr_llm.serve.app import (
+        ServeOptions,
+        check_listen_address,
+        find_chat_template,
+        run_server,
     )
-    log(args, f"loaded {bundle_summary(files, model)}")
+
+    # Before a hub model is downloaded or any model loaded (ServeOptions checks it again).
+    check_listen_address(args.host, args.port, api_key, args.insecure)
+    files = resolve_bundle(args.model)
     model_id = args.model_id or files.root.name
     options = ServeOptions(
         model_id=model_id,
@@ -109,18 +104,18 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_body=args.max_body,
-        chat_template=template,
+        chat_template=find_chat_template(files.root),
         engine_options={"compile": True} if args.compile else None,
         tokens_per_sync=args.tokens_per_sync,
-    )
-    log(args, f"serving '{model_id}' on http://{args.host}:{args.port}/ (playground at /)")
-    run_server(
-        model,
-        tokenizer,
-        options,
         host=args.host,
         port=args.port,
         insecure=args.insecure,
         log_level="warning" if args.quiet else "info",
     )
+    model, tokenizer = load_bundle(
+        files, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer
+    )
+    log(args, f"loaded {bundle_summary(files, model)}")
+    log(args, f"serving '{model_id}' on http://{args.host}:{args.port}/ (playground at /)")
+    run_server(model, tokenizer, options)
     return 0

@@ -78,15 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train a tokenizer; prints the ``.model`` path on stdout."""
-    from pldr_llm.errors import PLDRError
     from pldr_llm.tokenizer import train_tokenizer
 
-    if args.input_sentence_size <= 0:
-        raise PLDRError("--input-sentence-size must be positive")
-    if not 0.0 < args.character_coverage <= 1.0:
-        raise PLDRError("--character-coverage must be in (0, 1]")
-    if args.threads is not None and args.threads <= 0:
-        raise PLDRError("--threads must be positive")
     tok = train_tokenizer(
         args.input,
         vocab_size=args.vocab_size,

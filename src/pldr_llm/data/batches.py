@@ -33,7 +33,7 @@ import array
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -81,6 +81,7 @@ def _block_permutation(seed: int, epoch: int, block: int, n: int) -> np.ndarray:
     return rng.permutation(n)
 
 
+@dataclass(eq=False)
 class BatchIterator:
     """An endless (or one-epoch) iterator of ``[batch_size, sample_length]`` LongTensor batches.
 
@@ -89,7 +90,7 @@ class BatchIterator:
     one would have yielded next. Each rank builds its own iterator (``rank``, ``world_size``) and
     saves its own state.
 
-    Args:
+    Attributes (all but ``source`` and ``tokenizer`` are given by keyword):
         source: the documents (all ranks pass the same source).
         tokenizer: any object with ``encode(text, add_eos=True) -> list[int]``.
         batch_size: samples per batch (per rank).
@@ -103,40 +104,29 @@ class BatchIterator:
         pad_id: the padding id of ``pad`` mode.
     """
 
-    def __init__(
-        self,
-        source: DocumentSource,
-        tokenizer: Tokenizer,
-        *,
-        batch_size: int,
-        sample_length: int,
-        padding_type: str = "pack",
-        batch_agg_count: int = 100,
-        shuffle: bool = False,
-        seed: int = 0,
-        buffer_size: int = 20000,
-        rank: int = 0,
-        world_size: int = 1,
-        repeat: bool = True,
-        pad_id: int = 0,
-    ) -> None:
-        check_padding_type(padding_type)
-        for name, value in (
-            ("batch_size", batch_size),
-            ("sample_length", sample_length),
-            ("batch_agg_count", batch_agg_count),
-            ("buffer_size", buffer_size),
-            ("world_size", world_size),
-        ):
+    source: DocumentSource
+    tokenizer: Tokenizer
+    _: KW_ONLY
+    batch_size: int
+    sample_length: int
+    padding_type: str = "pack"
+    batch_agg_count: int = 100
+    shuffle: bool = False
+    seed: int = 0
+    buffer_size: int = 20000
+    rank: int = 0
+    world_size: int = 1
+    repeat: bool = True
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        check_padding_type(self.padding_type)
+        for name in ("batch_size", "sample_length", "batch_agg_count", "buffer_size", "world_size"):
+            value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PLDRError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= rank < world_size:
-            raise PLDRError(f"rank {rank} is outside world size {world_size}")
-        self.source, self.tokenizer = source, tokenizer
-        self.batch_size, self.sample_length = batch_size, sample_length
-        self.padding_type, self.batch_agg_count = padding_type, batch_agg_count
-        self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
-        self.rank, self.world_size, self.repeat, self.pad_id = rank, world_size, repeat, pad_id
+        if not 0 <= self.rank < self.world_size:
+            raise PLDRError(f"rank {self.rank} is outside world size {self.world_size}")
         self._pos = _Position()
         self._batches = 0
         self._gen: Iterator[torch.Tensor] | None = None

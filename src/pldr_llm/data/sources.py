@@ -38,17 +38,14 @@ from pldr_llm.errors import PLDRError
 
 TXT_SPLITS = ("blank_line", "line", "file")
 
-# File name endings -> format. ``.gz`` is handled on top for txt and jsonl.
-_EXTENSIONS = {
-    ".txt": "txt",
-    ".text": "txt",
-    ".md": "txt",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".parquet": "parquet",
+# Format -> the file name endings that imply it. ``.gz`` is handled on top for txt and jsonl.
+_ENDINGS = {
+    "txt": (".txt", ".text", ".md"),
+    "jsonl": (".jsonl", ".ndjson", ".json"),
+    "parquet": (".parquet",),
 }
-FILE_FORMATS = ("txt", "jsonl", "parquet")
+FILE_FORMATS = tuple(_ENDINGS)
+_FORMAT_OF_ENDING = {ending: fmt for fmt, endings in _ENDINGS.items() for ending in endings}
 
 
 class DocumentSource(abc.ABC):
@@ -131,9 +128,9 @@ def file_format(path: Path) -> str | None:
     """The format a file name implies (``txt``, ``jsonl``, ``parquet``) or None."""
     suffixes = path.suffixes
     if suffixes and suffixes[-1] == ".gz":
-        fmt = _EXTENSIONS.get(suffixes[-2]) if len(suffixes) >= 2 else None
+        fmt = _FORMAT_OF_ENDING.get(suffixes[-2]) if len(suffixes) >= 2 else None
         return fmt if fmt in ("txt", "jsonl") else None
-    return _EXTENSIONS.get(path.suffix)
+    return _FORMAT_OF_ENDING.get(path.suffix)
 
 
 def _txt_documents(path: Path, txt_split: str, skip: int) -> Generator[str, None, int]:
@@ -380,34 +377,28 @@ def import_datasets() -> Any:
     return datasets
 
 
+@dataclass(eq=False)
 class HFSource(DocumentSource):
     """A split of a Hugging Face dataset, streamed (default) or downloaded and memory-mapped.
 
     ``split`` is a plain split name (``"train"``); intervals are applied by :class:`SliceSource`
     because streaming datasets do not accept ``train[a:b]``. With ``streaming=False`` the dataset is
     downloaded once into the Hugging Face cache and resuming at document ``n`` is immediate; when
-    streamed, resuming re-reads (without tokenizing) the documents before ``n``.
+    streamed, resuming re-reads (without tokenizing) the documents before ``n``. ``subset``,
+    ``data_files``, ``trust_remote_code`` and ``cache_dir`` go to ``datasets.load_dataset``.
     """
 
-    def __init__(
-        self,
-        name: str,
-        split: str = "train",
-        column: str = "text",
-        subset: str | None = None,
-        data_files: str | list[str] | None = None,
-        streaming: bool = True,
-        trust_remote_code: bool = False,
-        cache_dir: str | None = None,
-    ) -> None:
-        self.name, self.split, self.column, self.subset = name, split, column, subset
-        self.cache_dir = cache_dir
-        self.data_files, self.streaming, self.trust_remote_code = (
-            data_files,
-            streaming,
-            trust_remote_code,
-        )
-        self.description = f"{name}{'/' + subset if subset else ''}:{split}"
+    name: str
+    split: str = "train"
+    column: str = "text"
+    subset: str | None = None
+    data_files: str | list[str] | None = None
+    streaming: bool = True
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.description = f"{self.name}{'/' + self.subset if self.subset else ''}:{self.split}"
         self._ds: Any = None
 
     def _dataset(self) -> Any:

@@ -24,11 +24,28 @@ from pldr_llm.config import HF_NAMES, PLDRConfig
 # writes of the left-hand names through this map.
 _ATTRIBUTE_MAP = {ours: theirs for ours, theirs in HF_NAMES.items() if not ours.endswith("_id")}
 
+# Every key's default. The architecture's are PLDRConfig's (the paper's 110M model) under the
+# authors' names, so the two classes cannot disagree; ``head_dim`` None follows hidden_size /
+# num_attention_heads. Then the transformers-side switches.
+_DEFAULTS: dict[str, Any] = {
+    **PLDRConfig().to_hf_dict(),
+    "head_dim": None,
+    "tie_word_embeddings": False,
+    "attention_dropout": 0.0,
+    "output_pldr_attentions": False,
+    "use_cache": True,
+    "use_kvcache": True,
+    "use_Gcache": True,
+    "infer_padding_mask": True,
+}
+# The keys transformers' base class takes in its own __init__.
+_BASE_KEYS = ("pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddings")
+
 
 class PldrllmConfig(PretrainedConfig):
     """Configuration of :class:`PldrllmForCausalLM` (the authors' keys; see the module docstring).
 
-    Args:
+    Keyword arguments (each optional; the defaults are :class:`pldr_llm.config.PLDRConfig`'s):
         vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
             head_dim, hidden_act, max_position_embeddings, layer_norm_eps, rope_theta,
             rope_scaling, attention_bias, glu_bias, final_bias, reference_rope, num_reslayerA,
@@ -53,85 +70,21 @@ class PldrllmConfig(PretrainedConfig):
     model_type = "pldrllm"
     attribute_map = _ATTRIBUTE_MAP
 
-    def __init__(
-        self,
-        vocab_size: int = 32000,
-        hidden_size: int = 896,
-        intermediate_size: int = 2389,
-        num_hidden_layers: int = 5,
-        num_attention_heads: int = 14,
-        head_dim: int | None = None,
-        hidden_act: str = "silu",
-        max_position_embeddings: int = 1024,
-        layer_norm_eps: float = 1e-6,
-        pad_token_id: int = 0,
-        bos_token_id: int | None = 2,
-        eos_token_id: int = 3,
-        tie_word_embeddings: bool = False,
-        rope_theta: float = 10000.0,
-        rope_scaling: dict[str, Any] | None = None,
-        attention_bias: bool = True,
-        glu_bias: bool = True,
-        final_bias: bool = True,
-        reference_rope: bool = True,
-        attention_dropout: float = 0.0,
-        num_reslayerA: int = 8,
-        num_denseA: int = 2,
-        A_dff: int = 170,
-        custom_G_type: str | None = None,
-        cache_first_G: bool = False,
-        output_pldr_attentions: bool = False,
-        use_cache: bool = True,
-        use_kvcache: bool = True,
-        use_Gcache: bool = True,
-        infer_padding_mask: bool = True,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         # Older exports of this project stored the PLDRConfig names: read them as aliases.
-        legacy = {ours: kwargs.pop(ours) for ours in _ATTRIBUTE_MAP if ours in kwargs}
-        hidden_size = legacy.get("d_model", hidden_size)
-        num_attention_heads = legacy.get("num_heads", num_attention_heads)
-        if kwargs.pop("version", None) == "v510G" and custom_G_type is None:
-            custom_G_type = "external"
-        self.vocab_size = legacy.get("input_vocab_size", vocab_size)
-        self.hidden_size = hidden_size
-        self.intermediate_size = legacy.get("dff", intermediate_size)
-        self.num_hidden_layers = legacy.get("num_layers", num_hidden_layers)
-        self.num_attention_heads = num_attention_heads
-        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
-        self.hidden_act = legacy.get("activation", hidden_act)
-        self.max_position_embeddings = legacy.get("max_seq_len", max_position_embeddings)
-        self.layer_norm_eps = layer_norm_eps
-        self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
-        self.attention_bias = attention_bias
-        self.glu_bias = glu_bias
-        self.final_bias = final_bias
-        self.reference_rope = reference_rope
-        self.attention_dropout = attention_dropout
-        self.num_reslayerA = num_reslayerA
-        self.num_denseA = num_denseA
-        self.A_dff = A_dff
-        self.custom_G_type = custom_G_type
-        self.cache_first_G = cache_first_G
-        self.output_pldr_attentions = output_pldr_attentions
-        self.use_cache = use_cache
-        self.use_kvcache = use_kvcache
-        self.use_Gcache = use_Gcache
-        self.infer_padding_mask = infer_padding_mask
-        # Set before the base __init__ too: some transformers releases read them while
-        # initializing, and the base class only stores them on others.
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
-        self.bos_token_id = bos_token_id
-        self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-            bos_token_id=bos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+        for ours, theirs in _ATTRIBUTE_MAP.items():
+            if ours in kwargs:
+                kwargs[theirs] = kwargs.pop(ours)
+        if kwargs.pop("version", None) == "v510G" and kwargs.get("custom_G_type") is None:
+            kwargs["custom_G_type"] = "external"
+        values = {name: kwargs.pop(name, default) for name, default in _DEFAULTS.items()}
+        if values["head_dim"] is None:
+            values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+        # Set before the base __init__, the base class's keys too: some transformers releases
+        # read them while initializing, and the base class only stores them on others.
+        for name, value in values.items():
+            setattr(self, name, value)
+        super().__init__(**{name: values[name] for name in _BASE_KEYS}, **kwargs)
 
     # transformers 5 turns ``rope_scaling`` into a deprecated alias of ``rope_parameters`` (and
     # rewrites it); the authors' format stores the Llama-style dict under this name, as is.

@@ -67,6 +67,15 @@ class ServeOptions:
     # Decoding steps per host sync while no request waits for a slot (1: one sync per token);
     # docs/serving.md says why.
     tokens_per_sync: int = DEFAULT_TOKENS_PER_SYNC
+    # Where :func:`run_server` listens. A host that other machines can reach needs an API key,
+    # or ``insecure`` to say that none is wanted.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    insecure: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        check_listen_address(self.host, self.port, self.api_key, self.insecure)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -80,6 +89,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def check_listen_address(host: str, port: int, api_key: str | None, insecure: bool) -> None:
+    """Refuse a bad port, and a host other machines can reach without an API key or insecure."""
+    if not 0 <= port <= 65535:
+        raise PLDRError(f"the port must be in [0, 65535], got {port}")
+    if not is_loopback(host) and not api_key and not insecure:
+        raise PLDRError(
+            f"refusing to listen on {host} (reachable from other machines) without an API key: "
+            "give --api-key KEY (or PLDR_API_KEY), or --insecure"
+        )
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -617,21 +637,8 @@ def create_app(model: Any, tokenizer: Any, options: ServeOptions) -> Any:
     return app
 
 
-def run_server(
-    model: Any,
-    tokenizer: Any,
-    options: ServeOptions,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    insecure: bool = False,
-    log_level: str = "info",
-) -> None:
+def run_server(model: Any, tokenizer: Any, options: ServeOptions) -> None:
     """Serve until SIGTERM/SIGINT: then stop taking requests, finish those in flight, return."""
-    if not is_loopback(host) and not options.api_key and not insecure:
-        raise PLDRError(
-            f"refusing to listen on {host} (reachable from other machines) without an API key: "
-            "give --api-key KEY (or PLDR_API_KEY), or --insecure"
-        )
     import contextlib
     import signal
     import threading
@@ -656,6 +663,11 @@ def run_server(
 
     app = create_app(model, tokenizer, options)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        lifespan="on",
+        access_log=False,
     )
     Server(config).run()

@@ -6,8 +6,10 @@ Every check raises :class:`APIError`, which the app turns into the OpenAI error 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,30 +118,36 @@ def check_model(body: dict[str, Any], model_id: str) -> None:
         )
 
 
+# The numeric fields shared by completions and chat: how each is read, the values it allows and
+# that rule in words (for the 400 that names the field). Unset fields take CompletionRequest's
+# defaults.
+_NUMBERS: dict[str, tuple[Callable[..., Any], Callable[[Any], bool], str]] = {
+    "max_tokens": (_integer, lambda v: v is None or v >= 1, "at least 1"),
+    "temperature": (_number, lambda v: 0.0 <= v <= 2.0, "in [0, 2]"),
+    "top_p": (_number, lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "top_k": (_integer, lambda v: v >= 0, ">= 0 (0: off)"),
+    "seed": (_integer, lambda v: v is None or 0 <= v < 2**63 - MAX_N, f"in [0, 2^63 - {MAX_N})"),
+    "n": (_integer, lambda v: 1 <= v <= MAX_N, f"in [1, {MAX_N}]"),
+}
+# The true/false fields, likewise.
+_FLAGS = ("stream", "enable_kvcache", "enable_gcache", "ignore_eos")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CompletionRequest)}
+
+
 def parse_sampling(body: dict[str, Any], prompts: list[str]) -> CompletionRequest:
     """The fields shared by completions and chat completions."""
-    max_tokens = _integer(body, "max_tokens", 16)
-    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
-        max_tokens = _integer(body, "max_completion_tokens", 16)
-    if max_tokens is not None and max_tokens <= 0:
-        raise bad(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
-    temperature = _number(body, "temperature", 1.0)
-    if not 0.0 <= temperature <= 2.0:
-        raise bad(f"'temperature' must be in [0, 2], got {temperature:g}", "temperature")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0.0 < top_p <= 1.0:
-        raise bad(f"'top_p' must be in (0, 1], got {top_p:g}", "top_p")
-    top_k = _integer(body, "top_k", 0)
-    assert top_k is not None
-    if top_k < 0:
-        raise bad(f"'top_k' must be >= 0 (0: off), got {top_k}", "top_k")
-    seed = _integer(body, "seed", None)
-    if seed is not None and not 0 <= seed < 2**63 - MAX_N:
-        raise bad(f"'seed' must be in [0, 2^63 - {MAX_N}), got {seed}", "seed")
-    n = _integer(body, "n", 1)
-    assert n is not None
-    if not 1 <= n <= MAX_N:
-        raise bad(f"'n' must be in [1, {MAX_N}], got {n}", "n")
+    values: dict[str, Any] = {}
+    for name, (read, allowed, rule) in _NUMBERS.items():
+        key = name
+        if name == "max_tokens" and body.get("max_completion_tokens") is not None:
+            key = "max_completion_tokens"  # the newer name of the same limit
+        value = read(body, key, _DEFAULTS[name])
+        if not allowed(value):
+            shown = f"{value:g}" if isinstance(value, float) else value
+            raise bad(f"'{key}' must be {rule}, got {shown}", key)
+        values[name] = value
+    for name in _FLAGS:
+        values[name] = _flag(body, name, _DEFAULTS[name])
     stop = body.get("stop")
     if stop is None:
         stops: list[str] = []
@@ -166,19 +174,10 @@ def parse_sampling(body: dict[str, Any], prompts: list[str]) -> CompletionReques
         raise bad("'stream_options' must be an object", "stream_options")
     return CompletionRequest(
         prompts=prompts,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
         stop=stops,
-        n=n,
-        stream=_flag(body, "stream", False),
         logprobs=want_logprobs,
-        enable_kvcache=_flag(body, "enable_kvcache", True),
-        enable_gcache=_flag(body, "enable_gcache", True),
         include_usage=bool(options.get("include_usage", False)),
-        ignore_eos=_flag(body, "ignore_eos", False),
+        **values,
     )
 
 

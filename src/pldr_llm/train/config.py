@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pldr_llm.config import ARCHITECTURE_KEYS as MODEL_ARCHITECTURE_KEYS
+from pldr_llm.config import HPDICT_TRAINING_KEYS
 from pldr_llm.errors import PLDRError
 from pldr_llm.train.schedule import validate_schedule
 
@@ -39,27 +40,26 @@ BACKWARD_PREFETCH = ("PRE", "POST", "NOPREFETCH")
 SAVE_TYPES = ("dcp", "torch", "both")
 DEVICES = ("auto", "cpu", "cuda")
 
-# The original's flag and hpdict spellings -> (section, key) of a run configuration: the one
-# table of aliases (``pldr-llm train`` accepts each as a flag or a config key; the ``train`` ones
-# are also read from an original hpdict by :meth:`TrainConfig.from_hpdict`).
-ORIGINAL_ALIASES: dict[str, tuple[str, str]] = {
-    "tok_model": ("tokenizer", "path"),
-    "Adff": ("model", "A_dff"),
-    "gcachelst": ("model", "predefined_G"),
-    "DAG_reg_coeffs": ("train", "dag_reg_coeffs"),
-    "chkpt_batches": ("train", "save_steps"),
-    "chkpt_epochs": ("train", "save_epochs"),
-    "verbose_freq": ("train", "log_every"),
-    "val_verbose_freq": ("train", "val_every"),
-    "train_batches_cnt": ("train", "steps_per_epoch"),
-    "val_batches_cnt": ("train", "val_batches"),
-    "load_ckpt": ("train", "init_from"),
-    "save_model_path": ("train", "run_name"),
+# The original's flag and hpdict spellings, per section of a run configuration: original -> our
+# key. The one table of aliases (``pldr-llm train`` accepts each as a flag or a config key; the
+# ``train`` ones are also read from an original hpdict by :meth:`TrainConfig.from_hpdict`).
+ORIGINAL_ALIASES: dict[str, dict[str, str]] = {
+    "tokenizer": {"tok_model": "path"},
+    "model": {"Adff": "A_dff", "gcachelst": "predefined_G"},
+    "train": {
+        "DAG_reg_coeffs": "dag_reg_coeffs",
+        "chkpt_batches": "save_steps",
+        "chkpt_epochs": "save_epochs",
+        "verbose_freq": "log_every",
+        "val_verbose_freq": "val_every",
+        "train_batches_cnt": "steps_per_epoch",
+        "val_batches_cnt": "val_batches",
+        "load_ckpt": "init_from",
+        "save_model_path": "run_name",
+    },
 }
 # Original spellings -> TrainConfig field (the ``train`` part of the table above).
-HPDICT_ALIASES = {
-    alias: key for alias, (section, key) in ORIGINAL_ALIASES.items() if section == "train"
-}
+HPDICT_ALIASES = ORIGINAL_ALIASES["train"]
 
 # Keys of the original's hpdict that describe the model; TrainConfig.from_hpdict skips them.
 ARCHITECTURE_KEYS = frozenset((*MODEL_ARCHITECTURE_KEYS, "pad_id", "eos_id"))
@@ -407,23 +407,9 @@ class TrainConfig:
         return out
 
     def to_hpdict(self) -> dict[str, Any]:
-        """The training keys of the original's hyperparameter dictionary."""
-        return {
-            "warmup_steps": self.warmup_steps,
-            "lr_total_steps": self.lr_total_steps,
-            "learning_rate": self.learning_rate,
-            "DAG_reg_coeffs": list(self.dag_reg_coeffs),
-            "lr_alpha": self.lr_alpha,
-            "adamw_decay": self.adamw_decay,
-            "disable_amp": self.disable_amp,
-            "auto_size_minimum": self.auto_size_minimum,
-            "disable_fsdp_mixed_precision": self.disable_fsdp_mixed_precision,
-            "fsdp_cpu_offload": self.fsdp_cpu_offload,
-            "fsdp_sharding_strategy": self.fsdp_sharding_strategy,
-            "backward_prefetch": self.backward_prefetch,
-            "epochs": self.epochs,
-            "save_type": self.save_type,
-        }
+        """The training keys of the original's hyperparameter dictionary (its spellings)."""
+        values = self.to_dict()
+        return {key: values[HPDICT_ALIASES.get(key, key)] for key in HPDICT_TRAINING_KEYS}
 
 
 def _positive_int(name: str, value: Any, allow_zero: bool = False) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,7 @@ def registry() -> tuple[dict[str, Option], dict[str, list[str]]]:
     """Every accepted option name -> target, and target -> its option strings (for help)."""
     fields = _section_fields()
     names: dict[str, Option] = {}
-    flat_count: dict[str, int] = {}
-    for keys in fields.values():
-        for key in keys:
-            flat_count[key] = flat_count.get(key, 0) + 1
+    flat_count = Counter(key for keys in fields.values() for key in keys)
     strings: dict[str, list[str]] = {}
     for section, keys in fields.items():
         for key, annotation in keys.items():
@@ -133,12 +131,13 @@ def registry() -> tuple[dict[str, Option], dict[str, list[str]]]:
             for form in forms:
                 names[form] = option
             strings[f"{section}.{key}"] = forms
-    for alias, (section, key) in ORIGINAL_ALIASES.items():
-        if alias == "train_batches_cnt":
-            continue  # registered on its own: it also sets lr_total_steps
-        option = Option(section, key, fields[section][key])
-        names.setdefault(alias, option)
-        strings[f"{section}.{key}"].append(alias)
+    for section, aliases in ORIGINAL_ALIASES.items():
+        for alias, key in aliases.items():
+            if alias == "train_batches_cnt":
+                continue  # registered on its own: it also sets lr_total_steps
+            option = Option(section, key, fields[section][key])
+            names.setdefault(alias, option)
+            strings[f"{section}.{key}"].append(alias)
     return names, strings
 
 
@@ -247,7 +246,7 @@ def normalize(raw: dict[str, Any], names: dict[str, Option], where: str) -> dict
                     _steps_per_epoch(out, sub_value)
                     continue
                 option = names.get(f"{key}.{sub}")
-                if option is None and sub in ORIGINAL_ALIASES and ORIGINAL_ALIASES[sub][0] == key:
+                if option is None and sub in ORIGINAL_ALIASES.get(key, {}):
                     option = names[sub]
                 if option is None:
                     raise PLDRError(f"{where}: unknown key '{key}.{sub}'")
