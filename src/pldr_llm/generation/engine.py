@@ -54,8 +54,11 @@ from pldr_llm.generation.sampling import (
     sample_rows,
     uniform_draws,
 )
-from pldr_llm.model import fused as fused_kernels
 from pldr_llm.model.cache import GCacheEntry, GInit, PLDRCache, StaticLayerKV, prepare_g_init
+from pldr_llm.model.fused import advance as advance_fused
+from pldr_llm.model.fused import available as fused_available
+from pldr_llm.model.fused import decode_hidden
+from pldr_llm.model.fused import supports as fused_supports
 from pldr_llm.model.model import PLDRModel
 from pldr_llm.model.plga import MASK_VALUE, Deductive
 
@@ -321,13 +324,13 @@ class DecodeEngine:
         model: PLDRModel, enable_kvcache: bool, enable_Gcache: bool, record_deductive: bool
     ) -> str | None:
         """Why the fused step cannot run this engine (None: it can)."""
-        if not fused_kernels.available(model.device):
+        if not fused_available(model.device):
             return "it needs Triton and a CUDA device"
         if not (enable_kvcache and enable_Gcache):
             return "it needs the KV-cache and the G-cache"
         if record_deductive:
             return "record_deductive runs the eager step"
-        return fused_kernels.supports(model)
+        return fused_supports(model)
 
     # ------------------------------------------------------------------ slots
     @property
@@ -674,7 +677,7 @@ class DecodeEngine:
                 new = sample_rows(
                     logits.float(), self.temperature, self.top_k, self.top_p, uniform, mode
                 )
-            fused_kernels.advance(
+            advance_fused(
                 new, logits, self.ids.view(-1), self.active, self.done, self.counters,
                 self.history, self.report, self.stop_ids, self.max_new,
                 self.forced if forcing else None, self.forced_len if forcing else None,
@@ -714,7 +717,7 @@ class DecodeEngine:
         model = self.model
         if self.fused:
             assert self.packed is not None
-            hidden = fused_kernels.decode_hidden(
+            hidden = decode_hidden(
                 model, self.packed, self.ids.view(-1), self.counters[0], self.key_bias,
                 self.kv, self.g, MASK_VALUE,
             )  # fmt: skip
