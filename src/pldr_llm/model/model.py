@@ -72,22 +72,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: PLDRConfig) -> None:
         super().__init__()
-        self.mha1 = PowerLawGraphAttention(
-            d_model=config.d_model,
-            num_heads=config.num_heads,
-            A_dff=config.A_dff,
-            num_reslayerA=config.num_reslayerA,
-            num_denseA=config.num_denseA,
-            max_seq_len=config.max_seq_len,
-            activation=config.activation,
-            predefined_G=config.version == "v510G",
-            attention_bias=config.attention_bias,
-            glu_bias=config.glu_bias,
-            layer_norm_eps=config.layer_norm_eps,
-            rotary=RotaryEmbedding.from_config(config),
-            cache_first_G=config.cache_first_G,
-            causal_metric=config.causal_metric,
-        )
+        self.mha1 = PowerLawGraphAttention(config, RotaryEmbedding.from_config(config))
         self.ffn = GLU(
             config.d_model, config.dff, config.d_model, config.activation, config.glu_bias
         )

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
 from pldr_llm.model.cache import GCacheEntry, LayerKV, StaticLayerKV, register_pytree_dataclass
 from pldr_llm.model.layers import GLU, PackedLinear, xavier_linear
@@ -172,58 +173,49 @@ class PowerLawParameters(nn.Module):
 class PowerLawGraphAttention(nn.Module):
     """Multi-head PLGA (the original's ``mha1``): projections, metric learner, power law, attention.
 
-    With ``predefined_G`` (model version v510G) there is no metric learner and no power-law
-    weights: G_LM is a fixed buffer [1, H, dk, dk] per layer. ``attention_bias``, ``glu_bias``,
-    ``layer_norm_eps``, ``rotary`` and ``cache_first_G`` are the :class:`PLDRConfig` switches.
+    Built from the model's :class:`PLDRConfig` (as transformers' attention modules are). With
+    version v510G there is no metric learner and no power-law weights: G_LM is a fixed buffer
+    [1, H, dk, dk] per layer. ``rotary``: the embedding to share (default: one of ``config``).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        A_dff: int,
-        num_reslayerA: int,
-        num_denseA: int,
-        max_seq_len: int,
-        activation: str = "silu",
-        predefined_G: bool = False,
-        attention_bias: bool = True,
-        glu_bias: bool = True,
-        layer_norm_eps: float = 1e-6,
-        rotary: RotaryEmbedding | None = None,
-        cache_first_G: bool = False,
-        causal_metric: bool = False,
-    ) -> None:
+    def __init__(self, config: PLDRConfig, rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
+        d_model, num_heads = config.d_model, config.num_heads
+        predefined_G = config.version == "v510G"
         self.num_heads = num_heads
         #: Build A causally (``PLDRConfig.causal_metric``), ``metric_block`` positions at a
         #: time; plain attributes, not state (the block size changes speed, not results).
-        self.causal_metric = causal_metric
+        self.causal_metric = config.causal_metric
         self.metric_block = CAUSAL_METRIC_BLOCK
-        self.depth = d_model // num_heads
-        self.cache_first_G = cache_first_G
-        self.wq = xavier_linear(d_model, d_model, attention_bias)
-        self.wk = xavier_linear(d_model, d_model, attention_bias)
+        self.depth = config.depth
+        self.cache_first_G = config.cache_first_G
+        self.wq = xavier_linear(d_model, d_model, config.attention_bias)
+        self.wk = xavier_linear(d_model, d_model, config.attention_bias)
         # The original never re-initializes wv (it initializes wk twice), so wv keeps PyTorch's
         # default Linear init; a fresh model here starts from the same distribution.
-        self.wv = nn.Linear(d_model, d_model, bias=attention_bias)
+        self.wv = nn.Linear(d_model, d_model, bias=config.attention_bias)
         # Registration order mirrors the original (state-dict key order and init RNG order).
         self.predefined_G = predefined_G
         if not predefined_G:
             self.plgatt_layer = PowerLawParameters(self.depth, num_heads)
-        self.dense = xavier_linear(d_model, d_model, attention_bias)
+        self.dense = xavier_linear(d_model, d_model, config.attention_bias)
         if predefined_G:
             eye = torch.eye(self.depth).expand(1, num_heads, -1, -1).clone()
             self.register_buffer("predefined_G_LM", eye)
         else:
             self.reslayerAs = nn.ModuleList(
                 ResidualMetricUnit(
-                    self.depth, A_dff, num_denseA, activation, glu_bias, layer_norm_eps
+                    self.depth,
+                    config.A_dff,
+                    config.num_denseA,
+                    config.activation,
+                    config.glu_bias,
+                    config.layer_norm_eps,
                 )
-                for _ in range(num_reslayerA)
+                for _ in range(config.num_reslayerA)
             )
-            self.layernorm1 = nn.LayerNorm(self.depth, eps=layer_norm_eps)
-        self.rotary = rotary if rotary is not None else RotaryEmbedding(self.depth, max_seq_len)
+            self.layernorm1 = nn.LayerNorm(self.depth, eps=config.layer_norm_eps)
+        self.rotary = rotary if rotary is not None else RotaryEmbedding.from_config(config)
 
     def _heads(self, x: Tensor) -> Tensor:
         """[B, L, d_model] -> [B, L, H, dk] (a view)."""
