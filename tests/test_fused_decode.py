@@ -194,6 +194,24 @@ def test_fused_engine_generates_the_op_by_op_ids():
     assert expected[0][:3] == [4, 5, 6] and expected[1][0] == 7
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"version": "v510G"},
+        {"reference_rope": False, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        {"attention_bias": False, "glu_bias": False, "final_bias": False, "cache_first_G": True},
+    ],
+    ids=["v510G", "half-rotation-scaled", "no-biases-cache-first-G"],
+)
+def test_fused_engine_matches_the_op_by_op_step_for_each_variant(variant):
+    from pldr_llm.generation import SamplingParams
+
+    model = model_of(4, **variant)
+    params = [SamplingParams(top_k=1, max_new_tokens=12, stop_at_eos=False)] * 2
+    expected = _engine_ids(model, False, PROMPTS[:2], params)
+    assert _engine_ids(model, True, PROMPTS[:2], params) == expected
+
+
 def test_warm_up_runs_the_decode_of_an_uninitialized_model():
     from pldr_llm.generation.warm import _decode_once, warm_up_in_background
 
