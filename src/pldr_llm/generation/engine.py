@@ -123,7 +123,10 @@ class DecodeEngine:
     the step through torch.compile first; ``steps_per_graph`` > 1 also captures that many steps in
     one graph for :meth:`advance` (used by :func:`generate`), and :meth:`step_many` captures k
     steps in one graph (the server's several tokens per host sync). On the CPU the same
-    step runs eagerly. ``capture_seconds`` accumulates the time spent capturing and compiling.
+    step runs eagerly. ``fused`` (default: on CUDA where it applies, not with ``compile``) runs
+    the step as :func:`pldr_llm.model.fused.decode_hidden` and its bookkeeping kernels, nine
+    kernels a layer; ``fused=False`` keeps the op-by-op step (``PLDRModel.run_layers``).
+    ``capture_seconds`` accumulates the time spent capturing and compiling.
 
     ``record_deductive`` appends a :class:`DeductiveRecord` to :attr:`deductive` for every prompt
     pass and every step (the caller reads and clears that list). It runs the eager attention
