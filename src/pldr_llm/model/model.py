@@ -34,7 +34,6 @@ from pldr_llm.model.cache import (
 )
 from pldr_llm.model.layers import GLU, PackedLinear, xavier_linear
 from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
-from pldr_llm.model.rope import RotaryEmbedding
 from pldr_llm.model.state_dict import load_state_dict_strict
 
 
@@ -72,7 +71,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: PLDRConfig) -> None:
         super().__init__()
-        self.mha1 = PowerLawGraphAttention(config, RotaryEmbedding.from_config(config))
+        self.mha1 = PowerLawGraphAttention(config)
         self.ffn = GLU(
             config.d_model, config.dff, config.d_model, config.activation, config.glu_bias
         )

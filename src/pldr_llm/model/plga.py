@@ -175,10 +175,10 @@ class PowerLawGraphAttention(nn.Module):
 
     Built from the model's :class:`PLDRConfig` (as transformers' attention modules are). With
     version v510G there is no metric learner and no power-law weights: G_LM is a fixed buffer
-    [1, H, dk, dk] per layer. ``rotary``: the embedding to share (default: one of ``config``).
+    [1, H, dk, dk] per layer.
     """
 
-    def __init__(self, config: PLDRConfig, rotary: RotaryEmbedding | None = None) -> None:
+    def __init__(self, config: PLDRConfig) -> None:
         super().__init__()
         d_model, num_heads = config.d_model, config.num_heads
         predefined_G = config.version == "v510G"
@@ -215,7 +215,7 @@ class PowerLawGraphAttention(nn.Module):
                 for _ in range(config.num_reslayerA)
             )
             self.layernorm1 = nn.LayerNorm(self.depth, eps=config.layer_norm_eps)
-        self.rotary = rotary if rotary is not None else RotaryEmbedding.from_config(config)
+        self.rotary = RotaryEmbedding.from_config(config)
 
     def _heads(self, x: Tensor) -> Tensor:
         """[B, L, d_model] -> [B, L, H, dk] (a view)."""
