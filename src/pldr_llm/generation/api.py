@@ -18,7 +18,7 @@ from torch import Tensor
 
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation.engine import DecodeEngine
-from pldr_llm.generation.sampling import SamplingParams, validate_sampling
+from pldr_llm.generation.sampling import SamplingParams
 from pldr_llm.model.cache import GInit
 from pldr_llm.model.model import PLDRModel
 
@@ -183,15 +183,9 @@ def generate_details(
     cuda_graph: bool | None = None,
 ) -> GenerationOutput:
     """:func:`generate` with the new ids per row, the step logits and the capture time."""
-    validate_sampling(temperature, top_k, top_p)
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 0
-    ):
-        raise PLDRError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise PLDRError(f"seed must be an integer or None, got {seed!r}")
+    # The settings are checked before anything is drawn or read; the engine checks them again
+    # per row, but it is not reached when max_new_tokens is 0.
+    SamplingParams(temperature, top_k, top_p, seed, max_new_tokens).validate()
     config = model.config
     eos = config.eos_id if eos_id is None else eos_id
     rows, matrix, kind = _prompt_rows(prompt_ids, attention_mask, eos)
@@ -363,12 +357,11 @@ def stream_generate(
         int(t)
         for t in (prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, Tensor) else prompt_ids)
     ] or [model.config.eos_id]
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+    # seed None: the engine draws one when it adds the row.
     params = SamplingParams(
-        float(temperature),
+        temperature,
         top_k,
-        float(top_p),
+        top_p,
         seed,
         max_new_tokens,
         stop_at_eos,
