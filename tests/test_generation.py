@@ -122,12 +122,20 @@ def test_top_p_keeps_at_least_one():
         ({"top_p": 1.2}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"max_new_tokens": -2}, "max_new_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
-def test_bad_sampling_arguments(tiny_model, kwargs, message):
+@pytest.mark.parametrize("call", ["generate", "stream_generate"])
+def test_bad_sampling_arguments(tiny_model, kwargs, message, call):
+    from pldr_llm.generation import stream_generate
+
     args = {"max_new_tokens": 2, **kwargs}
     with pytest.raises(PLDRError, match=message):
-        generate(tiny_model, [4, 5], **args)
+        if call == "generate":
+            generate(tiny_model, [4, 5], **args)
+        else:
+            list(stream_generate(tiny_model, [4, 5], **args))
 
 
 def test_bad_inputs(tiny_model):
