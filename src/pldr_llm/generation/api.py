@@ -18,7 +18,7 @@ from torch import Tensor
 
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation.engine import DecodeEngine
-from pldr_llm.generation.sampling import SamplingParams
+from pldr_llm.generation.sampling import SamplingParams, draw_seed
 from pldr_llm.model.cache import GInit
 from pldr_llm.model.model import PLDRModel
 
@@ -206,11 +206,8 @@ def generate_details(
         raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
     if seed is None:
         # One seed for every row: each row samples what it would alone with that seed.
-        seed = (
-            int(torch.randint(0, 2**62, (1,), generator=generator).item())
-            if (generator is not None and generator.device.type == "cpu")
-            else int(torch.randint(0, 2**62, (1,)).item())
-        )
+        cpu = generator is not None and generator.device.type == "cpu"
+        seed = draw_seed(generator if cpu else None)
     params = SamplingParams(
         temperature=float(temperature),
         top_k=top_k,

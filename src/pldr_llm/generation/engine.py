@@ -50,6 +50,7 @@ from pldr_llm.generation.sampling import (
     SamplingMode,
     SamplingParams,
     batch_mode,
+    draw_seed,
     row_mode,
     sample_rows,
     uniform_draws,
@@ -306,7 +307,6 @@ class DecodeEngine:
         # Without the KV-cache: per slot, its prompt (host ids) and its G-cache (or None).
         self._prompts: dict[int, list[int]] = {}
         self._slot_g: dict[int, list[GCacheEntry] | None] = {}
-        self._slot_params: dict[int, SamplingParams] = {}
         self._free = list(range(batch))
         self._running: set[int] = set()  # active slots whose last token is not reported yet
         # Each slot's sampling mode, and the teacher-forced slots (host side, so choosing a step
@@ -358,7 +358,6 @@ class DecodeEngine:
         self._forced_slots.discard(slot)
         self._prompts.pop(slot, None)
         self._slot_g.pop(slot, None)
-        self._slot_params.pop(slot, None)
         self._free.append(slot)
         self._free.sort()
 
@@ -493,12 +492,15 @@ class DecodeEngine:
         try:
             with sdpa_backends():
                 cache = PLDRCache(g=init) if init is not None else None
+                # add_many checked the ids on the host: the forward need not read them back.
                 out = model(
                     ids,
                     attention_mask=mask,
                     cache=cache,
                     logits_to_keep=1,
                     output_deductive=self.record_deductive,
+                    key_padding=any(pad in r for r in rows),
+                    check_ids=False,
                 )
         finally:
             model.train(was_training)
@@ -543,10 +545,7 @@ class DecodeEngine:
                     if self.enable_Gcache
                     else init
                 )
-        seeds = [
-            p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            for p in params
-        ]
+        seeds = [p.seed if p.seed is not None else draw_seed() for p in params]
         stop_ids = torch.full((n, MAX_STOP_IDS + 1), -1, dtype=torch.long)
         for r, p in enumerate(params):
             ids_r = list(p.stop_token_ids) + ([self.config.eos_id] if p.stop_at_eos else [])
@@ -561,13 +560,14 @@ class DecodeEngine:
         self.uniforms[index] = uniform_draws(seed[:, None], self.slot_steps[None, :])
         self.max_new[index] = torch.tensor([p.max_new_tokens for p in params], device=device)
         self.stop_ids[index] = stop_ids.to(device)
+        modes = [row_mode(p, self.config.input_vocab_size) for p in params]
         first = sample_rows(
             logits,
             self.temperature[index],
             self.top_k[index],
             self.top_p[index],
             self.uniforms[index, 0],
-            mode=batch_mode(row_mode(p, self.config.input_vocab_size) for p in params),
+            mode=batch_mode(modes),
         )
         forced_rows = torch.zeros(n, self.slots, dtype=torch.long)
         forced_len = torch.zeros(n, dtype=torch.long)
@@ -595,10 +595,9 @@ class DecodeEngine:
             self.pending_logits[index] = logits
         self.active[index] = True
         self.done[index] = self._finished(index)
-        for slot, p in zip(slots, params):
+        for slot, mode in zip(slots, modes):
             self._running.add(slot)
-            self._slot_params[slot] = p
-            self._mode[slot] = row_mode(p, self.config.input_vocab_size)
+            self._mode[slot] = mode
         for slot, f in zip(slots, forced or [[]] * len(slots)):
             if f:
                 self._forced_slots.add(slot)

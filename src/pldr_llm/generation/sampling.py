@@ -115,6 +115,12 @@ def filter_logits(
     return logits
 
 
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A row seed for a row given none: from ``generator`` (a CPU one), else torch's default
+    CPU generator."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
 def _mul32(x: Tensor, c: int) -> Tensor:
     """``(x * c) mod 2**32`` for 32-bit ``x`` in int64 without overflowing int64."""
     lo, hi = c & 0xFFFF, c >> 16
