@@ -110,6 +110,12 @@ def _prompt_rows(
     return [[int(t) for t in items] or [eos_id]], None, "vector"
 
 
+def batch_bucket(batch: int) -> int:
+    """The rows of the CUDA engine :func:`engine_for` makes for ``batch`` prompts: a power of
+    two, so repeated calls of similar sizes replay the same graphs."""
+    return 1 << (batch - 1).bit_length()
+
+
 def engine_for(
     model: PLDRModel,
     batch: int,
@@ -135,7 +141,7 @@ def engine_for(
             keep_logits=keep_logits,
         )
     # Buckets: powers of two, so repeated calls of similar sizes replay the same graphs.
-    rows = 1 << (batch - 1).bit_length()
+    rows = batch_bucket(batch)
     span = min(config.max_seq_len, max(64, 1 << (length - 1).bit_length()))
     key = (rows, span, kv, g, bool(compile), keep_logits, model.dtype, str(model.device))
     cache: dict = model.__dict__.setdefault("_pldr_decode_engines", {})

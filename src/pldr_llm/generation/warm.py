@@ -29,6 +29,7 @@ def _decode_once(
     prompt_length: int,
     length: int,
 ) -> None:
+    from pldr_llm.generation.api import batch_bucket
     from pldr_llm.generation.engine import DecodeEngine
     from pldr_llm.generation.sampling import SamplingParams
     from pldr_llm.model.model import PLDRModel
@@ -40,7 +41,7 @@ def _decode_once(
             model = PLDRModel(config)
         # Uninitialized memory: the values are never read by anyone; only the kernels matter.
         model = model.to_empty(device=device).to(dtype).eval()
-        rows = 1 << (batch - 1).bit_length()  # the batch bucket generate's engines use
+        rows = batch_bucket(batch)  # the rows of the engine generate will use
         span = max(2, min(length, config.max_seq_len))
         # The uncaptured loop runs the captured loop's step (fused where it can be).
         engine = DecodeEngine(model, rows, span, cuda_graph=False)
