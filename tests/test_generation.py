@@ -139,6 +139,8 @@ def test_bad_sampling_arguments(tiny_model, kwargs, message, call):
 
 
 def test_bad_inputs(tiny_model):
+    from pldr_llm.generation import stream_generate
+
     with pytest.raises(PLDRError, match="outside the vocabulary"):
         generate(tiny_model, [4, 300], 2)
     with pytest.raises(PLDRError, match="outside the vocabulary"):
@@ -148,6 +150,8 @@ def test_bad_inputs(tiny_model):
         generate(tiny_model, [t % 290 + 4 for t in too_long], 1)
     with pytest.raises(PLDRError, match="max_seq_len"):
         generate(tiny_model, [4, 5], tiny_model.config.max_seq_len)
+    with pytest.raises(PLDRError, match="max_seq_len"):
+        list(stream_generate(tiny_model, [4, 5], tiny_model.config.max_seq_len))
     with pytest.raises(PLDRError, match="G_init has 1 layers"):
         generate(tiny_model, [4, 5], 2, G_init=[torch.eye(16).expand(4, 16, 16)])
 

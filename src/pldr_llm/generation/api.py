@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation.engine import DecodeEngine
 from pldr_llm.generation.sampling import SamplingParams, draw_seed
@@ -110,6 +111,18 @@ def _prompt_rows(
     return [[int(t) for t in items] or [eos_id]], None, "vector"
 
 
+def _check_fits(config: PLDRConfig, prompt_length: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with ``max_new_tokens`` more, does not fit the model's window."""
+    limit = config.max_seq_len
+    if prompt_length > limit:
+        raise PLDRError(f"prompt has {prompt_length} tokens, longer than max_seq_len={limit}")
+    if prompt_length + max_new_tokens > limit:
+        raise PLDRError(
+            f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_seq_len={limit}"
+        )
+
+
 def batch_bucket(batch: int) -> int:
     """The rows of the CUDA engine :func:`engine_for` makes for ``batch`` prompts: a power of
     two, so repeated calls of similar sizes replay the same graphs."""
@@ -196,15 +209,7 @@ def generate_details(
     eos = config.eos_id if eos_id is None else eos_id
     rows, matrix, kind = _prompt_rows(prompt_ids, attention_mask, eos)
     longest = max(len(r) for r in rows)
-    if longest > config.max_seq_len:
-        raise PLDRError(
-            f"prompt has {longest} tokens, longer than max_seq_len={config.max_seq_len}"
-        )
-    if longest + max_new_tokens > config.max_seq_len:
-        raise PLDRError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"max_seq_len={config.max_seq_len}"
-        )
+    _check_fits(config, longest, max_new_tokens)
     vocab = config.input_vocab_size
     flat = [t for r in rows for t in r]
     if min(flat) < 0 or max(flat) >= vocab:
@@ -373,11 +378,7 @@ def stream_generate(
     params.validate()
     if max_new_tokens == 0:
         return
-    if len(ids) + max_new_tokens > model.config.max_seq_len:
-        raise PLDRError(
-            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"max_seq_len={model.config.max_seq_len}"
-        )
+    _check_fits(model.config, len(ids), max_new_tokens)
     engine = engine_for(
         model, 1, len(ids) + max_new_tokens, enable_kvcache, enable_Gcache, False, False, None
     )
