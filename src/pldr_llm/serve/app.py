@@ -264,6 +264,9 @@ class _Server:
             prompt_tokens += len(ids)
             room = self.max_len - len(ids)
             max_new = room if req.max_tokens is None else min(req.max_tokens, room)
+            # Every field was checked by parse_sampling (stricter ranges than the engine's own
+            # SamplingParams.validate, which the engine runs when it admits the sequence).
+            key = (req.enable_kvcache, req.enable_gcache)
             for j, seed in enumerate(req.seeds()):
                 params = SamplingParams(
                     temperature=req.temperature,
@@ -273,11 +276,6 @@ class _Server:
                     max_new_tokens=max_new,
                     stop_at_eos=not req.ignore_eos,
                 )
-                try:
-                    params.validate()
-                except PLDRError as exc:
-                    raise bad(str(exc)) from None
-                key = (req.enable_kvcache, req.enable_gcache)
                 seqs.append(
                     GenSequence(
                         ids, params, req.stop, self.tokenizer, loop, events, i * req.n + j, key
