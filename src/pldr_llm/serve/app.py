@@ -32,6 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import read_json_object
 from pldr_llm.generation import SamplingParams
 from pldr_llm.serve.metrics import Metrics
 from pldr_llm.serve.protocol import (
@@ -149,10 +150,7 @@ def find_chat_template(folder: str | Path) -> str | None:
         return jinja.read_text(encoding="utf-8")
     config = root / "tokenizer_config.json"
     if config.is_file():
-        try:
-            value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError):
-            raise PLDRError(f"{config} is not a JSON object") from None
+        value = read_json_object(config, "tokenizer config").get("chat_template")
         if isinstance(value, str):
             return value
     return None
