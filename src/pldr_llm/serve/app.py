@@ -31,6 +31,12 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from pldr_llm.deductive import (
+    DEDUCTIVE_NAMES,
+    analyze_deductive,
+    deductive_outputs,
+    head_matrices,
+)
 from pldr_llm.errors import PLDRError
 from pldr_llm.fileio import read_json_object
 from pldr_llm.generation import SamplingParams
@@ -48,7 +54,6 @@ from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, S
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
-DEDUCTIVE_TENSORS = ("A", "A_LM", "A_P", "G_LM")
 # 16: on an H200 (64 clients x 256 tokens, bf16) 4 gave 13.7k tokens/s, 16 gave 18.7k and 32
 # 18.6k (BENCHMARKS.md); larger blocks only add burstiness.
 DEFAULT_TOKENS_PER_SYNC = 16
@@ -490,12 +495,8 @@ class _Server:
         if not isinstance(prompt, str):
             raise bad("'prompt' must be a string", "prompt")
         names = body.get("tensors", ["G_LM"])
-        if (
-            not isinstance(names, list)
-            or not names
-            or any(n not in DEDUCTIVE_TENSORS for n in names)
-        ):
-            raise bad(f"'tensors' must be a non-empty list of {list(DEDUCTIVE_TENSORS)}", "tensors")
+        if not isinstance(names, list) or not names or any(n not in DEDUCTIVE_NAMES for n in names):
+            raise bad(f"'tensors' must be a non-empty list of {list(DEDUCTIVE_NAMES)}", "tensors")
         ids = self.tokenizer.prompt_ids(prompt)
         if len(ids) > self.max_len:
             raise bad(
@@ -532,8 +533,6 @@ def deductive_payload(model: Any, ids: list[int], names: list[str]) -> dict[str,
     """The deductive outputs of one uncached pass over ``ids`` (what ``pldr-llm inspect``
     analyses): per layer and head the ``dk x dk`` matrices of ``names``, and the inspect report
     (singular values, rank, log|det|, RMS) of G_LM and the other requested tensors."""
-    from pldr_llm.deductive import analyze_deductive, deductive_outputs, head_matrices
-
     layers = deductive_outputs(model, ids)
     others = [n for n in names if n != "G_LM"]
     report = analyze_deductive(layers, others=others, source={"kind": "serve", "prompt_ids": ids})
