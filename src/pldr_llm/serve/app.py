@@ -221,9 +221,8 @@ class _Server:
         )
 
     async def metrics_text(self, request: Request) -> Response:
-        return PlainTextResponse(
-            self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        text = self.metrics.render(self.scheduler.queue_depth, self.scheduler.running)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card(self) -> dict[str, Any]:
         return {
