@@ -134,8 +134,11 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
-def load_model(args: argparse.Namespace, spec: str) -> tuple[Any, Any]:
-    """``(model, tokenizer or None)`` for ``spec`` through :func:`pldr_llm.bundle.load_bundle`."""
+def load_model(
+    args: argparse.Namespace, spec: str, require_tokenizer: bool = False
+) -> tuple[Any, Any]:
+    """``(model, tokenizer or None)`` for ``spec`` through :func:`pldr_llm.bundle.load_bundle`;
+    the tokenizer is required with ``require_tokenizer`` or when there are text prompts."""
     from pldr_llm.bundle import load_bundle
 
     # Prompts given as ids need no tokenizer, so a bare model folder (config + weights) works.
@@ -145,7 +148,7 @@ def load_model(args: argparse.Namespace, spec: str) -> tuple[Any, Any]:
         device=args.device,
         dtype=args.dtype,
         tokenizer=getattr(args, "tokenizer", None) or None,
-        require_tokenizer=texts,
+        require_tokenizer=require_tokenizer or texts,
     )
 
 
@@ -322,10 +325,7 @@ def _run_leak(args: argparse.Namespace) -> int:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PLDRError(f"cannot read --text {args.text}: {exc}") from None
-    args.prompt = [text]  # so that load_model asks for the tokenizer
-    model, tokenizer = load_model(args, args.model)
-    if tokenizer is None:
-        raise PLDRError("this model has no tokenizer to encode --text")
+    model, tokenizer = load_model(args, args.model, require_tokenizer=True)
     ids = list(tokenizer.encode(text))
     max_len = int(model.config.max_seq_len)
     if len(ids) > max_len:

@@ -17,14 +17,13 @@ import torch
 
 from pldr_llm.errors import PLDRError
 from pldr_llm.hf.code_bundle import AUTO_MAP_TOKENIZER
+from pldr_llm.hf.folder import TOKENIZER_CONFIG
 from pldr_llm.hf.modeling_pldrllm import PldrllmForCausalLM
 from pldr_llm.hf.tokenization_pldrllm import PldrllmTokenizer
 
 if TYPE_CHECKING:
     from pldr_llm.model.model import PLDRModel
     from pldr_llm.tokenizer import PLDRTokenizer
-
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def export_hf(

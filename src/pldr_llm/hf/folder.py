@@ -106,13 +106,12 @@ def read_tokenizer_flags(folder: str | Path) -> tuple[bool, bool]:
     return bool(data.get("add_bos_token", False)), bool(data.get("add_eos_token", False))
 
 
-def load_hf_state(model: PLDRModel, folder: str | Path, data: dict[str, Any] | None = None) -> None:
+def load_hf_state(model: PLDRModel, folder: str | Path) -> None:
     """Load a transformers folder's weights into ``model`` (strict: every weight must match)."""
     from pldr_llm.model.state_dict import load_state_dict_strict
 
     folder = Path(folder)
-    if data is None:
-        data = json.loads((folder / CONFIG_NAME).read_text())
+    data = read_json_object(folder / CONFIG_NAME)
     state = core_state_from_hf(
         read_hf_state(folder), model.config, bool(data.get("tie_word_embeddings", False))
     )

@@ -38,7 +38,6 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessor
 from transformers.utils import ModelOutput
 
-from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation.sampling import filter_logits
 from pldr_llm.hf.code_bundle import AUTO_MAP_CONFIG, write_code_files
@@ -90,11 +89,6 @@ class PldrllmSamplingFilter(LogitsProcessor):
         return filter_logits(scores, 1.0, self.top_k, self.top_p)
 
 
-def pldr_config_of(config: PldrllmConfig) -> PLDRConfig:
-    """The core configuration of a transformers configuration."""
-    return config.pldr_config()
-
-
 class PldrllmPreTrainedModel(PreTrainedModel):
     """Base class: configuration class, weight loading rules and init of non-persistent buffers."""
 
@@ -135,7 +129,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PldrllmConfig) -> None:
         super().__init__(config)
-        core = PLDRModel(pldr_config_of(config))
+        core = PLDRModel(config.pldr_config())
         # The core is kept outside the module tree (not registered as a child), and its two
         # children are registered here instead: parameters are owned once, and their names are
         # the original's state-dict keys (``decoder.*``, ``final_layer.*``).

@@ -31,7 +31,14 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from pldr_llm.deductive import (
+    DEDUCTIVE_NAMES,
+    analyze_deductive,
+    deductive_outputs,
+    head_matrices,
+)
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import read_json_object
 from pldr_llm.generation import SamplingParams
 from pldr_llm.serve.metrics import Metrics
 from pldr_llm.serve.protocol import (
@@ -47,7 +54,6 @@ from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, S
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
-DEDUCTIVE_TENSORS = ("A", "A_LM", "A_P", "G_LM")
 # 16: on an H200 (64 clients x 256 tokens, bf16) 4 gave 13.7k tokens/s, 16 gave 18.7k and 32
 # 18.6k (BENCHMARKS.md); larger blocks only add burstiness.
 DEFAULT_TOKENS_PER_SYNC = 16
@@ -149,10 +155,7 @@ def find_chat_template(folder: str | Path) -> str | None:
         return jinja.read_text(encoding="utf-8")
     config = root / "tokenizer_config.json"
     if config.is_file():
-        try:
-            value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError):
-            raise PLDRError(f"{config} is not a JSON object") from None
+        value = read_json_object(config, "tokenizer config").get("chat_template")
         if isinstance(value, str):
             return value
     return None
@@ -218,9 +221,8 @@ class _Server:
         )
 
     async def metrics_text(self, request: Request) -> Response:
-        return PlainTextResponse(
-            self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        text = self.metrics.render(self.scheduler.queue_depth, self.scheduler.running)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -264,6 +266,9 @@ class _Server:
             prompt_tokens += len(ids)
             room = self.max_len - len(ids)
             max_new = room if req.max_tokens is None else min(req.max_tokens, room)
+            # Every field was checked by parse_sampling (stricter ranges than the engine's own
+            # SamplingParams.validate, which the engine runs when it admits the sequence).
+            key = (req.enable_kvcache, req.enable_gcache)
             for j, seed in enumerate(req.seeds()):
                 params = SamplingParams(
                     temperature=req.temperature,
@@ -273,11 +278,6 @@ class _Server:
                     max_new_tokens=max_new,
                     stop_at_eos=not req.ignore_eos,
                 )
-                try:
-                    params.validate()
-                except PLDRError as exc:
-                    raise bad(str(exc)) from None
-                key = (req.enable_kvcache, req.enable_gcache)
                 seqs.append(
                     GenSequence(
                         ids, params, req.stop, self.tokenizer, loop, events, i * req.n + j, key
@@ -494,12 +494,8 @@ class _Server:
         if not isinstance(prompt, str):
             raise bad("'prompt' must be a string", "prompt")
         names = body.get("tensors", ["G_LM"])
-        if (
-            not isinstance(names, list)
-            or not names
-            or any(n not in DEDUCTIVE_TENSORS for n in names)
-        ):
-            raise bad(f"'tensors' must be a non-empty list of {list(DEDUCTIVE_TENSORS)}", "tensors")
+        if not isinstance(names, list) or not names or any(n not in DEDUCTIVE_NAMES for n in names):
+            raise bad(f"'tensors' must be a non-empty list of {list(DEDUCTIVE_NAMES)}", "tensors")
         ids = self.tokenizer.prompt_ids(prompt)
         if len(ids) > self.max_len:
             raise bad(
@@ -536,8 +532,6 @@ def deductive_payload(model: Any, ids: list[int], names: list[str]) -> dict[str,
     """The deductive outputs of one uncached pass over ``ids`` (what ``pldr-llm inspect``
     analyses): per layer and head the ``dk x dk`` matrices of ``names``, and the inspect report
     (singular values, rank, log|det|, RMS) of G_LM and the other requested tensors."""
-    from pldr_llm.deductive import analyze_deductive, deductive_outputs, head_matrices
-
     layers = deductive_outputs(model, ids)
     others = [n for n in names if n != "G_LM"]
     report = analyze_deductive(layers, others=others, source={"kind": "serve", "prompt_ids": ids})

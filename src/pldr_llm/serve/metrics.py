@@ -1,7 +1,7 @@
 """Server metrics in the Prometheus text format (no client library needed).
 
 Counters: requests by endpoint and status, prompt and completion tokens. Gauges: queue depth and
-running sequences. Histograms: time to first token and inter-token latency, in seconds.
+running sequences (the scheduler's own counts, read when rendered). Histograms: time to first token and inter-token latency, in seconds.
 """
 
 from __future__ import annotations
@@ -65,8 +65,6 @@ class Metrics:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.queue_depth = 0
-        self.running = 0
         self.ttft = Histogram()
         self.itl = Histogram()
         self._lock = threading.Lock()
@@ -75,8 +73,9 @@ class Metrics:
         with self._lock:
             self.requests[(endpoint, status)] += 1
 
-    def render(self) -> str:
-        """The Prometheus text exposition (format 0.0.4)."""
+    def render(self, queue_depth: int, running: int) -> str:
+        """The Prometheus text exposition (format 0.0.4), with the scheduler's current
+        ``queue_depth`` (sequences waiting for a slot) and ``running`` (sequences decoding)."""
         lines = [
             "# HELP pldr_requests_total HTTP requests by endpoint and status code.",
             "# TYPE pldr_requests_total counter",
@@ -93,10 +92,10 @@ class Metrics:
             f"pldr_completion_tokens_total {self.completion_tokens}",
             "# HELP pldr_queue_depth Sequences waiting for a decoding slot.",
             "# TYPE pldr_queue_depth gauge",
-            f"pldr_queue_depth {self.queue_depth}",
+            f"pldr_queue_depth {queue_depth}",
             "# HELP pldr_running_sequences Sequences in the running batch.",
             "# TYPE pldr_running_sequences gauge",
-            f"pldr_running_sequences {self.running}",
+            f"pldr_running_sequences {running}",
         ]
         lines += self.ttft.lines(
             "pldr_time_to_first_token_seconds", "From queueing a sequence to its first token."

@@ -250,7 +250,6 @@ class Scheduler:
             if len(self._waiting) + len(seqs) > self.max_queue:
                 raise QueueFull()
             self._waiting.extend(seqs)
-            self.metrics.queue_depth = len(self._waiting)
             self._cond.notify_all()
 
     def run_on_worker(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -320,7 +319,6 @@ class Scheduler:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()
                 if not self._waiting:
-                    self.metrics.queue_depth = 0
                     return
                 key = self._waiting[0].key
                 try:
@@ -337,7 +335,6 @@ class Scheduler:
                     seq = self._waiting.popleft()
                     if not seq.cancelled:
                         batch.append(seq)
-                self.metrics.queue_depth = len(self._waiting)
             if not batch:
                 return  # no free slot for the sequence at the head of the queue
             try:
@@ -356,7 +353,6 @@ class Scheduler:
                 seq.slot = slot
                 self._running[(key, slot)] = seq
                 self._admitted = True
-            self.metrics.running = len(self._running)
 
     def _step(self) -> None:
         for seq in list(self._running.values()):
@@ -428,7 +424,6 @@ class Scheduler:
             self._engines[seq.key].release(seq.slot)
             self._running.pop((seq.key, seq.slot), None)
             seq.slot = None
-        self.metrics.running = len(self._running)
         if seq.cancelled and reason is None and error is None:
             return
         rest = "" if error else seq.pending_text + seq.detok.flush()
