@@ -95,7 +95,7 @@ def run(resolved: RunConfig) -> FitResult:
         torch.manual_seed(cfg.seed)
 
         tokenizer, tokenizer_file = _tokenizer(resolved, run_dir, env)
-        model = _build_model(resolved, tokenizer, run_dir=run_dir)
+        model = _build_model(resolved, tokenizer, run_dir, env)
         if env.is_main:
             logger.info(
                 "model: %s parameters, %d layers, d_model %d, %d heads, context %d",
@@ -236,9 +236,10 @@ def _train_tokenizer(resolved: RunConfig, run_dir: Path) -> None:
     )
 
 
-def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path) -> Any:
+def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path, env: Any) -> Any:
     from pldr_llm.config import PLDRConfig
     from pldr_llm.model import PLDRModel
+    from pldr_llm.train.checkpointing import CheckpointManager
 
     model_keys = dict(resolved.model)
     if model_keys.get("input_vocab_size") is None:
@@ -255,10 +256,7 @@ def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path) -> Any:
 
         model.set_predefined_G([e.G_LM for e in load_g_file(resolved.predefined_G)])
     init_from = resolved.train.init_from
-    has_checkpoint = (run_dir / "checkpoints").is_dir() and any(
-        (p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step_*")
-    )
-    if init_from and not has_checkpoint:
+    if init_from and not CheckpointManager(run_dir, env).complete_checkpoints():
         _load_initial_weights(model, init_from)
     return model
 
@@ -295,17 +293,18 @@ def _export_original(
     import shutil
 
     from pldr_llm.config import hyperparameters_file_text
-    from pldr_llm.fileio import atomic_write_text
+    from pldr_llm.fileio import HYPERPARAMETERS_SUFFIX, atomic_write_text
+    from pldr_llm.train.checkpointing import original_export
 
     cfg = resolved.train
     if not cfg.export_pth:
         return
-    name = cfg.run_name or "pldr-llm"
-    target = run_dir / "original"
-    if not (target / f"{name}-model-checkpoint.pth").is_file():
+    name, pth = original_export(run_dir, cfg.run_name)
+    if not pth.is_file():
         return
     hp = trainer.model.config.to_hpdict()
     hp.update(cfg.to_hpdict())
     hp["save_model_path"] = name
-    atomic_write_text(target / f"{name}_hyperparameters.py", hyperparameters_file_text(hp))
+    target = pth.parent
+    atomic_write_text(target / f"{name}{HYPERPARAMETERS_SUFFIX}", hyperparameters_file_text(hp))
     shutil.copyfile(tokenizer_file, target / TOKENIZER_FILE)

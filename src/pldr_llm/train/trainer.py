@@ -40,6 +40,7 @@ from pldr_llm.train.checkpointing import (
     CheckpointManager,
     capture_rng_state,
     export_model,
+    original_export,
     restore_rng_state,
 )
 from pldr_llm.train.config import TrainConfig
@@ -310,7 +311,6 @@ class Trainer:
             token_scale: Any = world / counts[0].clamp(min=1.0)
             seq_total: Any = counts[1]
         else:
-            counts = None
             token_scale = 1.0 / max(prep.tokens, 1)
             seq_total = float(prep.sequences)
 
@@ -378,8 +378,7 @@ class Trainer:
                 host = host.pin_memory()
             stats[6:9].copy_(host, non_blocking=True)
             if self.sharded:
-                all_reduce_sum(stats)
-                stats[7:9] = counts
+                all_reduce_sum(stats)  # tokens and sequences summed too: the global counts
             bad = stats[5] > 0
 
         if cfg.clip_grad_value is not None:
@@ -860,8 +859,7 @@ class Trainer:
             if status == "completed":
                 reference = None
                 if cfg.export_pth:
-                    name = cfg.run_name or "pldr-llm"
-                    reference = export_dir / "original" / f"{name}-model-checkpoint.pth"
+                    _, reference = original_export(export_dir, cfg.run_name)
                 export_model(
                     self.model,
                     export_dir,
