@@ -418,6 +418,8 @@ class Trainer:
         Counts skipped steps, warns about each, and marks ``diverged`` on the step that went
         past ``max_nonfinite_steps``. Adds the steps' tokens to ``tokens_seen``.
         """
+        from pldr_llm.losses import weighted_dag
+
         if not pending:
             return []
         table = torch.stack([p.stats for p in pending]).tolist()
@@ -428,7 +430,7 @@ class Trainer:
             n_tokens, n_seqs = values[7], values[8]
             ce_mean = values[0] / max(n_tokens, 1.0)
             dag = values[2:5]
-            objective = ce_mean + sum(c * d for c, d in zip(cfg.dag_reg_coeffs, dag) if c > 0)
+            objective = ce_mean + weighted_dag(dag, cfg.dag_reg_coeffs)
             skipped = values[5] > 0 or not math.isfinite(objective)
             self.tokens_seen += int(n_tokens)
             result: dict[str, Any] = {
@@ -544,6 +546,8 @@ class Trainer:
             "val_batches": done,
         }
         if use_dag:
+            from pldr_llm.losses import weighted_dag
+
             seqs = max(float(n_seqs.item()), 1.0)
             dag = [v / seqs for v in values[3:6]]
             result.update(
@@ -552,9 +556,8 @@ class Trainer:
                 val_dag_G=dag[2],
                 val_lm_loss=result["val_loss"],
             )
-            coeffs = self.config.dag_reg_coeffs
-            result["val_loss"] = result["val_lm_loss"] + sum(
-                c * d for c, d in zip(coeffs, dag) if c > 0
+            result["val_loss"] = result["val_lm_loss"] + weighted_dag(
+                dag, self.config.dag_reg_coeffs
             )
         return result
 
