@@ -46,6 +46,7 @@ from pldr_llm.train.checkpointing import (
 from pldr_llm.train.config import TrainConfig
 from pldr_llm.train.distributed import (
     DistEnv,
+    all_ranks,
     all_reduce_sum,
     current_env,
     resolve_device,
@@ -501,15 +502,10 @@ class Trainer:
         done = 0
         while max_batches is None or done < max_batches:
             batch = next(iterator, None)
-            if self.sharded:
-                # Every rank must run the same number of forward passes (FSDP collectives).
-                flag = torch.tensor(
-                    [0.0 if batch is None else 1.0], dtype=torch.float64, device=self.device
-                )
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                if flag.item() == 0:
-                    break
-            elif batch is None:
+            have = batch is not None
+            if self.sharded:  # every rank runs the same number of forward passes
+                have = all_ranks(have, self.device)
+            if not have:
                 break
             batch = batch.to(self.device).long()
             inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -763,13 +759,8 @@ class Trainer:
         try:
             while total is None or self.step < total:
                 fed = feed.next()
-                if self.sharded and env.world_size > 1 and not endless:
-                    flag = torch.tensor(
-                        [0.0 if fed is None else 1.0], dtype=torch.float64, device=self.device
-                    )
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                    if flag.item() == 0:
-                        fed = None
+                if self.sharded and not endless and not all_ranks(fed is not None, self.device):
+                    fed = None
                 if fed is None:
                     # A finite iterable ended: that was an epoch.
                     if step_in_epoch == 0:
