@@ -340,17 +340,7 @@ class Trainer:
                     correct = out.correct
                 else:
                     out = self._forward_module(inputs, **forward_kwargs)
-                    logits = out.logits
-                    ce_sum = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]).float(),
-                        targets.reshape(-1),
-                        ignore_index=self.pad_id,
-                        reduction="sum",
-                    )
-                    with torch.no_grad():
-                        hits = (logits.argmax(-1) == targets) & (targets != self.pad_id)
-                        correct = hits.sum()
-                    del logits
+                    ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
                 loss = ce_sum * token_scale
                 if use_dag:
                     from pldr_llm.losses import dag_loss
@@ -400,6 +390,21 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         return PendingStep(self.step, lr, stats)
+
+    def _ce_sum_and_hits(
+        self, logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over non-padding targets (softmax in float32) and arg-max hits,
+        from full logits [B, L, V] (the path without ``chunked_loss``, and validation)."""
+        ce_sum = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=self.pad_id,
+            reduction="sum",
+        )
+        with torch.no_grad():
+            hits = ((logits.argmax(-1) == targets) & (targets != self.pad_id)).sum()
+        return ce_sum, hits
 
     def flops_per_token(self, context: int) -> float:
         """Training FLOPs per token at ``context`` (:func:`metrics.model_flops_per_token`)."""
@@ -513,16 +518,10 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
                 out = self._forward_module(inputs, output_deductive=use_dag, output_scores=False)
-            logits = out.logits.float()
-            mask = targets != self.pad_id
-            stats[0] += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=self.pad_id,
-                reduction="sum",
-            ).double()
-            stats[1] += ((logits.argmax(-1) == targets) & mask).sum().double()
-            stats[2] += mask.sum().double()
+            ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
+            stats[0] += ce_sum.double()
+            stats[1] += correct.double()
+            stats[2] += (targets != self.pad_id).sum().double()
             if use_dag:
                 from pldr_llm.losses import dag_regularizer
 
