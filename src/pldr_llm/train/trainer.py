@@ -174,19 +174,13 @@ class Trainer:
         self.model = model
         if config.attn_implementation is not None:
             model.attn_implementation = config.attn_implementation
-        #: the speed levers in effect (TrainConfig.levers for this device)
-        self.levers = config.levers(self.device.type)
-        if shard and config.cuda_graphs is None:
-            # FSDP frees and re-gathers the layers' parameters every step: their addresses
-            # change, which CUDA-graph trees would answer by re-recording. Opt in explicitly.
-            self.levers["cuda_graphs"] = False
-        if self.levers["compile_layers"] and not config.compile:
+        #: the speed levers in effect (TrainConfig.levers for this device, with FSDP or not)
+        self.levers = config.levers(self.device.type, sharded=self.sharded)
+        if self.levers["compile_layers"]:
             from pldr_llm.model.compile import compile_decoder_layers
 
             options = {"mode": "reduce-overhead"} if self.levers["cuda_graphs"] else {}
             compile_decoder_layers(model, **options)
-        elif config.compile:
-            self.levers.update(compile_layers=False, cuda_graphs=False)
         self._forward_module: nn.Module = torch.compile(model) if config.compile else model
         vocab = getattr(getattr(model, "config", None), "input_vocab_size", None)
         self._vocab: int | None = int(vocab) if vocab is not None else None
