@@ -75,8 +75,10 @@ def run(resolved: RunConfig) -> FitResult:
     from pldr_llm.train.trainer import Trainer
 
     cfg = resolved.train
-    # Open the data source before anything slow: a missing file or column fails now.
-    open_source(resolved.data, "train")
+    # Open the data source before anything slow: a missing file or column fails now. It is
+    # opened once: the tokenizer and the batches read this one.
+    train_source = open_source(resolved.data, "train")
+    assert train_source is not None  # the train split always exists
     env = setup_distributed(cfg.device)
     try:
         _setup_logging(env.is_main)
@@ -94,7 +96,7 @@ def run(resolved: RunConfig) -> FitResult:
         np.random.seed(cfg.seed % (2**32))
         torch.manual_seed(cfg.seed)
 
-        tokenizer, tokenizer_file = _tokenizer(resolved, run_dir, env)
+        tokenizer, tokenizer_file = _tokenizer(resolved, run_dir, env, train_source)
         model = _build_model(resolved, tokenizer, run_dir, env)
         if env.is_main:
             logger.info(
@@ -114,6 +116,7 @@ def run(resolved: RunConfig) -> FitResult:
             rank=env.rank,
             world_size=env.world_size,
             pad_id=model.config.pad_id,
+            source=train_source,
         )
         val_batches = None
         if cfg.val_every:
@@ -175,7 +178,7 @@ def run(resolved: RunConfig) -> FitResult:
         cleanup_distributed(env)
 
 
-def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any) -> tuple[Any, Path]:
+def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any, source: Any) -> tuple[Any, Path]:
     """Load the configured tokenizer, the run's own, or train one (rank 0) on the training data."""
     from pldr_llm.tokenizer import load_tokenizer
     from pldr_llm.train.distributed import barrier
@@ -187,23 +190,20 @@ def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any) -> tuple[Any, Path]
     own = run_dir / TOKENIZER_FILE
     if not own.is_file():
         if env.is_main:
-            _train_tokenizer(resolved, run_dir)
+            _train_tokenizer(resolved, run_dir, source)
         barrier()
     tok = load_tokenizer(own)
     return tok, own
 
 
-def _train_tokenizer(resolved: RunConfig, run_dir: Path) -> None:
+def _train_tokenizer(resolved: RunConfig, run_dir: Path, source: Any) -> None:
     import itertools
     import tempfile
 
-    from pldr_llm.data.config import open_source
     from pldr_llm.tokenizer import train_tokenizer
 
     settings = resolved.tokenizer
     started = time.perf_counter()
-    source = open_source(resolved.data, "train")
-    assert source is not None
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tokenizer-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
         count = 0
