@@ -347,6 +347,20 @@ def test_build_batches_default_corpus_train_and_validation() -> None:
     assert default_corpus()[n - 11][:100] not in val_text
 
 
+def test_build_batches_reads_the_source_it_is_given(tmp_path) -> None:
+    """An already opened source is read as it is: the config's (here a missing file) is not
+    opened again, and the settings still come from the config."""
+    cfg = DataConfig(source=str(tmp_path / "missing.txt"), shuffle=True, padding_type="pad")
+    with pytest.raises(PLDRError):
+        build_batches(cfg, ByteTokenizer(), batch_size=2, context_length=8)
+    source = ListSource(["abc", "defgh"])
+    batches = build_batches(cfg, ByteTokenizer(), batch_size=2, context_length=8, source=source)
+    assert batches is not None and batches.source is source
+    assert batches.shuffle and batches.padding_type == "pad"
+    text = ByteTokenizer().decode(next(batches).flatten().tolist())
+    assert "abc" in text and "defgh" in text
+
+
 def test_build_batches_rejects_bad_arguments() -> None:
     cfg = DataConfig()
     with pytest.raises(PLDRError, match="context_length"):

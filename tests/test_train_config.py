@@ -295,3 +295,28 @@ def test_resumability_is_declared_on_the_fields() -> None:
         check_resumable(saved, {"data": {"cache_dir": "/a", "split": "test"}})
     with pytest.raises(PLDRError, match="train.lr_total_steps"):
         check_resumable({"train": {"lr_total_steps": 10}}, {"train": {"lr_total_steps": 20}})
+
+
+def test_levers_resolve_per_device_fsdp_and_whole_model_compile() -> None:
+    """``None`` levers: on for CUDA, off on the CPU; CUDA graphs under FSDP only when asked
+    for; ``compile`` (the whole model) replaces the per-layer compilation and its graphs."""
+    auto = TrainConfig()
+    assert not any(auto.levers("cpu").values())
+    assert all(auto.levers("cuda").values())
+    assert auto.levers("cuda", sharded=True) == {
+        "chunked_loss": True,
+        "compile_layers": True,
+        "cuda_graphs": False,
+        "fused_optimizer": True,
+    }
+    assert TrainConfig(cuda_graphs=True).levers("cuda", sharded=True)["cuda_graphs"]
+    assert not TrainConfig(cuda_graphs=True).levers("cpu")["cuda_graphs"]  # CUDA only
+    assert not TrainConfig(compile_layers=False, cuda_graphs=True).levers("cuda")["cuda_graphs"]
+    whole = TrainConfig(compile=True).levers("cuda")
+    assert not whole["compile_layers"] and not whole["cuda_graphs"] and whole["chunked_loss"]
+    assert TrainConfig(chunked_loss=True, fused_optimizer=True).levers("cpu") == {
+        "chunked_loss": True,
+        "compile_layers": False,
+        "cuda_graphs": False,
+        "fused_optimizer": True,
+    }

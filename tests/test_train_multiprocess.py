@@ -209,3 +209,40 @@ def test_fsdp_sharding_strategies_agree(tmp_path: Path) -> None:
         assert result["losses"] == pytest.approx([x[0] for x in ref_losses], abs=1e-5), strategy
         for key, value in ref_state.items():
             torch.testing.assert_close(result["state"][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def _evaluate_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from pldr_llm.train import Trainer
+    from pldr_llm.train.distributed import current_env
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(_model(), _config(), env=current_env(torch.device("cpu")))
+        halves = [batch[rank * 2 : rank * 2 + 2] for batch in _batches()]
+        # rank 1 runs out of validation batches one batch before rank 0
+        result = trainer.evaluate(halves[:3] if rank == 0 else halves[:2])
+        (Path(out_dir) / f"val{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_evaluate_stops_when_any_rank_runs_out(tmp_path: Path) -> None:
+    """Ranks with unequal validation data all stop at the shortest (the same number of FSDP
+    forward passes, else the collectives would hang), and the figures are those of one process
+    on the global batches they saw."""
+    import torch.multiprocessing as mp
+
+    from pldr_llm.train import Trainer
+
+    mp.spawn(_evaluate_worker, args=(2, str(tmp_path / "pg-val"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"val{r}.json").read_text()) for r in range(2)]
+    reference = Trainer(_model(), _config(), shard=False).evaluate(_batches()[:2])
+    for result in results:
+        assert result["val_batches"] == 2
+        assert result["val_tokens"] == reference["val_tokens"]
+        assert result["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-5)
+        assert result["val_accuracy"] == pytest.approx(reference["val_accuracy"], abs=1e-6)

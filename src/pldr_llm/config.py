@@ -225,13 +225,12 @@ class PLDRConfig:
             raise PLDRError(
                 f"model 'version' must be one of {MODEL_VERSIONS}, got {self.version!r}"
             )
-        if not isinstance(self.causal_metric, bool):
-            raise PLDRError(f"'causal_metric' must be true or false, got {self.causal_metric!r}")
         for name in ("pad_id", "eos_id", "bos_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.input_vocab_size:
                 raise PLDRError(f"{name!r} must be an id inside the vocabulary, got {value!r}")
-        for name in ("reference_rope", "attention_bias", "glu_bias", "final_bias", "cache_first_G"):
+        bools = ("reference_rope", "attention_bias", "glu_bias", "final_bias", "cache_first_G")
+        for name in (*bools, "causal_metric"):
             if not isinstance(getattr(self, name), bool):
                 raise PLDRError(f"{name!r} must be true or false, got {getattr(self, name)!r}")
         for name in ("rope_theta", "layer_norm_eps"):

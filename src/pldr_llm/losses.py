@@ -20,6 +20,7 @@ The arithmetic is that of :func:`pldr_llm.losses.masked_cross_entropy` applied t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,11 +129,16 @@ def dag_loss(
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """``c_A dag_A + c_AP dag_A_P + c_G dag_G`` and the three values (terms with c = 0 skipped)."""
     values = dag_regularizer(deductive)
-    total = values[0].new_zeros(())
-    for coefficient, value in zip(coefficients, values):
-        if coefficient > 0:
-            total = total + coefficient * value
-    return total, values
+    return weighted_dag(values, coefficients, values[0].new_zeros(())), values
+
+
+def weighted_dag(values: Sequence[Any], coefficients: Sequence[float], start: Any = 0.0) -> Any:
+    """``start + c_A dag_A + c_AP dag_A_P + c_G dag_G`` for tensors or floats.
+
+    Terms with c = 0 are skipped, not multiplied: a term that is off adds nothing even when its
+    value is not finite.
+    """
+    return sum((c * v for c, v in zip(coefficients, values) if c > 0), start)
 
 
 # ---------------------------------------------------------------------- chunked

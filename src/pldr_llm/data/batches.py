@@ -389,17 +389,21 @@ def build_batches(
     world_size: int = 1,
     repeat: bool | None = None,
     pad_id: int = 0,
+    source: DocumentSource | None = None,
 ) -> BatchIterator | None:
     """The batch iterator of one split of ``cfg``, or None when the split is not configured.
 
     Samples hold ``context_length + 1`` ids, so ``batch[:, :-1]`` / ``batch[:, 1:]`` are inputs and
     targets of ``context_length`` tokens. Only the train split is shuffled; ``repeat`` defaults to
     True for train and False otherwise. The source is opened at once, so a missing file or column
-    fails here. Every rank must call this with the same ``cfg``.
+    fails here; ``source``, the split's source already opened by :func:`open_source`, is used as
+    it is (opening a percent interval of a streamed dataset counts its documents). Every rank
+    must call this with the same ``cfg``.
     """
     if not isinstance(context_length, int) or context_length < 1:
         raise PLDRError(f"context_length must be a positive integer, got {context_length!r}")
-    source = open_source(cfg, split)
+    if source is None:
+        source = open_source(cfg, split)
     if source is None:
         return None
     train = split == "train"

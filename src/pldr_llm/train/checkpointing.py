@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import io_error_message, safe_torch_load
+from pldr_llm.fileio import CHECKPOINT_SUFFIX, io_error_message, safe_torch_load
 from pldr_llm.train.distributed import DistEnv, barrier, broadcast_object
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "restore_rng_state",
     "full_model_state",
     "export_model",
+    "original_export",
     "assert_finite_parameters",
 ]
 
@@ -388,6 +389,14 @@ def export_model(
         save_reference_checkpoint(plain, reference_pth, loss=loss, accuracy=accuracy)
     barrier()
     return out
+
+
+def original_export(folder: str | Path, run_name: str | None) -> tuple[str, Path]:
+    """The name of a run's model in the original's bundle format (its ``save_model_path``) and
+    the ``.pth`` :meth:`Trainer.fit` writes for it in ``folder/original/``, where
+    :func:`pldr_llm.train.run.run` then adds ``<name>_hyperparameters.py`` and the tokenizer."""
+    name = run_name or "pldr-llm"
+    return name, Path(folder) / "original" / f"{name}-model-checkpoint{CHECKPOINT_SUFFIX}"
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:

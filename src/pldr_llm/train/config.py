@@ -304,19 +304,25 @@ class TrainConfig:
     def use_dag_loss(self) -> bool:
         return any(c > 0 for c in self.dag_reg_coeffs)
 
-    def levers(self, device_type: str) -> dict[str, bool]:
-        """The speed levers in effect on ``device_type`` ("cuda" or "cpu"): each ``None`` field
-        resolved to on for CUDA and off otherwise (CUDA graphs also need compiled layers)."""
+    def levers(self, device_type: str, sharded: bool = False) -> dict[str, bool]:
+        """The speed levers in effect on ``device_type`` ("cuda" or "cpu"), with FSDP or not.
+
+        Each ``None`` field resolves to on for CUDA and off otherwise, with two exceptions:
+        ``compile`` (the whole model) replaces the per-layer compilation, and CUDA graphs, which
+        need compiled layers, are on under FSDP only when asked for (``true``): FSDP frees and
+        re-gathers the layers' parameters every step, and CUDA-graph trees answer the changed
+        addresses by re-recording.
+        """
         gpu = device_type == "cuda"
 
-        def on(value: bool | None) -> bool:
-            return gpu if value is None else bool(value)
+        def on(value: bool | None, default: bool = gpu) -> bool:
+            return default if value is None else bool(value)
 
-        compile_layers = on(self.compile_layers)
+        compile_layers = on(self.compile_layers) and not self.compile
         return {
             "chunked_loss": on(self.chunked_loss),
             "compile_layers": compile_layers,
-            "cuda_graphs": gpu and compile_layers and on(self.cuda_graphs),
+            "cuda_graphs": gpu and compile_layers and on(self.cuda_graphs, not sharded),
             "fused_optimizer": on(self.fused_optimizer),
         }
 

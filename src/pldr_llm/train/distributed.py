@@ -44,6 +44,7 @@ __all__ = [
     "shard_model",
     "is_sharded",
     "all_reduce_sum",
+    "all_ranks",
     "barrier",
     "broadcast_object",
 ]
@@ -236,6 +237,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_ranks(value: bool, device: torch.device) -> bool:
+    """Whether ``value`` holds on every rank (one MIN all-reduce; ``value`` itself without a
+    multi-process group): e.g. "every rank still has a batch", so that all run the same number
+    of forward passes (FSDP's collectives)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if value else 0.0], dtype=torch.float64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return value
 
 
 def barrier() -> None:

@@ -75,8 +75,10 @@ def run(resolved: RunConfig) -> FitResult:
     from pldr_llm.train.trainer import Trainer
 
     cfg = resolved.train
-    # Open the data source before anything slow: a missing file or column fails now.
-    open_source(resolved.data, "train")
+    # Open the data source before anything slow: a missing file or column fails now. It is
+    # opened once: the tokenizer and the batches read this one.
+    train_source = open_source(resolved.data, "train")
+    assert train_source is not None  # the train split always exists
     env = setup_distributed(cfg.device)
     try:
         _setup_logging(env.is_main)
@@ -94,8 +96,8 @@ def run(resolved: RunConfig) -> FitResult:
         np.random.seed(cfg.seed % (2**32))
         torch.manual_seed(cfg.seed)
 
-        tokenizer, tokenizer_file = _tokenizer(resolved, run_dir, env)
-        model = _build_model(resolved, tokenizer, run_dir=run_dir)
+        tokenizer, tokenizer_file = _tokenizer(resolved, run_dir, env, train_source)
+        model = _build_model(resolved, tokenizer, run_dir, env)
         if env.is_main:
             logger.info(
                 "model: %s parameters, %d layers, d_model %d, %d heads, context %d",
@@ -114,6 +116,7 @@ def run(resolved: RunConfig) -> FitResult:
             rank=env.rank,
             world_size=env.world_size,
             pad_id=model.config.pad_id,
+            source=train_source,
         )
         val_batches = None
         if cfg.val_every:
@@ -175,7 +178,7 @@ def run(resolved: RunConfig) -> FitResult:
         cleanup_distributed(env)
 
 
-def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any) -> tuple[Any, Path]:
+def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any, source: Any) -> tuple[Any, Path]:
     """Load the configured tokenizer, the run's own, or train one (rank 0) on the training data."""
     from pldr_llm.tokenizer import load_tokenizer
     from pldr_llm.train.distributed import barrier
@@ -187,23 +190,20 @@ def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any) -> tuple[Any, Path]
     own = run_dir / TOKENIZER_FILE
     if not own.is_file():
         if env.is_main:
-            _train_tokenizer(resolved, run_dir)
+            _train_tokenizer(resolved, run_dir, source)
         barrier()
     tok = load_tokenizer(own)
     return tok, own
 
 
-def _train_tokenizer(resolved: RunConfig, run_dir: Path) -> None:
+def _train_tokenizer(resolved: RunConfig, run_dir: Path, source: Any) -> None:
     import itertools
     import tempfile
 
-    from pldr_llm.data.config import open_source
     from pldr_llm.tokenizer import train_tokenizer
 
     settings = resolved.tokenizer
     started = time.perf_counter()
-    source = open_source(resolved.data, "train")
-    assert source is not None
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tokenizer-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
         count = 0
@@ -236,9 +236,10 @@ def _train_tokenizer(resolved: RunConfig, run_dir: Path) -> None:
     )
 
 
-def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path) -> Any:
+def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path, env: Any) -> Any:
     from pldr_llm.config import PLDRConfig
     from pldr_llm.model import PLDRModel
+    from pldr_llm.train.checkpointing import CheckpointManager
 
     model_keys = dict(resolved.model)
     if model_keys.get("input_vocab_size") is None:
@@ -255,10 +256,7 @@ def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path) -> Any:
 
         model.set_predefined_G([e.G_LM for e in load_g_file(resolved.predefined_G)])
     init_from = resolved.train.init_from
-    has_checkpoint = (run_dir / "checkpoints").is_dir() and any(
-        (p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step_*")
-    )
-    if init_from and not has_checkpoint:
+    if init_from and not CheckpointManager(run_dir, env).complete_checkpoints():
         _load_initial_weights(model, init_from)
     return model
 
@@ -295,17 +293,18 @@ def _export_original(
     import shutil
 
     from pldr_llm.config import hyperparameters_file_text
-    from pldr_llm.fileio import atomic_write_text
+    from pldr_llm.fileio import HYPERPARAMETERS_SUFFIX, atomic_write_text
+    from pldr_llm.train.checkpointing import original_export
 
     cfg = resolved.train
     if not cfg.export_pth:
         return
-    name = cfg.run_name or "pldr-llm"
-    target = run_dir / "original"
-    if not (target / f"{name}-model-checkpoint.pth").is_file():
+    name, pth = original_export(run_dir, cfg.run_name)
+    if not pth.is_file():
         return
     hp = trainer.model.config.to_hpdict()
     hp.update(cfg.to_hpdict())
     hp["save_model_path"] = name
-    atomic_write_text(target / f"{name}_hyperparameters.py", hyperparameters_file_text(hp))
+    target = pth.parent
+    atomic_write_text(target / f"{name}{HYPERPARAMETERS_SUFFIX}", hyperparameters_file_text(hp))
     shutil.copyfile(tokenizer_file, target / TOKENIZER_FILE)

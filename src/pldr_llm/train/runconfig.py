@@ -307,11 +307,23 @@ class RunConfig:
 
     def to_sections(self) -> dict[str, dict[str, Any]]:
         """The complete, explicit config written to ``run.yaml`` (every default spelled out)."""
-        return canonical(self)
+        train = self.train.to_dict()
+        train["context_length"] = self.context_length
+        model = dict(self.model)
+        if self.predefined_G is not None:
+            model["predefined_G"] = self.predefined_G
+        return {
+            "model": model,
+            "data": self.data.to_dict(),
+            "tokenizer": dataclasses.asdict(self.tokenizer),
+            "train": train,
+        }
 
     def to_yaml(self) -> str:
         """:meth:`to_sections` as YAML, in section order."""
-        return dump_yaml(canonical(self))
+        import yaml
+
+        return yaml.safe_dump(self.to_sections(), sort_keys=False, default_flow_style=None)
 
 
 def resolve(sections: dict[str, dict[str, Any]], world_size: int = 1) -> RunConfig:
@@ -428,29 +440,6 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def canonical(resolved: RunConfig) -> dict[str, dict[str, Any]]:
-    """The complete, explicit config written to ``run.yaml`` (every default spelled out)."""
-    train = resolved.train.to_dict()
-    train["context_length"] = resolved.context_length
-    model = dict(resolved.model)
-    if resolved.predefined_G is not None:
-        model["predefined_G"] = resolved.predefined_G
-    return {
-        "model": model,
-        "data": resolved.data.to_dict(),
-        "tokenizer": dataclasses.asdict(resolved.tokenizer),
-        "train": train,
-    }
-
-
-def dump_yaml(sections: dict[str, dict]) -> str:
-    import yaml
-
-    return yaml.safe_dump(
-        {s: sections[s] for s in SECTIONS}, sort_keys=False, default_flow_style=None
-    )
-
-
 def prepare_run(
     out: str | os.PathLike[str] | None,
     *,
@@ -493,7 +482,7 @@ def prepare_run(
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     resolved = resolve(merged, world_size)
     if saved is not None:
-        check_resumable(canonical(resolve(saved, world_size)), canonical(resolved))
+        check_resumable(resolve(saved, world_size).to_sections(), resolved.to_sections())
     resolved.run_dir = run_dir
     resolved.resuming = saved is not None
     return resolved

@@ -40,11 +40,13 @@ from pldr_llm.train.checkpointing import (
     CheckpointManager,
     capture_rng_state,
     export_model,
+    original_export,
     restore_rng_state,
 )
 from pldr_llm.train.config import TrainConfig
 from pldr_llm.train.distributed import (
     DistEnv,
+    all_ranks,
     all_reduce_sum,
     current_env,
     resolve_device,
@@ -172,19 +174,13 @@ class Trainer:
         self.model = model
         if config.attn_implementation is not None:
             model.attn_implementation = config.attn_implementation
-        #: the speed levers in effect (TrainConfig.levers for this device)
-        self.levers = config.levers(self.device.type)
-        if shard and config.cuda_graphs is None:
-            # FSDP frees and re-gathers the layers' parameters every step: their addresses
-            # change, which CUDA-graph trees would answer by re-recording. Opt in explicitly.
-            self.levers["cuda_graphs"] = False
-        if self.levers["compile_layers"] and not config.compile:
+        #: the speed levers in effect (TrainConfig.levers for this device, with FSDP or not)
+        self.levers = config.levers(self.device.type, sharded=self.sharded)
+        if self.levers["compile_layers"]:
             from pldr_llm.model.compile import compile_decoder_layers
 
             options = {"mode": "reduce-overhead"} if self.levers["cuda_graphs"] else {}
             compile_decoder_layers(model, **options)
-        elif config.compile:
-            self.levers.update(compile_layers=False, cuda_graphs=False)
         self._forward_module: nn.Module = torch.compile(model) if config.compile else model
         vocab = getattr(getattr(model, "config", None), "input_vocab_size", None)
         self._vocab: int | None = int(vocab) if vocab is not None else None
@@ -310,7 +306,6 @@ class Trainer:
             token_scale: Any = world / counts[0].clamp(min=1.0)
             seq_total: Any = counts[1]
         else:
-            counts = None
             token_scale = 1.0 / max(prep.tokens, 1)
             seq_total = float(prep.sequences)
 
@@ -339,17 +334,7 @@ class Trainer:
                     correct = out.correct
                 else:
                     out = self._forward_module(inputs, **forward_kwargs)
-                    logits = out.logits
-                    ce_sum = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]).float(),
-                        targets.reshape(-1),
-                        ignore_index=self.pad_id,
-                        reduction="sum",
-                    )
-                    with torch.no_grad():
-                        hits = (logits.argmax(-1) == targets) & (targets != self.pad_id)
-                        correct = hits.sum()
-                    del logits
+                    ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
                 loss = ce_sum * token_scale
                 if use_dag:
                     from pldr_llm.losses import dag_loss
@@ -378,8 +363,7 @@ class Trainer:
                 host = host.pin_memory()
             stats[6:9].copy_(host, non_blocking=True)
             if self.sharded:
-                all_reduce_sum(stats)
-                stats[7:9] = counts
+                all_reduce_sum(stats)  # tokens and sequences summed too: the global counts
             bad = stats[5] > 0
 
         if cfg.clip_grad_value is not None:
@@ -401,6 +385,21 @@ class Trainer:
         self.step += 1
         return PendingStep(self.step, lr, stats)
 
+    def _ce_sum_and_hits(
+        self, logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over non-padding targets (softmax in float32) and arg-max hits,
+        from full logits [B, L, V] (the path without ``chunked_loss``, and validation)."""
+        ce_sum = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=self.pad_id,
+            reduction="sum",
+        )
+        with torch.no_grad():
+            hits = ((logits.argmax(-1) == targets) & (targets != self.pad_id)).sum()
+        return ce_sum, hits
+
     def flops_per_token(self, context: int) -> float:
         """Training FLOPs per token at ``context`` (:func:`metrics.model_flops_per_token`)."""
         config = getattr(self.model, "config", None)
@@ -419,6 +418,8 @@ class Trainer:
         Counts skipped steps, warns about each, and marks ``diverged`` on the step that went
         past ``max_nonfinite_steps``. Adds the steps' tokens to ``tokens_seen``.
         """
+        from pldr_llm.losses import weighted_dag
+
         if not pending:
             return []
         table = torch.stack([p.stats for p in pending]).tolist()
@@ -429,7 +430,7 @@ class Trainer:
             n_tokens, n_seqs = values[7], values[8]
             ce_mean = values[0] / max(n_tokens, 1.0)
             dag = values[2:5]
-            objective = ce_mean + sum(c * d for c, d in zip(cfg.dag_reg_coeffs, dag) if c > 0)
+            objective = ce_mean + weighted_dag(dag, cfg.dag_reg_coeffs)
             skipped = values[5] > 0 or not math.isfinite(objective)
             self.tokens_seen += int(n_tokens)
             result: dict[str, Any] = {
@@ -500,15 +501,10 @@ class Trainer:
         done = 0
         while max_batches is None or done < max_batches:
             batch = next(iterator, None)
-            if self.sharded:
-                # Every rank must run the same number of forward passes (FSDP collectives).
-                flag = torch.tensor(
-                    [0.0 if batch is None else 1.0], dtype=torch.float64, device=self.device
-                )
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                if flag.item() == 0:
-                    break
-            elif batch is None:
+            have = batch is not None
+            if self.sharded:  # every rank runs the same number of forward passes
+                have = all_ranks(have, self.device)
+            if not have:
                 break
             batch = batch.to(self.device).long()
             inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -516,16 +512,10 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
                 out = self._forward_module(inputs, output_deductive=use_dag, output_scores=False)
-            logits = out.logits.float()
-            mask = targets != self.pad_id
-            stats[0] += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=self.pad_id,
-                reduction="sum",
-            ).double()
-            stats[1] += ((logits.argmax(-1) == targets) & mask).sum().double()
-            stats[2] += mask.sum().double()
+            ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
+            stats[0] += ce_sum.double()
+            stats[1] += correct.double()
+            stats[2] += (targets != self.pad_id).sum().double()
             if use_dag:
                 from pldr_llm.losses import dag_regularizer
 
@@ -545,6 +535,8 @@ class Trainer:
             "val_batches": done,
         }
         if use_dag:
+            from pldr_llm.losses import weighted_dag
+
             seqs = max(float(n_seqs.item()), 1.0)
             dag = [v / seqs for v in values[3:6]]
             result.update(
@@ -553,9 +545,8 @@ class Trainer:
                 val_dag_G=dag[2],
                 val_lm_loss=result["val_loss"],
             )
-            coeffs = self.config.dag_reg_coeffs
-            result["val_loss"] = result["val_lm_loss"] + sum(
-                c * d for c, d in zip(coeffs, dag) if c > 0
+            result["val_loss"] = result["val_lm_loss"] + weighted_dag(
+                dag, self.config.dag_reg_coeffs
             )
         return result
 
@@ -761,13 +752,8 @@ class Trainer:
         try:
             while total is None or self.step < total:
                 fed = feed.next()
-                if self.sharded and env.world_size > 1 and not endless:
-                    flag = torch.tensor(
-                        [0.0 if fed is None else 1.0], dtype=torch.float64, device=self.device
-                    )
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                    if flag.item() == 0:
-                        fed = None
+                if self.sharded and not endless and not all_ranks(fed is not None, self.device):
+                    fed = None
                 if fed is None:
                     # A finite iterable ended: that was an epoch.
                     if step_in_epoch == 0:
@@ -860,8 +846,7 @@ class Trainer:
             if status == "completed":
                 reference = None
                 if cfg.export_pth:
-                    name = cfg.run_name or "pldr-llm"
-                    reference = export_dir / "original" / f"{name}-model-checkpoint.pth"
+                    _, reference = original_export(export_dir, cfg.run_name)
                 export_model(
                     self.model,
                     export_dir,
