@@ -98,6 +98,16 @@ def test_dtype_and_device(bundle: tuple[Path, PLDRModel]) -> None:
             resolve_device("cuda:0")
 
 
+def test_a_torch_device_is_checked_like_a_name(bundle: tuple[Path, PLDRModel]) -> None:
+    # A GPU index past the last one: "not available" without CUDA, "does not exist" with it;
+    # either way a one-line PLDRError before any weight is read, not torch's error at .to().
+    missing = torch.device("cuda", torch.cuda.device_count() + 7)
+    with pytest.raises(PLDRError, match="CUDA is not available|does not exist"):
+        load_bundle(bundle[0], device=missing)
+    model, _ = load_bundle(bundle[0], device=torch.device("cpu"))
+    assert model.device == torch.device("cpu")
+
+
 # ---------------------------------------------------------------------- bad folders
 
 
