@@ -124,16 +124,11 @@ def read_g_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The string metadata of a safetensors G file (empty for other formats)."""
     p = Path(path)
     with p.open("rb") as f:
-        head = f.read(8)
-        size = p.stat().st_size
-        if len(head) < 8:
+        head = f.read(9)
+        if not _is_safetensors(head, p.stat().st_size):
             return {}
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > size - 8:
-            return {}
-        header = f.read(n)
-    if header[:1] != b"{":
-        return {}
+        (n,) = struct.unpack("<Q", head[:8])
+        header = head[8:] + f.read(n - 1)  # the header is read, never the tensors
     try:
         meta = json.loads(header).get("__metadata__", {})
     except (ValueError, UnicodeDecodeError):
