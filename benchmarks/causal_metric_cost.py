@@ -26,18 +26,13 @@ import torch.nn.functional as F
 
 from pldr_llm import PLDRConfig, PLDRModel
 from pldr_llm.deductive import leak_audit
+from pldr_llm.presets import load_preset
 
-TINY = PLDRConfig(
-    num_layers=2,
-    d_model=128,
-    num_heads=4,
-    dff=341,
-    A_dff=85,
-    num_reslayerA=2,
-    num_denseA=2,
-    input_vocab_size=2000,
-    max_seq_len=128,
-)
+
+def _tiny() -> PLDRConfig:
+    """The tiny preset's model, with the vocabulary its tokenizer is trained to."""
+    preset = load_preset("tiny")
+    return PLDRConfig(**{**preset["model"], "input_vocab_size": preset["tokenizer"]["vocab_size"]})
 
 
 def _sync(device: torch.device) -> None:
@@ -83,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    base = TINY if args.quick else PLDRConfig()  # defaults: the paper's 110M configuration
+    base = _tiny() if args.quick else PLDRConfig()  # defaults: the paper's 110M configuration
     batch = args.batch or (4 if args.quick else 8)
     length = args.length or base.max_seq_len
     repeats = args.repeats or (3 if args.quick else 5)

@@ -33,10 +33,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model, tokenizer = load_bundle(args.model, device=args.device)
-    if args.text == "default":  # the validation documents of the tiny preset (170..185)
+    if args.text == "default":  # the validation documents of the tiny preset
         from pldr_llm.data import default_corpus
+        from pldr_llm.presets import load_preset
 
-        text = "\n\n".join(default_corpus()[170:186])
+        data = load_preset("tiny")["data"]  # validation: the val_offset documents after training's
+        start = data["train_interval"][1]
+        text = "\n\n".join(default_corpus()[start : start + data["val_offset"]])
     else:
         text = Path(args.text).read_text(encoding="utf-8")
     ids = list(tokenizer.encode(text))

@@ -159,8 +159,8 @@ def llama_baseline(args: argparse.Namespace, batch: int) -> dict[str, Any]:
 
     from pldr_llm.presets import load_preset
 
-    model_cfg = load_preset(args.preset)["model"]
-    context = int(load_preset(args.preset)["train"]["context_length"])
+    preset = load_preset(args.preset)
+    model_cfg, context = preset["model"], int(preset["train"]["context_length"])
     config = LlamaConfig(
         vocab_size=model_cfg["input_vocab_size"],
         hidden_size=model_cfg["d_model"],

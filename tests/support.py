@@ -1,8 +1,11 @@
-"""Helpers shared by the tests (fixtures live in conftest.py): the paper tokenizer's file names
-and a writer of model bundles laid out like the published ones."""
+"""Helpers shared by the tests (fixtures live in conftest.py): the paper tokenizer's file names,
+a writer of model bundles laid out like the published ones, and the CLI run as a user runs it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -88,6 +91,20 @@ def make_bundle(
         tar.add(tokenizer_dir / PAPER_TOKENIZER_MODEL, arcname=f"tokenizer/{PAPER_TOKENIZER_MODEL}")
         tar.add(tokenizer_dir / PAPER_TOKENIZER_VOCAB, arcname=f"tokenizer/{PAPER_TOKENIZER_VOCAB}")
     return model
+
+
+def run_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pldr_llm ARGS`` in a fresh process (UTF-8 output, ``env`` added to ours)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pldr_llm", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
+    )
 
 
 def write_cuda_pickle(path: Path, obj: object) -> Path:

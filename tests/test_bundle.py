@@ -3,7 +3,6 @@ made before any weight is read; ``pldr-llm convert``."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ from pldr_llm.bundle import (
 from pldr_llm.errors import PLDRError
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
 from support import PAPER_VOCAB_HP, make_bundle, write_hyperparameters
+from support import run_cli as _cli
 
 HP = PAPER_VOCAB_HP
 
@@ -96,6 +96,16 @@ def test_dtype_and_device(bundle: tuple[Path, PLDRModel]) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(PLDRError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_a_torch_device_is_checked_like_a_name(bundle: tuple[Path, PLDRModel]) -> None:
+    # A GPU index past the last one: "not available" without CUDA, "does not exist" with it;
+    # either way a one-line PLDRError before any weight is read, not torch's error at .to().
+    missing = torch.device("cuda", torch.cuda.device_count() + 7)
+    with pytest.raises(PLDRError, match="CUDA is not available|does not exist"):
+        load_bundle(bundle[0], device=missing)
+    model, _ = load_bundle(bundle[0], device=torch.device("cpu"))
+    assert model.device == torch.device("cpu")
 
 
 # ---------------------------------------------------------------------- bad folders
@@ -176,16 +186,6 @@ def test_vocabulary_mismatch_is_found_before_weights_are_read(
 
 
 # ---------------------------------------------------------------------- own format and convert
-
-
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pldr_llm", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
-    )
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess[str], message: str) -> None:
@@ -279,14 +279,7 @@ def _fake_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
 
 def _resolve_in_subprocess(spec: str, env: dict) -> subprocess.CompletedProcess[str]:
     # huggingface_hub reads HF_HUB_OFFLINE/HF_ENDPOINT at import: a fresh process per setting.
-    code = "import sys; from pldr_llm.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run(
-        [sys.executable, "-c", code, "convert", "--model", spec, "--out", env.pop("_OUT")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8", **env},
-    )
+    return _cli("convert", "--model", spec, "--out", env.pop("_OUT"), env=env)
 
 
 def test_hub_id_from_cache_offline_and_network_failure(

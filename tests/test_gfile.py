@@ -284,6 +284,16 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert meta["model"] == "tiny" and meta["step"] == "7"
 
 
+def test_metadata_of_other_formats_is_empty(paper_g_dir: Path, tmp_path: Path) -> None:
+    # Only a safetensors header is read: a pickle, a short file and a header length past the end
+    # of the file all give {} (never an error, never a read of the whole file).
+    assert read_g_metadata(paper_g_dir / PREDEFINED.format("IDENTITY")) == {}
+    (tmp_path / "short").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{")
+    assert read_g_metadata(tmp_path / "short") == {}
+    (tmp_path / "cut").write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{}")
+    assert read_g_metadata(tmp_path / "cut") == {}
+
+
 def test_g_only_round_trip_from_a_paper_file(paper_g_dir: Path, tmp_path: Path) -> None:
     source = paper_g_dir / PREDEFINED.format("PLDRv51_110M_1")
     path = save_g_file(tmp_path / "g.safetensors", load_g_file(source))

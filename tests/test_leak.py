@@ -9,6 +9,7 @@ relative rounding by |pw| per layer). float32 runs are checked at 2e-3 nats: rou
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,37 @@ def test_leak_audit_json_and_plot(tmp_path: Path) -> None:
     summary = plot_leak(tmp_path / "leak.png", audit)
     assert summary.grids == {"loss": (2, 1)}
     assert (tmp_path / "leak.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failed_plot_write_keeps_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plots and reports go through fileio: a disk that fills up while the image is written
+    leaves the previous image whole (and no temporary beside it); a missing folder is created."""
+    pytest.importorskip("matplotlib")
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from pldr_llm.deductive import plot_leak
+
+    audit = leak_audit(_model(dtype=torch.float32), _ids(), prompt_len=10)
+    png = tmp_path / "plots" / "leak.png"
+    plot_leak(png, audit)
+    before = png.read_bytes()
+
+    def full_disk(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError):
+        plot_leak(png, audit)
+    assert png.read_bytes() == before
+    assert [p.name for p in png.parent.iterdir()] == ["leak.png"]
+    monkeypatch.undo()
+    report = tmp_path / "reports" / "leak.json"
+    assert json.loads(audit.to_json(report)) == json.loads(report.read_text())
 
 
 @pytest.mark.gpu

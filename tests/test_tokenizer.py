@@ -7,8 +7,6 @@ import gzip
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from pldr_llm.tokenizer import (
 )
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
 from support import PAPER_TOKENIZER_VOCAB as VOCAB_NAME
+from support import run_cli as _cli
 
 
 @pytest.fixture(scope="module")
@@ -350,16 +349,6 @@ def test_train_tokenizer_errors(corpus_files: dict[str, Path], tmp_path: Path) -
     ]:
         with pytest.raises(PLDRError, match=message):
             train_tokenizer([empty], vocab_size=300, out_prefix=tmp_path / "t", **setting)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pldr_llm", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
 
 
 def test_cli_tokenizer_train(corpus_files: dict[str, Path], tmp_path: Path) -> None:

@@ -377,9 +377,7 @@ def load_bundle(
     Returns:
         ``(model, tokenizer)``; the model is in eval mode on ``device``.
     """
-    import torch
-
-    target = device if isinstance(device, torch.device) else resolve_device(device)
+    target = resolve_device(device)  # a torch.device is checked too (CUDA present, index valid)
     torch_dtype = resolve_dtype(dtype)
     files = spec if isinstance(spec, BundleFiles) else resolve_bundle(spec)
     tok = bundle_tokenizer(files, tokenizer, required=require_tokenizer)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_NAME, safe_torch_load
+from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_NAME, atomic_path, safe_torch_load
 from pldr_llm.model.model import PLDRModel
 from pldr_llm.model.state_dict import load_state_dict_strict
 
@@ -92,7 +92,6 @@ def save_reference_checkpoint(
 ) -> Path:
     """Write ``model`` in the original's ``.pth`` format (same keys, CPU tensors)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         key: value.detach().cpu().contiguous()
         for key, value in model.state_dict().items()
@@ -104,9 +103,8 @@ def save_reference_checkpoint(
         "loss": loss,
         "accuracy": accuracy,
     }
-    from pldr_llm.fileio import atomic_path
-
-    with atomic_path(path) as tmp:  # fsync + rename, 0644: a failed write keeps the old file
+    # atomic_path creates the folder; fsync + rename, 0644: a failed write keeps the old file
+    with atomic_path(path) as tmp:
         try:
             torch.save(payload, tmp)
         except RuntimeError as exc:

@@ -187,7 +187,8 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise PLDRError(
-            f"{path}: refused to load (only tensors are allowed): {first_line(exc)}"
+            f"{path}: refused by torch's weights-only loader (only tensors are allowed): "
+            f"{first_line(exc)}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any other failure to read is a bad file
         raise PLDRError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None

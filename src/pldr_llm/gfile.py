@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import re
 import struct
 import zipfile
@@ -31,10 +30,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import safe_torch_load, save_safetensors
 from pldr_llm.model.cache import GCacheEntry, GInit, g_entries
 from pldr_llm.tensor_pickle import load_tensor_pickle
 
@@ -104,13 +103,7 @@ def load_g_file(path: str | os.PathLike[str]) -> list[GCacheEntry]:
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise PLDRError(f"{path}: not a readable safetensors file ({exc})") from None
     elif data[:4] == b"PK\x03\x04" and zipfile.is_zipfile(io.BytesIO(data)):
-        try:
-            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise PLDRError(f"{path}: refused by torch's weights-only loader ({first})") from None
-        except (RuntimeError, EOFError, ValueError) as exc:
-            raise PLDRError(f"{path}: not a readable torch.save file ({exc})") from None
+        obj = safe_torch_load(path)  # weights_only, on the CPU, one-line errors
     else:
         try:
             obj = load_tensor_pickle(data)
@@ -131,16 +124,11 @@ def read_g_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The string metadata of a safetensors G file (empty for other formats)."""
     p = Path(path)
     with p.open("rb") as f:
-        head = f.read(8)
-        size = p.stat().st_size
-        if len(head) < 8:
+        head = f.read(9)
+        if not _is_safetensors(head, p.stat().st_size):
             return {}
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > size - 8:
-            return {}
-        header = f.read(n)
-    if header[:1] != b"{":
-        return {}
+        (n,) = struct.unpack("<Q", head[:8])
+        header = head[8:] + f.read(n - 1)  # the header is read, never the tensors
     try:
         meta = json.loads(header).get("__metadata__", {})
     except (ValueError, UnicodeDecodeError):
@@ -159,8 +147,6 @@ def save_g_file(
     ``GCacheEntry``, of ``(A_LM, G_LM)`` pairs or of G_LM tensors, a ``PLDRCache``...). ``metadata`` values are stored as
     strings next to ``format``, ``num_layers``, ``num_heads`` and ``dk``. Returns the path.
     """
-    from pldr_llm.fileio import save_safetensors
-
     norm = g_entries(entries)
     tensors: dict[str, Tensor] = {}
     for i, e in enumerate(norm):
@@ -177,7 +163,5 @@ def save_g_file(
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     out = Path(path)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, out, metadata=meta)  # atomic, 0644
+    save_safetensors(tensors, out, metadata=meta)  # creates the folder; atomic, 0644
     return out

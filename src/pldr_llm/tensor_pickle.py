@@ -221,10 +221,6 @@ _INNER_GLOBALS = _globals_table({})
 _OUTER_GLOBALS = _globals_table({("torch.storage", "_load_from_bytes"): _load_from_bytes})
 
 
-class _RefusedGlobal(PLDRError):
-    """A pickle named a global outside the allow-list."""
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     """An unpickler whose globals come only from an allow-list of safe stand-ins.
 
@@ -248,7 +244,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             found = self._allowed[(module, name)]
         except (KeyError, TypeError):
-            raise _RefusedGlobal(
+            raise PLDRError(
                 f"refusing to unpickle global '{module}.{name}': this reader allows only what "
                 "rebuilds tensors, and nothing in the file was run"
             ) from None
@@ -356,7 +352,17 @@ def load_tensor_pickle(data: bytes) -> Any:
         return first
     except PLDRError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise PLDRError(f"not a readable tensor pickle ({type(exc).__name__}: {exc})") from None
-    except (IndexError, KeyError, RuntimeError, struct.error, MemoryError, RecursionError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RuntimeError,
+        struct.error,
+        MemoryError,
+        RecursionError,
+    ) as exc:
         raise PLDRError(f"not a readable tensor pickle ({type(exc).__name__}: {exc})") from None

@@ -24,7 +24,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from pldr_llm.deductive.runs import _as_ids, _EvalMode, _model_device
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import atomic_write_text
 
 #: Prefixes per batch of the causal pass.
 DEFAULT_BLOCK = 16
@@ -87,7 +87,7 @@ class LeakAudit:
         """Standard JSON (no NaN); written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     def summary(self) -> str:

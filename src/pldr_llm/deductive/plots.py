@@ -25,6 +25,7 @@ from pldr_llm.deductive.stats import (
     layer_tensors,
 )
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import atomic_path
 
 
 @dataclass
@@ -162,9 +163,8 @@ def _all_axes(fig: Any) -> list[Any]:
 
 def _save(fig: Any, path: str | os.PathLike[str], dpi: int, keep_figure: bool) -> PlotSummary:
     out = Path(path)
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
+    with atomic_path(out) as tmp:  # a failed write keeps the previous image (see fileio)
+        fig.savefig(tmp, dpi=dpi, format="png")
     width, height = (int(round(v)) for v in fig.get_size_inches() * dpi)
     return PlotSummary(
         path=out,

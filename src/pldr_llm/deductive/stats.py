@@ -14,7 +14,6 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
+from pldr_llm.fileio import atomic_write_text
 from pldr_llm.gfile import load_g_file
 from pldr_llm.model.cache import g_entries
 
@@ -332,7 +332,7 @@ class DeductiveReport:
         """The report as JSON text (standard JSON: no NaN/Infinity); written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     def summary(self) -> str:
