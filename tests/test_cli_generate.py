@@ -18,7 +18,7 @@ import torch
 from pldr_llm import PLDRModel, generate
 from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
-from support import PAPER_VOCAB_HP, make_bundle
+from support import PAPER_VOCAB_HP, make_bundle, run_cli
 
 HP = {**PAPER_VOCAB_HP, "max_seq_len": 96}
 PROMPT = "Write a letter requesting that people use language models responsibly."
@@ -34,21 +34,10 @@ def published(
     return folder, model, load_tokenizer(paper_tokenizer_dir / MODEL_NAME)
 
 
-def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pldr_llm", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=300,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
-
-
 def _generate_cli(
     folder: Path, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    result = _cli("generate", "--model", str(folder), *args, stdin=stdin)
+    result = run_cli("generate", "--model", str(folder), *args, stdin=stdin)
     assert result.returncode == 0, result.stderr
     return result
 

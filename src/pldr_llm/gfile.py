@@ -34,7 +34,7 @@ from torch import Tensor
 
 from pldr_llm.errors import PLDRError
 from pldr_llm.fileio import safe_torch_load, save_safetensors
-from pldr_llm.model.cache import GCacheEntry, GInit, g_entries
+from pldr_llm.model.cache import GCacheEntry, GInit, check_g_init, g_entries
 from pldr_llm.tensor_pickle import load_tensor_pickle
 
 __all__ = [
@@ -84,9 +84,10 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
     return p.read_bytes()
 
 
-def load_g_file(path: str | os.PathLike[str]) -> list[GCacheEntry]:
+def load_g_file(path: str | os.PathLike[str], config: Any = None) -> list[GCacheEntry]:
     """Load a G-cache file as one :class:`GCacheEntry` per layer (A_LM may be ``None``), on the
-    CPU, each tensor [1, H, dk, dk] ([H, dk, dk] in a file is given its batch dimension).
+    CPU, each tensor [1, H, dk, dk] ([H, dk, dk] in a file is given its batch dimension); with
+    ``config`` (a ``PLDRConfig``), checked to fit a model of it (:func:`check_g_init`).
 
     Reads the project's safetensors files, the paper's pickles (restricted unpickler; a pickle
     that names any global other than tensor reconstruction is refused with :class:`PLDRError`
@@ -112,10 +113,13 @@ def load_g_file(path: str | os.PathLike[str]) -> list[GCacheEntry]:
     try:
         if isinstance(obj, Mapping):
             obj = _entries_from_keys(obj)
-        return [
+        entries = [
             GCacheEntry(None if e.A_LM is None else e.A_LM.contiguous(), e.G_LM.contiguous())
             for e in g_entries(obj)
         ]
+        if config is not None:
+            check_g_init(config, entries)
+        return entries
     except PLDRError as exc:
         raise PLDRError(f"{path}: {exc}") from None
 

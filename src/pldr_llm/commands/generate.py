@@ -27,8 +27,6 @@ from pldr_llm.errors import PLDRError
 if TYPE_CHECKING:
     import torch
 
-    from pldr_llm.config import PLDRConfig
-    from pldr_llm.model.cache import GCacheEntry
     from pldr_llm.tokenizer import PLDRTokenizer
 
 
@@ -180,20 +178,6 @@ class TextStreamer:
         self.out.flush()
 
 
-def _load_g_init(path: str, config: PLDRConfig) -> list[GCacheEntry]:
-    """The G file at ``path``, checked against the model's configuration before its weights
-    are read (``generate`` prepares it for the model with the same check)."""
-    from pldr_llm.gfile import load_g_file
-    from pldr_llm.model.cache import check_g_init
-
-    entries = load_g_file(path)
-    try:
-        check_g_init(config, entries)
-    except PLDRError as exc:
-        raise PLDRError(f"{path}: {exc}") from None
-    return entries
-
-
 def _configure_stdout() -> None:
     # A text that holds characters the terminal's encoding lacks must not end in a traceback.
     reconfigure: Callable[..., None] | None = getattr(sys.stdout, "reconfigure", None)
@@ -221,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from pldr_llm.generation import StopStrings, final_text, generate_details, validate_sampling
     from pldr_llm.generation.warm import warm_up_in_background
+    from pldr_llm.gfile import load_g_file
 
     # Everything the user typed is checked before the model is read.
     validate_sampling(args.temperature, args.top_k, args.top_p)
@@ -250,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             f"prompt ({longest} tokens) + max_new_tokens ({args.max_new_tokens}) exceeds "
             f"max_seq_len={config.max_seq_len} of the model"
         )
-    g_init = _load_g_init(args.g_init, config) if args.g_init else None
+    g_init = load_g_file(args.g_init, config) if args.g_init else None
 
     # The decoding loop's GPU code loads in the background while the weights are read; what is
     # left of it when they are is waited for inside the generation time below.

@@ -176,11 +176,8 @@ class PLDRLLMEvalModel(TemplateLM):
         if gcache_file:
             from pldr_llm.gfile import load_g_file
 
-            entries = load_g_file(gcache_file)  # its errors name the file
-            try:
-                self.g_init = prepare_g_init(self.model, entries)
-            except PLDRError as exc:
-                raise PLDRError(f"{gcache_file}: {exc}") from None
+            # checked against the model, errors naming the file; then cast to its device/dtype
+            self.g_init = prepare_g_init(self.model, load_g_file(gcache_file, self.model.config))
 
     # ------------------------------------------------------------------ lm-eval properties
     @property

@@ -17,13 +17,18 @@ load such folders where transformers is not installed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, read_json_object
+from pldr_llm.fileio import (
+    CONFIG_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    load_safetensors,
+    read_json_object,
+)
 
 if TYPE_CHECKING:
     from pldr_llm.model.model import PLDRModel
@@ -120,16 +125,16 @@ def load_hf_state(model: PLDRModel, folder: str | Path) -> None:
 
 def read_hf_state(folder: str | Path) -> dict[str, Any]:
     """The weights of a transformers folder (single or sharded safetensors), on the CPU."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     single, index = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
     if single.is_file():
-        return load_file(str(single), device="cpu")
+        return load_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise PLDRError(f"{index}: no weight_map object")
         state: dict[str, Any] = {}
-        for shard in shards:
-            state.update(load_file(str(folder / shard), device="cpu"))
+        for shard in sorted(set(weight_map.values())):
+            state.update(load_safetensors(folder / shard))
         return state
     raise PLDRError(f"{folder} has no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME})")
