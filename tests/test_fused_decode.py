@@ -73,7 +73,7 @@ def test_rope_kv_rotates_like_the_model_and_writes_the_cache_in_place(interleave
     )
     ids = torch.tensor([4, config.pad_id, 9], device=DEVICE)
     bias = torch.full((batch, slots), MASK_VALUE, device=DEVICE)
-    queries = fused.rope_kv(model, qkv, positions, kv, ids, bias, config.pad_id, MASK_VALUE, True)
+    queries = fused.rope_kv(model, qkv, positions, kv, ids, bias, True)
 
     heads_view = qkv.view(batch, 1, 3 * heads, depth)
     rotated = rotary.rotate(heads_view[:, :, : 2 * heads], rotary.rotation(positions[:, None]))
@@ -90,7 +90,7 @@ def test_rope_kv_rotates_like_the_model_and_writes_the_cache_in_place(interleave
     assert bias[0, 2] == 0 and bias[2, 15] == 0 and bias[1, 9] == MASK_VALUE
     assert (bias == 0).sum() == 2
     before = bias.clone()
-    fused.rope_kv(model, qkv, positions, kv, ids, bias, config.pad_id, MASK_VALUE, False)
+    fused.rope_kv(model, qkv, positions, kv, ids, bias, False)
     assert torch.equal(bias, before)  # later layers leave the bias alone
 
 
@@ -255,7 +255,7 @@ def test_fused_step_on_the_110m_model(dtype):
     kv_copy = [StaticLayerKV(k.key.clone(), k.value.clone(), k.write_index) for k in engine.kv]
     with torch.inference_mode():
         hidden = fused.decode_hidden(
-            model, engine.packed, ids, positions, bias, engine.kv, engine.g, MASK_VALUE
+            model, engine.packed, ids, positions, bias, engine.kv, engine.g
         )
         bias_ref = engine.key_bias.clone()
         bias_ref.scatter_(1, engine.write_index[:, None], 0.0)  # no prompt ends in a pad id

@@ -721,7 +721,7 @@ class DecodeEngine:
             assert self.packed is not None
             hidden = decode_hidden(
                 model, self.packed, self.ids.view(-1), self.counters[0], self.key_bias,
-                self.kv, self.g, MASK_VALUE,
+                self.kv, self.g,
             )  # fmt: skip
             self._advance_rows(model.final_layer(hidden), variant)
             return

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from pldr_llm.model.plga import MASK_VALUE
+
 try:
     import triton
     import triton.language as tl
@@ -320,8 +322,6 @@ def rope_kv(
     kv: StaticLayerKV,
     ids: Tensor,
     key_bias: Tensor,
-    pad_id: int,
-    mask_value: float,
     write_bias: bool,
 ) -> Tensor:
     """Rotate the new queries and keys of the packed [B, 3 d_model] projection at
@@ -336,7 +336,7 @@ def rope_kv(
     options = {} if interpreting() else {"num_warps": 1, "enable_fp_fusion": False}
     _rope_kv_kernel[(batch, heads)](
         qkv, rotary.cos, rotary.sin, positions, kv.write_index, queries, kv.key, kv.value,
-        ids, key_bias, heads, kv.key.shape[2], pad_id, mask_value,
+        ids, key_bias, heads, kv.key.shape[2], config.pad_id, MASK_VALUE,
         DK=depth, INTERLEAVED=rotary.interleaved, WRITE_BIAS=write_bias, **options,
     )  # fmt: skip
     return queries
@@ -364,23 +364,20 @@ def decode_hidden(
     key_bias: Tensor,
     kv: Sequence[StaticLayerKV],
     g: Sequence[GCacheEntry],
-    mask_value: float,
 ) -> Tensor:
     """The decoder's last hidden state [B, d_model] for one new token per row (``ids`` [B] at
     rotary ``positions`` [B]), with the static KV-cache ``kv`` (written in place at its write
     index, which ``key_bias`` [B, slots] masks) and the G-cache ``g``: what
     ``model.run_layers(ids[:, None], positions[:, None], key_bias[:, None, None], False, kv, g,
     packed=packed)`` computes, in nine kernels a layer (see the module's docstring)."""
-    pad_id = model.config.pad_id
     hidden = embed_norm(model, ids)
     for index, (layer, pack, layer_kv, layer_g) in enumerate(
         zip(model.decoder.dec_layers, packed, kv, g)
     ):
         attention = layer.mha1
         queries = rope_kv(
-            model, pack.qkv(hidden), positions, layer_kv, ids, key_bias, pad_id, mask_value,
-            write_bias=index == 0,
-        )  # fmt: skip
+            model, pack.qkv(hidden), positions, layer_kv, ids, key_bias, write_bias=index == 0
+        )
         attended = attention.dense(attend(queries, layer_g.G_LM, layer_kv, key_bias))
         hidden = add_norm(hidden, attended, layer.layernorm1)
         ffn = layer.ffn.gluw3(silu_mul(pack.gate_up(hidden)))
