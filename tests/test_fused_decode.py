@@ -13,6 +13,9 @@ agree to a few float32 ulps of the values involved (1e-5 absolute on O(1) activa
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,12 +215,44 @@ def test_fused_engine_matches_the_op_by_op_step_for_each_variant(variant):
     assert _engine_ids(model, True, PROMPTS[:2], params) == expected
 
 
-def test_warm_up_runs_the_decode_of_an_uninitialized_model():
+def test_warm_up_runs_the_decode_of_an_unloaded_model():
     from pldr_llm.generation.warm import _decode_once, warm_up_in_background
 
     model = model_of()
     _decode_once(model.config, torch.float32, DEVICE, 3, 5, 40)  # raises if anything breaks
     assert warm_up_in_background(model.config, None, torch.device("cpu")) is None
+
+
+def test_warm_up_model_lies_wholly_on_the_device():
+    from pldr_llm.generation.warm import _stand_in_model
+
+    # "meta" stands for the GPU here: a tensor the construction leaves on the CPU (the rotary
+    # tables are computed there on purpose) would fail the warm-up's prefill on a GPU
+    model = _stand_in_model(model_of().config, torch.bfloat16, torch.device("meta"))
+    tensors = [*model.parameters(), *model.buffers()]
+    assert {t.device.type for t in tensors} == {"meta"}
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.bfloat16}
+
+
+def test_warm_up_imports_no_compiler_stack():
+    # The warm-up runs beside the weights' loading: an import of torch._dynamo in it (which a
+    # model built on "meta" triggers, through normal_'s meta kernel) took ~4.5 s on the GPU host
+    # with the interpreter and import locks held, and the loading waited for it.
+    script = (
+        "import sys, torch\n"
+        "import pldr_llm.generation\n"
+        "from pldr_llm.config import PLDRConfig\n"
+        "from pldr_llm.generation.warm import _decode_once\n"
+        "before = set(sys.modules)\n"
+        "config = PLDRConfig(num_layers=2, d_model=64, num_heads=4, dff=170, A_dff=24,\n"
+        "                    input_vocab_size=512, num_reslayerA=2, num_denseA=2, max_seq_len=64)\n"
+        "_decode_once(config, torch.float32, torch.device('cpu'), 2, 5, 40)\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith(('torch._dynamo', "
+        "'sympy'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_fused_engine_refuses_what_it_cannot_run():
@@ -276,7 +311,11 @@ def test_fused_step_on_the_110m_model(dtype):
         return
     from pldr_llm.generation.warm import _decode_once
 
+    cpu_rng = torch.get_rng_state()
     _decode_once(model.config, dtype, torch.device("cuda"), 3, 20, 64)  # the CLI's warm-up
+    # it runs beside the main thread's loading, whose model initialization draws on the CPU
+    # generator: the warm-up must not move it
+    assert torch.equal(torch.get_rng_state(), cpu_rng)
     for batch in (prompts[:1], prompts):
         greedy = [SamplingParams(top_k=1, max_new_tokens=128, stop_at_eos=False)] * len(batch)
         captured = pldr_llm.generate(model, batch, 128, top_k=1, stop_at_eos=False)
@@ -292,3 +331,15 @@ def test_fused_step_on_the_110m_model(dtype):
         )
     engines = model.__dict__["_pldr_decode_engines"]
     assert engines and all(e.fused for e in engines.values())
+
+
+def test_a_failed_warm_up_reports_its_reason():
+    from pldr_llm.generation.warm import WarmUp
+
+    def fails() -> None:
+        raise RuntimeError("Expected all tensors to be on the same device\nsecond line")
+
+    thread = WarmUp(fails)
+    thread.start()
+    thread.join()
+    assert thread.error == "Expected all tensors to be on the same device"

@@ -269,6 +269,8 @@ def run(args: argparse.Namespace) -> int:
     if warm is not None:
         warm.join()
         waited = time.perf_counter() - start
+        if warm.error:
+            log(args, f"the kernel warm-up failed ({warm.error}); generation loads them itself")
     produced = 0
     capture = 0.0
     if args.stream:
@@ -319,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds": round(seconds, 4),
             "capture_seconds": round(capture, 4),
             "warm_up_wait_seconds": round(waited, 4),
+            "warm_up_error": warm.error if warm is not None else None,
             "tokens_per_s": round(rate, 2),
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),

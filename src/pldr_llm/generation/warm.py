@@ -4,8 +4,8 @@ A fresh process pays, on its first decoding step on CUDA, for what every later s
 free: the CUDA context, cuBLAS and the kernels of each library (loaded on first use), and
 Triton's first kernel (which hashes Triton's own install, ~0.4 s, before it looks in its
 cache). None of it depends on the weights, only on the model's shapes and dtype, so
-:func:`warm_up_in_background` runs one short decode of an uninitialized model of the same
-configuration in a background thread, and the caller reads the weights meanwhile (most of that
+:func:`warm_up_in_background` runs one short decode of a model of the same configuration
+(random values, built on the device) in a background thread, and the caller reads the weights meanwhile (most of that
 time is file reads and copies, which leave the interpreter lock free).
 
 The thread runs no CUDA graph capture (a capture forbids other threads' device calls): the
@@ -15,10 +15,32 @@ real model's graphs are captured by the first generation, which then finds every
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from pldr_llm.config import PLDRConfig
+from pldr_llm.errors import first_line
+
+if TYPE_CHECKING:
+    from pldr_llm.model.model import PLDRModel
+
+
+def _stand_in_model(config: PLDRConfig, dtype: torch.dtype, device: torch.device) -> PLDRModel:
+    """A model of ``config`` on ``device`` in ``dtype`` whose values nobody reads.
+
+    Built on the device itself, not on "meta": the meta kernel of ``normal_`` (the embedding's
+    initializer) imports torch._dynamo, which takes seconds and holds the interpreter lock and
+    the import lock the whole time, stalling the weights' loading in the main thread. The
+    initialization draws on the device's default generator, which no sampling reads (rows draw
+    from their own seeds). The rotary tables are computed on the CPU on purpose (rope.py), so
+    the final ``to`` moves them."""
+    from pldr_llm.model.model import PLDRModel
+
+    with torch.device(device):
+        model = PLDRModel(config)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _decode_once(
@@ -32,15 +54,12 @@ def _decode_once(
     from pldr_llm.generation.api import batch_bucket
     from pldr_llm.generation.engine import DecodeEngine
     from pldr_llm.generation.sampling import SamplingParams
-    from pldr_llm.model.model import PLDRModel
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # per thread; "cuda" alone is the current device already
+    _hash_triton_in_background()
     with torch.no_grad():
-        with torch.device("meta"):
-            model = PLDRModel(config)
-        # Uninitialized memory: the values are never read by anyone; only the kernels matter.
-        model = model.to_empty(device=device).to(dtype).eval()
+        model = _stand_in_model(config, dtype, device)
         rows = batch_bucket(batch)  # the rows of the engine generate will use
         span = max(2, min(length, config.max_seq_len))
         # The uncaptured loop runs the captured loop's step (fused where it can be).
@@ -53,6 +72,42 @@ def _decode_once(
             torch.cuda.synchronize(device)
 
 
+def _hash_triton_in_background() -> None:
+    """Compute Triton's cache key of its own install (a hash of its ~0.5 GB library, the
+    first thing its first kernel launch does) in a thread of its own: hashing and file reads
+    leave the interpreter lock free, so it overlaps the CUDA start and the prefill below. The
+    result is cached in Triton; where Triton or the function is missing, nothing happens."""
+    try:
+        from triton.runtime.cache import triton_key  # where Triton 3.x keeps it
+    except Exception:  # noqa: BLE001 - another Triton layout: its first launch hashes instead
+        return
+
+    def run() -> None:
+        try:
+            triton_key()
+        except Exception:  # noqa: BLE001 - an optimization only
+            pass
+
+    threading.Thread(target=run, name="pldr-llm-triton-key", daemon=True).start()
+
+
+class WarmUp(threading.Thread):
+    """The warm-up's daemon thread; after ``join()``, ``error`` is the one-line reason it
+    failed (None when it ran through). A failure only means the first generation loads the
+    code itself, so the caller reports it rather than stopping."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        super().__init__(name="pldr-llm-warm-up", daemon=True)
+        self._work = work
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self._work()
+        except Exception as exc:  # noqa: BLE001 - an optimization only: generation loads it anyway
+            self.error = first_line(exc)
+
+
 def warm_up_in_background(
     config: PLDRConfig,
     dtype: torch.dtype | None,
@@ -60,22 +115,14 @@ def warm_up_in_background(
     batch: int = 1,
     prompt_length: int = 1,
     length: int = 64,
-) -> threading.Thread | None:
+) -> WarmUp | None:
     """Start loading, in a daemon thread, the GPU code that decoding ``batch`` prompts of
     ``prompt_length`` tokens up to ``length`` tokens with a model of ``config`` in ``dtype`` on
-    ``device`` will use; returns the thread (``join()`` it before generating), or None where
-    there is nothing to load (not CUDA). A failure in the thread is silent: it only means the
-    first generation loads the code itself."""
+    ``device`` will use; returns the thread (``join()`` it before generating, then read its
+    ``error``), or None where there is nothing to load (not CUDA)."""
     if device.type != "cuda":
         return None
-    dtype = dtype or torch.float32
-
-    def run() -> None:
-        try:
-            _decode_once(config, dtype, device, batch, prompt_length, length)
-        except Exception:  # noqa: BLE001 - an optimization only: generation loads it anyway
-            pass
-
-    thread = threading.Thread(target=run, name="pldr-llm-warm-up", daemon=True)
+    chosen = dtype or torch.float32
+    thread = WarmUp(lambda: _decode_once(config, chosen, device, batch, prompt_length, length))
     thread.start()
     return thread
