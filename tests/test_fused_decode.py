@@ -215,11 +215,25 @@ def test_fused_engine_matches_the_op_by_op_step_for_each_variant(variant):
     assert _engine_ids(model, True, PROMPTS[:2], params) == expected
 
 
-def test_warm_up_runs_the_decode_of_an_unloaded_model():
+def test_warm_up_runs_the_decode_of_an_unloaded_model(monkeypatch):
+    from pldr_llm.generation import DecodeEngine, SamplingParams
     from pldr_llm.generation.warm import _decode_once, warm_up_in_background
 
+    seen = []
+    add_many = DecodeEngine.add_many
+
+    def spy(self, prompts, params):
+        seen.extend(params)
+        return add_many(self, prompts, params)
+
+    monkeypatch.setattr(DecodeEngine, "add_many", spy)
     model = model_of()
-    _decode_once(model.config, torch.float32, DEVICE, 3, 5, 40)  # raises if anything breaks
+    top_p = SamplingParams(temperature=0.7, top_p=0.9)
+    _decode_once(model.config, torch.float32, DEVICE, 3, 5, 40, top_p)  # raises if it breaks
+    # the generation's filters (their kernels are what is loaded), with a seed of its own: a
+    # drawn one would take a number from the CPU generator the main thread is using
+    assert {(p.temperature, p.top_k, p.top_p, p.seed) for p in seen} == {(0.7, 0, 0.9, 0)}
+    assert len(seen) == 4  # three prompts, in the engine's bucket of four rows
     assert warm_up_in_background(model.config, None, torch.device("cpu")) is None
 
 

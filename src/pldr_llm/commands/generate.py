@@ -203,7 +203,13 @@ def run(args: argparse.Namespace) -> int:
         resolve_device,
         resolve_dtype,
     )
-    from pldr_llm.generation import StopStrings, final_text, generate_details, validate_sampling
+    from pldr_llm.generation import (
+        SamplingParams,
+        StopStrings,
+        final_text,
+        generate_details,
+        validate_sampling,
+    )
     from pldr_llm.generation.warm import warm_up_in_background
     from pldr_llm.gfile import load_g_file
 
@@ -243,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
     if not (args.no_kv_cache or args.compile):
         rows = 1 if args.stream else min(len(prompt_ids), args.batch_size)
         length = longest + args.max_new_tokens
-        warm = warm_up_in_background(config, dtype, device, rows, longest, length)
+        filters = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        warm = warm_up_in_background(config, dtype, device, rows, longest, length, filters)
     model, _ = load_bundle(files, device=device, dtype=dtype, tokenizer=tokenizer)
     log(
         args,

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from pldr_llm.config import PLDRConfig
 from pldr_llm.errors import first_line
+from pldr_llm.generation.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pldr_llm.model.model import PLDRModel
@@ -50,10 +52,10 @@ def _decode_once(
     batch: int,
     prompt_length: int,
     length: int,
+    sampling: SamplingParams | None = None,
 ) -> None:
     from pldr_llm.generation.api import batch_bucket
     from pldr_llm.generation.engine import DecodeEngine
-    from pldr_llm.generation.sampling import SamplingParams
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # per thread; "cuda" alone is the current device already
@@ -65,7 +67,11 @@ def _decode_once(
         # The uncaptured loop runs the captured loop's step (fused where it can be).
         engine = DecodeEngine(model, rows, span, cuda_graph=False)
         prompt = [config.eos_id] * max(1, min(prompt_length, length - 2))
-        params = SamplingParams(top_k=1, max_new_tokens=3, stop_at_eos=False)
+        # The generation's own filters (greedy and top-p load different kernels); a fixed seed,
+        # so that the thread draws nothing from the CPU generator the main thread uses.
+        params = replace(
+            sampling or SamplingParams(top_k=1), seed=0, max_new_tokens=3, stop_at_eos=False
+        )
         engine.add_many([prompt] * rows, [params] * rows)
         engine.advance(2)
         if device.type == "cuda":
@@ -115,14 +121,18 @@ def warm_up_in_background(
     batch: int = 1,
     prompt_length: int = 1,
     length: int = 64,
+    sampling: SamplingParams | None = None,
 ) -> WarmUp | None:
     """Start loading, in a daemon thread, the GPU code that decoding ``batch`` prompts of
     ``prompt_length`` tokens up to ``length`` tokens with a model of ``config`` in ``dtype`` on
-    ``device`` will use; returns the thread (``join()`` it before generating, then read its
-    ``error``), or None where there is nothing to load (not CUDA)."""
+    ``device``, sampled as ``sampling`` says (its filters; default greedy), will use; returns
+    the thread (``join()`` it before generating, then read its ``error``), or None where there
+    is nothing to load (not CUDA)."""
     if device.type != "cuda":
         return None
     chosen = dtype or torch.float32
-    thread = WarmUp(lambda: _decode_once(config, chosen, device, batch, prompt_length, length))
+    thread = WarmUp(
+        lambda: _decode_once(config, chosen, device, batch, prompt_length, length, sampling)
+    )
     thread.start()
     return thread
