@@ -30,6 +30,11 @@ def test_quick_mode_measures_every_path(tmp_path: Path) -> None:
         assert row["tokens_per_s"] > 0
     cli = [r for r in data["rows"] if r["path"].startswith("CLI")]
     assert all(r["new_tokens"] > 0 and r["capture_seconds"] == 0.0 for r in cli)  # CPU: no graph
+    again = [r for r in cli if r["path"].startswith("CLI again") and r["batch"] == 1]
+    assert again  # batch 1's later call: the median of three calls, each recorded
+    for row in again:
+        assert len(row["tokens_per_s_calls"]) == 3
+        assert row["tokens_per_s"] == sorted(row["tokens_per_s_calls"])[1]
     hf = next(r for r in data["rows"] if r["path"].startswith("transformers"))
     assert hf["ids_equal_native"] is True
     assert data["ids_equal_eager"] and all(data["ids_equal_eager"].values())
