@@ -397,3 +397,37 @@ def test_cli_tokenizer_train_errors(corpus_files: dict[str, Path], tmp_path: Pat
         assert result.stderr.strip().splitlines() == [result.stderr.strip()]
         assert result.stderr.startswith("pldr-llm: error:") and message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_cli_tokenizer_train_passes_every_option(monkeypatch, tmp_path: Path) -> None:
+    import functools
+
+    import pldr_llm.tokenizer
+    from pldr_llm.cli import main
+
+    seen: dict = {}
+
+    @functools.wraps(pldr_llm.tokenizer.train_tokenizer)  # its signature, which the CLI reads
+    def record(**options):
+        seen.update(options)
+        raise PLDRError("recorded")
+
+    monkeypatch.setattr(pldr_llm.tokenizer, "train_tokenizer", record)
+    argv = [
+        "tokenizer", "train", "-i", "a.txt", "b.txt", "--vocab-size", "300", "--out", "p",
+        "--column", "body", "--input-sentence-size", "50", "--character-coverage", "0.99",
+        "--threads", "2", "--seed", "7", "--no-progress", "--verbose",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    assert seen == {
+        "inputs": ["a.txt", "b.txt"],
+        "vocab_size": 300,
+        "out_prefix": "p",
+        "column": "body",
+        "input_sentence_size": 50,
+        "character_coverage": 0.99,
+        "num_threads": 2,
+        "seed": 7,
+        "progress": False,
+        "verbose": True,
+    }

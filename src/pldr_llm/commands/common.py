@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pldr_llm.errors import PLDRError
 
@@ -42,6 +44,13 @@ def add_prompt_arguments(
             help="a prompt as token ids, e.g. '12 7 99' or '12,7,99' (repeatable; no tokenizer "
             "needed)",
         )
+
+
+def options_for(function: Callable[..., Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options named like ``function``'s keyword parameters (give an option the
+    parameter's name as its ``dest``), so that a command passes them on without listing each."""
+    names = inspect.signature(function).parameters
+    return {name: value for name, value in vars(args).items() if name in names}
 
 
 def log(args: argparse.Namespace, message: str) -> None:

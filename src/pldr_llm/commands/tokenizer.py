@@ -30,14 +30,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "streamed: plain text (one sentence per line; .gz/.bz2/.xz too), JSON lines and parquet "
         "(the text field is --column).",
     )
+    # Each option's dest is the name of train_tokenizer's parameter it fills (options_for).
     train.add_argument(
-        "--input", "-i", nargs="+", required=True, metavar="FILE", help="input files"
+        "--input",
+        "-i",
+        dest="inputs",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="input files",
     )
     train.add_argument(
         "--vocab-size", type=int, required=True, metavar="N", help="number of pieces"
     )
     train.add_argument(
-        "--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab"
+        "--out",
+        dest="out_prefix",
+        required=True,
+        metavar="PREFIX",
+        help="writes PREFIX.model and PREFIX.vocab",
     )
     train.add_argument(
         "--column", default=None, help="text field of JSON-lines/parquet records (default: text)"
@@ -50,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lines SentencePiece samples for training (default: 5000000, as the original)",
     )
     train.add_argument("--character-coverage", type=float, default=0.9995, help="default: 0.9995")
-    train.add_argument("--threads", type=int, default=None, help="trainer threads")
+    train.add_argument(
+        "--threads", dest="num_threads", type=int, metavar="N", help="trainer threads"
+    )
     train.add_argument("--seed", type=int, default=None, help="seed of the line sampling")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
@@ -78,20 +91,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train a tokenizer; prints the ``.model`` path on stdout."""
+    from pldr_llm.commands.common import options_for
     from pldr_llm.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(
-        args.input,
-        vocab_size=args.vocab_size,
-        out_prefix=args.out,
-        column=args.column,
-        input_sentence_size=args.input_sentence_size,
-        character_coverage=args.character_coverage,
-        num_threads=args.threads,
-        seed=args.seed,
-        progress=not args.no_progress,
-        verbose=args.verbose,
-    )
+    tok = train_tokenizer(**options_for(train_tokenizer, args), progress=not args.no_progress)
     print(f"trained a {tok.vocab_size}-piece unigram tokenizer: {tok.model_path}", file=sys.stderr)
     if tok.vocab_size < args.vocab_size:
         # The original trains with a soft vocabulary limit: a small corpus gives fewer pieces.
