@@ -13,6 +13,7 @@ agree to a few float32 ulps of the values involved (1e-5 absolute on O(1) activa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -357,3 +358,20 @@ def test_a_failed_warm_up_reports_its_reason():
     thread.start()
     thread.join()
     assert thread.error == "Expected all tensors to be on the same device"
+
+
+def test_the_cpu_loop_never_imports_triton():
+    # Importing Triton costs ~0.1-0.4 s; the CPU's op-by-op step has no use for it (and the
+    # CLI's main thread on a GPU leaves it to the warm-up thread).
+    script = (
+        "import sys, torch, pldr_llm\n"
+        "from pldr_llm import PLDRConfig, PLDRModel\n"
+        "config = PLDRConfig(num_layers=1, d_model=64, num_heads=4, dff=170, A_dff=24,\n"
+        "                    input_vocab_size=512, num_reslayerA=1, num_denseA=1, max_seq_len=64)\n"
+        "out = pldr_llm.generate(PLDRModel(config).eval(), [5, 6, 7], 4, top_k=1)\n"
+        "print(len(out), 'triton' in sys.modules)\n"  # prompt + 4 new ids, flat
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["7", "False"]

@@ -28,20 +28,17 @@ and the decoding loop runs the op-by-op step.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from pldr_llm.model.plga import MASK_VALUE
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU wheel of torch comes without Triton
-    triton = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from pldr_llm.model.cache import GCacheEntry, StaticLayerKV
@@ -61,7 +58,7 @@ def interpreting() -> bool:
 def available(device: torch.device) -> bool:
     """Whether the fused kernels can run on ``device``: Triton is installed and the device is
     CUDA (or the CPU under Triton's interpreter)."""
-    if triton is None:
+    if not _triton_installed():
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
@@ -81,198 +78,47 @@ def supports(model: PLDRModel) -> str | None:
     return None
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # Looked up, not imported: importing Triton costs ~0.1-0.4 s (see fused_kernels).
+    return importlib.util.find_spec("triton") is not None
+
+
+_KERNELS: SimpleNamespace | None = None
+
+
+def _kernels() -> SimpleNamespace:
+    """The Triton kernels (pldr_llm.model.fused_kernels), imported on the first fused call."""
+    global _KERNELS
+    if _KERNELS is None:
+        from pldr_llm.model.fused_kernels import (
+            add_norm_kernel,
+            advance_kernel,
+            argmax_partial_kernel,
+            attend_kernel,
+            embed_norm_kernel,
+            rope_kv_kernel,
+            silu_mul_kernel,
+        )
+
+        _KERNELS = SimpleNamespace(
+            add_norm=add_norm_kernel,
+            advance=advance_kernel,
+            argmax_partial=argmax_partial_kernel,
+            attend=attend_kernel,
+            embed_norm=embed_norm_kernel,
+            rope_kv=rope_kv_kernel,
+            silu_mul=silu_mul_kernel,
+        )
+    return _KERNELS
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _block(n: int) -> int:
     return 1 << max(4, (n - 1).bit_length())
-
-
-if triton is not None:
-
-    @triton.jit
-    def _norm_store(s, w_ptr, b_ptr, out_ptr, offs, mask, n, eps):
-        """LayerNorm of the float32 row ``s`` (zero past ``n``), stored in out's dtype."""
-        mean = tl.sum(s, axis=0) / n
-        centered = tl.where(mask, s - mean, 0.0)
-        var = tl.sum(centered * centered, axis=0) / n
-        rstd = 1.0 / tl.sqrt(var + eps)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (centered * rstd * w + b).to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _embed_norm_kernel(
-        ids_ptr, table_ptr, w_ptr, b_ptr, out_ptr, scale, eps, n, BLOCK: tl.constexpr
-    ):
-        row = tl.program_id(0)
-        token = tl.load(ids_ptr + row)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(table_ptr + token * n + offs, mask=mask, other=0.0).to(tl.float32)
-        # embedding * sqrt(d_model) is rounded to the model's dtype before the LayerNorm
-        x = (x * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
-        _norm_store(x, w_ptr, b_ptr, out_ptr + row * n, offs, mask, n, eps)
-
-    @triton.jit
-    def _add_norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, out_ptr, eps, n, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-        s = (x + y).to(out_ptr.dtype.element_ty).to(tl.float32)  # the residual, in the dtype
-        _norm_store(s, w_ptr, b_ptr, out_ptr + row * n, offs, mask, n, eps)
-
-    @triton.jit
-    def _silu_mul_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < width
-        gate = tl.load(gate_up_ptr + row * 2 * width + offs, mask=mask, other=0.0)
-        up = tl.load(gate_up_ptr + row * 2 * width + width + offs, mask=mask, other=0.0)
-        dtype = out_ptr.dtype.element_ty
-        g = gate.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)  # SiLU, rounded like F.silu
-        tl.store(out_ptr + row * width + offs, (act * up.to(tl.float32)).to(dtype), mask=mask)
-
-    @triton.jit
-    def _rotate(x, partner, cos, sin, ROTATE_F32: tl.constexpr, dtype: tl.constexpr):
-        """``x * cos + partner * sin`` rounded as RotaryEmbedding.rotate rounds it."""
-        if ROTATE_F32:  # the original's rotation: float32, cast back at the end
-            out = x.to(tl.float32) * cos + partner.to(tl.float32) * sin
-        else:  # transformers': every product and the sum in the input's dtype
-            c = cos.to(dtype).to(tl.float32)
-            s = sin.to(dtype).to(tl.float32)
-            a = (x.to(tl.float32) * c).to(dtype).to(tl.float32)
-            b = (partner.to(tl.float32) * s).to(dtype).to(tl.float32)
-            out = a + b
-        return out.to(dtype)
-
-    @triton.jit
-    def _rope_kv_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, widx_ptr, q_ptr, key_ptr, value_ptr,
-        ids_ptr, bias_ptr, heads, slots, pad_id, mask_value,
-        DK: tl.constexpr, INTERLEAVED: tl.constexpr, WRITE_BIAS: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        offs = tl.arange(0, DK)
-        if INTERLEAVED:  # pairs (2i, 2i + 1)
-            partner = offs ^ 1
-        else:  # pairs (i, i + dk/2)
-            partner = (offs + DK // 2) % DK
-        pos = tl.load(pos_ptr + row)
-        cos = tl.load(cos_ptr + pos * DK + offs).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * DK + offs).to(tl.float32)
-        dtype = q_ptr.dtype.element_ty
-        q_base = qkv_ptr + row * 3 * heads * DK + head * DK
-        k_base = q_base + heads * DK
-        v_base = k_base + heads * DK
-        q = _rotate(tl.load(q_base + offs), tl.load(q_base + partner), cos, sin, INTERLEAVED, dtype)
-        k = _rotate(tl.load(k_base + offs), tl.load(k_base + partner), cos, sin, INTERLEAVED, dtype)
-        tl.store(q_ptr + (row * heads + head) * DK + offs, q)
-        slot = tl.load(widx_ptr + row)
-        cache = ((row * heads + head) * slots + slot) * DK + offs
-        tl.store(key_ptr + cache, k.to(key_ptr.dtype.element_ty))
-        tl.store(value_ptr + cache, tl.load(v_base + offs).to(value_ptr.dtype.element_ty))
-        if WRITE_BIAS:
-            if head == 0:  # a key that is the pad id stays masked, like the original's
-                token = tl.load(ids_ptr + row)
-                bias = tl.where(token != pad_id, 0.0, mask_value)
-                tl.store(bias_ptr + row * slots + slot, bias.to(bias_ptr.dtype.element_ty))
-
-    @triton.jit
-    def _attend_kernel(
-        q_ptr, g_ptr, key_ptr, value_ptr, bias_ptr, widx_ptr, out_ptr,
-        heads, slots, g_row_stride, scale,
-        DK: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        dtype = out_ptr.dtype.element_ty
-        d = tl.arange(0, DK)
-        q = tl.load(q_ptr + (row * heads + head) * DK + d).to(tl.float32)
-        g_base = g_ptr + row * g_row_stride + head * DK * DK
-        g = tl.load(g_base + d[:, None] * DK + d[None, :]).to(tl.float32)
-        # q G_LM, rounded to the dtype as the model's matmul rounds it
-        t = tl.sum(q[:, None] * g, axis=0).to(dtype).to(tl.float32)
-        # Only the keys written so far (slots up to this step's write index) can be unmasked.
-        written = tl.load(widx_ptr + row) + 1
-        cache = (row * heads + head) * slots * DK
-        m = tl.full([1], float("-inf"), tl.float32)
-        total = tl.zeros([1], tl.float32)
-        acc = tl.zeros([DK], tl.float32)
-        for start in range(0, written, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            valid = n < written
-            k = tl.load(key_ptr + cache + n[:, None] * DK + d[None, :], mask=valid[:, None])
-            s = tl.sum(k.to(tl.float32) * t[None, :], axis=1) * scale
-            bias = tl.load(bias_ptr + row * slots + n, mask=valid, other=0.0).to(tl.float32)
-            s = tl.where(valid, s + bias, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new)
-            v = tl.load(value_ptr + cache + n[:, None] * DK + d[None, :], mask=valid[:, None])
-            total = total * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            m = m_new
-        tl.store(out_ptr + (row * heads + head) * DK + d, (acc / total).to(dtype))
-
-    @triton.jit
-    def _argmax_partial_kernel(logits_ptr, best_ptr, where_ptr, vocab, parts, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        part = tl.program_id(1)
-        offs = part * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(logits_ptr + row * vocab + offs, mask=offs < vocab, other=float("-inf"))
-        x = x.to(tl.float32)
-        best = tl.max(x, axis=0)
-        # the first index of the maximum, as torch.argmax picks it
-        first = tl.min(tl.where(x == best, offs, vocab), axis=0)
-        tl.store(best_ptr + row * parts + part, best)
-        tl.store(where_ptr + row * parts + part, first)
-
-    @triton.jit
-    def _advance_kernel(
-        new_ptr, best_ptr, where_ptr, ids_ptr, active_ptr, done_ptr, counters_ptr,
-        history_ptr, report_ptr, stop_ptr, max_new_ptr, forced_ptr, forced_len_ptr,
-        batch, slots, parts, vocab,
-        N_STOP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
-        GREEDY: tl.constexpr, FORCING: tl.constexpr,
-    ):  # fmt: skip
-        rows = tl.arange(0, BLOCK_B)
-        in_batch = rows < batch
-        if GREEDY:  # finish the arg-max: the first part holding the maximum
-            p = tl.arange(0, BLOCK_P)
-            at = rows[:, None] * parts + p[None, :]
-            ok = in_batch[:, None] & (p[None, :] < parts)
-            best = tl.load(best_ptr + at, mask=ok, other=float("-inf"))
-            top = tl.max(best, axis=1)
-            index = tl.load(where_ptr + at, mask=ok, other=vocab)
-            new = tl.min(tl.where(best == top[:, None], index, vocab), axis=1).to(tl.int64)
-        else:
-            new = tl.load(new_ptr + rows, mask=in_batch, other=0)
-        active = tl.load(active_ptr + rows, mask=in_batch, other=0) != 0
-        done = tl.load(done_ptr + rows, mask=in_batch, other=0) != 0
-        run = active & (done == 0)
-        generated = tl.load(counters_ptr + 2 * batch + rows, mask=in_batch, other=0)
-        column = tl.minimum(generated, slots - 1)
-        if FORCING:
-            forced = tl.load(forced_ptr + rows * slots + column, mask=in_batch, other=0)
-            forced_len = tl.load(forced_len_ptr + rows, mask=in_batch, other=0)
-            new = tl.where(generated < forced_len, forced, new)
-        ids = tl.load(ids_ptr + rows, mask=in_batch, other=0)
-        # the pending tokens, and whether each was its row's last, before they are replaced
-        tl.store(report_ptr + rows, ids.to(tl.float32), mask=in_batch)
-        tl.store(report_ptr + batch + rows, done.to(tl.float32), mask=in_batch)
-        tl.store(history_ptr + rows * slots + column, new, mask=in_batch)
-        ids = tl.where(run, new, ids)
-        tl.store(ids_ptr + rows, ids, mask=in_batch)
-        step = run.to(tl.int64)
-        for c in range(3):  # position, write index, tokens generated
-            at_c = counters_ptr + c * batch + rows
-            tl.store(at_c, tl.load(at_c, mask=in_batch, other=0) + step, mask=in_batch)
-        stop = (generated + step) >= tl.load(max_new_ptr + rows, mask=in_batch, other=0)
-        for j in range(N_STOP):
-            stop = stop | (tl.load(stop_ptr + rows * N_STOP + j, mask=in_batch, other=-1) == ids)
-        tl.store(done_ptr + rows, active & stop, mask=in_batch)
 
 
 def _launch_options(num_warps: int) -> dict:
@@ -286,7 +132,7 @@ def embed_norm(model: PLDRModel, ids: Tensor) -> Tensor:
     table, norm = decoder.embedding.weight, decoder.layernorm1
     width = table.shape[1]
     out = torch.empty(ids.shape[0], width, dtype=table.dtype, device=table.device)
-    _embed_norm_kernel[(ids.shape[0],)](
+    _kernels().embed_norm[(ids.shape[0],)](
         ids, table, norm.weight, norm.bias, out, decoder.embedding_scale, norm.eps, width,
         BLOCK=_block(width), **_launch_options(4),
     )  # fmt: skip
@@ -297,7 +143,7 @@ def add_norm(x: Tensor, y: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
     """``norm(x + y)`` for [B, d] rows (the sum rounded to the dtype first, as the model does)."""
     out = torch.empty_like(x)
     width = x.shape[-1]
-    _add_norm_kernel[(x.shape[0],)](
+    _kernels().add_norm[(x.shape[0],)](
         x, y, norm.weight, norm.bias, out, norm.eps, width, BLOCK=_block(width),
         **_launch_options(4),
     )  # fmt: skip
@@ -309,7 +155,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     batch, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(batch, width, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(batch, triton.cdiv(width, block))](
+    _kernels().silu_mul[(batch, _ceil_div(width, block))](
         gate_up, out, width, BLOCK=block, **_launch_options(4)
     )
     return out
@@ -334,7 +180,7 @@ def rope_kv(
     batch = qkv.shape[0]
     queries = torch.empty(batch, heads, depth, dtype=qkv.dtype, device=qkv.device)
     options = {} if interpreting() else {"num_warps": 1, "enable_fp_fusion": False}
-    _rope_kv_kernel[(batch, heads)](
+    _kernels().rope_kv[(batch, heads)](
         qkv, rotary.cos, rotary.sin, positions, kv.write_index, queries, kv.key, kv.value,
         ids, key_bias, heads, kv.key.shape[2], config.pad_id, MASK_VALUE,
         DK=depth, INTERLEAVED=rotary.interleaved, WRITE_BIAS=write_bias, **options,
@@ -348,7 +194,7 @@ def attend(queries: Tensor, g_lm: Tensor, kv: StaticLayerKV, key_bias: Tensor) -
     batch, heads, depth = queries.shape
     out = torch.empty(batch, heads * depth, dtype=queries.dtype, device=queries.device)
     g_row_stride = g_lm.stride(0) if g_lm.shape[0] > 1 else 0
-    _attend_kernel[(batch, heads)](
+    _kernels().attend[(batch, heads)](
         queries, g_lm, kv.key, kv.value, key_bias, kv.write_index, out,
         heads, kv.key.shape[2], g_row_stride, depth**-0.5,
         DK=depth, BLOCK_N=KEY_BLOCK, **_launch_options(4),
@@ -389,10 +235,10 @@ def argmax_partial(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Per row of [B, V] logits and per block of :data:`ARGMAX_BLOCK`: the maximum and the first
     index holding it ([B, parts] each); :func:`advance` finishes the arg-max."""
     batch, vocab = logits.shape
-    parts = triton.cdiv(vocab, ARGMAX_BLOCK)
+    parts = _ceil_div(vocab, ARGMAX_BLOCK)
     best = torch.empty(batch, parts, dtype=torch.float32, device=logits.device)
     where = torch.empty(batch, parts, dtype=torch.int64, device=logits.device)
-    _argmax_partial_kernel[(batch, parts)](
+    _kernels().argmax_partial[(batch, parts)](
         logits, best, where, vocab, parts, BLOCK=ARGMAX_BLOCK, **_launch_options(4)
     )
     return best, where
@@ -426,7 +272,7 @@ def advance(
         best, where = argmax_partial(logits)
         parts, vocab = best.shape[1], logits.shape[1]
     forcing = forced is not None
-    _advance_kernel[(1,)](
+    _kernels().advance[(1,)](
         new if new is not None else ids, best if best is not None else report,
         where if where is not None else ids, ids, active, done, counters, history, report,
         stop_ids, max_new, forced if forcing else ids, forced_len if forcing else ids,
