@@ -59,7 +59,8 @@ def _decode_once(
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # per thread; "cuda" alone is the current device already
-    _hash_triton_in_background()
+    if device.type == "cuda":
+        _load_triton_in_background()
     with torch.no_grad():
         model = _stand_in_model(config, dtype, device)
         rows = batch_bucket(batch)  # the rows of the engine generate will use
@@ -78,23 +79,22 @@ def _decode_once(
             torch.cuda.synchronize(device)
 
 
-def _hash_triton_in_background() -> None:
-    """Compute Triton's cache key of its own install (a hash of its ~0.5 GB library, the
-    first thing its first kernel launch does) in a thread of its own: hashing and file reads
-    leave the interpreter lock free, so it overlaps the CUDA start and the prefill below. The
-    result is cached in Triton; where Triton or the function is missing, nothing happens."""
-    try:
-        from triton.runtime.cache import triton_key  # where Triton 3.x keeps it
-    except Exception:  # noqa: BLE001 - another Triton layout: its first launch hashes instead
-        return
+def _load_triton_in_background() -> None:
+    """Import Triton and compute its cache key of its own install (a hash of its ~0.5 GB
+    library, the first thing its first kernel launch does) in a thread of its own, beside the
+    CUDA start and the prefill below: the hashing and file reads leave the interpreter lock
+    free. Both results are kept by Python and Triton for the first fused kernel; where Triton
+    or the function is missing, nothing happens."""
 
     def run() -> None:
         try:
+            from triton.runtime.cache import triton_key  # where Triton 3.x keeps it
+
             triton_key()
-        except Exception:  # noqa: BLE001 - an optimization only
+        except Exception:  # noqa: BLE001 - an optimization only; the first launch does it
             pass
 
-    threading.Thread(target=run, name="pldr-llm-triton-key", daemon=True).start()
+    threading.Thread(target=run, name="pldr-llm-triton", daemon=True).start()
 
 
 class WarmUp(threading.Thread):
