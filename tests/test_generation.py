@@ -139,12 +139,18 @@ def test_bad_sampling_arguments(tiny_model, kwargs, message, call):
 
 
 def test_bad_inputs(tiny_model):
-    from pldr_llm.generation import stream_generate
+    from pldr_llm.generation import DecodeEngine, SamplingParams, stream_generate
 
-    with pytest.raises(PLDRError, match="outside the vocabulary"):
-        generate(tiny_model, [4, 300], 2)
-    with pytest.raises(PLDRError, match="outside the vocabulary"):
+    vocab = tiny_model.config.input_vocab_size
+    with pytest.raises(
+        PLDRError, match=rf"token id {vocab} is outside the vocabulary \[0, {vocab}\)"
+    ):
+        generate(tiny_model, [4, vocab], 2)
+    with pytest.raises(PLDRError, match="token id -1 is outside the vocabulary"):
         tiny_model(torch.tensor([[-1, 4]]))
+    engine = DecodeEngine(tiny_model, 1, 16)
+    with pytest.raises(PLDRError, match=f"token id {vocab + 5} is outside"):
+        engine.add_many([[4, vocab + 5]], [SamplingParams(max_new_tokens=2)])
     too_long = list(range(4, 4 + tiny_model.config.max_seq_len + 1))
     with pytest.raises(PLDRError, match="max_seq_len"):
         generate(tiny_model, [t % 290 + 4 for t in too_long], 1)

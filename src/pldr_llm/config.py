@@ -427,6 +427,15 @@ class PLDRConfig:
         return cls.from_json(path.read_text())
 
 
+def check_token_range(low: int, high: int, vocab: int) -> None:
+    """Raise a one-line :class:`PLDRError` unless ids from ``low`` to ``high`` (a batch's
+    smallest and largest) are ids of a vocabulary of ``vocab`` entries."""
+    if low < 0 or high >= vocab:
+        raise PLDRError(
+            f"token id {low if low < 0 else high} is outside the vocabulary [0, {vocab})"
+        )
+
+
 def _activation_name(value: Any) -> str:
     if callable(value):
         value = getattr(value, "__name__", repr(value))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pldr_llm.config import PLDRConfig
+from pldr_llm.config import PLDRConfig, check_token_range
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation.engine import DecodeEngine
 from pldr_llm.generation.sampling import SamplingParams, draw_seed
@@ -212,9 +212,7 @@ def generate_details(
     _check_fits(config, longest, max_new_tokens)
     vocab = config.input_vocab_size
     flat = [t for r in rows for t in r]
-    if min(flat) < 0 or max(flat) >= vocab:
-        bad = min(flat) if min(flat) < 0 else max(flat)
-        raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+    check_token_range(min(flat), max(flat), vocab)
     if seed is None:
         # One seed for every row: each row samples what it would alone with that seed.
         cpu = generator is not None and generator.device.type == "cpu"

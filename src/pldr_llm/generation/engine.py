@@ -44,6 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from pldr_llm.config import check_token_range
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation.graphs import capture_graph, maybe_compile, sdpa_backends
 from pldr_llm.generation.sampling import (
@@ -430,9 +431,7 @@ class DecodeEngine:
             row = [int(t) for t in prompt]
             if not row:
                 raise PLDRError("empty prompt (start from the end-of-text id instead)")
-            if min(row) < 0 or max(row) >= vocab:
-                bad = min(row) if min(row) < 0 else max(row)
-                raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+            check_token_range(min(row), max(row), vocab)
             if p.max_new_tokens < 1:
                 raise PLDRError("max_new_tokens must be >= 1 for a decoding slot")
             if len(row) + p.max_new_tokens > self.max_len:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pldr_llm.config import PLDRConfig
+from pldr_llm.config import PLDRConfig, check_token_range
 from pldr_llm.errors import PLDRError
 from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, save_safetensors
 from pldr_llm.model.cache import (
@@ -173,10 +173,7 @@ class PLDRModel(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise PLDRError(f"input_ids must be integer ids, got {input_ids.dtype}")
         if check_ids:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= vocab:
-                bad = low if low < 0 else high
-                raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+            check_token_range(int(input_ids.min()), int(input_ids.max()), vocab)
         if labels is not None and labels.shape != input_ids.shape:
             raise PLDRError(
                 f"labels shape {tuple(labels.shape)} differs from input_ids shape "

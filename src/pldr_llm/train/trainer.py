@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pldr_llm.config import check_token_range
 from pldr_llm.errors import PLDRError
 from pldr_llm.train.checkpointing import (
     CheckpointManager,
@@ -221,10 +222,7 @@ class Trainer:
         prepared: list[torch.Tensor] = []
         for mb in micro:
             if vocab is not None:
-                low, high = int(mb.min()), int(mb.max())
-                if low < 0 or high >= vocab:
-                    bad = low if low < 0 else high
-                    raise PLDRError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+                check_token_range(int(mb.min()), int(mb.max()), vocab)
             tokens += int((mb[:, 1:] != self.pad_id).sum())
             padded.append(bool((mb[:, :-1] == self.pad_id).any()))
             if pin and mb.device.type == "cpu":
