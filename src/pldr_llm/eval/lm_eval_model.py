@@ -322,7 +322,8 @@ class PLDRLLMEvalModel(TemplateLM):
         mask[len(inputs) :, 0] = 1
         captured = self._captured_forward(shape)
         if captured is not None:
-            hidden = captured(ids.to(device), mask.to(device)).hidden_states
+            # copied from the host straight into the graph's static input buffers
+            hidden = captured(ids, mask).hidden_states
         else:
             hidden = model(
                 ids.to(device),
