@@ -530,6 +530,25 @@ def test_cli_eval_prints_the_table(setup, capsys, monkeypatch):
     assert 0.0 <= saved["results"][TASK]["acc,none"] <= 1.0
 
 
+def test_cli_eval_no_cuda_graph_reaches_the_model(setup, monkeypatch):
+    """--no-cuda-graph turns the model's cuda_graph off; without it the model picks (None)."""
+    from pldr_llm.cli import main
+    from pldr_llm.eval import lm_eval_model
+
+    seen = []
+
+    def record(self, **kwargs):
+        seen.append(kwargs["cuda_graph"])
+        raise PLDRError("stop here")
+
+    monkeypatch.setattr(lm_eval_model.PLDRLLMEvalModel, "__init__", record)
+    base = ["eval", "--model", str(setup["own"]), "--tasks", TASK]
+    base += ["--include-path", str(setup["tasks"]), "--device", "cpu"]
+    assert main(base) == 2
+    assert main([*base, "--no-cuda-graph"]) == 2
+    assert seen == [None, False]
+
+
 def test_cli_eval_offline_download_fails_clearly(setup, tmp_path: Path):
     """The paper's group resolves to lm-eval's tasks; their datasets need the Hub: one line."""
     env = dict(
