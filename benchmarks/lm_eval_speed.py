@@ -5,13 +5,19 @@ loglikelihood requests lm-eval makes of such a task ("Question: ...\nAnswer:", "
 times:
 
 * ``one-at-a-time``: the approach of the original's harness fork, one forward pass per request;
-* ``pldrllm bs=B``: :class:`pldr_llm.eval.lm_eval_model.PLDRLLMEvalModel`, batched;
+* ``pldrllm bs=B``: :class:`pldr_llm.eval.lm_eval_model.PLDRLLMEvalModel`, batched; with
+  ``--cuda-graph on,off`` once per setting: ``on`` pads chunks to repeated [batch, width] shapes
+  and replays a captured forward per shape (the default on CUDA), ``off`` runs the eager forward
+  on chunks padded to their longest input. A run's seconds include its captures; with
+  ``--repeats N`` the best run is kept, and later runs replay the graphs the first captured;
 * ``hf bs=1`` (``--hf``): lm-eval's own ``hf`` model on the ``convert --to hf`` export.
 
 Every method's loglikelihoods are checked against the one-at-a-time ones before timing counts.
 Prints a table and writes JSON.
 
     python benchmarks/lm_eval_speed.py --docs 200 --batch-sizes 8,32 --json out.json
+    python benchmarks/lm_eval_speed.py --docs 500 --batch-sizes 16,64 --cuda-graph on,off \
+        --repeats 3 --json captured.json
 """
 
 from __future__ import annotations
@@ -53,6 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--hf", action="store_true", help="also time lm-eval's hf model (batch size 1)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per method (best is kept)")
+    p.add_argument(
+        "--cuda-graph",
+        default="auto",
+        help="comma-separated pldrllm cuda_graph settings to time: on, off, auto (its default)",
+    )
+    p.add_argument(
+        "--width-multiple",
+        type=int,
+        default=None,
+        help="pldrllm width_multiple (default: 64 with cuda_graph, else 1)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -161,22 +178,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     assert isinstance(reference, list)
 
+    graph_settings = {"on": True, "off": False, "auto": None}
+    settings = [s.strip() for s in args.cuda_graph.split(",") if s.strip()]
+    if not settings or any(s not in graph_settings for s in settings):
+        raise SystemExit(f"--cuda-graph takes on, off or auto, got {args.cuda_graph!r}")
     for size in [int(s) for s in args.batch_sizes.split(",") if s.strip()]:
-        lm = PLDRLLMEvalModel(
-            pretrained=base.model, tokenizer=tokenizer, device=args.device, batch_size=size
-        )
-        seconds, result = timed(
-            lambda lm=lm: lm.loglikelihood(requests, disable_tqdm=True), args.repeats, args.device
-        )
-        diff = max(abs(a - b[0]) for a, b in zip(reference, result))
-        rows.append(
-            {
-                "method": "pldrllm (native, batched)",
-                "batch_size": size,
-                "seconds": seconds,
-                "max_abs_diff": diff,
-            }
-        )
+        for setting in settings:
+            lm = PLDRLLMEvalModel(
+                pretrained=base.model,
+                tokenizer=tokenizer,
+                device=args.device,
+                batch_size=size,
+                cuda_graph=graph_settings[setting],
+                width_multiple=args.width_multiple,
+            )
+            seconds, result = timed(
+                lambda lm=lm: lm.loglikelihood(requests, disable_tqdm=True),
+                args.repeats,
+                args.device,
+            )
+            diff = max(abs(a - b[0]) for a, b in zip(reference, result))
+            label = "captured" if lm.cuda_graph else "eager"
+            rows.append(
+                {
+                    "method": f"pldrllm (native, batched, {label})",
+                    "batch_size": size,
+                    "seconds": seconds,
+                    "max_abs_diff": diff,
+                    "cuda_graph": lm.cuda_graph,
+                    "width_multiple": lm.width_multiple,
+                    "shapes": len(lm.shape_uses),
+                    "captured_shapes": len(lm.captured_shapes),
+                }
+            )
 
     if args.hf:
         from lm_eval.models.huggingface import HFLM
@@ -222,14 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = (
         f"{'method':40} {'batch':>5} {'requests':>8} {'seconds':>8} {'req/s':>8} "
-        f"{'speedup':>7} {'max|dLL|':>9}"
+        f"{'speedup':>7} {'max|dLL|':>9} {'shapes':>6}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
             f"{r['method']:40} {r['batch_size']:>5} {r['requests']:>8} {r['seconds']:>8.2f} "
-            f"{r['requests_per_s']:>8.1f} {r['speedup']:>6.1f}x {r['max_abs_diff']:>9.1e}"
+            f"{r['requests_per_s']:>8.1f} {r['speedup']:>6.1f}x {r['max_abs_diff']:>9.1e} "
+            f"{r.get('shapes', ''):>6}"
         )
     if args.json:
         out = {

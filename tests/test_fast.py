@@ -144,6 +144,102 @@ def test_captured_forward_matches_forward(tiny_model):
     ids[0, 0] = 0
     with pytest.raises(PLDRError, match="padding"):
         captured(ids)
+    with pytest.raises(PLDRError, match="padded=True"):
+        captured(ids, torch.ones_like(ids))
+
+
+def right_padded(vocab, lengths, width, seed):
+    """Ids [len(lengths), width] (pad id 0 after each row's length) and their mask."""
+    ids = random_ids((len(lengths), width), vocab, seed)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("causal_metric", [False, True])
+@pytest.mark.parametrize("with_g", [False, True])
+def test_captured_forward_with_mask_matches_forward(causal_metric, with_g):
+    """padded=True computes what model(ids, attention_mask=mask, cache=G) does, for rows of
+    several lengths: hidden states, logits, KV, positions. The same kernels run in the same
+    order on the CPU (the forward builds the same bias when any row has padding), so the
+    values are equal, not just close."""
+    from pldr_llm import PLDRConfig, PLDRModel
+    from pldr_llm.model.cache import PLDRCache
+    from support import TINY_HPDICT
+
+    torch.manual_seed(0)
+    model = PLDRModel(PLDRConfig.from_hpdict(TINY_HPDICT, causal_metric=causal_metric)).eval()
+    ids, mask = right_padded(model.config.input_vocab_size, [12, 7, 1], 12, seed=21)
+    g = None
+    if with_g:  # a G-cache of another input, the way lm-eval's gcache_file passes one
+        with torch.no_grad():
+            g = model(random_ids((1, 9), model.config.input_vocab_size, seed=22)).cache.g
+    captured = CapturedForward(model, 3, 12, padded=True, g=g, output_hidden_states=True)
+    out = captured(ids, mask)
+    with torch.no_grad():
+        expected = model(
+            ids,
+            attention_mask=mask,
+            cache=PLDRCache(g=g) if with_g else None,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+    assert torch.equal(out.hidden_states, expected.hidden_states)
+    assert torch.equal(out.logits, expected.logits)
+    assert torch.equal(out.cache.next_position, torch.tensor([12, 7, 1]))
+    assert torch.equal(out.cache.key_valid, mask.bool())
+    for got, want in zip(out.cache.kv, expected.cache.kv):
+        assert torch.equal(got.key, want.key)
+    # The static buffers are refilled each call: a second mask gives that mask's forward.
+    ids2, mask2 = right_padded(model.config.input_vocab_size, [3, 12, 5], 12, seed=23)
+    out2 = captured(ids2, mask2)
+    with torch.no_grad():
+        cache = PLDRCache(g=g) if with_g else None
+        expected2 = model(ids2, attention_mask=mask2, cache=cache, output_hidden_states=True)
+    assert torch.equal(out2.hidden_states, expected2.hidden_states)
+
+
+def test_captured_forward_without_padding_rows_matches_causal_forward(tiny_model):
+    """Every row full: the forward takes SDPA's causal flag, the captured one the explicit
+    bias. Masked scores get -1e9 either way (exp underflows to exactly 0 in float32), so the
+    only difference is the kernels' summation order: float32 rounding (ATOL 1e-5)."""
+    model = tiny_model
+    ids = random_ids((2, 10), model.config.input_vocab_size, seed=24)
+    captured = CapturedForward(model, 2, 10, padded=True, output_hidden_states=True)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True)
+    close(captured(ids).hidden_states, expected.hidden_states)
+    close(captured(ids, torch.ones_like(ids)).hidden_states, expected.hidden_states)
+    with pytest.raises(PLDRError, match="attention_mask shape"):
+        captured(ids, torch.ones(2, 9, dtype=torch.long))
+    with pytest.raises(PLDRError, match="shape"):
+        captured(ids[:, :9])
+    with pytest.raises(PLDRError, match="CUDA"):
+        CapturedForward(model.cpu(), 2, 10, cuda_graph=True)
+
+
+def test_captured_padded_forward_has_no_host_sync(tiny_model):
+    """The padded captured forward traces as ONE graph (fullgraph: a host read such as .item(),
+    bool(tensor) or a data-dependent shape would break it), where ``model.forward`` with an
+    attention_mask does not (it checks the ids and asks whether every key is a token)."""
+    model = tiny_model
+    ids, mask = right_padded(model.config.input_vocab_size, [8, 5], 8, seed=25)
+    captured = CapturedForward(model, 2, 8, padded=True, output_hidden_states=True)
+    captured(ids, mask)  # fills the static buffers
+    torch._dynamo.reset()
+    try:
+        traced = torch.compile(captured._forward, backend="aot_eager", fullgraph=True)
+        _, hidden, *_ = traced()
+        with torch.no_grad():
+            expected = model(ids, attention_mask=mask, output_hidden_states=True)
+        close(hidden, expected.hidden_states)
+        whole = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with pytest.raises(Exception, match="(?i)graph break|data-dependent|item|bool"):
+            with torch.no_grad():
+                whole(ids, attention_mask=mask)
+    finally:
+        torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------- compilation

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -155,11 +156,13 @@ def test_zeroshot_group_lists_the_paper_tasks():
     # That lm-eval resolves the group into its tasks is shown by the offline CLI test below.
 
 
-def test_native_model_scores_like_lone_forward_passes(setup):
-    """Batched loglikelihood == the native sum of log-probabilities, request by request."""
+@pytest.mark.parametrize("options", [{}, {"cuda_graph": True}], ids=["eager", "captured"])
+def test_native_model_scores_like_lone_forward_passes(setup, options):
+    """Batched loglikelihood == the native sum of log-probabilities, request by request; also
+    through the captured forward (run without a graph on the CPU) on bucketed shapes."""
     from lm_eval.api.instance import Instance
 
-    lm = _eval_model(setup, batch_size=3)
+    lm = _eval_model(setup, batch_size=3, **options)
     tok, model = setup["tokenizer"], setup["model"]
     pairs = [(r["question"], c) for r in ROWS for c in r["choices"]]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
@@ -169,6 +172,8 @@ def test_native_model_scores_like_lone_forward_passes(setup):
         ctx_ids, cont_ids = _encode_pair(tok, context, cont)
         assert logprob == pytest.approx(_native_logprob(model, ctx_ids, cont_ids), abs=1e-4)
         assert isinstance(greedy, bool)
+    if options:  # every chunk is [3, 64] (max_seq_len 64): captured from its second use on
+        assert set(lm.shape_uses) == {(3, 64)} and lm.captured_shapes == [(3, 64)]
 
 
 def test_hf_and_pldrllm_agree_on_the_local_task(setup, hf_export: Path):
@@ -250,6 +255,181 @@ def test_gcache_file_replaces_the_g_cache(setup, tmp_path: Path):
     expected = float(sum(logprobs[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
     assert logprob == pytest.approx(expected, abs=1e-4)
     assert logprob != pytest.approx(_native_logprob(model, ctx, cont), abs=1e-3)
+
+
+# ---------------------------------------------------------------------------- shapes that repeat
+#: Bucketed, padded and captured scoring vs the unbucketed eager forward, in float32 on the CPU.
+#: Padding is masked per row: padded keys get a -1e9 bias (exp underflows to exactly 0), padded
+#: queries add zeros to Q^T Q, and rotary positions skip padding, so a request computes what it
+#: computes alone; what may differ is the summation order of kernels whose blocking depends on
+#: the width or the batch -- float32 rounding, ~1e-7 relative (these sums are at most ~100 in
+#: size, so 1e-5 absolute is ~100x that). On this CPU the differences are exactly 0.
+SAME = {"rel": 1e-6, "abs": 1e-5}
+
+
+def _scoring_model(seed: int = 5, max_seq_len: int = 128) -> PLDRModel:
+    """A small random model (the paper tokenizer's vocabulary) with room for several widths."""
+    from pldr_llm import PLDRConfig
+
+    torch.manual_seed(seed)
+    config = PLDRConfig(
+        num_layers=2,
+        d_model=32,
+        num_heads=2,
+        dff=48,
+        A_dff=16,
+        num_reslayerA=1,
+        num_denseA=1,
+        input_vocab_size=32000,
+        max_seq_len=max_seq_len,
+    )
+    return PLDRModel(config).eval()
+
+
+def _token_requests(count: int, longest: int, seed: int) -> list:
+    """Tokenized loglikelihood requests of varied lengths (context 1..longest tokens, 1..6
+    continuation tokens), plus single-token choices after one context (they share a row)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(4, 32000) for _ in range(n)]
+
+    out = [(None, ids(rng.randint(1, longest)), ids(rng.randint(1, 6))) for _ in range(count)]
+    shared = ids(20)
+    return out + [(None, shared, ids(1)) for _ in range(4)]
+
+
+def _scores(model, requests, **options) -> tuple[Any, list[tuple[float, bool]]]:
+    from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
+
+    options.setdefault("device", "cpu")
+    lm = PLDRLLMEvalModel(pretrained=model, tokenizer=_NO_TEXT, **options)
+    return lm, lm._loglikelihood_tokens(requests, disable_tqdm=True)
+
+
+class _NoText:
+    """A stand-in tokenizer: these tests hand the model token ids, never text."""
+
+    eos_id = 3
+    bos_id = 2
+
+
+_NO_TEXT = _NoText()
+
+
+def _assert_same_scores(got, want) -> None:
+    assert len(got) == len(want)
+    for (logprob, greedy), (ref_logprob, ref_greedy) in zip(got, want):
+        assert logprob == pytest.approx(ref_logprob, **SAME)
+        assert greedy == ref_greedy
+
+
+def test_bucketed_padded_scoring_equals_unbucketed():
+    """Widths rounded up to multiples and a short last chunk filled with rows: the same
+    loglikelihoods as chunks padded only to their longest input, on a few shapes."""
+    model = _scoring_model()
+    requests = _token_requests(23, 110, seed=1)
+    _, reference = _scores(model, requests, batch_size=5, width_multiple=1)
+    for multiple in (16, 64):
+        lm, got = _scores(model, requests, batch_size=5, width_multiple=multiple)
+        _assert_same_scores(got, reference)
+        widths = {width for rows, width in lm.shape_uses}
+        assert {rows for rows, _ in lm.shape_uses} == {5}  # the last chunk (2 rows) was filled
+        assert all(w % multiple == 0 or w == 128 for w in widths)
+        assert len(widths) <= -(-128 // multiple)
+        assert not lm.captured_shapes  # cuda_graph is off on the CPU by default
+
+
+def test_captured_scoring_equals_eager_forward(monkeypatch):
+    """cuda_graph=true (on the CPU: the captured forward's code without a graph) gives the
+    eager forward's loglikelihoods; a shape is captured on its second use, and at most
+    MAX_CAPTURED are kept (the oldest goes first)."""
+    from pldr_llm.eval import lm_eval_model
+
+    model = _scoring_model()
+    requests = _token_requests(40, 120, seed=2)
+    _, eager = _scores(model, requests, batch_size=3, width_multiple=32, cuda_graph=False)
+    lm, captured = _scores(model, requests, batch_size=3, width_multiple=32, cuda_graph=True)
+    _assert_same_scores(captured, eager)
+    repeated = [shape for shape, uses in lm.shape_uses.items() if uses > 1]
+    assert repeated and set(lm.captured_shapes) == set(repeated)
+    monkeypatch.setattr(lm_eval_model, "MAX_CAPTURED", 1)
+    lm, bounded = _scores(model, requests, batch_size=3, width_multiple=32, cuda_graph=True)
+    _assert_same_scores(bounded, eager)
+    # Longest first: the last shape captured is the narrowest repeated one.
+    assert lm.captured_shapes == [min(repeated, key=lambda shape: shape[1])]
+
+
+def test_gcache_file_scoring_captured_equals_eager(tmp_path: Path):
+    """A G-cache file's G-cache reaches the captured forward too: captured == eager with the
+    file, and both differ from scoring without it."""
+    from pldr_llm.gfile import save_g_file
+
+    model = _scoring_model()
+    config = model.config
+    eye = torch.eye(config.depth).expand(1, config.num_heads, -1, -1).contiguous()
+    path = tmp_path / "identity_g.safetensors"
+    save_g_file(path, [(torch.zeros_like(eye), eye.clone()) for _ in range(config.num_layers)])
+    requests = _token_requests(12, 60, seed=3)
+    common = {"batch_size": 2, "width_multiple": 64, "gcache_file": str(path)}
+    _, eager = _scores(model, requests, cuda_graph=False, **common)
+    lm, captured = _scores(model, requests, cuda_graph=True, **common)
+    assert lm.captured_shapes
+    _assert_same_scores(captured, eager)
+    _, without = _scores(model, requests, batch_size=2)
+    # A random model is nearly uniform (log-probabilities near -log 32000), so another G moves
+    # them little -- but every one by far more than rounding (SAME).
+    changes = [abs(a[0] - b[0]) for a, b in zip(captured, without)]
+    assert min(changes) > 1e-4 and max(changes) > 1e-2
+
+
+def test_width_multiple_and_cuda_graph_arguments_are_checked():
+    model = _scoring_model()
+    with pytest.raises(PLDRError, match="width_multiple"):
+        _scores(model, [], width_multiple=0)
+    with pytest.raises(PLDRError, match="cuda_graph"):
+        _scores(model, [], cuda_graph="sometimes")
+    lm, _ = _scores(model, [])
+    assert (lm.cuda_graph, lm.width_multiple) == (False, 1)  # the CPU: eager, unbucketed
+    lm, _ = _scores(model, [], cuda_graph="true")
+    assert lm.width_multiple == 64
+
+
+@pytest.mark.gpu
+def test_cuda_captured_scoring_equals_eager():
+    """On CUDA, fp32: the graph-replayed forward's loglikelihoods equal the eager forward's on
+    the same shapes (float32 rounding of different kernels: SAME, loosened to 1e-4 absolute)."""
+    torch.set_float32_matmul_precision("highest")
+    model = _scoring_model().cuda()
+    requests = _token_requests(60, 120, seed=4)
+    common = {"batch_size": 4, "device": "cuda"}
+    _, eager = _scores(model, requests, cuda_graph=False, width_multiple=64, **common)
+    lm, captured = _scores(model, requests, **common)  # cuda_graph: on by default on CUDA
+    assert lm.cuda_graph and lm.width_multiple == 64
+    assert lm.captured_shapes and all(f.use_graph for f in lm._captured.values())
+    assert len(captured) == len(eager)
+    for (logprob, _), (ref, _) in zip(captured, eager):
+        assert logprob == pytest.approx(ref, rel=1e-6, abs=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_captured_shapes_stay_few():
+    """Requests of every length from 1 to ~250 tokens use at most max_seq_len / 64 shapes, all
+    of batch_size rows; a second run replays the same captured forwards (no new capture)."""
+    model = _scoring_model(max_seq_len=256).cuda()
+    requests = _token_requests(150, 250, seed=5)
+    from pldr_llm.eval.lm_eval_model import MAX_CAPTURED, PLDRLLMEvalModel
+
+    lm = PLDRLLMEvalModel(pretrained=model, tokenizer=_NO_TEXT, device="cuda", batch_size=8)
+    first = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len(lm.shape_uses) <= 256 // 64 and {rows for rows, _ in lm.shape_uses} == {8}
+    assert 0 < len(lm.captured_shapes) <= MAX_CAPTURED
+    forwards = dict(lm._captured)  # every shape fits (at most 4 widths): none is evicted
+    second = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert lm._captured == forwards  # the same objects: replayed, not captured again
+    assert [a for a, _ in second] == pytest.approx([a for a, _ in first], rel=1e-6, abs=1e-5)
 
 
 def test_loglikelihood_rolling_sums_windows(setup):
@@ -348,6 +528,25 @@ def test_cli_eval_prints_the_table(setup, capsys, monkeypatch):
     assert TASK in out and "acc" in out
     saved = json.loads((setup["root"] / "results.json").read_text())
     assert 0.0 <= saved["results"][TASK]["acc,none"] <= 1.0
+
+
+def test_cli_eval_no_cuda_graph_reaches_the_model(setup, monkeypatch):
+    """--no-cuda-graph turns the model's cuda_graph off; without it the model picks (None)."""
+    from pldr_llm.cli import main
+    from pldr_llm.eval import lm_eval_model
+
+    seen = []
+
+    def record(self, **kwargs):
+        seen.append(kwargs["cuda_graph"])
+        raise PLDRError("stop here")
+
+    monkeypatch.setattr(lm_eval_model.PLDRLLMEvalModel, "__init__", record)
+    base = ["eval", "--model", str(setup["own"]), "--tasks", TASK]
+    base += ["--include-path", str(setup["tasks"]), "--device", "cpu"]
+    assert main(base) == 2
+    assert main([*base, "--no-cuda-graph"]) == 2
+    assert seen == [None, False]
 
 
 def test_cli_eval_offline_download_fails_clearly(setup, tmp_path: Path):

@@ -99,6 +99,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--gcache-file", default=None, metavar="PATH", help="a G-cache file used in every pass"
     )
     p.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="score every chunk with the eager forward (default on CUDA: chunks are padded to "
+        "repeated shapes whose forwards are replayed from CUDA graphs)",
+    )
+    p.add_argument(
         "--include-path",
         action="append",
         default=[],
@@ -253,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         gcache=not args.no_gcache,
         gcache_file=args.gcache_file,
         score_mode=args.score_mode,
+        cuda_graph=False if args.no_cuda_graph else None,
     )
     try:
         results = simple_evaluate(

@@ -17,6 +17,14 @@ continuation is scored:
 
 * ``score_mode=full`` (default): one pass over context + continuation, the way the original's
   harness and lm-eval's ``hf`` model score; the metric tensor A then sees the whole input.
+  On CUDA (``cuda_graph``, default on there) shapes repeat: a chunk's padded width is rounded
+  up to a multiple of ``width_multiple`` (64 there, at most max_seq_len) and a short last chunk
+  is filled with padding rows, so a run uses a handful of [batch_size, width] shapes; a shape's
+  forward is captured in a CUDA graph the second time it comes
+  (:class:`pldr_llm.generation.captured.CapturedForward`, one per shape, a few kept) and
+  replayed from then on. Elsewhere every chunk runs ``model.forward``, padded only to its
+  longest input (``width_multiple`` 1). Padding is masked per row, so neither changes a
+  request's log-probabilities beyond float rounding.
 * ``score_mode=cached``: the decoding loop itself (:class:`pldr_llm.generation.DecodeEngine`)
   prefills the context and emits the continuation token by token (teacher-forced), in the
   cache modes ``kvcache`` / ``gcache``: each continuation token gets exactly the probability
@@ -32,7 +40,7 @@ caches, a CUDA-graph step on GPUs).
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,7 @@ from torch import Tensor
 
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation import find_stop, generate_details
+from pldr_llm.generation.captured import CapturedForward
 from pldr_llm.model.cache import GCacheEntry, PLDRCache, prepare_g_init
 from pldr_llm.model.model import PLDRModel
 
@@ -53,6 +62,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 SCORE_MODES = ("full", "cached")
+#: ``score_mode=full`` pads a chunk's width up to a multiple of this (capped at max_seq_len).
+DEFAULT_WIDTH_MULTIPLE = 64
+#: Captured forwards kept at once. Requests are scored longest first, so each shape's chunks
+#: come together and a shape once left is rarely met again; each graph holds its activations.
+MAX_CAPTURED = 4
+#: Uses of a shape by the eager forward before it is captured: a shape met once is not worth
+#: a capture (warm-up passes plus the capture cost more than the one forward).
+EAGER_USES_BEFORE_CAPTURE = 1
 
 # One scoring request after tokenization: (request key, context ids, continuation ids).
 TokenRequest = tuple[Any, list[int], list[int]]
@@ -68,6 +85,16 @@ def _as_bool(value: Any, name: str) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise PLDRError(f"model argument {name!r} must be true or false, got {value!r}")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise PLDRError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise PLDRError(f"{name} must be a positive integer, got {value!r}")
+    return number
 
 
 def _batch_size(value: Any) -> int:
@@ -136,6 +163,12 @@ class PLDRLLMEvalModel(TemplateLM):
         kvcache, gcache: the cache modes of generation and of ``score_mode=cached`` (on).
         gcache_file: a G-cache file that replaces the G-cache everywhere.
         score_mode: ``full`` (default) or ``cached`` (see the module docstring).
+        width_multiple: ``score_mode=full`` pads each chunk to a width that is a multiple of
+            this (capped at max_seq_len) and to ``batch_size`` rows, so shapes repeat; 1 pads
+            a chunk only to its longest input (default: 64 with ``cuda_graph``, else 1).
+        cuda_graph: replay ``score_mode=full`` forwards of a repeated shape from a CUDA graph
+            (default: on when the model is on CUDA). On another device ``true`` runs the same
+            graph-ready forward without a graph (what the CPU tests check).
     """
 
     def __init__(
@@ -152,6 +185,8 @@ class PLDRLLMEvalModel(TemplateLM):
         gcache: Any = True,
         gcache_file: str | None = None,
         score_mode: str = "full",
+        width_multiple: Any = None,
+        cuda_graph: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -178,6 +213,17 @@ class PLDRLLMEvalModel(TemplateLM):
 
             # checked against the model, errors naming the file; then cast to its device/dtype
             self.g_init = prepare_g_init(self.model, load_g_file(gcache_file, self.model.config))
+        on_cuda = self._device.type == "cuda"
+        self.cuda_graph = on_cuda if cuda_graph is None else _as_bool(cuda_graph, "cuda_graph")
+        # Bucketed shapes only pay off where a repeated shape is replayed from a graph; eagerly
+        # the extra padding would be computed for nothing.
+        if width_multiple is None:
+            width_multiple = DEFAULT_WIDTH_MULTIPLE if self.cuda_graph else 1
+        self.width_multiple = _positive_int(width_multiple, "width_multiple")
+        #: captured forwards by [rows, width], least recently used first (at most MAX_CAPTURED)
+        self._captured: OrderedDict[tuple[int, int], CapturedForward] = OrderedDict()
+        #: how often each [rows, width] ran (decides when a shape is captured)
+        self.shape_uses: Counter[tuple[int, int]] = Counter()
 
     # ------------------------------------------------------------------ lm-eval properties
     @property
@@ -222,23 +268,70 @@ class PLDRLLMEvalModel(TemplateLM):
     def _g_cache(self) -> PLDRCache | None:
         return PLDRCache(g=self.g_init) if self.g_init is not None else None
 
+    def _padded_shape(self, inputs: list[list[int]]) -> tuple[int, int]:
+        """[rows, width] of a chunk: with ``width_multiple`` > 1, ``batch_size`` rows and the
+        longest input rounded up to the multiple (at most max_seq_len), so shapes repeat."""
+        longest = max(len(x) for x in inputs)
+        if self.width_multiple == 1:
+            return len(inputs), longest
+        step = self.width_multiple
+        width = min(-(-longest // step) * step, int(self.model.config.max_seq_len))
+        return max(self.batch_size, len(inputs)), max(width, longest)
+
+    def _captured_forward(self, shape: tuple[int, int]) -> CapturedForward | None:
+        """The captured forward of ``shape`` once it is worth one (else None: run eagerly)."""
+        self.shape_uses[shape] += 1
+        if not self.cuda_graph:
+            return None
+        forward = self._captured.get(shape)
+        if forward is not None:
+            self._captured.move_to_end(shape)
+            return forward
+        if self.shape_uses[shape] <= EAGER_USES_BEFORE_CAPTURE:
+            return None
+        while len(self._captured) >= MAX_CAPTURED:
+            self._captured.popitem(last=False)  # frees that graph's memory
+        forward = CapturedForward(
+            self.model,
+            *shape,
+            cuda_graph=self._device.type == "cuda",
+            padded=True,
+            g=self.g_init,
+            output_hidden_states=True,
+        )
+        self._captured[shape] = forward
+        return forward
+
+    @property
+    def captured_shapes(self) -> list[tuple[int, int]]:
+        """The [rows, width] shapes whose captured forwards are kept now."""
+        return list(self._captured)
+
     def _score_full(self, inputs: list[list[int]], spans: list[tuple[int, int]]) -> list[Tensor]:
         """Log-probabilities [span, V] of each input's scored positions ``[start, end)``."""
         model, device = self.model, self._device
-        width = max(len(x) for x in inputs)
-        ids = torch.full((len(inputs), width), self.model.config.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        shape = self._padded_shape(inputs)
+        ids = torch.full(shape, model.config.pad_id, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=torch.long)
         for row, x in enumerate(inputs):
             ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
             mask[row, : len(x)] = 1
-        out = model(
-            ids.to(device),
-            attention_mask=mask.to(device),
-            cache=self._g_cache(),
-            output_hidden_states=True,
-            logits_to_keep=1,
-        )
-        hidden = out.hidden_states
+        # Filler rows (a short last chunk) hold one token each, the end-of-text id, so that no
+        # row is padding only (its queries would have no key to attend to). Never read.
+        ids[len(inputs) :, 0] = self.eot_token_id
+        mask[len(inputs) :, 0] = 1
+        captured = self._captured_forward(shape)
+        if captured is not None:
+            # copied from the host straight into the graph's static input buffers
+            hidden = captured(ids, mask).hidden_states
+        else:
+            hidden = model(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                cache=self._g_cache(),
+                output_hidden_states=True,
+                logits_to_keep=1,
+            ).hidden_states
         assert hidden is not None
         return self._head(hidden, spans)
 

@@ -107,6 +107,13 @@ class Decoder(nn.Module):
         self.embedding_scale = math.sqrt(config.d_model)
 
 
+def row_positions(valid: Tensor) -> Tensor:
+    """Rotary positions [B, L] of a per-row mask ``valid`` [B, L] (bool): each row counts only its
+    tokens, so padding moves no token's position (padding itself gets its left neighbour's, or 0).
+    Reads nothing back to the host (the captured padded forward builds its positions with it)."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
 class PLDRModel(nn.Module):
     """A PLDR-LLM: decoder-only LM with Power Law Graph Attention, KV-cache and G-cache.
 
@@ -207,7 +214,7 @@ class PLDRModel(nn.Module):
                 if cache is not None and cache.next_position is not None
                 else torch.zeros(batch, dtype=torch.long, device=device)
             )
-            positions = start[:, None] + (new_valid.long().cumsum(1) - 1).clamp(min=0)
+            positions = start[:, None] + row_positions(new_valid)
             next_position = start + new_valid.long().sum(1)
         else:
             positions = torch.arange(past_len, past_len + length, device=device)
