@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pldr_llm import PLDRError, masked_cross_entropy
 from pldr_llm.generation.captured import CapturedForward
 from pldr_llm.losses import linear_cross_entropy
+from pldr_llm.model.cache import PLDRCache
 from pldr_llm.model.compile import compile_decoder_layers, uncompile_decoder_layers
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -165,7 +166,6 @@ def test_captured_forward_with_mask_matches_forward(causal_metric, with_g):
     order on the CPU (the forward builds the same bias when any row has padding), so the
     values are equal, not just close."""
     from pldr_llm import PLDRConfig, PLDRModel
-    from pldr_llm.model.cache import PLDRCache
     from support import TINY_HPDICT
 
     torch.manual_seed(0)
@@ -291,3 +291,32 @@ def test_cuda_captured_forward_and_compiled_loss(tiny_model):
         atol=1e-4,
         rtol=1e-3,
     )
+
+
+@pytest.mark.gpu
+def test_cuda_padded_captured_forward_replays_each_mask(tiny_model):
+    """The padded forward in a real CUDA graph (lm-eval's captured scoring; the lm-eval tests
+    themselves need lm_eval installed): each replay computes the forward of the mask and ids
+    copied in, with and without a fixed G-cache. Tolerance as the unpadded GPU test above: the
+    same kernels, but cuBLAS may pick other algorithms inside a capture."""
+    model = cuda_model(tiny_model)
+    vocab = model.config.input_vocab_size
+    with torch.no_grad():
+        g = model(random_ids((1, 9), vocab, seed=26).cuda()).cache.g
+    for fixed in (None, g):
+        captured = CapturedForward(model, 3, 12, padded=True, g=fixed, output_hidden_states=True)
+        assert captured.use_graph
+        for lengths, seed in (([12, 7, 1], 27), ([3, 12, 5], 28), ([12, 12, 12], 29)):
+            ids, mask = right_padded(vocab, lengths, 12, seed=seed)
+            ids, mask = ids.cuda(), mask.cuda()
+            out = captured(ids, mask)
+            with torch.no_grad():
+                expected = model(
+                    ids,
+                    attention_mask=mask,
+                    cache=PLDRCache(g=fixed) if fixed is not None else None,
+                    output_hidden_states=True,
+                )
+            keep = mask.bool()  # padded positions hold values nobody reads
+            close(out.hidden_states[keep], expected.hidden_states[keep], atol=1e-4, rtol=1e-3)
+            assert torch.equal(out.cache.next_position.cpu(), torch.tensor(lengths))
