@@ -3,15 +3,15 @@
 Requests wait in a bounded queue (:class:`QueueFull` when it is full: the server answers 429).
 Between two engine steps the worker admits waiting sequences into free slots, steps, routes
 each slot's tokens to its sequence (text deltas and stop strings from
-:class:`pldr_llm.generation.Detokenizer`, ``max_tokens``) and releases finished or cancelled slots. When no sequence waits for a slot and
-none was just admitted, it runs ``tokens_per_sync`` steps per host sync
-(:meth:`DecodeEngine.step_many`): the device runs several steps back to back and the host reads
-them once, instead of stopping the device at every token. Right after admissions it takes single
-steps, so new requests get their first token at once, and while sequences wait, slots free at
-the next step. A sequence that ends mid-way through such a block (a stop string) discards the
-block's later tokens. A cancelled sequence (its client went
-away) frees its slot at the next step. Other work on the model (the deductive outputs) runs on the
-same thread between steps, so nothing else ever touches the model concurrently.
+:class:`pldr_llm.generation.Detokenizer`, ``max_tokens``) and releases finished or cancelled
+slots. When no sequence waits for a slot and none was just admitted, it runs ``tokens_per_sync``
+steps per host sync (:meth:`DecodeEngine.step_many`): the device runs several steps back to back
+and the host reads them once, instead of stopping the device at every token. Right after
+admissions it takes single steps, so new requests get their first token at once, and while
+sequences wait, slots free at the next step. A sequence that ends mid-way through such a block (a
+stop string) discards the block's later tokens. A cancelled sequence (its client went away) frees
+its slot at the next step. Other work on the model (the deductive outputs) runs on the same thread
+between steps, so nothing else ever touches the model concurrently.
 
 Results travel to the asyncio side through ``loop.call_soon_threadsafe`` into a per-sequence
 :class:`asyncio.Queue` of :class:`Event`.
