@@ -58,6 +58,14 @@ class Detokenizer:
     the leading spaces of the text (every leading "▁" piece, not only the first), so the ids
     after a commit are decoded after the unknown id (never dropped, never a byte, its text
     " ⁇ " cut off again), not alone, and, while no text is committed yet, from the start.
+
+    Args:
+        tokenizer: has ``decode(ids) -> str``; its ``unk_id``, where it has one, is the anchor
+            (a tokenizer without one must decode id by id apart from byte runs, as
+            :class:`~pldr_llm.data.ByteTokenizer` does).
+        prompt_ids: the row's prompt.
+        stops: stop strings (empty ones are ignored, as :func:`find_stop` does).
+        echo: the deltas start with the prompt's text (``push([])`` returns it at once).
     """
 
     def __init__(
