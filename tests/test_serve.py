@@ -24,9 +24,8 @@ httpx = pytest.importorskip("httpx")
 from pldr_llm import cli, generate, generate_details  # noqa: E402
 from pldr_llm.bundle import load_bundle  # noqa: E402
 from pldr_llm.errors import PLDRError  # noqa: E402
-from pldr_llm.generation import generate_text  # noqa: E402
+from pldr_llm.generation import Detokenizer, generate_text  # noqa: E402
 from pldr_llm.serve.app import ServeOptions  # noqa: E402
-from pldr_llm.serve.scheduler import Detokenizer  # noqa: E402
 from serve_support import MODEL_ID, build_bundle, live_server  # noqa: E402
 
 PROMPT = "The power law graph attention"
@@ -473,8 +472,8 @@ def test_detokenizer_never_emits_half_a_character(loaded) -> None:
     ids = tok.encode(target, add_eos=False)
     assert any(tok.id_to_piece(i).startswith("<0x") for i in ids)  # byte-fallback pieces
     detok = Detokenizer(tok, prompt, stops=())
-    deltas = [detok.push(i) for i in ids]
-    deltas.append(detok.flush())
+    deltas = [detok.push([i]) for i in ids]
+    deltas.append(detok.finish())
     assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
 
 
@@ -483,9 +482,9 @@ def test_detokenizer_holds_back_a_possible_stop_string(loaded) -> None:
     prompt = tok.prompt_ids("Say")
     ids = tok.encode(" alpha beta gamma", add_eos=False)
     detok = Detokenizer(tok, prompt, stops=["beta gam"])
-    shown = "".join(detok.push(i) for i in ids)
+    shown = "".join(detok.push([i]) for i in ids)
     assert detok.stopped
-    assert shown + detok.flush() == " alpha "
+    assert shown + detok.finish() == " alpha "
 
 
 # ---------------------------------------------------------------------- rows and shutdown
@@ -638,7 +637,7 @@ def test_incremental_detokenizer_equals_a_full_decode(loaded, seed: int) -> None
     want = tok.decode(prompt_ids + ids)[len(tok.decode(prompt_ids)) :]
     for stops in ((), ("\u2603\u2603",)):
         detok = Detokenizer(tok, prompt_ids, stops)
-        got = "".join(detok.push(i) for i in ids) + detok.flush()
+        got = "".join(detok.push([i]) for i in ids) + detok.finish()
         assert got == want
 
 

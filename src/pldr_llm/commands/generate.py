@@ -113,12 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class TextStreamer:
-    """Prints one row's text as its ids arrive (a ``streamer`` for :func:`pldr_llm.generate`).
-
-    The text shown is always a prefix of the final text: it decodes the whole sequence each step
-    and holds back what may still change -- an incomplete UTF-8 sequence of byte-fallback pieces,
-    and a tail that could be the start of a stop string.
-    """
+    """Prints one row's text as its ids arrive (a ``streamer`` for :func:`pldr_llm.generate`):
+    the prompt at once, then the deltas of a :class:`pldr_llm.generation.Detokenizer`, which
+    add up to the text printed without ``--stream``."""
 
     def __init__(
         self,
@@ -126,56 +123,24 @@ class TextStreamer:
         prompt_ids: Sequence[int],
         stops: Sequence[str] = (),
         out: TextIO | None = None,
-        eos_id: int = 3,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)
-        self.prompt_len = len(self.tokenizer.decode(self.ids))
-        self.stops = list(stops)
+        from pldr_llm.generation import Detokenizer
+
+        self.detok = Detokenizer(tokenizer, prompt_ids, stops, echo=True)
         self.out = out or sys.stdout
-        self.eos_id = eos_id
-        self.printed = ""
-        self.done = False
-        self._emit(self.tokenizer.decode(self.ids))
+        self._write(self.detok.push([]))
 
-    def _emit(self, text: str) -> None:
-        # Only ever extend what is on screen; text that would rewrite it waits for final().
-        if not text.startswith(self.printed) or len(text) <= len(self.printed):
-            return
-        self.out.write(text[len(self.printed) :])
-        self.out.flush()
-        self.printed = text
-
-    def _visible(self, text: str) -> str:
-        from pldr_llm.generation import find_stop
-
-        cut = find_stop(text[self.prompt_len :], self.stops) if self.stops else None
-        if cut is not None:
-            self.done = True
-            return text[: self.prompt_len + cut]
-        end = len(text)
-        while end > self.prompt_len and text[end - 1] == "\ufffd":
-            end -= 1
-        if self.stops:
-            hold = max(len(s) for s in self.stops) - 1
-            end = max(self.prompt_len, min(end, len(text) - hold))
-        return text[:end]
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
 
     def __call__(self, next_ids: torch.Tensor) -> None:
-        if self.done:
-            return
-        token = int(next_ids.reshape(-1)[0])
-        self.ids.append(token)
-        if token == self.eos_id:
-            self.done = True
-        self._emit(self._visible(self.tokenizer.decode(self.ids)))
+        self._write(self.detok.push([int(next_ids.reshape(-1)[0])]))
 
-    def final(self, text: str) -> None:
-        """Print what is left of the final ``text`` and a newline."""
-        if text.startswith(self.printed):
-            self.out.write(text[len(self.printed) :])
-        self.out.write("\n")
-        self.out.flush()
+    def final(self) -> None:
+        """Print the rest of the text and a newline."""
+        self._write(self.detok.finish() + "\n")
 
 
 def _configure_stdout() -> None:
@@ -283,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         # One prompt at a time, so that its tokens can be shown as they come.
         for ids in prompt_ids:
-            streamer = TextStreamer(tokenizer, ids, stops, eos_id=config.eos_id)
+            streamer = TextStreamer(tokenizer, ids, stops)
             criteria = StopStrings(tokenizer, [ids], stops) if stops else None
             out = generate_details(
                 model, [ids], streamer=streamer, stopping_criteria=criteria, **common
@@ -291,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             new = out.new_ids[0]
             produced += len(new)
             capture += out.capture_seconds
-            streamer.final(final_text(tokenizer, ids, new, stops))
+            streamer.final()
     else:
         for first in range(0, len(prompt_ids), args.batch_size):
             chunk = prompt_ids[first : first + args.batch_size]

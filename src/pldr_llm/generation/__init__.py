@@ -6,14 +6,14 @@
   ``record_deductive`` (the deductive cache-mode runs).
 * :func:`generate`, :func:`generate_details`, :func:`stream_generate`, :func:`generate_text`: the
   user-facing calls, all on that loop.
+* :func:`final_text`, :func:`find_stop`, :class:`StopStrings`: a row's text and its stop strings;
+  :class:`Detokenizer`: the same text as deltas while ids arrive (streaming) -- see
+  :mod:`pldr_llm.generation.text`.
 * :func:`filter_logits` & co: the original's sampling filters (:mod:`~.sampling`).
 """
 
 from pldr_llm.generation.api import (
     GenerationOutput,
-    StopStrings,
-    final_text,
-    find_stop,
     generate,
     generate_details,
     generate_text,
@@ -33,12 +33,14 @@ from pldr_llm.generation.sampling import (
     uniform_draws,
     validate_sampling,
 )
+from pldr_llm.generation.text import Detokenizer, StopStrings, final_text, find_stop
 from pldr_llm.model.cache import GInit
 
 __all__ = [
     "FILTERED_LOGIT",
     "DecodeEngine",
     "DeductiveRecord",
+    "Detokenizer",
     "GInit",
     "GenerationOutput",
     "SamplingParams",

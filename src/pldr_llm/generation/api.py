@@ -3,8 +3,8 @@
 :func:`generate` / :func:`generate_details` take the prompt kinds of the original's
 ``generate_text`` (a vector, a [B, L] matrix, or a list of id lists of different lengths), run every
 row as it would run alone, and return the same kind. :func:`stream_generate` yields ids as they
-come, :func:`generate_text` is text in, text out, and :func:`find_stop` / :class:`StopStrings` cut
-a row at a stop string.
+come, and :func:`generate_text` is text in, text out (ids become text in
+:mod:`~pldr_llm.generation.text`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pldr_llm.config import PLDRConfig, check_token_range
 from pldr_llm.errors import PLDRError
 from pldr_llm.generation.engine import DecodeEngine
 from pldr_llm.generation.sampling import SamplingParams, draw_seed
+from pldr_llm.generation.text import StopStrings, final_text
 from pldr_llm.model.cache import GInit
 from pldr_llm.model.model import PLDRModel
 
@@ -38,40 +39,6 @@ class GenerationOutput:
     # [steps, B, V]: last-position logits before filtering (zeros for rows that had stopped)
     step_logits: Tensor | None = None
     capture_seconds: float = 0.0  # time this call spent capturing / compiling CUDA graphs
-
-
-def find_stop(text: str, stop: Sequence[str]) -> int | None:
-    """Index of the earliest match of any of ``stop`` in ``text``, else None."""
-    found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return min(found) if found else None
-
-
-class StopStrings:
-    """A ``stopping_criteria`` for :func:`generate`: a row stops when its new text holds one of
-    ``stops``. The new text is what decoding prompt + new ids adds after the prompt's text."""
-
-    def __init__(self, tokenizer: Any, prompts: Sequence[Sequence[int]], stops: Sequence[str]):
-        self.tokenizer = tokenizer
-        self.prompts = [list(p) for p in prompts]
-        self.prompt_text = [tokenizer.decode(p) for p in self.prompts]
-        self.stops = list(stops)
-
-    def __call__(self, row: int, new_ids: list[int]) -> bool:
-        text = self.tokenizer.decode(self.prompts[row] + new_ids)
-        return find_stop(text[len(self.prompt_text[row]) :], self.stops) is not None
-
-
-def final_text(
-    tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int], stops: Sequence[str] = ()
-) -> str:
-    """The original's result: prompt and new ids decoded together, cut before a stop string."""
-    text = tokenizer.decode(list(prompt_ids) + list(new_ids))
-    if stops:
-        start = len(tokenizer.decode(list(prompt_ids)))
-        cut = find_stop(text[start:], stops)
-        if cut is not None:
-            text = text[: start + cut]
-    return text
 
 
 def _prompt_rows(

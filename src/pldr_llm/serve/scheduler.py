@@ -2,16 +2,16 @@
 
 Requests wait in a bounded queue (:class:`QueueFull` when it is full: the server answers 429).
 Between two engine steps the worker admits waiting sequences into free slots, steps, routes
-each slot's tokens to its sequence (text deltas from an incremental detokenizer, stop strings,
-``max_tokens``) and releases finished or cancelled slots. When no sequence waits for a slot and
-none was just admitted, it runs ``tokens_per_sync`` steps per host sync
-(:meth:`DecodeEngine.step_many`): the device runs several steps back to back and the host reads
-them once, instead of stopping the device at every token. Right after admissions it takes single
-steps, so new requests get their first token at once, and while sequences wait, slots free at
-the next step. A sequence that ends mid-way through such a block (a stop string) discards the
-block's later tokens. A cancelled sequence (its client went
-away) frees its slot at the next step. Other work on the model (the deductive outputs) runs on the
-same thread between steps, so nothing else ever touches the model concurrently.
+each slot's tokens to its sequence (text deltas and stop strings from
+:class:`pldr_llm.generation.Detokenizer`, ``max_tokens``) and releases finished or cancelled
+slots. When no sequence waits for a slot and none was just admitted, it runs ``tokens_per_sync``
+steps per host sync (:meth:`DecodeEngine.step_many`): the device runs several steps back to back
+and the host reads them once, instead of stopping the device at every token. Right after
+admissions it takes single steps, so new requests get their first token at once, and while
+sequences wait, slots free at the next step. A sequence that ends mid-way through such a block (a
+stop string) discards the block's later tokens. A cancelled sequence (its client went away) frees
+its slot at the next step. Other work on the model (the deductive outputs) runs on the same thread
+between steps, so nothing else ever touches the model concurrently.
 
 Results travel to the asyncio side through ``loop.call_soon_threadsafe`` into a per-sequence
 :class:`asyncio.Queue` of :class:`Event`.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pldr_llm.errors import PLDRError
-from pldr_llm.generation import DecodeEngine, SamplingParams, find_stop
+from pldr_llm.generation import DecodeEngine, Detokenizer, SamplingParams
 from pldr_llm.serve.metrics import Metrics
 
 
@@ -53,70 +53,6 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     index: int = 0  # the choice this event belongs to
-
-
-class Detokenizer:
-    """Turns a growing list of new ids into text deltas that are always final.
-
-    Incremental, so a token costs the same at position 10 and 1000: each step decodes only a
-    short window (the ids since the last emitted text, plus a few before them so that
-    SentencePiece's word-boundary spaces come out as in a full decode) and keeps the part past the
-    window's old text. It holds back what may still change: a trailing replacement character
-    (half a UTF-8 sequence of byte-fallback pieces) and a tail that could be the start of a stop
-    string. ``stopped`` is set once a stop string appears; the text ends before it. The deltas
-    add up to what decoding prompt + new ids together gives after the prompt's text (what
-    ``pldr-llm generate`` prints).
-    """
-
-    WINDOW = 6  # prompt ids decoded with the first new ones (spaces at the boundary)
-
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stops: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)
-        self.read = len(self.ids)  # ids up to here are in ``text``
-        self.prefix = max(0, self.read - self.WINDOW)  # where the decoded window starts
-        self.text = ""  # the completion's text up to ``read``
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.sent = 0  # characters of ``text`` already emitted
-        self.stopped = False
-
-    def _advance(self, final: bool) -> None:
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix : self.read])
-        window = decode(self.ids[self.prefix :])
-        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
-            self.text += window[len(before) :]
-            self.prefix, self.read = self.read, len(self.ids)
-
-    def _emit(self, final: bool) -> str:
-        end = len(self.text)
-        if self.stops:
-            start = max(0, self.sent - self.hold)
-            cut = find_stop(self.text[start:], self.stops)
-            if cut is not None:
-                self.stopped = True
-                end = start + cut
-            elif not final:
-                end = max(self.sent, end - self.hold)
-        delta = self.text[self.sent : end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return delta
-
-    def push(self, token: int) -> str:
-        """Add one id; return the new text that is now safe to show."""
-        if self.stopped:
-            return ""
-        self.ids.append(token)
-        self._advance(final=False)
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        """At the end: the rest of the text (up to a stop string)."""
-        if self.stopped:
-            return ""
-        self._advance(final=True)
-        return self._emit(final=True)
 
 
 class GenSequence:
@@ -409,7 +345,7 @@ class Scheduler:
             seq.produced += 1
             self.metrics.completion_tokens += 1
             eos = token == self.model.config.eos_id and seq.params.stop_at_eos
-            delta = "" if eos else seq.detok.push(token)
+            delta = "" if eos else seq.detok.push([token])
             seq.pending_tokens.append(token)
             seq.pending_logprobs.append(float(logprob))
             seq.pending_text += delta
@@ -426,7 +362,7 @@ class Scheduler:
             seq.slot = None
         if seq.cancelled and reason is None and error is None:
             return
-        rest = "" if error else seq.pending_text + seq.detok.flush()
+        rest = "" if error else seq.pending_text + seq.detok.finish()
         seq.pending_text = ""
         self._post(
             seq,
