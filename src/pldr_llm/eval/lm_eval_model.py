@@ -103,13 +103,7 @@ def _batch_size(value: Any) -> int:
     if isinstance(value, str) and value.strip().lower().startswith("auto"):
         log.info("batch_size=auto: using %d", DEFAULT_BATCH_SIZE)
         return DEFAULT_BATCH_SIZE
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise PLDRError(f"batch_size must be a positive integer, got {value!r}") from None
-    if size < 1:
-        raise PLDRError(f"batch_size must be a positive integer, got {value!r}")
-    return size
+    return _positive_int(value, "batch_size")
 
 
 def load_pretrained(

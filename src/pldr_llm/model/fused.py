@@ -91,25 +91,9 @@ def _kernels() -> SimpleNamespace:
     """The Triton kernels (pldr_llm.model.fused_kernels), imported on the first fused call."""
     global _KERNELS
     if _KERNELS is None:
-        from pldr_llm.model.fused_kernels import (
-            add_norm_kernel,
-            advance_kernel,
-            argmax_partial_kernel,
-            attend_kernel,
-            embed_norm_kernel,
-            rope_kv_kernel,
-            silu_mul_kernel,
-        )
+        from pldr_llm.model.fused_kernels import KERNELS
 
-        _KERNELS = SimpleNamespace(
-            add_norm=add_norm_kernel,
-            advance=advance_kernel,
-            argmax_partial=argmax_partial_kernel,
-            attend=attend_kernel,
-            embed_norm=embed_norm_kernel,
-            rope_kv=rope_kv_kernel,
-            silu_mul=silu_mul_kernel,
-        )
+        _KERNELS = KERNELS
     return _KERNELS
 
 

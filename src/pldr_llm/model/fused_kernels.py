@@ -7,6 +7,8 @@ runs: the CPU's op-by-op step, and a CLI process before its warm-up thread, neve
 # In a try block because transformers' scan of an exported folder's imports skips those: the
 # folder must load where Triton is missing (torch's CPU wheel), and this module is then never
 # imported (fused.available is False).
+from types import SimpleNamespace
+
 try:
     import triton
     import triton.language as tl
@@ -208,3 +210,13 @@ def advance_kernel(
     for j in range(N_STOP):
         stop = stop | (tl.load(stop_ptr + rows * N_STOP + j, mask=in_batch, other=-1) == ids)
     tl.store(done_ptr + rows, active & stop, mask=in_batch)
+
+
+#: The launchable kernels by name without "_kernel" (``KERNELS.attend`` is ``attend_kernel``).
+KERNELS = SimpleNamespace(
+    **{
+        name.removesuffix("_kernel"): value
+        for name, value in list(globals().items())
+        if name.endswith("_kernel")
+    }
+)
