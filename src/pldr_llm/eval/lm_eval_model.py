@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the registry first: lm-eval only does it when empty)
@@ -53,14 +52,19 @@ from lm_eval.api.registry import register_model
 from torch import Tensor
 
 from pldr_llm.errors import PLDRError
+from pldr_llm.eval.model_args import (
+    DEFAULT_BATCH_SIZE,
+    as_bool,
+    batch_size_arg,
+    load_pretrained,
+    positive_int,
+)
 from pldr_llm.generation import find_stop, generate_details
 from pldr_llm.generation.captured import CapturedForward
 from pldr_llm.model.cache import GCacheEntry, PLDRCache, prepare_g_init
-from pldr_llm.model.model import PLDRModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 16
 SCORE_MODES = ("full", "cached")
 #: ``score_mode=full`` pads a chunk's width up to a multiple of this (capped at max_seq_len).
 DEFAULT_WIDTH_MULTIPLE = 64
@@ -73,73 +77,6 @@ EAGER_USES_BEFORE_CAPTURE = 1
 
 # One scoring request after tokenization: (request key, context ids, continuation ids).
 TokenRequest = tuple[Any, list[int], list[int]]
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-        return False
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise PLDRError(f"model argument {name!r} must be true or false, got {value!r}")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise PLDRError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise PLDRError(f"{name} must be a positive integer, got {value!r}")
-    return number
-
-
-def _batch_size(value: Any) -> int:
-    if value is None:
-        return DEFAULT_BATCH_SIZE
-    if isinstance(value, str) and value.strip().lower().startswith("auto"):
-        log.info("batch_size=auto: using %d", DEFAULT_BATCH_SIZE)
-        return DEFAULT_BATCH_SIZE
-    return _positive_int(value, "batch_size")
-
-
-def load_pretrained(
-    pretrained: Any, tokenizer: Any = None, device: Any = None, dtype: Any = None
-) -> tuple[PLDRModel, Any]:
-    """``(core model, PLDRTokenizer)`` for a ``pretrained`` model argument.
-
-    ``pretrained`` is a core :class:`PLDRModel` (give ``tokenizer``), a transformers
-    ``PldrllmForCausalLM`` (its core is used), a folder written by ``convert --to hf``, or
-    anything :func:`pldr_llm.bundle.load_bundle` accepts.
-    """
-    from pldr_llm.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-    if isinstance(pretrained, PLDRModel):
-        model = pretrained
-    elif hasattr(pretrained, "core") and isinstance(pretrained.core, PLDRModel):
-        model = pretrained.core
-    else:
-        from pldr_llm.bundle import load_bundle
-
-        # Any model folder (transformers exports too) or hub id; its tokenizer unless given one.
-        model, folder_tok = load_bundle(
-            str(pretrained), device="cpu", tokenizer=tok, require_tokenizer=False
-        )
-        tok = tok if tok is not None else folder_tok
-    if tok is None:
-        raise PLDRError("the pldrllm model needs a tokenizer (model argument tokenizer=PATH)")
-    from pldr_llm.bundle import resolve_dtype
-
-    torch_dtype = resolve_dtype(dtype)
-    if torch_dtype is not None:
-        model = model.to(dtype=torch_dtype)
-    if device is not None:
-        model = model.to(device=device)
-    return model.eval(), tok
 
 
 @register_model("pldrllm")
@@ -191,9 +128,9 @@ class PLDRLLMEvalModel(TemplateLM):
         # lm-eval's convention: no device given means the GPU when there is one
         self._device = resolve_device(device if device is not None else "auto")
         self.model, self.tokenizer = load_pretrained(pretrained, tokenizer, self._device, dtype)
-        self.batch_size = _batch_size(batch_size)
-        self.kvcache = _as_bool(kvcache, "kvcache")
-        self.gcache = _as_bool(gcache, "gcache")
+        self.batch_size = batch_size_arg(batch_size)
+        self.kvcache = as_bool(kvcache, "kvcache")
+        self.gcache = as_bool(gcache, "gcache")
         if score_mode not in SCORE_MODES:
             raise PLDRError(
                 f"score_mode must be one of {', '.join(SCORE_MODES)}, got {score_mode!r}"
@@ -208,12 +145,12 @@ class PLDRLLMEvalModel(TemplateLM):
             # checked against the model, errors naming the file; then cast to its device/dtype
             self.g_init = prepare_g_init(self.model, load_g_file(gcache_file, self.model.config))
         on_cuda = self._device.type == "cuda"
-        self.cuda_graph = on_cuda if cuda_graph is None else _as_bool(cuda_graph, "cuda_graph")
+        self.cuda_graph = on_cuda if cuda_graph is None else as_bool(cuda_graph, "cuda_graph")
         # Bucketed shapes only pay off where a repeated shape is replayed from a graph; eagerly
         # the extra padding would be computed for nothing.
         if width_multiple is None:
             width_multiple = DEFAULT_WIDTH_MULTIPLE if self.cuda_graph else 1
-        self.width_multiple = _positive_int(width_multiple, "width_multiple")
+        self.width_multiple = positive_int(width_multiple, "width_multiple")
         #: captured forwards by [rows, width], least recently used first (at most MAX_CAPTURED)
         self._captured: OrderedDict[tuple[int, int], CapturedForward] = OrderedDict()
         #: how often each [rows, width] ran (decides when a shape is captured)
