@@ -99,7 +99,7 @@ class CapturedForward:
             # explicit causal bias instead of SDPA's causal flag (the same values up to rounding).
             query_valid = self.mask
             positions = row_positions(self.mask)
-            bias, is_causal = model._attention_bias(self.mask, length, 0, all_valid=False)
+            bias, is_causal = model.attention_mask_bias(self.mask, length, 0, all_valid=False)
             next_position = self.mask.long().sum(1)
         hidden, kv, g, _ = model.run_layers(
             self.ids, positions, bias, is_causal, g=self.g, query_valid=query_valid

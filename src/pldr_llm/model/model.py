@@ -230,7 +230,7 @@ class PLDRModel(nn.Module):
         known_valid = None
         if key_padding is not None and not per_row and past_len == 0:
             known_valid = not key_padding
-        bias, is_causal = self._attention_bias(key_valid, length, past_len, known_valid)
+        bias, is_causal = self.attention_mask_bias(key_valid, length, past_len, known_valid)
         query_valid = new_valid if per_row else None
 
         hidden, kv_entries, g_entries, deductive = self.run_layers(
@@ -327,7 +327,7 @@ class PLDRModel(nn.Module):
         return hidden, kv_entries, g_entries, deductive
 
     @staticmethod
-    def _attention_bias(
+    def attention_mask_bias(
         key_valid: Tensor, length: int, past_len: int, all_valid: bool | None = None
     ) -> tuple[Tensor | None, bool]:
         """Additive mask [B, 1, L, S] (0 or -1e9, like the original) or ``None`` + causal flag.
