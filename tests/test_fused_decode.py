@@ -368,7 +368,8 @@ def test_the_cpu_loop_never_imports_triton():
         "from pldr_llm import PLDRConfig, PLDRModel\n"
         "config = PLDRConfig(num_layers=1, d_model=64, num_heads=4, dff=170, A_dff=24,\n"
         "                    input_vocab_size=512, num_reslayerA=1, num_denseA=1, max_seq_len=64)\n"
-        "out = pldr_llm.generate(PLDRModel(config).eval(), [5, 6, 7], 4, top_k=1)\n"
+        "model = PLDRModel(config).eval()\n"
+        "out = pldr_llm.generate(model, [5, 6, 7], 4, top_k=1, stop_at_eos=False)\n"
         "print(len(out), 'triton' in sys.modules)\n"  # prompt + 4 new ids, flat
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
