@@ -44,7 +44,7 @@ PAPER_VOCAB_HP = {
 }
 
 
-def paper_vocab_model(seed: int, **switches) -> PLDRModel:
+def paper_vocab_model(seed: int, max_seq_len: int = 64, **switches) -> PLDRModel:
     """A seeded random model (d_model 32) whose embedding fits the paper tokenizer, in eval
     mode; ``switches`` are further :class:`PLDRConfig` fields."""
     torch.manual_seed(seed)
@@ -57,7 +57,7 @@ def paper_vocab_model(seed: int, **switches) -> PLDRModel:
         num_reslayerA=1,
         num_denseA=1,
         input_vocab_size=32000,
-        max_seq_len=64,
+        max_seq_len=max_seq_len,
         **switches,
     )
     return PLDRModel(config).eval()

@@ -267,25 +267,6 @@ def test_gcache_file_replaces_the_g_cache(setup, tmp_path: Path):
 SAME = {"rel": 1e-6, "abs": 1e-5}
 
 
-def _scoring_model(seed: int = 5, max_seq_len: int = 128) -> PLDRModel:
-    """A small random model (the paper tokenizer's vocabulary) with room for several widths."""
-    from pldr_llm import PLDRConfig
-
-    torch.manual_seed(seed)
-    config = PLDRConfig(
-        num_layers=2,
-        d_model=32,
-        num_heads=2,
-        dff=48,
-        A_dff=16,
-        num_reslayerA=1,
-        num_denseA=1,
-        input_vocab_size=32000,
-        max_seq_len=max_seq_len,
-    )
-    return PLDRModel(config).eval()
-
-
 def _token_requests(count: int, longest: int, seed: int) -> list:
     """Tokenized loglikelihood requests of varied lengths (context 1..longest tokens, 1..6
     continuation tokens), plus single-token choices after one context (they share a row)."""
@@ -329,7 +310,7 @@ def _assert_same_scores(got, want) -> None:
 def test_bucketed_padded_scoring_equals_unbucketed():
     """Widths rounded up to multiples and a short last chunk filled with rows: the same
     loglikelihoods as chunks padded only to their longest input, on a few shapes."""
-    model = _scoring_model()
+    model = paper_vocab_model(5, max_seq_len=128)
     requests = _token_requests(23, 110, seed=1)
     _, reference = _scores(model, requests, batch_size=5, width_multiple=1)
     for multiple in (16, 64):
@@ -348,7 +329,7 @@ def test_captured_scoring_equals_eager_forward(monkeypatch):
     MAX_CAPTURED are kept (the oldest goes first)."""
     from pldr_llm.eval import lm_eval_model
 
-    model = _scoring_model()
+    model = paper_vocab_model(5, max_seq_len=128)
     requests = _token_requests(40, 120, seed=2)
     _, eager = _scores(model, requests, batch_size=3, width_multiple=32, cuda_graph=False)
     lm, captured = _scores(model, requests, batch_size=3, width_multiple=32, cuda_graph=True)
@@ -367,7 +348,7 @@ def test_gcache_file_scoring_captured_equals_eager(tmp_path: Path):
     file, and both differ from scoring without it."""
     from pldr_llm.gfile import save_g_file
 
-    model = _scoring_model()
+    model = paper_vocab_model(5, max_seq_len=128)
     config = model.config
     eye = torch.eye(config.depth).expand(1, config.num_heads, -1, -1).contiguous()
     path = tmp_path / "identity_g.safetensors"
@@ -386,7 +367,7 @@ def test_gcache_file_scoring_captured_equals_eager(tmp_path: Path):
 
 
 def test_width_multiple_and_cuda_graph_arguments_are_checked():
-    model = _scoring_model()
+    model = paper_vocab_model(5, max_seq_len=128)
     with pytest.raises(PLDRError, match="width_multiple"):
         _scores(model, [], width_multiple=0)
     with pytest.raises(PLDRError, match="cuda_graph"):
@@ -402,7 +383,7 @@ def test_cuda_captured_scoring_equals_eager():
     """On CUDA, fp32: the graph-replayed forward's loglikelihoods equal the eager forward's on
     the same shapes (float32 rounding of different kernels: SAME, loosened to 1e-4 absolute)."""
     torch.set_float32_matmul_precision("highest")
-    model = _scoring_model().cuda()
+    model = paper_vocab_model(5, max_seq_len=128).cuda()
     requests = _token_requests(60, 120, seed=4)
     common = {"batch_size": 4, "device": "cuda"}
     _, eager = _scores(model, requests, cuda_graph=False, width_multiple=64, **common)
@@ -418,7 +399,7 @@ def test_cuda_captured_scoring_equals_eager():
 def test_cuda_captured_shapes_stay_few():
     """Requests of every length from 1 to ~250 tokens use at most max_seq_len / 64 shapes, all
     of batch_size rows; a second run replays the same captured forwards (no new capture)."""
-    model = _scoring_model(max_seq_len=256).cuda()
+    model = paper_vocab_model(5, max_seq_len=256).cuda()
     requests = _token_requests(150, 250, seed=5)
     from pldr_llm.eval.lm_eval_model import MAX_CAPTURED, PLDRLLMEvalModel
 
