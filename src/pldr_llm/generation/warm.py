@@ -5,8 +5,8 @@ free: the CUDA context, cuBLAS and the kernels of each library (loaded on first 
 Triton's first kernel (which hashes Triton's own install, ~0.4 s, before it looks in its
 cache). None of it depends on the weights, only on the model's shapes and dtype, so
 :func:`warm_up_in_background` runs one short decode of a model of the same configuration
-(random values, built on the device) in a background thread, and the caller reads the weights meanwhile (most of that
-time is file reads and copies, which leave the interpreter lock free).
+(random values, built on the device) in a background thread, and the caller reads the weights
+meanwhile (most of that time is file reads and copies, which leave the interpreter lock free).
 
 The thread runs no CUDA graph capture (a capture forbids other threads' device calls): the
 real model's graphs are captured by the first generation, which then finds every kernel loaded.
