@@ -170,7 +170,7 @@ def api_run(
 def hf_run(model: PLDRModel, prompt: list[int], new: int) -> dict:
     """transformers ``generate()`` with the static cache, batch 1 greedy, warm."""
     try:
-        from pldr_llm.hf.modeling_pldrllm import PldrllmForCausalLM
+        from pldr_llm.core.modeling_pldrllm import PldrllmForCausalLM
     except ImportError as error:  # transformers missing
         return {"error": str(error)}
     hf = PldrllmForCausalLM.from_core(model)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pldr_llm.config import PLDRConfig
+from pldr_llm.core.config import PLDRConfig
 
 PAPER_110M = PLDRConfig().to_hpdict()  # the defaults are the paper's 110M configuration
 
@@ -90,7 +90,7 @@ class MarkovBatches:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pldr_llm.model import PLDRModel
+    from pldr_llm.core.model import PLDRModel
     from pldr_llm.train import TrainConfig, Trainer
     from pldr_llm.train.checkpointing import CheckpointManager
     from pldr_llm.train.distributed import cleanup_distributed, setup_distributed

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Without a GPU, the Triton kernels of pldr_llm.model.fused run in Triton's CPU interpreter (when
+# Without a GPU, the Triton kernels of pldr_llm.core.fused run in Triton's CPU interpreter (when
 # Triton is installed), so that their tests run here too; this must be set before the kernels are
 # defined, i.e. before pldr_llm is imported.
 if not torch.cuda.is_available():

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from pldr_llm.core.cache import PLDRCache, g_entries
 from pldr_llm.generation import filter_logits, uniform_draws
-from pldr_llm.model.cache import PLDRCache, g_entries
 
 
 @torch.no_grad()

@@ -101,8 +101,8 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_graph_sees_the_package() -> None:
     graph = import_graph(module_level=True)
     assert len(graph) > 50
-    assert "pldr_llm.model.plga" in graph["pldr_llm.model.model"]
-    assert "pldr_llm.model.state_dict" in graph["pldr_llm.model.model"]
+    assert "pldr_llm.core.plga" in graph["pldr_llm.core.model"]
+    assert "pldr_llm.core.state_dict" in graph["pldr_llm.core.model"]
 
 
 def test_no_import_cycle_at_module_level() -> None:
@@ -124,16 +124,48 @@ def test_every_module_imports(name: str) -> None:
         raise
 
 
-def test_exported_model_code_carries_only_the_model() -> None:
-    """A transformers folder's code: the model, its config and tokenizer -- no training, no CLI,
-    no original-format checkpoint reader."""
-    from pldr_llm.hf.code_bundle import build_from_package
+def test_the_core_imports_only_its_own_modules_and_only_relatively() -> None:
+    """What lets an exported transformers folder carry the core's files unchanged: its modules
+    import each other as ``from .x import y`` and nothing else of the package (ARCHITECTURE.md)."""
+    from pldr_llm.core.code_bundle import sibling_imports
 
-    files = set(build_from_package())
-    assert {"modeling_pldrllm.py", "pldr_model_model.py", "pldr_model_plga.py"} <= files
-    for name in files:
-        assert not name.startswith(("pldr_train", "pldr_commands", "pldr_serve", "pldr_deductive"))
-    assert "pldr_checkpoint.py" not in files and "pldr_bundle.py" not in files
-    # Nor the tokenizer package (the folder's tokenizer class stands alone), nor the generation
-    # package's front door, which would pull in every user call.
-    assert "pldr_tokenizer.py" not in files and "pldr_generation.py" not in files
+    core = SRC / PACKAGE / "core"
+    names = {p.stem for p in core.glob("*.py")}
+    for path in sorted(core.glob("*.py")):
+        assert sibling_imports(path.name, path.read_text(encoding="utf-8")) <= names, path.name
+
+
+# core/'s rows in ARCHITECTURE.md: a flat folder, so its layers are an order of its modules.
+CORE_ROWS = (
+    {"errors", "fileio", "config"},
+    {"rope", "layers", "plga", "cache", "state_dict", "losses", "model", "variants", "compile"}
+    | {"fused", "fused_kernels"},
+    {"sampling", "graphs", "text", "engine", "generate"},
+    {"hf_folder", "configuration_pldrllm", "modeling_pldrllm", "tokenization_pldrllm"}
+    | {"code_bundle"},
+)
+
+
+def test_the_core_rows_import_only_their_own_row_or_the_rows_above() -> None:
+    graph = import_graph(module_level=False)
+    core = {p.stem for p in (SRC / PACKAGE / "core").glob("*.py")} - {"__init__"}
+    assert set().union(*CORE_ROWS) == core  # a new core module takes its place in a row
+    for index, row in enumerate(CORE_ROWS):
+        allowed = set().union(*CORE_ROWS[: index + 1])
+        for name in row:
+            imported = {m.rpartition(".")[2] for m in graph[f"{PACKAGE}.core.{name}"]}
+            assert imported <= allowed, (name, imported - allowed)
+
+
+def test_exported_model_code_carries_only_the_model() -> None:
+    """A transformers folder's code: the model, its config, tokenizer and decoding loop -- no
+    training, no CLI, no original-format checkpoint reader, no compile helpers."""
+    from pldr_llm.core.code_bundle import code_files
+
+    files = set(code_files())
+    core = {p.name for p in (SRC / PACKAGE / "core").glob("*.py")}
+    assert files <= core
+    assert {"modeling_pldrllm.py", "configuration_pldrllm.py", "tokenization_pldrllm.py"} <= files
+    assert {"model.py", "plga.py", "engine.py", "code_bundle.py"} <= files
+    # Not needed by the model: the package's front door, per-layer compile, the variants' helpers.
+    assert not {"__init__.py", "compile.py", "variants.py"} & files

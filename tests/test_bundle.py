@@ -19,7 +19,7 @@ from pldr_llm.bundle import (
     resolve_device,
     resolve_dtype,
 )
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
 from support import PAPER_VOCAB_HP, make_bundle, write_hyperparameters
 from support import run_cli as _cli

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.data import (
     BatchIterator,
     ByteTokenizer,
@@ -18,7 +19,6 @@ from pldr_llm.data import (
     default_corpus,
     reshard_states,
 )
-from pldr_llm.errors import PLDRError
 
 EOS = 3
 

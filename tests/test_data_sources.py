@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.data import (
     DataConfig,
     ListSource,
@@ -19,7 +20,6 @@ from pldr_llm.data import (
     parse_split,
 )
 from pldr_llm.data.corpus import split_sections
-from pldr_llm.errors import PLDRError
 
 
 def docs_of(cfg: DataConfig, which: str = "train") -> list[str]:

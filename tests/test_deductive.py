@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.deductive import (
     CACHE_MODES,
     analyze_deductive,
@@ -21,7 +22,6 @@ from pldr_llm.deductive import (
     inspect_model,
     matrix_stats,
 )
-from pldr_llm.errors import PLDRError
 from pldr_llm.gfile import load_g_file, save_g_file
 
 LEARNED = "predefined_G_LM_cache_list_PLDRv51_110M_1_5layer_14head_64x64_paper.pkl"
@@ -223,7 +223,7 @@ def test_inspect_model_report(golden_model, golden_expected, tmp_path: Path) -> 
 
 
 def test_saved_g_cache_drives_the_model(golden_model, golden_expected, tmp_path: Path) -> None:
-    from pldr_llm.model.cache import PLDRCache
+    from pldr_llm.core.cache import PLDRCache
 
     prompt = golden_expected["prompt_ids"]
     runs = cache_mode_runs(golden_model, prompt, steps=1)

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from pldr_llm import PLDRError, masked_cross_entropy
+from pldr_llm.core.cache import PLDRCache
+from pldr_llm.core.compile import compile_decoder_layers, uncompile_decoder_layers
+from pldr_llm.core.losses import linear_cross_entropy
 from pldr_llm.generation.captured import CapturedForward
-from pldr_llm.losses import linear_cross_entropy
-from pldr_llm.model.cache import PLDRCache
-from pldr_llm.model.compile import compile_decoder_layers, uncompile_decoder_layers
 
 ATOL, RTOL = 1e-5, 1e-4
 

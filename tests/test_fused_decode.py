@@ -1,4 +1,4 @@
-"""The fused decoding step (pldr_llm.model.fused) against the op-by-op step it replaces.
+"""The fused decoding step (pldr_llm.core.fused) against the op-by-op step it replaces.
 
 Each kernel is checked against the torch operations of the model it stands for, then the whole
 loop: the ids of a fused engine equal those of the op-by-op engine (greedy, seeded top-p, a
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from pldr_llm import PLDRConfig, PLDRModel
-from pldr_llm.model import fused
-from pldr_llm.model.cache import StaticLayerKV
-from pldr_llm.model.plga import MASK_VALUE
+from pldr_llm.core import fused
+from pldr_llm.core.cache import StaticLayerKV
+from pldr_llm.core.plga import MASK_VALUE
 from support import TINY_HPDICT
 
 pytestmark = pytest.mark.skipif(
@@ -256,7 +256,7 @@ def test_warm_up_imports_no_compiler_stack():
     script = (
         "import sys, torch\n"
         "import pldr_llm.generation\n"
-        "from pldr_llm.config import PLDRConfig\n"
+        "from pldr_llm.core.config import PLDRConfig\n"
         "from pldr_llm.generation.warm import _decode_once\n"
         "before = set(sys.modules)\n"
         "config = PLDRConfig(num_layers=2, d_model=64, num_heads=4, dff=170, A_dff=24,\n"

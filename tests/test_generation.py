@@ -164,7 +164,7 @@ def test_bad_inputs(tiny_model):
 
 def test_prepare_g_init_reads_checks_and_casts(tiny_model):
     """The one preparation of a G_init: any G list in, the model's dtype out, one check."""
-    from pldr_llm.model.cache import GCacheEntry, PLDRCache, prepare_g_init
+    from pldr_llm.core.cache import GCacheEntry, PLDRCache, prepare_g_init
 
     config = tiny_model.config
     heads, dk = config.num_heads, config.depth
@@ -438,8 +438,8 @@ def test_plain_variant_equals_the_filters_for_rows_that_filter_nothing():
 
 
 def test_step_variant_follows_the_running_rows(tiny_model):
+    from pldr_llm.core.sampling import batch_mode, row_mode
     from pldr_llm.generation import DecodeEngine, SamplingParams
-    from pldr_llm.generation.sampling import batch_mode, row_mode
 
     vocab = tiny_model.config.input_vocab_size
     assert row_mode(SamplingParams(temperature=0), vocab) == "greedy"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.cache import GCacheEntry, PLDRCache, g_entries
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.gfile import G_FILE_FORMAT, load_g_file, read_g_metadata, save_g_file
-from pldr_llm.model.cache import GCacheEntry, PLDRCache, g_entries
 from pldr_llm.tensor_pickle import load_tensor_pickle
 
 PREDEFINED = "predefined_G_LM_cache_list_{}_5layer_14head_64x64_paper.pkl"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import pldr_llm.core  # noqa: E402
 from pldr_llm import PLDRConfig, PLDRModel, generate  # noqa: E402
-from pldr_llm.errors import PLDRError  # noqa: E402
+from pldr_llm.core.errors import PLDRError  # noqa: E402
 from support import PAPER_TOKENIZER_MODEL, paper_vocab_model  # noqa: E402
 
 MODES = [(True, True), (True, False), (False, True), (False, False)]
@@ -118,7 +118,8 @@ def test_export_layout_weights_and_code(golden_export: Path, golden_model):
         "modeling_pldrllm.py",
         "configuration_pldrllm.py",
         "tokenization_pldrllm.py",
-        "pldr_model_model.py",
+        "model.py",
+        "plga.py",
     ):
         assert required in names
     state = load_file(str(golden_export / "model.safetensors"))
@@ -129,25 +130,41 @@ def test_export_layout_weights_and_code(golden_export: Path, golden_model):
     config = json.loads((golden_export / "config.json").read_text())
     assert config["model_type"] == "pldrllm"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pldrllm.PldrllmForCausalLM"
-    # The copied code must not name the package (transformers would demand it installed).
+    # The copied code is the core's, unchanged (so what loads there is what the tests ran).
+    core = Path(pldr_llm.core.__file__).parent
     for path in golden_export.glob("*.py"):
-        assert not re.search(r"^\s*(from|import)\s+pldr_llm\b", path.read_text(), re.MULTILINE), (
-            path.name
-        )
+        assert path.read_text() == (core / path.name).read_text(), path.name
 
 
-def test_code_bundle_refuses_leftover_package_imports():
-    from pldr_llm.hf.code_bundle import CodeBundleError, _package_imports, _rewrite
+def test_code_bundle_refuses_what_a_flat_folder_cannot_carry():
+    from pldr_llm.core.code_bundle import CodeBundleError, sibling_imports
 
-    source = '"""Doc.\nfrom pldr_llm.config import X\n"""\nfrom pldr_llm.errors import PLDRError\n'
-    modules, lines = _package_imports("fake", source)
-    assert modules == {"pldr_llm.errors"} and lines == [4]
-    with pytest.raises(CodeBundleError):
-        _rewrite("fake", source, lines)  # the docstring line would trip transformers' import scan
-    with pytest.raises(CodeBundleError):
-        _package_imports("fake", "import pldr_llm.config\n")
-    good = _rewrite("fake", "from pldr_llm.model.plga import A\n", [1])
-    assert good == "from .pldr_model_plga import A\n"
+    imports = "from .errors import PLDRError\n\ndef f():\n    from .plga import A\n"
+    assert sibling_imports("fake.py", imports) == {"errors", "plga"}
+    for source in (
+        "from pldr_llm.core.errors import PLDRError\n",  # not installed where the folder is used
+        "import pldr_llm\n",
+        "from ..core import errors\n",  # transformers copies one flat folder
+        "from . import errors\n",  # transformers' scan does not follow this form
+        '"""Doc.\nfrom pldr_llm.core.config import X\n"""\n',  # its scan reads docstrings too
+        '"""Doc.\n    from .train import X\n"""\n',  # ... and would look for train.py
+    ):
+        with pytest.raises(CodeBundleError):
+            sibling_imports("fake.py", source)
+
+
+def test_code_files_follow_the_imports_and_name_missing_ones(tmp_path: Path):
+    from pldr_llm.core.code_bundle import CodeBundleError, code_files
+
+    (tmp_path / "modeling_pldrllm.py").write_text("from .a import X\n")
+    (tmp_path / "a.py").write_text("def f():\n    from .b import Y\n")
+    (tmp_path / "b.py").write_text("Y = 1\n")
+    (tmp_path / "unused.py").write_text("Z = 1\n")
+    # The configuration's and tokenizer's files may sit in another folder of a loaded model.
+    assert set(code_files(tmp_path)) == {"modeling_pldrllm.py", "a.py", "b.py"}
+    (tmp_path / "b.py").unlink()
+    with pytest.raises(CodeBundleError, match="b.py is missing"):
+        code_files(tmp_path)
 
 
 def test_auto_classes_reproduce_golden_logits(
@@ -458,6 +475,7 @@ for kv in (True, False):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
                              enable_kvcache=kv, enable_Gcache=g, eos_token_id=None)
         result[f"gen_kv{int(kv)}_g{int(g)}"] = out[0].tolist()
+model.save_pretrained(sys.argv[4])  # saved again from the loaded copy: its files travel on
 print(json.dumps(result))
 """
 
@@ -467,8 +485,17 @@ def test_trust_remote_code_loads_without_the_package(
 ):
     prompt = golden_expected["prompt_ids"].tolist()
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    resaved = str(tmp_path / "resaved")
     proc = subprocess.run(
-        [sys.executable, "-c", _REMOTE_SCRIPT, str(golden_export), json.dumps(prompt), "8"],
+        [
+            sys.executable,
+            "-c",
+            _REMOTE_SCRIPT,
+            str(golden_export),
+            json.dumps(prompt),
+            "8",
+            resaved,
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -480,6 +507,13 @@ def test_trust_remote_code_loads_without_the_package(
     for kv, g in MODES:
         key = _mode_key(kv, g)
         assert result[key] == golden_expected[f"{key}.ids"].tolist(), key
+    # The copy saved again carries the same model code, byte for byte (the tokenizer's file
+    # travels with the tokenizer, which this script did not load).
+    core = Path(pldr_llm.core.__file__).parent
+    carried = {p.name for p in golden_export.glob("*.py")} - {"tokenization_pldrllm.py"}
+    assert {p.name for p in Path(resaved).glob("*.py")} == carried
+    for name in carried:
+        assert (Path(resaved) / name).read_text() == (core / name).read_text(), name
 
 
 def test_core_follows_the_wrapper_without_side_effects(hf):

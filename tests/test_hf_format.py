@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pldr_llm import PLDRConfig, PLDRModel, generate, load_bundle, predefined_G_model
-from pldr_llm.errors import PLDRError
-from pldr_llm.model.rope import RotaryEmbedding
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.rope import RotaryEmbedding
 from support import PAPER_TOKENIZER_MODEL, paper_vocab_model
 
 PROMPT = "Once upon a time"
@@ -64,7 +64,7 @@ def _predefined_G(kind: str, model: PLDRModel) -> torch.Tensor:
     elif kind == "random":
         g = torch.randn(shape)
     else:  # external: an already learned G_LM, here inferred by the learned model
-        from pldr_llm.model.variants import infer_G
+        from pldr_llm.core.variants import infer_G
 
         g = torch.stack([entry.G_LM for entry in infer_G(model)])
     zeros = torch.zeros_like(g)
@@ -409,7 +409,7 @@ def test_bad_past_G_values_is_a_one_line_error(tmp_path, paper_tokenizer_dir):
 
 
 def test_cache_first_G_reuses_the_first_rows_G():
-    from pldr_llm.model.cache import GCacheEntry
+    from pldr_llm.core.cache import GCacheEntry
 
     model = _learned_model(13, cache_first_G=True)
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from pldr_llm import PLDRConfig, PLDRModel
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.variants import predefined_G_model
 from pldr_llm.deductive import leak_audit
-from pldr_llm.errors import PLDRError
-from pldr_llm.model.variants import predefined_G_model
 
 CONFIG = PLDRConfig(
     num_layers=2,

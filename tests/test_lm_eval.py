@@ -17,7 +17,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")  # lm-eval itself needs it
 
 from pldr_llm import PLDRModel  # noqa: E402
-from pldr_llm.errors import PLDRError  # noqa: E402
+from pldr_llm.core.errors import PLDRError  # noqa: E402
 from support import PAPER_TOKENIZER_MODEL, paper_vocab_model
 
 TASK = "pldr_local_mc"
@@ -198,7 +198,7 @@ def test_cached_scoring_equals_stepwise_decoding(setup):
     """score_mode=cached gives each continuation token the probability generation gives it."""
     from lm_eval.api.instance import Instance
 
-    from pldr_llm.model.cache import PLDRCache
+    from pldr_llm.core.cache import PLDRCache
 
     tok, model = setup["tokenizer"], setup["model"]
     pairs = [
@@ -234,8 +234,8 @@ def test_cached_scoring_equals_stepwise_decoding(setup):
 def test_gcache_file_replaces_the_g_cache(setup, tmp_path: Path):
     from lm_eval.api.instance import Instance
 
+    from pldr_llm.core.cache import PLDRCache
     from pldr_llm.gfile import save_g_file
-    from pldr_llm.model.cache import PLDRCache
 
     config, model, tok = setup["model"].config, setup["model"], setup["tokenizer"]
     eye = torch.eye(config.depth).expand(1, config.num_heads, -1, -1).contiguous()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pldr_llm.losses import dag_term, log_trace_expm
+from pldr_llm.core.losses import dag_term, log_trace_expm
 
 
 def test_log_trace_expm_matches_direct_formula():

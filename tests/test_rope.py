@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pldr_llm.model.rope import RotaryEmbedding, inverse_frequencies
+from pldr_llm.core.rope import RotaryEmbedding, inverse_frequencies
 
 
 def two_formula_rotation(rope: RotaryEmbedding, x: torch.Tensor, positions: torch.Tensor):

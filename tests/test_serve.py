@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 
 from pldr_llm import cli, generate, generate_details  # noqa: E402
 from pldr_llm.bundle import load_bundle  # noqa: E402
-from pldr_llm.errors import PLDRError  # noqa: E402
+from pldr_llm.core.errors import PLDRError  # noqa: E402
 from pldr_llm.generation import Detokenizer, generate_text  # noqa: E402
 from pldr_llm.serve.app import ServeOptions  # noqa: E402
 from serve_support import MODEL_ID, build_bundle, live_server  # noqa: E402

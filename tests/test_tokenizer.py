@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.tokenizer import (
     PLDRTokenizer,
     extract_tokenizer_archive,

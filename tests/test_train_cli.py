@@ -83,7 +83,7 @@ def test_original_bundle_export_loads(tiny_run: Path) -> None:
     from safetensors.torch import load_file
 
     from pldr_llm import load_reference_checkpoint
-    from pldr_llm.config import read_hyperparameters_file
+    from pldr_llm.core.config import read_hyperparameters_file
 
     original = tiny_run / "original"
     hp = read_hyperparameters_file(original / "pldr-llm_hyperparameters.py")
@@ -137,7 +137,7 @@ def test_notebook_run_is_the_cli_run(tiny_run: Path, tmp_path: Path) -> None:
 
 
 def test_prepare_run_checks_like_the_command(tmp_path: Path) -> None:
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
     from pldr_llm.train.runconfig import prepare_run
 
     cfg = prepare_run(None, preset="tiny", overrides={"chkpt_batches": [5], "dk": 16})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.train import TrainConfig, lr_multiplier
 
 
@@ -282,7 +282,7 @@ def test_the_originals_sample_script_ports_by_changing_the_command(capsys) -> No
 
 def test_resumability_is_declared_on_the_fields() -> None:
     """What a resumed run may change is read from the fields' metadata, train and data alike."""
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
     from pldr_llm.train.config import TrainConfig
     from pldr_llm.train.runconfig import check_resumable
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 REPO = Path(__file__).resolve().parents[1]
 

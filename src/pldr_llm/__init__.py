@@ -20,11 +20,11 @@ _EXPORTS = {
     "load_bundle": "pldr_llm.bundle",
     "load_model": "pldr_llm.checkpoint",
     "load_reference_checkpoint": "pldr_llm.checkpoint",
-    "safe_torch_load": "pldr_llm.fileio",
+    "safe_torch_load": "pldr_llm.core.fileio",
     "save_reference_checkpoint": "pldr_llm.checkpoint",
-    "PLDRConfig": "pldr_llm.config",
-    "read_hyperparameters_file": "pldr_llm.config",
-    "PLDRError": "pldr_llm.errors",
+    "PLDRConfig": "pldr_llm.core.config",
+    "read_hyperparameters_file": "pldr_llm.core.config",
+    "PLDRError": "pldr_llm.core.errors",
     "DecodeEngine": "pldr_llm.generation",
     "SamplingParams": "pldr_llm.generation",
     "filter_logits": "pldr_llm.generation",
@@ -34,16 +34,16 @@ _EXPORTS = {
     "stream_generate": "pldr_llm.generation",
     "load_g_file": "pldr_llm.gfile",
     "save_g_file": "pldr_llm.gfile",
-    "dag_regularizer": "pldr_llm.losses",
-    "masked_accuracy": "pldr_llm.losses",
-    "masked_cross_entropy": "pldr_llm.losses",
-    "Deductive": "pldr_llm.model",
-    "GCacheEntry": "pldr_llm.model",
-    "PLDRCache": "pldr_llm.model",
-    "PLDRModel": "pldr_llm.model",
-    "PLDROutput": "pldr_llm.model",
-    "inference_G_model": "pldr_llm.model",
-    "predefined_G_model": "pldr_llm.model",
+    "dag_regularizer": "pldr_llm.core.losses",
+    "masked_accuracy": "pldr_llm.core.losses",
+    "masked_cross_entropy": "pldr_llm.core.losses",
+    "Deductive": "pldr_llm.core.plga",
+    "GCacheEntry": "pldr_llm.core.cache",
+    "PLDRCache": "pldr_llm.core.cache",
+    "PLDRModel": "pldr_llm.core.model",
+    "PLDROutput": "pldr_llm.core.model",
+    "inference_G_model": "pldr_llm.core.variants",
+    "predefined_G_model": "pldr_llm.core.variants",
     "PLDRTokenizer": "pldr_llm.tokenizer",
     "load_tokenizer": "pldr_llm.tokenizer",
     "train_tokenizer": "pldr_llm.tokenizer",
@@ -56,9 +56,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         load_reference_checkpoint,
         save_reference_checkpoint,
     )
-    from pldr_llm.config import PLDRConfig, read_hyperparameters_file
-    from pldr_llm.errors import PLDRError
-    from pldr_llm.fileio import safe_torch_load
+    from pldr_llm.core.cache import GCacheEntry, PLDRCache
+    from pldr_llm.core.config import PLDRConfig, read_hyperparameters_file
+    from pldr_llm.core.errors import PLDRError
+    from pldr_llm.core.fileio import safe_torch_load
+    from pldr_llm.core.losses import dag_regularizer, masked_accuracy, masked_cross_entropy
+    from pldr_llm.core.model import PLDRModel, PLDROutput
+    from pldr_llm.core.plga import Deductive
+    from pldr_llm.core.variants import inference_G_model, predefined_G_model
     from pldr_llm.generation import (
         DecodeEngine,
         SamplingParams,
@@ -69,16 +74,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         stream_generate,
     )
     from pldr_llm.gfile import load_g_file, save_g_file
-    from pldr_llm.losses import dag_regularizer, masked_accuracy, masked_cross_entropy
-    from pldr_llm.model import (
-        Deductive,
-        GCacheEntry,
-        PLDRCache,
-        PLDRModel,
-        PLDROutput,
-        inference_G_model,
-        predefined_G_model,
-    )
     from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer, train_tokenizer
 
 

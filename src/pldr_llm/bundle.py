@@ -16,7 +16,7 @@
 
 Everything is checked before weights are read: a missing or ambiguous file, a tokenizer whose
 vocabulary does not fit the model's embedding, or an unusable device is a one-line
-:class:`~pldr_llm.errors.PLDRError`.
+:class:`~pldr_llm.core.errors.PLDRError`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pldr_llm.config import PLDRConfig
-from pldr_llm.devices import resolve_device
-from pldr_llm.errors import PLDRError, first_line
-from pldr_llm.fileio import (
+from pldr_llm.core.config import PLDRConfig
+from pldr_llm.core.errors import PLDRError, first_line
+from pldr_llm.core.fileio import (
     CHECKPOINT_SUFFIX,
     CONFIG_NAME,
     HYPERPARAMETERS_SUFFIX,
@@ -39,11 +38,12 @@ from pldr_llm.fileio import (
     WEIGHTS_NAME,
     read_json_object,
 )
+from pldr_llm.devices import resolve_device
 
 if TYPE_CHECKING:  # heavy imports only where the model is loaded
     import torch
 
-    from pldr_llm.model import PLDRModel
+    from pldr_llm.core.model import PLDRModel
     from pldr_llm.tokenizer import PLDRTokenizer
 
 __all__ = [
@@ -235,7 +235,7 @@ def _read_config_json(path: Path) -> tuple[str, PLDRConfig]:
     """``("pldr", config)`` for the project's config, ``("hf", config)`` for a transformers one."""
     data = read_json_object(path)
     if "model_type" in data or "architectures" in data:
-        from pldr_llm.hf.folder import is_hf_config, pldr_config_from_hf
+        from pldr_llm.core.hf_folder import is_hf_config, pldr_config_from_hf
 
         if not is_hf_config(data):
             raise PLDRError(
@@ -351,7 +351,7 @@ def bundle_tokenizer(
         return None
     assert tok is not None
     if files.kind == "hf" and not isinstance(tokenizer, PLDRTokenizer):
-        from pldr_llm.hf.folder import read_tokenizer_flags
+        from pldr_llm.core.hf_folder import read_tokenizer_flags
 
         tok.add_bos, tok.add_eos = read_tokenizer_flags(files.root)
     check_vocab(tok, files.config, files.source)
@@ -387,13 +387,13 @@ def load_bundle(
 
         model = load_reference_checkpoint(files.weights, files.config, map_location="cpu")
     elif files.kind == "hf":
-        from pldr_llm.hf.folder import load_hf_state
-        from pldr_llm.model import PLDRModel
+        from pldr_llm.core.hf_folder import load_hf_state
+        from pldr_llm.core.model import PLDRModel
 
         model = PLDRModel(files.config)
         load_hf_state(model, files.root)
     else:
-        from pldr_llm.model import PLDRModel
+        from pldr_llm.core.model import PLDRModel
 
         model = PLDRModel.load(files.root, map_location="cpu")
     if torch_dtype is not None:

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pldr_llm.config import PLDRConfig
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_NAME, atomic_path, safe_torch_load
-from pldr_llm.model.model import PLDRModel
-from pldr_llm.model.state_dict import load_state_dict_strict
+from pldr_llm.core.config import PLDRConfig
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import CONFIG_NAME, WEIGHTS_NAME, atomic_path, safe_torch_load
+from pldr_llm.core.model import PLDRModel
+from pldr_llm.core.state_dict import load_state_dict_strict
 
 # Re-exported here, where the readers of checkpoints look for them.
 __all__ = [

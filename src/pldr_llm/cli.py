@@ -6,7 +6,7 @@ parser), ``add_arguments(parser)`` and ``run(args)``, which runs it with the par
 ``argparse.Namespace``. :func:`build_parser` makes the parsers from them. Heavy imports happen
 inside the run function, so ``pldr-llm --help`` stays fast.
 
-Any :class:`~pldr_llm.errors.PLDRError` (and a few standard input errors) is printed as one line,
+Any :class:`~pldr_llm.core.errors.PLDRError` (and a few standard input errors) is printed as one line,
 ``pldr-llm: error: ...``, on stderr with exit status 2 — never a traceback.
 """
 
@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 # Order here is the order in `pldr-llm --help`.
 COMMAND_MODULES = [
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = re.search(r"os error (\d+)", str(exc))
         if found is None:
             raise
-        from pldr_llm.fileio import io_error_message
+        from pldr_llm.core.fileio import io_error_message
 
         code = int(found.group(1))
         where = getattr(args, "out", None) or "a safetensors file"
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # A full disk, a file-size limit, a read-only or unwritable path, a closed output: the
         # user's environment, not a bug. One line naming the path and what to do.
-        from pldr_llm.fileio import io_error_message
+        from pldr_llm.core.fileio import io_error_message
 
         if exc.filename is None:
             _silence_stdout()  # the failed stream may be stdout: don't fail again at exit
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sys.stdout.flush()  # `pldr-llm ... > /dev/full` fails here, not at interpreter exit
     except OSError as exc:
-        from pldr_llm.fileio import io_error_message
+        from pldr_llm.core.fileio import io_error_message
 
         _silence_stdout()
         print(f"pldr-llm: error: standard output: {io_error_message(exc)}", file=sys.stderr)

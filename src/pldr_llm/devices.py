@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 if TYPE_CHECKING:
     import torch

@@ -1,10 +1,10 @@
 """G-cache files: read the paper's G_LM pickles safely, read and write the project's safetensors form.
 
 A G file holds a G list: what a PLDR-LLM's G-cache holds, one
-:class:`~pldr_llm.model.cache.GCacheEntry` (``A_LM`` or ``None``, ``G_LM``) per decoder layer,
+:class:`~pldr_llm.core.cache.GCacheEntry` (``A_LM`` or ``None``, ``G_LM``) per decoder layer,
 each tensor ``[1, H, dk, dk]`` (the paper's files use ``[1, 14, 64, 64]``). ``A_LM`` is ``None``
 where a file stores only ``G_LM`` (the paper's "predefined G_LM" lists). Files load into
-``GCacheEntry`` lists and are saved from anything :func:`~pldr_llm.model.cache.g_entries` reads.
+``GCacheEntry`` lists and are saved from anything :func:`~pldr_llm.core.cache.g_entries` reads.
 
 Formats read by :func:`load_g_file` (sniffed from the content, not the file name):
 
@@ -32,9 +32,9 @@ from typing import Any
 
 from torch import Tensor
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import safe_torch_load, save_safetensors
-from pldr_llm.model.cache import GCacheEntry, GInit, check_g_init, g_entries
+from pldr_llm.core.cache import GCacheEntry, GInit, check_g_init, g_entries
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import safe_torch_load, save_safetensors
 from pldr_llm.tensor_pickle import load_tensor_pickle
 
 __all__ = [
@@ -147,7 +147,7 @@ def save_g_file(
 ) -> Path:
     """Write a G-cache as safetensors: ``layer{i}.G_LM`` and, where present, ``layer{i}.A_LM``.
 
-    ``entries`` is anything :func:`~pldr_llm.model.cache.g_entries` reads (a list of
+    ``entries`` is anything :func:`~pldr_llm.core.cache.g_entries` reads (a list of
     ``GCacheEntry``, of ``(A_LM, G_LM)`` pairs or of G_LM tensors, a ``PLDRCache``...). ``metadata`` values are stored as
     strings next to ``format``, ``num_layers``, ``num_heads`` and ``dk``. Returns the path.
     """

@@ -6,7 +6,7 @@ loaded, so they are read by :class:`_RestrictedUnpickler`: only the globals need
 tensors resolve, each to a function of this module (never to torch's own loaders, because
 ``torch.storage._load_from_bytes`` calls ``torch.load(weights_only=False)``); every other global
 -- ``os.system``, ``builtins.eval``, ``subprocess.Popen`` ... -- is refused with a
-:class:`~pldr_llm.errors.PLDRError` that names it, before anything from the file is called.
+:class:`~pldr_llm.core.errors.PLDRError` that names it, before anything from the file is called.
 Storages are always materialized on the CPU whatever device they were saved from. Legacy
 (pre-1.6, non-zip) ``torch.save`` streams are read by the same restricted reader.
 
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 __all__ = ["load_tensor_pickle"]
 

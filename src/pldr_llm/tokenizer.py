@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError, first_line
+from pldr_llm.core.errors import PLDRError, first_line
 
 __all__ = [
     "PLDRTokenizer",

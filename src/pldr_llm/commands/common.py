@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 
 def add_model_arguments(p: argparse.ArgumentParser, model: bool = True) -> None:

@@ -99,8 +99,8 @@ def _side(args: argparse.Namespace, spec: str) -> tuple[list[dict[str, Any]], di
 
 def run(args: argparse.Namespace) -> int:
     """Compare A and B; prints a table on stdout, writes --json/--plot."""
+    from pldr_llm.core.errors import PLDRError
     from pldr_llm.deductive import analyze_deductive, compare, plot_compare
-    from pldr_llm.errors import PLDRError
 
     if args.rtol is not None and not args.rtol > 0:
         raise PLDRError(f"--rtol must be positive, got {args.rtol}")

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _export_hf() -> Any:
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
 
     try:
         from pldr_llm.hf.export import export_hf
@@ -58,7 +58,7 @@ def _export_hf() -> Any:
 def run(args: argparse.Namespace) -> int:
     """Convert; prints the output folder on stdout."""
     from pldr_llm.bundle import bundle_summary, load_bundle, resolve_bundle, resolve_dtype
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import first_line
+from pldr_llm.core.errors import first_line
 
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 # datasets' packaged builders: a task using one reads local files, never the Hub.
@@ -178,7 +178,7 @@ def _go_offline_without_network() -> bool:
 def run_text(args: argparse.Namespace) -> int:
     """``--text FILE``: perplexity and bits per byte, printed as one JSON object."""
     from pldr_llm.bundle import load_bundle
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
     from pldr_llm.eval.perplexity import perplexity
 
     path = Path(args.text)
@@ -197,7 +197,7 @@ def run_text(args: argparse.Namespace) -> int:
     record = {"text": str(path), "model": args.model, **result.to_dict()}
     print(json.dumps(record))
     if args.output:
-        from pldr_llm.fileio import atomic_write_text
+        from pldr_llm.core.fileio import atomic_write_text
 
         atomic_write_text(args.output, json.dumps(record, indent=2) + "\n")
     return 0
@@ -205,7 +205,7 @@ def run_text(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; prints the results table on stdout."""
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
 
     if args.limit is not None and not args.limit > 0:
         raise PLDRError(
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
             if k in results
         }
         keep["model"] = {"pretrained": args.model, "score_mode": args.score_mode}
-        from pldr_llm.fileio import atomic_write_text
+        from pldr_llm.core.fileio import atomic_write_text
 
         atomic_write_text(out, json.dumps(keep, indent=2, default=str) + "\n")
         print(f"pldr-llm: results written to {out}", file=sys.stderr)

@@ -22,7 +22,7 @@ from pldr_llm.commands.common import (
     log,
     read_prompts,
 )
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 if TYPE_CHECKING:
     import torch

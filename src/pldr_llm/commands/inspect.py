@@ -122,7 +122,7 @@ def read_prompt_texts(prompts: Sequence[str] | None, prompt_file: str | None) ->
 
 def parse_ids(text: str) -> list[int]:
     """``'12 7 99'``, ``'12,7,99'`` or ``'[12, 7, 99]'`` -> ``[12, 7, 99]``."""
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
 
     parts = text.replace("[", " ").replace("]", " ").replace(",", " ").split()
     try:
@@ -154,7 +154,7 @@ def load_model(
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """The ids ``pldr-llm generate`` would feed the model for ``text``."""
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
 
     if tokenizer is None:
         raise PLDRError("this model has no tokenizer: give prompts with --prompt-ids")
@@ -188,7 +188,7 @@ def write_json(path: str, data: Any) -> None:
     if path == "-":
         sys.stdout.write(text + "\n")
     else:
-        from pldr_llm.fileio import atomic_write_text
+        from pldr_llm.core.fileio import atomic_write_text
 
         atomic_write_text(path, text + "\n")  # atomic; /dev/full errors name the path
 
@@ -223,7 +223,7 @@ def _rmse_summary(rmse: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Inspect a model or a G file; prints a table on stdout, writes --json/--plot/--save-g."""
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
 
     if args.steps < 1:
         raise PLDRError(f"--steps must be at least 1, got {args.steps}")
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_matplotlib() -> None:
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
 
     try:
         import matplotlib  # noqa: F401
@@ -312,8 +312,8 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _run_leak(args: argparse.Namespace) -> int:
+    from pldr_llm.core.errors import PLDRError
     from pldr_llm.deductive import leak_audit, plot_leak
-    from pldr_llm.errors import PLDRError
 
     if not args.leak:
         raise PLDRError("--text goes with --leak")

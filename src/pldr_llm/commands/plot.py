@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 HELP = "draw a run's loss/accuracy/lr curves to a PNG"
 DESCRIPTION = (

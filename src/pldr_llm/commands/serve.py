@@ -6,7 +6,7 @@ import argparse
 import os
 
 from pldr_llm.commands.common import add_model_arguments, log
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 HELP = "serve a PLDR-LLM over an OpenAI-compatible HTTP API, with a playground"
 DESCRIPTION = (

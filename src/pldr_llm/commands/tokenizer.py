@@ -118,7 +118,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def run_decode(args: argparse.Namespace) -> int:
     """Print the text of ids."""
-    from pldr_llm.errors import PLDRError
+    from pldr_llm.core.errors import PLDRError
     from pldr_llm.tokenizer import load_tokenizer
 
     text = " ".join(args.ids).replace(",", " ").replace("[", " ").replace("]", " ")

@@ -1,6 +1,6 @@
 """``pldr-llm train``: pretrain a PLDR-LLM from a preset or a config file, on 1..N processes.
 
-One configuration holds four sections -- ``model`` (:class:`~pldr_llm.config.PLDRConfig` keys),
+One configuration holds four sections -- ``model`` (:class:`~pldr_llm.core.config.PLDRConfig` keys),
 ``data`` (:class:`~pldr_llm.data.DataConfig` keys), ``tokenizer`` and ``train``
 (:class:`~pldr_llm.train.TrainConfig` keys) -- read from a preset (``--preset tiny``), a YAML or
 TOML file (``--config FILE``), or both (the file overrides the preset). Every key can then be
@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.presets import PRESETS
 from pldr_llm.train.runconfig import (
     IGNORED_FLAGS,
@@ -93,7 +93,7 @@ def _first_sentence(text: str) -> str:
 
 def _key_help() -> dict[tuple[str, str], str]:
     """``(section, key) -> "description (default: value)"`` for ``train --help``."""
-    from pldr_llm.config import PLDRConfig
+    from pldr_llm.core.config import PLDRConfig
     from pldr_llm.data.config import DataConfig
     from pldr_llm.train.config import TrainConfig
 

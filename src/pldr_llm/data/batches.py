@@ -39,10 +39,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.data.config import DataConfig, open_source
 from pldr_llm.data.packing import check_padding_type, chunk_group
 from pldr_llm.data.sources import DocumentSource
-from pldr_llm.errors import PLDRError
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.data import sources
 from pldr_llm.data.corpus import default_corpus
 from pldr_llm.data.packing import check_padding_type
-from pldr_llm.errors import PLDRError
 
 #: ``source`` value that selects the embedded corpus (:func:`pldr_llm.data.default_corpus`).
 DEFAULT_SOURCE = "default"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 # Sections shorter than this are merged into the following one (headings alone, tiny stubs).
 MIN_DOCUMENT_CHARS = 400

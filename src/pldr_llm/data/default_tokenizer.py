@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.data.corpus import default_corpus
-from pldr_llm.errors import PLDRError
 
 
 def default_tokenizer_model(cache_dir: str | Path, vocab_size: int = 4096) -> Path:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 PADDING_TYPES = ("pack", "pad", "nopad")
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 TXT_SPLITS = ("blank_line", "line", "file")
 

@@ -2,7 +2,7 @@
 
 A PLDR-LLM exposes, per decoder layer and head, four ``dk x dk`` tensors: the metric tensor ``A``,
 ``A_LM``, the potential tensor ``A_P`` and the energy-curvature tensor ``G_LM`` (see
-:mod:`pldr_llm.model.plga`). This package turns them into figures a notebook or the
+:mod:`pldr_llm.core.plga`). This package turns them into figures a notebook or the
 ``pldr-llm inspect`` / ``pldr-llm compare`` commands can use:
 
 * :mod:`~pldr_llm.deductive.stats` -- :func:`matrix_stats` / :func:`analyze_g_list` /

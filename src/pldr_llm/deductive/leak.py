@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import atomic_write_text
 from pldr_llm.deductive.runs import _as_ids, _EvalMode, _model_device
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import atomic_write_text
 
 #: Prefixes per batch of the causal pass.
 DEFAULT_BLOCK = 16

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import atomic_path
 from pldr_llm.deductive.stats import (
     DEDUCTIVE_NAMES,
     DeductiveReport,
@@ -24,8 +26,6 @@ from pldr_llm.deductive.stats import (
     head_matrices,
     layer_tensors,
 )
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import atomic_path
 
 
 @dataclass

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pldr_llm.core.cache import GCacheEntry
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.deductive.stats import (
     DEDUCTIVE_NAMES,
     DeductiveReport,
@@ -17,8 +19,6 @@ from pldr_llm.deductive.stats import (
     compare,
     layer_tensors,
 )
-from pldr_llm.errors import PLDRError
-from pldr_llm.model.cache import GCacheEntry
 
 #: Cache modes of :func:`cache_mode_runs`, named like the golden data: KV-cache on/off, G-cache
 #: on/off. ``kv0_g0`` (no cache at all, everything recomputed) is the yardstick.

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import atomic_write_text
+from pldr_llm.core.cache import g_entries
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import atomic_write_text
 from pldr_llm.gfile import load_g_file
-from pldr_llm.model.cache import g_entries
 
 #: The deductive tensors, in the order reports and plots list them.
 DEDUCTIVE_NAMES = ("A", "A_LM", "A_P", "G_LM")

@@ -51,7 +51,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from torch import Tensor
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.cache import GCacheEntry, PLDRCache, prepare_g_init
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.eval.model_args import (
     DEFAULT_BATCH_SIZE,
     as_bool,
@@ -61,7 +62,6 @@ from pldr_llm.eval.model_args import (
 )
 from pldr_llm.generation import find_stop, generate_details
 from pldr_llm.generation.captured import CapturedForward
-from pldr_llm.model.cache import GCacheEntry, PLDRCache, prepare_g_init
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +280,8 @@ class PLDRLLMEvalModel(TemplateLM):
         """Log-probabilities of each continuation as the generator gives them: the decoding loop
         (:class:`~pldr_llm.generation.DecodeEngine`, this model's cache modes and G-cache file)
         prefills the context and then emits the continuation, forced token by token."""
+        from pldr_llm.core.generate import engine_for
         from pldr_llm.generation import SamplingParams
-        from pldr_llm.generation.api import engine_for
 
         limit = self.model.config.max_seq_len
         # The loop holds prompt + new tokens within max_seq_len: drop the oldest context token

@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.model.model import PLDRModel
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.model import PLDRModel
 
 log = logging.getLogger(__name__)
 

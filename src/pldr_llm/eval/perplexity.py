@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 __all__ = ["PerplexityResult", "perplexity", "strided_windows"]
 

@@ -2,26 +2,27 @@
 
 * :class:`DecodeEngine`, :class:`SamplingParams`, :class:`StepOutput`: the static, slot-based
   loop (KV-cache allocated once, CUDA-graph step with sampling inside) -- see
-  :mod:`pldr_llm.generation.engine`; :class:`DeductiveRecord`: what it records with
+  :mod:`pldr_llm.core.engine`; :class:`DeductiveRecord`: what it records with
   ``record_deductive`` (the deductive cache-mode runs).
 * :func:`generate`, :func:`generate_details`, :func:`stream_generate`, :func:`generate_text`: the
   user-facing calls, all on that loop.
 * :func:`final_text`, :func:`find_stop`, :class:`StopStrings`: a row's text and its stop strings;
   :class:`Detokenizer`: the same text as deltas while ids arrive (streaming) -- see
-  :mod:`pldr_llm.generation.text`.
+  :mod:`pldr_llm.core.text`.
 * :func:`filter_logits` & co: the original's sampling filters (:mod:`~.sampling`).
 """
 
-from pldr_llm.generation.api import (
+from pldr_llm.core.cache import GInit
+from pldr_llm.core.engine import DecodeEngine, DeductiveRecord, StepOutput
+from pldr_llm.core.generate import (
     GenerationOutput,
     generate,
     generate_details,
     generate_text,
     stream_generate,
 )
-from pldr_llm.generation.engine import DecodeEngine, DeductiveRecord, StepOutput
-from pldr_llm.generation.graphs import sdpa_backends
-from pldr_llm.generation.sampling import (
+from pldr_llm.core.graphs import sdpa_backends
+from pldr_llm.core.sampling import (
     FILTERED_LOGIT,
     SamplingParams,
     filter_logits,
@@ -33,8 +34,7 @@ from pldr_llm.generation.sampling import (
     uniform_draws,
     validate_sampling,
 )
-from pldr_llm.generation.text import Detokenizer, StopStrings, final_text, find_stop
-from pldr_llm.model.cache import GInit
+from pldr_llm.core.text import Detokenizer, StopStrings, final_text, find_stop
 
 __all__ = [
     "FILTERED_LOGIT",

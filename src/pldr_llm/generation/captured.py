@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.generation.graphs import capture_graph, maybe_compile, sdpa_backends
-from pldr_llm.model.cache import GCacheEntry, LayerKV, PLDRCache
-from pldr_llm.model.model import PLDRModel, PLDROutput, row_positions
+from pldr_llm.core.cache import GCacheEntry, LayerKV, PLDRCache
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.graphs import capture_graph, maybe_compile, sdpa_backends
+from pldr_llm.core.model import PLDRModel, PLDROutput, row_positions
 
 
 class CapturedForward:
@@ -31,12 +31,12 @@ class CapturedForward:
     inside the captured work, by the model's own code with no read back to the host (the forward
     itself checks the ids and asks whether every key is a token; both wait for the GPU).
 
-    ``g``: a G-cache (one :class:`~pldr_llm.model.cache.GCacheEntry` per layer, e.g. a prepared
+    ``g``: a G-cache (one :class:`~pldr_llm.core.cache.GCacheEntry` per layer, e.g. a prepared
     G_init) used instead of the metric learner in every call; the graph reads these very tensors,
     so keep them alive and unchanged. ``output_hidden_states`` returns the final hidden states
     [batch, length, d_model] (what scoring needs: logits only where they are scored).
 
-    Calls return an :class:`~pldr_llm.model.PLDROutput` whose tensors are the graph's static
+    Calls return an :class:`~pldr_llm.core.model.PLDROutput` whose tensors are the graph's static
     outputs: they are overwritten by the next call (clone what you keep). Without a graph
     (``cuda_graph=False``, the default off CUDA) the same calls run eagerly.
     """

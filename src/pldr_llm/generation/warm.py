@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pldr_llm.config import PLDRConfig
-from pldr_llm.errors import first_line
-from pldr_llm.generation.sampling import SamplingParams
+from pldr_llm.core.config import PLDRConfig
+from pldr_llm.core.errors import first_line
+from pldr_llm.core.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from pldr_llm.model.model import PLDRModel
+    from pldr_llm.core.model import PLDRModel
 
 
 def _stand_in_model(config: PLDRConfig, dtype: torch.dtype, device: torch.device) -> PLDRModel:
@@ -38,7 +38,7 @@ def _stand_in_model(config: PLDRConfig, dtype: torch.dtype, device: torch.device
     initialization draws on the device's default generator, which no sampling reads (rows draw
     from their own seeds). The rotary tables are computed on the CPU on purpose (rope.py), so
     the final ``to`` moves them."""
-    from pldr_llm.model.model import PLDRModel
+    from pldr_llm.core.model import PLDRModel
 
     with torch.device(device):
         model = PLDRModel(config)
@@ -54,8 +54,8 @@ def _decode_once(
     length: int,
     sampling: SamplingParams | None = None,
 ) -> None:
-    from pldr_llm.generation.api import batch_bucket
-    from pldr_llm.generation.engine import DecodeEngine
+    from pldr_llm.core.engine import DecodeEngine
+    from pldr_llm.core.generate import batch_bucket
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # per thread; "cuda" alone is the current device already

@@ -12,9 +12,9 @@ Importing this package registers the classes with transformers' auto classes (se
 A folder written by :func:`export_hf` also carries its code, so it loads without this package
 through ``trust_remote_code=True``. See docs/huggingface.md.
 
-Without transformers installed the package still imports (so that :mod:`pldr_llm.hf.folder`
+Without transformers installed the package still imports (so that :mod:`pldr_llm.core.hf_folder`
 reads exported folders), and naming one of the transformers classes raises a
-:class:`~pldr_llm.errors.PLDRError` that says what to install.
+:class:`~pldr_llm.core.errors.PLDRError` that says what to install.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 _log = logging.getLogger(__name__)
 
@@ -43,15 +43,15 @@ except ImportError as exc:  # transformers is an optional dependency (pldr-llm[h
     _MISSING: ImportError | None = exc
 else:
     _MISSING = None
-    from pldr_llm.hf.configuration_pldrllm import PldrllmConfig
-    from pldr_llm.hf.export import export_hf
-    from pldr_llm.hf.modeling_pldrllm import (
+    from pldr_llm.core.configuration_pldrllm import PldrllmConfig
+    from pldr_llm.core.modeling_pldrllm import (
         PldrllmCausalLMOutput,
         PldrllmForCausalLM,
         PldrllmPreTrainedModel,
         PldrllmSamplingFilter,
     )
-    from pldr_llm.hf.tokenization_pldrllm import PldrllmTokenizer
+    from pldr_llm.core.tokenization_pldrllm import PldrllmTokenizer
+    from pldr_llm.hf.export import export_hf
 
 
 _REGISTERED: str | None = None

@@ -2,7 +2,7 @@
 
 The folder holds ``config.json`` (with ``auto_map``), ``generation_config.json``,
 ``model.safetensors`` (the original's state-dict keys), ``tokenizer.model`` with
-``tokenizer_config.json``, and the model's code (see :mod:`pldr_llm.hf.code_bundle`). It loads with
+``tokenizer_config.json``, and the model's code (see :mod:`pldr_llm.core.code_bundle`). It loads with
 ``AutoModelForCausalLM``/``AutoTokenizer`` where ``pldr_llm`` is imported, and with
 ``trust_remote_code=True`` where it is not installed at all.
 """
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.hf.code_bundle import AUTO_MAP_TOKENIZER
-from pldr_llm.hf.folder import TOKENIZER_CONFIG
-from pldr_llm.hf.modeling_pldrllm import PldrllmForCausalLM
-from pldr_llm.hf.tokenization_pldrllm import PldrllmTokenizer
+from pldr_llm.core.code_bundle import AUTO_MAP_TOKENIZER
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.hf_folder import TOKENIZER_CONFIG
+from pldr_llm.core.modeling_pldrllm import PldrllmForCausalLM
+from pldr_llm.core.tokenization_pldrllm import PldrllmTokenizer
 
 if TYPE_CHECKING:
-    from pldr_llm.model.model import PLDRModel
+    from pldr_llm.core.model import PLDRModel
     from pldr_llm.tokenizer import PLDRTokenizer
 
 
@@ -35,7 +35,7 @@ def export_hf(
     """Write ``model`` (and ``tokenizer``) as a transformers folder ``out_dir``; returns it.
 
     Args:
-        model: a core :class:`~pldr_llm.model.model.PLDRModel` (any device; its weights are
+        model: a core :class:`~pldr_llm.core.model.PLDRModel` (any device; its weights are
             shared, not copied, while saving) or a :class:`PldrllmForCausalLM`.
         tokenizer: a :class:`~pldr_llm.tokenizer.PLDRTokenizer`, a transformers tokenizer of
             this package, the path of a SentencePiece ``.model`` file, or None (no tokenizer).
@@ -52,7 +52,7 @@ def export_hf(
     if dtype is not None and dtype != hf_model.dtype:
         # Cast a copy: the caller's model keeps its dtype.
         source = hf_model.core
-        from pldr_llm.model.model import PLDRModel
+        from pldr_llm.core.model import PLDRModel
 
         copy = PLDRModel(source.config)
         copy.load_state_dict(source.state_dict())

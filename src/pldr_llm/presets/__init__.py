@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 PRESETS = ("tiny", "paper-110m")
 

@@ -31,14 +31,14 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import read_json_object
 from pldr_llm.deductive import (
     DEDUCTIVE_NAMES,
     analyze_deductive,
     deductive_outputs,
     head_matrices,
 )
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import read_json_object
 from pldr_llm.generation import SamplingParams
 from pldr_llm.serve.metrics import Metrics
 from pldr_llm.serve.protocol import (

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.generation import DecodeEngine, Detokenizer, SamplingParams
 from pldr_llm.serve.metrics import Metrics
 

@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import CHECKPOINT_SUFFIX, io_error_message, safe_torch_load
+from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import CHECKPOINT_SUFFIX, io_error_message, safe_torch_load
 from pldr_llm.train.distributed import DistEnv, barrier, broadcast_object
 
 __all__ = [
@@ -356,7 +356,7 @@ def export_model(
     is given. ``reference_pth`` also writes the weights in the original's ``.pth`` format there.
     """
     from pldr_llm.checkpoint import save_reference_checkpoint
-    from pldr_llm.model import PLDRModel
+    from pldr_llm.core.model import PLDRModel
 
     assert_finite_parameters(model)
     state = full_model_state(model)

@@ -3,7 +3,7 @@
 Every field has the original trainer's name where it had one (``learning_rate``, ``warmup_steps``,
 ``lr_total_steps``, ``lr_alpha``, ``adamw_decay``, ``disable_amp``, ``fsdp_sharding_strategy``,
 ...). :meth:`TrainConfig.from_hpdict` also takes the original's hyperparameter dictionary, which
-mixes architecture keys (ignored here; :class:`pldr_llm.config.PLDRConfig` reads them) with
+mixes architecture keys (ignored here; :class:`pldr_llm.core.config.PLDRConfig` reads them) with
 training keys, and maps its spellings (``DAG_reg_coeffs``, ``chkpt_batches``, ...) onto ours.
 """
 
@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pldr_llm.config import ARCHITECTURE_KEYS as MODEL_ARCHITECTURE_KEYS
-from pldr_llm.config import HPDICT_TRAINING_KEYS
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.config import ARCHITECTURE_KEYS as MODEL_ARCHITECTURE_KEYS
+from pldr_llm.core.config import HPDICT_TRAINING_KEYS
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.train.schedule import validate_schedule
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -102,7 +102,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 0
     fig.suptitle(str(run_dir.resolve().name))
     fig.tight_layout()
     target = Path(out) if out is not None else run_dir / "curves.png"
-    from pldr_llm.fileio import atomic_path
+    from pldr_llm.core.fileio import atomic_path
 
     with atomic_path(target) as tmp:  # a full disk leaves the previous plot intact
         fig.savefig(tmp, dpi=110, format="png")

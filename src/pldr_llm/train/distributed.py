@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.devices import resolve_device
-from pldr_llm.errors import PLDRError
 
 __all__ = [
     "DistEnv",

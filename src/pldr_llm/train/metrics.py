@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 __all__ = [
     "Mean",

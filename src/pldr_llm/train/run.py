@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.train.runconfig import RUN_FILE, TOKENIZER_FILE, RunConfig, prepare_run
 
 if TYPE_CHECKING:
@@ -237,8 +237,8 @@ def _train_tokenizer(resolved: RunConfig, run_dir: Path, source: Any) -> None:
 
 
 def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path, env: Any) -> Any:
-    from pldr_llm.config import PLDRConfig
-    from pldr_llm.model import PLDRModel
+    from pldr_llm.core.config import PLDRConfig
+    from pldr_llm.core.model import PLDRModel
     from pldr_llm.train.checkpointing import CheckpointManager
 
     model_keys = dict(resolved.model)
@@ -264,8 +264,8 @@ def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path, env: Any) -
 def _load_initial_weights(model: Any, source: str) -> None:
     """Start from the weights of an original ``.pth``, a project folder or a DCP folder."""
     from pldr_llm.checkpoint import reference_state_dict
-    from pldr_llm.fileio import WEIGHTS_NAME, load_safetensors, safe_torch_load
-    from pldr_llm.model.state_dict import load_state_dict_strict
+    from pldr_llm.core.fileio import WEIGHTS_NAME, load_safetensors, safe_torch_load
+    from pldr_llm.core.state_dict import load_state_dict_strict
 
     path = Path(source)
     if path.is_file():
@@ -292,8 +292,8 @@ def _export_original(
     """Complete ``run_dir/original/`` (the .pth written by the trainer) into an original bundle."""
     import shutil
 
-    from pldr_llm.config import hyperparameters_file_text
-    from pldr_llm.fileio import HYPERPARAMETERS_SUFFIX, atomic_write_text
+    from pldr_llm.core.config import hyperparameters_file_text
+    from pldr_llm.core.fileio import HYPERPARAMETERS_SUFFIX, atomic_write_text
     from pldr_llm.train.checkpointing import original_export
 
     cfg = resolved.train

@@ -1,6 +1,6 @@
 """The run configuration of ``pldr-llm train`` and :func:`pldr_llm.train.run.run`: four sections.
 
-``model`` (:class:`~pldr_llm.config.PLDRConfig` keys, plus ``dk`` and ``predefined_G``), ``data``
+``model`` (:class:`~pldr_llm.core.config.PLDRConfig` keys, plus ``dk`` and ``predefined_G``), ``data``
 (:class:`~pldr_llm.data.DataConfig` keys), ``tokenizer`` (:class:`TokenizerSettings`) and
 ``train`` (:class:`~pldr_llm.train.TrainConfig` keys, plus ``context_length``), read from a
 preset, a YAML or TOML file, and overrides, merged in that order, checked, and resolved into a
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.presets import load_preset
 from pldr_llm.train.config import IGNORED_KEYS, ORIGINAL_ALIASES
 
@@ -73,7 +73,7 @@ class TokenizerSettings:
 # ---------------------------------------------------------------------- key registry
 def _section_fields() -> dict[str, dict[str, str]]:
     """section -> {key: annotation string} (no torch import)."""
-    from pldr_llm.config import PLDRConfig
+    from pldr_llm.core.config import PLDRConfig
     from pldr_llm.train.config import TrainConfig
 
     out: dict[str, dict[str, str]] = {}
@@ -290,7 +290,7 @@ def merge(base: dict[str, dict], overlay: dict[str, dict]) -> dict[str, dict]:
 class RunConfig:
     """One run: the four sections after merging, every value checked, and the run folder.
 
-    ``model`` holds :class:`~pldr_llm.config.PLDRConfig` keyword arguments (``input_vocab_size``
+    ``model`` holds :class:`~pldr_llm.core.config.PLDRConfig` keyword arguments (``input_vocab_size``
     may still be ``None``: the tokenizer gives it when the run starts). ``run_dir`` and
     ``resuming`` are set by :func:`prepare_run` (a folder that holds a ``run.yaml`` is resumed).
     """
@@ -390,7 +390,7 @@ def resolve(sections: dict[str, dict[str, Any]], world_size: int = 1) -> RunConf
     if model.get("version", "v510") == "v510G" and predefined_G is None:
         raise PLDRError("'model.version' v510G needs 'model.predefined_G' (a G_LM file)")
     # Check the architecture now, with a stand-in vocabulary size when it comes from the tokenizer.
-    from pldr_llm.config import PLDRConfig
+    from pldr_llm.core.config import PLDRConfig
 
     probe = dict(model)
     if probe.get("input_vocab_size") is None:

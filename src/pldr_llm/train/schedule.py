@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.errors import PLDRError
 
 if TYPE_CHECKING:  # torch is imported lazily so that config validation stays fast
     import torch

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pldr_llm.config import check_token_range
-from pldr_llm.errors import PLDRError
+from pldr_llm.core.config import check_token_range
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.train.checkpointing import (
     CheckpointManager,
     capture_rng_state,
@@ -114,7 +114,7 @@ class FitResult:
 
 
 class Trainer:
-    """Trains a :class:`~pldr_llm.model.PLDRModel` with the original PLDR-LLM recipe.
+    """Trains a :class:`~pldr_llm.core.model.PLDRModel` with the original PLDR-LLM recipe.
 
     Args:
         model: the model to train. When a process group is initialized (always under
@@ -178,7 +178,7 @@ class Trainer:
         #: the speed levers in effect (TrainConfig.levers for this device, with FSDP or not)
         self.levers = config.levers(self.device.type, sharded=self.sharded)
         if self.levers["compile_layers"]:
-            from pldr_llm.model.compile import compile_decoder_layers
+            from pldr_llm.core.compile import compile_decoder_layers
 
             options = {"mode": "reduce-overhead"} if self.levers["cuda_graphs"] else {}
             compile_decoder_layers(model, **options)
@@ -335,7 +335,7 @@ class Trainer:
                     ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
                 loss = ce_sum * token_scale
                 if use_dag:
-                    from pldr_llm.losses import dag_loss
+                    from pldr_llm.core.losses import dag_loss
 
                     dag_total, dag_values = dag_loss(out.deductive, cfg.dag_reg_coeffs)
                     loss = loss + (mb.shape[0] / seq_total * world) * dag_total
@@ -416,7 +416,7 @@ class Trainer:
         Counts skipped steps, warns about each, and marks ``diverged`` on the step that went
         past ``max_nonfinite_steps``. Adds the steps' tokens to ``tokens_seen``.
         """
-        from pldr_llm.losses import weighted_dag
+        from pldr_llm.core.losses import weighted_dag
 
         if not pending:
             return []
@@ -515,7 +515,7 @@ class Trainer:
             stats[1] += correct.double()
             stats[2] += (targets != self.pad_id).sum().double()
             if use_dag:
-                from pldr_llm.losses import dag_regularizer
+                from pldr_llm.core.losses import dag_regularizer
 
                 for k, value in enumerate(dag_regularizer(out.deductive)):
                     stats[3 + k] += value.double() * batch.shape[0]
@@ -533,7 +533,7 @@ class Trainer:
             "val_batches": done,
         }
         if use_dag:
-            from pldr_llm.losses import weighted_dag
+            from pldr_llm.core.losses import weighted_dag
 
             seqs = max(float(n_seqs.item()), 1.0)
             dag = [v / seqs for v in values[3:6]]

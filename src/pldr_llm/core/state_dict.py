@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from pldr_llm.errors import PLDRError
+from .errors import PLDRError
 
 __all__ = ["load_state_dict_strict"]
 

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from pldr_llm.model.plga import MASK_VALUE
+from .plga import MASK_VALUE
 
 if TYPE_CHECKING:
-    from pldr_llm.model.cache import GCacheEntry, StaticLayerKV
-    from pldr_llm.model.model import PackedLayer, PLDRModel
+    from .cache import GCacheEntry, StaticLayerKV
+    from .model import PackedLayer, PLDRModel
 
 #: Keys per block of the attention kernel's loop.
 KEY_BLOCK = 64
@@ -88,10 +88,10 @@ _KERNELS: SimpleNamespace | None = None
 
 
 def _kernels() -> SimpleNamespace:
-    """The Triton kernels (pldr_llm.model.fused_kernels), imported on the first fused call."""
+    """The Triton kernels (pldr_llm.core.fused_kernels), imported on the first fused call."""
     global _KERNELS
     if _KERNELS is None:
-        from pldr_llm.model.fused_kernels import KERNELS
+        from .fused_kernels import KERNELS
 
         _KERNELS = KERNELS
     return _KERNELS

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from pldr_llm.errors import PLDRError
+from .errors import PLDRError
 
 
 @dataclass
@@ -226,7 +226,7 @@ def check_g_init(
 
 
 class _ModelLike(Protocol):
-    """What :func:`prepare_g_init` reads of a :class:`~pldr_llm.model.model.PLDRModel`."""
+    """What :func:`prepare_g_init` reads of a :class:`~pldr_llm.core.model.PLDRModel`."""
 
     @property
     def config(self) -> Any: ...

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pldr_llm.errors import PLDRError, first_line
+from .errors import PLDRError, first_line
 
 if TYPE_CHECKING:  # torch loads on first use: the CLI answers --help and config errors without it
     from torch import Tensor

@@ -1,11 +1,11 @@
 """``PldrllmForCausalLM``: a PLDR-LLM as a transformers ``PreTrainedModel`` + ``GenerationMixin``.
 
-The class wraps the core :class:`pldr_llm.model.model.PLDRModel`; it has no model math of its
+The class wraps the core :class:`pldr_llm.core.model.PLDRModel`; it has no model math of its
 own. Its submodules *are* the core model's (``decoder``, ``final_layer``), so the state dict has
 the original's key names and ``model.safetensors`` of a transformers folder is the same file as
 the project's own format.
 
-Caches in ``generate()``: the core's :class:`~pldr_llm.model.cache.PLDRCache` (KV-cache with the
+Caches in ``generate()``: the core's :class:`~pldr_llm.core.cache.PLDRCache` (KV-cache with the
 metric tensor A, and the G-cache) travels between steps under the model keyword ``pldr_cache``,
 not through transformers' ``Cache`` classes, whose layout (one K/V pair per layer) cannot hold A
 or G_LM and whose keyword changed name across releases (``past_key_values`` / ``cache``). The
@@ -38,21 +38,21 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessor
 from transformers.utils import ModelOutput
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.generation.sampling import filter_logits
-from pldr_llm.hf.code_bundle import AUTO_MAP_CONFIG, write_code_files
-from pldr_llm.hf.configuration_pldrllm import PldrllmConfig
-from pldr_llm.hf.folder import (
+from .cache import PLDRCache, prepare_g_init
+from .code_bundle import AUTO_MAP_CONFIG, write_code_files
+from .configuration_pldrllm import PldrllmConfig
+from .errors import PLDRError
+from .hf_folder import (
     PAST_G_VALUES,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     core_state_from_hf,
     hf_state_from_core,
 )
-from pldr_llm.model.cache import PLDRCache, prepare_g_init
-from pldr_llm.model.model import PLDRModel
-from pldr_llm.model.plga import Deductive
-from pldr_llm.model.rope import RotaryEmbedding
+from .model import PLDRModel
+from .plga import Deductive
+from .rope import RotaryEmbedding
+from .sampling import filter_logits
 
 
 @dataclass
@@ -413,7 +413,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
                 "top_k": int(top_k or 0),
                 "top_p": float(kwargs.get("top_p", config.top_p) or 1.0),
             }
-        from pldr_llm.generation.api import generate
+        from .generate import generate
 
         mask = kwargs.get("attention_mask")
         if mask is not None and bool(mask.bool().all()):

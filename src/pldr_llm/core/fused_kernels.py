@@ -1,4 +1,4 @@
-"""The Triton kernels of :mod:`pldr_llm.model.fused` (what each computes is described there).
+"""The Triton kernels of :mod:`pldr_llm.core.fused` (what each computes is described there).
 
 A module of their own so that Triton (~0.1-0.4 s to import) is imported only when a fused step
 runs: the CPU's op-by-op step, and a CLI process before its warm-up thread, never pay for it.

@@ -6,9 +6,9 @@ import dataclasses
 
 import torch
 
-from pldr_llm.model.cache import GCacheEntry, GInit, check_g_init, g_entries
-from pldr_llm.model.model import PLDRModel
-from pldr_llm.model.rope import RotaryEmbedding
+from .cache import GCacheEntry, GInit, check_g_init, g_entries
+from .model import PLDRModel
+from .rope import RotaryEmbedding
 
 
 def predefined_G_model(model: PLDRModel, G_list: GInit) -> PLDRModel:

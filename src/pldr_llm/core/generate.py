@@ -4,7 +4,7 @@
 ``generate_text`` (a vector, a [B, L] matrix, or a list of id lists of different lengths), run every
 row as it would run alone, and return the same kind. :func:`stream_generate` yields ids as they
 come, and :func:`generate_text` is text in, text out (ids become text in
-:mod:`~pldr_llm.generation.text`).
+:mod:`~pldr_llm.core.text`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pldr_llm.config import PLDRConfig, check_token_range
-from pldr_llm.errors import PLDRError
-from pldr_llm.generation.engine import DecodeEngine
-from pldr_llm.generation.sampling import SamplingParams, draw_seed
-from pldr_llm.generation.text import StopStrings, final_text
-from pldr_llm.model.cache import GInit
-from pldr_llm.model.model import PLDRModel
+from .cache import GInit
+from .config import PLDRConfig, check_token_range
+from .engine import DecodeEngine
+from .errors import PLDRError
+from .model import PLDRModel
+from .sampling import SamplingParams, draw_seed
+from .text import StopStrings, final_text
 
 # Host reads of "is every row done?" while decoding without a streamer (graph replays between).
 CHECK_EVERY = 32

@@ -20,9 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pldr_llm.config import PLDRConfig
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import (
+from .config import PLDRConfig
+from .errors import PLDRError
+from .fileio import (
     CONFIG_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
@@ -31,7 +31,7 @@ from pldr_llm.fileio import (
 )
 
 if TYPE_CHECKING:
-    from pldr_llm.model.model import PLDRModel
+    from .model import PLDRModel
 
 MODEL_TYPE = "pldrllm"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -113,7 +113,7 @@ def read_tokenizer_flags(folder: str | Path) -> tuple[bool, bool]:
 
 def load_hf_state(model: PLDRModel, folder: str | Path) -> None:
     """Load a transformers folder's weights into ``model`` (strict: every weight must match)."""
-    from pldr_llm.model.state_dict import load_state_dict_strict
+    from .state_dict import load_state_dict_strict
 
     folder = Path(folder)
     data = read_json_object(folder / CONFIG_NAME)

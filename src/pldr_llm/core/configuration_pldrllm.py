@@ -10,15 +10,15 @@ which caches ``generate()`` uses by default, and whether a forward call without
 
 The class is written in the classic ``__init__`` style (not as a dataclass) because that is the
 form every transformers release accepts for code shipped with a model folder
-(``trust_remote_code``). This file is copied into exported folders; it imports nothing from
-``pldr_llm`` at module level but the configuration core (rewritten to a relative import there).
+(``trust_remote_code``). This file is copied, unchanged, into exported folders; of this package
+it imports only the configuration core, as a sibling (``from .config import ...``).
 """
 
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from pldr_llm.config import HF_NAMES, PLDRConfig
+from .config import HF_NAMES, PLDRConfig
 
 # The project's names -> the stored (authors') attribute names; transformers resolves reads and
 # writes of the left-hand names through this map.
@@ -45,12 +45,12 @@ _BASE_KEYS = ("pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddin
 class PldrllmConfig(PretrainedConfig):
     """Configuration of :class:`PldrllmForCausalLM` (the authors' keys; see the module docstring).
 
-    Keyword arguments (each optional; the defaults are :class:`pldr_llm.config.PLDRConfig`'s):
+    Keyword arguments (each optional; the defaults are :class:`pldr_llm.core.config.PLDRConfig`'s):
         vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
             head_dim, hidden_act, max_position_embeddings, layer_norm_eps, rope_theta,
             rope_scaling, attention_bias, glu_bias, final_bias, reference_rope, num_reslayerA,
             num_denseA, A_dff, cache_first_G: the architecture (see
-            :class:`pldr_llm.config.PLDRConfig`).
+            :class:`pldr_llm.core.config.PLDRConfig`).
         custom_G_type: None for a learned G_LM (v510); ``"identity"``, ``"random"`` or
             ``"external"`` for a predefined G_LM per layer (v510G), stored in the weights as
             ``decoder.past_G_values``.

@@ -1,5 +1,5 @@
 """CUDA-graph capture, torch.compile and the attention-kernel choice, shared by the decoding loop
-(:mod:`pldr_llm.generation.engine`) and the captured prefill (:mod:`pldr_llm.generation.captured`)."""
+(:mod:`pldr_llm.core.engine`) and the captured prefill (:mod:`pldr_llm.generation.captured`)."""
 
 from __future__ import annotations
 

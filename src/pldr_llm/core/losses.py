@@ -12,7 +12,7 @@ reduced to a loss sum, and immediately turned into the gradients of ``hidden``, 
 (softmax minus one-hot, the closed form of the cross-entropy gradient). Only one chunk of logits
 exists at a time; backward just scales the stored gradients by the incoming gradient.
 
-The arithmetic is that of :func:`pldr_llm.losses.masked_cross_entropy` applied to
+The arithmetic is that of :func:`pldr_llm.core.losses.masked_cross_entropy` applied to
 ``F.linear(hidden, W, b)``: the matmul runs in the autocast dtype when autocast is on (as
 ``final_layer`` would), the softmax in float32, and the mean is over non-padding targets.
 """
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pldr_llm.errors import PLDRError
-from pldr_llm.model.plga import Deductive
+from .errors import PLDRError
+from .plga import Deductive
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, pad_id: int = 0) -> Tensor:

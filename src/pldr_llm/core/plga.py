@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pldr_llm.config import PLDRConfig
-from pldr_llm.errors import PLDRError
-from pldr_llm.model.cache import GCacheEntry, LayerKV, StaticLayerKV, register_pytree_dataclass
-from pldr_llm.model.layers import GLU, PackedLinear, xavier_linear
-from pldr_llm.model.rope import RotaryEmbedding
+from .cache import GCacheEntry, LayerKV, StaticLayerKV, register_pytree_dataclass
+from .config import PLDRConfig
+from .errors import PLDRError
+from .layers import GLU, PackedLinear, xavier_linear
+from .rope import RotaryEmbedding
 
 # Keeps A_LM strictly positive so that A_LM ** pw is defined for any learned power.
 A_LM_EPSILON = 1e-9

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from pldr_llm.config import PLDRConfig
+    from .config import PLDRConfig
 
 
 def inverse_frequencies(dim: int, base: float, scaling: dict[str, Any] | None = None) -> Tensor:

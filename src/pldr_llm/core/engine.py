@@ -44,10 +44,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from pldr_llm.config import check_token_range
-from pldr_llm.errors import PLDRError
-from pldr_llm.generation.graphs import capture_graph, maybe_compile, sdpa_backends
-from pldr_llm.generation.sampling import (
+from .cache import GCacheEntry, GInit, PLDRCache, StaticLayerKV, prepare_g_init
+from .config import check_token_range
+from .errors import PLDRError
+from .fused import advance as advance_fused
+from .fused import available as fused_available
+from .fused import decode_hidden
+from .fused import supports as fused_supports
+from .graphs import capture_graph, maybe_compile, sdpa_backends
+from .model import PLDRModel
+from .plga import MASK_VALUE, Deductive
+from .sampling import (
     SamplingMode,
     SamplingParams,
     batch_mode,
@@ -56,13 +63,6 @@ from pldr_llm.generation.sampling import (
     sample_rows,
     uniform_draws,
 )
-from pldr_llm.model.cache import GCacheEntry, GInit, PLDRCache, StaticLayerKV, prepare_g_init
-from pldr_llm.model.fused import advance as advance_fused
-from pldr_llm.model.fused import available as fused_available
-from pldr_llm.model.fused import decode_hidden
-from pldr_llm.model.fused import supports as fused_supports
-from pldr_llm.model.model import PLDRModel
-from pldr_llm.model.plga import MASK_VALUE, Deductive
 
 MAX_STOP_IDS = 16  # stop ids per row held in the static buffers
 
@@ -93,7 +93,7 @@ class DeductiveRecord:
 
     ``stage`` is ``"prefill"`` (the prompt pass of :meth:`~DecodeEngine.add_many`) or ``"step"``
     (one decoding step: each slot's pass over the token that step reports). ``outputs[slot]``
-    holds one :class:`~pldr_llm.model.plga.Deductive` per layer, batch dimension 1, as
+    holds one :class:`~pldr_llm.core.plga.Deductive` per layer, batch dimension 1, as
     ``model.forward(..., output_deductive=True)`` gives them for that pass: A, A_LM, A_P, G_LM
     (a tensor the pass does not compute, e.g. A when the G-cache skips the metric learner without
     a KV-cache, is None; attention scores are left out).
@@ -119,14 +119,14 @@ class DecodeEngine:
     ``cuda_graph`` (default: on for a CUDA model with the KV-cache) captures the one-token step,
     lazily, the first time each variant runs: one per sampling mode of the running rows
     (``greedy``: arg-max only; ``plain``: temperature and the draw, no row filters;
-    ``filtered``: the sort-based filters), see :func:`~pldr_llm.generation.sampling.batch_mode`,
+    ``filtered``: the sort-based filters), see :func:`~pldr_llm.core.sampling.batch_mode`,
     and whether a row is teacher-forced. ``pack_projections`` (default: on CUDA) runs each
     layer's query/key/value and FFN input projections as one matrix product each. ``compile`` passes
     the step through torch.compile first; ``steps_per_graph`` > 1 also captures that many steps in
     one graph for :meth:`advance` (used by :func:`generate`), and :meth:`step_many` captures k
     steps in one graph (the server's several tokens per host sync). On the CPU the same
     step runs eagerly. ``fused`` (default: on CUDA where it applies, not with ``compile``) runs
-    the step as :func:`pldr_llm.model.fused.decode_hidden` and its bookkeeping kernels, nine
+    the step as :func:`pldr_llm.core.fused.decode_hidden` and its bookkeeping kernels, nine
     kernels a layer; ``fused=False`` keeps the op-by-op step (``PLDRModel.run_layers``).
     ``capture_seconds`` accumulates the time spent capturing and compiling.
 
@@ -212,7 +212,7 @@ class DecodeEngine:
         # model's own projections (and so exactly model.forward's arithmetic).
         if pack_projections is None:
             pack_projections = device.type == "cuda" and enable_kvcache and not record_deductive
-        # The fused kernels of the one-token step (pldr_llm.model.fused: nine kernels a layer
+        # The fused kernels of the one-token step (pldr_llm.core.fused: nine kernels a layer
         # instead of ~17): by default wherever they run, with or without CUDA graphs (so the
         # captured and the uncaptured loop compute the same), but not with torch.compile,
         # which fuses the step itself. fused=False keeps the op-by-op step.

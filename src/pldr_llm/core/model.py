@@ -22,19 +22,19 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pldr_llm.config import PLDRConfig, check_token_range
-from pldr_llm.errors import PLDRError
-from pldr_llm.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, save_safetensors
-from pldr_llm.model.cache import (
+from .cache import (
     GCacheEntry,
     LayerKV,
     PLDRCache,
     StaticLayerKV,
     register_pytree_dataclass,
 )
-from pldr_llm.model.layers import GLU, PackedLinear, xavier_linear
-from pldr_llm.model.plga import MASK_VALUE, Deductive, PowerLawGraphAttention
-from pldr_llm.model.state_dict import load_state_dict_strict
+from .config import PLDRConfig, check_token_range
+from .errors import PLDRError
+from .fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, save_safetensors
+from .layers import GLU, PackedLinear, xavier_linear
+from .plga import MASK_VALUE, Deductive, PowerLawGraphAttention
+from .state_dict import load_state_dict_strict
 
 
 @dataclass
@@ -156,7 +156,7 @@ class PLDRModel(nn.Module):
 
         ``labels`` [B, L] (the next tokens; ``pad_id`` ignored): the output's ``loss`` is the mean
         cross-entropy computed chunk by chunk from the hidden states by
-        :func:`pldr_llm.losses.linear_cross_entropy` (the [B, L, vocab] logits never exist), and
+        :func:`pldr_llm.core.losses.linear_cross_entropy` (the [B, L, vocab] logits never exist), and
         ``correct`` counts arg-max hits; ``logits`` then covers the last position only unless
         ``logits_to_keep`` says otherwise. Inside ``forward`` so that FSDP sees the LM head.
 
@@ -246,7 +246,7 @@ class PLDRModel(nn.Module):
         )
         loss = correct = None
         if labels is not None:
-            from pldr_llm.losses import linear_cross_entropy
+            from .losses import linear_cross_entropy
 
             head = self.final_layer
             loss, correct = linear_cross_entropy(
@@ -386,7 +386,7 @@ class PLDRModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        # Atomic and 0644 (pldr_llm.fileio): a failed save leaves the previous files intact.
+        # Atomic and 0644 (pldr_llm.core.fileio): a failed save leaves the previous files intact.
         save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         self.config.save(directory / CONFIG_NAME)
         return directory

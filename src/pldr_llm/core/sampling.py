@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pldr_llm.errors import PLDRError
+from .errors import PLDRError
 
 FILTERED_LOGIT = -1e10  # the original's value for filtered-out logits
 _MASK32 = 0xFFFFFFFF

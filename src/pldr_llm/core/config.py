@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.errors import PLDRError
+from .errors import PLDRError
 
 # Activation names the model supports, with the spellings the original's files use.
 ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "sigmoid")
@@ -415,7 +415,7 @@ class PLDRConfig:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        from pldr_llm.fileio import atomic_write_text
+        from .fileio import atomic_write_text
 
         atomic_write_text(path, self.to_json() + "\n")
 
