@@ -44,3 +44,30 @@ def test_chunked_loss_step_equals_full_logits_step():
         torch.testing.assert_close(chunked_grads[0][name], grad, atol=1e-6, rtol=1e-4, msg=name)
     assert any(g.abs().sum() > 0 for g in plain_grads[0].values())
     assert plain[-1]["loss"] < plain[0]["loss"]  # it does train
+
+
+def test_validation_with_the_chunked_loss_never_builds_full_logits(monkeypatch):
+    """Validation takes the loss the way training does: with ``chunked_loss``, inside the
+    forward from the hidden states, and to the same figures as from full logits."""
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randint(4, 97, (3, 13), generator=generator) for _ in range(2)]
+    batches[1][0, -5:] = 0  # padding: not counted
+    results = {}
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        model = PLDRModel(PLDRConfig.from_hpdict(HP))
+        config = TrainConfig(chunked_loss=chunked, dag_reg_coeffs=(0.1, 0.1, 0.1), device="cpu")
+        trainer = Trainer(model, config)
+        if chunked:
+
+            def full_logits(*args, **kwargs):
+                raise AssertionError("validation built the full logits")
+
+            monkeypatch.setattr(trainer, "_ce_sum_and_hits", full_logits)
+        results[chunked] = trainer.evaluate(batches)
+    plain, chunked = results[False], results[True]
+    assert plain["val_tokens"] == chunked["val_tokens"] == 2 * 3 * 12 - 5
+    # float32 sums of the same per-token terms in another order
+    assert abs(plain["val_loss"] - chunked["val_loss"]) < 1e-5
+    assert plain["val_accuracy"] == chunked["val_accuracy"]
+    assert plain["val_dag_G"] == chunked["val_dag_G"]

@@ -325,14 +325,7 @@ class Trainer:
                 "check_ids": False,  # checked on the CPU copy in prepare_batch
             }
             with self._autocast():
-                if self.levers["chunked_loss"]:
-                    out = self._forward_module(inputs, labels=targets, **forward_kwargs)
-                    count = (targets != self.pad_id).sum()
-                    ce_sum = torch.where(count > 0, out.loss * count, out.loss.new_zeros(()))
-                    correct = out.correct
-                else:
-                    out = self._forward_module(inputs, **forward_kwargs)
-                    ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
+                out, ce_sum, correct = self._lm_loss_terms(inputs, targets, **forward_kwargs)
                 loss = ce_sum * token_scale
                 if use_dag:
                     from pldr_llm.core.losses import dag_loss
@@ -383,11 +376,30 @@ class Trainer:
         self.step += 1
         return PendingStep(self.step, lr, stats)
 
+    def _lm_loss_terms(
+        self, inputs: torch.Tensor, targets: torch.Tensor, **forward_kwargs: Any
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """The forward's output, the summed cross-entropy over non-padding targets and the
+        arg-max hits -- of a training step and of validation alike.
+
+        With the ``chunked_loss`` lever the loss is taken inside the forward, a chunk of rows at
+        a time from the hidden states (the [B, L, vocab] float32 logits never exist, which at
+        the paper's vocabulary is gigabytes a batch); otherwise from full logits.
+        """
+        if self.levers["chunked_loss"]:
+            out = self._forward_module(inputs, labels=targets, **forward_kwargs)
+            count = (targets != self.pad_id).sum()
+            ce_sum = torch.where(count > 0, out.loss * count, out.loss.new_zeros(()))
+            return out, ce_sum, out.correct
+        out = self._forward_module(inputs, **forward_kwargs)
+        ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
+        return out, ce_sum, correct
+
     def _ce_sum_and_hits(
         self, logits: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over non-padding targets (softmax in float32) and arg-max hits,
-        from full logits [B, L, V] (the path without ``chunked_loss``, and validation)."""
+        from full logits [B, L, V] (the path without ``chunked_loss``)."""
         ce_sum = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             targets.reshape(-1),
@@ -509,8 +521,9 @@ class Trainer:
             if self.levers["cuda_graphs"]:
                 torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
-                out = self._forward_module(inputs, output_deductive=use_dag, output_scores=False)
-            ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
+                out, ce_sum, correct = self._lm_loss_terms(
+                    inputs, targets, output_deductive=use_dag, output_scores=False
+                )
             stats[0] += ce_sum.double()
             stats[1] += correct.double()
             stats[2] += (targets != self.pad_id).sum().double()
