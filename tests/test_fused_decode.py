@@ -217,24 +217,30 @@ def test_fused_engine_matches_the_op_by_op_step_for_each_variant(variant):
 
 
 def test_warm_up_runs_the_decode_of_an_unloaded_model(monkeypatch):
+    from pldr_llm.core.generate import batch_bucket, span_bucket
     from pldr_llm.generation import DecodeEngine, SamplingParams
     from pldr_llm.generation.warm import _decode_once, warm_up_in_background
 
-    seen = []
+    seen, lengths, rows = [], [], []
     add_many = DecodeEngine.add_many
 
     def spy(self, prompts, params):
         seen.extend(params)
+        lengths.extend(len(p) for p in prompts)
+        rows.append((self.max_batch, self.max_len))
         return add_many(self, prompts, params)
 
     monkeypatch.setattr(DecodeEngine, "add_many", spy)
     model = model_of()
     top_p = SamplingParams(temperature=0.7, top_p=0.9)
-    _decode_once(model.config, torch.float32, DEVICE, 3, 5, 40, top_p)  # raises if it breaks
+    _decode_once(model.config, torch.float32, DEVICE, [5, 3, 5], 40, top_p)  # raises if it breaks
     # the generation's filters (their kernels are what is loaded), with a seed of its own: a
     # drawn one would take a number from the CPU generator the main thread is using
     assert {(p.temperature, p.top_k, p.top_p, p.seed) for p in seen} == {(0.7, 0, 0.9, 0)}
-    assert len(seen) == 4  # three prompts, in the engine's bucket of four rows
+    # the first generation's prefill, shape for shape: its prompts' lengths (unequal lengths
+    # take the masked path), in the engine generate makes for three rows of 40 tokens
+    assert lengths == [5, 3, 5]
+    assert rows == [(batch_bucket(3), span_bucket(model.config, 40))] and rows[0][0] == 4
     assert warm_up_in_background(model.config, None, torch.device("cpu")) is None
 
 
@@ -261,7 +267,7 @@ def test_warm_up_imports_no_compiler_stack():
         "before = set(sys.modules)\n"
         "config = PLDRConfig(num_layers=2, d_model=64, num_heads=4, dff=170, A_dff=24,\n"
         "                    input_vocab_size=512, num_reslayerA=2, num_denseA=2, max_seq_len=64)\n"
-        "_decode_once(config, torch.float32, torch.device('cpu'), 2, 5, 40)\n"
+        "_decode_once(config, torch.float32, torch.device('cpu'), [5, 5], 40)\n"
         "print(sorted(m for m in set(sys.modules) - before if m.startswith(('torch._dynamo', "
         "'sympy'))))\n"
     )
@@ -327,7 +333,7 @@ def test_fused_step_on_the_110m_model(dtype):
     from pldr_llm.generation.warm import _decode_once
 
     cpu_rng = torch.get_rng_state()
-    _decode_once(model.config, dtype, torch.device("cuda"), 3, 20, 64)  # the CLI's warm-up
+    _decode_once(model.config, dtype, torch.device("cuda"), [20, 18, 20], 64)  # the CLI's warm-up
     # it runs beside the main thread's loading, whose model initialization draws on the CPU
     # generator: the warm-up must not move it
     assert torch.equal(torch.get_rng_state(), cpu_rng)

@@ -212,10 +212,13 @@ def run(args: argparse.Namespace) -> int:
     # left of it when they are is waited for inside the generation time below.
     warm = None
     if not (args.no_kv_cache or args.compile):
-        rows = 1 if args.stream else min(len(prompt_ids), args.batch_size)
-        length = longest + args.max_new_tokens
+        # The first generation's batch: its prompts' lengths (equal or not) decide its kernels.
+        first = prompt_ids[: 1 if args.stream else args.batch_size]
+        length = max(len(ids) for ids in first) + args.max_new_tokens
         filters = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        warm = warm_up_in_background(config, dtype, device, rows, longest, length, filters)
+        warm = warm_up_in_background(
+            config, dtype, device, [len(ids) for ids in first], length, filters
+        )
     model, _ = load_bundle(files, device=device, dtype=dtype, tokenizer=tokenizer)
     log(
         args,

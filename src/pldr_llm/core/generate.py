@@ -96,6 +96,12 @@ def batch_bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
+def span_bucket(config: PLDRConfig, length: int) -> int:
+    """The positions of the CUDA engine :func:`engine_for` makes for ``length`` tokens: a power
+    of two (at least 64, at most the model's context), for the same reason."""
+    return min(config.max_seq_len, max(64, 1 << (length - 1).bit_length()))
+
+
 def engine_for(
     model: PLDRModel,
     batch: int,
@@ -122,7 +128,7 @@ def engine_for(
         )
     # Buckets: powers of two, so repeated calls of similar sizes replay the same graphs.
     rows = batch_bucket(batch)
-    span = min(config.max_seq_len, max(64, 1 << (length - 1).bit_length()))
+    span = span_bucket(config, length)
     key = (rows, span, kv, g, bool(compile), keep_logits, model.dtype, str(model.device))
     cache: dict = model.__dict__.setdefault("_pldr_decode_engines", {})
     engine = cache.pop(key, None)

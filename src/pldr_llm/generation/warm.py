@@ -15,7 +15,7 @@ real model's graphs are captured by the first generation, which then finds every
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -49,13 +49,12 @@ def _decode_once(
     config: PLDRConfig,
     dtype: torch.dtype,
     device: torch.device,
-    batch: int,
-    prompt_length: int,
+    prompt_lengths: Sequence[int],
     length: int,
     sampling: SamplingParams | None = None,
 ) -> None:
     from pldr_llm.core.engine import DecodeEngine
-    from pldr_llm.core.generate import batch_bucket
+    from pldr_llm.core.generate import batch_bucket, span_bucket
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # per thread; "cuda" alone is the current device already
@@ -63,17 +62,19 @@ def _decode_once(
         _load_triton_in_background()
     with torch.no_grad():
         model = _stand_in_model(config, dtype, device)
-        rows = batch_bucket(batch)  # the rows of the engine generate will use
-        span = max(2, min(length, config.max_seq_len))
+        span = span_bucket(config, length)
+        # The engine generate will use (its rows and positions), and a prefill of the same
+        # shape: prompts of different lengths take the masked path (left padding), whose
+        # kernels differ -- loading them in the first real prefill cost ~0.08 s at 64 prompts.
+        prompts = [[config.eos_id] * max(1, min(n, span - 3)) for n in prompt_lengths]
         # The uncaptured loop runs the captured loop's step (fused where it can be).
-        engine = DecodeEngine(model, rows, span, cuda_graph=False)
-        prompt = [config.eos_id] * max(1, min(prompt_length, length - 2))
+        engine = DecodeEngine(model, batch_bucket(len(prompts)), span, cuda_graph=False)
         # The generation's own filters (greedy and top-p load different kernels); a fixed seed,
         # so that the thread draws nothing from the CPU generator the main thread uses.
         params = replace(
             sampling or SamplingParams(top_k=1), seed=0, max_new_tokens=3, stop_at_eos=False
         )
-        engine.add_many([prompt] * rows, [params] * rows)
+        engine.add_many(prompts, [params] * len(prompts))
         engine.advance(2)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -118,21 +119,18 @@ def warm_up_in_background(
     config: PLDRConfig,
     dtype: torch.dtype | None,
     device: torch.device,
-    batch: int = 1,
-    prompt_length: int = 1,
+    prompt_lengths: Sequence[int] = (1,),
     length: int = 64,
     sampling: SamplingParams | None = None,
 ) -> WarmUp | None:
-    """Start loading, in a daemon thread, the GPU code that decoding ``batch`` prompts of
-    ``prompt_length`` tokens up to ``length`` tokens with a model of ``config`` in ``dtype`` on
-    ``device``, sampled as ``sampling`` says (its filters; default greedy), will use; returns
+    """Start loading, in a daemon thread, the GPU code that decoding prompts of
+    ``prompt_lengths`` tokens (one batch) up to ``length`` tokens with a model of ``config`` in
+    ``dtype`` on ``device``, sampled as ``sampling`` says (its filters; default greedy), will use; returns
     the thread (``join()`` it before generating, then read its ``error``), or None where there
     is nothing to load (not CUDA)."""
     if device.type != "cuda":
         return None
     chosen = dtype or torch.float32
-    thread = WarmUp(
-        lambda: _decode_once(config, chosen, device, batch, prompt_length, length, sampling)
-    )
+    thread = WarmUp(lambda: _decode_once(config, chosen, device, prompt_lengths, length, sampling))
     thread.start()
     return thread
