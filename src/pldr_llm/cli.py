@@ -6,8 +6,8 @@ parser), ``add_arguments(parser)`` and ``run(args)``, which runs it with the par
 ``argparse.Namespace``. :func:`build_parser` makes the parsers from them. Heavy imports happen
 inside the run function, so ``pldr-llm --help`` stays fast.
 
-Any :class:`~pldr_llm.core.errors.PLDRError` (and a few standard input errors) is printed as one line,
-``pldr-llm: error: ...``, on stderr with exit status 2 — never a traceback.
+Any :class:`~pldr_llm.core.errors.PLDRError` (and a few standard input errors) is printed as
+one line, ``pldr-llm: error: ...``, on stderr with exit status 2 — never a traceback.
 """
 
 from __future__ import annotations

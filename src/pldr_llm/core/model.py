@@ -156,9 +156,10 @@ class PLDRModel(nn.Module):
 
         ``labels`` [B, L] (the next tokens; ``pad_id`` ignored): the output's ``loss`` is the mean
         cross-entropy computed chunk by chunk from the hidden states by
-        :func:`pldr_llm.core.losses.linear_cross_entropy` (the [B, L, vocab] logits never exist), and
-        ``correct`` counts arg-max hits; ``logits`` then covers the last position only unless
-        ``logits_to_keep`` says otherwise. Inside ``forward`` so that FSDP sees the LM head.
+        :func:`pldr_llm.core.losses.linear_cross_entropy` (the [B, L, vocab] logits never
+        exist), and ``correct`` counts arg-max hits; ``logits`` then covers the last position
+        only unless ``logits_to_keep`` says otherwise. Inside ``forward`` so that FSDP sees the
+        LM head.
 
         Host reads (each one waits for the GPU): ``check_ids=False`` skips the id range check
         (the caller checked, e.g. the trainer on the CPU batch); ``key_padding`` False/True says

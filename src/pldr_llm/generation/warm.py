@@ -125,9 +125,9 @@ def warm_up_in_background(
 ) -> WarmUp | None:
     """Start loading, in a daemon thread, the GPU code that decoding prompts of
     ``prompt_lengths`` tokens (one batch) up to ``length`` tokens with a model of ``config`` in
-    ``dtype`` on ``device``, sampled as ``sampling`` says (its filters; default greedy), will use; returns
-    the thread (``join()`` it before generating, then read its ``error``), or None where there
-    is nothing to load (not CUDA)."""
+    ``dtype`` on ``device``, sampled as ``sampling`` says (its filters; default greedy), will
+    use; returns the thread (``join()`` it before generating, then read its ``error``), or None
+    where there is nothing to load (not CUDA)."""
     if device.type != "cuda":
         return None
     chosen = dtype or torch.float32

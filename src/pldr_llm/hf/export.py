@@ -2,8 +2,8 @@
 
 The folder holds ``config.json`` (with ``auto_map``), ``generation_config.json``,
 ``model.safetensors`` (the original's state-dict keys), ``tokenizer.model`` with
-``tokenizer_config.json``, and the model's code (see :mod:`pldr_llm.core.code_bundle`). It loads with
-``AutoModelForCausalLM``/``AutoTokenizer`` where ``pldr_llm`` is imported, and with
+``tokenizer_config.json``, and the model's code (see :mod:`pldr_llm.core.code_bundle`). It
+loads with ``AutoModelForCausalLM``/``AutoTokenizer`` where ``pldr_llm`` is imported, and with
 ``trust_remote_code=True`` where it is not installed at all.
 """
 

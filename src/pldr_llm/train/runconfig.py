@@ -1,7 +1,7 @@
 """The run configuration of ``pldr-llm train`` and :func:`pldr_llm.train.run.run`: four sections.
 
-``model`` (:class:`~pldr_llm.core.config.PLDRConfig` keys, plus ``dk`` and ``predefined_G``), ``data``
-(:class:`~pldr_llm.data.DataConfig` keys), ``tokenizer`` (:class:`TokenizerSettings`) and
+``model`` (:class:`~pldr_llm.core.config.PLDRConfig` keys, plus ``dk`` and ``predefined_G``),
+``data`` (:class:`~pldr_llm.data.DataConfig` keys), ``tokenizer`` (:class:`TokenizerSettings`) and
 ``train`` (:class:`~pldr_llm.train.TrainConfig` keys, plus ``context_length``), read from a
 preset, a YAML or TOML file, and overrides, merged in that order, checked, and resolved into a
 :class:`RunConfig`. Every key is accepted as ``section.key``, as ``key`` when no other section has
@@ -290,9 +290,10 @@ def merge(base: dict[str, dict], overlay: dict[str, dict]) -> dict[str, dict]:
 class RunConfig:
     """One run: the four sections after merging, every value checked, and the run folder.
 
-    ``model`` holds :class:`~pldr_llm.core.config.PLDRConfig` keyword arguments (``input_vocab_size``
-    may still be ``None``: the tokenizer gives it when the run starts). ``run_dir`` and
-    ``resuming`` are set by :func:`prepare_run` (a folder that holds a ``run.yaml`` is resumed).
+    ``model`` holds :class:`~pldr_llm.core.config.PLDRConfig` keyword arguments
+    (``input_vocab_size`` may still be ``None``: the tokenizer gives it when the run starts).
+    ``run_dir`` and ``resuming`` are set by :func:`prepare_run` (a folder that holds a
+    ``run.yaml`` is resumed).
     """
 
     sections: dict[str, dict[str, Any]]
