@@ -30,6 +30,7 @@ from typing import Any
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.generation import DecodeEngine, Detokenizer, SamplingParams
+from pldr_llm.serve.logprobs import PieceTracker, TokenLogprob
 from pldr_llm.serve.metrics import Metrics
 
 
@@ -43,12 +44,12 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Event:
-    """A piece of one sequence's output: ``text`` delta (with the logprobs of the tokens that
-    completed it), or the end (``finish_reason`` set), or an ``error``."""
+    """A piece of one sequence's output: ``text`` delta (with, when the request asked for
+    logprobs, the tokens whose pieces lie in the text sent so far), or the end
+    (``finish_reason`` set), or an ``error``."""
 
     text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
@@ -68,6 +69,7 @@ class GenSequence:
         events: asyncio.Queue[Event],
         index: int = 0,
         key: tuple[bool, bool] = (True, True),
+        logprobs: bool = False,
     ) -> None:
         self.index = index
         self.key = key  # (KV-cache on, G-cache on)
@@ -81,9 +83,18 @@ class GenSequence:
         self.created = time.perf_counter()
         self.last_token_at: float | None = None
         self.pending_text = ""  # routed but not yet posted (posted once per step or block)
-        self.pending_tokens: list[int] = []
-        self.pending_logprobs: list[float] = []
+        # The tokens' pieces and logprobs (only when the request asked for logprobs), and how
+        # many characters of text were posted: a token is posted once its piece is in the text.
+        self.pieces = PieceTracker(tokenizer, prompt_ids) if logprobs else None
+        self.text_chars = 0
         self.produced = 0
+
+    def take_text(self, final: bool = False) -> Event:
+        """The pending text (and the logprobs of the tokens it completes) as an event."""
+        text, self.pending_text = self.pending_text, ""
+        self.text_chars += len(text)
+        logprobs = self.pieces.release(self.text_chars, final) if self.pieces else []
+        return Event(text, logprobs)
 
     def cancel(self) -> None:
         """The client went away: free the slot at the next step (safe from any thread)."""
@@ -325,15 +336,17 @@ class Scheduler:
         # the event loop's work (an SSE chunk each) is what limits a busy server.
         for seq in routed.values():
             if seq.pending_text and seq.slot is not None:
-                self._post(seq, Event(seq.pending_text, seq.pending_tokens, seq.pending_logprobs))
-                seq.pending_text, seq.pending_tokens, seq.pending_logprobs = "", [], []
+                self._post(seq, seq.take_text())
 
     def _route(
         self, key: tuple[bool, bool], out: Any, now: float, routed: dict[int, GenSequence]
     ) -> None:
         """Hand one step's tokens to their sequences (``routed``: the sequences that got one)."""
         logprobs = out.logprobs or [0.0] * len(out.slots)
-        for slot, token, done, logprob in zip(out.slots, out.token_ids, out.finished, logprobs):
+        tops = getattr(out, "top_logprobs", None) or [[] for _ in out.slots]
+        for slot, token, done, logprob, top in zip(
+            out.slots, out.token_ids, out.finished, logprobs, tops
+        ):
             seq = self._running.get((key, slot))
             if seq is None:  # finished earlier in this block (a stop string) or cancelled
                 continue
@@ -346,8 +359,8 @@ class Scheduler:
             self.metrics.completion_tokens += 1
             eos = token == self.model.config.eos_id and seq.params.stop_at_eos
             delta = "" if eos else seq.detok.push([token])
-            seq.pending_tokens.append(token)
-            seq.pending_logprobs.append(float(logprob))
+            if seq.pieces is not None:
+                seq.pieces.add(token, float(logprob), [(int(i), float(v)) for i, v in top])
             seq.pending_text += delta
             routed[id(seq)] = seq
             if seq.detok.stopped or eos:
@@ -362,17 +375,13 @@ class Scheduler:
             seq.slot = None
         if seq.cancelled and reason is None and error is None:
             return
-        rest = "" if error else seq.pending_text + seq.detok.finish()
-        seq.pending_text = ""
-        self._post(
-            seq,
-            Event(
-                rest,
-                seq.pending_tokens,
-                seq.pending_logprobs,
-                finish_reason=reason or "error",
-                completion_tokens=seq.produced,
-                error=error,
-            ),
-        )
-        seq.pending_tokens, seq.pending_logprobs = [], []
+        if error:
+            seq.pending_text = ""
+            event = Event()
+        else:
+            seq.pending_text += seq.detok.finish()
+            event = seq.take_text(final=True)
+        event.finish_reason = reason or "error"
+        event.completion_tokens = seq.produced
+        event.error = error
+        self._post(seq, event)
