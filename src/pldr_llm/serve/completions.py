@@ -130,6 +130,8 @@ class CompletionHandlers:
     async def chat_completions(self, request: Request) -> Response:
         body = await self.body(request)
         check_model(body, self.options.model_id)
+        # The fields first: a field the server cannot honour is named even for a base model.
+        req = parse_chat(body, self.vocab_size)
         template = self.options.chat_template
         if template is None:
             raise bad(
@@ -138,7 +140,6 @@ class CompletionHandlers:
                 "model",
                 "model_not_chat",
             )
-        req = parse_chat(body, self.vocab_size)
         messages = parse_messages(body)
         # The character limit before the template renders it (and before tokenizing).
         check_prompt_chars(["".join(m["content"] for m in messages)], self.max_len)
