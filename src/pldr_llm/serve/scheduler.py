@@ -343,7 +343,7 @@ class Scheduler:
     ) -> None:
         """Hand one step's tokens to their sequences (``routed``: the sequences that got one)."""
         logprobs = out.logprobs or [0.0] * len(out.slots)
-        tops = getattr(out, "top_logprobs", None) or [[] for _ in out.slots]
+        tops = out.top_logprobs or [[] for _ in out.slots]
         for slot, token, done, logprob, top in zip(
             out.slots, out.token_ids, out.finished, logprobs, tops
         ):
