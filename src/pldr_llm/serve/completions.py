@@ -110,12 +110,10 @@ class CompletionHandlers:
     draining: bool
     body: Callable[[Request], Awaitable[Any]]
 
-    @property
+    @functools.cached_property
     def token_texts(self) -> TokenTexts:
-        texts = self.__dict__.get("_token_texts")
-        if texts is None:
-            texts = self.__dict__["_token_texts"] = TokenTexts(self.tokenizer)
-        return texts
+        """The texts of alternatives (cached per id)."""
+        return TokenTexts(self.tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -195,15 +193,17 @@ class CompletionHandlers:
         return plans
 
     async def _score_prompts(self, plans: list[PromptPlan], top_n: int) -> None:
-        """The logprobs of each prompt's tokens, on the worker that owns the model."""
-        for plan in plans:
-            try:
-                future = self.scheduler.run_on_worker(
-                    functools.partial(score_prompt, self.model, plan.ids, top_n)
-                )
-            except ShuttingDown:
-                raise APIError(503, "the server is shutting down", type_="server_error") from None
-            scores = await asyncio.wrap_future(future)
+        """The logprobs of each prompt's tokens, on the worker that owns the model (one job
+        between two decoding steps)."""
+
+        def score() -> list[list[tuple[float, list]]]:
+            return [score_prompt(self.model, plan.ids, top_n) for plan in plans]
+
+        try:
+            future = self.scheduler.run_on_worker(score)
+        except ShuttingDown:
+            raise APIError(503, "the server is shutting down", type_="server_error") from None
+        for plan, scores in zip(plans, await asyncio.wrap_future(future)):
             assert plan.logprobs is not None
             for entry, (logprob, top) in zip(plan.logprobs[1:], scores):
                 entry.logprob, entry.top = logprob, top

@@ -229,7 +229,7 @@ def check_fields(body: dict[str, Any], known: frozenset[str]) -> None:
             raise bad(
                 f"the field {_shown(name)} is not supported by this server (refused rather "
                 "than ignored)",
-                name if len(name) <= 60 else None,
+                name if len(name) <= 60 and name.isprintable() else None,
                 "unsupported_field",
             )
         rule = _NO_OP_ONLY.get(name)
