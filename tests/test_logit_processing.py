@@ -229,3 +229,31 @@ def test_bad_processing_options_are_refused_by_every_entry(tiny_model):
     with pytest.raises(PLDRError, match="frequency_penalty"):
         engine.add(PROMPTS[1], SamplingParams(frequency_penalty=9.0, max_new_tokens=3))
     assert engine.free_slots == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampling", SAMPLING[:2], ids=["greedy", "top-p"])
+def test_captured_processed_step_equals_the_eager_loop(tiny_model, sampling):
+    """On a GPU: the processed step inside the captured graph (and the fused step it runs with)
+    gives the eager (uncaptured) loop's ids and log-probabilities, and the CPU's ids."""
+    torch.set_float32_matmul_precision("highest")
+    options = {
+        "seed": 3, "stop_at_eos": False, "logprobs": 4, "min_new_tokens": 5,
+        "stop_token_ids": (9,), **sampling, **PROCESSING,
+    }  # fmt: skip
+    cpu = generate_details(tiny_model, PROMPTS, 20, **options)
+    model = tiny_model.cuda()
+    try:
+        eager = generate_details(model, PROMPTS, 20, cuda_graph=False, **options)
+        graph = generate_details(model, PROMPTS, 20, **options)
+        assert graph.new_ids == eager.new_ids == cpu.new_ids
+        for got, want in zip(graph.logprobs, cpu.logprobs):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+        assert [[[i for i, _ in t] for t in row] for row in graph.top_logprobs] == [
+            [[i for i, _ in t] for t in row] for row in eager.top_logprobs
+        ]
+        # without logprobs the fused bookkeeping kernel runs after the processing
+        plain = {k: v for k, v in options.items() if k != "logprobs"}
+        assert generate_details(model, PROMPTS, 20, **plain).new_ids == cpu.new_ids
+    finally:
+        tiny_model.cpu()
