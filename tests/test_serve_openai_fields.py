@@ -292,6 +292,8 @@ REFUSED_COMPLETION = {
     "frequency_penalty": {"frequency_penalty": -3},
     "logit_bias": {"logit_bias": {"600": 5}},
     "logit_bias ": {"logit_bias": {"12": 101}},
+    "logit_bias  ": {"logit_bias": {"12": 1, "012": 2}},
+    "stream_options": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
     "min_tokens": {"max_tokens": 2, "extra_body": {"min_tokens": 3}},
     "max_tokens": {"max_tokens": 0},
     "prompt": {"prompt": [[1, 2], [600]]},
@@ -397,3 +399,37 @@ def test_prompt_over_the_character_limit_is_refused_untokenized(server) -> None:
         assert r.status_code == 200 and calls == [False]  # tokenized off the event loop
     finally:
         del tokenizer.prompt_ids
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_piece_tracker_stays_inside_the_sent_text(loaded, seed: int) -> None:
+    """The released pieces are always a prefix of the text sent so far (which lags behind
+    while it may be the start of a stop string, and ends before one), and at the end exactly
+    that text, with one entry per token. Random ids: many byte-fallback pieces."""
+    from pldr_llm.generation import Detokenizer, final_text
+    from pldr_llm.serve.logprobs import PieceTracker
+
+    _, tok = loaded
+    generator = torch.Generator().manual_seed(seed)
+    prompt = tok.prompt_ids(PROMPT)
+    new = torch.randint(6, len(tok), (40,), generator=generator).tolist()
+    whole = final_text(tok, prompt, new)[len(tok.decode(prompt)) :]
+    stops = [whole[len(whole) // 2 :][:2]] if seed % 2 else []
+    detok = Detokenizer(tok, prompt, stops)
+    tracker = PieceTracker(tok, prompt)
+    sent, released, count = "", "", 0
+    for token in new:
+        sent += detok.push([token])
+        tracker.add(token, -1.0, [])
+        count += 1
+        entries = tracker.release(len(sent))
+        released += "".join(e.text for e in entries)
+        assert sent.startswith(released)
+        if detok.stopped:
+            break
+    sent += detok.finish()
+    entries = tracker.release(len(sent), final=True)
+    released += "".join(e.text for e in entries)
+    assert (
+        released == sent == final_text(tok, prompt, new[:count], stops)[len(tok.decode(prompt)) :]
+    )

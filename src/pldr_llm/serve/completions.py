@@ -21,6 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.generation import SamplingParams
 from pldr_llm.serve.logprobs import (
     TokenLogprob,
@@ -222,13 +223,18 @@ class CompletionHandlers:
         for i, plan in enumerate(plans):
             room = self.max_len - len(plan.ids)
             max_new = room if req.max_tokens is None else min(req.max_tokens, room)
-            # Every field was checked by the protocol (stricter ranges than the engine's own
-            # SamplingParams.validate, which the engine runs when it admits the sequence).
+            # Every field was checked by the protocol (ranges as strict as, or stricter than,
+            # SamplingParams.validate's).
             for j, seed in enumerate(req.seeds()):
+                params = sampling_params(req, seed, max_new)
+                try:
+                    params.validate()  # the engine's own check, before anything is queued
+                except PLDRError as exc:
+                    raise bad(str(exc)) from None
                 seqs.append(
                     GenSequence(
                         plan.ids,
-                        sampling_params(req, seed, max_new),
+                        params,
                         req.stop,
                         self.tokenizer,
                         loop,

@@ -77,7 +77,8 @@ class PieceTracker:
     end early (cut before a stop string), so :meth:`release` hands out only the tokens whose
     pieces lie inside the text sent so far, and at the end trims the pieces to the final text:
     the released pieces always concatenate to a prefix of the row's text, and at the end to all
-    of it.
+    of it. Trailing ids whose text is still open (bytes of an unfinished character) are held, so
+    that what the end adds (U+FFFD for a character cut off) has a token to go to.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
@@ -98,6 +99,8 @@ class PieceTracker:
         while self._held:
             entry = self._held[0]
             end = self._released_chars + len(entry.text)
+            if not final and not any(e.text for e in self._held):
+                break  # the ids of a character still open: its text goes to the last of them
             if end > text_chars:
                 if not final:
                     break

@@ -281,6 +281,8 @@ def _logit_bias(body: dict[str, Any], vocab_size: int | None) -> tuple[tuple[int
         if not -100.0 <= number <= 100.0:
             raise bad(f"'logit_bias' values must be in [-100, 100], got {number:g}", "logit_bias")
         out.append((int(key), number))
+    if len({token for token, _ in out}) < len(out):  # "7" and "007"
+        raise bad("'logit_bias' names a token id twice", "logit_bias")
     return tuple(sorted(out))
 
 
@@ -316,8 +318,12 @@ def parse_sampling(
     else:
         want_logprobs = bool(body.get("logprobs"))
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad("'stream_options' must be an object", "stream_options")
+    if (
+        not isinstance(options, dict)
+        or not set(options) <= {"include_usage"}
+        or not isinstance(options.get("include_usage", False), bool)
+    ):
+        raise bad("'stream_options' takes only 'include_usage' (true or false)", "stream_options")
     return CompletionRequest(
         prompts=prompts,
         stop=_stops(body),
