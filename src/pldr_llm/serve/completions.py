@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.generation import SamplingParams
 from pldr_llm.serve.logprobs import (
+    PieceTracker,
     TokenLogprob,
     TokenTexts,
     chat_logprobs,
@@ -241,7 +242,6 @@ class CompletionHandlers:
                         events,
                         i * req.n + j,
                         key,
-                        logprobs=req.logprobs,
                     )
                 )
         return seqs, events
@@ -260,6 +260,15 @@ class CompletionHandlers:
             ) from None
         except ShuttingDown:
             raise APIError(503, "the server is shutting down", type_="server_error") from None
+
+    def _trackers(
+        self, req: CompletionRequest, starts: list[PromptPlan]
+    ) -> list[PieceTracker | None]:
+        """Per choice, what turns its tokens into logprob entries (None without logprobs).
+        This runs on the event loop, as the SSE chunks do, not on the worker that steps."""
+        if not req.logprobs:
+            return [None] * len(starts)
+        return [PieceTracker(self.tokenizer, plan.ids) for plan in starts]
 
     def _logprobs(self, entries: list[TokenLogprob], chat: bool, offset: int) -> Any:
         if chat:
@@ -285,7 +294,8 @@ class CompletionHandlers:
         texts = [p.text for p in starts]
         entries = [list(p.logprobs or []) for p in starts]
         reasons: list[str | None] = ["length"] * len(starts)
-        produced = await self._collect(request, seqs, events, texts, entries, reasons)
+        trackers = self._trackers(req, starts)
+        produced = await self._collect(request, seqs, events, texts, (trackers, entries), reasons)
         if produced is None:
             return Response(status_code=499)
         choices = []
@@ -317,11 +327,13 @@ class CompletionHandlers:
         seqs: list[GenSequence],
         events: asyncio.Queue[Event],
         texts: list[str],
-        entries: list[list[TokenLogprob]],
+        logprobs: tuple[list[PieceTracker | None], list[list[TokenLogprob]]],
         reasons: list[str | None],
     ) -> int | None:
-        """Gather every sequence's output into ``texts``, ``entries`` and ``reasons``; the
-        tokens produced, or None when the client went away."""
+        """Gather every sequence's output into ``texts``, ``reasons`` and (``logprobs``: per
+        choice its tracker and entries) the entries; the tokens produced, or None when the
+        client went away."""
+        trackers, entries = logprobs
         try:
             produced = 0
             left = len(seqs)
@@ -337,7 +349,7 @@ class CompletionHandlers:
                 except asyncio.TimeoutError:
                     continue
                 texts[ev.index] += ev.text
-                entries[ev.index] += ev.logprobs
+                entries[ev.index] += _take(trackers[ev.index], ev)
                 if ev.finish_reason is not None:
                     if ev.error:
                         raise APIError(500, ev.error, type_="server_error")
@@ -362,6 +374,7 @@ class CompletionHandlers:
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
         offsets = [0] * len(starts)  # characters of each choice's text sent so far
+        trackers = self._trackers(req, starts)
 
         def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
             data: dict[str, Any] = {
@@ -375,8 +388,8 @@ class CompletionHandlers:
                 data["usage"] = usage
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-        def choice_chunk(ev: Event) -> str:
-            lp = self._logprobs(ev.logprobs, chat, offsets[ev.index]) if req.logprobs else None
+        def choice_chunk(ev: Event, entries: list[TokenLogprob]) -> str:
+            lp = self._logprobs(entries, chat, offsets[ev.index]) if req.logprobs else None
             offsets[ev.index] += len(ev.text)
             if chat:
                 choice: dict[str, Any] = {"index": ev.index, "delta": {"content": ev.text}}
@@ -396,7 +409,9 @@ class CompletionHandlers:
             if req.echo:
                 reason = "length" if not seqs else None
                 yield "".join(
-                    choice_chunk(Event(p.text, list(p.logprobs or []), reason, index=i))
+                    choice_chunk(
+                        Event(p.text, finish_reason=reason, index=i), list(p.logprobs or [])
+                    )
                     for i, p in enumerate(starts)
                 )
             produced = 0
@@ -408,8 +423,9 @@ class CompletionHandlers:
                         yield f"data: {json.dumps(err)}\n\n"
                         return
                     produced += ev.completion_tokens
-                    if ev.text or ev.finish_reason is not None:
-                        out.append(choice_chunk(ev))
+                    entries = _take(trackers[ev.index], ev)
+                    if ev.text or entries or ev.finish_reason is not None:
+                        out.append(choice_chunk(ev, entries))
                 if out:
                     yield "".join(out)
             if req.include_usage:
@@ -442,10 +458,20 @@ async def _merged_events(events: asyncio.Queue[Event], count: int) -> AsyncItera
                 left -= 1
             into = merged.setdefault(ev.index, Event(index=ev.index))
             into.text += ev.text
+            into.tokens += ev.tokens
             into.logprobs += ev.logprobs
+            into.top_logprobs += ev.top_logprobs
             into.finish_reason = ev.finish_reason
             into.completion_tokens += ev.completion_tokens
             if events.empty():
                 break
             ev = events.get_nowait()
         yield list(merged.values())
+
+
+def _take(tracker: PieceTracker | None, ev: Event) -> list[TokenLogprob]:
+    """The logprob entries an event of a choice completes (none without logprobs)."""
+    if tracker is None:
+        return []
+    final = ev.finish_reason is not None
+    return tracker.take(ev.text, ev.tokens, ev.logprobs, ev.top_logprobs, final)

@@ -85,6 +85,22 @@ class PieceTracker:
         self._detok = Detokenizer(tokenizer, prompt_ids)
         self._held: list[TokenLogprob] = []
         self._released_chars = 0
+        self._text_chars = 0
+
+    def take(
+        self,
+        text: str,
+        tokens: Sequence[int],
+        logprobs: Sequence[float],
+        tops: Sequence[list[tuple[int, float]]],
+        final: bool = False,
+    ) -> list[TokenLogprob]:
+        """One event of the row: its text delta and its tokens (logprobs, alternatives); the
+        tokens now inside the text received (``final``: the row's last event, all of them)."""
+        for k, token in enumerate(tokens):
+            self.add(token, logprobs[k], list(tops[k]) if k < len(tops) else [])
+        self._text_chars += len(text)
+        return self.release(self._text_chars, final)
 
     def add(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> None:
         piece = self._detok.push([token_id])

@@ -30,7 +30,6 @@ from typing import Any
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.generation import DecodeEngine, Detokenizer, SamplingParams
-from pldr_llm.serve.logprobs import PieceTracker, TokenLogprob
 from pldr_llm.serve.metrics import Metrics
 
 
@@ -44,12 +43,14 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Event:
-    """A piece of one sequence's output: ``text`` delta (with, when the request asked for
-    logprobs, the tokens whose pieces lie in the text sent so far), or the end
-    (``finish_reason`` set), or an ``error``."""
+    """A piece of one sequence's output: ``text`` delta (with the tokens routed since the last
+    event, their logprobs and, when asked for, their top alternatives ``(id, logprob)``), or the
+    end (``finish_reason`` set), or an ``error``."""
 
     text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
@@ -69,7 +70,6 @@ class GenSequence:
         events: asyncio.Queue[Event],
         index: int = 0,
         key: tuple[bool, bool] = (True, True),
-        logprobs: bool = False,
     ) -> None:
         self.index = index
         self.key = key  # (KV-cache on, G-cache on)
@@ -83,18 +83,19 @@ class GenSequence:
         self.created = time.perf_counter()
         self.last_token_at: float | None = None
         self.pending_text = ""  # routed but not yet posted (posted once per step or block)
-        # The tokens' pieces and logprobs (only when the request asked for logprobs), and how
-        # many characters of text were posted: a token is posted once its piece is in the text.
-        self.pieces = PieceTracker(tokenizer, prompt_ids) if logprobs else None
-        self.text_chars = 0
+        self.pending_tokens: list[int] = []
+        self.pending_logprobs: list[float] = []
+        self.pending_tops: list[list[tuple[int, float]]] = []
         self.produced = 0
 
-    def take_text(self, final: bool = False) -> Event:
-        """The pending text (and the logprobs of the tokens it completes) as an event."""
-        text, self.pending_text = self.pending_text, ""
-        self.text_chars += len(text)
-        logprobs = self.pieces.release(self.text_chars, final) if self.pieces else []
-        return Event(text, logprobs)
+    def take_pending(self) -> Event:
+        """The text and tokens routed since the last event, as an event."""
+        event = Event(
+            self.pending_text, self.pending_tokens, self.pending_logprobs, self.pending_tops
+        )
+        self.pending_text, self.pending_tokens, self.pending_logprobs = "", [], []
+        self.pending_tops = []
+        return event
 
     def cancel(self) -> None:
         """The client went away: free the slot at the next step (safe from any thread)."""
@@ -336,14 +337,14 @@ class Scheduler:
         # the event loop's work (an SSE chunk each) is what limits a busy server.
         for seq in routed.values():
             if seq.pending_text and seq.slot is not None:
-                self._post(seq, seq.take_text())
+                self._post(seq, seq.take_pending())
 
     def _route(
         self, key: tuple[bool, bool], out: Any, now: float, routed: dict[int, GenSequence]
     ) -> None:
         """Hand one step's tokens to their sequences (``routed``: the sequences that got one)."""
         logprobs = out.logprobs or [0.0] * len(out.slots)
-        tops = out.top_logprobs or [[] for _ in out.slots]
+        tops = out.top_logprobs or [[] for _ in out.slots]  # only rows that ask have any
         for slot, token, done, logprob, top in zip(
             out.slots, out.token_ids, out.finished, logprobs, tops
         ):
@@ -359,8 +360,9 @@ class Scheduler:
             self.metrics.completion_tokens += 1
             eos = token == self.model.config.eos_id and seq.params.stop_at_eos
             delta = "" if eos else seq.detok.push([token])
-            if seq.pieces is not None:
-                seq.pieces.add(token, float(logprob), [(int(i), float(v)) for i, v in top])
+            seq.pending_tokens.append(token)
+            seq.pending_logprobs.append(float(logprob))
+            seq.pending_tops.append(top)
             seq.pending_text += delta
             routed[id(seq)] = seq
             if seq.detok.stopped or eos:
@@ -375,12 +377,8 @@ class Scheduler:
             seq.slot = None
         if seq.cancelled and reason is None and error is None:
             return
-        if error:
-            seq.pending_text = ""
-            event = Event()
-        else:
-            seq.pending_text += seq.detok.finish()
-            event = seq.take_text(final=True)
+        seq.pending_text = "" if error else seq.pending_text + seq.detok.finish()
+        event = seq.take_pending()
         event.finish_reason = reason or "error"
         event.completion_tokens = seq.produced
         event.error = error
