@@ -115,7 +115,7 @@ class PieceTracker:
         while self._held:
             entry = self._held[0]
             end = self._released_chars + len(entry.text)
-            if not final and not any(e.text for e in self._held):
+            if not final and not entry.text and not any(e.text for e in self._held):
                 break  # the ids of a character still open: its text goes to the last of them
             if end > text_chars:
                 if not final:
