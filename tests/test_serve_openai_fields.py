@@ -201,6 +201,19 @@ def test_chat_logprobs_content(client: openai.OpenAI) -> None:
         assert bytes(c.bytes) == c.token.encode() and c.logprob <= 0
         assert len(c.top_logprobs) == TOP
         assert all(t.logprob <= 0 and isinstance(t.bytes, list) for t in c.top_logprobs)
+    streamed = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=messages,
+        max_tokens=8,
+        seed=3,
+        logprobs=True,
+        top_logprobs=TOP,
+        stream=True,
+    )
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    items = [item for c in chunks if c.logprobs for item in c.logprobs.content]
+    assert "".join(c.delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert [(i.token, i.logprob) for i in items] == [(c.token, c.logprob) for c in content]
 
 
 # ---------------------------------------------------------------------- fields that change it
@@ -298,6 +311,7 @@ REFUSED_COMPLETION = {
     "logit_bias": {"logit_bias": {"600": 5}},
     "logit_bias ": {"logit_bias": {"12": 101}},
     "logit_bias  ": {"logit_bias": {"12": 1, "012": 2}},
+    "stop": {"stop": [f"s{k}" for k in range(17)]},
     "stream_options": {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
     "min_tokens": {"max_tokens": 2, "extra_body": {"min_tokens": 3}},
     "max_tokens": {"max_tokens": 0},

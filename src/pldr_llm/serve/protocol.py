@@ -16,7 +16,7 @@ from typing import Any
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts per request
-MAX_STOPS = 4  # as the OpenAI API
+MAX_STOPS = 16  # OpenAI takes 4; lm-eval's generation tasks send more (their "until" and the EOS)
 MAX_TOP_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's is 5 or 20)
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_COUNT = 2**31 - 1  # the largest count (max_tokens, top_k, min_tokens) taken
