@@ -387,6 +387,12 @@ def test_no_op_values_of_unimplemented_fields_are_taken(client: openai.OpenAI) -
     assert r.usage.completion_tokens >= 1
 
 
+def test_a_request_larger_than_the_queue_is_400_not_429(client: openai.OpenAI) -> None:
+    # 3 prompts x n 16 = 48 sequences; the server queues at most 32: retrying cannot help.
+    error = _bad(client.completions.create, model=MODEL_ID, prompt=["a", "b", "c"], n=16)
+    assert error["param"] == "n" and "--max-queue" in error["message"]
+
+
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as raised:
         client.completions.create(model="gpt-4", prompt="a", max_tokens=2)
