@@ -241,9 +241,11 @@ def test_logit_bias_minus_100_removes_the_greedy_token(client: openai.OpenAI, lo
 
 
 @needs_stage
-@pytest.mark.parametrize(("frequency", "presence"), [(2.0, 0.0), (0.5, 1.0)])
-def test_penalties_follow_openai_formula(
-    client: openai.OpenAI, loaded, frequency: float, presence: float
+@pytest.mark.parametrize(
+    ("frequency", "presence", "repetition"), [(2.0, 0.0, 1.0), (0.5, 1.0, 1.0), (0.0, 0.0, 1.5)]
+)
+def test_penalties_follow_their_formulas(
+    client: openai.OpenAI, loaded, frequency: float, presence: float, repetition: float
 ) -> None:
     model, tok = loaded
     steps = 16
@@ -257,11 +259,16 @@ def test_penalties_follow_openai_formula(
     assert repeating, "no candidate prompt repeats under greedy decoding"
     prompt, plain = repeating[0]
     ids = tok.prompt_ids(prompt)
-    # The reference: greedy on logit - frequency * count - presence * (count > 0), counts of
-    # the tokens generated so far (OpenAI's formula), on the loop's own teacher-forced logits.
+    # The reference, on the loop's own teacher-forced logits: the repetition penalty
+    # (transformers' rule: every token of prompt and text so far, a positive logit divided by
+    # it, a negative one multiplied), then logit - frequency * count - presence * (count > 0)
+    # over the tokens generated so far (OpenAI's formula); greedy on the result.
     chosen: list[int] = []
     for k in range(steps):
         logits = _step_logits(model, ids, chosen + [0])[k].clone()
+        for token in set(ids + chosen):
+            value = logits[token]
+            logits[token] = value / repetition if value > 0 else value * repetition
         for token, count in Counter(chosen).items():
             logits[token] -= frequency * count + presence
         chosen.append(int(logits.argmax()))
@@ -273,7 +280,7 @@ def test_penalties_follow_openai_formula(
         temperature=0,
         frequency_penalty=frequency,
         presence_penalty=presence,
-        extra_body={"ignore_eos": True},
+        extra_body={"ignore_eos": True, "repetition_penalty": repetition},
     )
     assert r.choices[0].text == tok.decode(ids + chosen)[len(tok.decode(ids)) :]
 

@@ -148,7 +148,8 @@ class CompletionHandlers:
 
     # ------------------------------------------------------------------ preparing
     def _plan(self, prompt: Prompt, echo: bool, pieces: bool) -> PromptPlan:
-        """Tokenize one prompt (on a worker thread) and check that it fits the context."""
+        """Tokenize one prompt (on a worker thread): its ids, its text for echo and, for echo
+        with logprobs, its tokens' pieces (scored later)."""
         ids = self.tokenizer.prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)
         return PromptPlan(
             ids=ids,
