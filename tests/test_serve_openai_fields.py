@@ -139,6 +139,9 @@ def test_echo_with_new_tokens_and_token_id_prompts(client: openai.OpenAI, loaded
         tok.decode(ids + new)[len(tok.decode(ids)) :],
         client.completions.create(prompt=other, **kwargs).choices[0].text,
     ]
+    # An empty list of ids is the empty prompt (lm-eval sends an empty context so).
+    empty = client.completions.create(prompt=[[]], **kwargs).choices[0].text
+    assert empty == client.completions.create(prompt="", **kwargs).choices[0].text
 
 
 def test_streamed_echo_and_logprobs_add_up_to_the_text(client: openai.OpenAI) -> None:

@@ -150,7 +150,9 @@ class CompletionHandlers:
     def _plan(self, prompt: Prompt, echo: bool, pieces: bool) -> PromptPlan:
         """Tokenize one prompt (on a worker thread): its ids, its text for echo and, for echo
         with logprobs, its tokens' pieces (scored later)."""
-        ids = self.tokenizer.prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)
+        # Text as `pldr-llm generate` encodes it; no ids: the empty prompt (the end-of-text id).
+        text_prompt = prompt if isinstance(prompt, str) else "" if not prompt else None
+        ids = self.tokenizer.prompt_ids(text_prompt) if text_prompt is not None else list(prompt)
         return PromptPlan(
             ids=ids,
             text=self.tokenizer.decode(ids) if echo else "",

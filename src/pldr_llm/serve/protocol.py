@@ -351,9 +351,10 @@ def _completion_logprobs(body: dict[str, Any]) -> tuple[bool, int]:
     return True, logprobs
 
 
-def _token_ids(value: Any, vocab_size: int | None) -> list[int] | None:
-    """``value`` as a prompt of token ids, or None when it is not a list of integers."""
-    if not isinstance(value, list) or not value:
+def _token_ids(value: Any, vocab_size: int | None, empty: bool = False) -> list[int] | None:
+    """``value`` as a prompt of token ids, or None when it is not a list of integers (``empty``:
+    an empty list is one, the empty prompt)."""
+    if not isinstance(value, list) or not (value or empty):
         return None
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         return None
@@ -378,7 +379,8 @@ def _prompts(prompt: Any, vocab_size: int | None) -> list[Prompt]:
         if all(isinstance(p, str) for p in prompt):
             prompts = list(prompt)
         else:
-            lists = [_token_ids(p, vocab_size) for p in prompt]
+            # An empty one is the empty prompt (as ""): lm-eval sends an empty context so.
+            lists = [_token_ids(p, vocab_size, empty=True) for p in prompt]
             if any(ids is None for ids in lists):
                 prompts = []
             else:
@@ -388,7 +390,7 @@ def _prompts(prompt: Any, vocab_size: int | None) -> list[Prompt]:
     if not prompts:
         raise bad(
             f"'prompt' must be a string, a list of 1 to {MAX_PROMPTS} strings, a non-empty "
-            f"list of token ids or a list of 1 to {MAX_PROMPTS} such lists",
+            f"list of token ids or a list of 1 to {MAX_PROMPTS} lists of token ids",
             "prompt",
         )
     for p in prompts:
