@@ -149,11 +149,13 @@ def score_prompt(model: Any, ids: Sequence[int], top_n: int) -> list[tuple[float
     inputs = torch.tensor([list(ids[:-1])], dtype=torch.long, device=device)
     with torch.inference_mode():
         logits = model(inputs).logits[0].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        # logit - logsumexp where needed: no second [L, V] tensor (the log-softmax's values).
+        norm = torch.logsumexp(logits, dim=-1, keepdim=True)
         targets = torch.tensor(list(ids[1:]), dtype=torch.long, device=device)
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        chosen = (logits.gather(1, targets[:, None]) - norm)[:, 0].tolist()
         if top_n > 0:
-            values, indices = torch.topk(logprobs, top_n, dim=-1)
+            values, indices = torch.topk(logits, top_n, dim=-1)
+            values = values - norm
             tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
         else:
             tops = [[] for _ in chosen]
