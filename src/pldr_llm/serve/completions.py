@@ -191,7 +191,7 @@ class CompletionHandlers:
             raise bad(
                 f"this request needs {count} sequences (prompts x n); the server queues at most "
                 f"{self.scheduler.max_queue} (--max-queue), so it can never be served",
-                "n",
+                "n" if req.n > 1 else "prompt",
             )
         if pieces:
             await self._score_prompts(plans, req.top_logprobs)
