@@ -150,6 +150,12 @@ async def run_load(args: argparse.Namespace, base: str, model_id: str) -> dict[s
                     "logprobs": 0,  # each chunk lists its tokens: exact token counts
                     "ignore_eos": True,
                 }
+                if args.penalties:  # the sampling stage on every row, as issue #24 measures it
+                    body |= {
+                        "presence_penalty": 0.5,
+                        "frequency_penalty": 0.5,
+                        "logit_bias": {str(t): -100 for t in range(100, 110)} | {"42": 2.0},
+                    }
                 try:
                     results.append(await one_request(client, url, body, args.request_timeout))
                 except Exception as exc:  # counted, not raised: a load test reports errors
@@ -170,6 +176,7 @@ async def run_load(args: argparse.Namespace, base: str, model_id: str) -> dict[s
         "clients": args.clients,
         "rounds": args.rounds,
         "max_tokens": args.max_tokens,
+        "penalties": args.penalties,
         "requests": len(results),
         "errors": len(errors),
         "error_examples": errors[:3],
@@ -197,6 +204,11 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=None, help="default: --clients")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="serve --compile")
+    parser.add_argument(
+        "--penalties",
+        action="store_true",
+        help="every request sets presence/frequency penalties and a logit_bias",
+    )
     parser.add_argument(
         "--tokens-per-sync", type=int, default=None, help="serve --tokens-per-sync (its default)"
     )

@@ -284,7 +284,6 @@ def _post(url: str, path: str, **kwargs) -> httpx.Response:
 BAD = {
     "malformed JSON": {"content": b'{"model": "x", "prompt": '},
     "not UTF-8": {"content": b'{"model": "\xff\xfe", "prompt": "a"}'},
-    "unknown model": {"json": {"model": "gpt-4", "prompt": "a"}},
     "prompt longer than the context": {"json": {"model": MODEL_ID, "prompt": "word " * 200}},
     "max_tokens 0": {"json": {"model": MODEL_ID, "prompt": "a", "max_tokens": 0}},
     "max_tokens negative": {"json": {"model": MODEL_ID, "prompt": "a", "max_tokens": -3}},
@@ -408,12 +407,30 @@ def test_deductive_endpoint_gives_the_numbers_of_inspect(server, loaded) -> None
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tensors"
 
 
-def test_queue_bound_answers_429(bundle: Path) -> None:
-    with live_server(bundle, max_batch=1, max_queue=2) as (url, _):
+@pytest.mark.slow
+def test_queue_bound_answers_429_and_a_request_that_never_fits_400(long_bundle: Path) -> None:
+    with live_server(long_bundle, max_batch=1, max_queue=1) as (url, _):
         body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 2}
-        r = _post(url, "/v1/completions", json={**body, "n": 3})
-        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
-        assert _post(url, "/v1/completions", json={**body, "n": 2}).status_code == 200
+        # More sequences than the queue holds: no retry can help, so 400, not 429.
+        r = _post(url, "/v1/completions", json={**body, "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        assert "--max-queue" in r.json()["error"]["message"]
+        # A long stream holds the one slot, a second request waits in the queue (its one
+        # place), so a third one gets 429 until the queue has room again. (Uncached: each step
+        # a pass over the whole row, so that the stream lasts seconds even on a fast CPU.)
+        body["enable_kvcache"] = False
+        long = {**body, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=long, timeout=60) as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(_post, url, "/v1/completions", json=body)
+                while httpx.get(url + "/health").json()["queued"] < 1:
+                    assert not waiting.done(), waiting.result().text
+                r = _post(url, "/v1/completions", json=body)
+                assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+                stream.close()  # the client goes away: its slot frees, the waiting one runs
+                assert waiting.result(60).status_code == 200
 
 
 def test_api_key_and_body_limit(bundle: Path) -> None:

@@ -12,7 +12,6 @@ import hmac
 import ipaddress
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from starlette.responses import (
     JSONResponse,
     PlainTextResponse,
     Response,
-    StreamingResponse,
 )
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -39,18 +37,14 @@ from pldr_llm.deductive import (
     deductive_outputs,
     head_matrices,
 )
-from pldr_llm.generation import SamplingParams
+from pldr_llm.serve.completions import CompletionHandlers
 from pldr_llm.serve.metrics import Metrics
 from pldr_llm.serve.protocol import (
     APIError,
-    CompletionRequest,
     bad,
     check_model,
-    parse_completion,
-    parse_messages,
-    parse_sampling,
 )
-from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, ShuttingDown
+from pldr_llm.serve.scheduler import Scheduler, ShuttingDown
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
@@ -133,19 +127,6 @@ async def read_json(request: Request, limit: int) -> Any:
         raise bad(f"the request body is not valid JSON ({exc})") from None
 
 
-def render_chat(template: str, messages: list[dict[str, str]]) -> str:
-    """The prompt text of ``messages`` through the model's chat template (sandboxed Jinja)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
-        )
-    except Exception as exc:  # a template error is the request's (its messages') problem
-        raise bad(f"the chat template failed on these messages: {exc}", "messages") from None
-
-
 def find_chat_template(folder: str | Path) -> str | None:
     """A chat template the model folder declares (``chat_template.jinja``, or ``chat_template``
     in ``tokenizer_config.json``); None for a base model."""
@@ -164,8 +145,9 @@ def find_chat_template(folder: str | Path) -> str | None:
 # ---------------------------------------------------------------------- the app
 
 
-class _Server:
-    """The request handlers and the state they share."""
+class _Server(CompletionHandlers):
+    """The request handlers and the state they share (the completion handlers are
+    :class:`~pldr_llm.serve.completions.CompletionHandlers`)."""
 
     def __init__(self, model: Any, tokenizer: Any, options: ServeOptions) -> None:
         self.model = model
@@ -243,245 +225,6 @@ class _Server:
         if request.path_params["model"] != self.options.model_id:
             raise APIError(404, f"the model '{request.path_params['model']}' does not exist")
         return JSONResponse(self.model_card())
-
-    # ------------------------------------------------------------------ generation
-    def _sequences(
-        self, req: CompletionRequest
-    ) -> tuple[list[GenSequence], asyncio.Queue[Event], int]:
-        """The ``len(prompts) * n`` sequences of a request (choice ``i * n + j``: prompt i,
-        seed ``seed + j``), and the prompt token count."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        seqs = []
-        prompt_tokens = 0
-        for i, prompt in enumerate(req.prompts):
-            ids = self.tokenizer.prompt_ids(prompt)
-            if len(ids) >= self.max_len:
-                raise bad(
-                    f"the prompt has {len(ids)} tokens; this model's context is {self.max_len} "
-                    "tokens, which must hold the prompt and at least one new token",
-                    "prompt",
-                    "context_length_exceeded",
-                )
-            prompt_tokens += len(ids)
-            room = self.max_len - len(ids)
-            max_new = room if req.max_tokens is None else min(req.max_tokens, room)
-            # Every field was checked by parse_sampling (stricter ranges than the engine's own
-            # SamplingParams.validate, which the engine runs when it admits the sequence).
-            key = (req.enable_kvcache, req.enable_gcache)
-            for j, seed in enumerate(req.seeds()):
-                params = SamplingParams(
-                    temperature=req.temperature,
-                    top_k=req.top_k,
-                    top_p=req.top_p,
-                    seed=seed,
-                    max_new_tokens=max_new,
-                    stop_at_eos=not req.ignore_eos,
-                )
-                seqs.append(
-                    GenSequence(
-                        ids, params, req.stop, self.tokenizer, loop, events, i * req.n + j, key
-                    )
-                )
-        return seqs, events, prompt_tokens
-
-    def _submit(self, seqs: list[GenSequence]) -> None:
-        if self.draining:
-            raise APIError(503, "the server is shutting down", type_="server_error")
-        try:
-            self.scheduler.submit(seqs)
-        except QueueFull:
-            raise APIError(
-                429,
-                "the server is busy (its request queue is full); retry later",
-                type_="rate_limit_error",
-                code="queue_full",
-            ) from None
-        except ShuttingDown:
-            raise APIError(503, "the server is shutting down", type_="server_error") from None
-
-    def _logprobs(self, tokens: list[int], logprobs: list[float], chat: bool) -> Any:
-        pieces = [self.tokenizer.decode([t]) for t in tokens]
-        if chat:
-            return {
-                "content": [
-                    {
-                        "token": p,
-                        "logprob": lp,
-                        "bytes": list(p.encode("utf-8")),
-                        "top_logprobs": [],
-                    }
-                    for p, lp in zip(pieces, logprobs)
-                ]
-            }
-        return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None}
-
-    async def completions(self, request: Request) -> Response:
-        body = await self.body(request)
-        check_model(body, self.options.model_id)
-        req = parse_completion(body)
-        return await self._generate(request, req, chat=False)
-
-    async def chat_completions(self, request: Request) -> Response:
-        body = await self.body(request)
-        check_model(body, self.options.model_id)
-        if self.options.chat_template is None:
-            raise bad(
-                f"'{self.options.model_id}' is a base model: it declares no chat template, so "
-                "it has no chat completions; use /v1/completions",
-                "model",
-                "model_not_chat",
-            )
-        prompt = render_chat(self.options.chat_template, parse_messages(body))
-        return await self._generate(request, parse_sampling(body, [prompt]), chat=True)
-
-    async def _generate(self, request: Request, req: CompletionRequest, chat: bool) -> Response:
-        seqs, events, prompt_tokens = self._sequences(req)
-        self._submit(seqs)
-        self.metrics.prompt_tokens += prompt_tokens
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        if req.stream:
-            return StreamingResponse(
-                self._stream(request, req, seqs, events, rid, prompt_tokens, chat),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            texts = [""] * len(seqs)
-            tokens: list[list[int]] = [[] for _ in seqs]
-            logprobs: list[list[float]] = [[] for _ in seqs]
-            reasons: list[str | None] = [None] * len(seqs)
-            produced = 0
-            left = len(seqs)
-            checked = time.monotonic()
-            while left:
-                if time.monotonic() - checked > 0.5:
-                    # A client that went away frees its rows (the finally below).
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                try:
-                    ev = await asyncio.wait_for(events.get(), 0.5)
-                except asyncio.TimeoutError:
-                    continue
-                texts[ev.index] += ev.text
-                tokens[ev.index] += ev.tokens
-                logprobs[ev.index] += ev.logprobs
-                if ev.finish_reason is not None:
-                    if ev.error:
-                        raise APIError(500, ev.error, type_="server_error")
-                    reasons[ev.index] = ev.finish_reason
-                    produced += ev.completion_tokens
-                    left -= 1
-        finally:
-            for s in seqs:
-                s.cancel()  # a no-op for finished ones; frees the rows of an abandoned request
-        choices = []
-        for i, text in enumerate(texts):
-            lp = self._logprobs(tokens[i], logprobs[i], chat) if req.logprobs else None
-            if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text}}
-            else:
-                choice = {"index": i, "text": text}
-            choices.append({**choice, "logprobs": lp, "finish_reason": reasons[i]})
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": self.options.model_id,
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": produced,
-                    "total_tokens": prompt_tokens + produced,
-                },
-            }
-        )
-
-    async def _stream(
-        self,
-        request: Request,
-        req: CompletionRequest,
-        seqs: list[GenSequence],
-        events: asyncio.Queue[Event],
-        rid: str,
-        prompt_tokens: int,
-        chat: bool,
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
-            data: dict[str, Any] = {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": self.options.model_id,
-                "choices": choices,
-            }
-            if usage is not None:
-                data["usage"] = usage
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        try:
-            if chat:
-                yield chunk(
-                    [
-                        {"index": s.index, "delta": {"role": "assistant", "content": ""}}
-                        | {"logprobs": None, "finish_reason": None}
-                        for s in seqs
-                    ]
-                )
-            left = len(seqs)
-            produced = 0
-            while left:
-                # Everything that is already there goes out in one write, one chunk per choice:
-                # when the client or this loop falls behind, fewer, larger chunks.
-                merged: dict[int, Event] = {}
-                ev = await events.get()
-                while True:
-                    if ev.error:
-                        err = APIError(500, ev.error, type_="server_error").body()
-                        yield f"data: {json.dumps(err)}\n\n"
-                        return
-                    if ev.finish_reason is not None:
-                        left -= 1
-                        produced += ev.completion_tokens
-                    into = merged.setdefault(ev.index, Event(index=ev.index))
-                    into.text += ev.text
-                    into.tokens += ev.tokens
-                    into.logprobs += ev.logprobs
-                    into.finish_reason = ev.finish_reason
-                    if events.empty():
-                        break
-                    ev = events.get_nowait()
-                out = []
-                for ev in merged.values():
-                    if not ev.text and ev.finish_reason is None:
-                        continue
-                    lp = self._logprobs(ev.tokens, ev.logprobs, chat) if req.logprobs else None
-                    if chat:
-                        choice: dict[str, Any] = {"index": ev.index, "delta": {"content": ev.text}}
-                    else:
-                        choice = {"index": ev.index, "text": ev.text}
-                    out.append(
-                        chunk([{**choice, "logprobs": lp, "finish_reason": ev.finish_reason}])
-                    )
-                if out:
-                    yield "".join(out)
-            if req.include_usage:
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": produced,
-                    "total_tokens": prompt_tokens + produced,
-                }
-                yield chunk([], usage)
-            yield "data: [DONE]\n\n"
-        finally:
-            # Also reached when the client disconnects (the response task is cancelled).
-            for s in seqs:
-                s.cancel()
 
     # ------------------------------------------------------------------ deductive outputs
     async def deductive(self, request: Request) -> Response:

@@ -43,12 +43,14 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Event:
-    """A piece of one sequence's output: ``text`` delta (with the logprobs of the tokens that
-    completed it), or the end (``finish_reason`` set), or an ``error``."""
+    """A piece of one sequence's output: ``text`` delta (with the tokens routed since the last
+    event, their logprobs and, when asked for, their top alternatives ``(id, logprob)``), or the
+    end (``finish_reason`` set), or an ``error``."""
 
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
@@ -83,7 +85,17 @@ class GenSequence:
         self.pending_text = ""  # routed but not yet posted (posted once per step or block)
         self.pending_tokens: list[int] = []
         self.pending_logprobs: list[float] = []
+        self.pending_tops: list[list[tuple[int, float]]] = []
         self.produced = 0
+
+    def take_pending(self) -> Event:
+        """The text and tokens routed since the last event, as an event."""
+        event = Event(
+            self.pending_text, self.pending_tokens, self.pending_logprobs, self.pending_tops
+        )
+        self.pending_text, self.pending_tokens, self.pending_logprobs = "", [], []
+        self.pending_tops = []
+        return event
 
     def cancel(self) -> None:
         """The client went away: free the slot at the next step (safe from any thread)."""
@@ -325,15 +337,17 @@ class Scheduler:
         # the event loop's work (an SSE chunk each) is what limits a busy server.
         for seq in routed.values():
             if seq.pending_text and seq.slot is not None:
-                self._post(seq, Event(seq.pending_text, seq.pending_tokens, seq.pending_logprobs))
-                seq.pending_text, seq.pending_tokens, seq.pending_logprobs = "", [], []
+                self._post(seq, seq.take_pending())
 
     def _route(
         self, key: tuple[bool, bool], out: Any, now: float, routed: dict[int, GenSequence]
     ) -> None:
         """Hand one step's tokens to their sequences (``routed``: the sequences that got one)."""
         logprobs = out.logprobs or [0.0] * len(out.slots)
-        for slot, token, done, logprob in zip(out.slots, out.token_ids, out.finished, logprobs):
+        tops = out.top_logprobs or [[] for _ in out.slots]  # only rows that ask have any
+        for slot, token, done, logprob, top in zip(
+            out.slots, out.token_ids, out.finished, logprobs, tops
+        ):
             seq = self._running.get((key, slot))
             if seq is None:  # finished earlier in this block (a stop string) or cancelled
                 continue
@@ -348,6 +362,7 @@ class Scheduler:
             delta = "" if eos else seq.detok.push([token])
             seq.pending_tokens.append(token)
             seq.pending_logprobs.append(float(logprob))
+            seq.pending_tops.append(top)
             seq.pending_text += delta
             routed[id(seq)] = seq
             if seq.detok.stopped or eos:
@@ -362,17 +377,9 @@ class Scheduler:
             seq.slot = None
         if seq.cancelled and reason is None and error is None:
             return
-        rest = "" if error else seq.pending_text + seq.detok.finish()
-        seq.pending_text = ""
-        self._post(
-            seq,
-            Event(
-                rest,
-                seq.pending_tokens,
-                seq.pending_logprobs,
-                finish_reason=reason or "error",
-                completion_tokens=seq.produced,
-                error=error,
-            ),
-        )
-        seq.pending_tokens, seq.pending_logprobs = [], []
+        seq.pending_text = "" if error else seq.pending_text + seq.detok.finish()
+        event = seq.take_pending()
+        event.finish_reason = reason or "error"
+        event.completion_tokens = seq.produced
+        event.error = error
+        self._post(seq, event)
