@@ -189,7 +189,7 @@ def _check_encodable(text: str) -> None:
             )
 
 
-def load_tokenizer(path: str | Path) -> PLDRTokenizer:
+def load_tokenizer(path: str | os.PathLike[str]) -> PLDRTokenizer:
     """Load a tokenizer from a ``.model`` file, a folder holding one, or a ``*.tar.gz`` archive.
 
     A folder is searched for ``tokenizer.model``, then for a single ``*.model`` file, then for a

@@ -16,8 +16,10 @@ Padding has two meanings, chosen by the caller:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +104,11 @@ class Decoder(nn.Module):
     def __init__(self, config: PLDRConfig) -> None:
         super().__init__()
         self.embedding = nn.Embedding(config.input_vocab_size, config.d_model)
-        self.dec_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        # A ModuleList (it registers the layers), typed by what it holds: its stubs say Module.
+        self.dec_layers = cast(
+            Sequence[DecoderLayer],
+            nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers)),
+        )
         self.layernorm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.embedding_scale = math.sqrt(config.d_model)
 

@@ -178,6 +178,8 @@ class PowerLawGraphAttention(nn.Module):
     [1, H, dk, dk] per layer.
     """
 
+    predefined_G_LM: Tensor  # a buffer, registered only with version v510G
+
     def __init__(self, config: PLDRConfig) -> None:
         super().__init__()
         d_model, num_heads = config.d_model, config.num_heads

@@ -49,6 +49,9 @@ def inverse_frequencies(dim: int, base: float, scaling: dict[str, Any] | None = 
 class RotaryEmbedding(nn.Module):
     """Rotary embedding with a precomputed cos/sin table of ``max_seq_len`` rows [L, dk/2]."""
 
+    cos: Tensor  # buffers (register_buffer below)
+    sin: Tensor
+
     def __init__(
         self,
         dim: int,

@@ -197,8 +197,12 @@ def layer_tensors(obj: Any) -> list[LayerTensors]:
     if all(isinstance(x, Mapping) for x in obj):
         for item in obj:
             layers.append(
-                {k: _detach(v) for k, v in item.items() if k in DEDUCTIVE_NAMES and v is not None}
-            )  # type: ignore[misc]
+                {
+                    k: t
+                    for k, v in item.items()
+                    if k in DEDUCTIVE_NAMES and (t := _detach(v)) is not None
+                }
+            )
         return layers
     if all(hasattr(x, "G_LM") for x in obj):
         for item in obj:

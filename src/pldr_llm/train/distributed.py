@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -96,7 +97,7 @@ def setup_distributed(device: str = "auto", timeout_s: float | None = None) -> D
     if dist.is_initialized():
         return current_env(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if timeout_s is not None:
         import datetime
 

@@ -100,8 +100,8 @@ class TrainMeters:
         for name in self.names:
             self.means[(scope, name)].reset()
 
-    def summary(self) -> dict[str, float]:
-        """``loss_running``, ``accuracy_global``, ... for every kept quantity."""
+    def summary(self) -> dict[str, float | None]:
+        """``loss_running``, ``accuracy_global``, ... for every kept quantity (None: no value)."""
         return {
             f"{name}_{scope}": _clean(self.result(scope, name))
             for scope in self.SCOPES
