@@ -140,7 +140,7 @@ class PLDRTokenizer:
         decoded as the unknown piece rather than failing.
         """
         if hasattr(ids, "tolist"):  # a tensor or an array
-            ids = ids.tolist()  # type: ignore[union-attr]
+            ids = ids.tolist()
         size = self.vocab_size
         unk = self.unk_id
         clean = [int(i) if 0 <= int(i) < size else unk for i in ids]

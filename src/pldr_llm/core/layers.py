@@ -76,7 +76,7 @@ class PackedLinear:
         with torch.no_grad():
             torch.cat([layer.weight for layer in self.layers], out=self.weight)
             if self.bias is not None:
-                torch.cat([layer.bias for layer in self.layers], out=self.bias)  # type: ignore[misc]
+                torch.cat([layer.bias for layer in self.layers], out=self.bias)
         self._seen = state
 
     def __call__(self, x: Tensor) -> Tensor:

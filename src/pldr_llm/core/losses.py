@@ -183,7 +183,7 @@ def compiled_chunk_fn() -> ChunkFn:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         hidden: Tensor,
         weight: Tensor,
@@ -239,7 +239,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss, correct
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor | None = None):  # type: ignore[override]
+    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor | None = None):
         if not ctx.has_grads:
             raise PLDRError(
                 "linear_cross_entropy was computed without gradients (grad mode was off)"

@@ -274,7 +274,7 @@ class PowerLawGraphAttention(nn.Module):
             # The next block continues from this block's total (the same sum, without the LN).
             running = running + qm.transpose(-1, -2) @ qm
         assert last is not None  # length >= 1
-        return torch.cat(pieces, dim=2), running, last  # type: ignore[return-value]
+        return torch.cat(pieces, dim=2), running, last
 
     def _causal_block(
         self, q: Tensor, q_masked: Tensor, running: Tensor

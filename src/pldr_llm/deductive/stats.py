@@ -215,7 +215,7 @@ def layer_tensors(obj: Any) -> list[LayerTensors]:
         return layers
     for e in g_entries(obj):
         pair = {"A_LM": _detach(e.A_LM), "G_LM": _detach(e.G_LM)}
-        layers.append({k: v for k, v in pair.items() if v is not None})  # type: ignore[misc]
+        layers.append({k: v for k, v in pair.items() if v is not None})
     return layers
 
 
