@@ -60,8 +60,8 @@ class PackedLinear:
         self.layers = layers
         with torch.no_grad():
             self.weight = torch.cat([layer.weight for layer in layers])
-            biases = [layer.bias for layer in layers]
-            self.bias = None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
+            biases: list[Tensor] = [layer.bias for layer in layers if layer.bias is not None]
+            self.bias = torch.cat(biases) if len(biases) == len(layers) else None
         self._seen = self._state()
 
     def _state(self) -> list[tuple[int, int]]:

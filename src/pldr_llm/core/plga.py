@@ -364,5 +364,6 @@ class PowerLawGraphAttention(nn.Module):
         if self.cache_first_G and g_entry is None and not self.predefined_G:
             # The authors' cache_first_G: this pass used each row's own G; later passes reuse
             # the first row's for the whole batch.
-            g_cached = GCacheEntry(a_lm[:1], g_lm[:1], a_p[:1])  # type: ignore[index]
+            assert a_lm is not None and a_p is not None  # the metric learner ran
+            g_cached = GCacheEntry(a_lm[:1], g_lm[:1], a_p[:1])
         return out, LayerKV(keys, values, cached_metric), g_cached, deductive
