@@ -184,7 +184,7 @@ def compiled_chunk_fn() -> ChunkFn:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -239,7 +239,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss, correct
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor | None = None):
+    def backward(
+        ctx: Any, grad_loss: Tensor, grad_correct: Tensor | None = None
+    ) -> tuple[Tensor | None, ...]:
         if not ctx.has_grads:
             raise PLDRError(
                 "linear_cross_entropy was computed without gradients (grad mode was off)"

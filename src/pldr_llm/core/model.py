@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +81,7 @@ class DecoderLayer(nn.Module):
         self.layernorm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(
-        self, x: Tensor, packed: PackedLayer | None = None, **attention_kwargs
+        self, x: Tensor, packed: PackedLayer | None = None, **attention_kwargs: Any
     ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
         qkv = packed.qkv if packed is not None else None
         attended, kv, g, deductive = self.mha1(x, packed_qkv=qkv, **attention_kwargs)

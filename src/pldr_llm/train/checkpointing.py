@@ -244,7 +244,7 @@ class CheckpointManager:
 
 
 @contextlib.contextmanager
-def _single_process_quiet():
+def _single_process_quiet() -> Iterator[None]:
     """DCP warns that it assumes one process when no process group exists: that is intended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")

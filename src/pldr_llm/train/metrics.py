@@ -32,9 +32,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pldr_llm.core.errors import PLDRError
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "Mean",
@@ -238,7 +241,7 @@ class MetricsWriter:
             self._tb = None
 
 
-def _tensorboard_writer(log_dir: Path, required: bool):
+def _tensorboard_writer(log_dir: Path, required: bool) -> SummaryWriter | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
