@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -164,7 +164,8 @@ def g_entries(source: GInit) -> list[GCacheEntry]:
     # Duck-typed, not isinstance: a cache made by a copy of this module (a transformers folder's
     # code) must read the same.
     if hasattr(source, "g") and not isinstance(source, (Tensor, list, tuple)):
-        source = cast(Any, source).g  # duck-typed: a PLDRCache-like object
+        cache: Any = source  # duck-typed: a PLDRCache-like object
+        source = cache.g
         if source is None:
             raise PLDRError("the cache holds no G-cache")
     if isinstance(source, Tensor):
