@@ -353,14 +353,14 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         # Sampling: the original's filters replace transformers' temperature/top-k/top-p warpers
         # (transformers' top-p keeps the token that crosses p, and it filters top-k first).
         if not getattr(generation_config, "do_sample", False):
-            # transformers' GenerativePreTrainedModel protocol (the self type of its
-            # GenerationMixin methods) wants a settable device and dtype, which its own
-            # PreTrainedModel makes read-only properties: no model matches it.
-            return super()._get_logits_processor(generation_config, *args, **kwargs)  # type: ignore[misc]
+            # (Any: transformers' GenerativePreTrainedModel protocol, the self type of its
+            # GenerationMixin methods, wants a settable device and dtype, which its own
+            # PreTrainedModel makes read-only properties: no model matches it.)
+            return cast(Any, super())._get_logits_processor(generation_config, *args, **kwargs)
         plain = copy.deepcopy(generation_config)
         temperature, top_k, top_p = plain.temperature, plain.top_k, plain.top_p
         plain.temperature, plain.top_k, plain.top_p = 1.0, 0, 1.0
-        processors = super()._get_logits_processor(plain, *args, **kwargs)  # type: ignore[misc]
+        processors = cast(Any, super())._get_logits_processor(plain, *args, **kwargs)
         processors.append(PldrllmSamplingFilter(temperature or 1.0, top_k or 0, top_p or 1.0))
         return processors
 
