@@ -534,3 +534,16 @@ def test_core_follows_the_wrapper_without_side_effects(hf):
     assert core.decoder is replacement
     core.training = True  # reading the accessor changes nothing
     assert model.core.training and not model.training
+
+
+def test_input_embeddings_are_set_on_the_core_and_must_be_an_embedding(hf):
+    """``set_input_embeddings`` (transformers' resizing) replaces the core's embedding too; a
+    module of another kind is refused in one line instead of failing in the next forward."""
+    core = paper_vocab_model(1)
+    model = hf.PldrllmForCausalLM.from_core(core)
+    embedding = torch.nn.Embedding(core.config.input_vocab_size, core.config.d_model)
+    model.set_input_embeddings(embedding)
+    assert model.get_input_embeddings() is embedding and core.decoder.embedding is embedding
+    with pytest.raises(PLDRError, match="must be a torch.nn.Embedding"):
+        model.set_input_embeddings(torch.nn.Linear(2, 2))
+    assert core.decoder.embedding is embedding

@@ -186,7 +186,7 @@ def _load_from_bytes(data: Any) -> _Storage:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         if not isinstance(obj, torch.storage.TypedStorage):
             raise PLDRError("malformed storage in pickle: zip payload is not a storage")
-        flat = torch.empty(0, dtype=obj.dtype).set_(obj._untyped_storage)  # type: ignore[attr-defined]
+        flat = torch.empty(0, dtype=obj.dtype).set_(obj._untyped_storage)
         return _Storage(flat)
     obj = _read_legacy_stream(io.BytesIO(data), len(data), _INNER_GLOBALS)
     if not isinstance(obj, _Storage):

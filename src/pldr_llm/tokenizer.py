@@ -140,7 +140,7 @@ class PLDRTokenizer:
         decoded as the unknown piece rather than failing.
         """
         if hasattr(ids, "tolist"):  # a tensor or an array
-            ids = ids.tolist()  # type: ignore[union-attr]
+            ids = ids.tolist()
         size = self.vocab_size
         unk = self.unk_id
         clean = [int(i) if 0 <= int(i) < size else unk for i in ids]
@@ -189,7 +189,7 @@ def _check_encodable(text: str) -> None:
             )
 
 
-def load_tokenizer(path: str | Path) -> PLDRTokenizer:
+def load_tokenizer(path: str | os.PathLike[str]) -> PLDRTokenizer:
     """Load a tokenizer from a ``.model`` file, a folder holding one, or a ``*.tar.gz`` archive.
 
     A folder is searched for ``tokenizer.model``, then for a single ``*.model`` file, then for a

@@ -132,8 +132,10 @@ def _dataset_failure(exc: BaseException) -> tuple[str, str] | None:
         while tb is not None:
             frame = tb.tb_frame
             config = getattr(frame.f_locals.get("self"), "config", None)
-            if frame.f_code.co_name == "download" and getattr(config, "dataset_path", None):
-                found = (str(getattr(config, "task", "?")), str(config.dataset_path))
+            if frame.f_code.co_name == "download" and (
+                dataset_path := getattr(config, "dataset_path", None)
+            ):
+                found = (str(getattr(config, "task", "?")), str(dataset_path))
             tb = tb.tb_next
         if found is not None:
             return found

@@ -15,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
 from .errors import PLDRError
+
+#: A tensor or an optional one: a helper typed with it keeps "never None" for a Tensor argument.
+_MaybeTensor = TypeVar("_MaybeTensor", Tensor, Tensor | None)
 
 
 @dataclass
@@ -112,7 +115,7 @@ class PLDRCache:
     def select_rows(self, rows: Tensor) -> PLDRCache:
         """Keep only the batch rows ``rows`` (used when batched generation drops finished rows)."""
 
-        def pick(t: Tensor | None) -> Tensor | None:
+        def pick(t: _MaybeTensor) -> _MaybeTensor:
             if t is None or t.shape[0] == 1:
                 return t
             return t.index_select(0, rows)
@@ -161,7 +164,8 @@ def g_entries(source: GInit) -> list[GCacheEntry]:
     # Duck-typed, not isinstance: a cache made by a copy of this module (a transformers folder's
     # code) must read the same.
     if hasattr(source, "g") and not isinstance(source, (Tensor, list, tuple)):
-        source = source.g  # type: ignore[union-attr]
+        cache: Any = source  # duck-typed: a PLDRCache-like object
+        source = cache.g
         if source is None:
             raise PLDRError("the cache holds no G-cache")
     if isinstance(source, Tensor):
@@ -254,7 +258,7 @@ def prepare_g_init(
     check_g_init(model.config, entries, rows)
     device, dtype = model.device, model.dtype
 
-    def cast(t: Tensor | None) -> Tensor | None:
+    def cast(t: _MaybeTensor) -> _MaybeTensor:
         return None if t is None else t.to(device=device, dtype=dtype)
 
     return [GCacheEntry(cast(e.A_LM), cast(e.G_LM), cast(e.A_P)) for e in entries]

@@ -62,7 +62,7 @@ def sibling_imports(name: str, source: str) -> set[str]:
                 raise CodeBundleError(f"{where}: imports pldr_llm; use 'from .<module> import'")
             if node.level > 1 or (node.level == 1 and (not node.module or "." in node.module)):
                 raise CodeBundleError(f"{where}: only 'from .<module> import ...' can be carried")
-            if node.level == 1:
+            if node.level == 1 and node.module:  # (a module: checked above)
                 found.add(node.module)
     if (line := _PACKAGE_LINE.search(source)) is not None:
         raise CodeBundleError(

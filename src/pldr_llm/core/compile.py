@@ -27,16 +27,26 @@ def compile_decoder_layers(model: nn.Module, **compile_kwargs: Any) -> nn.Module
     compile_kwargs.setdefault("dynamic", False)
     import torch
 
-    for layer in model.decoder.dec_layers:
+    for layer in _decoder_layers(model):
         # The layer's forward, not its __call__ (what ``nn.Module.compile`` wraps): module hooks
         # stay outside the compiled code, so FSDP2's all-gather / reduce-scatter hooks on a
-        # sharded layer run eagerly around it, as torch.compile-then-shard setups do.
-        layer.forward = torch.compile(type(layer).forward.__get__(layer), **compile_kwargs)
+        # sharded layer run eagerly around it, as torch.compile-then-shard setups do. The
+        # instance attribute (what ``layer.forward = ...`` sets) shadows the class's method.
+        layer.__dict__["forward"] = torch.compile(
+            type(layer).forward.__get__(layer), **compile_kwargs
+        )
     return model
 
 
 def uncompile_decoder_layers(model: nn.Module) -> nn.Module:
     """Undo :func:`compile_decoder_layers` (the layers run eagerly again)."""
-    for layer in model.decoder.dec_layers:
+    for layer in _decoder_layers(model):
         layer.__dict__.pop("forward", None)
     return model
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """``model.decoder.dec_layers`` of a :class:`~pldr_llm.core.model.PLDRModel`."""
+    layers = model.get_submodule("decoder.dec_layers")
+    assert isinstance(layers, nn.ModuleList)
+    return layers

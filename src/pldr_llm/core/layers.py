@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATION_FUNCTIONS = {
+ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
     "relu": F.relu,
@@ -58,8 +60,8 @@ class PackedLinear:
         self.layers = layers
         with torch.no_grad():
             self.weight = torch.cat([layer.weight for layer in layers])
-            biases = [layer.bias for layer in layers]
-            self.bias = None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
+            biases: list[Tensor] = [layer.bias for layer in layers if layer.bias is not None]
+            self.bias = torch.cat(biases) if len(biases) == len(layers) else None
         self._seen = self._state()
 
     def _state(self) -> list[tuple[int, int]]:
@@ -74,7 +76,7 @@ class PackedLinear:
         with torch.no_grad():
             torch.cat([layer.weight for layer in self.layers], out=self.weight)
             if self.bias is not None:
-                torch.cat([layer.bias for layer in self.layers], out=self.bias)  # type: ignore[misc]
+                torch.cat([layer.bias for layer in self.layers], out=self.bias)
         self._seen = state
 
     def __call__(self, x: Tensor) -> Tensor:

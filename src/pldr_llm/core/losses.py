@@ -118,8 +118,9 @@ def dag_regularizer(deductive: Sequence[Deductive]) -> tuple[Tensor, Tensor, Ten
         raise PLDRError(
             "dag_regularizer needs A_LM and A_P: run the model without a G-cache and not as v510G"
         )
-    a_lm = torch.stack([d.A_LM.float() for d in deductive])
-    a_p = torch.stack([d.A_P.float() for d in deductive])
+    # Every layer's A_LM and A_P (checked above); the filters narrow the types.
+    a_lm = torch.stack([d.A_LM.float() for d in deductive if d.A_LM is not None])
+    a_p = torch.stack([d.A_P.float() for d in deductive if d.A_P is not None])
     g_lm = torch.stack([d.G_LM.float() for d in deductive])
     return dag_term(a_lm).float(), dag_term(a_p).float(), dag_term(g_lm).float()
 
@@ -182,8 +183,8 @@ def compiled_chunk_fn() -> ChunkFn:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -193,7 +194,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype,
         need_grad: bool,
         chunk_fn: ChunkFn,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         rows = hidden.shape[0]
         valid = targets != pad_id
         count = valid.sum()
@@ -216,6 +217,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = total + loss_sum
             correct = correct + hits
             if grad_hidden is not None:
+                assert grad_weight is not None  # made with grad_hidden (need_grad)
                 grad_hidden[start:stop] = grad @ w
                 grad_weight.add_(grad.t() @ h)
                 if grad_bias is not None:
@@ -223,6 +225,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The original's mean: sum over non-padding targets / their count (NaN when there is none).
         loss = total / count
         if grad_hidden is not None:
+            assert grad_weight is not None  # made with grad_hidden (need_grad)
             scale = 1.0 / count.to(torch.float32)
             grad_hidden.mul_(scale.to(grad_hidden.dtype))
             grad_weight.mul_(scale)
@@ -236,7 +239,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss, correct
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor | None = None):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_loss: Tensor, grad_correct: Tensor | None = None
+    ) -> tuple[Tensor | None, ...]:
         if not ctx.has_grads:
             raise PLDRError(
                 "linear_cross_entropy was computed without gradients (grad mode was off)"

@@ -16,8 +16,10 @@ Padding has two meanings, chosen by the caller:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +81,7 @@ class DecoderLayer(nn.Module):
         self.layernorm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(
-        self, x: Tensor, packed: PackedLayer | None = None, **attention_kwargs
+        self, x: Tensor, packed: PackedLayer | None = None, **attention_kwargs: Any
     ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
         qkv = packed.qkv if packed is not None else None
         attended, kv, g, deductive = self.mha1(x, packed_qkv=qkv, **attention_kwargs)
@@ -102,7 +104,11 @@ class Decoder(nn.Module):
     def __init__(self, config: PLDRConfig) -> None:
         super().__init__()
         self.embedding = nn.Embedding(config.input_vocab_size, config.d_model)
-        self.dec_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        # A ModuleList (it registers the layers), typed by what it holds: its stubs say Module.
+        self.dec_layers = cast(
+            Sequence[DecoderLayer],
+            nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers)),
+        )
         self.layernorm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.embedding_scale = math.sqrt(config.d_model)
 

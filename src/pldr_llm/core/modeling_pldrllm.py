@@ -29,7 +29,7 @@ Beam search is refused with the caches on (the per-row PLGA state is not reorder
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +84,11 @@ class PldrllmSamplingFilter(LogitsProcessor):
         self.top_p = float(top_p) if top_p is not None else 1.0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits: Tensor = scores
         if self.temperature != 1.0:
-            scores = scores / self.temperature
-        return filter_logits(scores, 1.0, self.top_k, self.top_p)
+            logits = logits / self.temperature
+        # transformers types logits as torch.FloatTensor (a legacy class torch's ops never return)
+        return cast(torch.FloatTensor, filter_logits(logits, 1.0, self.top_k, self.top_p))
 
 
 class PldrllmPreTrainedModel(PreTrainedModel):
@@ -189,7 +191,9 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.decoder.embedding
 
-    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        if not isinstance(value, torch.nn.Embedding):
+            raise PLDRError(f"the input embeddings must be a torch.nn.Embedding, got {type(value)}")
         self.decoder.embedding = value
 
     def get_output_embeddings(self) -> torch.nn.Linear:
@@ -301,6 +305,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         if cache is None:
             init = prepare_g_init(self.core, G_init, rows=input_ids.shape[0])
             cache = PLDRCache(g=init) if init is not None else None
+        inputs: dict[str, Any]
         if cache is not None and cache.kv is not None:
             inputs = {"input_ids": input_ids[:, -1:], "attention_mask": None}
         else:
@@ -329,10 +334,12 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             model_kwargs.get("enable_kvcache"),
             model_kwargs.get("enable_Gcache"),
         )
-        out_cache: PLDRCache = outputs.pldr_cache
+        ours = cast(PldrllmCausalLMOutput, outputs)  # what forward returns: both always set
+        assert ours.pldr_cache is not None and ours.logits is not None
+        out_cache: PLDRCache = ours.pldr_cache
         # What pldr_llm.generate keeps between steps: the KV-cache when on; the G-cache of this
         # pass when on, else G_init (or nothing, so G_LM is recomputed).
-        rows = outputs.logits.shape[0]
+        rows = ours.logits.shape[0]
         g = out_cache.g if g_on else prepare_g_init(self.core, model_kwargs.get("G_init"), rows)
         if kv_on:
             model_kwargs["pldr_cache"] = out_cache.with_g(g)
@@ -346,11 +353,14 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         # Sampling: the original's filters replace transformers' temperature/top-k/top-p warpers
         # (transformers' top-p keeps the token that crosses p, and it filters top-k first).
         if not getattr(generation_config, "do_sample", False):
-            return super()._get_logits_processor(generation_config, *args, **kwargs)
+            # (Any: transformers' GenerativePreTrainedModel protocol, the self type of its
+            # GenerationMixin methods, wants a settable device and dtype, which its own
+            # PreTrainedModel makes read-only properties: no model matches it.)
+            return cast(Any, super())._get_logits_processor(generation_config, *args, **kwargs)
         plain = copy.deepcopy(generation_config)
         temperature, top_k, top_p = plain.temperature, plain.top_k, plain.top_p
         plain.temperature, plain.top_k, plain.top_p = 1.0, 0, 1.0
-        processors = super()._get_logits_processor(plain, *args, **kwargs)
+        processors = cast(Any, super())._get_logits_processor(plain, *args, **kwargs)
         processors.append(PldrllmSamplingFilter(temperature or 1.0, top_k or 0, top_p or 1.0))
         return processors
 
@@ -418,7 +428,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         mask = kwargs.get("attention_mask")
         if mask is not None and bool(mask.bool().all()):
             mask = None
-        return generate(
+        generated = generate(
             self.core,
             ids,
             int(max_new),
@@ -432,6 +442,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             compile=bool(kwargs.get("compile", False)),
             **sampling,
         )
+        return cast(Tensor, generated)  # a [B, L] tensor prompt gives a tensor of ids
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate()``, with the PLDR cache modes (see the module docstring).
@@ -493,7 +504,11 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         """
         want_info = bool(kwargs.get("output_loading_info", False))
         kwargs["output_loading_info"] = True
-        model, info = super().from_pretrained(*args, **kwargs)
+        # A (model, loading info) pair, with output_loading_info.
+        loaded = cast(
+            "tuple[PldrllmForCausalLM, dict[str, Any]]", super().from_pretrained(*args, **kwargs)
+        )
+        model, info = loaded
         missing = sorted(info.get("missing_keys") or [])
         if model.config.version == "v510G" and any(".predefined_G_LM" in k for k in missing):
             # The authors' predefined-G folders hold every layer's G_LM in one buffer,
@@ -531,9 +546,9 @@ def _load_past_G_values(model: PldrllmForCausalLM, source: Any, kwargs: dict[str
 
     weights = local(WEIGHTS_NAME)
     if weights is None:
-        index = local(WEIGHTS_INDEX_NAME)
-        if index is not None:
-            with open(index, encoding="utf-8") as handle:
+        index_file = local(WEIGHTS_INDEX_NAME)
+        if index_file is not None:
+            with open(index_file, encoding="utf-8") as handle:
                 shard = json.load(handle)["weight_map"].get(PAST_G_VALUES)
             weights = local(shard) if shard else None
     past_G = None

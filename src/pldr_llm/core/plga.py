@@ -178,6 +178,8 @@ class PowerLawGraphAttention(nn.Module):
     [1, H, dk, dk] per layer.
     """
 
+    predefined_G_LM: Tensor  # a buffer, registered only with version v510G
+
     def __init__(self, config: PLDRConfig) -> None:
         super().__init__()
         d_model, num_heads = config.d_model, config.num_heads
@@ -272,7 +274,7 @@ class PowerLawGraphAttention(nn.Module):
             # The next block continues from this block's total (the same sum, without the LN).
             running = running + qm.transpose(-1, -2) @ qm
         assert last is not None  # length >= 1
-        return torch.cat(pieces, dim=2), running, last  # type: ignore[return-value]
+        return torch.cat(pieces, dim=2), running, last
 
     def _causal_block(
         self, q: Tensor, q_masked: Tensor, running: Tensor
@@ -362,5 +364,6 @@ class PowerLawGraphAttention(nn.Module):
         if self.cache_first_G and g_entry is None and not self.predefined_G:
             # The authors' cache_first_G: this pass used each row's own G; later passes reuse
             # the first row's for the whole batch.
-            g_cached = GCacheEntry(a_lm[:1], g_lm[:1], a_p[:1])  # type: ignore[index]
+            assert a_lm is not None and a_p is not None  # the metric learner ran
+            g_cached = GCacheEntry(a_lm[:1], g_lm[:1], a_p[:1])
         return out, LayerKV(keys, values, cached_metric), g_cached, deductive

@@ -28,7 +28,8 @@ def inverse_frequencies(dim: int, base: float, scaling: dict[str, Any] | None = 
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "linear":
-        return inv_freq / float(scaling["factor"])  # type: ignore[index]
+        assert scaling is not None
+        return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         # Llama 3.1's frequency-dependent scaling: long wavelengths divided by ``factor``, short
         # ones kept, and a smooth interpolation between the two bands.
@@ -48,6 +49,9 @@ def inverse_frequencies(dim: int, base: float, scaling: dict[str, Any] | None = 
 
 class RotaryEmbedding(nn.Module):
     """Rotary embedding with a precomputed cos/sin table of ``max_seq_len`` rows [L, dk/2]."""
+
+    cos: Tensor  # buffers (register_buffer below)
+    sin: Tensor
 
     def __init__(
         self,

@@ -120,7 +120,7 @@ class SliceSource(DocumentSource):
 def _open_text(path: Path) -> io.TextIOBase:
     # errors="replace": one bad byte deep inside a web-scale file must not stop a long run.
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
     return open(path, encoding="utf-8", errors="replace")
 
 

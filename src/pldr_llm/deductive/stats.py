@@ -197,21 +197,25 @@ def layer_tensors(obj: Any) -> list[LayerTensors]:
     if all(isinstance(x, Mapping) for x in obj):
         for item in obj:
             layers.append(
-                {k: _detach(v) for k, v in item.items() if k in DEDUCTIVE_NAMES and v is not None}
-            )  # type: ignore[misc]
+                {
+                    k: t
+                    for k, v in item.items()
+                    if k in DEDUCTIVE_NAMES and (t := _detach(v)) is not None
+                }
+            )
         return layers
     if all(hasattr(x, "G_LM") for x in obj):
         for item in obj:
-            d = {}
+            d: LayerTensors = {}
             for name in DEDUCTIVE_NAMES:
-                v = getattr(item, name, None)
-                if v is not None:
-                    d[name] = _detach(v)
-            layers.append(d)  # type: ignore[arg-type]
+                t = _detach(getattr(item, name, None))
+                if t is not None:
+                    d[name] = t
+            layers.append(d)
         return layers
     for e in g_entries(obj):
         pair = {"A_LM": _detach(e.A_LM), "G_LM": _detach(e.G_LM)}
-        layers.append({k: v for k, v in pair.items() if v is not None})  # type: ignore[misc]
+        layers.append({k: v for k, v in pair.items() if v is not None})
     return layers
 
 

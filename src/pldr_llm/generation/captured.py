@@ -78,7 +78,12 @@ class CapturedForward:
         if self.use_graph:
             with torch.no_grad(), sdpa_backends():
                 graph, outputs = capture_graph(forward)
-            self._run = lambda: (graph.replay(), outputs)[1]
+
+            def replay() -> Any:
+                graph.replay()
+                return outputs
+
+            self._run = replay
         else:
             self._run = forward
 

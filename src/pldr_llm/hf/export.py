@@ -73,9 +73,10 @@ def _as_hf_tokenizer(tokenizer: Any) -> PldrllmTokenizer:
     if isinstance(tokenizer, (str, Path)):
         path = Path(tokenizer)
     else:
-        path = getattr(tokenizer, "model_path", None)
-        if path is None:
+        model_path = getattr(tokenizer, "model_path", None)
+        if model_path is None:
             raise PLDRError(f"cannot export a tokenizer of type {type(tokenizer).__name__}")
+        path = Path(model_path)
     if not Path(path).is_file():
         raise PLDRError(f"tokenizer model not found: {path}")
     # A tokenizer read from a transformers folder keeps that folder's prompt convention.

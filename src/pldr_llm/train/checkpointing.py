@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -200,7 +200,7 @@ class CheckpointManager:
         marker = json.loads(marker_file.read_text())
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
+            state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
             _dcp_load(state, path)
             set_state_dict(
                 model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
@@ -244,7 +244,7 @@ class CheckpointManager:
 
 
 @contextlib.contextmanager
-def _single_process_quiet():
+def _single_process_quiet() -> Iterator[None]:
     """DCP warns that it assumes one process when no process group exists: that is intended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
@@ -274,7 +274,9 @@ def _fsync_dir(path: Path) -> None:
 # ---------------------------------------------------------------------- RNG
 def capture_rng_state() -> dict[str, Any]:
     """This process's random states (torch CPU/CUDA, Python, NumPy) as plain, safe-to-load data."""
-    np_state = np.random.get_state()
+    # (legacy=True is numpy's default, which its stubs get wrong: a tuple for the MT19937)
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -337,7 +339,8 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     state = get_model_state_dict(model, options=options)
     if distributed and dist.get_rank() != 0:
         return None
-    return {k: v.detach().cpu() for k, v in state.items()}
+    # Full state dicts of a model hold tensors (the stubs also allow nested containers).
+    return {k: cast(torch.Tensor, v).detach().cpu() for k, v in state.items()}
 
 
 def export_model(
@@ -356,6 +359,7 @@ def export_model(
     is given. ``reference_pth`` also writes the weights in the original's ``.pth`` format there.
     """
     from pldr_llm.checkpoint import save_reference_checkpoint
+    from pldr_llm.core.config import PLDRConfig
     from pldr_llm.core.model import PLDRModel
 
     assert_finite_parameters(model)
@@ -363,7 +367,10 @@ def export_model(
     if state is None:
         barrier()
         return None
-    plain = PLDRModel(model.config)
+    config = model.config
+    if not isinstance(config, PLDRConfig):
+        raise PLDRError(f"export needs a PLDRModel, got a {type(model).__name__}")
+    plain = PLDRModel(config)
     # Exports are float32 like the original's checkpoints, whatever the training precision.
     missing, unexpected = plain.load_state_dict(
         {k: v.float() for k, v in state.items()}, strict=False
@@ -381,7 +388,12 @@ def export_model(
     names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "config.json")
     for name in names:
         target = out / name
-        if name == "tokenizer.model" and target.exists() and target.samefile(tokenizer_file):
+        if (
+            name == "tokenizer.model"
+            and tokenizer_file is not None
+            and target.exists()
+            and target.samefile(tokenizer_file)
+        ):
             continue
         os.replace(staging / name, target)
     shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pldr_llm.core.config import ARCHITECTURE_KEYS as MODEL_ARCHITECTURE_KEYS
 from pldr_llm.core.config import HPDICT_TRAINING_KEYS
@@ -214,8 +214,11 @@ class TrainConfig:
     peak_tflops: float = _resumable(989.0)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        self.dag_reg_coeffs = tuple(float(c) for c in self.dag_reg_coeffs)  # type: ignore[assignment]
+        # (the lengths are checked below)
+        self.betas = cast("tuple[float, float]", tuple(float(b) for b in self.betas))
+        self.dag_reg_coeffs = cast(
+            "tuple[float, float, float]", tuple(float(c) for c in self.dag_reg_coeffs)
+        )
         self.save_steps = tuple(int(s) for s in (self.save_steps or ()))
         self.save_epochs = tuple(int(s) for s in (self.save_epochs or ()))
         if isinstance(self.fsdp_sharding_strategy, str):

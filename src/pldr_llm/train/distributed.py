@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,11 @@ from torch import nn
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.devices import resolve_device
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+_T = TypeVar("_T")
 
 __all__ = [
     "DistEnv",
@@ -96,7 +102,7 @@ def setup_distributed(device: str = "auto", timeout_s: float | None = None) -> D
     if dist.is_initialized():
         return current_env(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if timeout_s is not None:
         import datetime
 
@@ -130,7 +136,7 @@ def cleanup_distributed(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def _mesh(strategy: str, env: DistEnv):
+def _mesh(strategy: str, env: DistEnv) -> DeviceMesh:
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = env.device.type
@@ -256,7 +262,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj: _T, src: int = 0) -> _T:
     """Rank ``src``'s ``obj`` on every rank (identity without a multi-process group)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]

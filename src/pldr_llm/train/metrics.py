@@ -32,9 +32,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pldr_llm.core.errors import PLDRError
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "Mean",
@@ -100,8 +103,8 @@ class TrainMeters:
         for name in self.names:
             self.means[(scope, name)].reset()
 
-    def summary(self) -> dict[str, float]:
-        """``loss_running``, ``accuracy_global``, ... for every kept quantity."""
+    def summary(self) -> dict[str, float | None]:
+        """``loss_running``, ``accuracy_global``, ... for every kept quantity (None: no value)."""
         return {
             f"{name}_{scope}": _clean(self.result(scope, name))
             for scope in self.SCOPES
@@ -238,7 +241,7 @@ class MetricsWriter:
             self._tb = None
 
 
-def _tensorboard_writer(log_dir: Path, required: bool):
+def _tensorboard_writer(log_dir: Path, required: bool) -> SummaryWriter | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

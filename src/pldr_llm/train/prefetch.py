@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["BatchFeed", "FedBatch"]
 
@@ -97,7 +97,7 @@ class BatchFeed:
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        return item  # type: ignore[return-value]
+        return cast(FedBatch, item)  # neither the end nor an error: a batch
 
     def close(self) -> None:
         """Stop the thread (batches it read ahead are dropped)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,11 +207,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise PLDRError(f"config file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".toml":
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ImportError:  # Python 3.10
+        else:
             try:
-                import tomli as tomllib  # type: ignore[no-redef]
+                import tomli as tomllib
             except ImportError:
                 raise PLDRError("reading TOML on Python 3.10 needs the 'tomli' package") from None
         try:
