@@ -88,3 +88,25 @@ def test_trainer_and_progress_line_use_the_count(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.INFO, logger="pldr_llm.train"):
         bar.update(5, record)
     assert "1000 tok/s MFU 0.271" in caplog.text
+
+
+def test_documented_per_token_figures() -> None:
+    """docs/speed.md's table of F and its shares is what the formula gives."""
+    import re
+    from pathlib import Path
+
+    from pldr_llm.presets import load_preset
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "speed.md"
+    rows = re.findall(r"^\| ([\w-]+), (\d+) \| ([\d.]+) \|(.*)\|$", doc.read_text(), re.M)
+    assert len(rows) == 5
+    for name, context, flops, shares in rows:
+        model = load_preset(name)["model"]
+        config = PLDRConfig(**{**model, "max_seq_len": max(int(context), model["max_seq_len"])})
+        parts = forward_flops(config, int(context))
+        assert float(flops) == pytest.approx(
+            training_flops_per_token(config, int(context)) / 1e9, abs=5e-4
+        )
+        documented = [float(s.strip().rstrip("%")) for s in shares.split("|")]
+        computed = [100 * v / sum(parts.values()) for v in parts.values()]
+        assert documented == pytest.approx(computed, abs=0.051), name
