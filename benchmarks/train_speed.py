@@ -8,11 +8,20 @@ memory. Beside them, in the same call: the same-size transformers Llama (a basel
 by a minimal loop with the same levers) and, with ``--anchor DIR``, the original implementation's
 training step (``DIR/bench_original.py``, see ``../shared/anchor/README.md``). ``--world 2`` also
 runs the defaults under torchrun on 2 GPUs (FSDP2; each strategy of ``--strategies``) and reports
-tokens/s per GPU against one GPU.
+tokens/s per GPU against one GPU. ``--context N`` trains at N tokens per sequence (the model's
+``max_seq_len`` raised to N where shorter); the variants ``ckpt_layer`` and ``ckpt_selective``
+(only when named) turn activation checkpointing on; the MFU is reported where the run logs one.
 
     python benchmarks/train_speed.py --json train_speed.json
     python benchmarks/train_speed.py --anchor .anchor --world 2 --json train_speed.json
     python benchmarks/train_speed.py --quick          # CPU, tiny preset, seconds
+    # long context (110M) and the 1B preset, one GPU:
+    python benchmarks/train_speed.py --context 8192 --batches 4 --variants default,ckpt_layer
+    python benchmarks/train_speed.py --preset pldr-1b --batches 8 --variants default,ckpt_layer \
+        --no-llama
+    # FSDP2 scaling on 2 GPUs, each strategy against one GPU:
+    python benchmarks/train_speed.py --batches 16 --variants default --no-llama --world 2 \
+        --strategies FULL_SHARD,HYBRID_SHARD,NO_SHARD
 
 The JSON (``--json``) holds every run's figures and command; the table comes last on stdout.
 """
@@ -44,7 +53,11 @@ VARIANTS: dict[str, list[str]] = {
         "--train.compile_layers", "false", "--train.fused_optimizer", "false",
     ],
     "dag": ["--DAG_reg_coeffs", "0.05", "0.05", "0.05"],
+    "ckpt_layer": ["--train.activation_checkpointing", "layer"],
+    "ckpt_selective": ["--train.activation_checkpointing", "selective"],
 }  # fmt: skip
+#: the variants run by default (the checkpointing ones only when asked for)
+DEFAULT_VARIANTS = [name for name in VARIANTS if not name.startswith("ckpt_")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (160)")
     parser.add_argument("--window", type=int, nargs=2, default=None, help="steps timed (50 150)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (32,16)")
+    parser.add_argument(
+        "--context", type=int, default=None, help="tokens per sequence (default: the preset's)"
+    )
     parser.add_argument("--variants", default=None, help=f"comma-separated of {list(VARIANTS)}")
     parser.add_argument("--no-llama", action="store_true", help="skip the Llama baseline")
     parser.add_argument("--anchor", default=None, help="folder with bench_original.py")
@@ -77,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.window = tuple(args.window or ((4, 12) if quick else (50, 150)))
     args.log_every = 1 if args.curve else (2 if quick else 10)
     args.batches = [int(b) for b in (args.batches or ("2" if quick else "32,16")).split(",")]
-    names = (args.variants or ("default,eager" if quick else ",".join(VARIANTS))).split(",")
+    names = (args.variants or ("default,eager" if quick else ",".join(DEFAULT_VARIANTS))).split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -108,6 +124,13 @@ def window_figures(metrics: Path, window: tuple[int, int]) -> dict[str, Any]:
     return out
 
 
+def preset_context(name: str) -> int:
+    """The preset's model context (``max_seq_len``)."""
+    from pldr_llm.presets import load_preset
+
+    return int(load_preset(name)["model"]["max_seq_len"])
+
+
 def run_cli(
     args: argparse.Namespace, root: Path, name: str, flags: list[str], batch: int, world: int = 1
 ) -> dict[str, Any]:
@@ -120,6 +143,9 @@ def run_cli(
         "--train.export_pth", "false", "--train.tensorboard", "false",
         "--train.val_every", "null", "--progress", "false", *flags,
     ]  # fmt: skip
+    if args.context:
+        command += ["--train.context_length", str(args.context)]
+        command += ["--model.max_seq_len", str(max(args.context, preset_context(args.preset)))]
     if args.quick:
         command += ["--train.device", "cpu"]
     if world > 1:
@@ -160,7 +186,8 @@ def llama_baseline(args: argparse.Namespace, batch: int) -> dict[str, Any]:
     from pldr_llm.presets import load_preset
 
     preset = load_preset(args.preset)
-    model_cfg, context = preset["model"], int(preset["train"]["context_length"])
+    model_cfg = preset["model"]
+    context = args.context or int(preset["train"]["context_length"])
     config = LlamaConfig(
         vocab_size=model_cfg["input_vocab_size"],
         hidden_size=model_cfg["d_model"],
@@ -236,6 +263,8 @@ def format_table(results: list[dict[str, Any]], batches: list[int]) -> str:
         text = f"{row['tokens_per_s'] / 1e3:,.1f}k"
         if row.get("peak_memory_gib") is not None:
             text += f" ({row['peak_memory_gib']:.1f} GiB)"
+        if row.get("mfu") is not None:
+            text += f" MFU {row['mfu']:.3f}"
         if row.get("per_gpu_scaling") is not None:
             text += f" {row['per_gpu_scaling']:.0%}/GPU"
         return text
@@ -343,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "argv": sys.argv[1:] if argv is None else argv,
         "preset": args.preset,
+        "context": args.context or preset_context(args.preset),
         "steps": args.steps,
         "window": list(args.window),
         "results": results,

@@ -51,3 +51,24 @@ def test_quick_mode_runs_the_cli_and_reports(bench, tmp_path, capsys) -> None:
     assert (tmp_path / "runs" / "default_b2_w1" / "metrics.jsonl").is_file()
     table = capsys.readouterr().out.strip().splitlines()
     assert table[-1].startswith("| default |")
+
+
+@pytest.mark.slow
+def test_context_and_checkpointing_reach_the_cli(bench, tmp_path) -> None:
+    """``--context`` sets the run's context (and the model's max_seq_len when longer); the
+    checkpointing variants pass the option: the run's own resolved config says so."""
+    import yaml
+
+    out = tmp_path / "speed.json"
+    code = bench.main(
+        ["--quick", "--variants", "ckpt_layer", "--steps", "2", "--window", "0", "2",
+         "--context", "256", "--json", str(out), "--out", str(tmp_path / "runs")]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["context"] == 256
+    (row,) = report["results"]
+    assert row["returncode"] == 0 and row["tokens_per_s"] > 0
+    run = yaml.safe_load((tmp_path / "runs" / "ckpt_layer_b2_w1" / "run.yaml").read_text())
+    assert run["model"]["max_seq_len"] == 256 and run["train"]["context_length"] == 256
+    assert run["train"]["activation_checkpointing"] == "layer"
