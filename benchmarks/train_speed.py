@@ -19,9 +19,9 @@ tokens/s per GPU against one GPU. ``--context N`` trains at N tokens per sequenc
     python benchmarks/train_speed.py --context 8192 --batches 4 --variants default,ckpt_layer
     python benchmarks/train_speed.py --preset pldr-1b --batches 8 --variants default,ckpt_layer \
         --no-llama
-    # FSDP2 scaling on 2 GPUs, each strategy against one GPU:
-    python benchmarks/train_speed.py --batches 16 --variants default --no-llama --world 2 \
-        --strategies FULL_SHARD,HYBRID_SHARD,NO_SHARD
+    # FSDP2 scaling on 2 GPUs, each strategy (with and without CUDA graphs) against one GPU:
+    python benchmarks/train_speed.py --batches 16 --variants default,no_cuda_graphs --no-llama \
+        --world 2 --strategies FULL_SHARD,HYBRID_SHARD,NO_SHARD --world-variants default,graphs
 
 The JSON (``--json``) holds every run's figures and command; the table comes last on stdout.
 """
@@ -56,6 +56,14 @@ VARIANTS: dict[str, list[str]] = {
     "ckpt_layer": ["--train.activation_checkpointing", "layer"],
     "ckpt_selective": ["--train.activation_checkpointing", "selective"],
 }  # fmt: skip
+#: multi-GPU runs (``--world``): name -> extra flags, each run under every ``--strategies``
+WORLD_VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    # CUDA graphs are off under FSDP by default (FSDP2 re-gathers parameters at new addresses
+    # every step, and CUDA-graph trees answer by re-recording): measures what they give anyway
+    "graphs": ["--train.cuda_graphs", "true"],
+    "bf16_reduce": ["--train.fsdp_reduce_dtype", "bfloat16"],
+}
 #: the variants run by default (the checkpointing ones only when asked for)
 DEFAULT_VARIANTS = [name for name in VARIANTS if not name.startswith("ckpt_")]
 
@@ -76,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--world", type=int, default=1, help="also run on this many GPUs")
     parser.add_argument(
         "--strategies", default="FULL_SHARD", help="FSDP strategies for --world (comma-separated)"
+    )
+    parser.add_argument(
+        "--world-variants",
+        default="default",
+        help=f"comma-separated of {list(WORLD_VARIANTS)}, for --world (default: default)",
     )
     parser.add_argument("--out", default=None, help="run folders (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -98,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.variants = names
+    args.world_variants = args.world_variants.split(",")
+    unknown = [n for n in args.world_variants if n not in WORLD_VARIANTS]
+    if unknown:
+        parser.error(f"unknown world variants {unknown}; choose from {list(WORLD_VARIANTS)}")
     return args
 
 
@@ -174,6 +191,33 @@ def run_cli(
         result.update(window_figures(out / "metrics.jsonl", args.window))
     print(json.dumps({k: v for k, v in result.items() if k != "error"}), flush=True)
     return result
+
+
+def world_runs(
+    args: argparse.Namespace, root: Path, single: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every strategy x world variant on ``args.world`` GPUs, each with its tokens/s per GPU over
+    one GPU's defaults (``per_gpu_scaling``) and over one GPU without CUDA graphs
+    (``per_gpu_vs_no_graphs``, when the ``no_cuda_graphs`` variant ran): FSDP runs without
+    graphs by default, so the second figure separates the graphs from the communication."""
+    rows = []
+    for strategy in args.strategies.split(","):
+        for variant in args.world_variants:
+            flags = ["--train.fsdp_sharding_strategy", strategy, *WORLD_VARIANTS[variant]]
+            suffix = "" if variant == "default" else f"_{variant}"
+            for batch in args.batches:
+                name = f"fsdp_{strategy.lower()}{suffix}"
+                row = run_cli(args, root, name, flags, batch, args.world)
+                per_gpu = (row.get("tokens_per_s") or 0.0) / args.world
+                for key, base in (
+                    ("per_gpu_scaling", "default"),
+                    ("per_gpu_vs_no_graphs", "no_cuda_graphs"),
+                ):
+                    one = [r for r in single if r["name"] == base and r["batch"] == batch]
+                    if per_gpu and one and one[0].get("tokens_per_s"):
+                        row[key] = per_gpu / one[0]["tokens_per_s"]
+                rows.append(row)
+    return rows
 
 
 def llama_baseline(args: argparse.Namespace, batch: int) -> dict[str, Any]:
@@ -267,6 +311,8 @@ def format_table(results: list[dict[str, Any]], batches: list[int]) -> str:
             text += f" MFU {row['mfu']:.3f}"
         if row.get("per_gpu_scaling") is not None:
             text += f" {row['per_gpu_scaling']:.0%}/GPU"
+        if row.get("per_gpu_vs_no_graphs") is not None:
+            text += f" ({row['per_gpu_vs_no_graphs']:.0%} of no graphs)"
         return text
 
     names: list[tuple[str, int]] = []
@@ -348,15 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.variants:
                 results.append(run_cli(args, root, name, VARIANTS[name], batch))
         if args.world > 1:
-            for strategy in args.strategies.split(","):
-                flags = ["--train.fsdp_sharding_strategy", strategy]
-                for batch in args.batches:
-                    row = run_cli(args, root, f"fsdp_{strategy.lower()}", flags, batch, args.world)
-                    one = [r for r in results if r["name"] == "default" and r["batch"] == batch]
-                    if row.get("tokens_per_s") and one and one[0].get("tokens_per_s"):
-                        per_gpu = row["tokens_per_s"] / args.world
-                        row["per_gpu_scaling"] = per_gpu / one[0]["tokens_per_s"]
-                    results.append(row)
+            results += world_runs(args, root, results)
     if not args.quick and not args.no_llama:
         for batch in args.batches:
             try:
