@@ -224,3 +224,68 @@ def test_gpu_compiled_graphs_with_checkpointing_follow_eager(mode: str) -> None:
         assert losses(mode) == pytest.approx(losses("off"), abs=1e-2, rel=0)
     finally:
         HP["max_seq_len"] = 32
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from pldr_llm.train import TrainConfig, Trainer
+    from pldr_llm.train.distributed import current_env
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        env = current_env(torch.device("cpu"))
+        losses = {}
+        for mode in MODES:
+            config = TrainConfig(
+                learning_rate=3e-3,
+                warmup_steps=1,
+                lr_total_steps=10,
+                global_batch_size=4,
+                eps=1.0,  # linear updates: see tests/test_train_multiprocess.py, LINEAR_EPS
+                device="cpu",
+                activation_checkpointing=mode,
+            )
+            trainer = Trainer(_model(), config, env=env)
+            assert trainer.sharded
+            losses[mode] = [
+                trainer.train_step(b[2 * rank : 2 * rank + 2])["loss"] for b in _fsdp_batches()
+            ]
+        if rank == 0:
+            Path(out_dir, "losses.json").write_text(json.dumps(losses))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_batches() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(1, HP["input_vocab_size"], (4, 13), generator=gen) for _ in range(3)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_checkpointing_under_fsdp_two_processes(tmp_path) -> None:
+    """FSDP2 on two gloo processes with each checkpointing mode: the losses of one process
+    without checkpointing on the same global batches (the checkpoint runs inside each layer's
+    FSDP unit, whose parameters are gathered again for the recomputation)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from pldr_llm.train import TrainConfig, Trainer
+
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    config = TrainConfig(
+        learning_rate=3e-3, warmup_steps=1, lr_total_steps=10, batch_size=4, eps=1.0, device="cpu"
+    )
+    trainer = Trainer(_model(), config, shard=False)
+    reference = [trainer.train_step(b)["loss"] for b in _fsdp_batches()]
+    for mode in MODES:
+        # two ranks reduce in another order than one process sums: float32 noise, as in
+        # tests/test_train_multiprocess.py (1e-5 over a few steps)
+        assert losses[mode] == pytest.approx(reference, abs=1e-5, rel=0), mode
