@@ -188,7 +188,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             function = getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func)
             if options.pop("use_reentrant", False):
                 raise PLDRError(
-                    "PLDR-LLM checkpoints its layers non-reentrantly; use_reentrant=True is not supported"
+                    "PLDR-LLM checkpoints its layers non-reentrantly; "
+                    "use_reentrant=True is not supported"
                 )
             if function not in (None, checkpoint) or options:
                 raise PLDRError(

@@ -417,8 +417,9 @@ class Trainer:
         return ce_sum, hits
 
     def flops_per_token(self, context: int) -> float:
-        """Training FLOPs per token at ``context`` (:func:`pldr_llm.train.flops.training_flops_per_token`:
-        the metric learner and the attention included); 0 for a model without a PLDR config."""
+        """Training FLOPs per token at ``context``
+        (:func:`pldr_llm.train.flops.training_flops_per_token`: the metric learner and the
+        attention included); 0 for a model without a PLDR config."""
         from pldr_llm.train.flops import training_flops_per_token
 
         config = getattr(self.model, "config", None)
