@@ -71,3 +71,17 @@ def test_documented_shape_and_parameter_counts(name: str) -> None:
     # the name says the size: within 5% of 110M, 350M, 1B
     nominal = {"paper-110m": 110e6, "pldr-350m": 350e6, "pldr-1b": 1e9}[name]
     assert abs(model.num_parameters() / nominal - 1) < 0.05
+
+
+@pytest.mark.parametrize("name", ("pldr-350m", "pldr-1b"))
+def test_new_presets_resolve_into_a_run(name: str, tmp_path: Path) -> None:
+    """What ``pldr-llm train --preset NAME`` checks before anything slow: the run resolves, with
+    the context the model holds and checkpointing settable on top."""
+    from pldr_llm.train.runconfig import prepare_run
+
+    run = prepare_run(
+        tmp_path / "run", preset=name, overrides={"train.activation_checkpointing": "layer"}
+    )
+    assert run.context_length == run.model["max_seq_len"] == 2048
+    assert run.train.activation_checkpointing == "layer"
+    assert not (tmp_path / "run" / "run.yaml").exists()  # nothing written before the run starts
