@@ -17,8 +17,8 @@ numbers as an uninterrupted one.
   ranks), ``"tokens_per_s_cumulative"`` (since the run started, start-up and compilation
   included), ``"step_time_s"`` (mean over the interval), ``"elapsed_s"``, ``"mfu"`` (model FLOPs
   utilization, :mod:`pldr_llm.train.flops`; GPU only) and ``"peak_memory_gib"`` (largest
-  allocation of this process, GPU only). The step records of an interval are written together at its end: on a GPU the trainer
-  reads its figures back once per interval;
+  allocation of this process, GPU only). The step records of an interval are written together
+  at its end: on a GPU the trainer reads its figures back once per interval;
 * every validation: ``{"event": "val", "step", "val_loss", "val_accuracy", ...}``;
 * every epoch end: ``{"event": "epoch_end", "step", "epoch", "loss_epoch", "accuracy_epoch"}``.
 """
@@ -269,7 +269,7 @@ class ProgressBar:
         self._start = time.perf_counter()
         self._start_step = initial
         self._tok_s = 0.0
-        self._mfu = ""  # " MFU 0.271" of the last interval that had one (GPU)
+        self._mfu: float | None = None  # of the last finished interval (GPU only)
         interactive = sys.stderr.isatty() if enabled is None else enabled
         if interactive:
             try:
@@ -290,7 +290,7 @@ class ProgressBar:
         # The rate of the last finished interval (records between interval ends carry none).
         if record.get("tokens_per_s") is not None:
             self._tok_s = record["tokens_per_s"]
-            self._mfu = f" MFU {record['mfu']:.3f}" if record.get("mfu") is not None else ""
+            self._mfu = record.get("mfu")
         tok_s = self._tok_s
         loss, lr = record.get("loss"), record.get("lr")
         if self._bar is not None:
@@ -299,7 +299,7 @@ class ProgressBar:
                 loss=f"{loss:.4f}" if loss is not None else "nan",
                 lr=f"{lr:.2e}",
                 tok_s=f"{tok_s:,.0f}",
-                **({"mfu": self._mfu.split()[-1]} if self._mfu else {}),
+                **({"mfu": f"{self._mfu:.3f}"} if self._mfu is not None else {}),
                 refresh=False,
             )
             return
@@ -325,7 +325,7 @@ class ProgressBar:
                 _fmt(record.get("accuracy")),
                 lr or 0.0,
                 tok_s,
-                self._mfu,
+                f" MFU {self._mfu:.3f}" if self._mfu is not None else "",
                 eta,
             )
 
