@@ -74,6 +74,23 @@ def test_checkpointed_gradients_equal_plain_gradients(mode: str, dag: bool) -> N
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_causal_metric_nests_its_own_checkpoints(mode: str) -> None:
+    """With ``causal_metric`` the metric learner checkpoints each 64-position block itself: that
+    checkpoint then runs inside the layer's (nested, both non-reentrant), same gradients."""
+
+    def grads(checkpointing: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        config = PLDRConfig.from_hpdict({**HP, "max_seq_len": 160, "causal_metric": True})
+        model = PLDRModel(config).train()
+        model.set_activation_checkpointing(checkpointing)
+        ids = torch.randint(1, 97, (2, 131), generator=torch.Generator().manual_seed(1))
+        model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()  # 130 positions: 3 blocks
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    _assert_same(grads(mode), grads("off"))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_checkpointing_keeps_fewer_activations(mode: str) -> None:
     """Bytes the forward keeps for backward (saved-tensor hooks see what autograd keeps; a
     checkpointed region keeps only its inputs)."""
