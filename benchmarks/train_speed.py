@@ -8,11 +8,20 @@ memory. Beside them, in the same call: the same-size transformers Llama (a basel
 by a minimal loop with the same levers) and, with ``--anchor DIR``, the original implementation's
 training step (``DIR/bench_original.py``, see ``../shared/anchor/README.md``). ``--world 2`` also
 runs the defaults under torchrun on 2 GPUs (FSDP2; each strategy of ``--strategies``) and reports
-tokens/s per GPU against one GPU.
+tokens/s per GPU against one GPU. ``--context N`` trains at N tokens per sequence (the model's
+``max_seq_len`` raised to N where shorter); the variants ``ckpt_layer`` and ``ckpt_selective``
+(only when named) turn activation checkpointing on; the MFU is reported where the run logs one.
 
     python benchmarks/train_speed.py --json train_speed.json
     python benchmarks/train_speed.py --anchor .anchor --world 2 --json train_speed.json
     python benchmarks/train_speed.py --quick          # CPU, tiny preset, seconds
+    # long context (110M) and the 1B preset, one GPU:
+    python benchmarks/train_speed.py --context 8192 --batches 4 --variants default,ckpt_layer
+    python benchmarks/train_speed.py --preset pldr-1b --batches 8 --variants default,ckpt_layer \
+        --no-llama
+    # FSDP2 scaling on 2 GPUs, each strategy (with and without CUDA graphs) against one GPU:
+    python benchmarks/train_speed.py --batches 16 --variants default,no_cuda_graphs --no-llama \
+        --world 2 --strategies FULL_SHARD,HYBRID_SHARD,NO_SHARD --world-variants default,graphs
 
 The JSON (``--json``) holds every run's figures and command; the table comes last on stdout.
 """
@@ -44,7 +53,19 @@ VARIANTS: dict[str, list[str]] = {
         "--train.compile_layers", "false", "--train.fused_optimizer", "false",
     ],
     "dag": ["--DAG_reg_coeffs", "0.05", "0.05", "0.05"],
+    "ckpt_layer": ["--train.activation_checkpointing", "layer"],
+    "ckpt_selective": ["--train.activation_checkpointing", "selective"],
 }  # fmt: skip
+#: multi-GPU runs (``--world``): name -> extra flags, each run under every ``--strategies``
+WORLD_VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    # CUDA graphs are off under FSDP by default (FSDP2 re-gathers parameters at new addresses
+    # every step, and CUDA-graph trees answer by re-recording): measures what they give anyway
+    "graphs": ["--train.cuda_graphs", "true"],
+    "bf16_reduce": ["--train.fsdp_reduce_dtype", "bfloat16"],
+}
+#: the variants run by default (the checkpointing ones only when asked for)
+DEFAULT_VARIANTS = [name for name in VARIANTS if not name.startswith("ckpt_")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,12 +75,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (160)")
     parser.add_argument("--window", type=int, nargs=2, default=None, help="steps timed (50 150)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (32,16)")
+    parser.add_argument(
+        "--context", type=int, default=None, help="tokens per sequence (default: the preset's)"
+    )
     parser.add_argument("--variants", default=None, help=f"comma-separated of {list(VARIANTS)}")
     parser.add_argument("--no-llama", action="store_true", help="skip the Llama baseline")
     parser.add_argument("--anchor", default=None, help="folder with bench_original.py")
     parser.add_argument("--world", type=int, default=1, help="also run on this many GPUs")
     parser.add_argument(
         "--strategies", default="FULL_SHARD", help="FSDP strategies for --world (comma-separated)"
+    )
+    parser.add_argument(
+        "--world-variants",
+        default="default",
+        help=f"comma-separated of {list(WORLD_VARIANTS)}, for --world (default: default)",
     )
     parser.add_argument("--out", default=None, help="run folders (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -77,11 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.window = tuple(args.window or ((4, 12) if quick else (50, 150)))
     args.log_every = 1 if args.curve else (2 if quick else 10)
     args.batches = [int(b) for b in (args.batches or ("2" if quick else "32,16")).split(",")]
-    names = (args.variants or ("default,eager" if quick else ",".join(VARIANTS))).split(",")
+    names = (args.variants or ("default,eager" if quick else ",".join(DEFAULT_VARIANTS))).split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.variants = names
+    args.world_variants = args.world_variants.split(",")
+    unknown = [n for n in args.world_variants if n not in WORLD_VARIANTS]
+    if unknown:
+        parser.error(f"unknown world variants {unknown}; choose from {list(WORLD_VARIANTS)}")
     return args
 
 
@@ -108,6 +141,13 @@ def window_figures(metrics: Path, window: tuple[int, int]) -> dict[str, Any]:
     return out
 
 
+def preset_context(name: str) -> int:
+    """The preset's model context (``max_seq_len``)."""
+    from pldr_llm.presets import load_preset
+
+    return int(load_preset(name)["model"]["max_seq_len"])
+
+
 def run_cli(
     args: argparse.Namespace, root: Path, name: str, flags: list[str], batch: int, world: int = 1
 ) -> dict[str, Any]:
@@ -120,6 +160,9 @@ def run_cli(
         "--train.export_pth", "false", "--train.tensorboard", "false",
         "--train.val_every", "null", "--progress", "false", *flags,
     ]  # fmt: skip
+    if args.context:
+        command += ["--train.context_length", str(args.context)]
+        command += ["--model.max_seq_len", str(max(args.context, preset_context(args.preset)))]
     if args.quick:
         command += ["--train.device", "cpu"]
     if world > 1:
@@ -150,6 +193,33 @@ def run_cli(
     return result
 
 
+def world_runs(
+    args: argparse.Namespace, root: Path, single: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every strategy x world variant on ``args.world`` GPUs, each with its tokens/s per GPU over
+    one GPU's defaults (``per_gpu_scaling``) and over one GPU without CUDA graphs
+    (``per_gpu_vs_no_graphs``, when the ``no_cuda_graphs`` variant ran): FSDP runs without
+    graphs by default, so the second figure separates the graphs from the communication."""
+    rows = []
+    for strategy in args.strategies.split(","):
+        for variant in args.world_variants:
+            flags = ["--train.fsdp_sharding_strategy", strategy, *WORLD_VARIANTS[variant]]
+            suffix = "" if variant == "default" else f"_{variant}"
+            for batch in args.batches:
+                name = f"fsdp_{strategy.lower()}{suffix}"
+                row = run_cli(args, root, name, flags, batch, args.world)
+                per_gpu = (row.get("tokens_per_s") or 0.0) / args.world
+                for key, base in (
+                    ("per_gpu_scaling", "default"),
+                    ("per_gpu_vs_no_graphs", "no_cuda_graphs"),
+                ):
+                    one = [r for r in single if r["name"] == base and r["batch"] == batch]
+                    if per_gpu and one and one[0].get("tokens_per_s"):
+                        row[key] = per_gpu / one[0]["tokens_per_s"]
+                rows.append(row)
+    return rows
+
+
 def llama_baseline(args: argparse.Namespace, batch: int) -> dict[str, Any]:
     """The same-size transformers Llama: bf16 autocast, fused AdamW, clip by value 1.0, each
     decoder layer compiled; the same synthetic batches. A baseline, not the product."""
@@ -160,7 +230,8 @@ def llama_baseline(args: argparse.Namespace, batch: int) -> dict[str, Any]:
     from pldr_llm.presets import load_preset
 
     preset = load_preset(args.preset)
-    model_cfg, context = preset["model"], int(preset["train"]["context_length"])
+    model_cfg = preset["model"]
+    context = args.context or int(preset["train"]["context_length"])
     config = LlamaConfig(
         vocab_size=model_cfg["input_vocab_size"],
         hidden_size=model_cfg["d_model"],
@@ -236,8 +307,12 @@ def format_table(results: list[dict[str, Any]], batches: list[int]) -> str:
         text = f"{row['tokens_per_s'] / 1e3:,.1f}k"
         if row.get("peak_memory_gib") is not None:
             text += f" ({row['peak_memory_gib']:.1f} GiB)"
+        if row.get("mfu") is not None:
+            text += f" MFU {row['mfu']:.3f}"
         if row.get("per_gpu_scaling") is not None:
             text += f" {row['per_gpu_scaling']:.0%}/GPU"
+        if row.get("per_gpu_vs_no_graphs") is not None:
+            text += f" ({row['per_gpu_vs_no_graphs']:.0%} of no graphs)"
         return text
 
     names: list[tuple[str, int]] = []
@@ -319,15 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.variants:
                 results.append(run_cli(args, root, name, VARIANTS[name], batch))
         if args.world > 1:
-            for strategy in args.strategies.split(","):
-                flags = ["--train.fsdp_sharding_strategy", strategy]
-                for batch in args.batches:
-                    row = run_cli(args, root, f"fsdp_{strategy.lower()}", flags, batch, args.world)
-                    one = [r for r in results if r["name"] == "default" and r["batch"] == batch]
-                    if row.get("tokens_per_s") and one and one[0].get("tokens_per_s"):
-                        per_gpu = row["tokens_per_s"] / args.world
-                        row["per_gpu_scaling"] = per_gpu / one[0]["tokens_per_s"]
-                    results.append(row)
+            results += world_runs(args, root, results)
     if not args.quick and not args.no_llama:
         for batch in args.batches:
             try:
@@ -343,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "argv": sys.argv[1:] if argv is None else argv,
         "preset": args.preset,
+        "context": args.context or preset_context(args.preset),
         "steps": args.steps,
         "window": list(args.window),
         "results": results,

@@ -147,7 +147,9 @@ PARSER_OPTIONS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` command's options."""
     p.add_argument(
-        "--preset", choices=PRESETS, help="built-in settings: tiny (CPU, minutes), paper-110m"
+        "--preset",
+        choices=PRESETS,
+        help="built-in settings: tiny (CPU, minutes), paper-110m, pldr-350m, pldr-1b",
     )
     p.add_argument("--config", metavar="FILE", help="YAML or TOML config file")
     p.add_argument("--out", metavar="DIR", help="run folder (created; resumed if it holds a run)")

@@ -22,6 +22,10 @@ from .errors import PLDRError
 ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "sigmoid")
 
 MODEL_VERSIONS = ("v510", "v510G")
+#: What :meth:`PLDRModel.set_activation_checkpointing` accepts (a way to run the model, not part
+#: of its config): nothing recomputed, each decoder layer recomputed in backward, or only its
+#: attention block (PLGA: projections, metric learner, power law, attention).
+ACTIVATION_CHECKPOINTING = ("off", "layer", "selective")
 
 # The switches of the authors' transformers implementation that the original hard-codes.
 _SWITCHES = (

@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import (
     GCacheEntry,
@@ -31,7 +32,7 @@ from .cache import (
     StaticLayerKV,
     register_pytree_dataclass,
 )
-from .config import PLDRConfig, check_token_range
+from .config import ACTIVATION_CHECKPOINTING, PLDRConfig, check_token_range
 from .errors import PLDRError
 from .fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, save_safetensors
 from .layers import GLU, PackedLinear, xavier_linear
@@ -79,15 +80,48 @@ class DecoderLayer(nn.Module):
         )
         self.layernorm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.layernorm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        #: one of :data:`~.config.ACTIVATION_CHECKPOINTING`; set by
+        #: :meth:`PLDRModel.set_activation_checkpointing` (a plain attribute, not state)
+        self.activation_checkpointing = "off"
 
     def forward(
         self, x: Tensor, packed: PackedLayer | None = None, **attention_kwargs: Any
-    ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
-        qkv = packed.qkv if packed is not None else None
-        attended, kv, g, deductive = self.mha1(x, packed_qkv=qkv, **attention_kwargs)
+    ) -> tuple[Tensor, LayerKV | None, GCacheEntry, Deductive | None]:
+        mode = self.activation_checkpointing
+        if mode == "off" or not (self.training and torch.is_grad_enabled()):
+            qkv = packed.qkv if packed is not None else None
+            attended, kv, g, deductive = self.mha1(x, packed_qkv=qkv, **attention_kwargs)
+            hidden = self.layernorm1(x + attended)
+            ffn = self.ffn(hidden, packed.gate_up if packed is not None else None)
+            return self.layernorm2(hidden + ffn), kv, g, deductive
+        # Recomputed in backward (non-reentrant: any inputs, keyword arguments and outputs; under
+        # torch.compile, where :func:`compile_decoder_layers` puts it, the checkpoint is traced
+        # and the compiler recomputes inside the layer's graph). The KV tensors are not returned
+        # (the caller gets no KV-cache, as transformers does under checkpointing): returned, they
+        # would stay alive through backward and undo much of the saving.
+        if mode == "layer":
+            out, g, deductive = checkpoint(
+                self._layer_without_kv, x, use_reentrant=False, **attention_kwargs
+            )
+            return out, None, g, deductive
+        attended, g, deductive = checkpoint(
+            self._attention_without_kv, x, use_reentrant=False, **attention_kwargs
+        )
         hidden = self.layernorm1(x + attended)
-        ffn = self.ffn(hidden, packed.gate_up if packed is not None else None)
-        return self.layernorm2(hidden + ffn), kv, g, deductive
+        return self.layernorm2(hidden + self.ffn(hidden)), None, g, deductive
+
+    def _attention_without_kv(
+        self, x: Tensor, **attention_kwargs: Any
+    ) -> tuple[Tensor, GCacheEntry, Deductive | None]:
+        attended, _, g, deductive = self.mha1(x, **attention_kwargs)
+        return attended, g, deductive
+
+    def _layer_without_kv(
+        self, x: Tensor, **attention_kwargs: Any
+    ) -> tuple[Tensor, GCacheEntry, Deductive | None]:
+        attended, g, deductive = self._attention_without_kv(x, **attention_kwargs)
+        hidden = self.layernorm1(x + attended)
+        return self.layernorm2(hidden + self.ffn(hidden)), g, deductive
 
     def pack(self) -> PackedLayer:
         """This layer's projections packed for decoding (copies of the weights)."""
@@ -269,7 +303,7 @@ class PLDRModel(nn.Module):
         head_input = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = self.final_layer(head_input)
         new_cache = PLDRCache(
-            kv=kv_entries,
+            kv=kv_entries or None,
             g=g_entries,
             key_valid=key_valid,
             next_position=next_position,
@@ -327,7 +361,8 @@ class PLDRModel(nn.Module):
                 need_scores=output_scores,
                 packed=packed[index] if packed is not None else None,
             )
-            kv_entries.append(layer_kv)
+            if layer_kv is not None:  # None under activation checkpointing (no KV-cache)
+                kv_entries.append(layer_kv)
             g_entries.append(layer_g)
             if layer_deductive is not None:
                 deductive.append(layer_deductive)
@@ -361,6 +396,26 @@ class PLDRModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.final_layer.weight.dtype
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """The decoder layers' activation checkpointing (:meth:`set_activation_checkpointing`)."""
+        layers = self.decoder.dec_layers
+        return layers[0].activation_checkpointing if len(layers) else "off"
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Recompute activations in backward instead of keeping them: ``"off"``, ``"layer"``
+        (each decoder layer keeps only its input) or ``"selective"`` (only the attention block:
+        PLGA's projections, metric learner, power law and attention; the feed-forward's
+        activations are kept). Applies to training passes with gradients only; the gradients
+        are those of ``"off"``. The forward of a checkpointed pass returns no KV-cache."""
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise PLDRError(
+                f"activation checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
+                f"got {mode!r}"
+            )
+        for layer in self.decoder.dec_layers:
+            layer.activation_checkpointing = mode
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -34,6 +34,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessor
 from transformers.utils import ModelOutput
@@ -102,7 +103,8 @@ class PldrllmPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
-    supports_gradient_checkpointing = False
+    # gradient_checkpointing_enable() switches the core's own layer checkpointing (non-reentrant).
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Weights are initialized by the core modules' constructors (the original's scheme) or
@@ -173,6 +175,42 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         """transformers' ``config._attn_implementation`` -> the core's ("eager" or "sdpa")."""
         eager = getattr(self.config, "_attn_implementation", None) == "eager"
         self.__dict__["_core"].attn_implementation = "eager" if eager else "sdpa"
+
+    # ------------------------------------------------------------------ checkpointing
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Any = None, every_n_layers: int = 1
+    ) -> None:
+        """transformers' ``gradient_checkpointing_enable()`` / ``_disable()`` land here: they set
+        the core's checkpointing of every decoder layer (``"layer"``, non-reentrant
+        ``torch.utils.checkpoint``; :meth:`PLDRModel.set_activation_checkpointing`). What that
+        cannot honour is refused: reentrant checkpointing, other checkpoint functions or options
+        (offloading), checkpointing only every n-th layer."""
+        if enable:
+            options = dict(getattr(gradient_checkpointing_func, "keywords", None) or {})
+            function = getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func)
+            if options.pop("use_reentrant", False):
+                raise PLDRError(
+                    "PLDR-LLM checkpoints its layers non-reentrantly; "
+                    "use_reentrant=True is not supported"
+                )
+            if function not in (None, checkpoint) or options:
+                raise PLDRError(
+                    "PLDR-LLM checkpoints its layers with torch.utils.checkpoint and no options; "
+                    f"got {getattr(function, '__name__', function)!r} with {sorted(options)}"
+                )
+            if every_n_layers != 1:
+                raise PLDRError(
+                    "PLDR-LLM checkpoints every decoder layer; every_n_layers must be 1"
+                )
+        self.core.set_activation_checkpointing("layer" if enable else "off")
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.core.activation_checkpointing != "off"
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
 
     @classmethod
     def from_core(cls, model: PLDRModel, **config_kwargs: Any) -> "PldrllmForCausalLM":

@@ -6,7 +6,7 @@ from typing import Any
 
 from pldr_llm.core.errors import PLDRError
 
-PRESETS = ("tiny", "paper-110m")
+PRESETS = ("tiny", "paper-110m", "pldr-350m", "pldr-1b")
 
 
 def load_preset(name: str) -> dict[str, Any]:

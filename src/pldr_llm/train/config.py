@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
+from pldr_llm.core.config import ACTIVATION_CHECKPOINTING, HPDICT_TRAINING_KEYS
 from pldr_llm.core.config import ARCHITECTURE_KEYS as MODEL_ARCHITECTURE_KEYS
-from pldr_llm.core.config import HPDICT_TRAINING_KEYS
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.train.schedule import validate_schedule
 
@@ -139,6 +139,7 @@ class TrainConfig:
         cuda_graphs: replay each compiled layer's forward and backward as CUDA graphs (null: on with CUDA, off under FSDP).
         fused_optimizer: fused AdamW that skips a non-finite step on the device, without a host sync (null: on with CUDA).
         attn_implementation: attention kernel: sdpa (fused, the default) or eager (the original's exact arithmetic).
+        activation_checkpointing: recompute activations in backward to save memory: off, layer (each decoder layer) or selective (its attention block only).
         prefetch_batches: batches a background thread prepares ahead of the step (0: on the main thread).
         peak_tflops: the device's peak bf16 TFLOP/s, the denominator of the logged MFU (989: H100/H200 dense).
     """
@@ -208,6 +209,10 @@ class TrainConfig:
     cuda_graphs: bool | None = _resumable(None)
     fused_optimizer: bool | None = _resumable(None)
     attn_implementation: str | None = _resumable(None)
+    # Memory for compute (PLDRModel.set_activation_checkpointing): "layer" keeps only each decoder
+    # layer's input and recomputes the layer in backward, "selective" recomputes its attention
+    # block (PLGA) only. The gradients are the same, so a resumed run may change it.
+    activation_checkpointing: str = _resumable("off")
     # Batches prepared (tokenized, checked, pinned) ahead by a background thread; 0: inline.
     prefetch_batches: int = _resumable(4)
     # Peak dense bf16 TFLOP/s of one accelerator, for the MFU figure (989: H100/H200 SXM).
@@ -293,6 +298,11 @@ class TrainConfig:
         if self.attn_implementation not in (None, "sdpa", "eager"):
             raise PLDRError(
                 f"'attn_implementation' must be 'sdpa' or 'eager', got {self.attn_implementation!r}"
+            )
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise PLDRError(
+                f"'activation_checkpointing' must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
+                f"got {self.activation_checkpointing!r}"
             )
         _positive_int("prefetch_batches", self.prefetch_batches, allow_zero=True)
         _positive_float("peak_tflops", self.peak_tflops)

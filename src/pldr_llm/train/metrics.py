@@ -16,9 +16,9 @@ numbers as an uninterrupted one.
   :meth:`RateMeter.interval`: ``"tokens_seen"``, ``"tokens_per_s"`` (this interval only, all
   ranks), ``"tokens_per_s_cumulative"`` (since the run started, start-up and compilation
   included), ``"step_time_s"`` (mean over the interval), ``"elapsed_s"``, ``"mfu"`` (model FLOPs
-  utilization, GPU only) and ``"peak_memory_gib"`` (largest allocation of this process, GPU
-  only). The step records of an interval are written together at its end: on a GPU the trainer
-  reads its figures back once per interval;
+  utilization, :mod:`pldr_llm.train.flops`; GPU only) and ``"peak_memory_gib"`` (largest
+  allocation of this process, GPU only). The step records of an interval are written together
+  at its end: on a GPU the trainer reads its figures back once per interval;
 * every validation: ``{"event": "val", "step", "val_loss", "val_accuracy", ...}``;
 * every epoch end: ``{"event": "epoch_end", "step", "epoch", "loss_epoch", "accuracy_epoch"}``.
 """
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Mean",
     "RateMeter",
-    "model_flops_per_token",
     "TrainMeters",
     "MetricsWriter",
     "ProgressBar",
@@ -124,19 +123,6 @@ class TrainMeters:
 def _clean(value: float) -> float | None:
     """JSON has no NaN: an undefined mean is written as null."""
     return value if math.isfinite(value) else None
-
-
-def model_flops_per_token(
-    num_parameters: int, embedding_parameters: int, num_layers: int, d_model: int, context: int
-) -> float:
-    """Training FLOPs per token: ``6 N + 12 n_layers d_model context`` (PaLM's MFU convention).
-
-    ``N`` counts the matrix parameters (the embedding lookup is not a matmul; the LM head is);
-    the second term is attention's ``Q K^T`` and ``weights V`` products, forward and backward,
-    without discounting the causal mask. The metric learner's [dk, dk] matmuls are left out
-    (under 1% at 110M).
-    """
-    return 6.0 * (num_parameters - embedding_parameters) + 12.0 * num_layers * d_model * context
 
 
 class RateMeter:
@@ -286,6 +272,7 @@ class ProgressBar:
         self._start = time.perf_counter()
         self._start_step = initial
         self._tok_s = 0.0
+        self._mfu: float | None = None  # of the last finished interval (GPU only)
         interactive = sys.stderr.isatty() if enabled is None else enabled
         if interactive:
             try:
@@ -306,6 +293,7 @@ class ProgressBar:
         # The rate of the last finished interval (records between interval ends carry none).
         if record.get("tokens_per_s") is not None:
             self._tok_s = record["tokens_per_s"]
+            self._mfu = record.get("mfu")
         tok_s = self._tok_s
         loss, lr = record.get("loss"), record.get("lr")
         if self._bar is not None:
@@ -314,6 +302,7 @@ class ProgressBar:
                 loss=f"{loss:.4f}" if loss is not None else "nan",
                 lr=f"{lr:.2e}",
                 tok_s=f"{tok_s:,.0f}",
+                **({"mfu": f"{self._mfu:.3f}"} if self._mfu is not None else {}),
                 refresh=False,
             )
             return
@@ -330,7 +319,7 @@ class ProgressBar:
             if self.total and done > 0:
                 eta = f" eta {_fmt_time(elapsed / done * (self.total - step))}"
             logger.info(
-                "step %s%s loss %s (R %s G %s) acc %s lr %.3e %.0f tok/s%s",
+                "step %s%s loss %s (R %s G %s) acc %s lr %.3e %.0f tok/s%s%s",
                 step,
                 f"/{self.total}" if self.total else "",
                 _fmt(loss),
@@ -339,6 +328,7 @@ class ProgressBar:
                 _fmt(record.get("accuracy")),
                 lr or 0.0,
                 tok_s,
+                f" MFU {self._mfu:.3f}" if self._mfu is not None else "",
                 eta,
             )
 

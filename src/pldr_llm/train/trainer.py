@@ -58,7 +58,6 @@ from pldr_llm.train.metrics import (
     ProgressBar,
     RateMeter,
     TrainMeters,
-    model_flops_per_token,
 )
 from pldr_llm.train.prefetch import BatchFeed
 from pldr_llm.train.schedule import build_scheduler
@@ -153,6 +152,13 @@ class Trainer:
                 "'dag_reg_coeffs' needs a model that learns G_LM (version v510), not v510G"
             )
         model.to(self.device)
+        # Before compiling and sharding: the checkpoint then sits inside each compiled layer
+        # (traced, recomputed within the layer's graph) and inside each FSDP unit's hooks.
+        setter = getattr(model, "set_activation_checkpointing", None)
+        if setter is not None:
+            setter(config.activation_checkpointing)
+        elif config.activation_checkpointing != "off":
+            raise PLDRError("'activation_checkpointing' needs a PLDRModel")
         if shard is None:
             # With one process FSDP's sharding is the identity but still costs its hooks and
             # copies (about +45% per step for the tiny preset on a CPU): a plain module computes
@@ -411,16 +417,13 @@ class Trainer:
         return ce_sum, hits
 
     def flops_per_token(self, context: int) -> float:
-        """Training FLOPs per token at ``context`` (:func:`metrics.model_flops_per_token`)."""
+        """Training FLOPs per token at ``context``
+        (:func:`pldr_llm.train.flops.training_flops_per_token`: the metric learner and the
+        attention included); 0 for a model without a PLDR config."""
+        from pldr_llm.train.flops import training_flops_per_token
+
         config = getattr(self.model, "config", None)
-        embedding = getattr(getattr(self.model, "decoder", None), "embedding", None)
-        return model_flops_per_token(
-            sum(p.numel() for p in self.model.parameters()),
-            embedding.weight.numel() if embedding is not None else 0,
-            int(getattr(config, "num_layers", 0)),
-            int(getattr(config, "d_model", 0)),
-            context,
-        )
+        return training_flops_per_token(config, context) if config is not None else 0.0
 
     def read_steps(self, pending: list[PendingStep]) -> list[dict[str, Any]]:
         """The results of steps run by :meth:`step_async` (one host read for all of them).
