@@ -1,0 +1,466 @@
+"""The server's connection layer: what bounds a client before a request reaches a handler.
+
+uvicorn (h11) gives the idle keep-alive timeout and a graceful-shutdown timeout, but reads a
+request's headers and body for as long as a client cares to send them, accepts connections until
+the process runs out of file descriptors, and closes its listening socket at the first SIGTERM.
+So, kept on uvicorn (any version from 0.30; the app is plain ASGI) with these additions:
+
+- :func:`guarded_protocol`: uvicorn's h11 protocol with a deadline per request for the headers
+  (from the connection's start, or the first byte of a later request) and one for the body (from
+  the end of the headers), and a cap on open connections: at the cap, a new connection evicts the
+  longest-idle one (no request in progress), or, when none is idle, is answered 503 and closed.
+  Events are logged as one summary line per interval, never one per connection.
+- :class:`GuardMiddleware`: the Host check (DNS rebinding), the 503 of a drain, and the count of
+  requests in flight that the drain waits for.
+- :class:`GracefulServer`: the first SIGTERM/SIGINT starts a drain (the listening socket stays
+  open and new requests get 503) that ends when the requests in flight are done or at
+  ``shutdown_timeout``, when the rest are cancelled; a second signal exits at once.
+- :func:`bind_socket`: the listening socket, bound before the server says it serves, so a busy
+  port or a host that does not resolve is one line (:class:`PLDRError`), not uvicorn's exit 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pldr_llm.core.errors import PLDRError
+
+LOG = logging.getLogger("uvicorn.error")
+# File descriptors kept free besides the connections: the model's files, the tokenizer,
+# torch's and the loop's own, the log.
+FD_RESERVE = 64
+# Connections accepted per turn of the event loop (and the kernel's listen queue, past which
+# clients wait in connect). One beyond the cap holds its socket for ~3 turns (accepted, answered,
+# closed), so the process holds at most max_connections + OVERFLOW_FDS sockets.
+ACCEPT_BATCH = 100
+OVERFLOW_FDS = 3 * ACCEPT_BATCH
+SUMMARY_INTERVAL_S = 10.0
+# A forced stop after this long past the shutdown deadline, whatever is stuck (the lifespan's
+# scheduler stop, a thread): the deadline is a promise.
+FORCE_AFTER_DEADLINE_S = 5.0
+LOOPBACK_NAMES = ("localhost",)
+
+
+def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
+    """A complete HTTP/1.1 response with an OpenAI error object that closes the connection
+    (written to a transport directly, where no request cycle exists to answer through)."""
+    body = json.dumps(
+        {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n"
+    )
+    if status == 503:
+        head += "retry-after: 1\r\n"
+    return (head + "\r\n").encode() + body
+
+
+class ConnectionGuard:
+    """The open connections of one server (oldest first) and the events the log summarises."""
+
+    def __init__(self, max_connections: int, interval: float = SUMMARY_INTERVAL_S) -> None:
+        self.max_connections = max_connections
+        self.interval = interval
+        self.open: dict[Any, None] = {}  # insertion-ordered: the oldest first
+        self.counts: dict[str, int] = {}
+        self._flush_at: float | None = None
+
+    def admit(self, conn: Any) -> bool:
+        """Whether ``conn`` may stay open: at the cap, the oldest idle connection is evicted to
+        make room; with none idle, ``conn`` is refused."""
+        if len(self.open) >= self.max_connections:
+            idle = next((c for c in self.open if c.is_idle()), None)
+            if idle is None:
+                self.note("refused (503) at the connection cap")
+                return False
+            self.note("idle connections closed to make room")
+            self.open.pop(idle, None)
+            idle.close_quietly()
+        self.open[conn] = None
+        return True
+
+    def release(self, conn: Any) -> None:
+        self.open.pop(conn, None)
+
+    def note(self, event: str) -> None:
+        """Count ``event``; the counts go to the log in one line per interval."""
+        self.counts[event] = self.counts.get(event, 0) + 1
+        if self._flush_at is None:
+            self._flush_at = time.monotonic() + self.interval
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def flush(self) -> None:
+        self._flush_at = None
+        if self.counts:
+            what = ", ".join(f"{n} {event}" for event, n in sorted(self.counts.items()))
+            LOG.warning(
+                "connections in the last %.0f s: %s (cap %d, %d open)",
+                self.interval,
+                what,
+                self.max_connections,
+                len(self.open),
+            )
+            self.counts = {}
+
+
+def guarded_protocol(guard: ConnectionGuard, header_timeout: float, body_timeout: float) -> type:
+    """uvicorn's h11 protocol class with the read deadlines and the connection cap of
+    ``guard`` (given to ``uvicorn.Config(http=...)``).
+
+    It reads only h11's public connection states (``their_state``, ``our_state``,
+    ``trailing_data``) of uvicorn's ``conn``, and its ``cycle``; the rest is asyncio's protocol
+    interface."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+        _deadline: asyncio.TimerHandle | None = None
+        _deadline_kind: str | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if not guard.admit(self):
+                transport.write(
+                    _raw_response(
+                        503,
+                        "Service Unavailable",
+                        f"the server holds its maximum of {guard.max_connections} connections; "
+                        "retry later",
+                        "too_many_connections",
+                    )
+                )
+                transport.close()
+                return
+            self._arm("header")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            guard.release(self)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            state = self.conn.their_state
+            if state is h11.IDLE:
+                # Part of a request's headers: their deadline runs from its first byte (and is
+                # not moved by later bytes: one byte a second must not keep it open).
+                if self._deadline_kind != "header":
+                    self._arm("header")
+            elif state is h11.SEND_BODY:
+                if self._deadline_kind != "body":
+                    self._arm("body")
+            else:  # the request is complete (or the connection is closing)
+                self._disarm()
+
+        def is_idle(self) -> bool:
+            """No request in progress and no byte of the next one received."""
+            cycle = self.cycle
+            return (
+                (cycle is None or cycle.response_complete)
+                and self.conn.their_state is h11.IDLE
+                and not self.conn.trailing_data[0]
+            )
+
+        def close_quietly(self) -> None:
+            self._disarm()
+            self.transport.close()
+
+        def _arm(self, kind: str) -> None:
+            self._disarm()
+            timeout = header_timeout if kind == "header" else body_timeout
+            self._deadline = self.loop.call_later(timeout, self._expired, kind)
+            self._deadline_kind = kind
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = None
+            self._deadline_kind = None
+
+        def _expired(self, kind: str) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            started = self.conn.trailing_data[0] or self.conn.their_state is not h11.IDLE
+            if kind == "header" and not started:
+                guard.note("closed idle before a request")  # a fresh connection never used
+            else:
+                guard.note(f"timed out reading the {kind} (408)")
+                if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    seconds = header_timeout if kind == "header" else body_timeout
+                    message = f"the request's {kind} did not arrive within {seconds:g} s"
+                    self.transport.write(
+                        _raw_response(408, "Request Timeout", message, "request_timeout")
+                    )
+            # The handler waiting for the body, if any, sees a disconnect.
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+# ---------------------------------------------------------------------- Host header
+
+
+def host_allowed(host_header: str | None, bound_host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a request's Host header may reach the app.
+
+    A web page can make a browser send requests to a loopback server under a name it controls
+    (DNS rebinding); such a request carries that name. So a name must be a loopback name, the
+    host the server is bound to, or listed in ``allowed`` (``*``: any). An IP address is always
+    accepted (a page reaching it by address is the same origin as the server), and so is no Host
+    at all (HTTP/1.0 clients and health checks; browsers always send one)."""
+    if not host_header:
+        return True
+    if "*" in allowed:
+        return True
+    name = host_header.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        return True
+    name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    name = name.rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    return name == bound_host.lower() or name in {a.lower() for a in allowed}
+
+
+class RequestGate:
+    """What the drain shares with the middleware: whether the server drains, and how many
+    requests are in flight."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+
+
+class GuardMiddleware:
+    """ASGI middleware before the routes: refuses a foreign Host (421), answers 503 to new
+    requests while the server drains, and counts the requests in flight."""
+
+    # Still answered during a drain: a balancer reads /health (its 503 says "draining").
+    DURING_DRAIN = ("/health", "/metrics")
+
+    def __init__(
+        self, app: Any, gate: RequestGate, bound_host: str, allowed_hosts: tuple[str, ...]
+    ) -> None:
+        self.app = app
+        self.gate = gate
+        self.bound_host = bound_host
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
+        text = host.decode("latin-1") if host is not None else None
+        if not host_allowed(text, self.bound_host, self.allowed_hosts):
+            message = (
+                f"the Host header '{text}' is not a name of this server "
+                "(start it with --allowed-hosts NAME to accept it)"
+            )
+            await _json_error(send, 421, message, "invalid_request_error", "host_not_allowed")
+            return
+        if self.gate.draining and scope.get("path") not in self.DURING_DRAIN:
+            await _json_error(
+                send, 503, "the server is shutting down", "server_error", "shutting_down"
+            )
+            return
+        self.gate.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gate.in_flight -= 1
+
+
+async def _json_error(send: Any, status: int, message: str, type_: str, code: str) -> None:
+    body = json.dumps(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if status == 503:
+        headers += [(b"connection", b"close"), (b"retry-after", b"1")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------- listening socket
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; a host that does not resolve or an address that
+    cannot be bound (in use, not this machine's) is a :class:`PLDRError`."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PLDRError(f"cannot listen on {host}: the host does not resolve ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn does: a restart does not wait for the old connections' TIME_WAIT (on Linux
+        # this never lets two servers bind one port).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(ACCEPT_BATCH)
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        if exc.errno == getattr(__import__("errno"), "EADDRINUSE", None):
+            why = "the port is in use (another server?)"
+        raise PLDRError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def usable_connection_cap(requested: int) -> int:
+    """``requested``, or fewer where the process may not open that many files: the soft
+    RLIMIT_NOFILE is first raised to the hard one (as far as needed)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: no limit to read
+        return requested
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = requested + FD_RESERVE + OVERFLOW_FDS
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, soft - FD_RESERVE - OVERFLOW_FDS))
+
+
+# ---------------------------------------------------------------------- the server
+
+
+class GracefulServer:
+    """Runs an ASGI app on uvicorn with the drain described in the module docstring."""
+
+    def __init__(self, config: Any, gate: RequestGate, shutdown_timeout: float) -> None:
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):  # type: ignore[misc]
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                signals = (signal.SIGINT, signal.SIGTERM)
+                previous = {sig: signal.signal(sig, outer.on_signal) for sig in signals}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+            async def on_tick(self, counter: int) -> bool:
+                stop = await super().on_tick(counter)
+                return outer.drain_done() or stop
+
+        self.server = _Server(config)
+        self.config = config
+        self.gate = gate
+        self.shutdown_timeout = shutdown_timeout
+        self.deadline: float | None = None
+
+    def run(self, sock: socket.socket) -> None:
+        self.server.run(sockets=[sock])
+
+    def start_drain(self) -> None:
+        """Stop taking requests (503), and end the server when those in flight are done or at
+        the deadline."""
+        if self.deadline is not None:
+            return
+        self.deadline = time.monotonic() + self.shutdown_timeout
+        self.gate.draining = True
+        LOG.info(
+            "draining: %d request(s) in flight; new ones get 503; stopping in at most %g s",
+            self.gate.in_flight,
+            self.shutdown_timeout,
+        )
+        threading.Thread(target=self._force_later, daemon=True).start()
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.deadline is None:
+            self.start_drain()
+            return
+        # A second signal: the operator does not want to wait.
+        os.write(2, b"pldr-llm: second signal: exiting now, without waiting for requests\n")
+        os._exit(128 + signum)
+
+    def drain_done(self) -> bool:
+        if self.deadline is None:
+            return False
+        left = self.deadline - time.monotonic()
+        if self.gate.in_flight and left > 0:
+            return False
+        if self.gate.in_flight:
+            LOG.warning(
+                "shutdown deadline (%g s) reached: cancelling %d request(s) in flight",
+                self.shutdown_timeout,
+                self.gate.in_flight,
+            )
+        # uvicorn then closes the listening socket and the idle connections, waits at most this
+        # long for the rest, and cancels what remains.
+        self.config.timeout_graceful_shutdown = max(0.1, left)
+        return True
+
+    def _force_later(self) -> None:
+        assert self.deadline is not None
+        time.sleep(max(0.0, self.deadline - time.monotonic()) + FORCE_AFTER_DEADLINE_S)
+        os.write(2, b"pldr-llm: still not stopped after the shutdown deadline: exiting now\n")
+        os._exit(1)
+
+
+def serve_app(app: Any, options: Any, sock: socket.socket | None = None) -> None:
+    """Serve ``app`` (from :func:`pldr_llm.serve.app.create_app`) with the limits of
+    ``options`` (a ``ServeOptions``) until a signal's drain ends. ``sock``: an already bound
+    socket (:func:`bind_socket`); without it, one on ``options.host:options.port``."""
+    import uvicorn
+
+    cap = usable_connection_cap(options.max_connections)
+    if cap < options.max_connections:
+        LOG.warning(
+            "at most %d connections (not %d): the process may open only %d files (ulimit -n)",
+            cap,
+            options.max_connections,
+            cap + FD_RESERVE + OVERFLOW_FDS,
+        )
+    guard = ConnectionGuard(cap)
+    config = uvicorn.Config(
+        app,
+        http=guarded_protocol(guard, options.header_timeout, options.body_timeout),
+        log_level=options.log_level,
+        lifespan="on",
+        access_log=False,
+        backlog=ACCEPT_BATCH,
+        timeout_keep_alive=options.keep_alive_timeout,  # type: ignore[arg-type]  (a float works)
+        timeout_graceful_shutdown=options.shutdown_timeout,
+    )
+    server = GracefulServer(config, app.state.gate, options.shutdown_timeout)
+    sock = sock if sock is not None else bind_socket(options.host, options.port)
+    try:
+        server.run(sock)
+    finally:
+        sock.close()
+        guard.flush()  # the events of the last interval

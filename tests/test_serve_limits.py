@@ -1,0 +1,493 @@
+"""The server's connection guards (docs/serving.md, "Limits"): read deadlines, the connection
+cap, the drain after SIGTERM and its deadline, the Host / Content-Type / CORS checks, the bind
+check, ``/v1/models/{id}``, and 500s that are logged but never shown.
+
+Everything listens on 127.0.0.1 only; every client is bounded in count and time. The servers of
+the timing tests run as ``pldr-llm serve`` subprocesses (their file descriptors and their exit
+are what is checked) with small timeouts, so that each test ends in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from pldr_llm import cli  # noqa: E402
+from serve_support import HP, MODEL_ID, build_bundle, live_server  # noqa: E402
+
+# The deadlines of the subprocess servers (seconds); the assertions allow ~1.5 s of scheduling
+# on a loaded 2-core machine on top of them.
+SHORT = 1.0
+SLACK = 2.0
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A 1024-token context: long streams, to have a request still running at a deadline.
+    return build_bundle(tmp_path_factory.mktemp("limits"), {**HP, "max_seq_len": 1024})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(bundle: Path, *args: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A ``pldr-llm serve`` subprocess on a free loopback port, killed at exit if still up."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pldr_llm", "serve", "--model", str(bundle), "--port", str(port)]
+        + list(args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def _read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when (seconds from now);
+    fails past ``limit`` seconds."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {limit} s (got {data[:200]!r})")
+    return data, time.monotonic() - start
+
+
+def _trickle(sock: socket.socket, data: bytes, every: float) -> None:
+    """Send ``data`` one byte every ``every`` seconds until done or the server closes."""
+    for i in range(len(data)):
+        try:
+            sock.sendall(data[i : i + 1])
+        except OSError:
+            return
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def timeouts_server(bundle: Path) -> Iterator[int]:
+    flags = ["--header-timeout", str(SHORT), "--body-timeout", str(SHORT)]
+    with serve_process(bundle, *flags, "--keep-alive-timeout", str(SHORT), "-q") as (_, port):
+        yield port
+
+
+REQUEST_HEAD = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+)
+
+
+@pytest.mark.slow
+def test_a_slow_header_is_cut_at_the_header_timeout(timeouts_server: int) -> None:
+    import threading
+
+    sock = socket.create_connection(("127.0.0.1", timeouts_server))
+    # One byte every 0.2 s: each byte is "progress", but the whole head takes ~12 s.
+    sender = threading.Thread(target=_trickle, args=(sock, REQUEST_HEAD * 2, 0.2), daemon=True)
+    start = time.monotonic()
+    sender.start()
+    data, _ = _read_until_closed(sock, SHORT + SLACK)
+    took = time.monotonic() - start
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert SHORT - 0.1 <= took <= SHORT + SLACK
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["slow body", "short body"])
+def test_a_body_that_does_not_arrive_gets_408_at_the_body_timeout(
+    timeouts_server: int, case: str
+) -> None:
+    import threading
+
+    body = b'{"model": "%s", "prompt": "a", "max_tokens": 2}' % MODEL_ID.encode()
+    sock = socket.create_connection(("127.0.0.1", timeouts_server))
+    if case == "short body":  # 1000 bytes announced, 17 sent
+        sock.sendall(REQUEST_HEAD + b"Content-Length: 1000\r\n\r\n" + body[:17])
+    else:  # the whole body, one byte every 0.2 s
+        sock.sendall(REQUEST_HEAD + b"Content-Length: %d\r\n\r\n" % len(body))
+        threading.Thread(target=_trickle, args=(sock, body, 0.2), daemon=True).start()
+    data, took = _read_until_closed(sock, SHORT + SLACK)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert b"did not arrive within 1 s" in data
+    assert SHORT - 0.1 <= took
+
+
+@pytest.mark.slow
+def test_idle_connections_are_closed(timeouts_server: int) -> None:
+    # Never used: closed at the header timeout, without an answer.
+    fresh = socket.create_connection(("127.0.0.1", timeouts_server))
+    data, took = _read_until_closed(fresh, SHORT + SLACK)
+    assert data == b"" and took >= SHORT - 0.1
+    fresh.close()
+    # Kept alive after a request: closed at the keep-alive timeout.
+    used = socket.create_connection(("127.0.0.1", timeouts_server))
+    used.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data, took = _read_until_closed(used, SHORT + SLACK + 1)
+    assert data.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in data
+    used.close()
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_a_thousand_idle_connections_leave_health_answering(bundle: Path) -> None:
+    import resource
+
+    from pldr_llm.serve.http import OVERFLOW_FDS
+
+    count, cap = 1000, 200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < count + 200:
+        pytest.skip(f"this test opens {count} sockets; the hard file limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, count + 200), hard))
+    clients: list[socket.socket] = []
+    try:
+        with serve_process(bundle, "--max-connections", str(cap), "-q") as (proc, port):
+            baseline = _open_fds(proc.pid)
+            most = baseline
+            for i in range(count):
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                if i % 100 == 99:
+                    most = max(most, _open_fds(proc.pid))
+            time.sleep(0.5)  # let the server accept the last ones
+            most = max(most, _open_fds(proc.pid))
+            start = time.monotonic()
+            r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            assert r.status_code == 200 and time.monotonic() - start < 2
+            # The cap holds: idle connections were closed to make room (at most `cap` open, and
+            # those past it for a few turns of the loop; the listening socket and the model's
+            # files are in the baseline).
+            assert most <= baseline + cap + OVERFLOW_FDS, (baseline, most)
+            # A busy connection is never evicted: a request in progress completes.
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json={"model": MODEL_ID, "prompt": "a", "max_tokens": 3},
+                timeout=30,
+            )
+            assert r.status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            log = proc.stderr.read() if proc.stderr else ""
+    finally:
+        for c in clients:
+            c.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "Too many open files" not in log
+    # -q keeps info lines out; the cap's summary is a warning, one line per 10 s (not per
+    # connection: 900 were closed).
+    assert 1 <= log.count("idle connections closed to make room") <= 2, log
+
+
+def _stuck_uploader(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(REQUEST_HEAD + b"Content-Length: 1000\r\n\r\n" + b'{"prompt": "a", ')
+    return sock
+
+
+def _non_reading_stream(port: int) -> socket.socket:
+    """A streaming request for 16 x 1000 tokens from a client with a small receive buffer that
+    never reads: the server's writes block once the buffers are full."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    body = json.dumps(
+        {"model": MODEL_ID, "prompt": "a", "max_tokens": 1000, "n": 16, "stream": True}
+        | {"logprobs": True, "ignore_eos": True}
+    ).encode()
+    sock.sendall(REQUEST_HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return sock
+
+
+def _wait_running(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["running"] == 0:
+        assert time.monotonic() < deadline, "the stream never started"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_exits_at_the_deadline_despite_stuck_clients(bundle: Path) -> None:
+    deadline = 3.0
+    with serve_process(bundle, "--shutdown-timeout", str(deadline)) as (proc, port):
+        uploader = _stuck_uploader(port)
+        reader = _non_reading_stream(port)
+        _wait_running(port)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        # While it drains the listening socket stays open: new requests get the documented
+        # 503, health says "draining".
+        time.sleep(0.3)
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        code = proc.wait(deadline + SLACK + 3)
+        took = time.monotonic() - signalled
+        log = proc.stderr.read() if proc.stderr else ""
+        uploader.close()
+        reader.close()
+    assert code == 0, log
+    assert deadline - 0.2 <= took <= deadline + SLACK + 3, log
+    assert "shutdown deadline (3 s) reached: cancelling 2 request(s) in flight" in log
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_exits_at_once(bundle: Path) -> None:
+    with serve_process(bundle, "--shutdown-timeout", "60", "-q") as (proc, port):
+        uploader = _stuck_uploader(port)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # draining: the stuck uploader holds it (for up to 60 s)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        code = proc.wait(10)
+        assert time.monotonic() - start < 2
+        uploader.close()
+        log = proc.stderr.read() if proc.stderr else ""
+    assert code == 128 + signal.SIGTERM
+    assert "second signal: exiting now" in log
+
+
+def test_a_busy_port_is_one_line_and_exit_2(
+    bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--model", str(bundle), "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert (
+        out.err == f"pldr-llm: error: cannot listen on 127.0.0.1:{port}: the port is in use "
+        "(another server?)\n"
+    )
+    assert "serving" not in out.out + out.err
+
+
+def test_a_host_that_does_not_resolve_is_one_line_and_exit_2(
+    bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--host", "no-such-host.invalid", "--api-key", "k"]
+    assert cli.main(["serve", "--model", str(bundle), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pldr-llm: error: cannot listen on no-such-host.invalid: the host does")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--header-timeout", "0"),
+        ("--body-timeout", "-1"),
+        ("--shutdown-timeout", "1e9"),
+        ("--max-connections", "0"),
+    ],
+)
+def test_bad_limits_are_refused_in_one_line(
+    bundle: Path, flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--model", str(bundle), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pldr-llm: error: ") and flag in err
+
+
+# ---------------------------------------------------------------------- the app's checks
+
+
+@pytest.fixture(scope="module")
+def keyed(bundle: Path) -> Iterator[str]:
+    with live_server(bundle, api_key="sekret") as (url, _):
+        yield url
+
+
+def test_models_retrieve_gives_the_model_or_404_and_needs_the_key(keyed: str) -> None:
+    client = openai.OpenAI(base_url=keyed + "/v1", api_key="sekret", max_retries=0)
+    model = client.models.retrieve(MODEL_ID)
+    assert (model.id, model.object, model.owned_by) == (MODEL_ID, "model", "pldr-llm")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4")
+    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+    # Authentication before anything: the served id and an unknown one alike.
+    for name in (MODEL_ID, "gpt-4"):
+        r = httpx.get(f"{keyed}/v1/models/{name}", timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        ("Bearer sekret", 200),
+        ("bearer sekret", 200),  # RFC 7235: the scheme is case-insensitive
+        ("BEARER  sekret", 200),
+        ("Bearer SEKRET", 401),  # the key is not
+        ("Basic sekret", 401),
+        ("sekret", 401),
+        ("Bearer", 401),
+    ],
+)
+def test_the_auth_scheme_is_case_insensitive(keyed: str, header: str, status: int) -> None:
+    r = httpx.get(keyed + "/v1/models", headers={"Authorization": header}, timeout=10)
+    assert r.status_code == status
+
+
+@pytest.fixture(scope="module")
+def open_server(bundle: Path) -> Iterator[tuple[str, object]]:
+    with live_server(bundle) as served:
+        yield served
+
+
+GOOD = {"model": MODEL_ID, "prompt": "a", "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_json_endpoints_refuse_other_content_types(open_server, content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    for path in ("/v1/completions", "/v1/deductive"):
+        r = httpx.post(open_server[0] + path, content=json.dumps(GOOD), headers=headers, timeout=30)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    ok = {"Content-Type": "application/json; charset=utf-8"}
+    r = httpx.post(
+        open_server[0] + "/v1/completions", content=json.dumps(GOOD), headers=ok, timeout=30
+    )
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("evil.example", 421),
+        ("evil.example:8000", 421),
+        ("localhost.evil.example", 421),
+        ("localhost:8000", 200),
+        ("app.localhost", 200),
+        ("127.0.0.1", 200),
+        ("[::1]:8000", 200),
+        ("10.1.2.3", 200),  # an address is no rebinding: the page's origin is that address
+    ],
+)
+def test_the_host_header_must_name_this_server(open_server, host: str, status: int) -> None:
+    for method, path, body in (("GET", "/health", None), ("POST", "/v1/completions", GOOD)):
+        r = httpx.request(
+            method, open_server[0] + path, json=body, headers={"Host": host}, timeout=30
+        )
+        assert r.status_code == status, (path, r.text)
+        if status == 421:
+            assert r.json()["error"]["code"] == "host_not_allowed"
+
+
+def test_allowed_hosts_and_cors_origins_are_opt_in(bundle: Path, open_server) -> None:
+    page = {"Origin": "https://app.example"}
+    r = httpx.get(open_server[0] + "/v1/models", headers=page, timeout=10)
+    assert r.status_code == 200
+    assert not any(k.startswith("access-control-") for k in r.headers)
+    options = {"allowed_hosts": ("api.example",), "cors_origins": ("https://app.example",)}
+    with live_server(bundle, **options) as (url, _):
+        r = httpx.get(url + "/v1/models", headers={**page, "Host": "api.example"}, timeout=10)
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.get(url + "/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        assert httpx.get(url + "/health", headers={"Host": "evil.example"}).status_code == 421
+
+
+def test_deeply_nested_json_is_400(open_server) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    r = httpx.post(
+        open_server[0] + "/v1/completions",
+        content=deep,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_500_is_logged_once_with_its_traceback_and_shown_without_internals(
+    open_server,
+) -> None:
+    url, app = open_server
+    server = app.state.server
+    records = _Records()
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(records)
+
+    def broken(prompt: str) -> list[int]:
+        raise RuntimeError("secret internal detail /opt/model/weights")
+
+    original = server.tokenizer.prompt_ids
+    server.tokenizer.prompt_ids = broken
+    try:
+        r = httpx.post(url + "/v1/completions", json=GOOD, timeout=30)
+    finally:
+        server.tokenizer.prompt_ids = original
+        logger.removeHandler(records)
+    assert r.status_code == 500
+    assert r.json()["error"] == {
+        "message": "internal server error",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    assert "secret" not in r.text
+    failures = [rec for rec in records.records if rec.levelno >= logging.ERROR]
+    assert len(failures) == 1, [rec.getMessage() for rec in failures]
+    assert "POST /v1/completions" in failures[0].getMessage()
+    assert failures[0].exc_info and "secret internal detail" in str(failures[0].exc_info[1])
+    # and the server goes on
+    assert httpx.post(url + "/v1/completions", json=GOOD, timeout=30).status_code == 200
