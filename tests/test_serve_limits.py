@@ -274,6 +274,8 @@ def test_sigterm_exits_at_the_deadline_despite_stuck_clients(bundle: Path) -> No
     assert code == 0, log
     assert deadline - 0.2 <= took <= deadline + SLACK + 3, log
     assert "shutdown deadline (3 s) reached: cancelling 2 request(s) in flight" in log
+    # the default batch, sized to the device, is said at start
+    assert "pldr-llm: --max-batch " in log and "CPU core(s)" in log
 
 
 @pytest.mark.slow
@@ -491,3 +493,37 @@ def test_a_500_is_logged_once_with_its_traceback_and_shown_without_internals(
     assert failures[0].exc_info and "secret internal detail" in str(failures[0].exc_info[1])
     # and the server goes on
     assert httpx.post(url + "/v1/completions", json=GOOD, timeout=30).status_code == 200
+
+
+# ---------------------------------------------------------------------- default batch size
+
+
+def test_the_default_batch_is_sized_to_the_free_memory_and_the_model() -> None:
+    from pldr_llm import PLDRConfig
+    from pldr_llm.serve.sizing import bytes_per_sequence, default_max_batch
+
+    paper = PLDRConfig(
+        num_layers=5, d_model=896, num_heads=14, max_seq_len=1024, input_vocab_size=32000
+    )
+    # bfloat16, by hand: K and V (2 x 5 layers x 14 heads x 1024 slots x 64 x 2 bytes), the four
+    # 64 x 64 G-cache matrices per head and layer, and a row's sampling buffers.
+    kv, g, rows = 2 * 5 * 14 * 1024 * 64 * 2, 4 * 5 * 14 * 64 * 64 * 2, 32000 * 20 + 1024 * 10
+    assert bytes_per_sequence(paper, 2) == kv + g + rows == 21_294_080
+    gib = 2**30
+    # An idle H200 (~139 GiB free): thousands would fit; the cap (the step is host-bound).
+    assert default_max_batch(paper, "cuda", 2, free_bytes=139 * gib).max_batch == 256
+    # 2 GiB free: half of it / 21.3 MB = 50 slots; float32 halves that.
+    assert default_max_batch(paper, "cuda", 2, free_bytes=2 * gib).max_batch == 50
+    assert default_max_batch(paper, "cuda", 4, free_bytes=2 * gib).max_batch == 25
+    # a nearly full device still gets one slot (the engine then says what does not fit)
+    assert default_max_batch(paper, "cuda", 2, free_bytes=10 * 2**20).max_batch == 1
+    # a longer context costs more per slot
+    long = PLDRConfig(
+        num_layers=5, d_model=896, num_heads=14, max_seq_len=4096, input_vocab_size=32000
+    )
+    assert default_max_batch(long, "cuda", 2, free_bytes=2 * gib).max_batch == 14
+    sizing = default_max_batch(paper, "cuda", 2, free_bytes=2 * gib)
+    assert "2.0 GiB free" in sizing.reason and "20.3 MiB per sequence" in sizing.reason
+    # the CPU: 8 rows a core, at most 16 (the 2-core default is the old fixed 16)
+    cpu = [default_max_batch(paper, "cpu", 4, cpu_count=n).max_batch for n in (1, 2, 64)]
+    assert cpu == [8, 16, 16]

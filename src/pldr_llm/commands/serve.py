@@ -28,7 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument(
-        "--max-batch", type=int, default=16, metavar="N", help="sequences decoded together (16)"
+        "--max-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sequences decoded together (default: sized to the device: on a GPU from its free "
+        "memory and the model's cache per sequence, at most 256; on the CPU 8 a core, at most 16)",
     )
     p.add_argument(
         "--max-queue",
@@ -123,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve it until SIGTERM / Ctrl-C."""
-    if args.max_batch < 1:
+    if args.max_batch is not None and args.max_batch < 1:
         raise PLDRError(f"--max-batch must be at least 1, got {args.max_batch}")
     if not 1 <= args.tokens_per_sync <= 64:
         raise PLDRError(f"--tokens-per-sync must be in [1, 64], got {args.tokens_per_sync}")
@@ -171,13 +176,23 @@ def run(args: argparse.Namespace) -> int:
 def _load_and_serve(args: argparse.Namespace, api_key: str | None, sock: Any, limits: Any) -> None:
     from pldr_llm.bundle import bundle_summary, load_bundle, resolve_bundle
     from pldr_llm.serve.app import ServeOptions, find_chat_template, run_server
+    from pldr_llm.serve.sizing import device_max_batch
 
     files = resolve_bundle(args.model)
     model_id = args.model_id or files.root.name
+    model, tokenizer = load_bundle(
+        files, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer
+    )
+    log(args, f"loaded {bundle_summary(files, model)}")
+    max_batch = args.max_batch
+    if max_batch is None:
+        sizing = device_max_batch(model)
+        max_batch = sizing.max_batch
+        log(args, f"--max-batch {max_batch} ({sizing.reason})")
     options = ServeOptions(
         model_id=model_id,
         api_key=api_key,
-        max_batch=args.max_batch,
+        max_batch=max_batch,
         max_queue=args.max_queue,
         max_body=args.max_body,
         chat_template=find_chat_template(files.root),
@@ -189,10 +204,6 @@ def _load_and_serve(args: argparse.Namespace, api_key: str | None, sock: Any, li
         log_level="warning" if args.quiet else "info",
         **limits,
     )
-    model, tokenizer = load_bundle(
-        files, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer
-    )
-    log(args, f"loaded {bundle_summary(files, model)}")
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     log(args, f"serving '{model_id}' on http://{shown}:{port}/ (playground at /)")
