@@ -527,3 +527,108 @@ def test_the_default_batch_is_sized_to_the_free_memory_and_the_model() -> None:
     # the CPU: 8 rows a core, at most 16 (the 2-core default is the old fixed 16)
     cpu = [default_max_batch(paper, "cpu", 4, cpu_count=n).max_batch for n in (1, 2, 64)]
     assert cpu == [8, 16, 16]
+
+
+# ---------------------------------------------------------------------- replicas
+
+
+def _haproxy_config(front: int, first: int, second: int) -> str:
+    """The HAProxy file of docs/serving.md ("Replicas"), on the given ports."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text("utf-8")
+    found = re.search(r"```haproxy\n(.*?)```", doc, re.S)
+    assert found, "docs/serving.md has no haproxy block"
+    text = found.group(1)
+    for old, new in (("8000", front), ("8001", first), ("8002", second)):
+        assert f"127.0.0.1:{old}" in text
+        text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
+    return text
+
+
+@pytest.mark.slow
+def test_replicas_behind_haproxy_lose_no_request(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    prompts = [f"replica {i}" for i in range(4)]
+    with contextlib.ExitStack() as stack:
+        replicas = []
+        for _ in range(2):
+            replicas.append(
+                stack.enter_context(serve_process(bundle, "--shutdown-timeout", "20", "-q"))
+            )
+        (first, p1), (_, p2) = replicas
+        # What one server gives for each prompt (greedy): every answer must be this text.
+        want = {}
+        for prompt in prompts:
+            r = httpx.post(
+                f"http://127.0.0.1:{p2}/v1/completions",
+                json={"model": MODEL_ID, "prompt": prompt, "max_tokens": 24, "temperature": 0},
+                timeout=30,
+            )
+            want[prompt] = r.json()["choices"][0]["text"]
+        front = _free_port()
+        config = tmp_path / "pldr.cfg"
+        config.write_text(_haproxy_config(front, p1, p2), encoding="utf-8")
+        balancer = subprocess.Popen(
+            [haproxy, "-f", str(config), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stack.callback(lambda: (balancer.kill(), balancer.wait(10)))
+        url = f"http://127.0.0.1:{front}"
+        deadline = time.monotonic() + 20
+        while True:
+            assert balancer.poll() is None, balancer.stderr.read() if balancer.stderr else ""
+            assert time.monotonic() < deadline, "haproxy did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+        total, done, signalled = 48, [], threading.Event()
+        lock = threading.Lock()
+
+        def one(i: int) -> tuple[int, bool, bool]:
+            prompt = prompts[i % len(prompts)]
+            body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+            if i % 2:  # a stream, read to its end
+                text = ""
+                with httpx.stream(
+                    "POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60
+                ) as r:
+                    status = r.status_code
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+            else:
+                r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+                status = r.status_code
+                text = r.json()["choices"][0]["text"] if status == 200 else r.text
+            with lock:
+                done.append(i)
+                if len(done) == total // 3:  # a third of the load is done: stop replica 1
+                    first.send_signal(signal.SIGTERM)
+                    signalled.set()
+            return status, text == want[prompt], signalled.is_set(), text[:300]
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(one, range(total)))
+        assert all(status == 200 for status, *_ in results), [r for r in results if r[0] != 200]
+        assert all(same for _, same, *_ in results)
+        assert sum(after for _, _, after, _ in results) >= total // 2  # the load went on after it
+        assert first.wait(30) == 0  # replica 1 drained and exited
+        # and the balancer still serves, from replica 2 alone
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": MODEL_ID, "prompt": prompts[0], "max_tokens": 24, "temperature": 0},
+            timeout=30,
+        )
+        assert r.json()["choices"][0]["text"] == want[prompts[0]]
