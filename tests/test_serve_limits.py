@@ -495,6 +495,35 @@ def test_a_500_is_logged_once_with_its_traceback_and_shown_without_internals(
     assert httpx.post(url + "/v1/completions", json=GOOD, timeout=30).status_code == 200
 
 
+def test_an_engine_failure_is_logged_and_answered_without_its_text(open_server) -> None:
+    """A 500 the handlers raise on purpose (the engine reported an error) is logged with its
+    text, and the client gets the generic message."""
+    from pldr_llm.serve.scheduler import Event
+
+    url, app = open_server
+    scheduler = app.state.server.scheduler
+    records = _Records()
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(records)
+
+    def failing_submit(seqs) -> None:
+        for seq in seqs:
+            failed = Event(finish_reason="error", error="CUDA error: secret", index=seq.index)
+            seq.events.put_nowait(failed)
+
+    original = scheduler.submit
+    scheduler.submit = failing_submit
+    try:
+        r = httpx.post(url + "/v1/completions", json=GOOD, timeout=30)
+    finally:
+        scheduler.submit = original
+        logger.removeHandler(records)
+    assert r.status_code == 500 and "secret" not in r.text
+    assert r.json()["error"]["message"] == "internal server error"
+    logged = [rec.getMessage() for rec in records.records if rec.levelno >= logging.ERROR]
+    assert logged == ["500 on POST /v1/completions: CUDA error: secret"]
+
+
 # ---------------------------------------------------------------------- default batch size
 
 

@@ -52,12 +52,18 @@ FORCE_AFTER_DEADLINE_S = 5.0
 LOOPBACK_NAMES = ("localhost",)
 
 
+def _error_body(status: int, message: str, code: str) -> bytes:
+    """An OpenAI error object (the shape of ``serve.protocol.APIError``)."""
+    type_ = "server_error" if status >= 500 else "invalid_request_error"
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    ).encode()
+
+
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
     """A complete HTTP/1.1 response with an OpenAI error object that closes the connection
     (written to a transport directly, where no request cycle exists to answer through)."""
-    body = json.dumps(
-        {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-    ).encode()
+    body = _error_body(status, message, code)
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n"
@@ -276,12 +282,10 @@ class GuardMiddleware:
                 f"the Host header '{text}' is not a name of this server "
                 "(start it with --allowed-hosts NAME to accept it)"
             )
-            await _json_error(send, 421, message, "invalid_request_error", "host_not_allowed")
+            await _json_error(send, 421, message, "host_not_allowed")
             return
         if self.gate.draining and scope.get("path") not in self.DURING_DRAIN:
-            await _json_error(
-                send, 503, "the server is shutting down", "server_error", "shutting_down"
-            )
+            await _json_error(send, 503, "the server is shutting down", "shutting_down")
             return
         self.gate.in_flight += 1
         try:
@@ -290,10 +294,8 @@ class GuardMiddleware:
             self.gate.in_flight -= 1
 
 
-async def _json_error(send: Any, status: int, message: str, type_: str, code: str) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": type_, "param": None, "code": code}}
-    ).encode()
+async def _json_error(send: Any, status: int, message: str, code: str) -> None:
+    body = _error_body(status, message, code)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if status == 503:
         headers += [(b"connection", b"close"), (b"retry-after", b"1")]
