@@ -107,7 +107,8 @@ def _trickle(sock: socket.socket, data: bytes, every: float) -> None:
 @pytest.fixture(scope="module")
 def timeouts_server(bundle: Path) -> Iterator[int]:
     flags = ["--header-timeout", str(SHORT), "--body-timeout", str(SHORT)]
-    with serve_process(bundle, *flags, "--keep-alive-timeout", str(SHORT), "-q") as (_, port):
+    flags += ["--keep-alive-timeout", str(SHORT)]
+    with serve_process(bundle, *flags, "-q") as (_, port):
         yield port
 
 
@@ -171,6 +172,67 @@ def test_idle_connections_are_closed(timeouts_server: int) -> None:
 
 def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("write_timeout", [0.5, 30.0])
+def test_a_client_that_stops_reading_is_disconnected(write_timeout: float) -> None:
+    """An answer that never ends (an ASGI app writing 64 kB chunks until the client goes) to a
+    client that reads nothing: once the buffers are full, the connection is dropped after the
+    write timeout, and the app sees the disconnect. With a long timeout it is still writing."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from pldr_llm.serve.http import ConnectionGuard, guarded_protocol
+
+    ended: list[float] = []
+
+    async def endless(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while not gone.is_set():
+            await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+        ended.append(time.monotonic())
+        await watcher
+
+    protocol = guarded_protocol(ConnectionGuard(8), 5.0, 5.0, write_timeout)
+    config = uvicorn.Config(endless, http=protocol, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    client = socket.socket()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(listener.getsockname())
+        client.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        sent = time.monotonic()
+        time.sleep(write_timeout + 1.5 if write_timeout < 1 else 2.0)
+        if write_timeout < 1:
+            assert ended and ended[0] - sent <= write_timeout + 1.5
+        else:
+            assert not ended  # still writing into full buffers: only the timeout ends it
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
 
 
 @pytest.mark.slow
@@ -243,9 +305,13 @@ def _non_reading_stream(port: int) -> socket.socket:
     return sock
 
 
+def _running(port: int) -> int:
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["running"]
+
+
 def _wait_running(port: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["running"] == 0:
+    while _running(port) == 0:
         assert time.monotonic() < deadline, "the stream never started"
         time.sleep(0.05)
 

@@ -84,6 +84,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a client has to send a request's body once its headers are in (30)",
     )
     limits.add_argument(
+        "--write-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a client may read nothing while its answer waits in full buffers (60)",
+    )
+    limits.add_argument(
         "--keep-alive-timeout",
         type=float,
         default=5.0,
@@ -156,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     limits = {
         "header_timeout": args.header_timeout,
         "body_timeout": args.body_timeout,
+        "write_timeout": args.write_timeout,
         "keep_alive_timeout": args.keep_alive_timeout,
         "max_connections": args.max_connections,
         "shutdown_timeout": args.shutdown_timeout,

@@ -85,9 +85,11 @@ class ServeOptions:
     log_level: str = "info"
     # Connection limits (docs/serving.md, "Limits"): seconds to send a request's headers (from
     # the connection's start or the request's first byte) and its body (from the headers' end),
-    # an idle keep-alive connection's life, open connections, and the drain after SIGTERM.
+    # to read again once the answer fills the buffers, an idle keep-alive connection's life,
+    # open connections, and the drain after SIGTERM.
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    write_timeout: float = 60.0
     keep_alive_timeout: float = 5.0
     max_connections: int = 4096
     shutdown_timeout: float = 30.0
@@ -98,7 +100,8 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         check_listen_address(self.host, self.port, self.api_key, self.insecure)
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "shutdown_timeout"):
+        timeouts = ("header", "body", "write", "keep_alive", "shutdown")
+        for name in (f"{t}_timeout" for t in timeouts):
             value = getattr(self, name)
             if not 0 < value <= 3600:
                 flag = "--" + name.replace("_", "-")

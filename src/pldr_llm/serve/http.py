@@ -122,9 +122,12 @@ class ConnectionGuard:
             self.counts = {}
 
 
-def guarded_protocol(guard: ConnectionGuard, header_timeout: float, body_timeout: float) -> type:
-    """uvicorn's h11 protocol class with the read deadlines and the connection cap of
-    ``guard`` (given to ``uvicorn.Config(http=...)``).
+def guarded_protocol(
+    guard: ConnectionGuard, header_timeout: float, body_timeout: float, write_timeout: float
+) -> type:
+    """uvicorn's h11 protocol class with the read deadlines, the write deadline (a client whose
+    answer waits ``write_timeout`` seconds in a full buffer, reading nothing, is disconnected)
+    and the connection cap of ``guard`` (given to ``uvicorn.Config(http=...)``).
 
     It reads only h11's public connection states (``their_state``, ``our_state``,
     ``trailing_data``) of uvicorn's ``conn``, and its ``cycle``; the rest is asyncio's protocol
@@ -135,6 +138,7 @@ def guarded_protocol(guard: ConnectionGuard, header_timeout: float, body_timeout
     class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
         _deadline: asyncio.TimerHandle | None = None
         _deadline_kind: str | None = None
+        _write_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -154,8 +158,29 @@ def guarded_protocol(guard: ConnectionGuard, header_timeout: float, body_timeout
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
             guard.release(self)
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            # The transport's buffer is full: the client reads slower than the answer comes.
+            super().pause_writing()
+            if self._write_deadline is None:
+                self._write_deadline = self.loop.call_later(write_timeout, self._stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
+                self._write_deadline = None
+
+        def _stalled(self) -> None:
+            self._write_deadline = None
+            guard.note(f"closed: read nothing for {write_timeout:g} s")
+            # abort, not close: close would wait for the buffer the client does not read. The
+            # handler's pending write then returns, and the request ends as a disconnect.
+            self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -451,7 +476,9 @@ def serve_app(app: Any, options: Any, sock: socket.socket | None = None) -> None
     guard = ConnectionGuard(cap)
     config = uvicorn.Config(
         app,
-        http=guarded_protocol(guard, options.header_timeout, options.body_timeout),
+        http=guarded_protocol(
+            guard, options.header_timeout, options.body_timeout, options.write_timeout
+        ),
         log_level=options.log_level,
         lifespan="on",
         access_log=False,
