@@ -174,6 +174,7 @@ def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("write_timeout", [0.5, 30.0])
 def test_a_client_that_stops_reading_is_disconnected(write_timeout: float) -> None:
     """An answer that never ends (an ASGI app writing 64 kB chunks until the client goes) to a
