@@ -170,6 +170,43 @@ def test_idle_connections_are_closed(timeouts_server: int) -> None:
     used.close()
 
 
+class _FakeConnection:
+    def __init__(self, idle: bool) -> None:
+        self.idle, self.closed = idle, False
+
+    def is_idle(self) -> bool:
+        return self.idle
+
+    def close_quietly(self) -> None:
+        self.closed = True
+
+
+def test_the_connection_cap_closes_an_idle_connection_or_refuses() -> None:
+    from pldr_llm.serve.http import ConnectionGuard
+
+    guard = ConnectionGuard(3)
+    busy1, idle, busy2 = (_FakeConnection(i) for i in (False, True, False))
+    assert all(guard.admit(c) for c in (busy1, idle, busy2))
+    new = _FakeConnection(False)
+    assert guard.admit(new) and idle.closed and not busy1.closed and not busy2.closed
+    assert list(guard.open) == [busy2, busy1, new]  # the busy one looked at went to the back
+    late = _FakeConnection(True)
+    assert not guard.admit(late) and late not in guard.open  # all busy: refused
+    guard.release(busy1)
+    assert guard.admit(late)  # room again
+    records = _Records()
+    logging.getLogger("uvicorn.error").addHandler(records)
+    try:
+        guard.flush()
+        guard.flush()  # nothing new: nothing logged
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(records)
+    assert [r.getMessage() for r in records.records] == [
+        "connections in the last 10 s: 1 idle connections closed to make room, "
+        "1 refused (503) at the connection cap (cap 3, 3 open)"
+    ]
+
+
 def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

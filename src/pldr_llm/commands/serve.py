@@ -102,8 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=4096,
         metavar="N",
-        help="open connections; past it the longest-idle one is closed, or the new one gets "
-        "503 (4096)",
+        help="open connections; past it an idle one is closed, or the new one gets 503 (4096)",
     )
     limits.add_argument(
         "--shutdown-timeout",

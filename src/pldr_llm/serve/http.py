@@ -8,7 +8,7 @@ So, kept on uvicorn (any version from 0.30; the app is plain ASGI) with these ad
 - :func:`guarded_protocol`: uvicorn's h11 protocol with a deadline per request for the headers
   (from the connection's start, or the first byte of a later request) and one for the body (from
   the end of the headers), and a cap on open connections: at the cap, a new connection evicts the
-  longest-idle one (no request in progress), or, when none is idle, is answered 503 and closed.
+  oldest idle one found (no request in progress), or, when none is, is answered 503 and closed.
   Events are logged as one summary line per interval, never one per connection.
 - :class:`GuardMiddleware`: the Host check (DNS rebinding), the 503 of a drain, and the count of
   requests in flight that the drain waits for.
@@ -40,11 +40,16 @@ LOG = logging.getLogger("uvicorn.error")
 # File descriptors kept free besides the connections: the model's files, the tokenizer,
 # torch's and the loop's own, the log.
 FD_RESERVE = 64
-# Connections accepted per turn of the event loop (and the kernel's listen queue, past which
-# clients wait in connect). One beyond the cap holds its socket for ~3 turns (accepted, answered,
-# closed), so the process holds at most max_connections + OVERFLOW_FDS sockets.
+# Connections accepted per turn of the event loop. One beyond the cap holds its socket for ~3
+# turns (accepted, answered, closed), so the process holds at most max_connections +
+# OVERFLOW_FDS sockets. The kernel's queue of connections not yet accepted is longer (a burst of
+# clients connecting at once waits there, not in SYN retries).
 ACCEPT_BATCH = 100
 OVERFLOW_FDS = 3 * ACCEPT_BATCH
+LISTEN_BACKLOG = 2048
+# At the cap, this many of the oldest connections are looked at for an idle one to close (the
+# busy ones looked at go to the back): a flood costs O(1) per connection, not O(open).
+IDLE_SCAN = 64
 SUMMARY_INTERVAL_S = 10.0
 # A forced stop after this long past the shutdown deadline, whatever is stuck (the lifespan's
 # scheduler stop, a thread): the deadline is a promise.
@@ -84,15 +89,21 @@ class ConnectionGuard:
         self._flush_at: float | None = None
 
     def admit(self, conn: Any) -> bool:
-        """Whether ``conn`` may stay open: at the cap, the oldest idle connection is evicted to
-        make room; with none idle, ``conn`` is refused."""
+        """Whether ``conn`` may stay open: at the cap, an idle connection (the oldest found) is
+        closed to make room; with none idle, ``conn`` is refused."""
         if len(self.open) >= self.max_connections:
-            idle = next((c for c in self.open if c.is_idle()), None)
+            idle = None
+            for _ in range(min(IDLE_SCAN, len(self.open))):
+                oldest = next(iter(self.open))
+                del self.open[oldest]
+                if oldest.is_idle():
+                    idle = oldest
+                    break
+                self.open[oldest] = None  # busy: to the back
             if idle is None:
                 self.note("refused (503) at the connection cap")
                 return False
             self.note("idle connections closed to make room")
-            self.open.pop(idle, None)
             idle.close_quietly()
         self.open[conn] = None
         return True
@@ -345,7 +356,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         # this never lets two servers bind one port).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(ACCEPT_BATCH)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         why = exc.strerror or str(exc)
@@ -399,6 +410,12 @@ class GracefulServer:
                 finally:
                     for sig, handler in previous.items():
                         signal.signal(sig, handler)
+
+            async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+                await super().startup(sockets=sockets)
+                # asyncio set the kernel's queue to its accept batch; a longer one again.
+                for sock in sockets or ():
+                    sock.listen(LISTEN_BACKLOG)
 
             async def on_tick(self, counter: int) -> bool:
                 stop = await super().on_tick(counter)
