@@ -416,6 +416,16 @@ def test_a_busy_port_is_one_line_and_exit_2(
     assert "serving" not in out.out + out.err
 
 
+def test_the_listening_socket_prefers_ipv4_for_a_name() -> None:
+    from pldr_llm.serve.http import bind_socket
+
+    sock = bind_socket("localhost", 0)  # some systems list ::1 first; clients use 127.0.0.1
+    try:
+        assert sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
+
+
 def test_a_host_that_does_not_resolve_is_one_line_and_exit_2(
     bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -349,6 +349,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise PLDRError(f"cannot listen on {host}: the host does not resolve ({exc})") from None
+    # IPv4 first where a name has both (uvicorn's choice: "localhost" is 127.0.0.1).
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
