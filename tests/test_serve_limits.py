@@ -222,7 +222,7 @@ def test_a_client_that_stops_reading_is_disconnected(write_timeout: float) -> No
 
     import uvicorn
 
-    from pldr_llm.serve.http import ConnectionGuard, guarded_protocol
+    from pldr_llm.serve.http import ConnectionGuard, ReadWriteLimits, guarded_protocol
 
     ended: list[float] = []
 
@@ -246,7 +246,7 @@ def test_a_client_that_stops_reading_is_disconnected(write_timeout: float) -> No
         ended.append(time.monotonic())
         await watcher
 
-    protocol = guarded_protocol(ConnectionGuard(8), 5.0, 5.0, write_timeout)
+    protocol = guarded_protocol(ConnectionGuard(8), ReadWriteLimits(5.0, 5.0, write_timeout))
     config = uvicorn.Config(endless, http=protocol, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     listener = socket.socket()

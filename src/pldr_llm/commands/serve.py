@@ -68,6 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="decoding steps per host sync while no request waits for a slot; 1: one sync per "
         "token (16)",
     )
+    _add_limit_arguments(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
+    p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
+    add_model_arguments(p)
+
+
+def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """The connection limits and checks (docs/serving.md, "Limits")."""
     limits = p.add_argument_group("limits (docs/serving.md, 'Limits')")
     limits.add_argument(
         "--header-timeout",
@@ -127,9 +135,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="an origin (https://app.example) whose pages may call the API; repeatable "
         "(default: none, no CORS headers)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
-    p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
-    add_model_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

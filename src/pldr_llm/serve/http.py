@@ -5,11 +5,13 @@ request's headers and body for as long as a client cares to send them, accepts c
 the process runs out of file descriptors, and closes its listening socket at the first SIGTERM.
 So, kept on uvicorn (any version from 0.30; the app is plain ASGI) with these additions:
 
-- :func:`guarded_protocol`: uvicorn's h11 protocol with a deadline per request for the headers
-  (from the connection's start, or the first byte of a later request) and one for the body (from
-  the end of the headers), and a cap on open connections: at the cap, a new connection evicts the
-  oldest idle one found (no request in progress), or, when none is, is answered 503 and closed.
-  Events are logged as one summary line per interval, never one per connection.
+- :func:`guarded_protocol`: uvicorn's h11 protocol with a :class:`ConnectionWatch` on each
+  connection: a deadline per request for the headers (from the connection's start, or the first
+  byte of a later request) and one for the body (from the end of the headers), one for a client
+  that stops reading, and a cap on open connections (:class:`ConnectionGuard`): at the cap, a
+  new connection evicts the oldest idle one found (no request in progress), or, when none is, is
+  answered 503 and closed. Events are logged as one summary line per interval, never one per
+  connection.
 - :class:`GuardMiddleware`: the Host check (DNS rebinding), the 503 of a drain, and the count of
   requests in flight that the drain waits for.
 - :class:`GracefulServer`: the first SIGTERM/SIGINT starts a drain (the listening socket stays
@@ -32,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pldr_llm.core.errors import PLDRError
@@ -133,122 +136,161 @@ class ConnectionGuard:
             self.counts = {}
 
 
-def guarded_protocol(
-    guard: ConnectionGuard, header_timeout: float, body_timeout: float, write_timeout: float
-) -> type:
-    """uvicorn's h11 protocol class with the read deadlines, the write deadline (a client whose
-    answer waits ``write_timeout`` seconds in a full buffer, reading nothing, is disconnected)
-    and the connection cap of ``guard`` (given to ``uvicorn.Config(http=...)``).
+@dataclass(frozen=True)
+class ReadWriteLimits:
+    """Seconds a client has to send a request's headers and body, and to read again once its
+    answer fills the buffers."""
 
-    It reads only h11's public connection states (``their_state``, ``our_state``,
-    ``trailing_data``) of uvicorn's ``conn``, and its ``cycle``; the rest is asyncio's protocol
-    interface."""
-    import h11
+    header_timeout: float
+    body_timeout: float
+    write_timeout: float
+
+
+class ConnectionWatch:
+    """The deadlines of one connection, kept beside uvicorn's h11 protocol ``proto``.
+
+    A request's headers must be complete ``header_timeout`` seconds after the connection opened
+    (or after the first byte of a later request), its body ``body_timeout`` seconds after the
+    headers; a deadline is never moved by later bytes (one byte a second must not keep a
+    connection open). Past one: 408 and the connection closed. A client that reads nothing for
+    ``write_timeout`` seconds while the transport's buffer is full is dropped. Only h11's public
+    connection states (``their_state``, ``our_state``, ``trailing_data``) of uvicorn's ``conn``
+    and its ``cycle`` are read; the rest is asyncio's protocol interface."""
+
+    def __init__(self, proto: Any, guard: ConnectionGuard, limits: ReadWriteLimits) -> None:
+        self.proto = proto
+        self.guard = guard
+        self.limits = limits
+        self._read: asyncio.TimerHandle | None = None
+        self._read_kind: str | None = None  # "header" or "body"
+        self._write: asyncio.TimerHandle | None = None
+
+    def made(self) -> None:
+        """A new connection: admitted under the cap (its header deadline starts), or answered
+        503 and closed."""
+        if self.guard.admit(self):
+            self._arm("header")
+            return
+        message = (
+            f"the server holds its maximum of {self.guard.max_connections} connections; retry later"
+        )
+        transport = self.proto.transport
+        transport.write(_raw_response(503, "Service Unavailable", message, "too_many_connections"))
+        transport.close()
+
+    def lost(self) -> None:
+        self._disarm()
+        if self._write is not None:
+            self._write.cancel()
+        self.guard.release(self)
+
+    def received(self) -> None:
+        """After uvicorn has parsed what arrived: the deadline of the phase the request is in."""
+        import h11
+
+        state = self.proto.conn.their_state
+        if state is h11.IDLE:  # part of a request's headers
+            if self._read_kind != "header":
+                self._arm("header")
+        elif state is h11.SEND_BODY:
+            if self._read_kind != "body":
+                self._arm("body")
+        else:  # the request is complete (or the connection is closing)
+            self._disarm()
+
+    def paused(self) -> None:
+        """The transport's buffer is full: the client reads slower than the answer comes."""
+        if self._write is None:
+            loop = self.proto.loop
+            self._write = loop.call_later(self.limits.write_timeout, self._stalled)
+
+    def resumed(self) -> None:
+        if self._write is not None:
+            self._write.cancel()
+            self._write = None
+
+    def is_idle(self) -> bool:
+        """No request in progress and no byte of the next one received."""
+        import h11
+
+        cycle, conn = self.proto.cycle, self.proto.conn
+        return (
+            (cycle is None or cycle.response_complete)
+            and conn.their_state is h11.IDLE
+            and not conn.trailing_data[0]
+        )
+
+    def close_quietly(self) -> None:
+        self._disarm()
+        self.proto.transport.close()
+
+    def _arm(self, kind: str) -> None:
+        self._disarm()
+        timeout = self.limits.header_timeout if kind == "header" else self.limits.body_timeout
+        self._read = self.proto.loop.call_later(timeout, self._expired, kind)
+        self._read_kind = kind
+
+    def _disarm(self) -> None:
+        if self._read is not None:
+            self._read.cancel()
+        self._read = None
+        self._read_kind = None
+
+    def _expired(self, kind: str) -> None:
+        import h11
+
+        self._read = None
+        conn, transport = self.proto.conn, self.proto.transport
+        if transport.is_closing():
+            return
+        started = conn.trailing_data[0] or conn.their_state is not h11.IDLE
+        if kind == "header" and not started:
+            self.guard.note("closed idle before a request")  # a fresh connection never used
+        else:
+            self.guard.note(f"timed out reading the {kind} (408)")
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no answer begun
+                limit = self.limits.header_timeout if kind == "header" else self.limits.body_timeout
+                message = f"the request's {kind} did not arrive within {limit:g} s"
+                transport.write(_raw_response(408, "Request Timeout", message, "request_timeout"))
+        # The handler waiting for the body, if any, sees a disconnect.
+        transport.close()
+
+    def _stalled(self) -> None:
+        self._write = None
+        self.guard.note(f"closed: read nothing for {self.limits.write_timeout:g} s")
+        # abort, not close: close would wait for the buffer the client does not read. The
+        # handler's pending write then returns, and the request ends as a disconnect.
+        self.proto.transport.abort()
+
+
+def guarded_protocol(guard: ConnectionGuard, limits: ReadWriteLimits) -> type:
+    """uvicorn's h11 protocol class with a :class:`ConnectionWatch` on each connection (given
+    to ``uvicorn.Config(http=...)``)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
-        _deadline: asyncio.TimerHandle | None = None
-        _deadline_kind: str | None = None
-        _write_deadline: asyncio.TimerHandle | None = None
+        watch: ConnectionWatch
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            if not guard.admit(self):
-                transport.write(
-                    _raw_response(
-                        503,
-                        "Service Unavailable",
-                        f"the server holds its maximum of {guard.max_connections} connections; "
-                        "retry later",
-                        "too_many_connections",
-                    )
-                )
-                transport.close()
-                return
-            self._arm("header")
+            self.watch = ConnectionWatch(self, guard, limits)
+            self.watch.made()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            if self._write_deadline is not None:
-                self._write_deadline.cancel()
-            guard.release(self)
+            self.watch.lost()
             super().connection_lost(exc)
-
-        def pause_writing(self) -> None:
-            # The transport's buffer is full: the client reads slower than the answer comes.
-            super().pause_writing()
-            if self._write_deadline is None:
-                self._write_deadline = self.loop.call_later(write_timeout, self._stalled)
-
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self._write_deadline is not None:
-                self._write_deadline.cancel()
-                self._write_deadline = None
-
-        def _stalled(self) -> None:
-            self._write_deadline = None
-            guard.note(f"closed: read nothing for {write_timeout:g} s")
-            # abort, not close: close would wait for the buffer the client does not read. The
-            # handler's pending write then returns, and the request ends as a disconnect.
-            self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            state = self.conn.their_state
-            if state is h11.IDLE:
-                # Part of a request's headers: their deadline runs from its first byte (and is
-                # not moved by later bytes: one byte a second must not keep it open).
-                if self._deadline_kind != "header":
-                    self._arm("header")
-            elif state is h11.SEND_BODY:
-                if self._deadline_kind != "body":
-                    self._arm("body")
-            else:  # the request is complete (or the connection is closing)
-                self._disarm()
+            self.watch.received()
 
-        def is_idle(self) -> bool:
-            """No request in progress and no byte of the next one received."""
-            cycle = self.cycle
-            return (
-                (cycle is None or cycle.response_complete)
-                and self.conn.their_state is h11.IDLE
-                and not self.conn.trailing_data[0]
-            )
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self.watch.paused()
 
-        def close_quietly(self) -> None:
-            self._disarm()
-            self.transport.close()
-
-        def _arm(self, kind: str) -> None:
-            self._disarm()
-            timeout = header_timeout if kind == "header" else body_timeout
-            self._deadline = self.loop.call_later(timeout, self._expired, kind)
-            self._deadline_kind = kind
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            self._deadline = None
-            self._deadline_kind = None
-
-        def _expired(self, kind: str) -> None:
-            self._deadline = None
-            if self.transport.is_closing():
-                return
-            started = self.conn.trailing_data[0] or self.conn.their_state is not h11.IDLE
-            if kind == "header" and not started:
-                guard.note("closed idle before a request")  # a fresh connection never used
-            else:
-                guard.note(f"timed out reading the {kind} (408)")
-                if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    seconds = header_timeout if kind == "header" else body_timeout
-                    message = f"the request's {kind} did not arrive within {seconds:g} s"
-                    self.transport.write(
-                        _raw_response(408, "Request Timeout", message, "request_timeout")
-                    )
-            # The handler waiting for the body, if any, sees a disconnect.
-            self.transport.close()
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self.watch.resumed()
 
     return GuardedH11Protocol
 
@@ -496,7 +538,8 @@ def serve_app(app: Any, options: Any, sock: socket.socket | None = None) -> None
     config = uvicorn.Config(
         app,
         http=guarded_protocol(
-            guard, options.header_timeout, options.body_timeout, options.write_timeout
+            guard,
+            ReadWriteLimits(options.header_timeout, options.body_timeout, options.write_timeout),
         ),
         log_level=options.log_level,
         lifespan="on",
