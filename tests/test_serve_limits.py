@@ -118,10 +118,19 @@ REQUEST_HEAD = (
 
 
 @pytest.mark.slow
-def test_a_slow_header_is_cut_at_the_header_timeout(timeouts_server: int) -> None:
+@pytest.mark.parametrize("after_a_request", [False, True])
+def test_a_slow_header_is_cut_at_the_header_timeout(
+    timeouts_server: int, after_a_request: bool
+) -> None:
     import threading
 
     sock = socket.create_connection(("127.0.0.1", timeouts_server))
+    if after_a_request:  # the deadline of a later request on a kept-alive connection
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200 ")
     # One byte every 0.2 s: each byte is "progress", but the whole head takes ~12 s.
     sender = threading.Thread(target=_trickle, args=(sock, REQUEST_HEAD * 2, 0.2), daemon=True)
     start = time.monotonic()
