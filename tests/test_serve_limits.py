@@ -191,7 +191,7 @@ class _FakeConnection:
 
 
 def test_the_connection_cap_closes_an_idle_connection_or_refuses() -> None:
-    from pldr_llm.serve.http import ConnectionGuard
+    from pldr_llm.serve.connections import ConnectionGuard
 
     guard = ConnectionGuard(3)
     busy1, idle, busy2 = (_FakeConnection(i) for i in (False, True, False))
@@ -231,7 +231,7 @@ def test_a_client_that_stops_reading_is_disconnected(write_timeout: float) -> No
 
     import uvicorn
 
-    from pldr_llm.serve.http import ConnectionGuard, ReadWriteLimits, guarded_protocol
+    from pldr_llm.serve.connections import ConnectionGuard, ReadWriteLimits, guarded_protocol
 
     ended: list[float] = []
 
@@ -287,7 +287,7 @@ def test_a_client_that_stops_reading_is_disconnected(write_timeout: float) -> No
 def test_a_thousand_idle_connections_leave_health_answering(bundle: Path) -> None:
     import resource
 
-    from pldr_llm.serve.http import OVERFLOW_FDS
+    from pldr_llm.serve.connections import OVERFLOW_FDS
 
     count, cap = 1000, 200
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -366,7 +366,9 @@ def _wait_running(port: int, timeout: float = 30) -> None:
 @pytest.mark.slow
 def test_sigterm_exits_at_the_deadline_despite_stuck_clients(bundle: Path) -> None:
     deadline = 3.0
-    with serve_process(bundle, "--shutdown-timeout", str(deadline)) as (proc, port):
+    # One row at a time: the 16 x 1000 tokens of the stream take far longer than the deadline.
+    flags = ["--shutdown-timeout", str(deadline), "--max-batch", "1"]
+    with serve_process(bundle, *flags) as (proc, port):
         uploader = _stuck_uploader(port)
         reader = _non_reading_stream(port)
         _wait_running(port)
@@ -387,13 +389,70 @@ def test_sigterm_exits_at_the_deadline_despite_stuck_clients(bundle: Path) -> No
     assert code == 0, log
     assert deadline - 0.2 <= took <= deadline + SLACK + 3, log
     assert "shutdown deadline (3 s) reached: cancelling 2 request(s) in flight" in log
-    # the default batch, sized to the device, is said at start
-    assert "pldr-llm: --max-batch " in log and "CPU core(s)" in log
+
+
+ENDLESS_SERVER = """
+import sys
+from starlette.applications import Starlette
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+from pldr_llm.serve.app import ServeOptions
+from pldr_llm.serve.http import GuardMiddleware, RequestGate, serve_app
+
+async def endless(request):
+    async def chunks():
+        while True:
+            yield b"x" * 65536
+    return StreamingResponse(chunks())
+
+app = Starlette(routes=[Route("/endless", endless)])
+app.state.gate = RequestGate()
+app.add_middleware(GuardMiddleware, gate=app.state.gate, bound_host="127.0.0.1", allowed_hosts=())
+port = int(sys.argv[1])
+serve_app(app, ServeOptions(model_id="-", port=port, shutdown_timeout=2.0, log_level="warning"))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_exits_at_the_deadline_despite_a_client_that_never_reads() -> None:
+    """The answer never ends and the client reads nothing: the server's write blocks for good
+    (the write timeout, 60 s, is far away). SIGTERM still ends the process at its deadline."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENDLESS_SERVER, str(port)], stderr=subprocess.PIPE, text=True
+    )
+    reader = socket.socket()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the server did not start"
+            with contextlib.suppress(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            time.sleep(0.1)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(b"GET /endless HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        time.sleep(1.0)  # the buffers fill; the handler waits in its write
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = proc.wait(2.0 + SLACK + 3)
+        took = time.monotonic() - signalled
+        log = proc.stderr.read() if proc.stderr else ""
+    finally:
+        reader.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log
+    assert 1.8 <= took <= 2.0 + SLACK + 3, log
+    assert "shutdown deadline (2 s) reached: cancelling 1 request(s) in flight" in log
 
 
 @pytest.mark.slow
 def test_a_second_sigterm_exits_at_once(bundle: Path) -> None:
-    with serve_process(bundle, "--shutdown-timeout", "60", "-q") as (proc, port):
+    with serve_process(bundle, "--shutdown-timeout", "60") as (proc, port):
         uploader = _stuck_uploader(port)
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
@@ -407,6 +466,8 @@ def test_a_second_sigterm_exits_at_once(bundle: Path) -> None:
         log = proc.stderr.read() if proc.stderr else ""
     assert code == 128 + signal.SIGTERM
     assert "second signal: exiting now" in log
+    # the default batch, sized to the device, is said at start
+    assert "pldr-llm: --max-batch " in log and "CPU core(s)" in log
 
 
 def test_a_busy_port_is_one_line_and_exit_2(
