@@ -614,7 +614,7 @@ def test_allowed_hosts_and_cors_origins_are_opt_in(bundle: Path, open_server) ->
     r = httpx.get(open_server[0] + "/v1/models", headers=page, timeout=10)
     assert r.status_code == 200
     assert not any(k.startswith("access-control-") for k in r.headers)
-    options = {"allowed_hosts": ("api.example",), "cors_origins": ("https://app.example",)}
+    options = {"allowed_hosts": ("api.example:8000",), "cors_origins": ("https://app.example",)}
     with live_server(bundle, **options) as (url, _):
         r = httpx.get(url + "/v1/models", headers={**page, "Host": "api.example"}, timeout=10)
         assert r.status_code == 200

@@ -72,8 +72,7 @@ def host_allowed(host_header: str | None, bound_host: str, allowed: tuple[str, .
     name = host_header.strip().lower()
     if name.startswith("["):  # [v6]:port
         return True
-    name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
-    name = name.rstrip(".")
+    name = _host_name(name)
     try:
         ipaddress.ip_address(name)
         return True
@@ -81,7 +80,13 @@ def host_allowed(host_header: str | None, bound_host: str, allowed: tuple[str, .
         pass
     if name in LOOPBACK_NAMES or name.endswith(".localhost"):
         return True
-    return name == bound_host.lower() or name in {a.lower() for a in allowed}
+    return name == bound_host.lower() or name in {_host_name(a.lower()) for a in allowed}
+
+
+def _host_name(host: str) -> str:
+    """``host`` (lower case) without its port and a trailing dot."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name.rstrip(".")
 
 
 class RequestGate:
