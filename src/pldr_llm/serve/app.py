@@ -1,8 +1,9 @@
 """The ASGI app: the OpenAI API's completions (and chat completions when the model has a chat
 template), health, Prometheus metrics, the deductive outputs as JSON, and the playground page.
 
-:func:`create_app` builds it around a loaded model; :func:`run_server` serves it with uvicorn.
-The model is fixed when the app is built: nothing in a request names a file or a model path.
+:func:`create_app` builds it around a loaded model; :func:`run_server` serves it with uvicorn,
+through the connection limits of :mod:`pldr_llm.serve.http`. The model is fixed when the app is
+built: nothing in a request names a file or a model path.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import (
     FileResponse,
     JSONResponse,
@@ -38,6 +41,7 @@ from pldr_llm.deductive import (
     head_matrices,
 )
 from pldr_llm.serve.completions import CompletionHandlers
+from pldr_llm.serve.http import GuardMiddleware, RequestGate, serve_app
 from pldr_llm.serve.metrics import Metrics
 from pldr_llm.serve.protocol import (
     APIError,
@@ -73,9 +77,31 @@ class ServeOptions:
     port: int = 8000
     insecure: bool = False
     log_level: str = "info"
+    # Connection limits (docs/serving.md, "Limits"): seconds to send a request's headers (from
+    # the connection's start or the request's first byte) and its body (from the headers' end),
+    # to read again once the answer fills the buffers, an idle keep-alive connection's life,
+    # open connections, and the drain after SIGTERM.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    write_timeout: float = 60.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 4096
+    shutdown_timeout: float = 30.0
+    # Host names accepted besides the bound host, loopback names and IP addresses ("*": any).
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins a browser may call the API from (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_listen_address(self.host, self.port, self.api_key, self.insecure)
+        timeouts = ("header", "body", "write", "keep_alive", "shutdown")
+        for name in (f"{t}_timeout" for t in timeouts):
+            value = getattr(self, name)
+            if not 0 < value <= 3600:
+                flag = "--" + name.replace("_", "-")
+                raise PLDRError(f"{flag} must be in (0, 3600] seconds, got {value}")
+        if self.max_connections < 1:
+            raise PLDRError(f"--max-connections must be at least 1, got {self.max_connections}")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -102,13 +128,32 @@ def check_listen_address(host: str, port: int, api_key: str | None, insecure: bo
         )
 
 
+LOG = logging.getLogger("uvicorn.error")
+
+
 def error_response(exc: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+def is_json_media_type(content_type: str | None) -> bool:
+    """Whether a Content-Type header is ``application/json`` (parameters such as a charset
+    allowed)."""
+    if not content_type:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past ``limit`` bytes, 400 when not UTF-8 or not JSON."""
+    """The body as JSON: 415 unless sent as ``application/json`` (a web page can send
+    ``text/plain`` to any server without asking first), 413 past ``limit`` bytes, 400 when not
+    UTF-8, not JSON or nested too deep to parse."""
+    if not is_json_media_type(request.headers.get("content-type")):
+        raise APIError(
+            415,
+            "the request body must be sent with 'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise APIError(413, f"the request body is larger than {limit} bytes", code="too_large")
@@ -125,6 +170,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise bad(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad("the request body is JSON nested too deeply") from None
 
 
 def find_chat_template(folder: str | Path) -> str | None:
@@ -165,16 +212,28 @@ class _Server(CompletionHandlers):
             engine_options=options.engine_options,
             tokens_per_sync=options.tokens_per_sync,
         )
-        self.draining = False
+        self.gate = RequestGate()
         self.api_key = options.api_key.encode() if options.api_key else None
+
+    @property
+    def draining(self) -> bool:
+        """Whether the server is shutting down (new requests get 503)."""
+        return self.gate.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.gate.draining = value
 
     # ------------------------------------------------------------------ checks
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-        # Compared in constant time, so that timing tells nothing about the key.
-        if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+        header = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        scheme, _, given = header.strip().partition(b" ")
+        # The scheme is case-insensitive (RFC 7235); the key is compared in constant time, so
+        # that timing tells nothing about it.
+        right_key = hmac.compare_digest(given.strip(), self.api_key)
+        if not (right_key and scheme.lower() == b"bearer"):
             raise APIError(
                 401,
                 "a valid API key is required: send 'Authorization: Bearer KEY'",
@@ -220,10 +279,17 @@ class _Server(CompletionHandlers):
         self.authorize(request)
         return JSONResponse({"object": "list", "data": [self.model_card()]})
 
-    async def model(self, request: Request) -> Response:
+    # Not named ``model``: that is the PLDRModel this server holds.
+    async def model_info(self, request: Request) -> Response:
         self.authorize(request)
-        if request.path_params["model"] != self.options.model_id:
-            raise APIError(404, f"the model '{request.path_params['model']}' does not exist")
+        name = request.path_params["model"]
+        if name != self.options.model_id:
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.options.model_id}'",
+                param="model",
+                code="model_not_found",
+            )
         return JSONResponse(self.model_card())
 
     # ------------------------------------------------------------------ deductive outputs
@@ -294,7 +360,8 @@ def deductive_payload(model: Any, ids: list[int], names: list[str]) -> dict[str,
 
 class _Errors:
     """ASGI middleware: counts requests by endpoint and status, and answers any exception that
-    escapes a handler with an OpenAI error object (never a traceback)."""
+    escapes a handler with an OpenAI error object (never a traceback: that goes to the log, once,
+    with the request's method and path)."""
 
     def __init__(self, app: Any, server: _Server) -> None:
         self.app = app
@@ -316,7 +383,10 @@ class _Errors:
 
         try:
             await self.app(scope, receive, wrapped)
+        except ClientDisconnect:
+            status = 499  # the client went away while sending its body: nobody to answer
         except Exception:
+            LOG.exception("500 on %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 err = APIError(500, "internal server error", type_="server_error")
                 await error_response(err)(scope, receive, send)
@@ -335,6 +405,10 @@ def create_app(model: Any, tokenizer: Any, options: ServeOptions) -> Any:
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
+        if exc.status >= 500 and exc.status != 503:
+            # The detail (an engine's exception text) is for the log, not for the client.
+            LOG.error("%d on %s %s: %s", exc.status, request.method, request.url.path, exc)
+            exc = APIError(exc.status, "internal server error", type_="server_error")
         return error_response(exc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -358,7 +432,7 @@ def create_app(model: Any, tokenizer: Any, options: ServeOptions) -> Any:
         Route("/health", server.health),
         Route("/metrics", server.metrics_text),
         Route("/v1/models", server.models),
-        Route("/v1/models/{model:path}", server.model),
+        Route("/v1/models/{model:path}", server.model_info),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/deductive", server.deductive, methods=["POST"]),
@@ -370,41 +444,32 @@ def create_app(model: Any, tokenizer: Any, options: ServeOptions) -> Any:
         lifespan=lifespan,
     )
     app.state.server = server
+    app.state.gate = server.gate
+    # Added innermost first: _Errors (counts and 500s) sees everything, then the Host check and
+    # the drain, then CORS (only with --cors-origin: no CORS headers otherwise).
+    if options.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(
+        GuardMiddleware,
+        gate=server.gate,
+        bound_host=options.host,
+        allowed_hosts=options.allowed_hosts,
+    )
     app.add_middleware(_Errors, server=server)
     return app
 
 
-def run_server(model: Any, tokenizer: Any, options: ServeOptions) -> None:
-    """Serve until SIGTERM/SIGINT: then stop taking requests, finish those in flight, return."""
-    import contextlib
-    import signal
-    import threading
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Any:
-            # uvicorn's own handler re-raises SIGTERM once drained, so the process would end
-            # "killed by SIGTERM"; a drained, orderly stop exits with status 0 instead.
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            signals = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    app = create_app(model, tokenizer, options)
-    config = uvicorn.Config(
-        app,
-        host=options.host,
-        port=options.port,
-        log_level=options.log_level,
-        lifespan="on",
-        access_log=False,
-    )
-    Server(config).run()
+def run_server(
+    model: Any, tokenizer: Any, options: ServeOptions, sock: socket.socket | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT: then answer new requests 503, finish those in flight (at
+    most ``options.shutdown_timeout`` seconds), return. ``sock``: a socket already bound
+    (``pldr_llm.serve.http.bind_socket``), else one is bound on ``options.host:port``."""
+    serve_app(create_app(model, tokenizer, options), options, sock)
