@@ -400,14 +400,16 @@ def original_export(folder: str | Path, run_name: str | None) -> tuple[str, Path
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
-    """``dcp.load`` that turns a damaged checkpoint (a truncated ``.distcp`` file: EOFError inside
+    """``dcp.load`` (through :func:`~pldr_llm.train.safe_dcp.safe_dcp_load`: no pickle in the
+    folder runs code) that turns a damaged checkpoint (a truncated ``.distcp`` file: EOFError inside
     a ``CheckpointException``) into one line naming it and saying how to go on."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+
+    from pldr_llm.train.safe_dcp import safe_dcp_load
 
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path / "dcp"))
+            safe_dcp_load(state, path / "dcp")
     except (CheckpointException, OSError, EOFError) as exc:
         reason = str(exc).strip().splitlines()
         cause = next((line.strip() for line in reversed(reason) if "Error" in line), "")

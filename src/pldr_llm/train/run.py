@@ -275,11 +275,11 @@ def _load_initial_weights(model: Any, source: str) -> None:
         state = load_safetensors(path / WEIGHTS_NAME)
         load_state_dict_strict(model, state, source=str(path))
     elif path.is_dir():
-        import torch.distributed.checkpoint as dcp
+        from pldr_llm.train.safe_dcp import safe_dcp_load
 
         dcp_dir = path / "dcp" if (path / "dcp").is_dir() else path
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(dcp_dir))
+        safe_dcp_load(state, dcp_dir)
         model.load_state_dict(state["model"])
     else:
         raise PLDRError(f"'train.init_from': no checkpoint at {path}")
