@@ -195,7 +195,7 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
         # torch's text advises weights_only=False, exactly what must not be done with such a file
         what = refused_global(exc) or "an object that is not tensors or plain data"
         raise PLDRError(
-            f"{path}: refusing to unpickle '{what}' (a checkpoint may hold only tensors and plain "
+            f"{path}: refused to unpickle '{what}' (a checkpoint may hold only tensors and plain "
             "data); nothing in the file was run"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any other failure to read is a bad file
