@@ -200,3 +200,16 @@ def test_resuming_a_crafted_run_folder_exits_2_without_running_it(
     _assert_refused(done, str(target), "'posix.system'")
     assert not marker.exists()
     assert not (run / "checkpoints" / "step_00000008").exists()
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [("not json", "not a readable JSON"), ('{"step": "x"}', "'step' must be"), ("[]", "object")],
+)
+def test_malformed_checkpoint_marker_is_one_line(tmp_path: Path, text: str, needle: str) -> None:
+    from pldr_llm.train.checkpointing import _read_marker
+
+    marker = tmp_path / "COMPLETE"
+    marker.write_text(text)
+    with pytest.raises(PLDRError, match=needle):
+        _read_marker(marker)
