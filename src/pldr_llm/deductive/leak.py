@@ -109,7 +109,7 @@ class LeakAudit:
             f"{o['causal_minus_full_window']:>+19.4f}",
             f"{'generation - as trained':24}{'-':>14}{o['generation_minus_full_window']:>+19.4f}",
             f"{'generation - causal':24}{'-':>14}{o['generation_minus_causal_window']:>+19.4f}",
-            "G_LM vs full-sequence G_LM (RMSE, relative to its RMS):",
+            "G_LM vs as-trained G_LM (RMSE, relative to its RMS):",
             f"{'layer':>7}{'rms full':>12}{'causal':>12}{'rel':>9}{'prompt':>12}{'rel':>9}",
         ]
         for x in self.layers:
