@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -88,7 +89,7 @@ def _buildable_types() -> tuple[type, ...]:
     return (*found, filesystem._StorageInfo)
 
 
-class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+class _MetadataUnpickler(pickle._Unpickler):
     """The pure-Python unpickler with an allow-list ``find_class`` and a guarded ``BUILD``.
 
     ``find_class`` is the only way a pickle reaches a callable; the pure-Python class is used
@@ -96,7 +97,8 @@ class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     class or function object would otherwise ``setattr`` on it for the whole process.
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]  # the unpickler's value stack (set by its load)
 
     def __init__(self, file: io.BytesIO, source: Path) -> None:
         super().__init__(file)
