@@ -373,10 +373,11 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes()
         for p in sorted(folder.rglob("*"))
-        # metrics, TensorBoard events and run.yaml (its max_steps) legitimately grow on resume
+        # metrics, TensorBoard events and run.yaml (its max_steps) legitimately grow on resume;
+        # .lock holds the PID of the last trainer
         if p.is_file()
         and "tensorboard" not in p.parts
-        and p.name not in ("metrics.jsonl", "run.yaml")
+        and p.name not in ("metrics.jsonl", "run.yaml", ".lock")
     }
 
 

@@ -87,6 +87,31 @@ def test_causal_loss_is_every_prefix_alone_random_model(dtype: torch.dtype, tol:
     assert audit.layers[0].g_rmse_causal > 0 and audit.layers[1].g_rmse_prompt > 0
 
 
+def test_as_trained_loss_is_the_trainers_loss_on_the_same_batch() -> None:
+    """The as-trained pass is the trainer's: inputs ids[:-1]. Trainer.evaluate computes the same
+    figure in float32 (its cross-entropy, summed over 23 positions), hence 1e-5; a pass over the
+    whole text (A seeing the last target too) is 100x further away than that."""
+    from pldr_llm.train import TrainConfig, Trainer
+
+    model, ids = _model(dtype=torch.float32), _ids()
+    audit = leak_audit(model, ids, prompt_len=10)
+    trainer = Trainer(model, TrainConfig(device="cpu", progress=False, batch_size=1), shard=False)
+    trained = trainer.evaluate([ids[None]])["val_loss"]
+    assert abs(audit.overall["full"] - trained) < 1e-5
+    with torch.no_grad():
+        whole_text = F.cross_entropy(model(ids[None]).logits[0, :-1].double(), ids[1:]).item()
+    assert abs(whole_text - trained) > 1e-3
+
+
+def test_last_position_as_trained_and_causal_are_one_pass() -> None:
+    """Position L-2 sees ids[:L-1] in both passes (its causal prefix is the trainer's input)."""
+    model, ids = _model(), _ids()
+    audit = leak_audit(model, ids, prompt_len=10, block=5)
+    assert abs(audit.loss_full[-1] - audit.loss_causal[-1]) < 1e-9
+    earlier = [abs(f - c) for f, c in zip(audit.loss_full[:-1], audit.loss_causal[:-1])]
+    assert max(earlier) > 1e-4  # earlier positions see later inputs through A
+
+
 def test_causal_loss_is_every_prefix_alone_trained_model() -> None:
     model = _trained()
     ids = torch.arange(4, 16).repeat(3)[:LENGTH]

@@ -242,8 +242,13 @@ def _read_config_json(path: Path) -> tuple[str, PLDRConfig]:
                 f"{path.parent} is a transformers folder of model type "
                 f"{data.get('model_type')!r}, not a PLDR-LLM"
             )
-        return "hf", pldr_config_from_hf(data)
-    return "pldr", PLDRConfig.from_dict(data)
+        kind, read = "hf", pldr_config_from_hf
+    else:
+        kind, read = "pldr", PLDRConfig.from_dict
+    try:
+        return kind, read(data)
+    except PLDRError as exc:
+        raise PLDRError(f"{path}: {exc}") from None
 
 
 def inspect_bundle(folder: str | Path, source: str = "") -> BundleFiles:

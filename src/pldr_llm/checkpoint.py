@@ -7,6 +7,8 @@ The original saves ``torch.save({"model_state_dict": ..., "optimizer_state_dict"
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,10 +105,12 @@ def save_reference_checkpoint(
         "loss": loss,
         "accuracy": accuracy,
     }
-    # atomic_path creates the folder; fsync + rename, 0644: a failed write keeps the old file
+    # atomic_path creates the folder; fsync + rename, 0644: a failed write keeps the old file.
+    # torch names the zip's inner folder after the file it writes: the file is written under
+    # its final name in a private folder, so the same weights always give the same bytes.
     with atomic_path(path) as tmp:
         try:
-            torch.save(payload, tmp)
+            _save_named(payload, tmp, path.name)
         except RuntimeError as exc:
             # torch's zip writer loses the errno of a failed write (full disk, ulimit -f) and
             # reports "[enforce fail at inline_container.cc] ... unexpected pos"; other
@@ -118,6 +122,18 @@ def save_reference_checkpoint(
                 "reached): free space or write elsewhere"
             ) from None
     return path
+
+
+def _save_named(payload: Any, tmp: Path, name: str) -> None:
+    """``torch.save(payload)`` into ``tmp`` as if the file were called ``name`` (the zip's inner
+    folder is named after the file torch writes)."""
+    if tmp.name == name:  # a device or pipe given as the target: written in place
+        torch.save(payload, tmp)
+        return
+    with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".pth-") as staging:
+        staged = Path(staging) / name
+        torch.save(payload, staged)
+        os.replace(staged, tmp)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> PLDRModel:

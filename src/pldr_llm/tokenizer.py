@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -564,5 +565,20 @@ def train_tokenizer(
     except RuntimeError as exc:
         if failure:
             raise failure[0] from None
-        raise PLDRError(f"tokenizer training failed: {first_line(exc)}") from None
+        raise PLDRError(_training_failure(exc, character_coverage)) from None
     return PLDRTokenizer(Path(f"{prefix}.model"))
+
+
+def _training_failure(exc: RuntimeError, character_coverage: float) -> str:
+    """SentencePiece's failure in this project's words: its text names its own flags
+    (``--character_coverage``), which no command of this project has."""
+    found = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(exc))
+    if found:
+        have, need = found.groups()
+        return (
+            f"tokenizer training failed: covering {character_coverage * 100:g}% of the text's "
+            f"characters "
+            f"takes {need} pieces, more than the vocabulary size {have}: raise the vocabulary "
+            "size or lower --character-coverage"
+        )
+    return f"tokenizer training failed: {first_line(exc)}"

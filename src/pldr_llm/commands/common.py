@@ -65,12 +65,17 @@ def read_prompt_lines(prompt_file: str) -> list[str]:
         text = sys.stdin.read()
     else:
         path = Path(prompt_file)
+        if path.is_dir():
+            raise PLDRError(f"prompt file {path} is a directory; give a text file")
         if not path.is_file():
             raise PLDRError(f"prompt file not found: {path}")
         try:
             text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PLDRError(f"prompt file {path} is not UTF-8 text") from None
+        except UnicodeDecodeError as exc:
+            raise PLDRError(
+                f"prompt file {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at "
+                f"offset {exc.start}"
+            ) from None
     return [line for line in text.splitlines() if line.strip()]
 
 

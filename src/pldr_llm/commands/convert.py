@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.vocab")
+#: Files of a transformers export whose presence means DIR already holds a model.
+HF_OUTPUT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "configuration_pldrllm.py",
+    "modeling_pldrllm.py",
+)
 
 
 HELP = "convert a model to the pldr-llm folder format (or a Hugging Face export)"
@@ -65,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
         raise PLDRError(f"--out must be a folder, and {out_dir} is a file")
     dtype = resolve_dtype(args.dtype)
     export_hf = _export_hf() if args.to == "hf" else None
-    if args.to == "pldr" and not args.force:
-        present = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if not args.force:
+        names = OUTPUT_FILES if args.to == "pldr" else HF_OUTPUT_FILES
+        present = [name for name in names if (out_dir / name).exists()]
         if present:
             raise PLDRError(
                 f"{out_dir} already holds {', '.join(present)}; pass --force to overwrite"

@@ -184,12 +184,17 @@ def run_text(args: argparse.Namespace) -> int:
     from pldr_llm.eval.perplexity import perplexity
 
     path = Path(args.text)
+    if path.is_dir():
+        raise PLDRError(f"--text {path} is a directory; give a text file")
     if not path.is_file():
         raise PLDRError(f"--text file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise PLDRError(f"--text file {path} is not UTF-8 (byte {exc.start})") from None
+        raise PLDRError(
+            f"--text file {path} is not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start} ({exc.reason})"
+        ) from None
     model, tokenizer = load_bundle(
         args.model, device=args.device or "cpu", dtype=args.dtype, tokenizer=args.tokenizer
     )

@@ -56,6 +56,9 @@ ARCHITECTURE_KEYS = (
     "causal_metric",
 )
 
+#: The sizes every stored configuration must state (no default stands in for a missing one).
+REQUIRED_KEYS = ("num_layers", "d_model", "num_heads", "dff", "A_dff", "input_vocab_size")
+
 # PLDRConfig fields -> their names in the authors' transformers config (``PldrllmConfig``,
 # ``model_type: "pldrllm"``); the other architecture fields share their names.
 HF_NAMES = {
@@ -290,11 +293,7 @@ class PLDRConfig:
         if "activation" in kwargs:
             kwargs["activation"] = _activation_name(kwargs["activation"])
         kwargs.update(overrides)
-        missing = [
-            k
-            for k in ("num_layers", "d_model", "num_heads", "dff", "A_dff", "input_vocab_size")
-            if k not in kwargs
-        ]
+        missing = [k for k in REQUIRED_KEYS if k not in kwargs]
         if missing:
             raise PLDRError(
                 f"hyperparameter dictionary lacks {', '.join(repr(m) for m in missing)}"
@@ -349,6 +348,14 @@ class PLDRConfig:
         """
         values: dict[str, Any] = {}
         legacy = "d_model" in data
+        # A missing size must be named, not replaced by a default that then conflicts.
+        missing = [
+            key if legacy else HF_NAMES.get(key, key)
+            for key in REQUIRED_KEYS
+            if data.get(key if legacy else HF_NAMES.get(key, key)) is None
+        ]
+        if missing:
+            raise PLDRError(f"the config lacks {', '.join(repr(m) for m in missing)}")
         for key in ARCHITECTURE_KEYS + ("pad_id", "eos_id", "bos_id"):
             name = key if legacy and key in ARCHITECTURE_KEYS else HF_NAMES.get(key, key)
             if key == "version" and not legacy:
@@ -403,6 +410,9 @@ class PLDRConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PLDRError(f"unknown config key {unknown[0]!r}")
+        missing = [key for key in REQUIRED_KEYS if key not in data]
+        if missing:  # named, not replaced by a default that then conflicts with the others
+            raise PLDRError(f"the config lacks {', '.join(repr(m) for m in missing)}")
         return cls(**data)
 
     def to_json(self) -> str:

@@ -55,7 +55,7 @@ from .fused import decode_hidden
 from .fused import supports as fused_supports
 from .graphs import capture_graph, maybe_compile, sdpa_backends
 from .model import PLDRModel
-from .plga import MASK_VALUE, Deductive
+from .plga import Deductive, mask_value
 from .processing import LogprobHistory, RowProcessing
 from .sampling import (
     MAX_STOP_IDS,
@@ -267,8 +267,10 @@ class DecodeEngine:
             # The attention bias over each row's key slots (0 or the mask value, like the
             # original's): unwritten slots stay masked, a step unmasks the slot it writes
             # unless its token is the pad id.
-            self.key_bias = torch.full((batch, slots), MASK_VALUE, dtype=dtype, device=device)
-            self._bias_values = torch.tensor([MASK_VALUE, 0.0], dtype=dtype, device=device)
+            self.key_bias = torch.full(
+                (batch, slots), mask_value(dtype), dtype=dtype, device=device
+            )
+            self._bias_values = torch.tensor([mask_value(dtype), 0.0], dtype=dtype, device=device)
             self.history = zeros(batch, slots)  # generated ids per row
             self.slot_steps = torch.arange(slots, device=device)
             self.temperature = torch.ones(batch, device=device)

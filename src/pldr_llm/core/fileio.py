@@ -176,6 +176,12 @@ def io_error_message(exc: OSError) -> str:
     return what
 
 
+def refused_global(exc: BaseException) -> str | None:
+    """The global torch's weights-only loader refused (``'posix.system'``), if its message says."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return found.group(1) if found else None
+
+
 def safe_torch_load(path: str | os.PathLike[str]) -> Any:
     """``torch.load(weights_only=True)`` on the CPU (a file never runs code), one-line errors."""
     import torch
@@ -186,9 +192,11 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's text advises weights_only=False, exactly what must not be done with such a file
+        what = refused_global(exc) or "an object that is not tensors or plain data"
         raise PLDRError(
-            f"{path}: refused by torch's weights-only loader (only tensors are allowed): "
-            f"{first_line(exc)}"
+            f"{path}: refused to unpickle '{what}' (a checkpoint may hold only tensors and plain "
+            "data); nothing in the file was run"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any other failure to read is a bad file
         raise PLDRError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .plga import MASK_VALUE
+from .plga import mask_value
 
 if TYPE_CHECKING:
     from .cache import GCacheEntry, StaticLayerKV
@@ -166,7 +166,7 @@ def rope_kv(
     options = {} if interpreting() else {"num_warps": 1, "enable_fp_fusion": False}
     _kernels().rope_kv[(batch, heads)](
         qkv, rotary.cos, rotary.sin, positions, kv.write_index, queries, kv.key, kv.value,
-        ids, key_bias, heads, kv.key.shape[2], config.pad_id, MASK_VALUE,
+        ids, key_bias, heads, kv.key.shape[2], config.pad_id, mask_value(key_bias.dtype),
         DK=depth, INTERLEAVED=rotary.interleaved, WRITE_BIAS=write_bias, **options,
     )  # fmt: skip
     return queries

@@ -41,6 +41,23 @@ CAUSAL_METRIC_BLOCK = 64
 # The original masks with an additive -1e9 (not -inf): a row with every key masked then stays
 # finite instead of turning into NaN, which matters because A sums over all query rows.
 MASK_VALUE = -1e9
+# float16 cannot hold -1e9 (it would be -inf, and a row with every key masked NaN); there the
+# mask is half its most negative value, so that a score plus the mask stays finite too.
+_FLOAT16_MASK_VALUE = torch.finfo(torch.float16).min / 2
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """The additive mask value in ``dtype``: the original's -1e9 wherever it fits (float32,
+    bfloat16, float64: their numerics are the original's), a finite stand-in for float16."""
+    return _FLOAT16_MASK_VALUE if dtype == torch.float16 else MASK_VALUE
+
+
+def bias_in(bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive mask built with :data:`MASK_VALUE` (float32) converted to ``dtype``, its
+    masked entries finite in every dtype."""
+    if dtype == torch.float16:
+        bias = bias.clamp(min=_FLOAT16_MASK_VALUE)
+    return bias.to(dtype)
 
 
 @dataclass
@@ -72,7 +89,15 @@ def metric_tensor_from_queries(queries: Tensor, query_valid: Tensor | None = Non
 def power_law(
     metric: Tensor, W: Tensor, b: Tensor, pw: Tensor, a: Tensor, ba: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A -> (A_LM, A_P, G_LM); the learned tensors are [H, dk, dk] and broadcast over the batch."""
+    """A -> (A_LM, A_P, G_LM); the learned tensors are [H, dk, dk] and broadcast over the batch.
+
+    In float16 it runs in float32 (as CUDA autocast runs ``pow``) and the results are rounded
+    back: float16 cannot hold ``A_LM_EPSILON``, so an A_LM that underflows to 0 would make
+    ``0 ** pw`` infinite. Other dtypes compute in their own precision, as the original.
+    """
+    if metric.dtype == torch.float16:
+        wide = power_law(*(t.float() for t in (metric, W, b, pw, a, ba)))
+        return wide[0].half(), wide[1].half(), wide[2].half()
     a_lm = i_swiglu(W @ metric + b) + A_LM_EPSILON
     a_p = torch.pow(a_lm, pw)
     g_lm = a @ a_p + ba
@@ -99,7 +124,7 @@ def attend(
         if bias is not None:
             # A float mask of another dtype than the queries is silently misread by the CPU
             # kernel for float64 at 16+ positions (torch 2.13); the eager path is unaffected.
-            bias = bias.to(transformed.dtype)
+            bias = bias_in(bias, transformed.dtype)
         out = F.scaled_dot_product_attention(
             transformed, keys, values, attn_mask=bias, is_causal=is_causal and bias is None
         )
@@ -107,13 +132,16 @@ def attend(
     scores = (transformed @ keys.transpose(-1, -2)) / math.sqrt(dk)
     weights = scores
     if bias is not None:
-        weights = weights + bias
+        # float16 only: other dtypes keep the original's arithmetic (and its promotions)
+        weights = weights + (
+            bias_in(bias, weights.dtype) if weights.dtype == torch.float16 else bias
+        )
     elif is_causal:
         length, span = scores.shape[-2:]
         causal = torch.ones(length, span, dtype=torch.bool, device=scores.device).tril(
             span - length
         )
-        weights = weights.masked_fill(~causal, MASK_VALUE)
+        weights = weights.masked_fill(~causal, mask_value(weights.dtype))
     weights = torch.softmax(weights, dim=-1)
     return weights @ values, scores
 

@@ -5,7 +5,9 @@ so the output at position t depends on tokens after t through A and G_LM. :func:
 scores one text three ways, every figure a next-token cross-entropy in nats, computed in float64
 from the logits:
 
-* **as trained** -- one pass over the whole text (A over the whole sequence);
+* **as trained** -- the pass the trainer makes: one pass over the inputs ``ids[:-1]`` (A over
+  every input, the last token being only a target, as in training), each position scoring the
+  next token;
 * **causal** -- position t scored by a pass over the prefix ``ids[:t+1]`` alone, i.e. what a
   model that sees one more token at a time (no cache, everything recomputed) computes. Prefixes
   are run ``block`` at a time as one left-padded batch with an explicit attention mask, which
@@ -15,7 +17,9 @@ from the logits:
   the prompt's KV-cache and G-cache, as ``generate`` decodes: A and G_LM frozen on the prompt.
 
 For a model with ``causal_metric`` the as-trained and causal losses agree (the model is causal).
-With a predefined G_LM (v510G) all three agree. See docs/deductive.md for how to read the figures.
+With a predefined G_LM (v510G) all three agree. Otherwise causal - as trained is the part of the
+training loss that comes from seeing later inputs through A (the leak training has); the last
+position's two scores are the same pass. See docs/deductive.md for how to read the figures.
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ DEFAULT_BLOCK = 16
 
 @dataclass
 class LayerLeak:
-    """How far one layer's G_LM moves away from the full-sequence one (float64 RMSE over heads,
+    """How far one layer's G_LM moves away from the as-trained one (float64 RMSE over heads,
     entries and, for ``causal``, every scored prefix); ``*_relative`` divides by the RMS of the
-    full-sequence G_LM."""
+    as-trained G_LM (the pass over ``ids[:-1]``)."""
 
     layer: int
     g_rms_full: float
@@ -77,7 +81,8 @@ class LeakAudit:
         data = asdict(self)
         data["format"] = "pldr-llm-leak-audit"
         data["description"] = (
-            "next-token cross-entropy (nats): full = one pass over the whole text (as trained); "
+            "next-token cross-entropy (nats): full = as trained, one pass over ids[:-1] as the "
+            "trainer makes; "
             "causal = each position scored by a pass over its prefix alone; generation = A and "
             "G_LM frozen on the first prompt_len tokens, the rest scored with KV- and G-cache"
         )
@@ -104,7 +109,7 @@ class LeakAudit:
             f"{o['causal_minus_full_window']:>+19.4f}",
             f"{'generation - as trained':24}{'-':>14}{o['generation_minus_full_window']:>+19.4f}",
             f"{'generation - causal':24}{'-':>14}{o['generation_minus_causal_window']:>+19.4f}",
-            "G_LM vs full-sequence G_LM (RMSE, relative to its RMS):",
+            "G_LM vs as-trained G_LM (RMSE, relative to its RMS):",
             f"{'layer':>7}{'rms full':>12}{'causal':>12}{'rel':>9}{'prompt':>12}{'rel':>9}",
         ]
         for x in self.layers:
@@ -164,9 +169,9 @@ def leak_audit(
     targets = seq[0, 1:]
 
     with _EvalMode(model):
-        # As trained: one pass over the whole text.
-        full = model(seq)
-        loss_full = _token_losses(full.logits[0, :-1], targets)
+        # As trained: the trainer's pass, inputs ids[:-1] (the last token is only a target).
+        full = model(seq[:, :-1])
+        loss_full = _token_losses(full.logits[0], targets)
         g_full = _g_stack(full.cache)
 
         # Causal: prefix ids[:t+1] for t = 0 .. L-2, left-padded into batches of `block` rows.

@@ -197,7 +197,7 @@ class CheckpointManager:
         marker_file = path / COMPLETE_MARKER
         if not marker_file.is_file():
             raise PLDRError(f"{path} is not a complete checkpoint ({COMPLETE_MARKER} missing)")
-        marker = json.loads(marker_file.read_text())
+        marker = _read_marker(marker_file)
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
@@ -241,6 +241,21 @@ class CheckpointManager:
 
         new_states = reshard_states(data_states, self.env.world_size)
         return {"data": new_states[self.env.rank]}
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    """The ``COMPLETE`` marker (JSON written by :meth:`CheckpointManager.save`), checked: a
+    malformed one from a folder written elsewhere is one line, not a traceback."""
+    from pldr_llm.core.fileio import read_json_object
+
+    marker = read_json_object(path, kind="checkpoint marker")
+    for key in ("step", "world_size"):
+        value = marker.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise PLDRError(f"{path}: '{key}' must be a non-negative integer, got {value!r}")
+    if "step" not in marker:
+        raise PLDRError(f"{path}: the checkpoint marker has no 'step'")
+    return marker
 
 
 @contextlib.contextmanager
@@ -412,14 +427,16 @@ def original_export(folder: str | Path, run_name: str | None) -> tuple[str, Path
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
-    """``dcp.load`` that turns a damaged checkpoint (a truncated ``.distcp`` file: EOFError inside
+    """``dcp.load`` (through :func:`~pldr_llm.train.safe_dcp.safe_dcp_load`: no pickle in the
+    folder runs code) that turns a damaged checkpoint (a truncated ``.distcp`` file: EOFError inside
     a ``CheckpointException``) into one line naming it and saying how to go on."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+
+    from pldr_llm.train.safe_dcp import safe_dcp_load
 
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path / "dcp"))
+            safe_dcp_load(state, path / "dcp")
     except (CheckpointException, OSError, EOFError) as exc:
         reason = str(exc).strip().splitlines()
         cause = next((line.strip() for line in reversed(reason) if "Error" in line), "")

@@ -15,6 +15,7 @@ resumes it from its last complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.train.runconfig import RUN_FILE, TOKENIZER_FILE, RunConfig, prepare_run
+from pldr_llm.train.runlock import claim_run_folder
 
 if TYPE_CHECKING:
     from pldr_llm.train.trainer import FitResult
@@ -80,13 +82,16 @@ def run(resolved: RunConfig) -> FitResult:
     train_source = open_source(resolved.data, "train")
     assert train_source is not None  # the train split always exists
     env = setup_distributed(cfg.device)
+    folder_lock = contextlib.ExitStack()
     try:
         _setup_logging(env.is_main)
+        # Before anything is written: a folder that is not a run, or one in use, is refused.
+        folder_lock.enter_context(claim_run_folder(run_dir, env))
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             logger.info(
-                "%s run in %s on %d process(es), device %s",
-                "resuming" if resuming else "starting",
+                "%s in %s on %d process(es), device %s",
+                _start_words(run_dir, resuming, env),
                 run_dir,
                 env.world_size,
                 env.device,
@@ -175,7 +180,21 @@ def run(resolved: RunConfig) -> FitResult:
             )
         return result
     finally:
+        folder_lock.close()
         cleanup_distributed(env)
+
+
+def _start_words(run_dir: Path, resuming: bool, env: Any) -> str:
+    """The start line's first words: "resuming" only when a checkpoint will be loaded (a
+    ``run.yaml`` without one resumes nothing: training starts at step 1)."""
+    from pldr_llm.train.checkpointing import CheckpointManager
+
+    found = CheckpointManager(run_dir, env).complete_checkpoints()
+    if found:
+        return f"resuming run from step {found[-1][0]}"
+    if resuming:
+        return "starting run afresh (the folder's run.yaml has no checkpoint yet)"
+    return "starting run"
 
 
 def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any, source: Any) -> tuple[Any, Path]:
@@ -275,11 +294,11 @@ def _load_initial_weights(model: Any, source: str) -> None:
         state = load_safetensors(path / WEIGHTS_NAME)
         load_state_dict_strict(model, state, source=str(path))
     elif path.is_dir():
-        import torch.distributed.checkpoint as dcp
+        from pldr_llm.train.safe_dcp import safe_dcp_load
 
         dcp_dir = path / "dcp" if (path / "dcp").is_dir() else path
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(dcp_dir))
+        safe_dcp_load(state, dcp_dir)
         model.load_state_dict(state["model"])
     else:
         raise PLDRError(f"'train.init_from': no checkpoint at {path}")
