@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessor
@@ -49,6 +48,7 @@ from .hf_folder import (
     core_state_from_hf,
     hf_state_from_core,
 )
+from .losses import masked_cross_entropy
 from .model import PLDRModel
 from .plga import Deductive
 from .rope import RotaryEmbedding
@@ -249,11 +249,9 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         )
         loss = None
         if labels is not None:
-            logits = out.logits.float()
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
+            # transformers' shifted causal-LM loss: labels -100 are ignored.
+            loss = masked_cross_entropy(
+                out.logits[:, :-1].float(), labels[:, 1:].to(out.logits.device), pad_id=-100
             )
         result = PldrllmCausalLMOutput(
             loss=loss,

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pldr_llm.core.config import check_token_range
 from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.losses import dag_loss, dag_regularizer, masked_ce_sum_and_hits, weighted_dag
 from pldr_llm.train.checkpointing import (
     CheckpointManager,
     capture_rng_state,
@@ -328,8 +328,6 @@ class Trainer:
                 out, ce_sum, correct = self._lm_loss_terms(inputs, targets, **forward_kwargs)
                 loss = ce_sum * token_scale
                 if use_dag:
-                    from pldr_llm.core.losses import dag_loss
-
                     dag_total, dag_values = dag_loss(out.deductive, cfg.dag_reg_coeffs)
                     loss = loss + (mb.shape[0] / seq_total * world) * dag_total
             loss.backward()
@@ -392,23 +390,8 @@ class Trainer:
             ce_sum = torch.where(count > 0, out.loss * count, out.loss.new_zeros(()))
             return out, ce_sum, out.correct
         out = self._forward_module(inputs, **forward_kwargs)
-        ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
+        ce_sum, correct = masked_ce_sum_and_hits(out.logits, targets, self.pad_id)
         return out, ce_sum, correct
-
-    def _ce_sum_and_hits(
-        self, logits: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over non-padding targets (softmax in float32) and arg-max hits,
-        from full logits [B, L, V] (the path without ``chunked_loss``)."""
-        ce_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            targets.reshape(-1),
-            ignore_index=self.pad_id,
-            reduction="sum",
-        )
-        with torch.no_grad():
-            hits = ((logits.argmax(-1) == targets) & (targets != self.pad_id)).sum()
-        return ce_sum, hits
 
     def flops_per_token(self, context: int) -> float:
         """Training FLOPs per token at ``context`` (:func:`metrics.model_flops_per_token`)."""
@@ -428,8 +411,6 @@ class Trainer:
         Counts skipped steps, warns about each, and marks ``diverged`` on the step that went
         past ``max_nonfinite_steps``. Adds the steps' tokens to ``tokens_seen``.
         """
-        from pldr_llm.core.losses import weighted_dag
-
         if not pending:
             return []
         table = torch.stack([p.stats for p in pending]).tolist()
@@ -528,8 +509,6 @@ class Trainer:
             stats[1] += correct.double()
             stats[2] += (targets != self.pad_id).sum().double()
             if use_dag:
-                from pldr_llm.core.losses import dag_regularizer
-
                 for k, value in enumerate(dag_regularizer(out.deductive)):
                     stats[3 + k] += value.double() * batch.shape[0]
             n_seqs += batch.shape[0]
@@ -546,8 +525,6 @@ class Trainer:
             "val_batches": done,
         }
         if use_dag:
-            from pldr_llm.core.losses import weighted_dag
-
             seqs = max(float(n_seqs.item()), 1.0)
             dag = [v / seqs for v in values[3:6]]
             result.update(
