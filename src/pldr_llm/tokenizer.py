@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pldr_llm.core.errors import PLDRError, first_line
+from pldr_llm.core.fileio import atomic_path
 
 __all__ = [
     "PLDRTokenizer",
@@ -319,7 +320,7 @@ def extract_tokenizer_archive(archive: str | Path, target: str | Path) -> Path:
             source = tar.extractfile(member)
             if source is None:  # pragma: no cover - regular files always have data
                 raise PLDRError(f"tokenizer archive {archive}: cannot read member {member.name!r}")
-            with source, open(dest, "wb") as out:
+            with source, atomic_path(dest) as tmp, open(tmp, "wb") as out:
                 shutil.copyfileobj(source, out)
     return models[0]
 

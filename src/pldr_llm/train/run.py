@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import atomic_write_text
 from pldr_llm.train.runconfig import RUN_FILE, TOKENIZER_FILE, RunConfig, prepare_run
 
 if TYPE_CHECKING:
@@ -137,9 +138,7 @@ def run(resolved: RunConfig) -> FitResult:
         if env.is_main:
             # Written once the tokenizer, model and data are set up: a start that fails before
             # (a missing --tokenizer.path) leaves no run.yaml that would refuse the fixed command.
-            tmp = run_dir / (RUN_FILE + ".tmp")
-            tmp.write_text(resolved.to_yaml(), encoding="utf-8")
-            os.replace(tmp, run_dir / RUN_FILE)
+            atomic_write_text(run_dir / RUN_FILE, resolved.to_yaml())
         result = trainer.fit(
             train_batches,
             run_dir,
