@@ -146,8 +146,6 @@ def run(resolved: RunConfig) -> FitResult:
             resume=True,
             tokenizer_file=tokenizer_file,
         )
-        if result.status == "completed" and env.is_main:
-            _export_original(trainer, resolved, run_dir, tokenizer_file)
         barrier()
         if env.is_main:
             metrics = result.last_metrics or {}
@@ -283,27 +281,3 @@ def _load_initial_weights(model: Any, source: str) -> None:
     else:
         raise PLDRError(f"'train.init_from': no checkpoint at {path}")
     logger.info("initial weights from %s", path)
-
-
-def _export_original(
-    trainer: Any, resolved: RunConfig, run_dir: Path, tokenizer_file: Path
-) -> None:
-    """Complete ``run_dir/original/`` (the .pth written by the trainer) into an original bundle."""
-    import shutil
-
-    from pldr_llm.core.config import hyperparameters_file_text
-    from pldr_llm.core.fileio import HYPERPARAMETERS_SUFFIX, atomic_write_text
-    from pldr_llm.train.checkpointing import original_export
-
-    cfg = resolved.train
-    if not cfg.export_pth:
-        return
-    name, pth = original_export(run_dir, cfg.run_name)
-    if not pth.is_file():
-        return
-    hp = trainer.model.config.to_hpdict()
-    hp.update(cfg.to_hpdict())
-    hp["save_model_path"] = name
-    target = pth.parent
-    atomic_write_text(target / f"{name}{HYPERPARAMETERS_SUFFIX}", hyperparameters_file_text(hp))
-    shutil.copyfile(tokenizer_file, target / TOKENIZER_FILE)
