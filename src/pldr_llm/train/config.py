@@ -125,7 +125,8 @@ class TrainConfig:
         keep_last: keep this many checkpoints; null: all.
         save_type: checkpoint format: dcp, torch or both.
         export_pth: also export the model in the original's .pth format (original/).
-        init_from: start from these weights (a model folder or .pth).
+        init_from: start from these weights (what --model takes, a .pth or .safetensors file,
+            or a checkpoint folder of a run).
         run_name: the run's name (the original's save_model_path).
         fsdp_sharding_strategy: FSDP sharding: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD.
         fsdp_cpu_offload: keep FSDP parameters on the CPU.

@@ -259,25 +259,25 @@ def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path, env: Any) -
 
 
 def _load_initial_weights(model: Any, source: str) -> None:
-    """Start from the weights of an original ``.pth``, a project folder or a DCP folder."""
-    from pldr_llm.checkpoint import reference_state_dict
-    from pldr_llm.core.fileio import WEIGHTS_NAME, load_safetensors, safe_torch_load
+    """Start from the weights of anything ``--model`` takes (:func:`pldr_llm.bundle.resolve_weights`:
+    a published bundle, a project or transformers folder, a hub id, a ``.pth`` or
+    ``.safetensors`` file) or of a checkpoint of a run (a DCP folder)."""
+    from pldr_llm.bundle import resolve_weights
     from pldr_llm.core.state_dict import load_state_dict_strict
 
-    path = Path(source)
-    if path.is_file():
-        state = reference_state_dict(safe_torch_load(path), str(path))
-        load_state_dict_strict(model, state, source=str(path))
-    elif (path / WEIGHTS_NAME).is_file():
-        state = load_safetensors(path / WEIGHTS_NAME)
-        load_state_dict_strict(model, state, source=str(path))
-    elif path.is_dir():
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / "dcp").is_dir() or (path / ".metadata").is_file()):
         import torch.distributed.checkpoint as dcp
 
         dcp_dir = path / "dcp" if (path / "dcp").is_dir() else path
         state = {"model": model.state_dict()}
         dcp.load(state, checkpoint_id=str(dcp_dir))
         model.load_state_dict(state["model"])
+        where = str(dcp_dir)
     else:
-        raise PLDRError(f"'train.init_from': no checkpoint at {path}")
-    logger.info("initial weights from %s", path)
+        try:
+            weights, _, where = resolve_weights(source)
+        except PLDRError as exc:
+            raise PLDRError(f"'train.init_from': {exc}") from None
+        load_state_dict_strict(model, weights, source=where)
+    logger.info("initial weights from %s", where)
