@@ -74,7 +74,7 @@ class PldrllmSamplingFilter(LogitsProcessor):
     """The original's sampling filters, applied by ``generate(do_sample=True)``.
 
     Temperature scales the logits (as transformers does for any value), then the core's
-    :func:`pldr_llm.generation.filter_logits` keeps the top-p nucleus (tokens whose cumulative
+    :func:`pldr_llm.core.sampling.filter_logits` keeps the top-p nucleus (tokens whose cumulative
     probability stays <= p, at least one) and then the top-k, as ``pldr_llm.generate`` does.
     """
 
@@ -436,7 +436,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
 
         Greedy and sampled decoding of a [B, L] prompt (with ``attention_mask``,
         ``max_new_tokens``, ``eos_token_id``, ``cache_implementation="static"``, the cache modes,
-        ``G_init``) run on the native decoding loop of :mod:`pldr_llm.generation` -- the same ids
+        ``G_init``) run on the native decoding loop of :mod:`pldr_llm.core.engine` -- the same ids
         as ``pldr_llm.generate``, with a CUDA-graph step on GPUs (``compile=True`` adds
         torch.compile, the static-cache recipe of transformers). Other arguments use
         transformers' loop.
