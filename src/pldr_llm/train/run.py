@@ -70,7 +70,6 @@ def run(resolved: RunConfig) -> FitResult:
     import numpy as np
     import torch
 
-    from pldr_llm.data import build_batches
     from pldr_llm.data.config import open_source
     from pldr_llm.train.distributed import barrier, cleanup_distributed, setup_distributed
     from pldr_llm.train.trainer import Trainer
@@ -109,32 +108,7 @@ def run(resolved: RunConfig) -> FitResult:
                 resolved.context_length,
             )
         trainer = Trainer(model, cfg, env=env)
-        train_batches = build_batches(
-            resolved.data,
-            tokenizer,
-            batch_size=trainer.batch_size,
-            context_length=resolved.context_length,
-            rank=env.rank,
-            world_size=env.world_size,
-            pad_id=model.config.pad_id,
-            source=train_source,
-        )
-        val_batches = None
-        if cfg.val_every:
-            val_batches = build_batches(
-                resolved.data,
-                tokenizer,
-                batch_size=trainer.batch_size,
-                context_length=resolved.context_length,
-                split="validation",
-                rank=env.rank,
-                world_size=env.world_size,
-                pad_id=model.config.pad_id,
-            )
-            if val_batches is None and env.is_main:
-                logger.warning(
-                    "'train.val_every' is set but the data config has no validation split"
-                )
+        train_batches, val_batches = _batches(resolved, tokenizer, trainer, train_source)
         if env.is_main:
             # Written once the tokenizer, model and data are set up: a start that fails before
             # (a missing --tokenizer.path) leaves no run.yaml that would refuse the fixed command.
@@ -148,15 +122,7 @@ def run(resolved: RunConfig) -> FitResult:
         )
         barrier()
         if env.is_main:
-            metrics = result.last_metrics or {}
-            logger.info(
-                "%s at step %d%s",
-                result.status,
-                result.step,
-                f": loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}"
-                if metrics.get("loss") is not None
-                else "",
-            )
+            _log_end(result)
         if result.status == "interrupted":
             if env.is_main:
                 logger.warning(
@@ -173,6 +139,40 @@ def run(resolved: RunConfig) -> FitResult:
         return result
     finally:
         cleanup_distributed(env)
+
+
+def _batches(resolved: RunConfig, tokenizer: Any, trainer: Any, source: Any) -> tuple[Any, Any]:
+    """The training batches (from ``source``, already open) and the validation batches (None
+    without ``val_every`` or a validation split), at the trainer's per-rank batch size."""
+    from pldr_llm.data import build_batches
+
+    env, pad_id = trainer.env, trainer.pad_id
+    common = {
+        "batch_size": trainer.batch_size,  # resolved once, by the trainer
+        "context_length": resolved.context_length,
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "pad_id": pad_id,
+    }
+    train = build_batches(resolved.data, tokenizer, source=source, **common)
+    if not resolved.train.val_every:
+        return train, None
+    val = build_batches(resolved.data, tokenizer, split="validation", **common)
+    if val is None and env.is_main:
+        logger.warning("'train.val_every' is set but the data config has no validation split")
+    return train, val
+
+
+def _log_end(result: FitResult) -> None:
+    metrics = result.last_metrics or {}
+    logger.info(
+        "%s at step %d%s",
+        result.status,
+        result.step,
+        f": loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}"
+        if metrics.get("loss") is not None
+        else "",
+    )
 
 
 def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any, source: Any) -> tuple[Any, Path]:
