@@ -55,7 +55,7 @@ def _complete_original_bundle(
 ) -> None:
     """Add ``<name>_hyperparameters.py`` and the tokenizer beside the exported ``.pth``."""
     name = original_export(pth.parent.parent, config.run_name)[0]
-    hp = model.config.to_hpdict()  # type: ignore[operator]
+    hp = model.config.to_hpdict()  # type: ignore[union-attr, operator]
     hp.update(config.to_hpdict())
     hp["save_model_path"] = name
     atomic_write_text(pth.parent / f"{name}{HYPERPARAMETERS_SUFFIX}", hyperparameters_file_text(hp))

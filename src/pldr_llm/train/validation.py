@@ -44,6 +44,7 @@ def evaluate(trainer: Trainer, batches: Any, max_batches: int | None = None) -> 
             have = all_ranks(have, device)
         if not have:
             break
+        assert batch is not None  # a rank with no batch left stopped above with the others
         batch = batch.to(device).long()
         inputs, targets = batch[:, :-1], batch[:, 1:]
         if trainer.levers["cuda_graphs"]:
