@@ -161,11 +161,13 @@ class PLDRTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / f"{name}.model"
         if target.resolve() != self.model_path:
-            shutil.copyfile(self.model_path, target)
+            with atomic_path(target) as tmp:  # an older tokenizer there stays whole on failure
+                shutil.copyfile(self.model_path, tmp)
         if self.vocab_path is not None:
             vocab_target = directory / f"{name}.vocab"
             if vocab_target.resolve() != self.vocab_path:
-                shutil.copyfile(self.vocab_path, vocab_target)
+                with atomic_path(vocab_target) as tmp:
+                    shutil.copyfile(self.vocab_path, tmp)
         return target
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from pldr_llm.core.config import hyperparameters_file_text
-from pldr_llm.core.fileio import HYPERPARAMETERS_SUFFIX, atomic_write_text
+from pldr_llm.core.fileio import HYPERPARAMETERS_SUFFIX, atomic_path, atomic_write_text
 from pldr_llm.train.checkpointing import export_model, original_export
 from pldr_llm.train.config import TrainConfig
 
@@ -60,4 +60,5 @@ def _complete_original_bundle(
     hp["save_model_path"] = name
     atomic_write_text(pth.parent / f"{name}{HYPERPARAMETERS_SUFFIX}", hyperparameters_file_text(hp))
     if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, pth.parent / "tokenizer.model")
+        with atomic_path(pth.parent / "tokenizer.model") as tmp:
+            shutil.copyfile(tokenizer_file, tmp)
