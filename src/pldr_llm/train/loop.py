@@ -62,8 +62,12 @@ class MetricsLogger:
         self.read_every = 1 if trainer.device.type == "cpu" else cfg.log_every
         self.meters = TrainMeters(dag=cfg.use_dag_loss)
         self.writer = MetricsWriter(run_dir, enabled=env.is_main, tensorboard=cfg.tensorboard)
-        self._bar = (cfg.total_steps(), cfg.progress if env.is_main else False, cfg.log_every)
-        self.progress = ProgressBar(self._bar[0], 0, False, cfg.log_every)  # until start()
+        self._bar_settings = (
+            cfg.total_steps(),
+            cfg.progress if env.is_main else False,
+            cfg.log_every,
+        )
+        self.progress = ProgressBar(None, 0, False, cfg.log_every)  # a silent one until start()
         self.rates = RateMeter(
             peak_flops=cfg.peak_tflops * 1e12 * env.world_size, device=trainer.device
         )
@@ -79,7 +83,7 @@ class MetricsLogger:
         """From the step the run starts at (after a resume): records after it are dropped (the
         resumed run writes them again), the progress bar and the rates begin there."""
         self.writer.truncate_after(self.trainer.step)
-        total, enabled, log_every = self._bar
+        total, enabled, log_every = self._bar_settings
         self.progress = ProgressBar(total, self.trainer.step, enabled, log_every)
         self.rates.start(self.trainer.tokens_seen, self.trainer.step, time.perf_counter())
 
