@@ -11,7 +11,7 @@ Each owns one policy and its state, so that ``fit`` reads as the loop it is:
   and what goes in one.
 
 Validation is :class:`pldr_llm.train.validation.Validator`; the export at the end is
-:func:`pldr_llm.train.export.export_run`.
+:func:`pldr_llm.train.export.export_run` (both called from ``trainer.py``).
 """
 
 from __future__ import annotations
@@ -22,18 +22,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.train.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
 from pldr_llm.train.distributed import all_ranks
-from pldr_llm.train.export import export_run
 from pldr_llm.train.metrics import MetricsWriter, ProgressBar, RateMeter, TrainMeters
 from pldr_llm.train.prefetch import BatchFeed, FedBatch
 
-if TYPE_CHECKING:
-    from pldr_llm.train.trainer import PendingStep, Trainer
-    from pldr_llm.train.validation import Validator
+#: The :class:`~pldr_llm.train.trainer.Trainer` the components serve (trainer.py imports this
+#: module, so it is not imported here, not even for type checking: no import cycle).
+TrainerT = Any
 
 __all__ = [
     "Checkpointer",
@@ -41,7 +40,6 @@ __all__ = [
     "MetricsLogger",
     "end_epoch",
     "stop_on_signals",
-    "wrap_up",
 ]
 
 logger = logging.getLogger("pldr_llm.train")
@@ -55,7 +53,7 @@ class MetricsLogger:
     ``"diverged"`` or ``"interrupted"`` when a read step says so.
     """
 
-    def __init__(self, trainer: Trainer, run_dir: Path) -> None:
+    def __init__(self, trainer: TrainerT, run_dir: Path) -> None:
         cfg, env = trainer.config, trainer.env
         self.trainer = trainer
         self.log_every = cfg.log_every
@@ -71,7 +69,7 @@ class MetricsLogger:
         self.rates = RateMeter(
             peak_flops=cfg.peak_tflops * 1e12 * env.world_size, device=trainer.device
         )
-        self.pending: list[PendingStep] = []
+        self.pending: list[Any] = []
         #: the epoch of each pending step, and the epochs that ended just before one (step ->
         #: (epoch, its last step)): epoch records come out in order when the steps are read
         self._step_epochs: dict[int, int] = {}
@@ -87,7 +85,7 @@ class MetricsLogger:
         self.progress = ProgressBar(total, self.trainer.step, enabled, log_every)
         self.rates.start(self.trainer.tokens_seen, self.trainer.step, time.perf_counter())
 
-    def add(self, pending: PendingStep, epoch: int) -> None:
+    def add(self, pending: Any, epoch: int) -> None:
         """A step just run, of ``epoch``; nothing is read back yet."""
         self._step_epochs[pending.step] = epoch
         self.pending.append(pending)
@@ -183,7 +181,7 @@ class EpochTracker:
     ``state_dict``).
     """
 
-    def __init__(self, trainer: Trainer, train_data: Any) -> None:
+    def __init__(self, trainer: TrainerT, train_data: Any) -> None:
         cfg = trainer.config
         self.trainer = trainer
         self.train_data = train_data
@@ -284,7 +282,7 @@ class Checkpointer:
     counters), the meters, the epoch counters, and per rank the RNG states and data position.
     """
 
-    def __init__(self, trainer: Trainer, run_dir: Path, metrics: MetricsLogger) -> None:
+    def __init__(self, trainer: TrainerT, run_dir: Path, metrics: MetricsLogger) -> None:
         cfg = trainer.config
         self.trainer = trainer
         self.metrics = metrics
@@ -364,38 +362,7 @@ def end_epoch(epochs: EpochTracker, metrics: MetricsLogger, checkpointer: Checkp
     return epochs.epoch >= epochs.epochs
 
 
-def wrap_up(
-    metrics: MetricsLogger,
-    validator: Validator,
-    checkpointer: Checkpointer,
-    epochs: EpochTracker,
-    export_dir: Path,
-    tokenizer_file: str | Path | None,
-) -> str:
-    """After the loop: the last figures, a completed run's last validation and export
-    (:func:`~pldr_llm.train.export.export_run`), the checkpoint a stopped run (or
-    ``save_at_end``) needs; how the run ended (``FitResult.status``)."""
-    trainer = metrics.trainer
-    metrics.finish()
-    status = metrics.status or "completed"
-    if status == "completed":
-        validator.validate_at_end()
-    if status != "completed" or trainer.config.save_at_end:
-        checkpointer.save_unless_saved(epochs)
-    if status == "completed":
-        export_run(
-            trainer.model,
-            trainer.config,
-            export_dir,
-            is_main=trainer.env.is_main,
-            tokenizer_file=tokenizer_file,
-            last_metrics=metrics.record,
-        )
-        metrics.note(f"exported the model to {export_dir}")
-    return status
-
-
-def stop_on_signals(trainer: Trainer) -> Callable[[], None]:
+def stop_on_signals(trainer: TrainerT) -> Callable[[], None]:
     """SIGTERM/SIGINT -> ``trainer`` finishes the step, saves, stops; a second SIGINT aborts at
     once. Returns the function that restores the previous handlers (main thread only)."""
     if threading.current_thread() is not threading.main_thread():

@@ -44,13 +44,13 @@ from pldr_llm.train.distributed import (
     resolve_device,
     shard_model,
 )
+from pldr_llm.train.export import export_run
 from pldr_llm.train.loop import (
     Checkpointer,
     EpochTracker,
     MetricsLogger,
     end_epoch,
     stop_on_signals,
-    wrap_up,
 )
 from pldr_llm.train.metrics import model_flops_per_token
 from pldr_llm.train.prefetch import PreparedBatch, prepare_batch
@@ -478,7 +478,7 @@ class Trainer:
                     checkpointer.save_if_due(epochs)
                     if metrics.status == "interrupted":
                         break
-            status = wrap_up(metrics, validator, checkpointer, epochs, export, tokenizer_file)
+            status = _wrap_up(metrics, validator, checkpointer, epochs, export, tokenizer_file)
         finally:
             epochs.close()
             restore_signals()
@@ -491,6 +491,37 @@ class Trainer:
             export_dir=export if status == "completed" else None,
             last_metrics=metrics.record,
         )
+
+
+def _wrap_up(
+    metrics: MetricsLogger,
+    validator: Validator,
+    checkpointer: Checkpointer,
+    epochs: EpochTracker,
+    export_dir: Path,
+    tokenizer_file: str | Path | None,
+) -> str:
+    """After the loop: the last figures, a completed run's last validation and export
+    (:func:`~pldr_llm.train.export.export_run`), the checkpoint a stopped run (or
+    ``save_at_end``) needs; how the run ended (``FitResult.status``)."""
+    trainer = metrics.trainer
+    metrics.finish()
+    status = metrics.status or "completed"
+    if status == "completed":
+        validator.validate_at_end()
+    if status != "completed" or trainer.config.save_at_end:
+        checkpointer.save_unless_saved(epochs)
+    if status == "completed":
+        export_run(
+            trainer.model,
+            trainer.config,
+            export_dir,
+            is_main=trainer.env.is_main,
+            tokenizer_file=tokenizer_file,
+            last_metrics=metrics.record,
+        )
+        metrics.note(f"exported the model to {export_dir}")
+    return status
 
 
 def _step_result(

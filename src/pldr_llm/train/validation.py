@@ -13,13 +13,12 @@ from pldr_llm.train.distributed import all_ranks, all_reduce_sum
 
 if TYPE_CHECKING:
     from pldr_llm.train.loop import MetricsLogger
-    from pldr_llm.train.trainer import Trainer
 
 __all__ = ["Validator", "evaluate"]
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, batches: Any, max_batches: int | None = None) -> dict[str, Any]:
+def evaluate(trainer: Any, batches: Any, max_batches: int | None = None) -> dict[str, Any]:
     """Mean loss and accuracy of ``trainer.model`` over up to ``max_batches`` batches (all ranks,
     token-weighted), with the loss a training step takes (:meth:`Trainer._lm_loss_terms`).
 
@@ -93,7 +92,7 @@ class Validator:
     run whose last step was not a multiple) and where the result goes (an ``event: val`` record
     and a line for the user). Without validation data or ``val_every`` it never validates."""
 
-    def __init__(self, trainer: Trainer, val_data: Any, metrics: MetricsLogger) -> None:
+    def __init__(self, trainer: Any, val_data: Any, metrics: MetricsLogger) -> None:
         self.trainer = trainer
         self.val_data = val_data
         self.metrics = metrics
