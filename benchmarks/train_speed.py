@@ -6,7 +6,9 @@ arithmetic, every lever off) and with the DAG loss, at batch 32 and 16 (context 
 logs every 10 steps; the figure is the median interval tokens/s of steps 50-150 and the peak GPU
 memory. Beside them, in the same call: the same-size transformers Llama (a baseline only, trained
 by a minimal loop with the same levers) and, with ``--anchor DIR``, the original implementation's
-training step (``DIR/bench_original.py``, see ``../shared/anchor/README.md``). ``--world 2`` also
+training step (``DIR/bench_original.py``: not in the repository, it comes from the project's
+shared data folder ``anchor/``, with the original's model files from the authors' KV/G-cache
+repository, commit 8e8658f; without ``--anchor`` that column is left out). ``--world 2`` also
 runs the defaults under torchrun on 2 GPUs (FSDP2; each strategy of ``--strategies``) and reports
 tokens/s per GPU against one GPU. ``--context N`` trains at N tokens per sequence (the model's
 ``max_seq_len`` raised to N where shorter); the variants ``ckpt_layer`` and ``ckpt_selective``

@@ -317,3 +317,67 @@ def test_hub_id_from_cache_offline_and_network_failure(
     _assert_one_line_error(
         missing_offline, "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
     )
+
+
+# ---------------------------------------------------------------------- resolve_weights
+
+
+def _sharded_transformers_folder(folder: Path, model: PLDRModel) -> Path:
+    """A transformers folder whose weights are split over two safetensors shards."""
+    import json
+
+    from pldr_llm.core.fileio import save_safetensors
+    from pldr_llm.core.hf_folder import hf_state_from_core
+
+    folder.mkdir(parents=True)
+    state = hf_state_from_core(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, model.config
+    )
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2]}
+    shards["model-00002-of-00002.safetensors"] = names[1::2]
+    weight_map = {}
+    for shard, keys in shards.items():
+        save_safetensors({k: state[k] for k in keys}, folder / shard)
+        weight_map.update(dict.fromkeys(keys, shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config = {"model_type": "pldrllm", **model.config.to_hf_dict()}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_resolve_weights_reads_every_layout_init_from_and_model_take(
+    bundle: tuple[Path, PLDRModel], tmp_path: Path
+) -> None:
+    """One dispatcher for "path -> weights": the original's .pth (bundle or bare file), a
+    project folder or its safetensors file, a sharded transformers folder; each gives the
+    weights the model was saved with, and train.init_from loads them strictly."""
+    from pldr_llm.bundle import resolve_weights
+    from pldr_llm.train.run import _load_initial_weights
+
+    folder, expected = bundle
+    project = tmp_path / "project"
+    expected.save(project)
+    sharded = _sharded_transformers_folder(tmp_path / "hf", expected)
+    pth = next(folder.glob("*.pth"))
+    specs = [folder, pth, project, project / "model.safetensors", sharded]
+    for spec in specs:
+        state, config, _ = resolve_weights(str(spec))
+        assert (config is None) == spec.is_file()
+        started = PLDRModel(expected.config)
+        _load_initial_weights(started, str(spec))
+        _same_weights(started, expected)
+    # --model reads the sharded folder through the same function
+    _same_weights(load_bundle(sharded, require_tokenizer=False)[0], expected)
+
+
+def test_resolve_weights_refuses_what_holds_no_weights(tmp_path: Path) -> None:
+    from pldr_llm.bundle import resolve_weights
+    from pldr_llm.train.run import _load_initial_weights
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights")
+    with pytest.raises(PLDRError, match=r"notes\.txt is not a weights file"):
+        resolve_weights(notes)
+    with pytest.raises(PLDRError, match=r"^'train\.init_from': model folder not found"):
+        _load_initial_weights(PLDRModel(PLDRConfig.from_hpdict(HP)), str(tmp_path / "nothing"))

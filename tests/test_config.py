@@ -22,6 +22,24 @@ def test_unknown_key_is_named():
         PLDRConfig.from_hpdict({"num_layrs": 2, "d_model": 64})
 
 
+def test_the_run_keys_are_left_to_the_trainer_and_a_misspelt_model_key_is_named(golden_case):
+    """The model's config reads the model's keys of an original hpdict; every key of the run
+    (train/config.py's, the core names none of them) passes through to TrainConfig, and a key
+    spelt like a model key is refused with its likely meaning."""
+    import pldr_llm.core.config as core_config
+    from pldr_llm.train.config import IGNORED_KEYS, TRAINING_KEYS, TrainConfig
+
+    hp = dict(golden_case["hpdict"])
+    expected = PLDRConfig.from_hpdict(hp)
+    run_keys = TRAINING_KEYS | IGNORED_KEYS | set(TrainConfig.field_names())
+    assert PLDRConfig.from_hpdict({**hp, **dict.fromkeys(run_keys, 1)}) == expected
+    source = Path(core_config.__file__).read_text(encoding="utf-8")
+    assert not [key for key in TRAINING_KEYS if f'"{key}"' in source]
+    for typo, meant in [("num_head", "num_heads"), ("max_seq_length", "max_seq_len")]:
+        with pytest.raises(PLDRError, match=f"'{typo}' \\(did you mean '{meant}'\\?\\)"):
+            PLDRConfig.from_hpdict({**hp, typo: 1})
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -344,14 +344,21 @@ def test_readme_python_block_runs(tmp_path: Path, monkeypatch) -> None:
     section = readme[readme.index("## Python API") :]
     block = re.search(r"```python\n(.*?)```", section, re.S)
     assert block is not None
-    monkeypatch.chdir(tmp_path)  # it writes my-model.pth and my-model/ into the current folder
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "tests").symlink_to(REPO / "tests")  # the files it names, as from the repo root
     namespace: dict = {}
-    exec(compile(block.group(1), "README.md", "exec"), namespace)
-    assert isinstance(namespace["text"], str)
-    assert (tmp_path / "my-model" / "model.safetensors").stat().st_mode & 0o777 == 0o644 & ~(
-        _umask()
-    )
+    try:
+        exec(compile(block.group(1), "README.md", "exec"), namespace)
+        assert isinstance(namespace["text"], str)
+        work = namespace["work"]
+        assert (work / "my-model" / "model.safetensors").stat().st_mode & 0o777 == 0o644 & ~(
+            _umask()
+        )
+        # nothing written where it runs (the repository root, when pasted as it says)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tests"]
+    finally:
+        if "work" in namespace:
+            shutil.rmtree(namespace["work"], ignore_errors=True)
 
 
 # ------------------------------------------------------------------ training runs

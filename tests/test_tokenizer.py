@@ -275,6 +275,23 @@ def test_iter_text_streams_every_format(corpus_files: dict[str, Path]) -> None:
     assert next(stream) == lines[0]  # a generator: one line without reading the rest
 
 
+def test_iter_text_reads_bz2_and_xz_and_keeps_each_line_as_written(tmp_path: Path) -> None:
+    """The tokenizer trainer reads through the training data's reader (data.sources): every
+    compression it knows, and text lines with their indentation (code keeps its spaces)."""
+    import bz2
+    import lzma
+
+    text = "  indented line\n\n   \nplain line  \n"
+    (tmp_path / "a.txt.bz2").write_bytes(bz2.compress(text.encode()))
+    (tmp_path / "b.txt.xz").write_bytes(lzma.compress(text.encode()))
+    (tmp_path / "c.md").write_text(text)
+    records = [{"text": "  first\nsecond"}]
+    (tmp_path / "d.jsonl.xz").write_bytes(lzma.compress(json.dumps(records).encode()))
+    files = [tmp_path / n for n in ("a.txt.bz2", "b.txt.xz", "c.md", "d.jsonl.xz")]
+    expected = ["  indented line", "plain line  "] * 3 + ["  first", "second"]
+    assert list(iter_text(files, progress=False)) == expected
+
+
 def test_iter_text_splits_multiline_records(tmp_path: Path) -> None:
     path = tmp_path / "multi.jsonl"
     path.write_text(json.dumps({"text": "first line\n\nsecond line"}) + "\n\n")
@@ -282,7 +299,9 @@ def test_iter_text_splits_multiline_records(tmp_path: Path) -> None:
 
 
 def test_iter_text_errors(corpus_files: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(PLDRError, match="no field 'text'"):
+    with pytest.raises(
+        PLDRError, match=r"c\.jsonl:1: no column 'text' \(columns: id, content\); use --column"
+    ):
         list(iter_text([corpus_files["jsonl"]], progress=False))
     with pytest.raises(PLDRError, match="no column 'text'"):
         list(iter_text([corpus_files["parquet"]], progress=False))
@@ -339,7 +358,7 @@ def test_train_tokenizer_errors(corpus_files: dict[str, Path], tmp_path: Path) -
     # an error met while SentencePiece consumes the stream surfaces unchanged
     bad = tmp_path / "late.jsonl"
     bad.write_text('{"text": "fine line"}\n{"other": 1}\n')
-    with pytest.raises(PLDRError, match=r"late.jsonl:2: record has no field 'text'"):
+    with pytest.raises(PLDRError, match=r"late.jsonl:2: no column 'text' \(columns: other\)"):
         train_tokenizer([bad], vocab_size=300, out_prefix=tmp_path / "t", progress=False)
     # the trainer's own settings are checked before anything is read
     for setting, message in [
@@ -378,7 +397,10 @@ def test_cli_tokenizer_train(corpus_files: dict[str, Path], tmp_path: Path) -> N
 
 def test_cli_tokenizer_train_errors(corpus_files: dict[str, Path], tmp_path: Path) -> None:
     for args, message in [
-        (["--input", str(corpus_files["jsonl"])], "no field 'text'"),
+        (
+            ["--input", str(corpus_files["jsonl"])],
+            "no column 'text' (columns: id, content); use --column",
+        ),
         (["--input", str(tmp_path / "nothing.txt")], "input file not found"),
         (["--input", str(corpus_files["txt"]), "--threads", "0"], "num_threads must be positive"),
     ]:

@@ -63,7 +63,7 @@ def test_validation_with_the_chunked_loss_never_builds_full_logits(monkeypatch):
             def full_logits(*args, **kwargs):
                 raise AssertionError("validation built the full logits")
 
-            monkeypatch.setattr(trainer, "_ce_sum_and_hits", full_logits)
+            monkeypatch.setattr("pldr_llm.train.trainer.masked_ce_sum_and_hits", full_logits)
         results[chunked] = trainer.evaluate(batches)
     plain, chunked = results[False], results[True]
     assert plain["val_tokens"] == chunked["val_tokens"] == 2 * 3 * 12 - 5

@@ -14,6 +14,9 @@
   fetched with ``huggingface_hub.snapshot_download`` into the hub's normal cache. With
   ``HF_HUB_OFFLINE=1`` the cached copy is used without network access.
 
+:func:`resolve_weights` reads the weights of the same specs (and of a single ``.pth`` or
+``.safetensors`` file) without building a model: ``train.init_from`` starts a run from them.
+
 Everything is checked before weights are read: a missing or ambiguous file, a tokenizer whose
 vocabulary does not fit the model's embedding, or an unusable device is a one-line
 :class:`~pldr_llm.core.errors.PLDRError`.
@@ -51,6 +54,8 @@ __all__ = [
     "resolve_model_dir",
     "inspect_bundle",
     "resolve_bundle",
+    "resolve_weights",
+    "bundle_state",
     "load_bundle",
     "bundle_tokenizer",
     "check_vocab",
@@ -387,24 +392,71 @@ def load_bundle(
     files = spec if isinstance(spec, BundleFiles) else resolve_bundle(spec)
     tok = bundle_tokenizer(files, tokenizer, required=require_tokenizer)
 
-    if files.kind == "reference":
-        from pldr_llm.checkpoint import load_reference_checkpoint
+    from pldr_llm.core.model import PLDRModel
+    from pldr_llm.core.state_dict import load_state_dict_strict
 
-        model = load_reference_checkpoint(files.weights, files.config, map_location="cpu")
-    elif files.kind == "hf":
-        from pldr_llm.core.hf_folder import load_hf_state
-        from pldr_llm.core.model import PLDRModel
-
-        model = PLDRModel(files.config)
-        load_hf_state(model, files.root)
-    else:
-        from pldr_llm.core.model import PLDRModel
-
-        model = PLDRModel.load(files.root, map_location="cpu")
+    if files.kind == "reference" and files.config.version == "v510G":
+        # The original keeps a v510G model's G_LM outside its checkpoint.
+        raise PLDRError("a v510G checkpoint needs G_list, the predefined G_LM of every layer")
+    state, where = bundle_state(files)
+    model = PLDRModel(files.config)
+    load_state_dict_strict(model, state, source=where)
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)
     model = model.to(device=target)
     return model.eval(), tok
+
+
+def bundle_state(files: BundleFiles) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of resolved model files under the core's key names, and the file (or folder)
+    they came from: the original's ``.pth`` (its pickle read by the restricted reader), the
+    project's ``model.safetensors``, or a transformers folder's (single or sharded) safetensors."""
+    if files.kind == "reference":
+        from pldr_llm.checkpoint import reference_state_dict
+        from pldr_llm.core.fileio import safe_torch_load
+
+        return reference_state_dict(safe_torch_load(files.weights), str(files.weights)), str(
+            files.weights
+        )
+    if files.kind == "hf":
+        from pldr_llm.core.hf_folder import core_state_from_hf, read_hf_state
+
+        tied = bool(read_json_object(files.root / CONFIG_NAME).get("tie_word_embeddings", False))
+        return core_state_from_hf(read_hf_state(files.root), files.config, tied), str(files.root)
+    from pldr_llm.core.fileio import load_safetensors
+
+    return load_safetensors(files.weights), str(files.weights)
+
+
+def resolve_weights(
+    spec: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], PLDRConfig | None, str]:
+    """The weights ``spec`` names: ``(state dict under the core's key names, the model's config
+    or None for a bare file, where they came from)``.
+
+    ``spec`` is anything ``--model`` takes (a published bundle, a project or transformers folder,
+    sharded or not, a hub repository id) or a single weights file: an original ``.pth`` or a
+    ``.safetensors`` file with the core's key names.
+    """
+    path = Path(os.fspath(spec)).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == CHECKPOINT_SUFFIX:
+            from pldr_llm.checkpoint import reference_state_dict
+            from pldr_llm.core.fileio import safe_torch_load
+
+            return reference_state_dict(safe_torch_load(path), str(path)), None, str(path)
+        if suffix == ".safetensors":
+            from pldr_llm.core.fileio import load_safetensors
+
+            return load_safetensors(path), None, str(path)
+        raise PLDRError(
+            f"{path} is not a weights file: give a '{CHECKPOINT_SUFFIX}' or '.safetensors' file, "
+            "or a model folder"
+        )
+    files = resolve_bundle(spec)
+    state, where = bundle_state(files)
+    return state, files.config, where
 
 
 def bundle_summary(files: BundleFiles, model: Any | None = None) -> str:

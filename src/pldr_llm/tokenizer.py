@@ -14,7 +14,6 @@ writes anything, and refuses absolute paths, ``..`` components, links, devices a
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pldr_llm.core.errors import PLDRError, first_line
+from pldr_llm.core.fileio import atomic_path
 
 __all__ = [
     "PLDRTokenizer",
@@ -162,11 +162,13 @@ class PLDRTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / f"{name}.model"
         if target.resolve() != self.model_path:
-            shutil.copyfile(self.model_path, target)
+            with atomic_path(target) as tmp:  # an older tokenizer there stays whole on failure
+                shutil.copyfile(self.model_path, tmp)
         if self.vocab_path is not None:
             vocab_target = directory / f"{name}.vocab"
             if vocab_target.resolve() != self.vocab_path:
-                shutil.copyfile(self.vocab_path, vocab_target)
+                with atomic_path(vocab_target) as tmp:
+                    shutil.copyfile(self.vocab_path, tmp)
         return target
 
 
@@ -320,7 +322,7 @@ def extract_tokenizer_archive(archive: str | Path, target: str | Path) -> Path:
             source = tar.extractfile(member)
             if source is None:  # pragma: no cover - regular files always have data
                 raise PLDRError(f"tokenizer archive {archive}: cannot read member {member.name!r}")
-            with source, open(dest, "wb") as out:
+            with source, atomic_path(dest) as tmp, open(tmp, "wb") as out:
                 shutil.copyfileobj(source, out)
     return models[0]
 
@@ -328,40 +330,9 @@ def extract_tokenizer_archive(archive: str | Path, target: str | Path) -> Path:
 # ---------------------------------------------------------------------- training
 
 
-def _input_format(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (".gz", ".bz2", ".xz"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith((".jsonl", ".ndjson", ".json")):
-        return "jsonl"
-    return "text"
-
-
-def _open_text(path: Path) -> Any:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        import gzip
-
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    if name.endswith(".bz2"):
-        import bz2
-
-        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
-    if name.endswith(".xz"):
-        import lzma
-
-        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def _lines_of(value: Any) -> Iterator[str]:
+def _lines_of(value: str) -> Iterator[str]:
     # One record may span lines; SentencePiece trains on lines, as the original's text dump did.
-    if value is None:
-        return
-    for line in str(value).splitlines():
+    for line in value.splitlines():
         if line.strip():
             yield line
 
@@ -373,12 +344,16 @@ def iter_text(
 ) -> Iterator[str]:
     """Stream the non-empty lines of text, JSON-lines and parquet files, one file after another.
 
-    Plain text is read line by line (``.gz``, ``.bz2``, ``.xz`` are decompressed on the fly).
-    JSON lines and parquet files yield the ``column`` field of each record (default ``"text"``),
-    split into lines. Nothing is read before it is needed, so inputs of any size stream through.
-    With ``progress`` a tqdm bar per file is shown on stderr.
+    The files are read by :class:`pldr_llm.data.sources.FileSource` (the reader of training data:
+    ``.gz``, ``.bz2``, ``.xz`` decompressed on the fly, a JSON array taken as records, the same
+    errors); a file whose name implies no format is plain text. Text lines come as they are
+    (spaces kept, blank lines skipped); JSON-lines and parquet files yield the ``column`` field of each
+    record (default ``"text"``), split into lines. Nothing is read before it is needed, so inputs
+    of any size stream through. With ``progress`` a tqdm bar per file counts the lines.
     """
     from tqdm.auto import tqdm
+
+    from pldr_llm.data.sources import DataFile, FileSource, file_format
 
     files = [Path(p) for p in paths]
     for path in files:
@@ -386,74 +361,21 @@ def iter_text(
             raise PLDRError(f"input file not found: {path}")
         if path.is_dir():
             raise PLDRError(f"input {path} is a directory: give the text files in it")
-    field = column or "text"
     for path in files:
-        kind = _input_format(path)
-        if kind == "parquet":
-            yield from _iter_parquet(path, field, progress, tqdm)
-            continue
-        # A compressed file's size says nothing about its text: no total, no ETA.
-        size = path.stat().st_size if path.suffix.lower() not in (".gz", ".bz2", ".xz") else None
-        with (
-            _open_text(path) as handle,
-            tqdm(
-                total=size,
-                unit="B",
-                unit_scale=True,
-                desc=path.name,
-                disable=not progress,
-                leave=False,
-            ) as bar,
-        ):
-            for lineno, line in enumerate(handle, 1):
-                # Progress in bytes of the (decompressed) text: a good-enough ETA.
-                bar.update(len(line.encode("utf-8", errors="replace")))
-                if kind == "text":
-                    text = line.rstrip("\r\n")
-                    if text.strip():
-                        yield text
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PLDRError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise PLDRError(f"{path}:{lineno}: a JSON-lines record must be an object")
-                if field not in record:
-                    raise PLDRError(
-                        f"{path}:{lineno}: record has no field {field!r} (use --column)"
-                    )
-                yield from _lines_of(record[field])
-
-
-def _iter_parquet(path: Path, field: str, progress: bool, tqdm: Any) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise PLDRError("reading parquet files needs 'pyarrow': pip install pyarrow") from None
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises its own error classes for unreadable files
-        raise PLDRError(f"{path} is not a readable parquet file ({first_line(exc)})") from None
-    names = parquet.schema_arrow.names
-    if field not in names:
-        raise PLDRError(
-            f"{path} has no column {field!r} (columns: {', '.join(names)}; use --column)"
+        data = DataFile(path, file_format(path) or "txt")
+        source = FileSource(
+            [data],
+            column=column or "text",
+            txt_split="line",  # one line at a time, never a whole block in memory
+            column_hint="use --column",
+            strip_lines=False,
         )
-    with tqdm(
-        total=parquet.metadata.num_rows,
-        unit="rows",
-        desc=path.name,
-        disable=not progress,
-        leave=False,
-    ) as bar:
-        for batch in parquet.iter_batches(columns=[field], batch_size=1024):
-            values = batch.column(0).to_pylist()
-            bar.update(len(values))
-            for value in values:
-                yield from _lines_of(value)
+        with tqdm(unit="lines", desc=path.name, disable=not progress, leave=False) as bar:
+            for document in source.iter_documents():
+                lines = [document] if data.format == "txt" else _lines_of(document)
+                for line in lines:
+                    bar.update(1)
+                    yield line
 
 
 def train_tokenizer(

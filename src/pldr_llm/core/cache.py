@@ -41,7 +41,7 @@ class LayerKV:
 
 @dataclass
 class StaticLayerKV:
-    """A preallocated KV-cache layer for static decoding (see :mod:`pldr_llm.generation`).
+    """A preallocated KV-cache layer for static decoding (see :mod:`pldr_llm.core.engine`).
 
     ``key`` and ``value`` are [B, H, T_max, dk] buffers whose addresses never change; ``append``
     writes one new key/value per row in place, row ``b`` at slot ``write_index[b]`` ([B] long, on

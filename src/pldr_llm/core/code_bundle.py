@@ -22,6 +22,8 @@ import ast
 import re
 from pathlib import Path
 
+from .fileio import atomic_write_text
+
 # The modules a model folder needs, by role; their relative imports are followed from here.
 ROOT_MODULES = ("configuration_pldrllm", "modeling_pldrllm", "tokenization_pldrllm")
 # auto_map entries (file name without .py, then class name) written into the folder's json files.
@@ -105,6 +107,6 @@ def write_code_files(directory: str | Path) -> list[Path]:
     written = []
     for name, text in code_files().items():
         path = directory / name
-        path.write_text(text, encoding="utf-8")
+        atomic_write_text(path, text)  # an export may replace an older copy
         written.append(path)
     return written

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,11 @@ HF_NAMES = {
     "eos_id": "eos_token_id",
     "bos_id": "bos_token_id",
 }
+# How close (difflib's ratio) a key that is not the model's may come to a model key before it is
+# taken for a misspelling of it; every key of the original's run settings stays below this
+# (tests/test_config.py checks them all).
+_MISSPELT = 0.85
+
 # The authors' predefined-G kinds (``custom_G_type``); every one maps onto version v510G.
 CUSTOM_G_TYPES = ("identity", "random", "external")
 
@@ -84,37 +90,6 @@ _LLAMA3_KEYS = (
     "low_freq_factor",
     "high_freq_factor",
     "original_max_position_embeddings",
-)
-
-# The training keys of the original's hyperparameter dictionary, in its spelling and order
-# (``TrainConfig.to_hpdict`` writes them; ``HPDICT_ALIASES`` maps the spellings that differ).
-HPDICT_TRAINING_KEYS = (
-    "warmup_steps",
-    "lr_total_steps",
-    "learning_rate",
-    "DAG_reg_coeffs",
-    "lr_alpha",
-    "adamw_decay",
-    "disable_amp",
-    "auto_size_minimum",
-    "disable_fsdp_mixed_precision",
-    "fsdp_cpu_offload",
-    "fsdp_sharding_strategy",
-    "backward_prefetch",
-    "epochs",
-    "save_type",
-)
-# hpdict keys that describe training or the run, not the architecture; accepted and ignored here
-# (the trainer reads them through ``TrainConfig.from_hpdict``).
-TRAINING_KEYS = frozenset(
-    {
-        *HPDICT_TRAINING_KEYS,
-        "save_model_path",
-        "device",
-        "batch_size",
-        "context_length",
-        "dag_reg_coeffs",
-    }
 )
 
 
@@ -279,17 +254,22 @@ class PLDRConfig:
     def from_hpdict(cls, hpdict: dict[str, Any], **overrides: Any) -> PLDRConfig:
         """Build a config from the original's hyperparameter dictionary.
 
-        Training keys are accepted and ignored; an unknown key is an error that names it.
+        The dictionary mixes the model's keys with the run's (``learning_rate``, ``epochs``, ...):
+        the model's are read here, the others are left to the trainer
+        (``pldr_llm.train.config.TrainConfig.from_hpdict`` reads and checks them) -- the model
+        knows nothing of training. A key that is not the model's but is spelt like one of its
+        keys (``num_layrs``) is an error that names it, so a misspelt model key is never
+        silently dropped.
         """
         arch = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
         for key, value in hpdict.items():
             if key in arch:
                 kwargs[key] = value
-            elif key in TRAINING_KEYS:
                 continue
-            else:
-                raise PLDRError(f"unknown hyperparameter {key!r}")
+            close = difflib.get_close_matches(str(key), sorted(arch), n=1, cutoff=_MISSPELT)
+            if close:
+                raise PLDRError(f"unknown hyperparameter {key!r} (did you mean {close[0]!r}?)")
         if "activation" in kwargs:
             kwargs["activation"] = _activation_name(kwargs["activation"])
         kwargs.update(overrides)

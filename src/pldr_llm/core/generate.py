@@ -1,4 +1,4 @@
-"""Text generation on the one decoding loop (:class:`~pldr_llm.generation.DecodeEngine`).
+"""Text generation on the one decoding loop (:class:`~pldr_llm.core.engine.DecodeEngine`).
 
 :func:`generate` / :func:`generate_details` take the prompt kinds of the original's
 ``generate_text`` (a vector, a [B, L] matrix, or a list of id lists of different lengths), run every

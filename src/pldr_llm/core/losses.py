@@ -1,6 +1,9 @@
 """Losses and metrics of PLDR-LLM training: masked cross-entropy, accuracy, DAG regularizer.
 
-Every cross-entropy of the package is here: :func:`masked_cross_entropy` on full logits, and
+Every cross-entropy of the package is here: per target (:func:`token_cross_entropy`, used by
+perplexity and the causal-leak audit), its mean over non-padding targets
+(:func:`masked_cross_entropy`, the original's loss and the transformers forward's), its sum with
+the arg-max hits (:func:`masked_ce_sum_and_hits`, the trainer's step and validation), and
 :func:`linear_cross_entropy`, the same loss computed chunk by chunk from the hidden states.
 
 Chunked linear + cross-entropy (the LM loss without the [B, L, V] float32 logits):
@@ -30,18 +33,56 @@ from .errors import PLDRError
 from .plga import Deductive
 
 
+def token_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy of each target, in the logits' dtype (0 where ``targets == ignore_index``).
+
+    ``logits`` [..., V], ``targets`` [...] -> [...]. Upcast the logits first for a float32 or
+    float64 softmax. A [B, L, V] batch is computed in the original's layout (classes moved to
+    dim 1), which keeps the gradients of :func:`masked_cross_entropy` bit-identical to the
+    original's; other shapes are flattened to [N, V].
+    """
+    if logits.dim() == 3:
+        return F.cross_entropy(
+            logits.permute(0, 2, 1), targets, reduction="none", ignore_index=ignore_index
+        )
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        reduction="none",
+        ignore_index=ignore_index,
+    )
+    return flat.reshape(targets.shape)
+
+
 def masked_cross_entropy(logits: Tensor, targets: Tensor, pad_id: int = 0) -> Tensor:
     """Mean token cross-entropy over targets that are not ``pad_id`` (the original's loss).
 
-    Computed in the original's layout (classes moved to dim 1, per-token losses masked, summed,
-    divided by the token count): its gradients are then bit-identical to the original's.
+    Computed in the original's layout (per-token losses masked, summed, divided by the token
+    count): its gradients are then bit-identical to the original's. NaN when every target is
+    ``pad_id``. The transformers forward takes its ``labels`` loss here with ``pad_id=-100``.
     """
-    if logits.dim() == 3:
-        losses = F.cross_entropy(logits.permute(0, 2, 1), targets, reduction="none")
-    else:  # [N, V] logits for [N] targets
-        losses = F.cross_entropy(logits, targets, reduction="none")
+    losses = token_cross_entropy(logits, targets, ignore_index=pad_id)
     mask = (targets != pad_id).to(losses.dtype)
     return (losses * mask).sum() / mask.sum()
+
+
+def masked_ce_sum_and_hits(
+    logits: Tensor, targets: Tensor, pad_id: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over targets that are not ``pad_id`` (softmax in float32) and the
+    arg-max hits on them (an integer count, no gradient): the trainer's figures of a step or a
+    validation batch from full logits [B, L, V]. Divide both by the non-padding target count
+    for the mean loss and the accuracy (a sum, so that micro-batches and ranks add up exactly).
+    """
+    ce_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=pad_id,
+        reduction="sum",
+    )
+    with torch.no_grad():
+        hits = ((logits.argmax(-1) == targets) & (targets != pad_id)).sum()
+    return ce_sum, hits
 
 
 @torch.no_grad()

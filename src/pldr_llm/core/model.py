@@ -334,7 +334,7 @@ class PLDRModel(nn.Module):
         """Embedding, decoder layers -> (hidden [B, L, d_model], KV, G, deductive per layer).
 
         The body of :meth:`forward` without its checks and mask building: it reads no device
-        value on the host, so the decoding loop (:mod:`pldr_llm.generation`) and the captured
+        value on the host, so the decoding loop (:mod:`pldr_llm.core.engine`) and the captured
         prefill can compile it or capture it in a CUDA graph.
         ``positions``, ``bias`` and ``is_causal`` are what :meth:`forward` derives from the ids.
         ``packed`` (:meth:`DecoderLayer.pack` of each layer) is what the decoding loop passes.

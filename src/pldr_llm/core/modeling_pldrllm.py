@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
@@ -50,6 +49,7 @@ from .hf_folder import (
     core_state_from_hf,
     hf_state_from_core,
 )
+from .losses import masked_cross_entropy
 from .model import PLDRModel
 from .plga import Deductive
 from .rope import RotaryEmbedding
@@ -75,7 +75,7 @@ class PldrllmSamplingFilter(LogitsProcessor):
     """The original's sampling filters, applied by ``generate(do_sample=True)``.
 
     Temperature scales the logits (as transformers does for any value), then the core's
-    :func:`pldr_llm.generation.filter_logits` keeps the top-p nucleus (tokens whose cumulative
+    :func:`pldr_llm.core.sampling.filter_logits` keeps the top-p nucleus (tokens whose cumulative
     probability stays <= p, at least one) and then the top-k, as ``pldr_llm.generate`` does.
     """
 
@@ -291,11 +291,9 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         )
         loss = None
         if labels is not None:
-            logits = out.logits.float()
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
+            # transformers' shifted causal-LM loss: labels -100 are ignored.
+            loss = masked_cross_entropy(
+                out.logits[:, :-1].float(), labels[:, 1:].to(out.logits.device), pad_id=-100
             )
         result = PldrllmCausalLMOutput(
             loss=loss,
@@ -487,7 +485,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
 
         Greedy and sampled decoding of a [B, L] prompt (with ``attention_mask``,
         ``max_new_tokens``, ``eos_token_id``, ``cache_implementation="static"``, the cache modes,
-        ``G_init``) run on the native decoding loop of :mod:`pldr_llm.generation` -- the same ids
+        ``G_init``) run on the native decoding loop of :mod:`pldr_llm.core.engine` -- the same ids
         as ``pldr_llm.generate``, with a CUDA-graph step on GPUs (``compile=True`` adds
         torch.compile, the static-cache recipe of transformers). Other arguments use
         transformers' loop.

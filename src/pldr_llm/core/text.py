@@ -194,7 +194,7 @@ class Detokenizer:
 
 
 class StopStrings:
-    """A ``stopping_criteria`` for :func:`~pldr_llm.generation.generate`: a row stops when its
+    """A ``stopping_criteria`` for :func:`~pldr_llm.core.generate.generate`: a row stops when its
     new text (what decoding prompt + new ids adds after the prompt's text) holds one of
     ``stops``. Each row's calls are one generation's (its new ids so far, one more each time);
     a :class:`Detokenizer` per row looks only at the text that changed."""

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import atomic_path
 from pldr_llm.data.corpus import default_corpus
 
 
@@ -41,7 +42,9 @@ def default_tokenizer_model(cache_dir: str | Path, vocab_size: int = 4096) -> Pa
         train_tokenizer(
             [corpus], vocab_size, prefix, seed=0, num_threads=1, progress=False, verbose=False
         )
-        # The vocab first, the model last: a present .model means a complete pair.
-        os.replace(f"{prefix}.vocab", cache / f"{name}.vocab")
-        os.replace(f"{prefix}.model", model)
+        # The vocab first, the model last: a present .model means a complete pair. Each is
+        # synced and renamed into place (atomic_path), so a crash never leaves a torn file.
+        for suffix in (".vocab", ".model"):
+            with atomic_path(cache / f"{name}{suffix}") as target:
+                os.replace(f"{prefix}{suffix}", target)
     return model

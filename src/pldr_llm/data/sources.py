@@ -7,10 +7,11 @@ Sources:
 
 * :class:`ListSource` -- documents held in memory (the embedded default corpus, tests).
 * :class:`FileSource` -- local ``.txt`` / ``.jsonl`` / ``.parquet`` files (a file, a folder or a
-  glob; ``.txt.gz`` and ``.jsonl.gz`` too). A txt file holds one document per block of lines
+  glob; txt and jsonl also compressed: ``.gz``, ``.bz2``, ``.xz``). A txt file holds one document per block of lines
   separated by a blank line (``txt_split="blank_line"``, the default), one per line (``"line"``) or
   one per file (``"file"``). jsonl and parquet take the text from a named column. Needs nothing
-  optional except pyarrow for parquet.
+  optional except pyarrow for parquet. The tokenizer trainer (:func:`pldr_llm.tokenizer.iter_text`)
+  reads its inputs through it too: one reader, one set of errors.
 * :class:`HFSource` -- a Hugging Face dataset (streamed or downloaded), through the optional
   ``datasets`` package (``pip install 'pldr-llm[data]'``).
 * :class:`SliceSource` -- documents ``[start, stop)`` of another source: the original's
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import abc
 import glob
-import gzip
 import io
 import itertools
 import json
@@ -34,17 +34,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.errors import PLDRError, first_line
 
 TXT_SPLITS = ("blank_line", "line", "file")
 
-# Format -> the file name endings that imply it. ``.gz`` is handled on top for txt and jsonl.
+# Format -> the file name endings that imply it. A compression ending is allowed on top for txt and
+# jsonl (``COMPRESSIONS``).
 _ENDINGS = {
     "txt": (".txt", ".text", ".md"),
     "jsonl": (".jsonl", ".ndjson", ".json"),
     "parquet": (".parquet",),
 }
 FILE_FORMATS = tuple(_ENDINGS)
+COMPRESSIONS = (".gz", ".bz2", ".xz")
+#: How a missing column is chosen, in the error that names it (``pldr-llm train``'s option).
+COLUMN_HINT = "set data.column"
 _FORMAT_OF_ENDING = {ending: fmt for fmt, endings in _ENDINGS.items() for ending in endings}
 
 
@@ -118,23 +122,38 @@ class SliceSource(DocumentSource):
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """A text file, decompressed on the fly by its ending (``COMPRESSIONS``)."""
     # errors="replace": one bad byte deep inside a web-scale file must not stop a long run.
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
+    if suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
+    if suffix == ".xz":
+        import lzma
+
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
     return open(path, encoding="utf-8", errors="replace")
 
 
 def file_format(path: Path) -> str | None:
     """The format a file name implies (``txt``, ``jsonl``, ``parquet``) or None."""
-    suffixes = path.suffixes
-    if suffixes and suffixes[-1] == ".gz":
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
         fmt = _FORMAT_OF_ENDING.get(suffixes[-2]) if len(suffixes) >= 2 else None
         return fmt if fmt in ("txt", "jsonl") else None
-    return _FORMAT_OF_ENDING.get(path.suffix)
+    return _FORMAT_OF_ENDING.get(suffixes[-1]) if suffixes else None
 
 
-def _txt_documents(path: Path, txt_split: str, skip: int) -> Generator[str, None, int]:
-    """Yield a txt file's documents after the first ``skip``; return how many were skipped."""
+def _txt_documents(
+    path: Path, txt_split: str, skip: int, strip: bool = True
+) -> Generator[str, None, int]:
+    """Yield a txt file's documents after the first ``skip``; return how many were skipped.
+    Without ``strip`` a line (``txt_split="line"``) keeps its leading and trailing spaces."""
     seen = 0
     with _open_text(path) as f:
         if txt_split == "file":
@@ -147,9 +166,9 @@ def _txt_documents(path: Path, txt_split: str, skip: int) -> Generator[str, None
             return 0
         if txt_split == "line":
             for line in f:
-                text = line.strip()
-                if not text:
+                if not line.strip():
                     continue
+                text = line.strip() if strip else line.rstrip("\r\n")
                 if seen >= skip:
                     yield text
                 seen += 1
@@ -175,16 +194,18 @@ def _as_text(value: Any, where: str, column: str) -> str:
     return value
 
 
-def _record_text(record: Any, where: str, column: str) -> str:
+def _record_text(record: Any, where: str, column: str, hint: str) -> str:
     if not isinstance(record, dict):
         raise PLDRError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if column not in record:
         cols = ", ".join(map(str, record)) or "none"
-        raise PLDRError(f"{where}: no column {column!r} (columns: {cols}); set data.column")
+        raise PLDRError(f"{where}: no column {column!r} (columns: {cols}); {hint}")
     return _as_text(record[column], where, column)
 
 
-def _jsonl_documents(path: Path, column: str, skip: int) -> Generator[str, None, int]:
+def _jsonl_documents(
+    path: Path, column: str, skip: int, hint: str = COLUMN_HINT
+) -> Generator[str, None, int]:
     """Yield the ``column`` of each JSON line after the first ``skip``; return how many skipped."""
     seen = 0
     first = True
@@ -204,7 +225,7 @@ def _jsonl_documents(path: Path, column: str, skip: int) -> Generator[str, None,
                     raise PLDRError(f"{path}: expected JSON lines or a JSON array")
                 for i, record in enumerate(records):
                     if i >= skip:
-                        yield _record_text(record, f"{path} item {i}", column)
+                        yield _record_text(record, f"{path} item {i}", column, hint)
                 return min(len(records), skip)
             first = False
             if seen >= skip:
@@ -212,7 +233,7 @@ def _jsonl_documents(path: Path, column: str, skip: int) -> Generator[str, None,
                     record = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise PLDRError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from exc
-                yield _record_text(record, f"{path}:{lineno}", column)
+                yield _record_text(record, f"{path}:{lineno}", column, hint)
             seen += 1
     return min(seen, skip)
 
@@ -227,23 +248,23 @@ def _import_pyarrow_parquet() -> Any:
     return pq
 
 
-def _parquet_file(path: Path, column: str) -> Any:
+def _parquet_file(path: Path, column: str, hint: str = COLUMN_HINT) -> Any:
     pq = _import_pyarrow_parquet()
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise PLDRError(f"{path}: not a readable parquet file ({exc})") from exc
+        raise PLDRError(f"{path}: not a readable parquet file ({first_line(exc)})") from exc
     names = pf.schema_arrow.names
     if column not in names:
-        raise PLDRError(
-            f"{path}: no column {column!r} (columns: {', '.join(names)}); set data.column"
-        )
+        raise PLDRError(f"{path}: no column {column!r} (columns: {', '.join(names)}); {hint}")
     return pf
 
 
-def _parquet_documents(path: Path, column: str, skip: int) -> Generator[str, None, int]:
+def _parquet_documents(
+    path: Path, column: str, skip: int, hint: str = COLUMN_HINT
+) -> Generator[str, None, int]:
     """Yield the ``column`` of each row after the first ``skip``; return how many skipped."""
-    pf = _parquet_file(path, column)
+    pf = _parquet_file(path, column, hint)
     skipped = 0
     for group in range(pf.num_row_groups):
         rows = pf.metadata.row_group(group).num_rows
@@ -267,30 +288,41 @@ class DataFile:
 
 
 class FileSource(DocumentSource):
-    """Documents from local txt/jsonl/parquet files, read in the given order."""
+    """Documents from local txt/jsonl/parquet files, read in the given order.
+
+    ``column_hint`` ends the error that names a missing column: how the caller's user picks
+    another one (``pldr-llm tokenizer``'s is ``--column``). ``strip_lines=False`` keeps each
+    line's spaces with ``txt_split="line"`` (the tokenizer trainer reads lines as they are).
+    """
 
     def __init__(
-        self, files: Sequence[DataFile], column: str = "text", txt_split: str = "blank_line"
+        self,
+        files: Sequence[DataFile],
+        column: str = "text",
+        txt_split: str = "blank_line",
+        column_hint: str = COLUMN_HINT,
+        strip_lines: bool = True,
     ) -> None:
         if txt_split not in TXT_SPLITS:
             raise PLDRError(f"txt_split must be one of {', '.join(TXT_SPLITS)}, got {txt_split!r}")
         if not files:
             raise PLDRError("no data files given")
         self.files, self.column, self.txt_split = list(files), column, txt_split
+        self.column_hint, self.strip_lines = column_hint, strip_lines
         first = str(self.files[0].path)
         more = f" (+{len(self.files) - 1} files)" if len(self.files) > 1 else ""
         self.description = f"{first}{more}"
 
     def _documents(self, f: DataFile, skip: int) -> Generator[str, None, int]:
         if f.format == "txt":
-            return _txt_documents(f.path, self.txt_split, skip)
+            return _txt_documents(f.path, self.txt_split, skip, self.strip_lines)
         if f.format == "jsonl":
-            return _jsonl_documents(f.path, self.column, skip)
-        return _parquet_documents(f.path, self.column, skip)
+            return _jsonl_documents(f.path, self.column, skip, self.column_hint)
+        return _parquet_documents(f.path, self.column, skip, self.column_hint)
 
     def _fast_count(self, f: DataFile) -> int | None:
         if f.format == "parquet":
-            return _parquet_file(f.path, self.column).metadata.num_rows
+            return _parquet_file(f.path, self.column, self.column_hint).metadata.num_rows
         return None
 
     def iter_documents(self, start: int = 0) -> Iterator[str]:
@@ -311,7 +343,7 @@ class FileSource(DocumentSource):
             if not f.path.is_file():
                 raise PLDRError(f"data file not found: {f.path}")
             if f.format == "parquet":
-                _parquet_file(f.path, self.column)
+                _parquet_file(f.path, self.column, self.column_hint)
         # The first record of a jsonl file tells whether the column is there.
         next(iter(self._documents(self.files[0], 0)), None)
 

@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.core.fileio import atomic_write_text
+from pldr_llm.core.losses import token_cross_entropy
 from pldr_llm.deductive.runs import _as_ids, _EvalMode, _model_device
 
 #: Prefixes per batch of the causal pass.
@@ -123,7 +123,7 @@ class LeakAudit:
 
 def _token_losses(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy per position in float64: logits [N, V], targets [N] -> [N]."""
-    return F.cross_entropy(logits.to(torch.float64), targets, reduction="none")
+    return token_cross_entropy(logits.to(torch.float64), targets)
 
 
 def _g_stack(cache: Any) -> list[Tensor]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.losses import token_cross_entropy
 
 __all__ = ["PerplexityResult", "perplexity", "strided_windows"]
 
@@ -117,12 +118,11 @@ def perplexity(
                 chunk = group[start : start + batch_size]
                 inputs = torch.stack([sequence[b:last] for b, _, last in chunk])
                 logits = model(inputs).logits.float()
-                logp = torch.log_softmax(logits, dim=-1)
                 for row, (b, first, last) in enumerate(chunk):
                     # Input position j predicts id b + j + 1; keep targets first..last.
-                    positions = torch.arange(first - b - 1, last - b, device=device)
+                    scored = logits[row, first - b - 1 : last - b]
                     targets = sequence[first : last + 1]
-                    nll -= float(logp[row, positions, targets].double().sum())
+                    nll += float(token_cross_entropy(scored, targets).double().sum())
     finally:
         model.train(was_training)
     tokens = len(ids) - 1

@@ -17,6 +17,7 @@ import torch
 
 from pldr_llm.core.code_bundle import AUTO_MAP_TOKENIZER
 from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import atomic_write_text
 from pldr_llm.core.hf_folder import TOKENIZER_CONFIG
 from pldr_llm.core.modeling_pldrllm import PldrllmForCausalLM
 from pldr_llm.core.tokenization_pldrllm import PldrllmTokenizer
@@ -91,4 +92,4 @@ def _add_tokenizer_auto_map(path: Path) -> None:
     """Point AutoTokenizer at the bundled tokenizer code (for ``trust_remote_code`` loading)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     data["auto_map"] = dict(AUTO_MAP_TOKENIZER)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

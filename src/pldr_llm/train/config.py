@@ -24,6 +24,8 @@ __all__ = [
     "SHARDING_STRATEGIES",
     "ORIGINAL_ALIASES",
     "HPDICT_ALIASES",
+    "HPDICT_TRAINING_KEYS",
+    "TRAINING_KEYS",
     "ARCHITECTURE_KEYS",
 ]
 
@@ -60,6 +62,38 @@ ORIGINAL_ALIASES: dict[str, dict[str, str]] = {
 }
 # Original spellings -> TrainConfig field (the ``train`` part of the table above).
 HPDICT_ALIASES = ORIGINAL_ALIASES["train"]
+
+# The training keys of the original's hyperparameter dictionary, in its spelling and order
+# (``TrainConfig.to_hpdict`` writes them; ``HPDICT_ALIASES`` maps the spellings that differ).
+HPDICT_TRAINING_KEYS = (
+    "warmup_steps",
+    "lr_total_steps",
+    "learning_rate",
+    "DAG_reg_coeffs",
+    "lr_alpha",
+    "adamw_decay",
+    "disable_amp",
+    "auto_size_minimum",
+    "disable_fsdp_mixed_precision",
+    "fsdp_cpu_offload",
+    "fsdp_sharding_strategy",
+    "backward_prefetch",
+    "epochs",
+    "save_type",
+)
+# Every key of the original's hpdict that describes the run, not the model (PLDRConfig.from_hpdict
+# leaves them to TrainConfig.from_hpdict).
+TRAINING_KEYS = frozenset(
+    {
+        *HPDICT_TRAINING_KEYS,
+        *HPDICT_ALIASES,
+        "save_model_path",
+        "device",
+        "batch_size",
+        "context_length",
+        "dag_reg_coeffs",
+    }
+)
 
 # Keys of the original's hpdict that describe the model; TrainConfig.from_hpdict skips them.
 ARCHITECTURE_KEYS = frozenset((*MODEL_ARCHITECTURE_KEYS, "pad_id", "eos_id"))
@@ -125,7 +159,8 @@ class TrainConfig:
         keep_last: keep this many checkpoints; null: all.
         save_type: checkpoint format: dcp, torch or both.
         export_pth: also export the model in the original's .pth format (original/).
-        init_from: start from these weights (a model folder or .pth).
+        init_from: start from these weights (what --model takes, a .pth or .safetensors file,
+            or a checkpoint folder of a run).
         run_name: the run's name (the original's save_model_path).
         fsdp_sharding_strategy: FSDP sharding: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD.
         fsdp_cpu_offload: keep FSDP parameters on the CPU.

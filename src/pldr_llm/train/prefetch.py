@@ -8,6 +8,9 @@ data iterator starts a new packing group). :class:`BatchFeed` runs the data iter
 The data position travels with each batch: ``state`` is the iterator's ``state_dict()`` taken
 right after that batch, so a checkpoint written after a step records exactly the batches that
 were consumed, however far the thread has read ahead.
+
+:func:`prepare_batch` is the ``prepare`` function of training (``Trainer.prepare_batch``): it
+checks a raw batch and splits it into micro-batches on the host.
 """
 
 from __future__ import annotations
@@ -18,7 +21,83 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-__all__ = ["BatchFeed", "FedBatch"]
+import torch
+
+from pldr_llm.core.config import check_token_range
+from pldr_llm.core.errors import PLDRError
+
+__all__ = ["BatchFeed", "FedBatch", "PreparedBatch", "prepare_batch", "split_batch"]
+
+
+@dataclass
+class PreparedBatch:
+    """A batch checked and split on the host by :func:`prepare_batch`."""
+
+    micro: list[torch.Tensor]  #: the micro-batches [b, L+1] (pinned CPU memory for a GPU)
+    tokens: int  #: non-padding targets of this rank
+    sequences: int
+    padded: list[bool]  #: whether each micro-batch's inputs hold the pad id
+    counts: torch.Tensor  #: ``[tokens, sequences]`` float64, for the global counts under FSDP
+
+
+def prepare_batch(
+    batch: torch.Tensor | list | tuple,
+    grad_accum_steps: int,
+    *,
+    pad_id: int,
+    vocab: int | None,
+    pin: bool,
+) -> PreparedBatch:
+    """Check and split a raw batch [B, L+1] on the host (thread-safe; no device work).
+
+    Everything the step would otherwise read back from the GPU is found here, on the CPU copy:
+    the ids' range (below ``vocab``), the number of non-padding targets and whether each
+    micro-batch's inputs hold padding (which picks the plain causal kernel or a mask). ``pin``
+    (for a GPU) puts the micro-batches and counts in pinned memory.
+    """
+    micro = split_batch(batch, grad_accum_steps)
+    tokens = 0
+    padded: list[bool] = []
+    prepared: list[torch.Tensor] = []
+    for mb in micro:
+        if vocab is not None:
+            check_token_range(int(mb.min()), int(mb.max()), vocab)
+        tokens += int((mb[:, 1:] != pad_id).sum())
+        padded.append(bool((mb[:, :-1] == pad_id).any()))
+        if pin and mb.device.type == "cpu":
+            mb = mb.long().pin_memory()
+        prepared.append(mb)
+    sequences = sum(mb.shape[0] for mb in micro)
+    counts = torch.tensor([float(tokens), float(sequences)], dtype=torch.float64)
+    if pin:
+        counts = counts.pin_memory()
+    return PreparedBatch(prepared, tokens, sequences, padded, counts)
+
+
+def split_batch(batch: torch.Tensor | list | tuple, grad_accum_steps: int) -> list[torch.Tensor]:
+    """``grad_accum_steps`` micro-batches of a [B, L+1] batch (a list or tuple is taken as the
+    micro-batches already), each checked: 2-D, integer ids, length >= 1 plus its target."""
+    if isinstance(batch, (list, tuple)):
+        micro = list(batch)
+    else:
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 2:
+            raise PLDRError("a training batch must be a LongTensor [batch, length + 1]")
+        n = grad_accum_steps
+        if batch.shape[0] % n:
+            raise PLDRError(
+                f"batch of {batch.shape[0]} sequences cannot be split into "
+                f"'grad_accum_steps' = {n} micro-batches"
+            )
+        micro = list(batch.chunk(n)) if n > 1 else [batch]
+    for mb in micro:
+        if not isinstance(mb, torch.Tensor) or mb.dim() != 2 or mb.shape[1] < 2:
+            shape = tuple(mb.shape) if isinstance(mb, torch.Tensor) else type(mb).__name__
+            raise PLDRError(
+                f"a training batch must be [batch, length + 1] with length >= 1, got {shape}"
+            )
+        if mb.dtype not in (torch.int64, torch.int32):
+            raise PLDRError(f"a training batch must hold integer ids, got {mb.dtype}")
+    return micro
 
 
 @dataclass

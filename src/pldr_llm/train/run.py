@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pldr_llm.core.errors import PLDRError
+from pldr_llm.core.fileio import atomic_write_text
 from pldr_llm.train.runconfig import RUN_FILE, TOKENIZER_FILE, RunConfig, prepare_run
 from pldr_llm.train.runlock import claim_run_folder
 
@@ -71,7 +72,6 @@ def run(resolved: RunConfig) -> FitResult:
     import numpy as np
     import torch
 
-    from pldr_llm.data import build_batches
     from pldr_llm.data.config import open_source
     from pldr_llm.train.distributed import barrier, cleanup_distributed, setup_distributed
     from pldr_llm.train.trainer import Trainer
@@ -113,38 +113,11 @@ def run(resolved: RunConfig) -> FitResult:
                 resolved.context_length,
             )
         trainer = Trainer(model, cfg, env=env)
-        train_batches = build_batches(
-            resolved.data,
-            tokenizer,
-            batch_size=trainer.batch_size,
-            context_length=resolved.context_length,
-            rank=env.rank,
-            world_size=env.world_size,
-            pad_id=model.config.pad_id,
-            source=train_source,
-        )
-        val_batches = None
-        if cfg.val_every:
-            val_batches = build_batches(
-                resolved.data,
-                tokenizer,
-                batch_size=trainer.batch_size,
-                context_length=resolved.context_length,
-                split="validation",
-                rank=env.rank,
-                world_size=env.world_size,
-                pad_id=model.config.pad_id,
-            )
-            if val_batches is None and env.is_main:
-                logger.warning(
-                    "'train.val_every' is set but the data config has no validation split"
-                )
+        train_batches, val_batches = _batches(resolved, tokenizer, trainer, train_source)
         if env.is_main:
             # Written once the tokenizer, model and data are set up: a start that fails before
             # (a missing --tokenizer.path) leaves no run.yaml that would refuse the fixed command.
-            tmp = run_dir / (RUN_FILE + ".tmp")
-            tmp.write_text(resolved.to_yaml(), encoding="utf-8")
-            os.replace(tmp, run_dir / RUN_FILE)
+            atomic_write_text(run_dir / RUN_FILE, resolved.to_yaml())
         result = trainer.fit(
             train_batches,
             run_dir,
@@ -152,19 +125,9 @@ def run(resolved: RunConfig) -> FitResult:
             resume=True,
             tokenizer_file=tokenizer_file,
         )
-        if result.status == "completed" and env.is_main:
-            _export_original(trainer, resolved, run_dir, tokenizer_file)
         barrier()
         if env.is_main:
-            metrics = result.last_metrics or {}
-            logger.info(
-                "%s at step %d%s",
-                result.status,
-                result.step,
-                f": loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}"
-                if metrics.get("loss") is not None
-                else "",
-            )
+            _log_end(result)
         if result.status == "interrupted":
             if env.is_main:
                 logger.warning(
@@ -195,6 +158,40 @@ def _start_words(run_dir: Path, resuming: bool, env: Any) -> str:
     if resuming:
         return "starting run afresh (the folder's run.yaml has no checkpoint yet)"
     return "starting run"
+
+
+def _batches(resolved: RunConfig, tokenizer: Any, trainer: Any, source: Any) -> tuple[Any, Any]:
+    """The training batches (from ``source``, already open) and the validation batches (None
+    without ``val_every`` or a validation split), at the trainer's per-rank batch size."""
+    from pldr_llm.data import build_batches
+
+    env, pad_id = trainer.env, trainer.pad_id
+    common = {
+        "batch_size": trainer.batch_size,  # resolved once, by the trainer
+        "context_length": resolved.context_length,
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "pad_id": pad_id,
+    }
+    train = build_batches(resolved.data, tokenizer, source=source, **common)
+    if not resolved.train.val_every:
+        return train, None
+    val = build_batches(resolved.data, tokenizer, split="validation", **common)
+    if val is None and env.is_main:
+        logger.warning("'train.val_every' is set but the data config has no validation split")
+    return train, val
+
+
+def _log_end(result: FitResult) -> None:
+    metrics = result.last_metrics or {}
+    logger.info(
+        "%s at step %d%s",
+        result.status,
+        result.step,
+        f": loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}"
+        if metrics.get("loss") is not None
+        else "",
+    )
 
 
 def _tokenizer(resolved: RunConfig, run_dir: Path, env: Any, source: Any) -> tuple[Any, Path]:
@@ -281,49 +278,25 @@ def _build_model(resolved: RunConfig, tokenizer: Any, run_dir: Path, env: Any) -
 
 
 def _load_initial_weights(model: Any, source: str) -> None:
-    """Start from the weights of an original ``.pth``, a project folder or a DCP folder."""
-    from pldr_llm.checkpoint import reference_state_dict
-    from pldr_llm.core.fileio import WEIGHTS_NAME, load_safetensors, safe_torch_load
+    """Start from the weights of anything ``--model`` takes (:func:`pldr_llm.bundle.resolve_weights`:
+    a published bundle, a project or transformers folder, a hub id, a ``.pth`` or
+    ``.safetensors`` file) or of a checkpoint of a run (a DCP folder)."""
+    from pldr_llm.bundle import resolve_weights
     from pldr_llm.core.state_dict import load_state_dict_strict
 
-    path = Path(source)
-    if path.is_file():
-        state = reference_state_dict(safe_torch_load(path), str(path))
-        load_state_dict_strict(model, state, source=str(path))
-    elif (path / WEIGHTS_NAME).is_file():
-        state = load_safetensors(path / WEIGHTS_NAME)
-        load_state_dict_strict(model, state, source=str(path))
-    elif path.is_dir():
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / "dcp").is_dir() or (path / ".metadata").is_file()):
         from pldr_llm.train.safe_dcp import safe_dcp_load
 
         dcp_dir = path / "dcp" if (path / "dcp").is_dir() else path
         state = {"model": model.state_dict()}
         safe_dcp_load(state, dcp_dir)
         model.load_state_dict(state["model"])
+        where = str(dcp_dir)
     else:
-        raise PLDRError(f"'train.init_from': no checkpoint at {path}")
-    logger.info("initial weights from %s", path)
-
-
-def _export_original(
-    trainer: Any, resolved: RunConfig, run_dir: Path, tokenizer_file: Path
-) -> None:
-    """Complete ``run_dir/original/`` (the .pth written by the trainer) into an original bundle."""
-    import shutil
-
-    from pldr_llm.core.config import hyperparameters_file_text
-    from pldr_llm.core.fileio import HYPERPARAMETERS_SUFFIX, atomic_write_text
-    from pldr_llm.train.checkpointing import original_export
-
-    cfg = resolved.train
-    if not cfg.export_pth:
-        return
-    name, pth = original_export(run_dir, cfg.run_name)
-    if not pth.is_file():
-        return
-    hp = trainer.model.config.to_hpdict()
-    hp.update(cfg.to_hpdict())
-    hp["save_model_path"] = name
-    target = pth.parent
-    atomic_write_text(target / f"{name}{HYPERPARAMETERS_SUFFIX}", hyperparameters_file_text(hp))
-    shutil.copyfile(tokenizer_file, target / TOKENIZER_FILE)
+        try:
+            weights, _, where = resolve_weights(source)
+        except PLDRError as exc:
+            raise PLDRError(f"'train.init_from': {exc}") from None
+        load_state_dict_strict(model, weights, source=where)
+    logger.info("initial weights from %s", where)

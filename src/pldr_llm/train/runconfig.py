@@ -349,6 +349,8 @@ def resolve(sections: dict[str, dict[str, Any]], world_size: int = 1) -> RunConf
         raise PLDRError(f"train: {exc}") from None
     except TypeError as exc:
         raise PLDRError(f"train: {exc}") from None
+    # Checked now, before anything loads; the run's per-rank size is the trainer's
+    # (``Trainer.batch_size``, resolved once there), which the data iterators take.
     train.resolve_batch_size(world_size)
 
     tok_keys = dict(clean["tokenizer"])

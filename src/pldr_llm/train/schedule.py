@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that config validation stays fa
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["lr_multiplier", "WarmupCosineSchedule", "build_scheduler"]
+__all__ = ["lr_multiplier", "WarmupCosineSchedule", "build_scheduler", "restore_scheduler"]
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, alpha: float = 0.0) -> float:
@@ -87,3 +87,23 @@ def build_scheduler(
     from torch.optim.lr_scheduler import LambdaLR
 
     return LambdaLR(optimizer, WarmupCosineSchedule(total_steps, warmup_steps, alpha))
+
+
+def restore_scheduler(scheduler: LambdaLR, saved: dict, step: int, learning_rate: float) -> None:
+    """Move ``scheduler`` (and its optimizer's rates) to a checkpoint's position.
+
+    The schedule's position comes from the checkpoint (``saved``: its scheduler's state); its
+    shape and peak learning rate from this run's config (a resumed run may lower
+    ``train.learning_rate``): this scheduler's own state, moved to the saved step, through the
+    scheduler's ``load_state_dict``.
+    """
+    optimizer = scheduler.optimizer
+    own = scheduler.state_dict()
+    own["base_lrs"] = [learning_rate] * len(optimizer.param_groups)
+    own["last_epoch"] = saved["last_epoch"]
+    own["_step_count"] = saved.get("_step_count", own.get("_step_count"))
+    own["_last_lr"] = [b * scheduler.lr_lambdas[0](step) for b in own["base_lrs"]]
+    scheduler.load_state_dict(own)
+    for group, base, lr in zip(optimizer.param_groups, own["base_lrs"], own["_last_lr"]):
+        group["initial_lr"] = base
+        group["lr"] = lr

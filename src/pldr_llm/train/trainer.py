@@ -1,5 +1,7 @@
-"""The PLDR-LLM trainer: one optimizer step (:meth:`Trainer.train_step`) and the run loop
-(:meth:`Trainer.fit`) with metrics, validation, checkpoints, resume and clean shutdown.
+"""The PLDR-LLM trainer: one optimizer step (:meth:`Trainer.step_async`; :meth:`Trainer.train_step`
+runs it and reads its figures back at once) and the run loop (:meth:`Trainer.fit`, over the
+components of :mod:`pldr_llm.train.loop` and :mod:`pldr_llm.train.validation`) with metrics,
+validation, checkpoints, resume, clean shutdown and the export of :mod:`pldr_llm.train.export`.
 
 One step, as in the original: inputs ``batch[:, :-1]``, targets ``batch[:, 1:]``; masked
 cross-entropy (padding id 0 ignored) plus, optionally, the DAG regularizer
@@ -23,44 +25,36 @@ import contextlib
 import gc
 import logging
 import math
-import signal
-import threading
-import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pldr_llm.core.config import check_token_range
 from pldr_llm.core.errors import PLDRError
-from pldr_llm.train.checkpointing import (
-    CheckpointManager,
-    capture_rng_state,
-    export_model,
-    original_export,
-    restore_rng_state,
-)
+from pldr_llm.core.losses import dag_loss, masked_ce_sum_and_hits, weighted_dag
 from pldr_llm.train.config import TrainConfig
 from pldr_llm.train.distributed import (
     DistEnv,
-    all_ranks,
     all_reduce_sum,
     current_env,
     resolve_device,
     shard_model,
 )
-from pldr_llm.train.metrics import (
-    MetricsWriter,
-    ProgressBar,
-    RateMeter,
-    TrainMeters,
+from pldr_llm.train.export import export_run
+from pldr_llm.train.loop import (
+    Checkpointer,
+    EpochTracker,
+    MetricsLogger,
+    end_epoch,
+    stop_on_signals,
 )
-from pldr_llm.train.prefetch import BatchFeed
-from pldr_llm.train.schedule import build_scheduler
+from pldr_llm.train.prefetch import PreparedBatch, prepare_batch
+from pldr_llm.train.schedule import build_scheduler, restore_scheduler
+from pldr_llm.train.validation import Validator, evaluate
 
 __all__ = ["Trainer", "FitResult", "NonFiniteLossError", "PendingStep", "PreparedBatch"]
 
@@ -70,17 +64,6 @@ logger = logging.getLogger("pldr_llm.train")
 # The figures one step keeps on the device: cross-entropy sum, arg-max hits, the three DAG
 # terms (sequence-weighted), non-finite flag, stop flag, non-padding targets, sequences.
 _STATS = ("ce_sum", "correct", "dag_A", "dag_A_P", "dag_G", "bad", "stop", "tokens", "sequences")
-
-
-@dataclass
-class PreparedBatch:
-    """A batch checked and split on the host by :meth:`Trainer.prepare_batch`."""
-
-    micro: list[torch.Tensor]  #: the micro-batches [b, L+1] (pinned CPU memory for a GPU)
-    tokens: int  #: non-padding targets of this rank
-    sequences: int
-    padded: list[bool]  #: whether each micro-batch's inputs hold the pad id
-    counts: torch.Tensor  #: ``[tokens, sequences]`` float64, for the global counts under FSDP
 
 
 @dataclass
@@ -214,54 +197,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def prepare_batch(self, batch: torch.Tensor | list | tuple) -> PreparedBatch:
-        """Check and split a raw batch [B, L+1] on the host (thread-safe; no device work).
-
-        Everything the step would otherwise read back from the GPU is found here, on the CPU
-        copy: the ids' range, the number of non-padding targets and whether each micro-batch's
-        inputs hold padding (which picks the plain causal kernel or a mask).
-        """
-        micro = self._split(batch)
-        vocab = self._vocab
-        tokens = 0
-        padded: list[bool] = []
-        pin = self.device.type == "cuda"
-        prepared: list[torch.Tensor] = []
-        for mb in micro:
-            if vocab is not None:
-                check_token_range(int(mb.min()), int(mb.max()), vocab)
-            tokens += int((mb[:, 1:] != self.pad_id).sum())
-            padded.append(bool((mb[:, :-1] == self.pad_id).any()))
-            if pin and mb.device.type == "cpu":
-                mb = mb.long().pin_memory()
-            prepared.append(mb)
-        sequences = sum(mb.shape[0] for mb in micro)
-        counts = torch.tensor([float(tokens), float(sequences)], dtype=torch.float64)
-        if pin:
-            counts = counts.pin_memory()
-        return PreparedBatch(prepared, tokens, sequences, padded, counts)
-
-    def _split(self, batch: torch.Tensor | list | tuple) -> list[torch.Tensor]:
-        if isinstance(batch, (list, tuple)):
-            micro = list(batch)
-        else:
-            if not isinstance(batch, torch.Tensor) or batch.dim() != 2:
-                raise PLDRError("a training batch must be a LongTensor [batch, length + 1]")
-            n = self.config.grad_accum_steps
-            if batch.shape[0] % n:
-                raise PLDRError(
-                    f"batch of {batch.shape[0]} sequences cannot be split into "
-                    f"'grad_accum_steps' = {n} micro-batches"
-                )
-            micro = list(batch.chunk(n)) if n > 1 else [batch]
-        for mb in micro:
-            if not isinstance(mb, torch.Tensor) or mb.dim() != 2 or mb.shape[1] < 2:
-                shape = tuple(mb.shape) if isinstance(mb, torch.Tensor) else type(mb).__name__
-                raise PLDRError(
-                    f"a training batch must be [batch, length + 1] with length >= 1, got {shape}"
-                )
-            if mb.dtype not in (torch.int64, torch.int32):
-                raise PLDRError(f"a training batch must hold integer ids, got {mb.dtype}")
-        return micro
+        """Check and split a raw batch [B, L+1] on the host (thread-safe; no device work): see
+        :func:`pldr_llm.train.prefetch.prepare_batch`."""
+        return prepare_batch(
+            batch,
+            self.config.grad_accum_steps,
+            pad_id=self.pad_id,
+            vocab=self._vocab,
+            pin=self.device.type == "cuda",
+        )
 
     def _autocast(self):
         if self.amp:
@@ -334,8 +278,6 @@ class Trainer:
                 out, ce_sum, correct = self._lm_loss_terms(inputs, targets, **forward_kwargs)
                 loss = ce_sum * token_scale
                 if use_dag:
-                    from pldr_llm.core.losses import dag_loss
-
                     dag_total, dag_values = dag_loss(out.deductive, cfg.dag_reg_coeffs)
                     loss = loss + (mb.shape[0] / seq_total * world) * dag_total
             loss.backward()
@@ -398,23 +340,8 @@ class Trainer:
             ce_sum = torch.where(count > 0, out.loss * count, out.loss.new_zeros(()))
             return out, ce_sum, out.correct
         out = self._forward_module(inputs, **forward_kwargs)
-        ce_sum, correct = self._ce_sum_and_hits(out.logits, targets)
+        ce_sum, correct = masked_ce_sum_and_hits(out.logits, targets, self.pad_id)
         return out, ce_sum, correct
-
-    def _ce_sum_and_hits(
-        self, logits: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over non-padding targets (softmax in float32) and arg-max hits,
-        from full logits [B, L, V] (the path without ``chunked_loss``)."""
-        ce_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            targets.reshape(-1),
-            ignore_index=self.pad_id,
-            reduction="sum",
-        )
-        with torch.no_grad():
-            hits = ((logits.argmax(-1) == targets) & (targets != self.pad_id)).sum()
-        return ce_sum, hits
 
     def flops_per_token(self, context: int) -> float:
         """Training FLOPs per token at ``context``
@@ -431,44 +358,17 @@ class Trainer:
         Counts skipped steps, warns about each, and marks ``diverged`` on the step that went
         past ``max_nonfinite_steps``. Adds the steps' tokens to ``tokens_seen``.
         """
-        from pldr_llm.core.losses import weighted_dag
-
         if not pending:
             return []
         table = torch.stack([p.stats for p in pending]).tolist()
         cfg = self.config
-        use_dag = cfg.use_dag_loss
         results = []
         for item, values in zip(pending, table):
-            n_tokens, n_seqs = values[7], values[8]
-            ce_mean = values[0] / max(n_tokens, 1.0)
-            dag = values[2:5]
-            objective = ce_mean + weighted_dag(dag, cfg.dag_reg_coeffs)
-            skipped = values[5] > 0 or not math.isfinite(objective)
-            self.tokens_seen += int(n_tokens)
-            result: dict[str, Any] = {
-                "step": item.step,
-                "loss": objective,
-                "accuracy": values[1] / max(n_tokens, 1.0),
-                "lr": item.lr,
-                "tokens": int(n_tokens),
-                "sequences": int(n_seqs),
-                "skipped": skipped,
-                "stop": values[6] > 0,
-            }
-            if use_dag:
-                result.update(lm_loss=ce_mean, dag_A=dag[0], dag_A_P=dag[1], dag_G=dag[2])
-            if skipped:
+            result = _step_result(item, values, cfg.dag_reg_coeffs, cfg.use_dag_loss)
+            self.tokens_seen += result["tokens"]
+            if result["skipped"]:
                 self.nonfinite_steps += 1
-                logger.warning(
-                    "step %d: non-finite loss or gradient (loss %s); update skipped "
-                    "(%d of %d allowed)",
-                    item.step,
-                    objective,
-                    self.nonfinite_steps,
-                    cfg.max_nonfinite_steps,
-                )
-                if self.nonfinite_steps > cfg.max_nonfinite_steps:
+                if _skipped_too_often(result, self.nonfinite_steps, cfg.max_nonfinite_steps):
                     result["diverged"] = True
             results.append(result)
         return results
@@ -494,77 +394,10 @@ class Trainer:
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
         return torch.isnan(norms).sum().to(device=self.device, dtype=torch.float64)
 
-    # ------------------------------------------------------------------ validation
-    @torch.no_grad()
     def evaluate(self, batches: Any, max_batches: int | None = None) -> dict[str, Any]:
-        """Mean loss and accuracy over up to ``max_batches`` batches (all ranks, token-weighted).
+        """Mean loss and accuracy over ``batches`` (:func:`pldr_llm.train.validation.evaluate`)."""
+        return evaluate(self, batches, max_batches)
 
-        ``batches`` is an iterable of [B, L+1] batches; one with ``reset()`` is reset first, so
-        every validation sees the same data. Ranks that run out early wait for the others.
-        """
-        use_dag = self.config.use_dag_loss
-        reset = getattr(batches, "reset", None)
-        if callable(reset):
-            reset()
-        iterator = iter(batches)
-        self.model.eval()
-        stats = torch.zeros(6, dtype=torch.float64, device=self.device)
-        # ce_sum, correct, tokens, dag_A*B, dag_A_P*B, dag_G*B (+ sequences below)
-        n_seqs = torch.zeros(1, dtype=torch.float64, device=self.device)
-        done = 0
-        while max_batches is None or done < max_batches:
-            batch = next(iterator, None)
-            have = batch is not None
-            if self.sharded:  # every rank runs the same number of forward passes
-                have = all_ranks(have, self.device)
-            if not have:
-                break
-            batch = batch.to(self.device).long()
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            if self.levers["cuda_graphs"]:
-                torch.compiler.cudagraph_mark_step_begin()
-            with self._autocast():
-                out, ce_sum, correct = self._lm_loss_terms(
-                    inputs, targets, output_deductive=use_dag, output_scores=False
-                )
-            stats[0] += ce_sum.double()
-            stats[1] += correct.double()
-            stats[2] += (targets != self.pad_id).sum().double()
-            if use_dag:
-                from pldr_llm.core.losses import dag_regularizer
-
-                for k, value in enumerate(dag_regularizer(out.deductive)):
-                    stats[3 + k] += value.double() * batch.shape[0]
-            n_seqs += batch.shape[0]
-            done += 1
-        if self.sharded:
-            all_reduce_sum(stats)
-            all_reduce_sum(n_seqs)
-        values = stats.tolist()
-        tokens = max(values[2], 1.0)
-        result: dict[str, Any] = {
-            "val_loss": values[0] / tokens if values[2] else float("nan"),
-            "val_accuracy": values[1] / tokens if values[2] else float("nan"),
-            "val_tokens": int(values[2]),
-            "val_batches": done,
-        }
-        if use_dag:
-            from pldr_llm.core.losses import weighted_dag
-
-            seqs = max(float(n_seqs.item()), 1.0)
-            dag = [v / seqs for v in values[3:6]]
-            result.update(
-                val_dag_A=dag[0],
-                val_dag_A_P=dag[1],
-                val_dag_G=dag[2],
-                val_lm_loss=result["val_loss"],
-            )
-            result["val_loss"] = result["val_lm_loss"] + weighted_dag(
-                dag, self.config.dag_reg_coeffs
-            )
-        return result
-
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Trainer counters and the scheduler (the model and optimizer go through DCP)."""
         return {
@@ -578,18 +411,10 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
-        # The schedule's position comes from the checkpoint; its shape and peak learning rate
-        # from this run's config (a resumed run may lower train.learning_rate): this scheduler's
-        # own state, moved to the saved step, through the scheduler's load_state_dict.
-        saved, own = dict(state["scheduler"]), self.scheduler.state_dict()
-        own["base_lrs"] = [self.config.learning_rate] * len(self.optimizer.param_groups)
-        own["last_epoch"] = saved["last_epoch"]
-        own["_step_count"] = saved.get("_step_count", own.get("_step_count"))
-        own["_last_lr"] = [b * self.scheduler.lr_lambdas[0](self.step) for b in own["base_lrs"]]
-        self.scheduler.load_state_dict(own)
-        for group, base, lr in zip(self.optimizer.param_groups, own["base_lrs"], own["_last_lr"]):
-            group["initial_lr"] = base
-            group["lr"] = lr
+        # Its position from the checkpoint, its peak learning rate from this run's config.
+        restore_scheduler(
+            self.scheduler, dict(state["scheduler"]), self.step, self.config.learning_rate
+        )
 
     # ------------------------------------------------------------------ the run
     def fit(
@@ -607,322 +432,153 @@ class Trainer:
         ``train_data`` yields [B, L+1] batches; if it has ``state_dict``/``load_state_dict`` its
         position is checkpointed (exact resume) and if it has ``epoch`` that is the epoch logged.
         With ``resume``, the newest complete checkpoint in ``run_dir/checkpoints`` is loaded
-        first. SIGTERM/SIGINT stop after the current step with a checkpoint. At the end the model
-        is exported to ``export_dir`` (default ``run_dir``) as ``config.json`` +
-        ``model.safetensors`` (+ ``tokenizer.model``) and, with ``export_pth``, the original's
-        ``.pth`` as ``original/<run_name>-model-checkpoint.pth``.
+        first. SIGTERM/SIGINT stop after the current step with a checkpoint. A completed run is
+        exported to ``export_dir`` (default ``run_dir``): :func:`pldr_llm.train.export.export_run`.
         """
-        cfg, env = self.config, self.env
+        cfg, total = self.config, self.config.total_steps()
         run_dir = Path(run_dir)
-        export_dir = Path(export_dir) if export_dir is not None else run_dir
-        if env.is_main:
+        if self.env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = CheckpointManager(
-            run_dir, env, keep_last=cfg.keep_last, protected_steps=cfg.save_steps
-        )
-        ckpt.remove_incomplete()
-        meters = TrainMeters(dag=cfg.use_dag_loss)
-        epoch = int(getattr(train_data, "epoch", 0) or 0)
-        step_in_epoch = 0
-        last_saved: int | None = None
-        last_checkpoint: Path | None = None
-
-        if resume:
-            latest = ckpt.latest()
-            if latest is not None:
-                loaded = ckpt.load(latest, self.model, self.optimizer)
-                self.load_state_dict(loaded.trainer_state["trainer"])
-                meters.load_state_dict(loaded.trainer_state.get("meters", {}))
-                epoch = int(loaded.trainer_state.get("epoch", 0))
-                step_in_epoch = int(loaded.trainer_state.get("step_in_epoch", 0))
-                rank_state = loaded.rank_state or {}
-                if "rng" in rank_state:
-                    restore_rng_state(rank_state["rng"])
-                if "data" in rank_state and hasattr(train_data, "load_state_dict"):
-                    train_data.load_state_dict(rank_state["data"])
-                last_saved, last_checkpoint = self.step, latest
-                if env.is_main:
-                    logger.info("resumed from %s (step %d)", latest, self.step)
-
-        total = cfg.total_steps()
-        writer = MetricsWriter(run_dir, enabled=env.is_main, tensorboard=cfg.tensorboard)
-        writer.truncate_after(self.step)
-        progress = ProgressBar(
-            total, self.step, cfg.progress if env.is_main else False, cfg.log_every
-        )
-        restore_signals = self._install_signal_handlers()
-        rates = RateMeter(peak_flops=cfg.peak_tflops * 1e12 * env.world_size, device=self.device)
-        # Figures are read back from the GPU once per log interval (every step on the CPU,
-        # where reading costs nothing), so the host never waits for the device inside a step.
-        read_every = 1 if self.device.type == "cpu" else cfg.log_every
-        pending: list[PendingStep] = []
-        data_state: Any = None
-        have_state = hasattr(train_data, "state_dict")
-        if have_state:
-            data_state = train_data.state_dict()
-        record: dict[str, Any] | None = None
-        stopping = {"status": None}
-        # Per pending step: its epoch, and the epochs that ended just before it (step -> (epoch,
-        # its last step)), so that epoch records come out in order when the steps are read.
-        step_epochs: dict[int, int] = {}
-        epoch_ends: dict[int, tuple[int, int]] = {}
-
-        def flush(final: bool = False) -> None:
-            """Read the pending steps; write their records; note a stop or a divergence."""
-            nonlocal record
-            if not pending:
-                return
-            if rates.flops_per_token is None and self._context:
-                rates.flops_per_token = self.flops_per_token(self._context)
-            results = self.read_steps(pending)
-            pending.clear()
-            now = time.perf_counter()
-            for result in results:
-                step = result["step"]
-                if step in epoch_ends:
-                    ended, last_step = epoch_ends.pop(step)
-                    self._end_epoch(writer, meters, ended, last_step)
-                meters.update(result if not result["skipped"] else {})
-                record = {
-                    "step": step,
-                    "epoch": step_epochs.pop(step, epoch),
-                    "loss": result["loss"],
-                    "accuracy": result["accuracy"],
-                    "lr": result["lr"],
-                    "tokens": result["tokens"],
-                }
-                for key in ("lm_loss", "dag_A", "dag_A_P", "dag_G"):
-                    if key in result:
-                        record[key] = result[key]
-                record.update(meters.summary())
-                if result is results[-1] and (final or step % cfg.log_every == 0):
-                    record["tokens_seen"] = self.tokens_seen
-                    record.update(rates.interval(self.tokens_seen, step, now))
-                if result["skipped"]:
-                    record["skipped"] = True
-                writer.write(record)
-                progress.update(step, record)
-                if step % cfg.log_every == 0:
-                    meters.reset("running")
-                if result.get("diverged") and stopping["status"] is None:
-                    stopping["status"] = "diverged"
-                if result["stop"] and stopping["status"] is None:
-                    stopping["status"] = "interrupted"
-
-        def save() -> Path:
-            nonlocal last_saved, last_checkpoint
-            flush()
-            trainer_state = {
-                "trainer": self.state_dict(),
-                "meters": meters.state_dict(),
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-            }
-            rank_state: dict[str, Any] = {"rng": capture_rng_state()}
-            if have_state:
-                rank_state["data"] = data_state
-            path = ckpt.save(self.step, self.model, self.optimizer, trainer_state, rank_state)
-            last_saved, last_checkpoint = self.step, path
-            if env.is_main:
-                progress.write(f"saved checkpoint {path}")
-            rates.pause(self.tokens_seen, self.step, time.perf_counter())
-            return path
-
-        def next_epoch() -> None:
-            """The epoch ended: its record, then the next one (and its checkpoint when due)."""
-            nonlocal epoch, step_in_epoch
-            self._end_epoch(writer, meters, epoch)
-            epoch += 1
-            step_in_epoch = 0
-            if epoch in cfg.save_epochs:
-                save()
-
-        def tell_data_the_epoch() -> bool:
-            """``train_data.set_epoch(epoch)`` where it has one (reshuffles); whether it had."""
-            setter = getattr(train_data, "set_epoch", None)
-            if callable(setter):
-                setter(epoch)
-            return callable(setter)
-
-        def restart_feed() -> None:
-            """A new batch feed from the start of the (next epoch of the) training data."""
-            nonlocal feed
-            feed.close()
-            feed = BatchFeed(train_data, self.prepare_batch, cfg.prefetch_batches)
-
-        status = "completed"
-        # An endless iterator (BatchIterator with repeat) never ends: no per-step agreement on
-        # "is there a batch" between ranks is needed (it was a host read every step).
-        endless = bool(getattr(train_data, "repeat", False))
-        feed = BatchFeed(train_data, self.prepare_batch, cfg.prefetch_batches)
-        epoch_save_due = False
-        # The run's long-lived objects (modules, compiled code, the data) go to the permanent
-        # generation: a full garbage collection then no longer walks them, which stalled one
-        # step in a few (gen-2 collections are triggered by the autograd graph's allocations).
-        gc.collect()
-        gc.freeze()
-        rates.start(self.tokens_seen, self.step, time.perf_counter())
-        first_step = self.step
+        metrics = MetricsLogger(self, run_dir)
+        checkpointer = Checkpointer(self, run_dir, metrics)
+        epochs = EpochTracker(self, train_data)
+        validator = Validator(self, val_data, metrics)
+        status, export = "completed", Path(export_dir) if export_dir is not None else run_dir
+        restore_signals = stop_on_signals(self)
         try:
-            while total is None or self.step < total:
-                fed = feed.next()
-                if self.sharded and not endless and not all_ranks(fed is not None, self.device):
-                    fed = None
-                if fed is None:
-                    # A finite iterable ended: that was an epoch.
-                    if step_in_epoch == 0:
-                        raise PLDRError("the training data yielded no batch")
-                    flush()
-                    next_epoch()
-                    if epoch >= cfg.epochs or stopping["status"]:
+            if resume:
+                checkpointer.resume(epochs)
+            epochs.start()
+            with _frozen_garbage(self) as after_step:
+                metrics.start()
+                while total is None or self.step < total:
+                    fed = epochs.next_batch()
+                    if fed is None:  # a finite iterable ended: that was an epoch
+                        metrics.flush()
+                        if end_epoch(epochs, metrics, checkpointer) or metrics.status:
+                            break
+                        epochs.rewind(restart=True)
+                        continue
+                    ended = epochs.data_moved_on(fed)
+                    if ended is not None:
+                        metrics.epoch_ended_before(self.step + 1, ended, self.step)
+                        if total is None and epochs.epoch >= cfg.epochs:
+                            break
+                    metrics.add(self.step_async(fed.batch), epochs.epoch)
+                    epochs.took(fed)
+                    after_step()
+                    validate, epoch_over = validator.should_validate(self.step), epochs.is_over()
+                    last = self.step == total or (self.stop_requested and self.env.world_size == 1)
+                    metrics.read_if_due(final=last, needed=validate or epoch_over)
+                    if metrics.status == "diverged":
                         break
-                    tell_data_the_epoch()
-                    restart_feed()
-                    continue
-
-                data_epoch = fed.epoch
-                if (
-                    isinstance(data_epoch, int)
-                    and cfg.steps_per_epoch is None
-                    and data_epoch > epoch
-                ):
-                    # An endless iterator moved on to its next epoch. Its first batch is
-                    # already taken, so an epoch checkpoint is written after this step (a
-                    # checkpoint must never hold a data position ahead of its step). Its record
-                    # is written when the steps are read (no host read here: with a small
-                    # corpus an epoch can be a few steps long).
-                    epoch_ends[self.step + 1] = (epoch, self.step)
-                    epoch_save_due = epoch + 1 in cfg.save_epochs
-                    epoch, step_in_epoch = data_epoch, 0
-                    if total is None and epoch >= cfg.epochs:
+                    if validate:
+                        validator.validate()
+                    if epoch_over:
+                        if end_epoch(epochs, metrics, checkpointer) and cfg.max_steps is None:
+                            break
+                        epochs.rewind()
+                    checkpointer.save_if_due(epochs)
+                    if metrics.status == "interrupted":
                         break
-
-                step_epochs[self.step + 1] = epoch
-                pending.append(self.step_async(fed.batch))
-                data_state = fed.state
-                step_in_epoch += 1
-                progress.advance(self.step)  # the bar's step count only: nothing read back
-                if self.step == first_step + 3:
-                    # Compilation and CUDA-graph recording made many long-lived objects in the
-                    # first steps: freeze them too.
-                    gc.collect()
-                    gc.freeze()
-
-                val_due = val_data is not None and cfg.val_every and self.step % cfg.val_every == 0
-                epoch_due = cfg.steps_per_epoch is not None and step_in_epoch >= cfg.steps_per_epoch
-                save_due = last_saved != self.step and (
-                    epoch_save_due
-                    or self.step in cfg.save_steps
-                    or (cfg.save_every is not None and self.step % cfg.save_every == 0)
-                )
-                local_stop = self.stop_requested and env.world_size == 1
-                if self.step == total or local_stop:
-                    flush(final=True)
-                elif self.step % read_every == 0 or val_due or epoch_due:
-                    flush()
-                if stopping["status"] == "diverged":
-                    break
-
-                if val_due:
-                    val = self.evaluate(val_data, cfg.val_batches)
-                    writer.write({"event": "val", "step": self.step, **val})
-                    progress.write(
-                        f"step {self.step}: val_loss {val['val_loss']:.4f} "
-                        f"val_accuracy {val['val_accuracy']:.4f}"
-                    )
-                    rates.pause(self.tokens_seen, self.step, time.perf_counter())
-
-                if epoch_due:
-                    next_epoch()
-                    if epoch >= cfg.epochs and cfg.max_steps is None:
-                        break
-                    if tell_data_the_epoch():
-                        restart_feed()
-
-                if save_due:
-                    save()
-                epoch_save_due = False
-
-                if stopping["status"] == "interrupted":
-                    break
-            flush(final=True)
-            for ended, last_step in epoch_ends.values():  # an epoch ended with the run
-                self._end_epoch(writer, meters, ended, last_step)
-            if stopping["status"]:
-                status = stopping["status"]
-            if status == "completed" and val_data is not None and cfg.val_every:
-                if record is not None and self.step % cfg.val_every != 0:
-                    val = self.evaluate(val_data, cfg.val_batches)
-                    writer.write({"event": "val", "step": self.step, **val})
-            if status == "interrupted" or status == "diverged" or cfg.save_at_end:
-                if last_saved != self.step:
-                    save()
-            if status == "completed":
-                reference = None
-                if cfg.export_pth:
-                    _, reference = original_export(export_dir, cfg.run_name)
-                export_model(
-                    self.model,
-                    export_dir,
-                    tokenizer_file=tokenizer_file,
-                    reference_pth=reference,
-                    loss=record["loss"] if record else None,
-                    accuracy=record["accuracy"] if record else None,
-                )
-                if env.is_main:
-                    progress.write(f"exported the model to {export_dir}")
+            status = _wrap_up(metrics, validator, checkpointer, epochs, export, tokenizer_file)
         finally:
-            feed.close()
-            gc.unfreeze()
+            epochs.close()
             restore_signals()
-            progress.close()
-            writer.close()
+            metrics.close()
         return FitResult(
             status=status,
             step=self.step,
             signal=self._stop_signal,
-            last_checkpoint=last_checkpoint,
-            export_dir=export_dir if status == "completed" else None,
-            last_metrics=record,
+            last_checkpoint=checkpointer.last_checkpoint,
+            export_dir=export if status == "completed" else None,
+            last_metrics=metrics.record,
         )
 
-    def _end_epoch(
-        self, writer: MetricsWriter, meters: TrainMeters, epoch: int, step: int | None = None
-    ) -> None:
-        writer.write(
-            {
-                "event": "epoch_end",
-                "step": self.step if step is None else step,
-                "epoch": epoch,
-                "loss_epoch": meters.result("epoch", "loss"),
-                "accuracy_epoch": meters.result("epoch", "accuracy"),
-            }
+
+def _wrap_up(
+    metrics: MetricsLogger,
+    validator: Validator,
+    checkpointer: Checkpointer,
+    epochs: EpochTracker,
+    export_dir: Path,
+    tokenizer_file: str | Path | None,
+) -> str:
+    """After the loop: the last figures, a completed run's last validation and export
+    (:func:`~pldr_llm.train.export.export_run`), the checkpoint a stopped run (or
+    ``save_at_end``) needs; how the run ended (``FitResult.status``)."""
+    trainer = metrics.trainer
+    metrics.finish()
+    status = metrics.status or "completed"
+    if status == "completed":
+        validator.validate_at_end()
+    if status != "completed" or trainer.config.save_at_end:
+        checkpointer.save_unless_saved(epochs)
+    if status == "completed":
+        export_run(
+            trainer.model,
+            trainer.config,
+            export_dir,
+            is_main=trainer.env.is_main,
+            tokenizer_file=tokenizer_file,
+            last_metrics=metrics.record,
         )
-        meters.reset("epoch")
+        metrics.note(f"exported the model to {export_dir}")
+    return status
 
-    def _install_signal_handlers(self):
-        """SIGTERM/SIGINT -> finish the step, save, stop. A second SIGINT aborts at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {}
 
-        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-            if self.stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            if not self.stop_requested:
-                logger.warning(
-                    "received %s: stopping after this step and saving a checkpoint",
-                    signal.Signals(signum).name,
-                )
-            self.stop_requested = True
-            self._stop_signal = signum
+def _step_result(
+    item: PendingStep, values: list[float], dag_coeffs: Any, use_dag: bool
+) -> dict[str, Any]:
+    """The figures of one step from its row of ``_STATS`` (see :meth:`Trainer.train_step`)."""
+    n_tokens, n_seqs = values[7], values[8]
+    ce_mean = values[0] / max(n_tokens, 1.0)
+    dag = values[2:5]
+    objective = ce_mean + weighted_dag(dag, dag_coeffs)
+    result: dict[str, Any] = {
+        "step": item.step,
+        "loss": objective,
+        "accuracy": values[1] / max(n_tokens, 1.0),
+        "lr": item.lr,
+        "tokens": int(n_tokens),
+        "sequences": int(n_seqs),
+        "skipped": values[5] > 0 or not math.isfinite(objective),
+        "stop": values[6] > 0,
+    }
+    if use_dag:
+        result.update(lm_loss=ce_mean, dag_A=dag[0], dag_A_P=dag[1], dag_G=dag[2])
+    return result
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, handler)
 
-        def restore() -> None:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+def _skipped_too_often(result: dict[str, Any], skipped: int, allowed: int) -> bool:
+    """Warn about a skipped step (the ``skipped``-th); whether that is more than ``allowed``."""
+    logger.warning(
+        "step %d: non-finite loss or gradient (loss %s); update skipped (%d of %d allowed)",
+        result["step"],
+        result["loss"],
+        skipped,
+        allowed,
+    )
+    return skipped > allowed
 
-        return restore
+
+@contextlib.contextmanager
+def _frozen_garbage(trainer: Trainer) -> Iterator[Callable[[], None]]:
+    """The run's long-lived objects (modules, compiled code, the data) go to the permanent
+    generation: a full garbage collection then no longer walks them, which stalled one step in a
+    few (gen-2 collections are triggered by the autograd graph's allocations). Yields the call
+    to make after each step: compilation and CUDA-graph recording make many long-lived objects
+    in the first steps, frozen too three steps in."""
+    refreeze_at = trainer.step + 3
+
+    def after_step() -> None:
+        if trainer.step == refreeze_at:
+            gc.collect()
+            gc.freeze()
+
+    gc.collect()
+    gc.freeze()
+    try:
+        yield after_step
+    finally:
+        gc.unfreeze()
