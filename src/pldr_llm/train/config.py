@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pldr_llm.core.config import ACTIVATION_CHECKPOINTING, HPDICT_TRAINING_KEYS
+from pldr_llm.core.config import ACTIVATION_CHECKPOINTING
 from pldr_llm.core.config import ARCHITECTURE_KEYS as MODEL_ARCHITECTURE_KEYS
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.train.schedule import validate_schedule
