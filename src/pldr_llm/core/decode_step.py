@@ -133,11 +133,10 @@ class KVStep:
         logit processing and top log-probabilities are only in the variants of the step that
         rows asking for them need."""
         b = self.buffers
-        run = b.running()
         raw_logits = logits
         if variant.processed:
             assert b.processing is not None
-            b.processing.count(b.ids, run)
+            b.processing.count(b.ids, b.running())
             logits = b.processing.apply(logits, b.n_generated)
         with_logprobs = b.logprobs is not None and (self.output_logprobs or variant.top_logprobs)
         mode = variant.mode
@@ -161,6 +160,7 @@ class KVStep:
             )  # fmt: skip
             return
         logits = logits.float()
+        run = b.running()
         column, uniform = column_and_uniform()
         new = sample_rows(logits, b.temperature, b.top_k, b.top_p, uniform, mode)
         if variant.forcing:
