@@ -221,6 +221,7 @@ class DecodeBuffers:
         keys and values, G_LM (and A_LM, A_P when recorded), the metric tensor, and the key
         bias (a key that is the pad id stays masked, as a lone run masks it)."""
         assert self.kv is not None and self.g is not None
+        assert cache.kv is not None and cache.g is not None and cache.key_valid is not None
         n, length = ids.shape
         for static, kv in zip(self.kv, cache.kv):
             static.key[index, :, :length] = kv.key.to(static.key.dtype)
@@ -237,7 +238,6 @@ class DecodeBuffers:
                 if kv.metric_tensor is not None:  # None: no metric learner (v510G)
                     metric[index] = kv.metric_tensor.to(metric.dtype)
         valid = torch.zeros(n, self.slots, dtype=torch.bool, device=ids.device)
-        assert cache.key_valid is not None
         valid[:, :length] = cache.key_valid & (ids != pad_id)
         self.key_bias[index] = self.bias_values[valid.long()]
 

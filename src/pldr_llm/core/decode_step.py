@@ -105,7 +105,7 @@ class KVStep:
         out = []
         fixed = b.g_fixed[:, None, None, None]
         for layer, metric, g in zip(self.model.decoder.dec_layers, b.metric, b.g):
-            attention = layer.mha1
+            attention: Any = layer.mha1  # a PLGA layer (typed as a Module attribute)
             a_lm = a_p = None
             if attention.predefined_G:
                 g_lm = attention.predefined_G_LM.to(g.G_LM.dtype).expand_as(g.G_LM)

@@ -318,7 +318,7 @@ class DecodeEngine:
         if self.rerun is None:
             b.fill_caches(index, ids, out.cache, self.config.pad_id, init is not None)
         else:
-            self.rerun.keep_rows(slots, rows, out.cache.g, init)
+            self.rerun.keep_rows(slots, rows, out.cache.g or [], init)
         seeds = [p.seed if p.seed is not None else draw_seed() for p in params]
         stop_lists = [
             list(p.stop_token_ids) + ([self.config.eos_id] if p.stop_at_eos else []) for p in params

@@ -93,7 +93,8 @@ def packed_projections(
         pack = on_cuda_with_kv
     if not (pack or fused):
         return None
-    return [layer.pack() for layer in model.decoder.dec_layers]
+    layers: Any = model.decoder.dec_layers  # DecoderLayers (typed as a Module attribute)
+    return [layer.pack() for layer in layers]
 
 
 def check_block_size(k: int) -> None:

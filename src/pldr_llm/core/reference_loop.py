@@ -13,7 +13,7 @@ inspection, never captured.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +49,12 @@ def batch_row(t: Tensor | None, i: int) -> Tensor | None:
     return t if t.shape[0] == 1 else t[i : i + 1]
 
 
+def _kept(t: Tensor, row: int, copy: bool = True) -> Tensor:
+    """Row ``row`` of a tensor every pass has (G_LM), copied unless ``copy`` is False."""
+    picked = t if t.shape[0] == 1 else t[row : row + 1]
+    return picked.clone() if copy else picked
+
+
 class DeductiveRecorder:
     """Keeps the deductive outputs of every pass (:attr:`records`, oldest first; the caller
     reads and clears the list). ``running()`` gives the slots whose tokens are not all
@@ -74,7 +80,7 @@ class DeductiveRecorder:
     def record(
         self,
         stage: Literal["prefill", "step"],
-        rows: dict[int, tuple[Sequence[Deductive], int]],
+        rows: Mapping[int, tuple[Sequence[Deductive], int]],
     ) -> None:
         """Keep, for each slot, batch row ``row`` of the per-layer outputs of its pass
         (``rows[slot] = (deductive, row)``); copies, since the static caches the layers report
@@ -87,7 +93,7 @@ class DeductiveRecorder:
         outputs = {}
         for slot, (deductive, row) in rows.items():
             outputs[slot] = [
-                Deductive(keep(d.A, row), keep(d.A_LM, row), keep(d.A_P, row), keep(d.G_LM, row))
+                Deductive(keep(d.A, row), keep(d.A_LM, row), keep(d.A_P, row), _kept(d.G_LM, row))
                 for d in deductive
             ]
         if stage == "prefill":
@@ -136,7 +142,7 @@ class FullRerun:
                 [
                     GCacheEntry(
                         batch_row(e.A_LM, i) if recording else None,
-                        batch_row(e.G_LM, i),
+                        _kept(e.G_LM, i, copy=False),
                         batch_row(e.A_P, i) if recording else None,
                     )
                     for e in prompt_g
