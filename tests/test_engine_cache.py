@@ -79,3 +79,16 @@ def test_generate_spec_buckets_only_captured_engines(tiny_model):
     assert (cpu.rows, cpu.span, cpu.cuda_graph) == (3, 40, False)
     graph = engine_spec(tiny_model, 3, 40, cuda_graph=True, output_logprobs=True)
     assert (graph.rows, graph.span, graph.output_logprobs) == (4, 64, True)
+
+
+def test_a_server_engine_and_generate_share_one_spec(tiny_model):
+    """The scheduler's spec (max_batch rows, the whole context, logprobs kept) and generate's
+    for one prompt over the whole context name the same engine once defaults are resolved."""
+    server = EngineSpec(1, None, output_logprobs=True, cuda_graph=True)
+    engine = lend_engine(tiny_model, server)
+    give_back_engine(tiny_model, engine)  # the scheduler stopped
+    length = tiny_model.config.max_seq_len
+    spec = engine_spec(tiny_model, 1, length, cuda_graph=True, output_logprobs=True)
+    with borrow_engine(tiny_model, spec) as shared:
+        assert shared is engine
+    assert EngineSpec(2).resolved(tiny_model) == EngineSpec(2, 64, cuda_graph=False)

@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .engine import DecodeEngine
@@ -54,6 +54,16 @@ class EngineSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "compile_key", repr(self.compile))
 
+    def resolved(self, model: PLDRModel) -> EngineSpec:
+        """The same spec with its defaults spelled out for ``model`` (span: its max_seq_len;
+        cuda_graph: on for a CUDA model with the KV-cache, unless recording), so that two specs
+        of the same engine compare equal however they were written."""
+        graph = self.cuda_graph
+        if graph is None:
+            graph = model.device.type == "cuda" and self.kv and not self.record_deductive
+        span = model.config.max_seq_len if self.span is None else self.span
+        return replace(self, span=span, cuda_graph=graph)
+
 
 def build_engine(model: PLDRModel, spec: EngineSpec) -> DecodeEngine:
     """A new engine of ``spec`` for ``model`` (the one place engines are made)."""
@@ -80,18 +90,12 @@ def _engines_of(model: PLDRModel) -> _ModelEngines:
     return engines
 
 
-def _cached(model: PLDRModel, spec: EngineSpec) -> bool:
-    """Whether engines of ``spec`` are kept: those that run captured CUDA graphs."""
-    graph = spec.cuda_graph
-    if graph is None:
-        graph = model.device.type == "cuda" and spec.kv and not spec.record_deductive
-    return bool(graph)
-
-
 def lend_engine(model: PLDRModel, spec: EngineSpec) -> DecodeEngine:
     """An engine of ``spec`` for the caller alone until :func:`give_back_engine`: the cached
-    idle one (its graphs already captured) or a new one."""
-    if not _cached(model, spec):
+    idle one (its graphs already captured) or a new one. Engines that run captured CUDA graphs
+    are cached; others are cheap, and always new."""
+    spec = spec.resolved(model)
+    if not spec.cuda_graph:
         return build_engine(model, spec)
     with _LOCK:
         engines = _engines_of(model)
