@@ -95,11 +95,11 @@ class RowProcessing:
         counts = of(self.counts)
         logits = logits.float()
         repetition = of(self.repetition)[:, None]
-        seen = of(self.in_prompt) | (counts > 0)
+        present = counts > 0
         penalized = torch.where(logits < 0, logits * repetition, logits / repetition)
-        logits = torch.where(seen, penalized, logits)
+        logits = torch.where(of(self.in_prompt) | present, penalized, logits)
         logits = logits - of(self.frequency)[:, None] * counts
-        logits = logits - of(self.presence)[:, None] * (counts > 0).to(logits.dtype)
+        logits = logits - of(self.presence)[:, None] * present.to(logits.dtype)
         logits = logits + of(self.bias)
         ids = of(self.min_ids)
         early = (n_generated < of(self.min_new))[:, None] & of(self.min_mask)
