@@ -140,7 +140,9 @@ CORE_ROWS = (
     {"errors", "fileio", "config"},
     {"rope", "layers", "plga", "cache", "state_dict", "losses", "model", "variants", "compile"}
     | {"fused", "fused_kernels"},
-    {"sampling", "processing", "graphs", "text", "engine", "generate"},
+    {"sampling", "processing", "graphs", "text", "generate", "engine", "engine_cache"}
+    | {"decode_buffers", "decode_step", "step_graphs", "step_output", "slots", "reference_loop"}
+    | {"engine_options"},
     {"hf_folder", "configuration_pldrllm", "modeling_pldrllm", "tokenization_pldrllm"}
     | {"code_bundle"},
 )
@@ -169,3 +171,21 @@ def test_exported_model_code_carries_only_the_model() -> None:
     assert {"model.py", "plga.py", "engine.py", "code_bundle.py"} <= files
     # Not needed by the model: the package's front door, per-layer compile, the variants' helpers.
     assert not {"__init__.py", "compile.py", "variants.py"} & files
+
+
+#: The decoding loop's modules (issue 26): each unit small enough to read in one sitting.
+DECODING_MODULES = CORE_ROWS[2]
+
+
+def test_decoding_units_stay_small() -> None:
+    """No class over 400 lines and no function over 100 in the decoding loop's modules."""
+    too_big = []
+    for name in sorted(DECODING_MODULES):
+        path = SRC / PACKAGE / "core" / f"{name}.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                limit = 400 if isinstance(node, ast.ClassDef) else 100
+                if lines > limit:
+                    too_big.append(f"{name}.{node.name}: {lines} lines (limit {limit})")
+    assert not too_big, too_big

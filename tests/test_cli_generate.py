@@ -140,7 +140,7 @@ def test_stream_prints_the_same_text(published: tuple[Path, PLDRModel, PLDRToken
 
 
 def test_streamer_writes_as_tokens_come(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
-    from pldr_llm.commands.generate import TextStreamer
+    from pldr_llm.generation.texts import TextStreamer
 
     _, model, tok = published
 
@@ -380,3 +380,33 @@ def test_processing_flags_and_logprobs_equal_the_library(
     assert [[t for t, _ in top] for top in record["top_logprobs"]] == [
         [t for t, _ in top] for top in want.top_logprobs[0]
     ]
+
+
+def test_the_library_call_behind_the_command(
+    published: tuple[Path, PLDRModel, PLDRTokenizer],
+) -> None:
+    """What `pldr-llm generate` runs, called as a notebook would: same texts as the command."""
+    from pldr_llm import PLDRError
+    from pldr_llm.generation import SamplingParams
+    from pldr_llm.generation.texts import GenerationSettings, TextGenerator
+
+    folder, model, tok = published
+    prompts = [PROMPT, "Hello there"]
+    params = SamplingParams(top_k=1, max_new_tokens=NEW, repetition_penalty=1.3, logprobs=1)
+    settings = GenerationSettings(params, batch_size=1, logprobs=1)
+    generator = TextGenerator.load(str(folder), prompts, settings)
+    results = list(generator.generate(prompts))
+    for prompt, result in zip(prompts, results):
+        ids = tok.prompt_ids(prompt)
+        want = generate_details(model, [ids], NEW, top_k=1, repetition_penalty=1.3, logprobs=1)
+        assert result.new_ids == want.new_ids[0] and result.prompt_ids == ids
+        assert result.text == tok.decode(ids + want.new_ids[0])
+        assert result.logprobs == pytest.approx(want.logprobs[0], abs=1e-6)
+        assert len(result.top_logprobs) == len(result.new_ids)
+    timings = generator.timings
+    assert timings.prompts == 2 and timings.new_tokens == sum(len(r.new_ids) for r in results)
+    assert timings.as_dict()["device"] == "cpu" and not generator.warmed_up
+    with pytest.raises(PLDRError, match="batch-size must be positive"):
+        TextGenerator.load(str(folder), prompts, GenerationSettings(params, batch_size=0))
+    with pytest.raises(PLDRError, match="exceeds max_seq_len"):
+        TextGenerator.load(str(folder), ["word " * 200], GenerationSettings(params))

@@ -306,26 +306,28 @@ def test_fused_step_on_the_110m_model(dtype):
     prompts = [torch.randint(4, 32000, (n,)).tolist() for n in (32, 7, 19)]
     engine = DecodeEngine(model, 3, 128, cuda_graph=False, fused=True)
     engine.add_many(prompts, [SamplingParams(top_k=1, max_new_tokens=8)] * 3)
-    ids, positions = engine.ids.view(-1).clone(), engine.counters[0].clone()
-    bias = engine.key_bias.clone()
-    kv_copy = [StaticLayerKV(k.key.clone(), k.value.clone(), k.write_index) for k in engine.kv]
+    ids, positions = engine.buffers.ids.view(-1).clone(), engine.buffers.counters[0].clone()
+    bias = engine.buffers.key_bias.clone()
+    kv_copy = [
+        StaticLayerKV(k.key.clone(), k.value.clone(), k.write_index) for k in engine.buffers.kv
+    ]
     with torch.inference_mode():
         hidden = fused.decode_hidden(
-            model, engine.packed, ids, positions, bias, engine.kv, engine.g
+            model, engine.packed, ids, positions, bias, engine.buffers.kv, engine.buffers.g
         )
-        bias_ref = engine.key_bias.clone()
-        bias_ref.scatter_(1, engine.write_index[:, None], 0.0)  # no prompt ends in a pad id
+        bias_ref = engine.buffers.key_bias.clone()
+        bias_ref.scatter_(1, engine.buffers.write_index[:, None], 0.0)  # no prompt ends in a pad id
         assert torch.equal(bias, bias_ref)
         expected, *_ = model.run_layers(
             ids[:, None], positions[:, None], bias_ref[:, None, None, :], False,
-            kv=kv_copy, g=engine.g, packed=engine.packed,
+            kv=kv_copy, g=engine.buffers.g, packed=engine.packed,
         )  # fmt: skip
 
     def relative(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.float() - b.float()).norm() / b.float().norm())
 
     bound = 1e-5 if dtype == torch.float32 else 2e-2
-    for mine, theirs in zip(engine.kv, kv_copy):  # the written keys and values
+    for mine, theirs in zip(engine.buffers.kv, kv_copy):  # the written keys and values
         assert relative(mine.key, theirs.key) < bound and relative(mine.value, theirs.value) < bound
     assert relative(hidden, expected[:, 0]) < bound, relative(hidden, expected[:, 0])
     if dtype == torch.bfloat16:
@@ -350,7 +352,9 @@ def test_fused_step_on_the_110m_model(dtype):
         assert pldr_llm.generate(model, batch, 128, **options) == pldr_llm.generate(
             model, batch, 128, cuda_graph=False, **options
         )
-    engines = model.__dict__["_pldr_decode_engines"]
+    from pldr_llm.core.engine_cache import cached_engines
+
+    engines = cached_engines(model)
     assert engines and all(e.fused for e in engines.values())
 
 

@@ -452,7 +452,7 @@ def test_step_variant_follows_the_running_rows(tiny_model):
 
     engine = DecodeEngine(tiny_model, 3, 24)
     used: list[str] = []
-    step_fn = engine._step_fn
+    step_fn = engine.graphs.step_fn
 
     def recording(variant):
         assert not variant.forcing  # no row is teacher-forced here
@@ -460,7 +460,7 @@ def test_step_variant_follows_the_running_rows(tiny_model):
         fn = step_fn(variant)
         return lambda: (used.append(variant.mode), fn())[1]
 
-    engine._step_fn = recording
+    engine.graphs.step_fn = recording
     greedy = engine.add(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=9))
     engine.step()
     plain = engine.add(PROMPTS[1], SamplingParams(seed=1, max_new_tokens=9, stop_at_eos=False))
@@ -641,7 +641,9 @@ def test_cuda_warm_up_captures_ahead_and_changes_no_result(tiny_model):
     warm = DecodeEngine(model, 2, 32)
     assert warm.warm_up(steps=(1, 4), modes=("plain",)) > 0
     captured = warm.capture_seconds
-    assert set(warm._graphs) == {(("plain", False), 1), (("plain", False), 4)}
+    from pldr_llm.core.engine import StepVariant
+
+    assert set(warm.graphs._graphs) == {(StepVariant("plain"), 1), (StepVariant("plain"), 4)}
     warm.add_many(PROMPTS[:2], params)
     got = _drain_many(warm, 4)
     assert warm.capture_seconds == captured  # the first request captured nothing
@@ -656,7 +658,7 @@ def test_warm_up_is_a_no_op_without_cuda_graphs(tiny_model):
 
     engine = DecodeEngine(tiny_model, 2, 32)
     assert engine.warm_up(steps=(1, 4)) == 0.0
-    assert engine.free_slots == 2 and not engine._graphs
+    assert engine.free_slots == 2 and not engine.graphs._graphs
 
 
 def test_packed_projections_decode_like_the_model_and_follow_weight_changes(tiny_model):

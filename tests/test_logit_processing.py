@@ -83,8 +83,8 @@ def test_a_processed_row_leaves_its_batch_neighbours_alone(tiny_model):
         logit_bias=((7, 3.0),), frequency_penalty=1.0,
     )  # fmt: skip
     variants = []
-    step_fn = engine._step_fn
-    engine._step_fn = lambda v: (variants.append(v.processed), step_fn(v))[1]
+    step_fn = engine.graphs.step_fn
+    engine.graphs.step_fn = lambda v: (variants.append(v.processed), step_fn(v))[1]
     slots = engine.add_many(PROMPTS, [plain, processed, plain])
     while engine.active_slots:
         engine.step()

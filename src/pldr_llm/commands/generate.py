@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from pldr_llm.commands.common import (
     add_model_arguments,
@@ -26,10 +24,8 @@ from pldr_llm.commands.common import (
 from pldr_llm.core.errors import PLDRError
 
 if TYPE_CHECKING:
-    import torch
-
     from pldr_llm.generation import SamplingParams
-    from pldr_llm.tokenizer import PLDRTokenizer
+    from pldr_llm.generation.texts import TextTimings
 
 
 HELP = "generate text from a PLDR-LLM"
@@ -165,37 +161,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------- helpers
 
 
-class TextStreamer:
-    """Prints one row's text as its ids arrive (a ``streamer`` for :func:`pldr_llm.generate`):
-    the prompt at once, then the deltas of a :class:`pldr_llm.generation.Detokenizer`, which
-    add up to the text printed without ``--stream``."""
-
-    def __init__(
-        self,
-        tokenizer: PLDRTokenizer,
-        prompt_ids: Sequence[int],
-        stops: Sequence[str] = (),
-        out: TextIO | None = None,
-    ) -> None:
-        from pldr_llm.generation import Detokenizer
-
-        self.detok = Detokenizer(tokenizer, prompt_ids, stops, echo=True)
-        self.out = out or sys.stdout
-        self._write(self.detok.push([]))
-
-    def _write(self, text: str) -> None:
-        if text:
-            self.out.write(text)
-            self.out.flush()
-
-    def __call__(self, next_ids: torch.Tensor) -> None:
-        self._write(self.detok.push([int(next_ids.reshape(-1)[0])]))
-
-    def final(self) -> None:
-        """Print the rest of the text and a newline."""
-        self._write(self.detok.finish() + "\n")
-
-
 def _configure_stdout() -> None:
     # A text that holds characters the terminal's encoding lacks must not end in a traceback.
     reconfigure: Callable[..., None] | None = getattr(sys.stdout, "reconfigure", None)
@@ -247,153 +212,66 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def run(args: argparse.Namespace) -> int:
     """Generate from every prompt and print the texts on stdout."""
-    import torch
-
-    from pldr_llm.bundle import (
-        bundle_summary,
-        bundle_tokenizer,
-        load_bundle,
-        resolve_bundle,
-        resolve_device,
-        resolve_dtype,
-    )
-    from pldr_llm.generation import StopStrings, final_text, generate_details
-    from pldr_llm.generation.warm import warm_up_in_background
-    from pldr_llm.gfile import load_g_file
+    from pldr_llm.generation.texts import GenerationSettings, TextGenerator
 
     # Everything the user typed is checked before the model is read.
     params = sampling_params(args)
     if args.logprobs is not None and not args.jsonl:
         raise PLDRError("--logprobs needs --jsonl (the log-probabilities go in its records)")
-    if args.batch_size <= 0:
-        raise PLDRError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.stop is not None and any(s == "" for s in args.stop):
-        raise PLDRError("--stop strings must not be empty")
     if args.stream and args.jsonl:
         raise PLDRError("--stream and --jsonl do not go together")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype)
-    prompts = read_prompts(args.prompt, args.prompt_file, required=True)
-    stops = list(args.stop or [])
-    _configure_stdout()
-
-    # Cheap checks that need the model's files, before its weights are read.
-    files = resolve_bundle(args.model)
-    config = files.config
-    tokenizer = bundle_tokenizer(files, args.tokenizer)
-    assert tokenizer is not None  # required=True
-    prompt_ids = [tokenizer.prompt_ids(p) for p in prompts]
-    longest = max(len(ids) for ids in prompt_ids)
-    if longest + args.max_new_tokens > config.max_seq_len:
-        raise PLDRError(
-            f"prompt ({longest} tokens) + max_new_tokens ({args.max_new_tokens}) exceeds "
-            f"max_seq_len={config.max_seq_len} of the model"
-        )
-    g_init = load_g_file(args.g_init, config) if args.g_init else None
-
-    # The decoding loop's GPU code loads in the background while the weights are read; what is
-    # left of it when they are is waited for inside the generation time below.
-    warm = None
-    if not (args.no_kv_cache or args.compile):
-        # The first generation's batch: its prompts' lengths (equal or not) decide its kernels.
-        first = prompt_ids[: 1 if args.stream else args.batch_size]
-        length = max(len(ids) for ids in first) + args.max_new_tokens
-        filters = replace(params, seed=None, max_new_tokens=64, min_new_tokens=0, logprobs=0)
-        warm = warm_up_in_background(
-            config, dtype, device, [len(ids) for ids in first], length, filters
-        )
-    model, _ = load_bundle(files, device=device, dtype=dtype, tokenizer=tokenizer)
-    log(
-        args,
-        f"loaded {bundle_summary(files, model)} on {device} ({str(dtype).removeprefix('torch.')})",
+    settings = GenerationSettings(
+        params,
+        enable_kvcache=not args.no_kv_cache,
+        enable_Gcache=not args.no_g_cache,
+        g_init_file=args.g_init,
+        compile=args.compile,
+        batch_size=args.batch_size,
+        stops=tuple(args.stop or ()),
+        logprobs=args.logprobs,
     )
+    settings.validate()
+    prompts = read_prompts(args.prompt, args.prompt_file, required=True)
+    _configure_stdout()
+    generator = TextGenerator.load(
+        args.model, prompts, settings, device=args.device, dtype=args.dtype,
+        tokenizer=args.tokenizer, stream=args.stream, log=lambda message: log(args, message),
+    )  # fmt: skip
+    for result in generator.generate(prompts, stream=sys.stdout if args.stream else None):
+        if args.jsonl:
+            record: dict[str, Any] = {
+                "prompt": result.prompt,
+                "text": result.text,
+                "prompt_ids": result.prompt_ids,
+                "new_ids": result.new_ids,
+            }
+            if result.logprobs is not None:
+                record["logprobs"] = result.logprobs
+                if args.logprobs:
+                    record["top_logprobs"] = result.top_logprobs
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        elif not args.stream:
+            print(result.text, flush=True)
+    _log_timings(args, generator.timings, generator.warmed_up)
+    return 0
 
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    common: dict[str, Any] = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "enable_kvcache": not args.no_kv_cache,
-        "enable_Gcache": not args.no_g_cache,
-        "G_init": g_init,
-        "eos_id": config.eos_id,
-        "seed": args.seed,
-        "compile": args.compile,
-        "repetition_penalty": params.repetition_penalty,
-        "presence_penalty": params.presence_penalty,
-        "frequency_penalty": params.frequency_penalty,
-        "logit_bias": params.logit_bias,
-        "min_new_tokens": params.min_new_tokens,
-        "stop_token_ids": params.stop_token_ids,
-        "logprobs": args.logprobs,
-    }
-    start = time.perf_counter()
-    waited = 0.0
-    if warm is not None:
-        warm.join()
-        waited = time.perf_counter() - start
-        if warm.error:
-            log(args, f"the kernel warm-up failed ({warm.error}); generation loads them itself")
-    produced = 0
-    capture = 0.0
-    if args.stream:
-        # One prompt at a time, so that its tokens can be shown as they come.
-        for ids in prompt_ids:
-            streamer = TextStreamer(tokenizer, ids, stops)
-            criteria = StopStrings(tokenizer, [ids], stops) if stops else None
-            out = generate_details(
-                model, [ids], streamer=streamer, stopping_criteria=criteria, **common
-            )
-            new = out.new_ids[0]
-            produced += len(new)
-            capture += out.capture_seconds
-            streamer.final()
-    else:
-        for first in range(0, len(prompt_ids), args.batch_size):
-            chunk = prompt_ids[first : first + args.batch_size]
-            criteria = StopStrings(tokenizer, chunk, stops) if stops else None
-            out = generate_details(model, chunk, stopping_criteria=criteria, **common)
-            capture += out.capture_seconds
-            for offset, (ids, new) in enumerate(zip(chunk, out.new_ids)):
-                produced += len(new)
-                text = final_text(tokenizer, ids, new, stops)
-                if args.jsonl:
-                    record = {
-                        "prompt": prompts[first + offset],
-                        "text": text,
-                        "prompt_ids": ids,
-                        "new_ids": new,
-                    }
-                    if out.logprobs is not None and out.top_logprobs is not None:
-                        record["logprobs"] = out.logprobs[offset]
-                        if args.logprobs:
-                            record["top_logprobs"] = out.top_logprobs[offset]
-                    print(json.dumps(record, ensure_ascii=False), flush=True)
-                else:
-                    print(text, flush=True)
-    seconds = time.perf_counter() - start
-    rate = produced / seconds if seconds > 0 else float("inf")
-    graphs = f", of which {capture:.2f}s capturing/compiling the decoding step" if capture else ""
-    if warm is not None:
-        graphs += f" and {waited:.2f}s finishing the kernel warm-up"
+
+def _log_timings(args: argparse.Namespace, timings: TextTimings, warmed_up: bool) -> None:
+    """The log line of tokens/s (and, with ``--timing``, the JSON line) on stderr."""
+    graphs = (
+        f", of which {timings.capture_seconds:.2f}s capturing/compiling the decoding step"
+        if timings.capture_seconds
+        else ""
+    )
+    if warmed_up:
+        graphs += f" and {timings.warm_up_wait_seconds:.2f}s finishing the kernel warm-up"
+        if timings.warm_up_error:
+            log(args, f"the kernel warm-up failed ({timings.warm_up_error}); generation loads "
+                "them itself")  # fmt: skip
     log(
         args,
-        f"{produced} new tokens for {len(prompts)} prompt(s) in {seconds:.2f}s{graphs} "
-        f"({rate:.1f} tokens/s)",
+        f"{timings.new_tokens} new tokens for {timings.prompts} prompt(s) in "
+        f"{timings.seconds:.2f}s{graphs} ({timings.tokens_per_s:.1f} tokens/s)",
     )
     if args.timing:
-        timing = {
-            "new_tokens": produced,
-            "prompts": len(prompts),
-            "seconds": round(seconds, 4),
-            "capture_seconds": round(capture, 4),
-            "warm_up_wait_seconds": round(waited, 4),
-            "warm_up_error": warm.error if warm is not None else None,
-            "tokens_per_s": round(rate, 2),
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-        }
-        print(json.dumps(timing), file=sys.stderr, flush=True)
-    return 0
+        print(json.dumps(timings.as_dict()), file=sys.stderr, flush=True)

@@ -246,7 +246,7 @@ def advance(
     for greedy rows): each row's new token (``new`` [B], or the arg-max of ``logits`` [B, V]
     when ``new`` is None; teacher-forced where ``forced`` says), reported pending token and
     finished flag (``report`` rows 0, 1), history, pending id, the three counters and the
-    finished flag. DecodeEngine._advance_rows is the op-by-op form."""
+    finished flag. KVStep.advance_rows (core/decode_step.py) is the op-by-op form."""
     batch, slots = history.shape
     greedy = new is None
     best = where = None

@@ -19,6 +19,7 @@ from torch import Tensor
 from .cache import GInit
 from .config import PLDRConfig, check_token_range
 from .engine import DecodeEngine
+from .engine_cache import EngineSpec, borrow_engine, give_back_engine, lend_engine
 from .errors import PLDRError
 from .model import PLDRModel
 from .sampling import SamplingParams, draw_seed
@@ -26,8 +27,6 @@ from .text import StopStrings, final_text
 
 # Host reads of "is every row done?" while decoding without a streamer (graph replays between).
 CHECK_EVERY = 32
-# Engines kept per model for reuse (their CUDA graphs are the expensive part).
-_MAX_CACHED_ENGINES = 4
 
 
 @dataclass
@@ -108,15 +107,45 @@ def _check_fits(config: PLDRConfig, prompt_length: int, max_new_tokens: int) -> 
 
 
 def batch_bucket(batch: int) -> int:
-    """The rows of the CUDA engine :func:`engine_for` makes for ``batch`` prompts: a power of
+    """The rows of the CUDA engine :func:`engine_spec` names for ``batch`` prompts: a power of
     two, so repeated calls of similar sizes replay the same graphs."""
     return 1 << (batch - 1).bit_length()
 
 
 def span_bucket(config: PLDRConfig, length: int) -> int:
-    """The positions of the CUDA engine :func:`engine_for` makes for ``length`` tokens: a power
+    """The positions of the CUDA engine :func:`engine_spec` names for ``length`` tokens: a power
     of two (at least 64, at most the model's context), for the same reason."""
     return min(config.max_seq_len, max(64, 1 << (length - 1).bit_length()))
+
+
+def engine_spec(
+    model: PLDRModel,
+    batch: int,
+    length: int,
+    kv: bool = True,
+    g: bool = True,
+    compile: bool = False,
+    keep_logits: bool = False,
+    cuda_graph: bool | None = None,
+    output_logprobs: bool = False,
+) -> EngineSpec:
+    """The engine for ``batch`` rows of up to ``length`` tokens: exactly that on the CPU (a
+    fresh engine is cheap), on CUDA the shape bucket (rows and positions rounded up to powers of
+    two), so that later calls of similar sizes replay its captured graphs."""
+    use_graph = model.device.type == "cuda" and kv if cuda_graph is None else cuda_graph
+    if not use_graph:
+        return EngineSpec(
+            batch, max(2, length), kv, g, cuda_graph=False, keep_logits=keep_logits,
+            output_logprobs=output_logprobs,
+        )  # fmt: skip
+    return EngineSpec(
+        batch_bucket(batch), span_bucket(model.config, length), kv, g, cuda_graph=True,
+        compile=bool(compile), keep_logits=keep_logits, output_logprobs=output_logprobs,
+        # One step per graph: at batch 1 a step is ~0.6 ms of GPU work against ~15 us to
+        # launch a replay, so longer graphs only cost capture time (0.15 s for 8 steps
+        # against 0.085 s for one, on an H200).
+        steps_per_graph=1,
+    )  # fmt: skip
 
 
 def engine_for(
@@ -130,49 +159,13 @@ def engine_for(
     cuda_graph: bool | None,
     output_logprobs: bool = False,
 ) -> DecodeEngine:
-    """An engine for ``batch`` rows of up to ``length`` tokens: a fresh one on the CPU (cheap),
-    on CUDA a cached one per shape bucket, so later calls replay its captured graphs."""
-    config = model.config
-    use_graph = model.device.type == "cuda" and kv if cuda_graph is None else cuda_graph
-    if not use_graph:
-        return DecodeEngine(
-            model,
-            batch,
-            max(2, length),
-            cuda_graph=False,
-            enable_kvcache=kv,
-            enable_Gcache=g,
-            keep_logits=keep_logits,
-            output_logprobs=output_logprobs,
-        )
-    # Buckets: powers of two, so repeated calls of similar sizes replay the same graphs.
-    rows = batch_bucket(batch)
-    span = span_bucket(config, length)
-    key = (
-        rows, span, kv, g, bool(compile), keep_logits, output_logprobs, model.dtype,
-        str(model.device),
-    )  # fmt: skip
-    cache: dict = model.__dict__.setdefault("_pldr_decode_engines", {})
-    engine = cache.pop(key, None)
-    if engine is None:
-        engine = DecodeEngine(
-            model,
-            rows,
-            span,
-            cuda_graph=True,
-            compile=compile,
-            # One step per graph: at batch 1 a step is ~0.6 ms of GPU work against ~15 us to
-            # launch a replay, so longer graphs only cost capture time (0.15 s for 8 steps
-            # against 0.085 s for one, on an H200).
-            steps_per_graph=1,
-            enable_kvcache=kv,
-            enable_Gcache=g,
-            keep_logits=keep_logits,
-            output_logprobs=output_logprobs,
-        )
-    cache[key] = engine  # most recently used last
-    while len(cache) > _MAX_CACHED_ENGINES:
-        cache.pop(next(iter(cache)))
+    """The model's cached engine of :func:`engine_spec` (or a new one), left in the cache: for a
+    caller on one thread that releases its slots before anyone else decodes; others
+    :func:`~pldr_llm.core.engine_cache.borrow_engine` one."""
+    spec = engine_spec(model, batch, length, kv, g, compile, keep_logits, cuda_graph,
+                       output_logprobs)  # fmt: skip
+    engine = lend_engine(model, spec)
+    give_back_engine(model, engine)
     return engine
 
 
@@ -246,14 +239,16 @@ def generate_details(
         out.top_logprobs = [[] for _ in rows]
     step_logits: list[Tensor] = []
     if max_new_tokens > 0:
-        engine = engine_for(
+        spec = engine_spec(
             model, len(rows), longest + max_new_tokens, enable_kvcache, enable_Gcache, compile,
             output_logits, cuda_graph, output_logprobs=logprobs is not None,
         )  # fmt: skip
-        captured_before = engine.capture_seconds
         host_loop = streamer is not None or stopping_criteria is not None or output_logits
-        _run(engine, rows, params, G_init, out, step_logits, streamer, stopping_criteria, host_loop)
-        out.capture_seconds = engine.capture_seconds - captured_before
+        with borrow_engine(model, spec) as engine:
+            captured_before = engine.capture_seconds
+            _run(engine, rows, params, G_init, out, step_logits, streamer, stopping_criteria,
+                 host_loop)  # fmt: skip
+            out.capture_seconds = engine.capture_seconds - captured_before
     if output_logits:
         out.step_logits = (
             torch.stack(step_logits)
@@ -431,20 +426,19 @@ def stream_generate(
     if max_new_tokens == 0:
         return
     _check_fits(model.config, len(ids), max_new_tokens)
-    engine = engine_for(
-        model, 1, len(ids) + max_new_tokens, enable_kvcache, enable_Gcache, False, False, None
-    )
-    slot = engine.add(ids, params, G_init)
-    try:
-        while slot in engine.active_slots:
-            out = engine.step()
-            for s, token, finished in zip(out.slots, out.token_ids, out.finished):
-                if s == slot:
-                    yield token
-                    if finished:
-                        return
-    finally:
-        engine.release(slot)
+    spec = engine_spec(model, 1, len(ids) + max_new_tokens, enable_kvcache, enable_Gcache)
+    with borrow_engine(model, spec) as engine:
+        slot = engine.add(ids, params, G_init)
+        try:
+            while slot in engine.active_slots:
+                out = engine.step()
+                for s, token, finished in zip(out.slots, out.token_ids, out.finished):
+                    if s == slot:
+                        yield token
+                        if finished:
+                            return
+        finally:
+            engine.release(slot)
 
 
 def generate_text(

@@ -95,11 +95,11 @@ class RowProcessing:
         counts = of(self.counts)
         logits = logits.float()
         repetition = of(self.repetition)[:, None]
-        seen = of(self.in_prompt) | (counts > 0)
+        present = counts > 0
         penalized = torch.where(logits < 0, logits * repetition, logits / repetition)
-        logits = torch.where(seen, penalized, logits)
+        logits = torch.where(of(self.in_prompt) | present, penalized, logits)
         logits = logits - of(self.frequency)[:, None] * counts
-        logits = logits - of(self.presence)[:, None] * (counts > 0).to(logits.dtype)
+        logits = logits - of(self.presence)[:, None] * present.to(logits.dtype)
         logits = logits + of(self.bias)
         ids = of(self.min_ids)
         early = (n_generated < of(self.min_new))[:, None] & of(self.min_mask)
@@ -167,3 +167,22 @@ class LogprobHistory:
         values = self.top_values[rows, cols].tolist()
         top = [list(zip(i[:n], v[:n])) for i, v, n in zip(ids, values, top_n)]
         return chosen, top
+
+    def read_rows(
+        self, index: Tensor, counts: Sequence[int], top_n: Sequence[int]
+    ) -> tuple[list[list[float]], list[list[list[tuple[int, float]]]]]:
+        """Rows ``index``'s first ``counts[i]`` log-probabilities and, per position, their
+        top ``top_n[i]`` alternatives ([] where 0)."""
+        width = max(counts, default=0)
+        chosen = self.chosen[index, :width].tolist()
+        ids = values = None
+        if self.top_ids is not None and self.top_values is not None and any(top_n):
+            ids = self.top_ids[index, :width].tolist()
+            values = self.top_values[index, :width].tolist()
+        tops: list[list[list[tuple[int, float]]]] = []
+        for r, (n, k) in enumerate(zip(counts, top_n)):
+            if ids is None or values is None or k == 0:
+                tops.append([[] for _ in range(n)])
+            else:
+                tops.append([list(zip(i[:k], v[:k])) for i, v in zip(ids[r][:n], values[r][:n])])
+        return [row[:n] for row, n in zip(chosen, counts)], tops

@@ -105,17 +105,12 @@ def _engine_walk(
     """Decode ``steps`` tokens in ``mode`` on the one decoding loop, recording the deductive
     outputs: (prompt pass, one per step, the generated ids). ``forced`` fixes the tokens
     (teacher forcing); without it the tokens are greedy."""
-    from pldr_llm.generation import DecodeEngine, SamplingParams
+    from pldr_llm.core.engine_cache import EngineSpec, build_engine
+    from pldr_llm.generation import SamplingParams
 
     kv, g = _ENGINE_MODES[mode]
-    engine = DecodeEngine(
-        model,
-        1,
-        max_len=len(prompt) + steps,
-        enable_kvcache=kv,
-        enable_Gcache=g,
-        record_deductive=True,
-    )
+    # A fresh engine: its recorded passes are this walk's alone.
+    engine = build_engine(model, EngineSpec(1, len(prompt) + steps, kv, g, record_deductive=True))
     params = SamplingParams(temperature=0.0, max_new_tokens=steps, stop_at_eos=False)
     slot = engine.add(prompt, params, forced_ids=forced)
     for _ in range(steps):

@@ -53,8 +53,8 @@ def _decode_once(
     length: int,
     sampling: SamplingParams | None = None,
 ) -> None:
-    from pldr_llm.core.engine import DecodeEngine
-    from pldr_llm.core.generate import batch_bucket, span_bucket
+    from pldr_llm.core.engine_cache import build_engine
+    from pldr_llm.core.generate import engine_spec
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # per thread; "cuda" alone is the current device already
@@ -62,13 +62,16 @@ def _decode_once(
         _load_triton_in_background()
     with torch.no_grad():
         model = _stand_in_model(config, dtype, device)
-        span = span_bucket(config, length)
-        # The engine generate will use (its rows and positions), and a prefill of the same
-        # shape: prompts of different lengths take the masked path (left padding), whose
-        # kernels differ -- loading them in the first real prefill cost ~0.08 s at 64 prompts.
-        prompts = [[config.eos_id] * max(1, min(n, span - 3)) for n in prompt_lengths]
-        # The uncaptured loop runs the captured loop's step (fused where it can be).
-        engine = DecodeEngine(model, batch_bucket(len(prompts)), span, cuda_graph=False)
+        # The engine generate will use (its rows and positions, as on CUDA), and a prefill of
+        # the same shape: prompts of different lengths take the masked path (left padding),
+        # whose kernels differ -- loading them in the first real prefill cost ~0.08 s at 64
+        # prompts. The uncaptured loop runs the captured loop's step (fused where it can be).
+        spec = replace(
+            engine_spec(model, len(prompt_lengths), length, cuda_graph=True), cuda_graph=False
+        )
+        assert spec.span is not None
+        prompts = [[config.eos_id] * max(1, min(n, spec.span - 3)) for n in prompt_lengths]
+        engine = build_engine(model, spec)
         # The generation's own filters (greedy and top-p load different kernels); a fixed seed,
         # so that the thread draws nothing from the CPU generator the main thread uses.
         params = replace(

@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pldr_llm.core.engine_cache import EngineSpec, give_back_engine, lend_engine
 from pldr_llm.core.errors import PLDRError
-from pldr_llm.generation import DecodeEngine, Detokenizer, SamplingParams
+from pldr_llm.generation import Detokenizer, SamplingParams
 from pldr_llm.serve.metrics import Metrics
 
 
@@ -166,6 +167,10 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():  # the engines are idle: back to the model's cache
+            for engine in self._engines.values():
+                give_back_engine(self.model, engine)
+            self._engines.clear()
 
     @property
     def queue_depth(self) -> int:
@@ -176,16 +181,16 @@ class Scheduler:
         return len(self._running)
 
     def _engine_for(self, key: tuple[bool, bool]) -> Any:
+        """The engine of a cache mode, lent from the model's engine cache for the scheduler's
+        lifetime (a ``generate`` call in this process with the same spec shares its graphs
+        once the scheduler gives it back)."""
         engine = self._engines.get(key)
         if engine is None:
-            engine = DecodeEngine(
-                self.model,
-                self._max_batch,
-                enable_kvcache=key[0],
-                enable_Gcache=key[1],
-                output_logprobs=True,
+            spec = EngineSpec(
+                self._max_batch, None, kv=key[0], g=key[1], output_logprobs=True,
                 **self._engine_options,
-            )
+            )  # fmt: skip
+            engine = lend_engine(self.model, spec)
             self._engines[key] = engine
         return engine
 

@@ -1,0 +1,185 @@
+"""The one-token decoding step on the static buffers: the layers, then the sampling stage.
+
+:class:`KVStep` runs one position of every row through the layers against the static KV- and
+G-caches (the fused kernels of :mod:`~.fused`, or :meth:`PLDRModel.run_layers` op by op) and
+hands the logits to :meth:`KVStep.advance_rows`, the sampling stage every path shares (the
+no-KV reference loop of :mod:`~.reference_loop` too): logit processing, log-probabilities,
+the filters and the draw, teacher forcing, and the bookkeeping (history, counters, stop test).
+No host sync: the step is captured in a CUDA graph as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .cache import GCacheEntry
+from .decode_buffers import DecodeBuffers
+from .fused import advance as advance_fused
+from .fused import decode_hidden
+from .model import PackedLayer, PLDRModel
+from .plga import Deductive
+from .sampling import SamplingMode, sample_rows
+
+
+class StepVariant(NamedTuple):
+    """A variant of the one-token step, from what the running rows need: the sampling mode,
+    whether any row is teacher-forced, has its logits processed (penalties, bias, a minimum
+    length) or asks for top log-probabilities. Each variant is captured on its first use, so
+    rows without an option never pay for it."""
+
+    mode: SamplingMode
+    forcing: bool = False
+    processed: bool = False
+    top_logprobs: bool = False
+
+
+#: Records one step's deductive outputs: (per-layer outputs of the batch) -> None.
+StepRecorder = Callable[[Sequence[Deductive]], None]
+
+
+class KVStep:
+    """The step of an engine with the KV-cache, and the sampling stage of every engine.
+
+    ``fused``: the fused kernels (else op by op, with ``packed`` projections when given);
+    ``causal_running``: a causal metric without the G-cache (each step continues the running
+    sum of q^T q); ``recorder``: called with each step's deductive outputs (eager only)."""
+
+    def __init__(
+        self,
+        model: PLDRModel,
+        buffers: DecodeBuffers,
+        *,
+        packed: list[PackedLayer] | None,
+        fused: bool,
+        enable_Gcache: bool,
+        causal_running: bool,
+        output_logprobs: bool,
+        recorder: StepRecorder | None = None,
+    ) -> None:
+        self.model = model
+        self.buffers = buffers
+        self.packed = packed
+        self.fused = fused
+        self.enable_Gcache = enable_Gcache
+        self.causal_running = causal_running
+        self.output_logprobs = output_logprobs
+        self.recorder = recorder
+
+    def __call__(self, variant: StepVariant) -> None:
+        """One token for every running row, on the static buffers (no host sync)."""
+        model, b = self.model, self.buffers
+        assert b.kv is not None and b.g is not None
+        if self.fused:
+            assert self.packed is not None
+            hidden = decode_hidden(
+                model, self.packed, b.ids.view(-1), b.counters[0], b.key_bias, b.kv, b.g
+            )
+            self.advance_rows(model.final_layer(hidden), variant)
+            return
+        # The reference masks a new key that is the pad id (rows are never per-row padded here).
+        value = b.bias_values[(b.ids != model.config.pad_id).long()]
+        b.key_bias.scatter_(1, b.write_index[:, None], value)
+        hidden, kv_out, _, deductive = model.run_layers(
+            b.ids, b.position, b.key_bias[:, None, None, :], False, kv=b.kv, g=self._step_g(),
+            output_deductive=self.recorder is not None, packed=self.packed,
+        )  # fmt: skip
+        if self.recorder is not None:
+            self.recorder(deductive)
+        if self.causal_running:
+            self._advance_metric(kv_out)
+        self.advance_rows(model.final_layer(hidden[:, -1]), variant)
+
+    def _step_g(self) -> list[GCacheEntry] | None:
+        """The G-cache of this step: cached, or recomputed from each row's metric tensor (None:
+        the layers compute it, from the causal metric's running sum)."""
+        b = self.buffers
+        if self.enable_Gcache:
+            return b.g
+        if self.causal_running:
+            return None
+        assert b.metric is not None and b.g is not None and b.g_fixed is not None
+        out = []
+        fixed = b.g_fixed[:, None, None, None]
+        for layer, metric, g in zip(self.model.decoder.dec_layers, b.metric, b.g):
+            attention: Any = layer.mha1  # a PLGA layer (typed as a Module attribute)
+            a_lm = a_p = None
+            if attention.predefined_G:
+                g_lm = attention.predefined_G_LM.to(g.G_LM.dtype).expand_as(g.G_LM)
+            else:
+                a_lm, a_p, g_lm = attention.plgatt_layer(metric)
+            if self.recorder is None:  # A_LM, A_P only feed the recorded outputs
+                a_lm = a_p = None
+            out.append(GCacheEntry(a_lm, torch.where(fixed, g.G_LM, g_lm), a_p))
+        return out
+
+    def _advance_metric(self, kv_out: Sequence[Any]) -> None:
+        """Keep each running row's new running sum of q^T q (``causal_running``)."""
+        b = self.buffers
+        assert b.metric is not None
+        run = b.running()[:, None, None, None]
+        for metric, kv in zip(b.metric, kv_out):
+            metric.copy_(torch.where(run, kv.metric_tensor.to(metric.dtype), metric))
+
+    def advance_rows(self, logits: Tensor, variant: StepVariant) -> None:
+        """Sample each running row's next token from ``logits`` [B, V] and advance the state;
+        the pending tokens (and whether they were last) go to ``report`` first.
+
+        Every kernel here runs once per token, so the bookkeeping is kept to a few: the three
+        counters advance together, end-of-text is one of the stop ids, and teacher forcing,
+        logit processing and top log-probabilities are only in the variants of the step that
+        rows asking for them need."""
+        b = self.buffers
+        raw_logits = logits
+        if variant.processed:
+            assert b.processing is not None
+            b.processing.count(b.ids, b.running())
+            logits = b.processing.apply(logits, b.n_generated)
+        with_logprobs = b.logprobs is not None and (self.output_logprobs or variant.top_logprobs)
+        mode = variant.mode
+
+        def column_and_uniform() -> tuple[Tensor, Tensor | None]:
+            # A row never generates more than slots - 1 tokens; the clamp keeps the index of a
+            # free slot's stale counter in range.
+            column = b.n_generated.clamp(max=b.slots - 1)[:, None]
+            return column, b.uniforms.gather(1, column)[:, 0] if mode != "greedy" else None
+
+        if self.fused and not with_logprobs and b.pending_logits is None:
+            # The same bookkeeping in one kernel (after a two-kernel arg-max when greedy).
+            new = None
+            if mode != "greedy":
+                _, uniform = column_and_uniform()
+                new = sample_rows(logits.float(), b.temperature, b.top_k, b.top_p, uniform, mode)
+            advance_fused(
+                new, logits, b.ids.view(-1), b.active, b.done, b.counters, b.history, b.report,
+                b.stop_ids, b.max_new, b.forced if variant.forcing else None,
+                b.forced_len if variant.forcing else None,
+            )  # fmt: skip
+            return
+        logits = logits.float()
+        run = b.running()
+        column, uniform = column_and_uniform()
+        new = sample_rows(logits, b.temperature, b.top_k, b.top_p, uniform, mode)
+        if variant.forcing:
+            forced = b.forced.gather(1, column)[:, 0]
+            new = torch.where(b.n_generated < b.forced_len, forced, new)
+        b.report[0].copy_(b.ids[:, 0])
+        b.report[1].copy_(b.done)
+        if with_logprobs:
+            assert b.logprobs is not None
+            logprobs = torch.log_softmax(logits, -1)
+            chosen = b.logprobs.record(logprobs, new, column, variant.top_logprobs)
+            if self.output_logprobs:
+                b.report[2].copy_(b.logprob)
+                torch.where(run, chosen, b.logprob, out=b.logprob)
+        if b.pending_logits is not None:
+            kept = raw_logits.float()
+            torch.where(run[:, None], kept, b.pending_logits, out=b.pending_logits)
+        # Rows that do not run write past their last token, which nothing reads.
+        b.history.scatter_(1, column, new[:, None])
+        torch.where(run[:, None], new[:, None], b.ids, out=b.ids)
+        b.counters.add_(run.long())  # position, write index, tokens generated
+        torch.logical_and(b.active, b.stop_now(), out=b.done)

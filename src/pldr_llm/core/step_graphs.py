@@ -1,0 +1,128 @@
+"""Running the decoding step: as is, or captured in CUDA graphs replayed for every token.
+
+:class:`StepGraphs` keys a step function and its captured graphs by step variant (what the
+running rows need, :class:`~pldr_llm.core.decode_step.StepVariant`) and by block size ``n``
+(``n`` steps in one graph, each step's report kept in a static [n, 3, B] buffer so that one
+host read after the block sees them all). Capture is lazy (a variant's first use) or ahead
+(:meth:`StepGraphs.graph` from a warm-up).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .decode_buffers import DecodeBuffers
+from .graphs import capture_graph, maybe_compile, sdpa_backends
+
+
+class StepGraphs:
+    """The step functions and captured graphs of one engine.
+
+    ``step(variant)`` runs one step of ``variant`` on ``buffers``; ``compile`` passes it
+    through torch.compile first; ``use_graph`` captures it (CUDA); ``steps_per_graph`` > 1
+    also captures that many steps in one graph for :meth:`run` without a block."""
+
+    def __init__(
+        self,
+        step: Callable[[Any], None],
+        buffers: DecodeBuffers,
+        *,
+        use_graph: bool,
+        compile: bool | dict[str, Any] = False,
+        steps_per_graph: int = 1,
+    ) -> None:
+        self._step = step
+        self.buffers = buffers
+        self.use_graph = use_graph
+        self.compile = compile
+        self.steps_per_graph = steps_per_graph
+        self.capture_seconds = 0.0
+        self._step_fns: dict[Hashable, Callable[[], None]] = {}
+        self._graphs: dict[tuple[Hashable, int], Any] = {}
+        self._reports: dict[int, Tensor] = {}
+
+    def step_fn(self, variant: Hashable) -> Callable[[], None]:
+        """The one-token step of ``variant`` (through torch.compile when asked)."""
+        fn = self._step_fns.get(variant)
+        if fn is None:
+            fn = maybe_compile(functools.partial(self._step, variant), self.compile)
+            self._step_fns[variant] = fn
+        return fn
+
+    def report_buffer(self, n: int) -> Tensor:
+        """The static [n, 3, batch] buffer a block of ``n`` steps writes its reports to."""
+        buffer = self._reports.get(n)
+        if buffer is None:
+            report = self.buffers.report
+            buffer = torch.zeros(n, *report.shape, device=report.device)
+            self._reports[n] = buffer
+        return buffer
+
+    def block(self, variant: Hashable, n: int) -> Callable[[], None]:
+        """``n`` steps in a row; with n > 1 each step's report is kept in its buffer row, so
+        one host read after the block sees every step (no host read inside: capturable)."""
+        fn = self.step_fn(variant)
+        reports = self.report_buffer(n) if n > 1 else None
+        report = self.buffers.report
+
+        def steps() -> None:
+            for i in range(n):
+                fn()
+                if reports is not None:
+                    reports[i].copy_(report)
+
+        return steps
+
+    def run(self, variant: Hashable, count: int, block: int | None = None) -> None:
+        """``count`` steps without a host sync (graph replays where captured); with ``block``
+        (a block of steps), exactly ``count`` steps as one block whose reports are all kept."""
+        if block is not None or not self.use_graph:
+            n = count if block is not None else 1
+            steps = self.graph(variant, n).replay if self.use_graph else self.block(variant, n)
+            with sdpa_backends():
+                for _ in range(count // n):
+                    steps()
+            return
+        many = self.steps_per_graph
+        if count == 1 or many == 1:
+            graph = self.graph(variant, 1)
+            for _ in range(count):
+                graph.replay()
+            return
+        # Rounded up to whole graphs of `many` steps: one capture serves every count, and extra
+        # steps change nothing a caller reads (rows stop at their own max_new_tokens).
+        graph = self.graph(variant, many)
+        for _ in range(-(-count // many)):
+            graph.replay()
+
+    def graph(self, variant: Hashable, n: int) -> Any:
+        """The captured graph of ``n`` steps of ``variant`` (captured now on first use)."""
+        key = (variant, n)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        start = time.perf_counter()
+        steps = self.block(variant, n)
+        # Warm-up and capture run the step for real: with every row inactive it changes nothing
+        # a row reads (the pending tokens' keys/values are rewritten with the same values).
+        b = self.buffers
+        kept = (b.active, b.done, b.report, b.logprob)
+        saved = [t.clone() for t in kept]
+        b.active.zero_()
+        b.done.zero_()
+        try:
+            with sdpa_backends():
+                graph, _ = capture_graph(steps, warmup=3 if n == 1 else 1)
+        finally:
+            for t, s in zip(kept, saved):
+                t.copy_(s)
+        torch.cuda.synchronize(b.ids.device)
+        self.capture_seconds += time.perf_counter() - start
+        self._graphs[key] = graph
+        return graph
