@@ -6,12 +6,11 @@ the original's key names and ``model.safetensors`` of a transformers folder is t
 the project's own format.
 
 Caches in ``generate()``: the core's :class:`~pldr_llm.core.cache.PLDRCache` (KV-cache with the
-metric tensor A, and the G-cache) travels between steps under the model keyword ``pldr_cache``,
-not through transformers' ``Cache`` classes, whose layout (one K/V pair per layer) cannot hold A
-or G_LM and whose keyword changed name across releases (``past_key_values`` / ``cache``). The
-model declares that it does not use transformers' default cache, builds each step's inputs in
-:meth:`prepare_inputs_for_generation` and carries the cache forward in
-:meth:`_update_model_kwargs_for_generation`, following ``pldr_llm.generate`` step for step:
+metric tensor A, and the G-cache) travels between steps under transformers' model keyword
+``cache``, in place of transformers' ``Cache`` classes, whose layout (one K/V pair per layer)
+cannot hold A or G_LM. The model declares that it does not use transformers' default cache,
+builds each step's inputs in :meth:`prepare_inputs_for_generation` and carries the cache forward
+in :meth:`_update_model_kwargs_for_generation`, following ``pldr_llm.generate`` step for step:
 
 * KV on: the prompt runs once, then one token per step;
 * G on: G_LM inferred on the first pass is reused by every later pass;
@@ -24,10 +23,14 @@ call; the defaults come from ``config.use_kvcache`` / ``config.use_Gcache`` (bot
 ``use_cache=False`` turns both off. Sampling applies the original's filters (temperature, then
 top-p keeping the tokens whose cumulative probability stays <= p, then top-k) in place of
 transformers' warpers, so a seeded sampling run draws the same ids as ``pldr_llm.generate``.
-Beam search is refused with the caches on (the per-row PLGA state is not reordered).
+Beam search reorders the cache's rows (``PLDRCache.reorder_cache``); assisted and prompt-lookup
+decoding crop rejected draft tokens from it (``PLDRCache.crop``), and their first pass runs the
+prompt alone before the first draft, so that A and G_LM come from the prompt as in greedy
+decoding.
 """
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,7 @@ from transformers.utils import ModelOutput
 from .cache import PLDRCache, prepare_g_init
 from .code_bundle import AUTO_MAP_CONFIG, write_code_files
 from .configuration_pldrllm import PldrllmConfig
+from .continuations import remember_continuations
 from .errors import PLDRError
 from .hf_folder import (
     PAST_G_VALUES,
@@ -50,7 +54,7 @@ from .hf_folder import (
     hf_state_from_core,
 )
 from .model import PLDRModel
-from .plga import Deductive
+from .plga import MASK_VALUE, Deductive
 from .rope import RotaryEmbedding
 from .sampling import filter_logits
 
@@ -59,15 +63,39 @@ from .sampling import filter_logits
 class PldrllmCausalLMOutput(ModelOutput):
     """Output of :meth:`PldrllmForCausalLM.forward`.
 
-    ``pldr_cache`` is the core's cache of this pass (K/V/A per layer and the G-cache);
+    ``cache`` is the core's cache of this pass (K/V/A per layer and the G-cache);
     ``deductive`` the per-layer deductive outputs (A, A_LM, A_P, G_LM, scores) when asked.
     """
 
     loss: Tensor | None = None
     logits: Tensor | None = None
-    pldr_cache: PLDRCache | None = None
+    cache: PLDRCache | None = None
     deductive: list[Deductive] | None = None
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class PldrllmModelOutput(ModelOutput):
+    """Output of :meth:`PldrllmModel.forward`: the last layer's hidden states [B, L, d_model],
+    and, when asked, every layer's (embeddings first) and attention probabilities."""
+
+    last_hidden_state: Tensor | None = None
+    cache: PLDRCache | None = None
+    deductive: list[Deductive] | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class PendingPrefill(PLDRCache):
+    """The empty cache assisted decoding starts from: no pass has run yet. ``prompt_length``
+    tells the first pass where the prompt ends; ``kv_on`` / ``g_on`` are the call's cache modes;
+    ``g`` is the G_init, if any."""
+
+    prompt_length: int = 0
+    kv_on: bool = True
+    g_on: bool = True
 
 
 class PldrllmSamplingFilter(LogitsProcessor):
@@ -114,31 +142,22 @@ class PldrllmPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # The PLDR caches travel as ``pldr_cache`` (see the module docstring); transformers must
+        # The PLDR caches travel as ``cache`` (see the module docstring); transformers must
         # not create a DynamicCache of its own.
         return False
 
+    #: The core's children this class registers as its own (state-dict prefixes).
+    _core_children: tuple[str, ...] = ("decoder", "final_layer")
 
-class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
-    """A PLDR-LLM causal language model for transformers (wraps :class:`PLDRModel`).
-
-    ``model.core`` is the wrapped :class:`PLDRModel`: it shares every parameter and buffer with
-    this module, so ``pldr_llm.generate(model.core, ...)`` and every other core function work on
-    a model loaded through transformers.
-    """
-
-    def __init__(self, config: PldrllmConfig) -> None:
-        super().__init__(config)
+    def _attach_core(self, config: PldrllmConfig) -> None:
+        """Build the wrapped core model and register its children ``_core_children`` here."""
         core = PLDRModel(config.pldr_config())
-        # The core is kept outside the module tree (not registered as a child), and its two
-        # children are registered here instead: parameters are owned once, and their names are
-        # the original's state-dict keys (``decoder.*``, ``final_layer.*``).
+        # The core is kept outside the module tree (not registered as a child), and its children
+        # are registered here instead: parameters are owned once, and their names are the
+        # original's state-dict keys (``decoder.*``, ``final_layer.*``).
         self.__dict__["_core"] = core
-        self.decoder = core.decoder
-        self.final_layer = core.final_layer
-        self.post_init()
-        self._sync_attention()
-        core.training = self.training
+        for name in self._core_children:
+            setattr(self, name, getattr(core, name))
 
     @property
     def core(self) -> PLDRModel:
@@ -153,11 +172,11 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         core = self.__dict__.get("_core")
-        # The core's two children are ours: one replaced here (loading, from_core) is its too.
+        # The core's children are ours: one replaced here (loading, from_core) is its too.
         if core is not None and name in ("decoder", "final_layer"):
             setattr(core, name, value)
 
-    def train(self, mode: bool = True) -> "PldrllmForCausalLM":
+    def train(self, mode: bool = True) -> "PldrllmPreTrainedModel":
         super().train(mode)
         self.__dict__["_core"].training = mode
         return self
@@ -173,25 +192,194 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         self.__dict__["_core"].attn_implementation = "eager" if eager else "sdpa"
 
     @classmethod
-    def from_core(cls, model: PLDRModel, **config_kwargs: Any) -> "PldrllmForCausalLM":
+    def from_core(cls, model: PLDRModel, **config_kwargs: Any) -> Any:
         """A transformers model sharing the weights of a core :class:`PLDRModel`."""
         config = PldrllmConfig.from_architecture(model.config.to_dict(), **config_kwargs)
         with torch.device("meta"):
             hf_model = cls(config)
-        hf_model.decoder = model.decoder
-        hf_model.final_layer = model.final_layer
+        for name in cls._core_children:
+            setattr(hf_model, name, getattr(model, name))
         hf_model.__dict__["_core"] = model
         hf_model._sync_attention()
         hf_model.train(model.training)
         return hf_model
 
-    # ------------------------------------------------------------------ embeddings
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.decoder.embedding
 
     def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
         self.decoder.embedding = value
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> torch.nn.Embedding:
+        """transformers' resize; the core configuration's vocabulary follows (its id check and
+        ``model.core.config.input_vocab_size`` see the new size)."""
+        embedding = super().resize_token_embeddings(*args, **kwargs)
+        core = self.core
+        core.config = dataclasses.replace(
+            core.config, input_vocab_size=int(embedding.weight.shape[0])
+        )
+        return embedding
+
+    def _run_core(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        cache: PLDRCache | None,
+        output_deductive: bool,
+        output_hidden_states: bool,
+        output_attentions: bool,
+        logits_to_keep: int,
+    ) -> tuple[Any, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+        """The core's forward, plus transformers' per-layer outputs.
+
+        Returns (core output, hidden states, attentions). Hidden states are num_layers + 1
+        tensors: the embeddings (after the embedding norm: the first layer's input), then each
+        layer's output; the last is the LM head's input (the layers are post-norm, so it is
+        normalised, as Llama's last hidden state is). Attentions are each layer's attention
+        probabilities [B, H, L, S]; asking for them runs the eager attention (the core's
+        deductive scores, masked and soft-maxed as the eager attention does).
+        """
+        collected: list[Tensor] = []
+        hooks = []
+        if output_hidden_states:
+            decoder = self.core.decoder
+            hooks.append(
+                decoder.layernorm1.register_forward_hook(lambda m, i, o: collected.append(o))
+            )
+            for layer in decoder.dec_layers:
+                hooks.append(layer.register_forward_hook(lambda m, i, o: collected.append(o[0])))
+        try:
+            out = self.core(
+                input_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                output_deductive=output_deductive or output_attentions,
+                output_hidden_states=True,
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hidden = tuple(collected[: self.core.config.num_layers + 1]) if hooks else None
+        attentions = None
+        if output_attentions:
+            past = cache.seq_len if cache is not None else 0
+            bias, is_causal = self.core.attention_mask_bias(
+                out.cache.key_valid, input_ids.shape[-1], past
+            )
+            attentions = tuple(
+                attention_probabilities(d.scores, bias, is_causal) for d in out.deductive
+            )
+        return out, hidden, attentions
+
+    def _check_ids(self, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+        if input_ids is None:
+            if kwargs.get("inputs_embeds") is not None:
+                raise PLDRError("PLDR-LLM takes input_ids, not inputs_embeds")
+            raise PLDRError("input_ids is required")
+        return input_ids
+
+
+def attention_probabilities(scores: Tensor, bias: Tensor | None, is_causal: bool) -> Tensor:
+    """Attention probabilities from the eager attention's scores (before mask and softmax), with
+    the mask the model attended with (:meth:`PLDRModel.attention_mask_bias`), as
+    :func:`pldr_llm.core.plga.attend` applies it."""
+    weights = scores
+    if bias is not None:
+        weights = weights + bias
+    elif is_causal:
+        length, span = scores.shape[-2:]
+        causal = torch.ones(length, span, dtype=torch.bool, device=scores.device).tril(
+            span - length
+        )
+        weights = weights.masked_fill(~causal, MASK_VALUE)
+    return torch.softmax(weights, dim=-1)
+
+
+class _NoHead(torch.nn.Module):
+    """An LM head with no outputs: [..., d_model] -> [..., 0]. ``weight`` is an empty buffer (not
+    saved) that moves with the model, so ``core.device`` / ``core.dtype`` still read it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.empty(0, width), persistent=False)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden[..., :0]
+
+
+class PldrllmModel(PldrllmPreTrainedModel):
+    """The PLDR-LLM decoder without its LM head (``AutoModel``): hidden states.
+
+    It wraps a core :class:`PLDRModel` as :class:`PldrllmForCausalLM` does and registers only its
+    ``decoder`` (state-dict keys ``decoder.*``; a causal-LM checkpoint's ``final_layer.*`` is
+    not read).
+    """
+
+    _core_children = ("decoder",)
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.past_G_values", r"^final_layer\."]
+
+    def __init__(self, config: PldrllmConfig) -> None:
+        super().__init__(config)
+        self._attach_core(config)
+        # The core's LM head is replaced by one with no outputs: the base model computes no
+        # logits and holds no head weights (its buffer follows .to() and gives the core's device
+        # and dtype).
+        self.no_head = _NoHead(config.hidden_size)
+        self.core.final_layer = self.no_head
+        self.post_init()
+        self._sync_attention()
+        self.core.training = self.training
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: PLDRCache | None = None,
+        output_deductive: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> PldrllmModelOutput | tuple:
+        """Hidden states of ``input_ids`` [B, L] (arguments as :meth:`PldrllmForCausalLM.forward`;
+        the attention mask is the one given: pad ids are not inferred)."""
+        input_ids = self._check_ids(input_ids, kwargs)
+        out, hidden, attentions = self._run_core(
+            input_ids,
+            attention_mask,
+            cache,
+            output_deductive,
+            bool(output_hidden_states),
+            bool(output_attentions),
+            1,
+        )
+        result = PldrllmModelOutput(
+            last_hidden_state=out.hidden_states,
+            cache=out.cache,
+            deductive=out.deductive if output_deductive else None,
+            hidden_states=hidden,
+            attentions=attentions,
+        )
+        return result.to_tuple() if return_dict is False else result
+
+
+class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
+    """A PLDR-LLM causal language model for transformers (wraps :class:`PLDRModel`).
+
+    ``model.core`` is the wrapped :class:`PLDRModel`: it shares every parameter and buffer with
+    this module, so ``pldr_llm.generate(model.core, ...)`` and every other core function work on
+    a model loaded through transformers.
+    """
+
+    def __init__(self, config: PldrllmConfig) -> None:
+        super().__init__(config)
+        self._attach_core(config)
+        self.post_init()
+        self._sync_attention()
+        self.core.training = self.training
+
+    # ------------------------------------------------------------------ embeddings
     def get_output_embeddings(self) -> torch.nn.Linear:
         return self.final_layer
 
@@ -203,11 +391,12 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: Tensor | None = None,
-        pldr_cache: PLDRCache | None = None,
+        cache: PLDRCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_deductive: bool = False,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         infer_padding_mask: bool | None = None,
@@ -218,34 +407,46 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         Args:
             attention_mask: [B, L], 1 for tokens and 0 for padding (left or right); each row then
                 computes exactly what it would alone. ``None``: see ``infer_padding_mask``.
-            pldr_cache: a :class:`PLDRCache` from an earlier pass (KV part: continue that
+            cache: a :class:`PLDRCache` from an earlier pass (KV part: continue that
                 sequence; G part: skip the metric learner and reuse G_LM).
             labels: [B, L] targets for the usual shifted causal-LM loss (-100 is ignored).
             output_deductive: also return every layer's A, A_LM, A_P, G_LM and scores.
+            output_hidden_states: also return num_layers + 1 hidden states (embeddings, then
+                each layer's output), as transformers models do.
+            output_attentions: also return each layer's attention probabilities [B, H, L, S]
+                (this pass runs the eager attention).
             logits_to_keep: > 0 computes the logits of the last that many positions only.
-            infer_padding_mask: without ``attention_mask`` and ``pldr_cache``, treat pad ids in
+            infer_padding_mask: without ``attention_mask`` and ``cache``, treat pad ids in
                 ``input_ids`` as padding (per-row semantics); ``None`` reads
                 ``config.infer_padding_mask``. ``generate()`` turns it off, so its passes match
                 ``pldr_llm.generate`` exactly.
         """
-        if input_ids is None:
-            if kwargs.get("inputs_embeds") is not None:
-                raise PLDRError("PLDR-LLM takes input_ids, not inputs_embeds")
-            raise PLDRError("input_ids is required")
+        input_ids = self._check_ids(input_ids, kwargs)
+        if isinstance(cache, PendingPrefill) and 0 < cache.prompt_length < input_ids.shape[1]:
+            if labels is not None or output_attentions or output_hidden_states:
+                raise PLDRError(
+                    "labels, attentions and hidden states are not returned by the first pass of "
+                    "assisted decoding"
+                )
+            logits, out_cache = self._prefill_then_draft(
+                input_ids, attention_mask, cache, int(logits_to_keep or 0)
+            )
+            result = PldrllmCausalLMOutput(logits=logits, cache=out_cache)
+            return result.to_tuple() if return_dict is False else result
         if infer_padding_mask is None:
             infer_padding_mask = bool(getattr(self.config, "infer_padding_mask", True))
-        if attention_mask is None and pldr_cache is None and infer_padding_mask:
+        if attention_mask is None and cache is None and infer_padding_mask:
             pad = self.config.pad_token_id
             if pad is not None and bool((input_ids == pad).any()):
                 attention_mask = (input_ids != pad).long()
-        want_hidden = bool(output_hidden_states)
-        out = self.core(
+        out, hidden, attentions = self._run_core(
             input_ids,
-            attention_mask=attention_mask,
-            cache=pldr_cache,
-            output_deductive=output_deductive,
-            output_hidden_states=want_hidden,
-            logits_to_keep=int(logits_to_keep or 0),
+            attention_mask,
+            cache,
+            output_deductive,
+            bool(output_hidden_states),
+            bool(output_attentions),
+            int(logits_to_keep or 0),
         )
         loss = None
         if labels is not None:
@@ -258,13 +459,65 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         result = PldrllmCausalLMOutput(
             loss=loss,
             logits=out.logits,
-            pldr_cache=out.cache,
-            deductive=out.deductive,
-            hidden_states=(out.hidden_states,) if want_hidden else None,
+            cache=out.cache,
+            deductive=out.deductive if output_deductive else None,
+            hidden_states=hidden,
+            attentions=attentions,
         )
         if return_dict is False:
             return result.to_tuple()
         return result
+
+    def _prefill_then_draft(
+        self, input_ids: Tensor, mask: Tensor | None, pending: "PendingPrefill", keep: int
+    ) -> tuple[Tensor, PLDRCache]:
+        """Assisted decoding's first pass (prompt + draft) as greedy decoding runs it: the prompt
+        alone first (A and G_LM from the prompt), then the draft on that pass's caches."""
+        core, split = self.core, pending.prompt_length
+        drafted = input_ids.shape[1] - split
+        first_keep = max(1, keep - drafted) if keep else 0
+        first = core(
+            input_ids[:, :split],
+            attention_mask=None if mask is None else mask[:, :split],
+            cache=PLDRCache(g=pending.g) if pending.g is not None else None,
+            logits_to_keep=first_keep,
+        )
+        g = first.cache.g if pending.g_on else pending.g
+        if pending.kv_on:
+            second = core(
+                input_ids[:, split:], cache=first.cache.with_g(g), logits_to_keep=min(keep, drafted)
+            )
+            if keep and keep <= drafted:
+                return second.logits, second.cache
+            return torch.cat((first.logits, second.logits), 1), second.cache
+        second = core(
+            input_ids,
+            attention_mask=mask,
+            cache=PLDRCache(g=g) if g is not None else None,
+            logits_to_keep=keep,
+        )
+        return second.logits, second.cache
+
+    def _assisted_decoding(self, input_ids: Tensor, *args: Any, **model_kwargs: Any) -> Any:
+        """transformers' assisted / prompt-lookup decoding, with a :class:`PendingPrefill` cache
+        (it needs a cache from the start; the first pass then runs as greedy decoding's)."""
+        if model_kwargs.get("cache") is None:
+            kv_on, g_on = self._cache_modes(
+                model_kwargs.get("use_cache"),
+                model_kwargs.get("enable_kvcache"),
+                model_kwargs.get("enable_Gcache"),
+            )
+            if not (kv_on or g_on):
+                raise PLDRError(
+                    "assisted and prompt-lookup decoding need the KV or G cache: without them "
+                    "every pass learns A from all of its tokens, drafts included, so a checked "
+                    "draft is not what greedy decoding computes"
+                )
+            init = prepare_g_init(self.core, model_kwargs.get("G_init"), rows=input_ids.shape[0])
+            model_kwargs["cache"] = PendingPrefill(
+                g=init, prompt_length=input_ids.shape[1], kv_on=kv_on, g_on=g_on
+            )
+        return super()._assisted_decoding(input_ids, *args, **model_kwargs)
 
     # ------------------------------------------------------------------ generation
     def _cache_modes(
@@ -279,7 +532,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         next_sequence_length: int | None = None,
-        pldr_cache: PLDRCache | None = None,
+        cache: PLDRCache | None = None,
         attention_mask: Tensor | None = None,
         enable_kvcache: bool | None = None,
         enable_Gcache: bool | None = None,
@@ -291,29 +544,32 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         """This step's model inputs, as ``pldr_llm.generate`` builds them.
 
-        With a KV-cache only the newest token runs (the cache carries the per-row positions and
-        padding); without one, the whole sequence runs with the (grown) attention mask, and the
-        G-cache or ``G_init`` when there is one. ``next_sequence_length`` (transformers' slicing
-        hint) is not needed: the cache itself says what has run.
+        With a KV-cache only the ids it does not hold run (one per step; a draft's ids in assisted
+        decoding), the cache carrying the per-row positions and padding; without one, the whole
+        sequence runs with the (grown) attention mask, and the G-cache or ``G_init`` when there
+        is one. ``next_sequence_length`` (transformers' slicing hint) is not needed: the cache
+        itself says what has run.
         """
         device = self.final_layer.weight.device
-        cache = pldr_cache
-        if cache is None:
+        if cache is None or (cache.kv is None and cache.g is None):
             init = prepare_g_init(self.core, G_init, rows=input_ids.shape[0])
-            cache = PLDRCache(g=init) if init is not None else None
+            if init is not None:
+                cache = (
+                    dataclasses.replace(cache, g=init) if cache is not None else PLDRCache(g=init)
+                )
         if cache is not None and cache.kv is not None:
-            inputs = {"input_ids": input_ids[:, -1:], "attention_mask": None}
+            inputs = {"input_ids": input_ids[:, cache.seq_len :], "attention_mask": None}
         else:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         inputs["input_ids"] = inputs["input_ids"].to(device)
         if inputs["attention_mask"] is not None:
             inputs["attention_mask"] = inputs["attention_mask"].to(device)
         inputs.update(
-            pldr_cache=cache,
+            cache=cache,
             logits_to_keep=1 if logits_to_keep is None else logits_to_keep,
             infer_padding_mask=False,
         )
-        for key in ("output_deductive", "output_hidden_states"):
+        for key in ("output_deductive", "output_hidden_states", "output_attentions"):
             if key in kwargs:
                 inputs[key] = kwargs[key]
         return inputs
@@ -329,17 +585,18 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             model_kwargs.get("enable_kvcache"),
             model_kwargs.get("enable_Gcache"),
         )
-        out_cache: PLDRCache = outputs.pldr_cache
+        out_cache: PLDRCache = outputs.cache
         # What pldr_llm.generate keeps between steps: the KV-cache when on; the G-cache of this
         # pass when on, else G_init (or nothing, so G_LM is recomputed).
         rows = outputs.logits.shape[0]
         g = out_cache.g if g_on else prepare_g_init(self.core, model_kwargs.get("G_init"), rows)
         if kv_on:
-            model_kwargs["pldr_cache"] = out_cache.with_g(g)
+            model_kwargs["cache"] = out_cache.with_g(g)
         elif g is not None:
-            model_kwargs["pldr_cache"] = PLDRCache(g=g)
+            model_kwargs["cache"] = PLDRCache(g=g)
         else:
-            model_kwargs["pldr_cache"] = None
+            # no key at all: transformers' beam search reorders whatever cache the key holds
+            model_kwargs.pop("cache", None)
         return model_kwargs
 
     def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
@@ -445,6 +702,17 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         """
         if args:
             kwargs = {"input_ids": args[0], **kwargs} if len(args) == 1 else kwargs
+        _mark_streamer_continuation(kwargs.get("streamer"))
+        prompt = kwargs.get("input_ids", kwargs.get("inputs"))
+        output = self._generate(args, kwargs)
+        if isinstance(prompt, Tensor) and prompt.dim() == 2:
+            sequences = output if isinstance(output, Tensor) else getattr(output, "sequences", None)
+            if isinstance(sequences, Tensor):
+                remember_continuations(sequences, prompt.shape[1])
+        return output
+
+    def _generate(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """:meth:`generate` on the native loop when it can, else on transformers' loop."""
         if len(args) <= 1 and "generation_config" not in kwargs:
             routed = self._loop_generate(kwargs)
             if routed is not None:
@@ -452,15 +720,6 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             kwargs.pop("seed", None)
             kwargs.pop("compile", None)
         config = kwargs.get("generation_config") or self.generation_config
-        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-        kv_on, g_on = self._cache_modes(
-            kwargs.get("use_cache"), kwargs.get("enable_kvcache"), kwargs.get("enable_Gcache")
-        )
-        if num_beams > 1 and (kv_on or g_on):
-            raise PLDRError(
-                "beam search with PLDR-LLM needs use_cache=False (its KV/G caches hold per-row "
-                "state that beam reordering does not move)"
-            )
         do_sample = kwargs.get("do_sample", getattr(config, "do_sample", False))
         if do_sample and "top_k" not in kwargs and getattr(config, "top_k", None) is None:
             # pldr_llm.generate samples without a top-k filter unless asked; transformers'
@@ -505,6 +764,19 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise PLDRError(f"the checkpoint lacks {len(missing)} weights of the model: {shown}")
         return (model, info) if want_info else model
+
+
+def _mark_streamer_continuation(streamer: Any) -> None:
+    """A streamer that skips the prompt decodes the new ids alone: with a PLDR-LLM tokenizer, ask
+    it to keep their first leading space (see :mod:`.tokenization_pldrllm`)."""
+    tokenizer = getattr(streamer, "tokenizer", None)
+    decode_kwargs = getattr(streamer, "decode_kwargs", None)
+    if (
+        getattr(streamer, "skip_prompt", False)
+        and isinstance(decode_kwargs, dict)
+        and getattr(tokenizer, "decodes_continuations", False)
+    ):
+        decode_kwargs.setdefault("continuation", True)
 
 
 def _load_past_G_values(model: PldrllmForCausalLM, source: Any, kwargs: dict[str, Any]) -> None:
