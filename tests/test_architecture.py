@@ -142,6 +142,7 @@ CORE_ROWS = (
     | {"fused", "fused_kernels"},
     {"sampling", "graphs", "text", "engine", "generate"},
     {"hf_folder", "configuration_pldrllm", "modeling_pldrllm", "tokenization_pldrllm"}
+    | {"continuations"}
     | {"code_bundle"},
 )
 
