@@ -17,7 +17,13 @@ tokenizer in the project format to a temporary folder, and measures, for a 32-to
     and top-p with a seed, batch 1 and a mixed-length batch; and greedy against the op-by-op
     step (``DecodeEngine(fused=False)``), which the fused kernels replace.
 
+(f) with ``--processing``, only this: ``pldr_llm.generate`` warm, batch 1, each dtype, greedy and
+    top-p, without and with logit processing (repetition, presence and frequency penalties,
+    ``logit_bias`` and ``min_new_tokens``, see :data:`PROCESSING`), and the captured processed
+    loop's ids against the eager loop's (fp32).
+
     python benchmarks/decode_speed.py --json decode.json [--anchor .anchor] [--compile]
+    python benchmarks/decode_speed.py --processing --json processing.json
     python benchmarks/decode_speed.py --quick          # tiny model on the CPU, seconds
 
 Prints a table last and writes JSON to ``--json``.
@@ -40,6 +46,14 @@ from pldr_llm import PLDRConfig, PLDRModel
 from pldr_llm.generation import generate_details
 
 SAMPLING = {"greedy": {"top_k": 1}, "top-p 0.9": {"top_p": 0.9}}
+#: Every logit-processing option at once (what --processing measures against none).
+PROCESSING = {
+    "repetition_penalty": 1.2,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "logit_bias": {11: 2.0, 12: -100.0, 13: 1.5},
+    "min_new_tokens": 32,
+}
 WORDS = (
     "the model reads a long story about rivers and mountains where every village keeps a small "
     "library of maps letters and songs that travellers copy by hand before they leave at dawn"
@@ -285,6 +299,43 @@ def ids_checks(model: PLDRModel, prompts: list[list[int]], new: int) -> dict:
     return checks
 
 
+def processing_rows(
+    model: PLDRModel, dtype: str, prompts: list[list[int]], new: int, compile: bool
+) -> list[dict]:
+    """``pldr_llm.generate`` warm at batch 1, greedy and top-p, without and with every logit
+    processing option."""
+    rows = []
+    for name, sampling in SAMPLING.items():
+        for label, extra in (("none", {}), ("penalties+bias+min", PROCESSING)):
+            if extra:
+                extra = {**extra, "min_new_tokens": min(new, extra["min_new_tokens"])}
+            timing = api_run(model, prompts[:1], new, {**sampling, **extra}, compile)
+            rows.append(
+                {
+                    "path": f"pldr_llm.generate (warm), processing: {label}",
+                    "dtype": dtype,
+                    "sampling": name,
+                    "batch": 1,
+                    **timing,
+                }
+            )
+    return rows
+
+
+def processing_ids_checks(model: PLDRModel, prompts: list[list[int]], new: int) -> dict:
+    """The captured processed loop against the eager one (fp32), batch 1 and a mixed batch."""
+    mixed = [p[: 8 + 3 * i] for i, p in enumerate(prompts[:4])]
+    checks = {}
+    for name, sampling in SAMPLING.items():
+        for label, batch in (("batch 1", prompts[:1]), ("mixed batch", mixed)):
+            kwargs = {"stop_at_eos": False, "seed": 7, **sampling, **PROCESSING}
+            kwargs["min_new_tokens"] = min(new, PROCESSING["min_new_tokens"])
+            fast = generate_details(model, batch, new, **kwargs).new_ids
+            eager = generate_details(model, batch, new, cuda_graph=False, **kwargs).new_ids
+            checks[f"processed {name}, {label}"] = fast == eager
+    return checks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU, seconds")
@@ -302,6 +353,12 @@ def main() -> None:
         default=3,
         help="later CLI calls at batch 1, of which the median is reported (each call's "
         "generation is ~0.15 s, where one slow launch moves the figure by 10%%)",
+    )
+    parser.add_argument(
+        "--processing",
+        action="store_true",
+        help="only the warm API at batch 1 without and with penalties, logit_bias and "
+        "min_new_tokens (and their ids check)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
@@ -329,6 +386,8 @@ def main() -> None:
             for _ in range(max(batches))
         ]
         for dtype in dtypes:
+            if args.processing:
+                break
             for name in SAMPLING:
                 for batch in batches:
                     if args.quick and (name, batch) not in (("greedy", 1), ("top-p 0.9", 4)):
@@ -358,6 +417,12 @@ def main() -> None:
                         )
         for dtype in dtypes:
             model = PLDRModel.load(folder, map_location=device, dtype=getattr(torch, dtype)).eval()
+            if args.processing:
+                rows += processing_rows(model, dtype, prompts, new, args.compile)
+                if dtype == "float32":
+                    results["ids_equal_eager"] = processing_ids_checks(model, prompts, min(new, 64))
+                del model
+                continue
             for name, sampling in SAMPLING.items():
                 for batch in batches:
                     timing = api_run(model, prompts[:batch], new, sampling, args.compile)
@@ -393,7 +458,7 @@ def main() -> None:
                 )
                 results["ids_equal_eager"] = ids_checks(model, prompts, min(new, 64))
             del model
-        if args.anchor is not None:
+        if args.anchor is not None and not args.processing:
             rows.append(
                 {
                     "path": "original implementation (KV+G)",
@@ -407,7 +472,7 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"device {results['device']}, torch {results['torch']}, prompt {prompt_len}, new {new}")
     print(
-        f"{'path':40} {'dtype':9} {'sampling':10} {'batch':>5} {'tok/s':>10} {'capture s':>9} "
+        f"{'path':58} {'dtype':9} {'sampling':10} {'batch':>5} {'tok/s':>10} {'capture s':>9} "
         f"{'wait s':>7} {'process s':>9}"
     )
     for row in rows:
@@ -416,7 +481,7 @@ def main() -> None:
         # the CLI's wait for its background kernel warm-up (counted in its generation time)
         wait = row.get("warm_up_wait_seconds", "")
         print(
-            f"{row['path']:40} {row['dtype']:9} {row['sampling']:10} {row['batch']:>5} "
+            f"{row['path']:58} {row['dtype']:9} {row['sampling']:10} {row['batch']:>5} "
             f"{rate!s:>10} {capture!s:>9} {wait!s:>7} {row.get('process_seconds', '')!s:>9}"
         )
     for row in rows:

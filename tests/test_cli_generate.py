@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pldr_llm import PLDRModel, generate
+from pldr_llm import PLDRModel, generate, generate_details
 from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
 from support import PAPER_VOCAB_HP, make_bundle, run_cli
@@ -308,6 +308,9 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
         (["--model", str(folder), "--temperature", "-1"], "temperature must be a finite number"),
         (["--model", str(folder), "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--model", str(folder), "-n", "500"], "exceeds max_seq_len=96"),
+        (["--model", str(folder), "--logit-bias", "5"], "--logit-bias takes ID=BIAS"),
+        (["--model", str(folder), "--presence-penalty", "3"], "presence_penalty must be in"),
+        (["--model", str(folder), "--logprobs", "2"], "--logprobs needs --jsonl"),
     ]
     if paper_g.is_file():
         cases.append(
@@ -348,3 +351,32 @@ def test_temperature_zero_is_greedy_and_timing_is_json(
     assert timing["new_tokens"] == len(ids) - len(tok.prompt_ids(PROMPT))
     assert timing["capture_seconds"] == 0.0  # no CUDA graph on the CPU
     assert timing["tokens_per_s"] > 0 and timing["device"] == "cpu"
+
+
+def test_processing_flags_and_logprobs_equal_the_library(
+    published: tuple[Path, PLDRModel, PLDRTokenizer],
+) -> None:
+    folder, model, tok = published
+    options = {
+        "repetition_penalty": 1.5,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.25,
+        "logit_bias": {260: 4.0, 300: -100.0},
+        "min_new_tokens": 5,
+        "stop_token_ids": (7,),
+    }
+    ids = tok.prompt_ids(PROMPT)
+    want = generate_details(model, [ids], NEW, top_k=1, logprobs=2, **options)
+    result = _generate_cli(
+        folder, "--prompt", PROMPT, "--top-k", "1", "-n", str(NEW), "--jsonl", "--logprobs", "2",
+        "--repetition-penalty", "1.5", "--presence-penalty", "0.5", "--frequency-penalty", "0.25",
+        "--logit-bias", "260=4", "--logit-bias", "300=-100", "--min-new-tokens", "5",
+        "--stop-id", "7", "-q",
+    )  # fmt: skip
+    record = json.loads(result.stdout)
+    assert record["new_ids"] == want.new_ids[0]
+    assert record["new_ids"] != generate_details(model, [ids], NEW, top_k=1).new_ids[0]
+    assert record["logprobs"] == pytest.approx(want.logprobs[0], abs=1e-6)
+    assert [[t for t, _ in top] for top in record["top_logprobs"]] == [
+        [t for t, _ in top] for top in want.top_logprobs[0]
+    ]

@@ -455,10 +455,10 @@ def test_step_variant_follows_the_running_rows(tiny_model):
     step_fn = engine._step_fn
 
     def recording(variant):
-        mode, forcing = variant
-        assert not forcing  # no row is teacher-forced here
+        assert not variant.forcing  # no row is teacher-forced here
+        assert not variant.processed and not variant.top_logprobs  # nor asks for processing
         fn = step_fn(variant)
-        return lambda: (used.append(mode), fn())[1]
+        return lambda: (used.append(variant.mode), fn())[1]
 
     engine._step_fn = recording
     greedy = engine.add(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=9))

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pldr_llm.commands.common import (
@@ -27,6 +28,7 @@ from pldr_llm.core.errors import PLDRError
 if TYPE_CHECKING:
     import torch
 
+    from pldr_llm.generation import SamplingParams
     from pldr_llm.tokenizer import PLDRTokenizer
 
 
@@ -68,6 +70,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1.0,
         metavar="P",
         help="nucleus probability in (0, 1] (1: off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="divide positive (multiply negative) logits of tokens already seen (prompt and "
+        "new) by R (transformers' rule; 1: off)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="subtract P from the logits of generated tokens (OpenAI's rule, -2..2; 0: off)",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="subtract F times its count from each generated token's logit (-2..2; 0: off)",
+    )
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS (-100..100) to token ID's logit (repeatable)",
+    )
+    p.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="no end-of-text or stop id before N new tokens (0: off)",
+    )
+    p.add_argument(
+        "--stop-id",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="end a row when it generates token ID (repeatable)",
+    )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --jsonl: each new token's log-probability and its top N alternatives (0-20)",
     )
     p.add_argument(
         "--no-kv-cache", action="store_true", help="recompute the whole sequence each step"
@@ -156,6 +209,42 @@ def _configure_stdout() -> None:
 # ---------------------------------------------------------------------- run
 
 
+def parse_logit_bias(items: Sequence[str]) -> tuple[tuple[int, float], ...]:
+    """``ID=BIAS`` items as (id, bias) pairs (one-line :class:`PLDRError` for a bad one)."""
+    pairs = []
+    for item in items:
+        token, sep, bias = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((int(token), float(bias)))
+        except ValueError:
+            raise PLDRError(f"--logit-bias takes ID=BIAS (e.g. 50256=-100), got {item!r}") from None
+    return tuple(sorted(pairs))
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling settings of ``args``, checked (one-line :class:`PLDRError`)."""
+    from pldr_llm.generation import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=tuple(args.stop_id),
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=parse_logit_bias(args.logit_bias),
+        min_new_tokens=args.min_new_tokens,
+        logprobs=args.logprobs or 0,
+    )
+    params.validate()
+    return params
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate from every prompt and print the texts on stdout."""
     import torch
@@ -168,20 +257,14 @@ def run(args: argparse.Namespace) -> int:
         resolve_device,
         resolve_dtype,
     )
-    from pldr_llm.generation import (
-        SamplingParams,
-        StopStrings,
-        final_text,
-        generate_details,
-        validate_sampling,
-    )
+    from pldr_llm.generation import StopStrings, final_text, generate_details
     from pldr_llm.generation.warm import warm_up_in_background
     from pldr_llm.gfile import load_g_file
 
     # Everything the user typed is checked before the model is read.
-    validate_sampling(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 0:
-        raise PLDRError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    params = sampling_params(args)
+    if args.logprobs is not None and not args.jsonl:
+        raise PLDRError("--logprobs needs --jsonl (the log-probabilities go in its records)")
     if args.batch_size <= 0:
         raise PLDRError(f"--batch-size must be positive, got {args.batch_size}")
     if args.stop is not None and any(s == "" for s in args.stop):
@@ -215,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         # The first generation's batch: its prompts' lengths (equal or not) decide its kernels.
         first = prompt_ids[: 1 if args.stream else args.batch_size]
         length = max(len(ids) for ids in first) + args.max_new_tokens
-        filters = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        filters = replace(params, seed=None, max_new_tokens=64, min_new_tokens=0, logprobs=0)
         warm = warm_up_in_background(
             config, dtype, device, [len(ids) for ids in first], length, filters
         )
@@ -238,6 +321,13 @@ def run(args: argparse.Namespace) -> int:
         "eos_id": config.eos_id,
         "seed": args.seed,
         "compile": args.compile,
+        "repetition_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "logit_bias": params.logit_bias,
+        "min_new_tokens": params.min_new_tokens,
+        "stop_token_ids": params.stop_token_ids,
+        "logprobs": args.logprobs,
     }
     start = time.perf_counter()
     waited = 0.0
@@ -276,6 +366,10 @@ def run(args: argparse.Namespace) -> int:
                         "prompt_ids": ids,
                         "new_ids": new,
                     }
+                    if out.logprobs is not None and out.top_logprobs is not None:
+                        record["logprobs"] = out.logprobs[offset]
+                        if args.logprobs:
+                            record["top_logprobs"] = out.top_logprobs[offset]
                     print(json.dumps(record, ensure_ascii=False), flush=True)
                 else:
                     print(text, flush=True)

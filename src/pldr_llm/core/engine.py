@@ -36,10 +36,12 @@ pass and step in :attr:`DecodeEngine.deductive` (eager only): the deductive cach
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,7 +56,9 @@ from .fused import supports as fused_supports
 from .graphs import capture_graph, maybe_compile, sdpa_backends
 from .model import PLDRModel
 from .plga import MASK_VALUE, Deductive
+from .processing import LogprobHistory, RowProcessing
 from .sampling import (
+    MAX_STOP_IDS,
     SamplingMode,
     SamplingParams,
     batch_mode,
@@ -64,11 +68,19 @@ from .sampling import (
     uniform_draws,
 )
 
-MAX_STOP_IDS = 16  # stop ids per row held in the static buffers
+__all__ = ["MAX_STOP_IDS", "DecodeEngine", "DeductiveRecord", "StepOutput", "StepVariant"]
 
-#: A variant of the one-token step: the sampling mode the running rows need, and whether any of
-#: them is teacher-forced. Each variant is captured on its first use.
-StepVariant = tuple[SamplingMode, bool]
+
+class StepVariant(NamedTuple):
+    """A variant of the one-token step, from what the running rows need: the sampling mode,
+    whether any row is teacher-forced, has its logits processed (penalties, bias, a minimum
+    length) or asks for top log-probabilities. Each variant is captured on its first use, so
+    rows without an option never pay for it."""
+
+    mode: SamplingMode
+    forcing: bool = False
+    processed: bool = False
+    top_logprobs: bool = False
 
 
 @dataclass
@@ -76,15 +88,19 @@ class StepOutput:
     """What one :meth:`DecodeEngine.step` produced: one token per slot that was active.
 
     ``finished[i]`` is True when ``token_ids[i]`` is the slot's last token (end-of-text, a stop id,
-    or max_new_tokens reached). ``logprobs`` (with ``output_logprobs``) is the log-probability of
-    each token under the model's unfiltered distribution at temperature 1.
+    or max_new_tokens reached). ``logprobs`` (with ``output_logprobs``, or when a slot asks for
+    ``SamplingParams.logprobs``) is the log-probability of each token under the model's
+    processed distribution (penalties and bias applied) at temperature 1, before the filters;
+    ``top_logprobs[i]`` (when a slot asks) its top ``logprobs`` alternatives as (id, logprob),
+    best first (empty for slots that do not ask).
     """
 
     slots: list[int]
     token_ids: list[int]
     finished: list[bool]
     logprobs: list[float] | None = None
-    logits: Tensor | None = None  # [n, V] float32 logits of each token (``keep_logits`` only)
+    logits: Tensor | None = None  # [n, V] raw float32 logits of each token (``keep_logits``)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -314,6 +330,16 @@ class DecodeEngine:
         # variant needs no sync).
         self._mode: dict[int, SamplingMode] = {}
         self._forced_slots: set[int] = set()
+        # Slots whose logits are processed, top alternatives asked per slot, and tokens reported
+        # per slot (the history position of the next reported token).
+        self._processed_slots: set[int] = set()
+        self._top_n: dict[int, int] = {}
+        self._reported: dict[int, int] = {}
+        # Allocated when a row first needs them (before any step that uses them is captured).
+        self.processing: RowProcessing | None = None
+        self.logprobs: LogprobHistory | None = (
+            LogprobHistory(batch, slots, device) if output_logprobs else None
+        )
         # One step function per variant (sample_rows's modes: an all-greedy batch skips the
         # sort and the noise, a batch where no row filters skips the sort), made on first use.
         self._compile = compile
@@ -357,6 +383,9 @@ class DecodeEngine:
         self._running.discard(slot)
         self._mode.pop(slot, None)
         self._forced_slots.discard(slot)
+        self._processed_slots.discard(slot)
+        self._top_n.pop(slot, None)
+        self._reported.pop(slot, None)
         self._prompts.pop(slot, None)
         self._slot_g.pop(slot, None)
         self._free.append(slot)
@@ -381,6 +410,33 @@ class DecodeEngine:
             width = int(counts.max()) if len(slots) else 0
             rows = self.history[index, :width].tolist()
         return [row[:n] for row, n in zip(rows, counts.tolist())]
+
+    def logprobs_many(
+        self, slots: Sequence[int]
+    ) -> tuple[list[list[float]], list[list[list[tuple[int, float]]]]]:
+        """For each of ``slots``, the log-probability of every token generated so far and its
+        top alternatives (as many as the slot asked for: [] each when none), as
+        :meth:`generated_many` reads the ids. Needs ``output_logprobs`` or slots that ask."""
+        if self.logprobs is None:
+            raise PLDRError("no log-probabilities kept: build the engine with output_logprobs")
+        history = self.logprobs
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            counts = self.n_generated[index].tolist()
+            width = max(counts, default=0)
+            chosen = history.chosen[index, :width].tolist()
+            top_n = [self._top_n.get(slot, 0) for slot in slots]
+            ids = values = None
+            if history.top_ids is not None and history.top_values is not None and any(top_n):
+                ids = history.top_ids[index, :width].tolist()
+                values = history.top_values[index, :width].tolist()
+        tops: list[list[list[tuple[int, float]]]] = []
+        for r, (n, k) in enumerate(zip(counts, top_n)):
+            if ids is None or values is None or k == 0:
+                tops.append([[] for _ in range(n)])
+            else:
+                tops.append([list(zip(i[:k], v[:k])) for i, v in zip(ids[r][:n], values[r][:n])])
+        return [row[:n] for row, n in zip(chosen, counts)], tops
 
     # ------------------------------------------------------------------ prefill
     def add(
@@ -434,14 +490,13 @@ class DecodeEngine:
             check_token_range(min(row), max(row), vocab)
             if p.max_new_tokens < 1:
                 raise PLDRError("max_new_tokens must be >= 1 for a decoding slot")
+            named = [t for t, _ in p.logit_bias] + list(p.stop_token_ids)
+            if named:  # logit_bias and stop ids index [B, V] buffers
+                check_token_range(min(named), max(named), vocab)
             if len(row) + p.max_new_tokens > self.max_len:
                 raise PLDRError(
                     f"prompt ({len(row)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds "
                     f"max_len={self.max_len}"
-                )
-            if len(p.stop_token_ids) > MAX_STOP_IDS:
-                raise PLDRError(
-                    f"at most {MAX_STOP_IDS} stop_token_ids, got {len(p.stop_token_ids)}"
                 )
             rows.append(row)
         forced = [[int(t) for t in f] for f in forced_ids] if forced_ids is not None else None
@@ -545,9 +600,11 @@ class DecodeEngine:
                     else init
                 )
         seeds = [p.seed if p.seed is not None else draw_seed() for p in params]
+        stop_lists = [
+            list(p.stop_token_ids) + ([self.config.eos_id] if p.stop_at_eos else []) for p in params
+        ]
         stop_ids = torch.full((n, MAX_STOP_IDS + 1), -1, dtype=torch.long)
-        for r, p in enumerate(params):
-            ids_r = list(p.stop_token_ids) + ([self.config.eos_id] if p.stop_at_eos else [])
+        for r, ids_r in enumerate(stop_lists):
             if ids_r:
                 stop_ids[r, : len(ids_r)] = torch.tensor(ids_r)
         self.temperature[index] = torch.tensor(
@@ -559,6 +616,8 @@ class DecodeEngine:
         self.uniforms[index] = uniform_draws(seed[:, None], self.slot_steps[None, :])
         self.max_new[index] = torch.tensor([p.max_new_tokens for p in params], device=device)
         self.stop_ids[index] = stop_ids.to(device)
+        raw_logits = logits
+        logits = self._start_processing(index, params, rows, stop_lists, logits)
         modes = [row_mode(p, self.config.input_vocab_size) for p in params]
         first = sample_rows(
             logits,
@@ -588,18 +647,54 @@ class DecodeEngine:
         history = torch.zeros(n, self.slots, dtype=torch.long, device=device)
         history[:, 0] = first
         self.history[index] = history
-        if self.output_logprobs:
-            self.logprob[index] = torch.log_softmax(logits, -1).gather(-1, first[:, None])[:, 0]
+        top_n = [p.logprobs for p in params]
+        if any(top_n) and self.logprobs is None:
+            self.logprobs = LogprobHistory(self.max_batch, self.slots, device)
+        if self.logprobs is not None:
+            if any(top_n):
+                self.logprobs.ensure_top()
+            chosen = self.logprobs.record_rows(
+                torch.log_softmax(logits, -1), first, index, any(top_n)
+            )
+            if self.output_logprobs:
+                self.logprob[index] = chosen
         if self.pending_logits is not None:
-            self.pending_logits[index] = logits
+            self.pending_logits[index] = raw_logits
         self.active[index] = True
         self.done[index] = self._finished(index)
-        for slot, mode in zip(slots, modes):
+        for slot, mode, p in zip(slots, modes, params):
             self._running.add(slot)
             self._mode[slot] = mode
+            self._reported[slot] = 0
+            if p.processed:
+                self._processed_slots.add(slot)
+            if p.logprobs:
+                self._top_n[slot] = p.logprobs
         for slot, f in zip(slots, forced or [[]] * len(slots)):
             if f:
                 self._forced_slots.add(slot)
+
+    def _start_processing(
+        self,
+        index: Tensor,
+        params: list[SamplingParams],
+        rows: list[list[int]],
+        stop_lists: list[list[int]],
+        logits: Tensor,
+    ) -> Tensor:
+        """Set the processing state of the new rows ``index`` (once any row has needed it,
+        every new row resets its slot's state) and return their first token's processed
+        logits."""
+        if self.processing is None:
+            if not any(p.processed for p in params):
+                return logits
+            self.processing = RowProcessing(
+                self.max_batch, self.config.input_vocab_size, MAX_STOP_IDS + 1, self.device
+            )
+        self.processing.set_rows(index, params, rows, stop_lists)
+        if not any(p.processed for p in params):
+            return logits
+        return self.processing.apply(logits, torch.zeros_like(index), rows=index)
 
     def _finished(self, rows: Tensor) -> Tensor:
         """Whether the pending token of ``rows`` is their last (device tensor, no sync)."""
@@ -666,42 +761,57 @@ class DecodeEngine:
         the pending tokens (and whether they were last) go to ``report`` first.
 
         Every kernel here runs once per token, so the bookkeeping is kept to a few: the three
-        counters advance together, end-of-text is one of the stop ids, and teacher forcing is
-        only in the variant of the step that a forced row needs."""
-        mode, forcing = variant
-        if self.fused and not self.output_logprobs and self.pending_logits is None:
+        counters advance together, end-of-text is one of the stop ids, and teacher forcing,
+        logit processing and top log-probabilities are only in the variants of the step that
+        rows asking for them need."""
+        run = self.active & ~self.done
+        raw_logits = logits
+        if variant.processed:
+            assert self.processing is not None
+            self.processing.count(self.ids, run)
+            logits = self.processing.apply(logits, self.n_generated)
+        with_logprobs = self.logprobs is not None and (self.output_logprobs or variant.top_logprobs)
+        if self.fused and not with_logprobs and self.pending_logits is None:
             # The same bookkeeping in one kernel (after a two-kernel arg-max when greedy).
             new = None
-            if mode != "greedy":
+            if variant.mode != "greedy":
                 column = self.n_generated.clamp(max=self.slots - 1)[:, None]
                 uniform = self.uniforms.gather(1, column)[:, 0]
                 new = sample_rows(
-                    logits.float(), self.temperature, self.top_k, self.top_p, uniform, mode
-                )
+                    logits.float(), self.temperature, self.top_k, self.top_p, uniform,
+                    variant.mode,
+                )  # fmt: skip
             advance_fused(
                 new, logits, self.ids.view(-1), self.active, self.done, self.counters,
                 self.history, self.report, self.stop_ids, self.max_new,
-                self.forced if forcing else None, self.forced_len if forcing else None,
+                self.forced if variant.forcing else None,
+                self.forced_len if variant.forcing else None,
             )  # fmt: skip
             return
         logits = logits.float()
-        run = self.active & ~self.done
         # A row never generates more than slots - 1 tokens; the clamp keeps the index of a
         # free slot's stale counter in range.
         column = self.n_generated.clamp(max=self.slots - 1)[:, None]
+        mode = variant.mode
         uniform = self.uniforms.gather(1, column)[:, 0] if mode != "greedy" else None
         new = sample_rows(logits, self.temperature, self.top_k, self.top_p, uniform, mode)
-        if forcing:
+        if variant.forcing:
             forced = self.forced.gather(1, column)[:, 0]
             new = torch.where(self.n_generated < self.forced_len, forced, new)
         self.report[0].copy_(self.ids[:, 0])
         self.report[1].copy_(self.done)
-        if self.output_logprobs:
-            self.report[2].copy_(self.logprob)
-            chosen = torch.log_softmax(logits, -1).gather(-1, new[:, None])[:, 0]
-            torch.where(run, chosen, self.logprob, out=self.logprob)
+        if with_logprobs:
+            assert self.logprobs is not None
+            chosen = self.logprobs.record(
+                torch.log_softmax(logits, -1), new, column, variant.top_logprobs
+            )
+            if self.output_logprobs:
+                self.report[2].copy_(self.logprob)
+                torch.where(run, chosen, self.logprob, out=self.logprob)
         if self.pending_logits is not None:
-            torch.where(run[:, None], logits, self.pending_logits, out=self.pending_logits)
+            torch.where(
+                run[:, None], raw_logits.float(), self.pending_logits, out=self.pending_logits
+            )
         # Rows that do not run write past their last token, which nothing reads.
         self.history.scatter_(1, column, new[:, None])
         torch.where(run[:, None], new[:, None], self.ids, out=self.ids)
@@ -713,7 +823,7 @@ class DecodeEngine:
         stop = (self.stop_ids == self.ids).any(-1)
         return stop | (self.n_generated >= self.max_new)
 
-    def _kv_step(self, variant: StepVariant = ("filtered", True)) -> None:
+    def _kv_step(self, variant: StepVariant = StepVariant("filtered", True)) -> None:
         """One token for every running row, on the static buffers (no host sync)."""
         model = self.model
         if self.fused:
@@ -783,12 +893,17 @@ class DecodeEngine:
                 recorded[slot] = (out.deductive or [], 0)
         if self.record_deductive:
             self._record("step", recorded)
-        self._advance_rows(logits, ("filtered", True))
+        self._advance_rows(logits, self._step_variant()._replace(mode="filtered", forcing=True))
 
     def _step_variant(self) -> StepVariant:
         """The step variant the running rows need (from host-side sets: no sync)."""
-        mode = batch_mode(self._mode[slot] for slot in self._running)
-        return mode, bool(self._forced_slots & self._running)
+        running = self._running
+        return StepVariant(
+            batch_mode(self._mode[slot] for slot in running),
+            bool(self._forced_slots & running),
+            bool(self._processed_slots & running),
+            any(self._top_n.get(slot, 0) for slot in running),
+        )
 
     def _step_fn(self, variant: StepVariant) -> Callable[[], None]:
         """The one-token step of ``variant`` (through torch.compile when asked)."""
@@ -873,21 +988,26 @@ class DecodeEngine:
         self,
         steps: Sequence[int] = (1,),
         modes: Sequence[SamplingMode] = ("greedy", "plain", "filtered"),
+        processed: Sequence[bool] = (False,),
     ) -> float:
         """Capture the step graphs of every mode in ``modes`` for blocks of each of ``steps``
         now, and run a one-token prompt through the prefill (which loads its kernels), instead
         of on the first request that needs them: a server calls this before it takes requests.
-        Returns the seconds it took (nothing to do without CUDA graphs)."""
+        ``processed`` (True among them) also captures the steps that process logits (penalties,
+        bias, minimum length). Returns the seconds it took (nothing to do without CUDA
+        graphs)."""
         self._check_idle()
         if not self.use_graph or not self._free:
             return 0.0
         start = time.perf_counter()
-        slot = self.add([self.config.eos_id], SamplingParams(max_new_tokens=1))
+        warm_params = SamplingParams(
+            max_new_tokens=1, repetition_penalty=1.5 if any(processed) else 1.0
+        )
+        slot = self.add([self.config.eos_id], warm_params)
         self.release(slot)
-        for mode in modes:
-            for n in steps:
-                self._check_k(n)
-                self._graph((mode, False), n)
+        for mode, n, process in itertools.product(modes, steps, processed):
+            self._check_k(n)
+            self._graph(StepVariant(mode, processed=process), n)
         return time.perf_counter() - start
 
     @torch.inference_mode()
@@ -924,9 +1044,38 @@ class DecodeEngine:
             if fin:
                 self._running.discard(slot)
                 self.active[slot] = False
-        return StepOutput(
+        out = StepOutput(
             slots, tokens, finished, report[2] if self.output_logprobs else None, logits
         )
+        self._attach_logprobs([out])
+        return out
+
+    def _attach_logprobs(self, outputs: list[StepOutput]) -> None:
+        """Count each slot's reported tokens (their positions in the history) and, when a slot
+        asks for top alternatives, fill ``top_logprobs`` and ``logprobs`` from the history (one
+        read; NaN and [] for slots that asked for nothing, on an engine without
+        ``output_logprobs``)."""
+        where: list[tuple[StepOutput, int, int, int]] = []  # output, index, slot, position
+        for out in outputs:
+            for i, slot in enumerate(out.slots):
+                position = self._reported.get(slot)
+                if position is not None:  # None: released while its block ran
+                    self._reported[slot] = position + 1
+                    where.append((out, i, slot, position))
+        asked = [w for w in where if self._top_n.get(w[2], 0)]
+        if not asked or self.logprobs is None:
+            return
+        for out in outputs:
+            out.top_logprobs = [[] for _ in out.slots]
+            if out.logprobs is None:
+                out.logprobs = [math.nan] * len(out.slots)
+        chosen, top = self.logprobs.read(
+            [w[2] for w in asked], [w[3] for w in asked], [self._top_n[w[2]] for w in asked]
+        )
+        for (out, i, _, _), value, alternatives in zip(asked, chosen, top):
+            assert out.logprobs is not None and out.top_logprobs is not None
+            out.logprobs[i] = value
+            out.top_logprobs[i] = alternatives
 
     @torch.inference_mode()
     def step_many(self, k: int) -> list[StepOutput]:
@@ -999,6 +1148,7 @@ class DecodeEngine:
             )
             outputs.append(out)
             live = [j for j, fin in zip(live, out.finished) if not fin]
+        self._attach_logprobs(outputs)
         for j in set(range(len(slots))) - set(live):
             if slots[j] in self._running:  # not released meanwhile
                 self._running.discard(slots[j])

@@ -9,8 +9,8 @@ come, and :func:`generate_text` is text in, text out (ids become text in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,9 +36,26 @@ class GenerationOutput:
 
     ids: Tensor | list[list[int]]
     new_ids: list[list[int]]
-    # [steps, B, V]: last-position logits before filtering (zeros for rows that had stopped)
+    # [steps, B, V]: last-position raw logits (zeros for rows that had stopped)
     step_logits: Tensor | None = None
     capture_seconds: float = 0.0  # time this call spent capturing / compiling CUDA graphs
+    # With ``logprobs``: per row, each new token's log-probability (the processed distribution
+    # at temperature 1, see SamplingParams) and, when logprobs > 0, its top alternatives.
+    logprobs: list[list[float]] | None = None
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
+
+
+def bias_pairs(
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] | None,
+) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as :class:`SamplingParams` holds it: (id, bias) pairs, in id order."""
+    if not logit_bias:
+        return ()
+    items = logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias
+    try:
+        return tuple(sorted((token, bias) for token, bias in items))
+    except (TypeError, ValueError):
+        raise PLDRError(f"logit_bias must map token ids to biases, got {logit_bias!r}") from None
 
 
 def _prompt_rows(
@@ -111,6 +128,7 @@ def engine_for(
     compile: bool,
     keep_logits: bool,
     cuda_graph: bool | None,
+    output_logprobs: bool = False,
 ) -> DecodeEngine:
     """An engine for ``batch`` rows of up to ``length`` tokens: a fresh one on the CPU (cheap),
     on CUDA a cached one per shape bucket, so later calls replay its captured graphs."""
@@ -125,11 +143,15 @@ def engine_for(
             enable_kvcache=kv,
             enable_Gcache=g,
             keep_logits=keep_logits,
+            output_logprobs=output_logprobs,
         )
     # Buckets: powers of two, so repeated calls of similar sizes replay the same graphs.
     rows = batch_bucket(batch)
     span = span_bucket(config, length)
-    key = (rows, span, kv, g, bool(compile), keep_logits, model.dtype, str(model.device))
+    key = (
+        rows, span, kv, g, bool(compile), keep_logits, output_logprobs, model.dtype,
+        str(model.device),
+    )  # fmt: skip
     cache: dict = model.__dict__.setdefault("_pldr_decode_engines", {})
     engine = cache.pop(key, None)
     if engine is None:
@@ -146,6 +168,7 @@ def engine_for(
             enable_kvcache=kv,
             enable_Gcache=g,
             keep_logits=keep_logits,
+            output_logprobs=output_logprobs,
         )
     cache[key] = engine  # most recently used last
     while len(cache) > _MAX_CACHED_ENGINES:
@@ -173,95 +196,133 @@ def generate_details(
     seed: int | None = None,
     compile: bool = False,
     cuda_graph: bool | None = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] | None = None,
+    min_new_tokens: int = 0,
+    stop_token_ids: Sequence[int] = (),
+    logprobs: int | None = None,
 ) -> GenerationOutput:
-    """:func:`generate` with the new ids per row, the step logits and the capture time."""
-    # The settings are checked before anything is drawn or read; the engine checks them again
-    # per row, but it is not reached when max_new_tokens is 0.
-    SamplingParams(temperature, top_k, top_p, seed, max_new_tokens).validate()
+    """:func:`generate` with the new ids per row, the step logits, the capture time and (with
+    ``logprobs``: 0 for each token's own, n > 0 with its top-n alternatives) the
+    log-probabilities."""
     config = model.config
     eos = config.eos_id if eos_id is None else eos_id
-    rows, matrix, kind = _prompt_rows(prompt_ids, attention_mask, eos)
-    longest = max(len(r) for r in rows)
-    _check_fits(config, longest, max_new_tokens)
-    vocab = config.input_vocab_size
-    flat = [t for r in rows for t in r]
-    check_token_range(min(flat), max(flat), vocab)
-    if seed is None:
-        # One seed for every row: each row samples what it would alone with that seed.
-        cpu = generator is not None and generator.device.type == "cpu"
-        seed = draw_seed(generator if cpu else None)
+    stops = tuple(int(t) for t in stop_token_ids)
+    if stop_at_eos and eos != config.eos_id:
+        stops += (eos,)
+    # Every setting is checked before anything is drawn or read, even with max_new_tokens 0.
     params = SamplingParams(
-        temperature=float(temperature),
+        temperature=temperature,
         top_k=top_k,
-        top_p=float(top_p),
+        top_p=top_p,
         seed=seed,
         max_new_tokens=max_new_tokens,
         stop_at_eos=stop_at_eos and eos == config.eos_id,
-        stop_token_ids=(eos,) if stop_at_eos and eos != config.eos_id else (),
+        stop_token_ids=stops,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=bias_pairs(logit_bias),
+        min_new_tokens=min_new_tokens,
+        logprobs=logprobs or 0,
     )
-    batch = len(rows)
-    new_ids: list[list[int]] = [[] for _ in range(batch)]
+    params.validate()
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
+        raise PLDRError(f"logprobs must be an integer >= 0 or None, got {logprobs!r}")
+    rows, matrix, kind = _prompt_rows(prompt_ids, attention_mask, eos)
+    longest = max(len(r) for r in rows)
+    _check_fits(config, longest, max_new_tokens)
+    flat = [t for r in rows for t in r]
+    check_token_range(min(flat), max(flat), config.input_vocab_size)
+    if seed is None:
+        # One seed for every row: each row samples what it would alone with that seed.
+        cpu = generator is not None and generator.device.type == "cpu"
+        params = replace(params, seed=draw_seed(generator if cpu else None))
+    out = GenerationOutput([], [[] for _ in rows])
+    if logprobs is not None:
+        out.logprobs = [[] for _ in rows]
+        out.top_logprobs = [[] for _ in rows]
     step_logits: list[Tensor] = []
-    capture = 0.0
     if max_new_tokens > 0:
         engine = engine_for(
-            model,
-            batch,
-            longest + max_new_tokens,
-            enable_kvcache,
-            enable_Gcache,
-            compile,
-            output_logits,
-            cuda_graph,
-        )
+            model, len(rows), longest + max_new_tokens, enable_kvcache, enable_Gcache, compile,
+            output_logits, cuda_graph, output_logprobs=logprobs is not None,
+        )  # fmt: skip
         captured_before = engine.capture_seconds
-        slots: list[int] = []
-        try:
-            slots = engine.add_many(rows, [params] * batch, G_init)
-            if streamer is None and stopping_criteria is None and not output_logits:
-                # The longest row needs max_new_tokens - 1 steps after its first token; every
-                # CHECK_EVERY steps one host read says whether all rows stopped early.
-                remaining = max_new_tokens - 1
-                while remaining > 0 and not engine.all_done():
-                    count = min(CHECK_EVERY, remaining)
-                    engine.advance(count)
-                    remaining -= count
-                new_ids = engine.generated_many(slots)
-            else:
-                _host_loop(
-                    engine, slots, new_ids, step_logits, config.pad_id, streamer, stopping_criteria
-                )
-        finally:
-            for slot in slots:
-                engine.release(slot)
-        capture = engine.capture_seconds - captured_before
-    logits_out = None
+        host_loop = streamer is not None or stopping_criteria is not None or output_logits
+        _run(engine, rows, params, G_init, out, step_logits, streamer, stopping_criteria, host_loop)
+        out.capture_seconds = engine.capture_seconds - captured_before
     if output_logits:
-        vocab_size = config.input_vocab_size
-        logits_out = (
+        out.step_logits = (
             torch.stack(step_logits)
             if step_logits
-            else torch.zeros(0, batch, vocab_size, device=model.device)
+            else torch.zeros(0, len(rows), config.input_vocab_size, device=model.device)
         )
+    out.ids = _full_ids(model, rows, matrix, kind, out.new_ids)
+    return out
+
+
+def _run(
+    engine: DecodeEngine,
+    rows: list[list[int]],
+    params: SamplingParams,
+    g_init: GInit | None,
+    out: GenerationOutput,
+    step_logits: list[Tensor],
+    streamer: Callable[[Tensor], None] | None,
+    stopping_criteria: Callable[[int, list[int]], bool] | None,
+    host_loop: bool,
+) -> None:
+    """Decode ``rows`` on ``engine`` into ``out`` (new ids and log-probabilities)."""
+    slots: list[int] = []
+    try:
+        slots = engine.add_many(rows, [params] * len(rows), g_init)
+        if host_loop:
+            _host_loop(engine, slots, out, step_logits, engine.config.pad_id, streamer,
+                       stopping_criteria)  # fmt: skip
+            return
+        # The longest row needs max_new_tokens - 1 steps after its first token; every
+        # CHECK_EVERY steps one host read says whether all rows stopped early.
+        remaining = params.max_new_tokens - 1
+        while remaining > 0 and not engine.all_done():
+            count = min(CHECK_EVERY, remaining)
+            engine.advance(count)
+            remaining -= count
+        out.new_ids = engine.generated_many(slots)
+        if out.logprobs is not None:
+            out.logprobs, out.top_logprobs = engine.logprobs_many(slots)
+    finally:
+        for slot in slots:
+            engine.release(slot)
+
+
+def _full_ids(
+    model: PLDRModel,
+    rows: list[list[int]],
+    matrix: Tensor | None,
+    kind: str,
+    new_ids: list[list[int]],
+) -> Tensor | list[list[int]]:
+    """Prompt + new ids in the prompt's kind (a list, or a [L] / [B, L] tensor padded with the
+    pad id after rows that stopped early)."""
     if kind == "list":
-        return GenerationOutput(
-            [p + n for p, n in zip(rows, new_ids)], new_ids, logits_out, capture
-        )
+        return [p + n for p, n in zip(rows, new_ids)]
+    batch = len(rows)
     steps = max((len(n) for n in new_ids), default=0)
-    generated = torch.full((batch, steps), config.pad_id, dtype=torch.long)
+    generated = torch.full((batch, steps), model.config.pad_id, dtype=torch.long)
     for r, n in enumerate(new_ids):
         generated[r, : len(n)] = torch.tensor(n, dtype=torch.long)
     base = matrix if matrix is not None else torch.tensor(rows, dtype=torch.long)
     full = torch.cat((base, generated), dim=1).to(model.device)  # where the model is, as before
-    if kind == "vector":
-        full = full[0]
-    return GenerationOutput(full, new_ids, logits_out, capture)
+    return full[0] if kind == "vector" else full
 
 
 def _host_loop(
     engine: DecodeEngine,
     slots: list[int],
-    new_ids: list[list[int]],
+    out: GenerationOutput,
     step_logits: list[Tensor],
     pad_id: int,
     streamer: Callable[[Tensor], None] | None,
@@ -271,21 +332,26 @@ def _host_loop(
     row_of = {slot: row for row, slot in enumerate(slots)}
     batch = len(slots)
     vocab = engine.config.input_vocab_size
+    new_ids = out.new_ids
     while engine.active_slots:
-        out = engine.step()
+        step = engine.step()
         tokens = [pad_id] * batch
-        if out.logits is not None:
-            logits = torch.zeros(batch, vocab, device=out.logits.device)
-        for i, (slot, token, finished) in enumerate(zip(out.slots, out.token_ids, out.finished)):
+        if step.logits is not None:
+            logits = torch.zeros(batch, vocab, device=step.logits.device)
+        for i, (slot, token, finished) in enumerate(zip(step.slots, step.token_ids, step.finished)):
             row = row_of[slot]
             tokens[row] = token
             new_ids[row].append(token)
-            if out.logits is not None:
-                logits[row] = out.logits[i]
+            if out.logprobs is not None and step.logprobs is not None:
+                out.logprobs[row].append(step.logprobs[i])
+            if out.top_logprobs is not None:
+                out.top_logprobs[row].append(step.top_logprobs[i] if step.top_logprobs else [])
+            if step.logits is not None:
+                logits[row] = step.logits[i]
             stop = stopping_criteria is not None and stopping_criteria(row, new_ids[row])
             if stop and not finished:
                 engine.finish(slot)
-        if out.logits is not None:
+        if step.logits is not None:
             step_logits.append(logits)
         if streamer is not None:
             streamer(torch.tensor(tokens, dtype=torch.long))
@@ -308,10 +374,15 @@ def generate(
     for every row and on every device. On CUDA the step runs as a captured graph
     (``compile=True``: torch.compile first); ``cuda_graph=False`` runs it eagerly.
 
+    Before sampling, the logits can be processed (see :class:`SamplingParams` for the rules):
+    ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (a dict
+    of token id to bias, or pairs), ``min_new_tokens``; ``stop_token_ids`` end a row as
+    end-of-text does.
+
     ``options`` are the keyword arguments of :func:`generate_details` (temperature, top_k, top_p,
     enable_kvcache, enable_Gcache, G_init, stop_at_eos, eos_id, generator, attention_mask,
-    stopping_criteria, streamer, seed, compile, cuda_graph), whose defaults apply: one signature
-    for both calls.
+    stopping_criteria, streamer, seed, compile, cuda_graph, the processing options above,
+    logprobs), whose defaults apply: one signature for both calls.
     """
     return generate_details(model, prompt_ids, max_new_tokens, **options).ids
 
@@ -329,9 +400,14 @@ def stream_generate(
     enable_kvcache: bool = True,
     enable_Gcache: bool = True,
     G_init: GInit | None = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] | None = None,
+    min_new_tokens: int = 0,
 ) -> Iterator[int]:
     """Yield the new ids of one prompt as they are produced (the same ids :func:`generate`
-    returns for that seed). Closing the iterator early frees the slot."""
+    returns for that seed and options). Closing the iterator early frees the slot."""
     ids = [
         int(t)
         for t in (prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, Tensor) else prompt_ids)
@@ -345,6 +421,11 @@ def stream_generate(
         max_new_tokens,
         stop_at_eos,
         tuple(int(t) for t in stop_token_ids),
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=bias_pairs(logit_bias),
+        min_new_tokens=min_new_tokens,
     )
     params.validate()
     if max_new_tokens == 0:

@@ -32,12 +32,38 @@ FILTERED_LOGIT = -1e10  # the original's value for filtered-out logits
 _MASK32 = 0xFFFFFFFF
 
 
+#: Most top alternatives a row may ask for per token (OpenAI's limit for ``top_logprobs``).
+MAX_LOGPROBS = 20
+#: Most stop ids per row (held in the decoding loop's static buffers).
+MAX_STOP_IDS = 16
+#: OpenAI's ranges for ``presence_penalty`` / ``frequency_penalty`` and ``logit_bias`` values.
+PENALTY_RANGE = 2.0
+BIAS_RANGE = 100.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is sampled and when it stops.
 
     ``temperature`` 0 (or ``top_k`` 1) is greedy; ``top_k`` 0 and ``top_p`` 1 turn the filters
     off. ``seed`` None draws a seed from torch's default CPU generator when the row is added.
+
+    Before the filters, the model's logits are processed (:mod:`~pldr_llm.core.processing`),
+    in this order:
+
+    * ``repetition_penalty`` (transformers' / CTRL's rule): the logit of every token seen so
+      far (the prompt and the generated tokens) is divided by it when positive, multiplied when
+      negative (1: off);
+    * ``frequency_penalty``, ``presence_penalty`` (OpenAI's rule, over the *generated* tokens
+      only): ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``;
+    * ``logit_bias``: ``(token id, bias)`` pairs added to the logits (-100..100, as OpenAI);
+    * ``min_new_tokens``: until that many tokens are generated, the row's stop ids (end-of-text
+      when ``stop_at_eos``, and ``stop_token_ids``) are masked to -inf.
+
+    ``logprobs`` n > 0 reports, with each token, the top-n alternatives; the token's own
+    log-probability comes with them. Log-probabilities are of the processed distribution at
+    temperature 1 (after penalties and bias, before temperature/top-k/top-p), as vLLM reports
+    by default: what the model, with the request's penalties, thinks of each token.
     """
 
     temperature: float = 1.0
@@ -47,40 +73,100 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_at_eos: bool = True
     stop_token_ids: tuple[int, ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_new_tokens: int = 0
+    logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
         """True when the arg-max is taken (temperature 0 or top_k 1)."""
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def processed(self) -> bool:
+        """True when the logits are processed before sampling (a penalty, a bias or a minimum
+        length is set); rows without run a step that skips the processing."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or bool(self.logit_bias)
+            or self.min_new_tokens > 0
+        )
+
     def validate(self) -> None:
-        """Raise a one-line :class:`PLDRError` for the first bad value."""
-        validate_sampling(self.temperature, self.top_k, self.top_p)
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
+        """Raise a one-line :class:`PLDRError` for the first bad value: the one check of
+        sampling settings that the CLI, :func:`pldr_llm.generate`, the engine and the server
+        all run (token ids against the vocabulary are checked where the model is known)."""
+        t = self.temperature
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
+            raise PLDRError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise PLDRError(f"top_p must be in (0, 1], got {self.top_p!r} (1: off)")
+        _check_count("top_k", self.top_k, " (0 disables top-k)")
+        if self.seed is not None and not _is_int(self.seed):
             raise PLDRError(f"seed must be an integer or None, got {self.seed!r}")
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise PLDRError(f"max_new_tokens must be an integer >= 0, got {n!r}")
-        for t in self.stop_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                raise PLDRError(f"stop_token_ids must be ids >= 0, got {t!r}")
+        _check_count("max_new_tokens", self.max_new_tokens)
+        if not isinstance(self.stop_at_eos, bool):
+            raise PLDRError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
+        stops = _as_tuple("stop_token_ids", self.stop_token_ids)
+        for t in stops:
+            _check_count("stop_token_ids", t)
+        if len(stops) > MAX_STOP_IDS:
+            raise PLDRError(f"at most {MAX_STOP_IDS} stop_token_ids, got {len(stops)}")
+        self._validate_processing()
+        _check_count("logprobs", self.logprobs)
+        if self.logprobs > MAX_LOGPROBS:
+            raise PLDRError(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
+
+    def _validate_processing(self) -> None:
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not math.isfinite(rp) or rp <= 0:
+            raise PLDRError(f"repetition_penalty must be a finite number > 0 (1: off), got {rp!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -PENALTY_RANGE <= value <= PENALTY_RANGE:
+                raise PLDRError(f"{name} must be in [-2, 2] (0: off), got {value!r}")
+        seen: set[int] = set()
+        for pair in _as_tuple("logit_bias", self.logit_bias):
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise PLDRError(f"logit_bias must hold (token id, bias) pairs, got {pair!r}")
+            token, bias = pair
+            _check_count("logit_bias token id", token)
+            if not _is_number(bias) or not -BIAS_RANGE <= bias <= BIAS_RANGE:
+                raise PLDRError(f"logit_bias of token {token} must be in [-100, 100], got {bias!r}")
+            if token in seen:
+                raise PLDRError(f"logit_bias names token {token} twice")
+            seen.add(token)
+        _check_count("min_new_tokens", self.min_new_tokens)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise PLDRError(
+                f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
 
 
-def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Reject bad sampling settings with one-line messages (temperature 0 means greedy)."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature < 0
-    ):
-        raise PLDRError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
-        raise PLDRError(f"top_p must be in (0, 1], got {top_p} (1 disables nucleus sampling)")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise PLDRError(f"top_k must be an integer >= 0, got {top_k!r} (0 disables top-k)")
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value: object, hint: str = "") -> None:
+    """``value`` must be an integer >= 0."""
+    if not _is_int(value) or value < 0:  # type: ignore[operator]
+        raise PLDRError(f"{name} must be an integer >= 0, got {value!r}{hint}")
+
+
+def _as_tuple(name: str, value: object) -> tuple:
+    if not isinstance(value, tuple):
+        raise PLDRError(f"{name} must be a tuple, got {type(value).__name__}")
+    return value
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:

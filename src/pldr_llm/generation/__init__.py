@@ -9,7 +9,10 @@
 * :func:`final_text`, :func:`find_stop`, :class:`StopStrings`: a row's text and its stop strings;
   :class:`Detokenizer`: the same text as deltas while ids arrive (streaming) -- see
   :mod:`pldr_llm.core.text`.
-* :func:`filter_logits` & co: the original's sampling filters (:mod:`~.sampling`).
+* :func:`filter_logits` & co: the original's sampling filters (:mod:`~.sampling`);
+  :class:`SamplingParams` also holds the logit processing (penalties, ``logit_bias``,
+  ``min_new_tokens``) and ``logprobs``, applied inside the decoding step
+  (:mod:`pldr_llm.core.processing`), and checks every field in :meth:`SamplingParams.validate`.
 """
 
 from pldr_llm.core.cache import GInit
@@ -24,6 +27,7 @@ from pldr_llm.core.generate import (
 from pldr_llm.core.graphs import sdpa_backends
 from pldr_llm.core.sampling import (
     FILTERED_LOGIT,
+    MAX_LOGPROBS,
     SamplingParams,
     filter_logits,
     filter_rows,
@@ -32,12 +36,12 @@ from pldr_llm.core.sampling import (
     top_k_filter,
     top_p_filter,
     uniform_draws,
-    validate_sampling,
 )
 from pldr_llm.core.text import Detokenizer, StopStrings, final_text, find_stop
 
 __all__ = [
     "FILTERED_LOGIT",
+    "MAX_LOGPROBS",
     "DecodeEngine",
     "DeductiveRecord",
     "Detokenizer",
@@ -60,5 +64,4 @@ __all__ = [
     "stream_generate",
     "top_k_filter",
     "top_p_filter",
-    "validate_sampling",
 ]
