@@ -282,3 +282,102 @@ def test_assisted_decoding_without_caches_is_refused(model):
             prompt_lookup_num_tokens=2,
             use_cache=False,
         )
+
+
+# ---------------------------------------------------------------------------- routed options
+
+
+@pytest.fixture()
+def native_calls(monkeypatch):
+    """Counts the calls of the native loop (``pldr_llm.core.generate.generate``)."""
+    import pldr_llm.core.generate as native
+
+    calls = []
+    real = native.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "generate", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def repeating_model(hf):
+    """A model that repeats itself when greedy (its head is mostly a bias favouring token 100,
+    then 200, 300), so that a repetition penalty changes its ids."""
+    core = paper_vocab_model(0, final_bias=True)
+    with torch.no_grad():
+        core.final_layer.weight.mul_(0.01)
+        core.final_layer.bias.zero_()
+        core.final_layer.bias[[100, 200, 300]] = torch.tensor([3.0, 2.8, 2.6])
+    return hf.PldrllmForCausalLM.from_core(core)
+
+
+def _transformers_loop(model, prompt, **options):
+    """transformers' own loop on the same model (asking for scores keeps it off the native one)."""
+    out = model.generate(prompt, return_dict_in_generate=True, output_scores=True, **options)
+    return out.sequences
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"repetition_penalty": 1.3},
+        {"repetition_penalty": 0.5, "min_new_tokens": 3, "eos_token_id": [3, 100]},
+        {"min_new_tokens": 5, "eos_token_id": [3, 100]},
+    ],
+    ids=["repetition", "both", "min_new_tokens"],
+)
+def test_routed_options_equal_transformers_loop(repeating_model, native_calls, options):
+    model = repeating_model
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
+    mask = (prompt != 0).long()
+    common = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    routed = model.generate(prompt, **common, **options)
+    assert len(native_calls) == 1
+    assert torch.equal(routed, _transformers_loop(model, prompt, **common, **options))
+    plain = model.generate(prompt, **common, eos_token_id=options.get("eos_token_id", 3))
+    assert not torch.equal(routed, plain)  # the option changed the ids
+
+
+def test_routed_stop_strings_and_streamer_equal_transformers_loop(model, tok, native_calls):
+    from transformers import TextStreamer
+
+    prompt = tok("The list", return_tensors="pt")["input_ids"]
+    free = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    text = tok.decode(free[0, prompt.shape[1] :], continuation=True)
+    stop = text.split()[2][:3]  # part of the third new word: the run stops inside the text
+    options = dict(max_new_tokens=8, do_sample=False, stop_strings=stop, tokenizer=tok)
+    native_calls.clear()
+    routed = model.generate(prompt, **options)
+    assert len(native_calls) == 1 and routed.shape[1] < free.shape[1]
+    assert torch.equal(routed, _transformers_loop(model, prompt, **options))
+
+    class Collect(TextStreamer):
+        pieces: list
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            self.pieces = [*getattr(self, "pieces", []), text]
+
+    streamed, own = Collect(tok, skip_prompt=True), Collect(tok, skip_prompt=True)
+    native_calls.clear()
+    with_streamer = model.generate(prompt, max_new_tokens=8, do_sample=False, streamer=streamed)
+    assert len(native_calls) == 1 and torch.equal(with_streamer, free)
+    _transformers_loop(model, prompt, max_new_tokens=8, do_sample=False, streamer=own)
+    assert "".join(streamed.pieces) == "".join(own.pieces) == text
+
+
+def test_routed_num_return_sequences_are_seeded_native_samples(model, native_calls):
+    from pldr_llm import generate
+
+    prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    out = model.generate(
+        prompt, max_new_tokens=6, do_sample=True, num_return_sequences=3, seed=11, eos_token_id=None
+    )
+    assert out.shape == (6, 9) and len(native_calls) == 3
+    for copy in range(3):
+        want = generate(model.core, prompt, 6, seed=11 + copy, stop_at_eos=False)
+        assert torch.equal(out[copy::3], want)
+    assert not torch.equal(out[0], out[1])  # the copies differ

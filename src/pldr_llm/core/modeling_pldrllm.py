@@ -611,93 +611,17 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         processors.append(PldrllmSamplingFilter(temperature or 1.0, top_k or 0, top_p or 1.0))
         return processors
 
-    # Arguments the native decoding loop takes over; any other argument (beam search, logits
-    # processors, scores in the output, ...) goes to transformers' own loop.
-    _LOOP_ARGS = frozenset(
-        {
-            "input_ids",
-            "inputs",
-            "attention_mask",
-            "max_new_tokens",
-            "max_length",
-            "do_sample",
-            "temperature",
-            "top_k",
-            "top_p",
-            "eos_token_id",
-            "pad_token_id",
-            "use_cache",
-            "cache_implementation",
-            "enable_kvcache",
-            "enable_Gcache",
-            "G_init",
-            "num_beams",
-            "seed",
-            "compile",
-        }
-    )
-
-    def _loop_generate(self, kwargs: dict[str, Any]) -> Tensor | None:
-        """``generate()`` on :func:`pldr_llm.generate` (the one decoding loop: static caches, a
-        CUDA-graph step on GPUs), or None when an argument needs transformers' loop."""
-        if set(kwargs) - self._LOOP_ARGS or (kwargs.get("num_beams") or 1) > 1:
-            return None
-        cache_implementation = kwargs.get("cache_implementation")
-        if cache_implementation not in (None, "static"):
-            return None
-        ids = kwargs.get("input_ids", kwargs.get("inputs"))
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
-            return None
-        config = self.generation_config
-        eos = kwargs.get("eos_token_id", config.eos_token_id)
-        if isinstance(eos, (list, tuple)):
-            if len(eos) != 1:
-                return None
-            eos = eos[0]
-        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        if max_new is None:
-            max_length = kwargs.get("max_length", config.max_length)
-            max_new = max(0, int(max_length) - ids.shape[1])
-        kv_on, g_on = self._cache_modes(
-            kwargs.get("use_cache"), kwargs.get("enable_kvcache"), kwargs.get("enable_Gcache")
-        )
-        sampling: dict[str, Any] = {"top_k": 1}
-        if kwargs.get("do_sample", config.do_sample):
-            # transformers' global top-k default (50) is not the original's (no filter)
-            top_k = kwargs.get("top_k", getattr(config, "top_k", None))
-            sampling = {
-                "temperature": float(kwargs.get("temperature", config.temperature) or 1.0),
-                "top_k": int(top_k or 0),
-                "top_p": float(kwargs.get("top_p", config.top_p) or 1.0),
-            }
-        from .generate import generate
-
-        mask = kwargs.get("attention_mask")
-        if mask is not None and bool(mask.bool().all()):
-            mask = None
-        return generate(
-            self.core,
-            ids,
-            int(max_new),
-            enable_kvcache=kv_on,
-            enable_Gcache=g_on,
-            G_init=kwargs.get("G_init"),
-            eos_id=None if eos is None else int(eos),
-            stop_at_eos=eos is not None,
-            attention_mask=mask,
-            seed=kwargs.get("seed"),
-            compile=bool(kwargs.get("compile", False)),
-            **sampling,
-        )
-
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate()``, with the PLDR cache modes (see the module docstring).
 
-        Greedy and sampled decoding of a [B, L] prompt (with ``attention_mask``,
-        ``max_new_tokens``, ``eos_token_id``, ``cache_implementation="static"``, the cache modes,
-        ``G_init``) run on the native decoding loop of :mod:`pldr_llm.generation` -- the same ids
-        as ``pldr_llm.generate``, with a CUDA-graph step on GPUs (``compile=True`` adds
-        torch.compile, the static-cache recipe of transformers). Other arguments use
+        Greedy and sampled decoding of a [B, L] prompt run on the native decoding loop of
+        :mod:`pldr_llm.generation` (the same ids as ``pldr_llm.generate``, with a CUDA-graph step
+        on GPUs; ``compile=True`` adds torch.compile) with the arguments of :data:`LOOP_ARGS`:
+        ``attention_mask``, ``max_new_tokens`` / ``max_length``, ``min_new_tokens``,
+        ``repetition_penalty``, ``eos_token_id`` (one or several), ``stop_strings`` (with
+        ``tokenizer``), ``streamer``, ``num_return_sequences`` (sampling),
+        ``cache_implementation="static"``, the cache modes, ``G_init``, ``seed``. Other arguments
+        (beam search, assisted decoding, logits processors, scores in the output, ...) use
         transformers' loop.
         """
         if args:
@@ -714,7 +638,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     def _generate(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """:meth:`generate` on the native loop when it can, else on transformers' loop."""
         if len(args) <= 1 and "generation_config" not in kwargs:
-            routed = self._loop_generate(kwargs)
+            routed = native_generate(self, kwargs)
             if routed is not None:
                 return routed
             kwargs.pop("seed", None)
@@ -764,6 +688,168 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise PLDRError(f"the checkpoint lacks {len(missing)} weights of the model: {shown}")
         return (model, info) if want_info else model
+
+
+# Arguments the native decoding loop takes over; any other argument (beam search, logits
+# processors, scores in the output, ...) goes to transformers' own loop.
+LOOP_ARGS = frozenset(
+    {
+        "input_ids",
+        "inputs",
+        "attention_mask",
+        "max_new_tokens",
+        "max_length",
+        "min_new_tokens",
+        "repetition_penalty",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "stop_strings",
+        "tokenizer",
+        "streamer",
+        "num_return_sequences",
+        "use_cache",
+        "cache_implementation",
+        "enable_kvcache",
+        "enable_Gcache",
+        "G_init",
+        "num_beams",
+        "seed",
+        "compile",
+    }
+)
+
+
+def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor | None:
+    """``generate()`` on :func:`pldr_llm.generate` (the one decoding loop: static caches, a
+    CUDA-graph step on GPUs), or None when an argument needs transformers' loop."""
+    if set(kwargs) - LOOP_ARGS or (kwargs.get("num_beams") or 1) > 1:
+        return None
+    if kwargs.get("cache_implementation") not in (None, "static"):
+        return None
+    ids = kwargs.get("input_ids", kwargs.get("inputs"))
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
+        return None
+    config = model.generation_config
+    options = _loop_options(model, kwargs, ids)
+    if options is None:
+        return None
+    copies = int(kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+    sampled = bool(kwargs.get("do_sample", config.do_sample))
+    if copies > 1 and not sampled:
+        return None  # transformers' own error: greedy returns one sequence per prompt
+    mask = kwargs.get("attention_mask")
+    if mask is not None and bool(mask.bool().all()):
+        mask = None
+    streamer = kwargs.get("streamer")
+    if streamer is not None:
+        if ids.shape[0] * copies != 1:
+            return None  # transformers' streamers take one row
+        streamer.put(ids.cpu())
+        options["streamer"] = lambda tokens: streamer.put(tokens.cpu())
+    from .generate import generate
+
+    try:
+        if copies == 1:
+            return generate(model.core, ids, attention_mask=mask, **options)
+        return _sample_copies(model, ids, mask, copies, options, generate)
+    finally:
+        if streamer is not None:
+            streamer.end()
+
+
+def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor) -> Any:
+    """The native loop's options for a ``generate()`` call (None: transformers' loop)."""
+    config = model.generation_config
+    eos = kwargs.get("eos_token_id", config.eos_token_id)
+    eos_ids = [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [eos]
+    eos_ids = [e for e in eos_ids if e is not None]
+    max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if max_new is None:
+        max_length = kwargs.get("max_length", config.max_length)
+        max_new = max(0, int(max_length) - ids.shape[1])
+    kv_on, g_on = model._cache_modes(
+        kwargs.get("use_cache"), kwargs.get("enable_kvcache"), kwargs.get("enable_Gcache")
+    )
+    options: dict[str, Any] = {
+        "max_new_tokens": int(max_new),
+        "enable_kvcache": kv_on,
+        "enable_Gcache": g_on,
+        "G_init": kwargs.get("G_init"),
+        "eos_id": eos_ids[0] if eos_ids else None,
+        "stop_token_ids": tuple(eos_ids[1:]),
+        "stop_at_eos": bool(eos_ids),
+        "min_new_tokens": int(kwargs.get("min_new_tokens", config.min_new_tokens) or 0),
+        "repetition_penalty": float(
+            kwargs.get("repetition_penalty", config.repetition_penalty) or 1.0
+        ),
+        "seed": kwargs.get("seed"),
+        "compile": bool(kwargs.get("compile", False)),
+        "top_k": 1,
+    }
+    if kwargs.get("do_sample", config.do_sample):
+        # transformers' global top-k default (50) is not the original's (no filter)
+        top_k = kwargs.get("top_k", getattr(config, "top_k", None))
+        options["temperature"] = float(kwargs.get("temperature", config.temperature) or 1.0)
+        options["top_k"] = int(top_k or 0)
+        options["top_p"] = float(kwargs.get("top_p", config.top_p) or 1.0)
+    stops = kwargs.get("stop_strings", config.stop_strings)
+    if stops:
+        tokenizer = kwargs.get("tokenizer")
+        if tokenizer is None:
+            return None  # transformers' own error names the missing tokenizer
+        options["stopping_criteria"] = _stop_string_check(
+            tokenizer, [stops] if isinstance(stops, str) else list(stops), ids
+        )
+    return options
+
+
+def _stop_string_check(tokenizer: Any, stops: list[str], ids: Tensor) -> Any:
+    """A native stopping criterion: the newest token completes one of ``stops`` in the text of
+    prompt + new ids (as transformers' ``StopStringCriteria``: a stop string may begin in the
+    prompt or in earlier tokens, and must end in the newest)."""
+    prompts = ids.tolist()
+
+    def stop(row: int, new_ids: list[int]) -> bool:
+        full = prompts[row] + list(new_ids)
+        text = tokenizer.decode(full)
+        before = len(tokenizer.decode(full[:-1]))
+        for s in stops:
+            start = text.find(s, max(0, before - len(s) + 1))
+            if start != -1 and start + len(s) > before:
+                return True
+        return False
+
+    return stop
+
+
+def _sample_copies(
+    model: PldrllmForCausalLM,
+    ids: Tensor,
+    mask: Tensor | None,
+    copies: int,
+    options: dict[str, Any],
+    generate: Any,
+) -> Tensor:
+    """``num_return_sequences`` sampled continuations of each row, in transformers' order (row 0
+    copy 0, row 0 copy 1, ...). Copy ``j`` samples with seed ``seed + j`` (the native loop
+    draws the same random numbers for every row of one seed)."""
+    seed = options.pop("seed", None)
+    if seed is None:
+        from .sampling import draw_seed
+
+        seed = draw_seed()
+    outputs = [
+        generate(model.core, ids, attention_mask=mask, seed=seed + j, **options)
+        for j in range(copies)
+    ]
+    width = max(o.shape[1] for o in outputs)
+    pad = model.config.pad_token_id or 0
+    padded = [F.pad(o, (0, width - o.shape[1]), value=pad) for o in outputs]
+    return torch.stack(padded, 1).reshape(ids.shape[0] * copies, width)
 
 
 def _mark_streamer_continuation(streamer: Any) -> None:
