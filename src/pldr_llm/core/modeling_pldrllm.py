@@ -58,6 +58,14 @@ from .plga import MASK_VALUE, Deductive
 from .rope import RotaryEmbedding
 from .sampling import filter_logits
 
+try:  # the model keyword transformers carries a cache under: "cache" from 5.24, before that
+    # "past_key_values" (beam search reorders, assisted decoding crops what it holds)
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
+    CACHE_KEY = str(ALL_CACHE_NAMES[0])
+except ImportError:  # pragma: no cover - every transformers 5 has the list
+    CACHE_KEY = "past_key_values"
+
 
 @dataclass
 class PldrllmCausalLMOutput(ModelOutput):
@@ -73,6 +81,11 @@ class PldrllmCausalLMOutput(ModelOutput):
     deductive: list[Deductive] | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> PLDRCache | None:
+        """``cache`` under transformers' name before 5.24."""
+        return self.cache
 
 
 @dataclass
@@ -393,6 +406,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         cache: PLDRCache | None = None,
         labels: torch.LongTensor | None = None,
+        past_key_values: PLDRCache | None = None,
         use_cache: bool | None = None,
         output_deductive: bool = False,
         output_hidden_states: bool | None = None,
@@ -408,7 +422,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             attention_mask: [B, L], 1 for tokens and 0 for padding (left or right); each row then
                 computes exactly what it would alone. ``None``: see ``infer_padding_mask``.
             cache: a :class:`PLDRCache` from an earlier pass (KV part: continue that
-                sequence; G part: skip the metric learner and reuse G_LM).
+                sequence; G part: skip the metric learner and reuse G_LM). ``past_key_values``
+                is the same argument under transformers' name before 5.24.
             labels: [B, L] targets for the usual shifted causal-LM loss (-100 is ignored).
             output_deductive: also return every layer's A, A_LM, A_P, G_LM and scores.
             output_hidden_states: also return num_layers + 1 hidden states (embeddings, then
@@ -422,6 +437,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
                 ``pldr_llm.generate`` exactly.
         """
         input_ids = self._check_ids(input_ids, kwargs)
+        cache = cache if cache is not None else past_key_values
         if isinstance(cache, PendingPrefill) and 0 < cache.prompt_length < input_ids.shape[1]:
             if labels is not None or output_attentions or output_hidden_states:
                 raise PLDRError(
@@ -501,7 +517,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     def _assisted_decoding(self, input_ids: Tensor, *args: Any, **model_kwargs: Any) -> Any:
         """transformers' assisted / prompt-lookup decoding, with a :class:`PendingPrefill` cache
         (it needs a cache from the start; the first pass then runs as greedy decoding's)."""
-        if model_kwargs.get("cache") is None:
+        if model_kwargs.get(CACHE_KEY) is None:
             kv_on, g_on = self._cache_modes(
                 model_kwargs.get("use_cache"),
                 model_kwargs.get("enable_kvcache"),
@@ -514,7 +530,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
                     "draft is not what greedy decoding computes"
                 )
             init = prepare_g_init(self.core, model_kwargs.get("G_init"), rows=input_ids.shape[0])
-            model_kwargs["cache"] = PendingPrefill(
+            model_kwargs[CACHE_KEY] = PendingPrefill(
                 g=init, prompt_length=input_ids.shape[1], kv_on=kv_on, g_on=g_on
             )
         return super()._assisted_decoding(input_ids, *args, **model_kwargs)
@@ -534,6 +550,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         next_sequence_length: int | None = None,
         cache: PLDRCache | None = None,
         attention_mask: Tensor | None = None,
+        past_key_values: PLDRCache | None = None,
         enable_kvcache: bool | None = None,
         enable_Gcache: bool | None = None,
         G_init: Any = None,
@@ -551,6 +568,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         itself says what has run.
         """
         device = self.final_layer.weight.device
+        cache = cache if cache is not None else past_key_values
         if cache is None or (cache.kv is None and cache.g is None):
             init = prepare_g_init(self.core, G_init, rows=input_ids.shape[0])
             if init is not None:
@@ -565,7 +583,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         if inputs["attention_mask"] is not None:
             inputs["attention_mask"] = inputs["attention_mask"].to(device)
         inputs.update(
-            cache=cache,
+            {CACHE_KEY: cache},
             logits_to_keep=1 if logits_to_keep is None else logits_to_keep,
             infer_padding_mask=False,
         )
@@ -591,12 +609,12 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         rows = outputs.logits.shape[0]
         g = out_cache.g if g_on else prepare_g_init(self.core, model_kwargs.get("G_init"), rows)
         if kv_on:
-            model_kwargs["cache"] = out_cache.with_g(g)
+            model_kwargs[CACHE_KEY] = out_cache.with_g(g)
         elif g is not None:
-            model_kwargs["cache"] = PLDRCache(g=g)
+            model_kwargs[CACHE_KEY] = PLDRCache(g=g)
         else:
             # no key at all: transformers' beam search reorders whatever cache the key holds
-            model_kwargs.pop("cache", None)
+            model_kwargs.pop(CACHE_KEY, None)
         return model_kwargs
 
     def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
