@@ -155,6 +155,11 @@ class PLDRCache:
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, whether it is a linear-attention (recurrent) layer: none is."""
+        return [False] * max(1, len(self.kv or self.g or ()))
+
     def activate_past_recording(self, **kwargs: Any) -> None:
         """Nothing to do: this cache keeps every position, so a crop needs no recorded past."""
 
