@@ -39,7 +39,7 @@ ROWS: dict[str, tuple[dict[str, Any], str, float]] = {
     "repetition_penalty 1.2": ({"repetition_penalty": 1.2}, "native", 2000.0),
     "min_new_tokens (all)": ({"min_new_tokens": NEW_TOKENS, "eos_token_id": 3}, "native", 2000.0),
     "streamer": ({"streamer": "text"}, "native", 2000.0),
-    "stop_strings": ({"stop_strings": ["\u2603never\u2603"]}, "native", 2000.0),
+    "stop_strings": ({"stop_strings": ["qqqqzzzzqqqq"]}, "native", 2000.0),
     "output_scores (transformers' loop)": (
         {"output_scores": True, "return_dict_in_generate": True},
         "transformers",
