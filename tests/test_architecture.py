@@ -144,6 +144,7 @@ CORE_ROWS = (
     | {"decode_buffers", "decode_step", "step_graphs", "step_output", "slots", "reference_loop"}
     | {"engine_options"},
     {"hf_folder", "configuration_pldrllm", "modeling_pldrllm", "tokenization_pldrllm"}
+    | {"continuations"}
     | {"code_bundle"},
 )
 

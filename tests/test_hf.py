@@ -419,15 +419,6 @@ def test_static_cache_generate_reaches_the_native_loop(golden_model, golden_expe
     assert torch.equal(own.sequences, native) and len(own.scores) == 8
 
 
-def test_beam_search_needs_caches_off(golden_model, hf):
-    model = hf.PldrllmForCausalLM.from_core(golden_model)
-    prompt = torch.tensor([[5, 6, 7]])
-    with pytest.raises(PLDRError, match="use_cache=False"):
-        model.generate(prompt, max_new_tokens=2, num_beams=2)
-    out = model.generate(prompt, max_new_tokens=2, num_beams=2, use_cache=False, eos_token_id=None)
-    assert out.shape == (1, 5)
-
-
 def test_converted_bundle_generates_native_ids(tmp_path: Path, tokenizer_path: Path):
     """``pldr-llm convert --to hf`` of a pldr-llm folder; the export then generates as native."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

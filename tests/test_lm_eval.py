@@ -564,3 +564,100 @@ def test_cli_eval_offline_download_fails_clearly(setup, tmp_path: Path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("pldr-llm: error:") and "Hugging Face Hub" in last, last
     assert "pldrllm_zeroshot" in last and "ai2_arc" in last  # the group's first task, arc_easy
+
+
+def _scored_samples(path: Path) -> list[list[float]]:
+    records = sorted(
+        (json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"]
+    )
+    return [[float(r[0][0]) for r in s["resps"]] for s in records]
+
+
+def test_cli_eval_log_samples_writes_lm_evals_records(setup, tmp_path: Path, monkeypatch, capsys):
+    from pldr_llm.cli import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    output = tmp_path / "results.json"
+    argv = [
+        "eval",
+        "--model",
+        str(setup["own"]),
+        "--tasks",
+        TASK,
+        "--include-path",
+        str(setup["tasks"]),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--output",
+        str(output),
+        "--log-samples",
+    ]
+    assert main(argv) == 0
+    samples = tmp_path / f"results_samples_{TASK}.jsonl"
+    lines = samples.read_text().splitlines()
+    assert len(lines) == len(ROWS)
+    first = json.loads(lines[0])
+    assert {"doc_id", "doc", "arguments", "resps", "filtered_resps", "acc"} <= set(first)
+    # the records hold the model's scores: those of a direct lm-eval run of the same model
+    want = _loglikelihoods(_run_task(_eval_model(setup), setup))
+    for got_row, want_row in zip(_scored_samples(samples), want):
+        assert got_row == pytest.approx(want_row, abs=1e-5)
+    capsys.readouterr()
+    assert main(argv) == 2  # the sample file exists: not overwritten without --force
+    assert "--force" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+    assert main(argv[:-3] + ["--log-samples"]) == 2  # no --output: nowhere to write
+    assert "--log-samples needs --output" in capsys.readouterr().err
+
+
+def test_device_in_model_args_wins_over_lm_evals_default(setup):
+    """lm-eval passes its own device (``cuda:0`` unless told) and batch size next to
+    ``--model_args``; those named in the model arguments are used."""
+    from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
+
+    lm = PLDRLLMEvalModel.create_from_arg_string(
+        f"pretrained={setup['own']},device=cpu,batch_size=3",
+        {"batch_size": 8, "max_batch_size": None, "device": "cuda:0"},
+    )
+    assert lm.device == torch.device("cpu") and lm.batch_size == 3
+    lm = PLDRLLMEvalModel.create_from_arg_obj(
+        {"pretrained": str(setup["own"])}, {"batch_size": 5, "device": "cpu"}
+    )
+    assert lm.device == torch.device("cpu") and lm.batch_size == 5
+
+
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_pldrllm(setup, tmp_path: Path):
+    """``python -m pldr_llm.eval`` is lm-eval's command line with ``pldrllm`` registered (the
+    shell path: lm-eval 0.4's ``lm_eval`` reads no plugins), ``device=`` in the model args."""
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pldr_llm.eval",
+            "run",
+            "--model",
+            "pldrllm",
+            "--model_args",
+            f"pretrained={setup['own']},device=cpu,batch_size=4",
+            "--tasks",
+            TASK,
+            "--include_path",
+            str(setup["tasks"]),
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert TASK in proc.stdout and "acc" in proc.stdout
+    assert "\r" not in proc.stderr  # no progress bars into a redirected stderr
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert len(results) == 1
+    assert 0.0 <= json.loads(results[0].read_text())["results"][TASK]["acc,none"] <= 1.0

@@ -95,3 +95,20 @@ def read_prompts(
     if required and not out and prompt_file is None:
         raise PLDRError("give a prompt with --prompt TEXT or --prompt-file FILE")
     return out
+
+
+def progress_bars_only_on_a_terminal() -> None:
+    """Turn off the progress bars of tqdm, transformers, huggingface_hub and datasets when stderr
+    is not a terminal: a redirected log gets no ``\\r`` bar redraws. Call before they import."""
+    if sys.stderr.isatty():
+        return
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66: every bar not told otherwise
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()

@@ -69,7 +69,10 @@ def _export_hf() -> Any:
 def run(args: argparse.Namespace) -> int:
     """Convert; prints the output folder on stdout."""
     from pldr_llm.bundle import bundle_summary, load_bundle, resolve_bundle, resolve_dtype
+    from pldr_llm.commands.common import progress_bars_only_on_a_terminal
     from pldr_llm.core.errors import PLDRError
+
+    progress_bars_only_on_a_terminal()
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():

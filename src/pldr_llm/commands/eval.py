@@ -114,6 +114,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output", "-o", default=None, metavar="FILE", help="also write the results as JSON"
     )
+    p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="with --output FILE: also write every scored example (lm-eval's per-sample "
+        "records: arguments, responses, filtered responses, metrics) as JSON lines, one file per "
+        "task, FILE's name + _samples_TASK.jsonl",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="overwrite the --log-samples files if they exist"
+    )
 
 
 def _dataset_failure(exc: BaseException) -> tuple[str, str] | None:
@@ -225,6 +235,13 @@ def run(args: argparse.Namespace) -> int:
         return run_text(args)
     if args.context is not None or args.stride is not None:
         raise PLDRError("--context and --stride go with --text FILE")
+    if args.log_samples and not args.output:
+        raise PLDRError(
+            "--log-samples needs --output FILE (the sample files are written beside it)"
+        )
+    from pldr_llm.commands.common import progress_bars_only_on_a_terminal
+
+    progress_bars_only_on_a_terminal()
     auto_offline = _go_offline_without_network()
 
     try:
@@ -275,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
             num_fewshot=args.num_fewshot,
             limit=limit,
             task_manager=manager,
-            log_samples=False,
+            log_samples=bool(args.log_samples),
         )
     except PLDRError:
         raise
@@ -321,4 +338,34 @@ def run(args: argparse.Namespace) -> int:
 
         atomic_write_text(out, json.dumps(keep, indent=2, default=str) + "\n")
         print(f"pldr-llm: results written to {out}", file=sys.stderr)
+    if args.log_samples:
+        write_samples(results.get("samples") or {}, Path(args.output), args.force)
     return 0
+
+
+def samples_path(output: Path, task: str) -> Path:
+    """Where ``--log-samples`` writes ``task``'s records: beside ``--output``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
+    return output.with_name(f"{output.stem}_samples_{safe}.jsonl")
+
+
+def write_samples(samples: dict[str, list[dict[str, Any]]], output: Path, force: bool) -> None:
+    """Write lm-eval's per-sample records, one JSON object a line per task (as ``lm_eval
+    --log_samples`` does; values JSON cannot hold are written as lm-eval writes them)."""
+    from lm_eval.utils import handle_non_serializable
+
+    from pldr_llm.core.errors import PLDRError
+    from pldr_llm.core.fileio import atomic_write_text
+
+    paths = {task: samples_path(output, task) for task in samples}
+    present = [str(p) for p in paths.values() if p.exists()]
+    if present and not force:
+        raise PLDRError(f"{', '.join(present)} already exist(s); pass --force to overwrite")
+    for task, records in samples.items():
+        lines = [
+            json.dumps(r, default=handle_non_serializable, ensure_ascii=False) for r in records
+        ]
+        atomic_write_text(paths[task], "".join(line + "\n" for line in lines))
+        print(
+            f"pldr-llm: {len(records)} samples of {task} written to {paths[task]}", file=sys.stderr
+        )

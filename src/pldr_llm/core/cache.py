@@ -134,6 +134,74 @@ class PLDRCache:
             per_row=self.per_row,
         )
 
+    # ---------------------------------------------------------------- transformers' cache API
+    # transformers' generate() reorders beams, and assisted / prompt-lookup decoding roll back
+    # rejected draft tokens, through these methods (in place, as its Cache classes do).
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Keep, in place, the batch rows ``beam_idx`` (beam search's reordering)."""
+        chosen = self.select_rows(beam_idx.to(self._device()))
+        for name in ("kv", "g", "key_valid", "next_position"):
+            setattr(self, name, getattr(chosen, name))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep, in place, the batch rows ``indices``."""
+        self.reorder_cache(indices)
+
+    @property
+    def is_croppable(self) -> bool:
+        """Always: cropping drops cached keys/values; the metric tensor A and the G-cache come
+        from the prompt, which no crop reaches in transformers' use (rejected draft tokens)."""
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, whether it is a linear-attention (recurrent) layer: none is."""
+        return [False] * max(1, len(self.kv or self.g or ()))
+
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Nothing to do: this cache keeps every position, so a crop needs no recorded past."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of cached key positions (transformers' name for :attr:`seq_len`)."""
+        return self.seq_len
+
+    def crop(self, max_length: int) -> None:
+        """Drop cached positions in place: ``max_length`` < 0 removes the last ``-max_length``,
+        > 0 keeps the first ``max_length`` (transformers' two conventions), 0 changes nothing.
+
+        A G-only cache (no KV part) holds no positions and is unchanged.
+        """
+        length = self.seq_len
+        keep = length + max_length if max_length < 0 else (max_length or length)
+        if not self.kv or keep >= length:
+            return
+        if keep < 0:
+            raise PLDRError(f"cannot crop {-max_length} positions from a cache of {length}")
+        dropped_valid = None
+        if self.key_valid is not None:
+            dropped_valid = self.key_valid[:, keep:]
+            self.key_valid = self.key_valid[:, :keep]
+        if self.next_position is not None and dropped_valid is not None:
+            self.next_position = self.next_position - dropped_valid.long().sum(1)
+        self.kv = [
+            LayerKV(e.key[..., :keep, :], e.value[..., :keep, :], e.metric_tensor) for e in self.kv
+        ]
+
+    def _device(self) -> torch.device:
+        for tensor in (self.key_valid, self.next_position):
+            if tensor is not None:
+                return tensor.device
+        if self.kv:
+            return self.kv[0].key.device
+        if self.g:
+            return self.g[0].G_LM.device
+        return torch.device("cpu")
+
 
 #: A G_init, or any G list: a :class:`PLDRCache` (its G-cache); a tensor whose first dimension is
 #: the layer; or a sequence with, per layer, a G_LM tensor, an ``(A_LM, G_LM)`` pair (A_LM may be

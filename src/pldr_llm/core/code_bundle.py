@@ -29,6 +29,7 @@ ROOT_MODULES = ("configuration_pldrllm", "modeling_pldrllm", "tokenization_pldrl
 # auto_map entries (file name without .py, then class name) written into the folder's json files.
 AUTO_MAP_CONFIG = {
     "AutoConfig": "configuration_pldrllm.PldrllmConfig",
+    "AutoModel": "modeling_pldrllm.PldrllmModel",
     "AutoModelForCausalLM": "modeling_pldrllm.PldrllmForCausalLM",
 }
 AUTO_MAP_TOKENIZER = {"AutoTokenizer": ["tokenization_pldrllm.PldrllmTokenizer", None]}

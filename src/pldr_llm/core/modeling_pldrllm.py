@@ -6,12 +6,11 @@ the original's key names and ``model.safetensors`` of a transformers folder is t
 the project's own format.
 
 Caches in ``generate()``: the core's :class:`~pldr_llm.core.cache.PLDRCache` (KV-cache with the
-metric tensor A, and the G-cache) travels between steps under the model keyword ``pldr_cache``,
-not through transformers' ``Cache`` classes, whose layout (one K/V pair per layer) cannot hold A
-or G_LM and whose keyword changed name across releases (``past_key_values`` / ``cache``). The
-model declares that it does not use transformers' default cache, builds each step's inputs in
-:meth:`prepare_inputs_for_generation` and carries the cache forward in
-:meth:`_update_model_kwargs_for_generation`, following ``pldr_llm.generate`` step for step:
+metric tensor A, and the G-cache) travels between steps under transformers' model keyword
+``cache``, in place of transformers' ``Cache`` classes, whose layout (one K/V pair per layer)
+cannot hold A or G_LM. The model declares that it does not use transformers' default cache,
+builds each step's inputs in :meth:`prepare_inputs_for_generation` and carries the cache forward
+in :meth:`_update_model_kwargs_for_generation`, following ``pldr_llm.generate`` step for step:
 
 * KV on: the prompt runs once, then one token per step;
 * G on: G_LM inferred on the first pass is reused by every later pass;
@@ -24,10 +23,14 @@ call; the defaults come from ``config.use_kvcache`` / ``config.use_Gcache`` (bot
 ``use_cache=False`` turns both off. Sampling applies the original's filters (temperature, then
 top-p keeping the tokens whose cumulative probability stays <= p, then top-k) in place of
 transformers' warpers, so a seeded sampling run draws the same ids as ``pldr_llm.generate``.
-Beam search is refused with the caches on (the per-row PLGA state is not reordered).
+Beam search reorders the cache's rows (``PLDRCache.reorder_cache``); assisted and prompt-lookup
+decoding crop rejected draft tokens from it (``PLDRCache.crop``), and their first pass runs the
+prompt alone before the first draft, so that A and G_LM come from the prompt as in greedy
+decoding.
 """
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,6 +44,7 @@ from transformers.utils import ModelOutput
 from .cache import PLDRCache, prepare_g_init
 from .code_bundle import AUTO_MAP_CONFIG, write_code_files
 from .configuration_pldrllm import PldrllmConfig
+from .continuations import remember_continuations
 from .errors import PLDRError
 from .hf_folder import (
     PAST_G_VALUES,
@@ -51,24 +55,61 @@ from .hf_folder import (
 )
 from .losses import masked_cross_entropy
 from .model import PLDRModel
-from .plga import Deductive
+from .plga import MASK_VALUE, Deductive
 from .rope import RotaryEmbedding
 from .sampling import filter_logits
+
+try:  # the model keyword transformers carries a cache under: "cache" from 5.24, before that
+    # "past_key_values" (beam search reorders, assisted decoding crops what it holds)
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
+    CACHE_KEY = str(ALL_CACHE_NAMES[0])
+except ImportError:  # pragma: no cover - every transformers 5 has the list
+    CACHE_KEY = "past_key_values"
 
 
 @dataclass
 class PldrllmCausalLMOutput(ModelOutput):
     """Output of :meth:`PldrllmForCausalLM.forward`.
 
-    ``pldr_cache`` is the core's cache of this pass (K/V/A per layer and the G-cache);
+    ``cache`` is the core's cache of this pass (K/V/A per layer and the G-cache);
     ``deductive`` the per-layer deductive outputs (A, A_LM, A_P, G_LM, scores) when asked.
     """
 
     loss: Tensor | None = None
     logits: Tensor | None = None
-    pldr_cache: PLDRCache | None = None
+    cache: PLDRCache | None = None
     deductive: list[Deductive] | None = None
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> PLDRCache | None:
+        """``cache`` under transformers' name before 5.24."""
+        return self.cache
+
+
+@dataclass
+class PldrllmModelOutput(ModelOutput):
+    """Output of :meth:`PldrllmModel.forward`: the last layer's hidden states [B, L, d_model],
+    and, when asked, every layer's (embeddings first) and attention probabilities."""
+
+    last_hidden_state: Tensor | None = None
+    cache: PLDRCache | None = None
+    deductive: list[Deductive] | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class PendingPrefill(PLDRCache):
+    """The empty cache assisted decoding starts from: no pass has run yet. ``prompt_length``
+    tells the first pass where the prompt ends; ``kv_on`` / ``g_on`` are the call's cache modes;
+    ``g`` is the G_init, if any."""
+
+    prompt_length: int = 0
+    kv_on: bool = True
+    g_on: bool = True
 
 
 class PldrllmSamplingFilter(LogitsProcessor):
@@ -118,31 +159,22 @@ class PldrllmPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # The PLDR caches travel as ``pldr_cache`` (see the module docstring); transformers must
+        # The PLDR caches travel as ``cache`` (see the module docstring); transformers must
         # not create a DynamicCache of its own.
         return False
 
+    #: The core's children this class registers as its own (state-dict prefixes).
+    _core_children: tuple[str, ...] = ("decoder", "final_layer")
 
-class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
-    """A PLDR-LLM causal language model for transformers (wraps :class:`PLDRModel`).
-
-    ``model.core`` is the wrapped :class:`PLDRModel`: it shares every parameter and buffer with
-    this module, so ``pldr_llm.generate(model.core, ...)`` and every other core function work on
-    a model loaded through transformers.
-    """
-
-    def __init__(self, config: PldrllmConfig) -> None:
-        super().__init__(config)
+    def _attach_core(self, config: PldrllmConfig) -> None:
+        """Build the wrapped core model and register its children ``_core_children`` here."""
         core = PLDRModel(config.pldr_config())
-        # The core is kept outside the module tree (not registered as a child), and its two
-        # children are registered here instead: parameters are owned once, and their names are
-        # the original's state-dict keys (``decoder.*``, ``final_layer.*``).
+        # The core is kept outside the module tree (not registered as a child), and its children
+        # are registered here instead: parameters are owned once, and their names are the
+        # original's state-dict keys (``decoder.*``, ``final_layer.*``).
         self.__dict__["_core"] = core
-        self.decoder = core.decoder
-        self.final_layer = core.final_layer
-        self.post_init()
-        self._sync_attention()
-        core.training = self.training
+        for name in self._core_children:
+            setattr(self, name, getattr(core, name))
 
     @property
     def core(self) -> PLDRModel:
@@ -157,11 +189,11 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         core = self.__dict__.get("_core")
-        # The core's two children are ours: one replaced here (loading, from_core) is its too.
+        # The core's children are ours: one replaced here (loading, from_core) is its too.
         if core is not None and name in ("decoder", "final_layer"):
             setattr(core, name, value)
 
-    def train(self, mode: bool = True) -> "PldrllmForCausalLM":
+    def train(self, mode: bool = True) -> "PldrllmPreTrainedModel":
         super().train(mode)
         self.__dict__["_core"].training = mode
         return self
@@ -213,19 +245,18 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         return self.is_activation_checkpointing
 
     @classmethod
-    def from_core(cls, model: PLDRModel, **config_kwargs: Any) -> "PldrllmForCausalLM":
+    def from_core(cls, model: PLDRModel, **config_kwargs: Any) -> Any:
         """A transformers model sharing the weights of a core :class:`PLDRModel`."""
         config = PldrllmConfig.from_architecture(model.config.to_dict(), **config_kwargs)
         with torch.device("meta"):
             hf_model = cls(config)
-        hf_model.decoder = model.decoder
-        hf_model.final_layer = model.final_layer
+        for name in cls._core_children:
+            setattr(hf_model, name, getattr(model, name))
         hf_model.__dict__["_core"] = model
         hf_model._sync_attention()
         hf_model.train(model.training)
         return hf_model
 
-    # ------------------------------------------------------------------ embeddings
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.decoder.embedding
 
@@ -234,6 +265,176 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             raise PLDRError(f"the input embeddings must be a torch.nn.Embedding, got {type(value)}")
         self.decoder.embedding = value
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> torch.nn.Embedding:
+        """transformers' resize; the core configuration's vocabulary follows (its id check and
+        ``model.core.config.input_vocab_size`` see the new size)."""
+        embedding = super().resize_token_embeddings(*args, **kwargs)
+        core = self.core
+        core.config = dataclasses.replace(
+            core.config, input_vocab_size=int(embedding.weight.shape[0])
+        )
+        return embedding
+
+    def _run_core(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        cache: PLDRCache | None,
+        output_deductive: bool,
+        output_hidden_states: bool,
+        output_attentions: bool,
+        logits_to_keep: int,
+    ) -> tuple[Any, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+        """The core's forward, plus transformers' per-layer outputs.
+
+        Returns (core output, hidden states, attentions). Hidden states are num_layers + 1
+        tensors: the embeddings (after the embedding norm: the first layer's input), then each
+        layer's output; the last is the LM head's input (the layers are post-norm, so it is
+        normalised, as Llama's last hidden state is). Attentions are each layer's attention
+        probabilities [B, H, L, S]; asking for them runs the eager attention (the core's
+        deductive scores, masked and soft-maxed as the eager attention does).
+        """
+        collected: list[Tensor] = []
+        hooks = []
+        if output_hidden_states:
+            decoder = self.core.decoder
+            hooks.append(
+                decoder.layernorm1.register_forward_hook(lambda m, i, o: collected.append(o))
+            )
+            for layer in decoder.dec_layers:
+                hooks.append(layer.register_forward_hook(lambda m, i, o: collected.append(o[0])))
+        try:
+            out = self.core(
+                input_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                output_deductive=output_deductive or output_attentions,
+                output_hidden_states=True,
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hidden = tuple(collected[: self.core.config.num_layers + 1]) if hooks else None
+        attentions = None
+        if output_attentions:
+            past = cache.seq_len if cache is not None else 0
+            bias, is_causal = self.core.attention_mask_bias(
+                out.cache.key_valid, input_ids.shape[-1], past
+            )
+            attentions = tuple(
+                attention_probabilities(d.scores, bias, is_causal) for d in out.deductive
+            )
+        return out, hidden, attentions
+
+    def _check_ids(self, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+        if input_ids is None:
+            if kwargs.get("inputs_embeds") is not None:
+                raise PLDRError("PLDR-LLM takes input_ids, not inputs_embeds")
+            raise PLDRError("input_ids is required")
+        return input_ids
+
+
+def attention_probabilities(scores: Tensor, bias: Tensor | None, is_causal: bool) -> Tensor:
+    """Attention probabilities from the eager attention's scores (before mask and softmax), with
+    the mask the model attended with (:meth:`PLDRModel.attention_mask_bias`), as
+    :func:`pldr_llm.core.plga.attend` applies it."""
+    weights = scores
+    if bias is not None:
+        weights = weights + bias
+    elif is_causal:
+        length, span = scores.shape[-2:]
+        causal = torch.ones(length, span, dtype=torch.bool, device=scores.device).tril(
+            span - length
+        )
+        weights = weights.masked_fill(~causal, MASK_VALUE)
+    return torch.softmax(weights, dim=-1)
+
+
+class _NoHead(torch.nn.Module):
+    """An LM head with no outputs: [..., d_model] -> [..., 0]. ``weight`` is an empty buffer (not
+    saved) that moves with the model, so ``core.device`` / ``core.dtype`` still read it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.empty(0, width), persistent=False)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden[..., :0]
+
+
+class PldrllmModel(PldrllmPreTrainedModel):
+    """The PLDR-LLM decoder without its LM head (``AutoModel``): hidden states.
+
+    It wraps a core :class:`PLDRModel` as :class:`PldrllmForCausalLM` does and registers only its
+    ``decoder`` (state-dict keys ``decoder.*``; a causal-LM checkpoint's ``final_layer.*`` is
+    not read).
+    """
+
+    _core_children = ("decoder",)
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.past_G_values", r"^final_layer\."]
+
+    def __init__(self, config: PldrllmConfig) -> None:
+        super().__init__(config)
+        self._attach_core(config)
+        # The core's LM head is replaced by one with no outputs: the base model computes no
+        # logits and holds no head weights (its buffer follows .to() and gives the core's device
+        # and dtype).
+        self.no_head = _NoHead(config.hidden_size)
+        self.core.final_layer = self.no_head
+        self.post_init()
+        self._sync_attention()
+        self.core.training = self.training
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: PLDRCache | None = None,
+        output_deductive: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> PldrllmModelOutput | tuple:
+        """Hidden states of ``input_ids`` [B, L] (arguments as :meth:`PldrllmForCausalLM.forward`;
+        the attention mask is the one given: pad ids are not inferred)."""
+        input_ids = self._check_ids(input_ids, kwargs)
+        out, hidden, attentions = self._run_core(
+            input_ids,
+            attention_mask,
+            cache,
+            output_deductive,
+            bool(output_hidden_states),
+            bool(output_attentions),
+            1,
+        )
+        result = PldrllmModelOutput(
+            last_hidden_state=out.hidden_states,
+            cache=out.cache,
+            deductive=out.deductive if output_deductive else None,
+            hidden_states=hidden,
+            attentions=attentions,
+        )
+        return result.to_tuple() if return_dict is False else result
+
+
+class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
+    """A PLDR-LLM causal language model for transformers (wraps :class:`PLDRModel`).
+
+    ``model.core`` is the wrapped :class:`PLDRModel`: it shares every parameter and buffer with
+    this module, so ``pldr_llm.generate(model.core, ...)`` and every other core function work on
+    a model loaded through transformers.
+    """
+
+    def __init__(self, config: PldrllmConfig) -> None:
+        super().__init__(config)
+        self._attach_core(config)
+        self.post_init()
+        self._sync_attention()
+        self.core.training = self.training
+
+    # ------------------------------------------------------------------ embeddings
     def get_output_embeddings(self) -> torch.nn.Linear:
         return self.final_layer
 
@@ -245,11 +446,13 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: Tensor | None = None,
-        pldr_cache: PLDRCache | None = None,
+        cache: PLDRCache | None = None,
         labels: torch.LongTensor | None = None,
+        past_key_values: PLDRCache | None = None,
         use_cache: bool | None = None,
         output_deductive: bool = False,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         infer_padding_mask: bool | None = None,
@@ -260,34 +463,48 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         Args:
             attention_mask: [B, L], 1 for tokens and 0 for padding (left or right); each row then
                 computes exactly what it would alone. ``None``: see ``infer_padding_mask``.
-            pldr_cache: a :class:`PLDRCache` from an earlier pass (KV part: continue that
-                sequence; G part: skip the metric learner and reuse G_LM).
+            cache: a :class:`PLDRCache` from an earlier pass (KV part: continue that
+                sequence; G part: skip the metric learner and reuse G_LM). ``past_key_values``
+                is the same argument under transformers' name before 5.24.
             labels: [B, L] targets for the usual shifted causal-LM loss (-100 is ignored).
             output_deductive: also return every layer's A, A_LM, A_P, G_LM and scores.
+            output_hidden_states: also return num_layers + 1 hidden states (embeddings, then
+                each layer's output), as transformers models do.
+            output_attentions: also return each layer's attention probabilities [B, H, L, S]
+                (this pass runs the eager attention).
             logits_to_keep: > 0 computes the logits of the last that many positions only.
-            infer_padding_mask: without ``attention_mask`` and ``pldr_cache``, treat pad ids in
+            infer_padding_mask: without ``attention_mask`` and ``cache``, treat pad ids in
                 ``input_ids`` as padding (per-row semantics); ``None`` reads
                 ``config.infer_padding_mask``. ``generate()`` turns it off, so its passes match
                 ``pldr_llm.generate`` exactly.
         """
-        if input_ids is None:
-            if kwargs.get("inputs_embeds") is not None:
-                raise PLDRError("PLDR-LLM takes input_ids, not inputs_embeds")
-            raise PLDRError("input_ids is required")
+        input_ids = self._check_ids(input_ids, kwargs)
+        cache = cache if cache is not None else past_key_values
+        if isinstance(cache, PendingPrefill) and 0 < cache.prompt_length < input_ids.shape[1]:
+            if labels is not None or output_attentions or output_hidden_states:
+                raise PLDRError(
+                    "labels, attentions and hidden states are not returned by the first pass of "
+                    "assisted decoding"
+                )
+            logits, out_cache = self._prefill_then_draft(
+                input_ids, attention_mask, cache, int(logits_to_keep or 0)
+            )
+            result = PldrllmCausalLMOutput(logits=logits, cache=out_cache)
+            return result.to_tuple() if return_dict is False else result
         if infer_padding_mask is None:
             infer_padding_mask = bool(getattr(self.config, "infer_padding_mask", True))
-        if attention_mask is None and pldr_cache is None and infer_padding_mask:
+        if attention_mask is None and cache is None and infer_padding_mask:
             pad = self.config.pad_token_id
             if pad is not None and bool((input_ids == pad).any()):
                 attention_mask = (input_ids != pad).long()
-        want_hidden = bool(output_hidden_states)
-        out = self.core(
+        out, hidden, attentions = self._run_core(
             input_ids,
-            attention_mask=attention_mask,
-            cache=pldr_cache,
-            output_deductive=output_deductive,
-            output_hidden_states=want_hidden,
-            logits_to_keep=int(logits_to_keep or 0),
+            attention_mask,
+            cache,
+            output_deductive,
+            bool(output_hidden_states),
+            bool(output_attentions),
+            int(logits_to_keep or 0),
         )
         loss = None
         if labels is not None:
@@ -298,13 +515,65 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         result = PldrllmCausalLMOutput(
             loss=loss,
             logits=out.logits,
-            pldr_cache=out.cache,
-            deductive=out.deductive,
-            hidden_states=(out.hidden_states,) if want_hidden else None,
+            cache=out.cache,
+            deductive=out.deductive if output_deductive else None,
+            hidden_states=hidden,
+            attentions=attentions,
         )
         if return_dict is False:
             return result.to_tuple()
         return result
+
+    def _prefill_then_draft(
+        self, input_ids: Tensor, mask: Tensor | None, pending: "PendingPrefill", keep: int
+    ) -> tuple[Tensor, PLDRCache]:
+        """Assisted decoding's first pass (prompt + draft) as greedy decoding runs it: the prompt
+        alone first (A and G_LM from the prompt), then the draft on that pass's caches."""
+        core, split = self.core, pending.prompt_length
+        drafted = input_ids.shape[1] - split
+        first_keep = max(1, keep - drafted) if keep else 0
+        first = core(
+            input_ids[:, :split],
+            attention_mask=None if mask is None else mask[:, :split],
+            cache=PLDRCache(g=pending.g) if pending.g is not None else None,
+            logits_to_keep=first_keep,
+        )
+        g = first.cache.g if pending.g_on else pending.g
+        if pending.kv_on:
+            second = core(
+                input_ids[:, split:], cache=first.cache.with_g(g), logits_to_keep=min(keep, drafted)
+            )
+            if keep and keep <= drafted:
+                return second.logits, second.cache
+            return torch.cat((first.logits, second.logits), 1), second.cache
+        second = core(
+            input_ids,
+            attention_mask=mask,
+            cache=PLDRCache(g=g) if g is not None else None,
+            logits_to_keep=keep,
+        )
+        return second.logits, second.cache
+
+    def _assisted_decoding(self, input_ids: Tensor, *args: Any, **model_kwargs: Any) -> Any:
+        """transformers' assisted / prompt-lookup decoding, with a :class:`PendingPrefill` cache
+        (it needs a cache from the start; the first pass then runs as greedy decoding's)."""
+        if model_kwargs.get(CACHE_KEY) is None:
+            kv_on, g_on = self._cache_modes(
+                model_kwargs.get("use_cache"),
+                model_kwargs.get("enable_kvcache"),
+                model_kwargs.get("enable_Gcache"),
+            )
+            if not (kv_on or g_on):
+                raise PLDRError(
+                    "assisted and prompt-lookup decoding need the KV or G cache: without them "
+                    "every pass learns A from all of its tokens, drafts included, so a checked "
+                    "draft is not what greedy decoding computes"
+                )
+            init = prepare_g_init(self.core, model_kwargs.get("G_init"), rows=input_ids.shape[0])
+            model_kwargs[CACHE_KEY] = PendingPrefill(
+                g=init, prompt_length=input_ids.shape[1], kv_on=kv_on, g_on=g_on
+            )
+        return super()._assisted_decoding(input_ids, *args, **model_kwargs)
 
     # ------------------------------------------------------------------ generation
     def _cache_modes(
@@ -319,8 +588,9 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         next_sequence_length: int | None = None,
-        pldr_cache: PLDRCache | None = None,
+        cache: PLDRCache | None = None,
         attention_mask: Tensor | None = None,
+        past_key_values: PLDRCache | None = None,
         enable_kvcache: bool | None = None,
         enable_Gcache: bool | None = None,
         G_init: Any = None,
@@ -331,30 +601,33 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         """This step's model inputs, as ``pldr_llm.generate`` builds them.
 
-        With a KV-cache only the newest token runs (the cache carries the per-row positions and
-        padding); without one, the whole sequence runs with the (grown) attention mask, and the
-        G-cache or ``G_init`` when there is one. ``next_sequence_length`` (transformers' slicing
-        hint) is not needed: the cache itself says what has run.
+        With a KV-cache only the ids it does not hold run (one per step; a draft's ids in assisted
+        decoding), the cache carrying the per-row positions and padding; without one, the whole
+        sequence runs with the (grown) attention mask, and the G-cache or ``G_init`` when there
+        is one. ``next_sequence_length`` (transformers' slicing hint) is not needed: the cache
+        itself says what has run.
         """
         device = self.final_layer.weight.device
-        cache = pldr_cache
-        if cache is None:
+        cache = cache if cache is not None else past_key_values
+        if cache is None or (cache.kv is None and cache.g is None):
             init = prepare_g_init(self.core, G_init, rows=input_ids.shape[0])
-            cache = PLDRCache(g=init) if init is not None else None
-        inputs: dict[str, Any]
+            if init is not None:
+                cache = (
+                    dataclasses.replace(cache, g=init) if cache is not None else PLDRCache(g=init)
+                )
         if cache is not None and cache.kv is not None:
-            inputs = {"input_ids": input_ids[:, -1:], "attention_mask": None}
+            inputs = {"input_ids": input_ids[:, cache.seq_len :], "attention_mask": None}
         else:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         inputs["input_ids"] = inputs["input_ids"].to(device)
         if inputs["attention_mask"] is not None:
             inputs["attention_mask"] = inputs["attention_mask"].to(device)
         inputs.update(
-            pldr_cache=cache,
+            {CACHE_KEY: cache},
             logits_to_keep=1 if logits_to_keep is None else logits_to_keep,
             infer_padding_mask=False,
         )
-        for key in ("output_deductive", "output_hidden_states"):
+        for key in ("output_deductive", "output_hidden_states", "output_attentions"):
             if key in kwargs:
                 inputs[key] = kwargs[key]
         return inputs
@@ -370,19 +643,18 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             model_kwargs.get("enable_kvcache"),
             model_kwargs.get("enable_Gcache"),
         )
-        ours = cast(PldrllmCausalLMOutput, outputs)  # what forward returns: both always set
-        assert ours.pldr_cache is not None and ours.logits is not None
-        out_cache: PLDRCache = ours.pldr_cache
+        out_cache: PLDRCache = outputs.cache
         # What pldr_llm.generate keeps between steps: the KV-cache when on; the G-cache of this
         # pass when on, else G_init (or nothing, so G_LM is recomputed).
         rows = ours.logits.shape[0]
         g = out_cache.g if g_on else prepare_g_init(self.core, model_kwargs.get("G_init"), rows)
         if kv_on:
-            model_kwargs["pldr_cache"] = out_cache.with_g(g)
+            model_kwargs[CACHE_KEY] = out_cache.with_g(g)
         elif g is not None:
-            model_kwargs["pldr_cache"] = PLDRCache(g=g)
+            model_kwargs[CACHE_KEY] = PLDRCache(g=g)
         else:
-            model_kwargs["pldr_cache"] = None
+            # no key at all: transformers' beam search reorders whatever cache the key holds
+            model_kwargs.pop(CACHE_KEY, None)
         return model_kwargs
 
     def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
@@ -400,114 +672,39 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         processors.append(PldrllmSamplingFilter(temperature or 1.0, top_k or 0, top_p or 1.0))
         return processors
 
-    # Arguments the native decoding loop takes over; any other argument (beam search, logits
-    # processors, scores in the output, ...) goes to transformers' own loop.
-    _LOOP_ARGS = frozenset(
-        {
-            "input_ids",
-            "inputs",
-            "attention_mask",
-            "max_new_tokens",
-            "max_length",
-            "do_sample",
-            "temperature",
-            "top_k",
-            "top_p",
-            "eos_token_id",
-            "pad_token_id",
-            "use_cache",
-            "cache_implementation",
-            "enable_kvcache",
-            "enable_Gcache",
-            "G_init",
-            "num_beams",
-            "seed",
-            "compile",
-        }
-    )
-
-    def _loop_generate(self, kwargs: dict[str, Any]) -> Tensor | None:
-        """``generate()`` on :func:`pldr_llm.generate` (the one decoding loop: static caches, a
-        CUDA-graph step on GPUs), or None when an argument needs transformers' loop."""
-        if set(kwargs) - self._LOOP_ARGS or (kwargs.get("num_beams") or 1) > 1:
-            return None
-        cache_implementation = kwargs.get("cache_implementation")
-        if cache_implementation not in (None, "static"):
-            return None
-        ids = kwargs.get("input_ids", kwargs.get("inputs"))
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
-            return None
-        config = self.generation_config
-        eos = kwargs.get("eos_token_id", config.eos_token_id)
-        if isinstance(eos, (list, tuple)):
-            if len(eos) != 1:
-                return None
-            eos = eos[0]
-        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        if max_new is None:
-            max_length = kwargs.get("max_length", config.max_length)
-            max_new = max(0, int(max_length) - ids.shape[1])
-        kv_on, g_on = self._cache_modes(
-            kwargs.get("use_cache"), kwargs.get("enable_kvcache"), kwargs.get("enable_Gcache")
-        )
-        sampling: dict[str, Any] = {"top_k": 1}
-        if kwargs.get("do_sample", config.do_sample):
-            # transformers' global top-k default (50) is not the original's (no filter)
-            top_k = kwargs.get("top_k", getattr(config, "top_k", None))
-            sampling = {
-                "temperature": float(kwargs.get("temperature", config.temperature) or 1.0),
-                "top_k": int(top_k or 0),
-                "top_p": float(kwargs.get("top_p", config.top_p) or 1.0),
-            }
-        from .generate import generate
-
-        mask = kwargs.get("attention_mask")
-        if mask is not None and bool(mask.bool().all()):
-            mask = None
-        generated = generate(
-            self.core,
-            ids,
-            int(max_new),
-            enable_kvcache=kv_on,
-            enable_Gcache=g_on,
-            G_init=kwargs.get("G_init"),
-            eos_id=None if eos is None else int(eos),
-            stop_at_eos=eos is not None,
-            attention_mask=mask,
-            seed=kwargs.get("seed"),
-            compile=bool(kwargs.get("compile", False)),
-            **sampling,
-        )
-        return cast(Tensor, generated)  # a [B, L] tensor prompt gives a tensor of ids
-
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate()``, with the PLDR cache modes (see the module docstring).
 
-        Greedy and sampled decoding of a [B, L] prompt (with ``attention_mask``,
-        ``max_new_tokens``, ``eos_token_id``, ``cache_implementation="static"``, the cache modes,
-        ``G_init``) run on the native decoding loop of :mod:`pldr_llm.core.engine` -- the same ids
-        as ``pldr_llm.generate``, with a CUDA-graph step on GPUs (``compile=True`` adds
-        torch.compile, the static-cache recipe of transformers). Other arguments use
+        Greedy and sampled decoding of a [B, L] prompt run on the native decoding loop of
+        :mod:`pldr_llm.generation` (the same ids as ``pldr_llm.generate``, with a CUDA-graph step
+        on GPUs; ``compile=True`` adds torch.compile) with the arguments of :data:`LOOP_ARGS`:
+        ``attention_mask``, ``max_new_tokens`` / ``max_length``, ``min_new_tokens``,
+        ``repetition_penalty``, ``eos_token_id`` (one or several), ``stop_strings`` (with
+        ``tokenizer``), ``streamer``, ``num_return_sequences`` (sampling),
+        ``cache_implementation="static"``, the cache modes, ``G_init``, ``seed``. Other arguments
+        (beam search, assisted decoding, logits processors, scores in the output, ...) use
         transformers' loop.
         """
         if args:
             kwargs = {"input_ids": args[0], **kwargs} if len(args) == 1 else kwargs
+        _mark_streamer_continuation(kwargs.get("streamer"))
+        prompt = kwargs.get("input_ids", kwargs.get("inputs"))
+        output = self._generate(args, kwargs)
+        if isinstance(prompt, Tensor) and prompt.dim() == 2:
+            sequences = output if isinstance(output, Tensor) else getattr(output, "sequences", None)
+            if isinstance(sequences, Tensor):
+                remember_continuations(sequences, prompt.shape[1])
+        return output
+
+    def _generate(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """:meth:`generate` on the native loop when it can, else on transformers' loop."""
         if len(args) <= 1 and "generation_config" not in kwargs:
-            routed = self._loop_generate(kwargs)
+            routed = native_generate(self, kwargs)
             if routed is not None:
                 return routed
             kwargs.pop("seed", None)
             kwargs.pop("compile", None)
         config = kwargs.get("generation_config") or self.generation_config
-        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-        kv_on, g_on = self._cache_modes(
-            kwargs.get("use_cache"), kwargs.get("enable_kvcache"), kwargs.get("enable_Gcache")
-        )
-        if num_beams > 1 and (kv_on or g_on):
-            raise PLDRError(
-                "beam search with PLDR-LLM needs use_cache=False (its KV/G caches hold per-row "
-                "state that beam reordering does not move)"
-            )
         do_sample = kwargs.get("do_sample", getattr(config, "do_sample", False))
         if do_sample and "top_k" not in kwargs and getattr(config, "top_k", None) is None:
             # pldr_llm.generate samples without a top-k filter unless asked; transformers'
@@ -556,6 +753,181 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise PLDRError(f"the checkpoint lacks {len(missing)} weights of the model: {shown}")
         return (model, info) if want_info else model
+
+
+# Arguments the native decoding loop takes over; any other argument (beam search, logits
+# processors, scores in the output, ...) goes to transformers' own loop.
+LOOP_ARGS = frozenset(
+    {
+        "input_ids",
+        "inputs",
+        "attention_mask",
+        "max_new_tokens",
+        "max_length",
+        "min_new_tokens",
+        "repetition_penalty",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "stop_strings",
+        "tokenizer",
+        "streamer",
+        "num_return_sequences",
+        "use_cache",
+        "cache_implementation",
+        "enable_kvcache",
+        "enable_Gcache",
+        "G_init",
+        "num_beams",
+        "seed",
+        "compile",
+    }
+)
+
+
+def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor | None:
+    """``generate()`` on :func:`pldr_llm.generate` (the one decoding loop: static caches, a
+    CUDA-graph step on GPUs), or None when an argument needs transformers' loop."""
+    if set(kwargs) - LOOP_ARGS or (kwargs.get("num_beams") or 1) > 1:
+        return None
+    if kwargs.get("cache_implementation") not in (None, "static"):
+        return None
+    ids = kwargs.get("input_ids", kwargs.get("inputs"))
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
+        return None
+    config = model.generation_config
+    options = _loop_options(model, kwargs, ids)
+    if options is None:
+        return None
+    copies = int(kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+    sampled = bool(kwargs.get("do_sample", config.do_sample))
+    if copies > 1 and not sampled:
+        return None  # transformers' own error: greedy returns one sequence per prompt
+    mask = kwargs.get("attention_mask")
+    if mask is not None and bool(mask.bool().all()):
+        mask = None
+    streamer = kwargs.get("streamer")
+    if streamer is not None:
+        if ids.shape[0] * copies != 1:
+            return None  # transformers' streamers take one row
+        streamer.put(ids.cpu())
+        options["streamer"] = lambda tokens: streamer.put(tokens.cpu())
+    from .generate import generate
+
+    try:
+        if copies == 1:
+            return generate(model.core, ids, attention_mask=mask, **options)
+        return _sample_copies(model, ids, mask, copies, options, generate)
+    finally:
+        if streamer is not None:
+            streamer.end()
+
+
+def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor) -> Any:
+    """The native loop's options for a ``generate()`` call (None: transformers' loop)."""
+    config = model.generation_config
+    eos = kwargs.get("eos_token_id", config.eos_token_id)
+    eos_ids = [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [eos]
+    eos_ids = [e for e in eos_ids if e is not None]
+    max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if max_new is None:
+        max_length = kwargs.get("max_length", config.max_length)
+        max_new = max(0, int(max_length) - ids.shape[1])
+    kv_on, g_on = model._cache_modes(
+        kwargs.get("use_cache"), kwargs.get("enable_kvcache"), kwargs.get("enable_Gcache")
+    )
+    options: dict[str, Any] = {
+        "max_new_tokens": int(max_new),
+        "enable_kvcache": kv_on,
+        "enable_Gcache": g_on,
+        "G_init": kwargs.get("G_init"),
+        "eos_id": eos_ids[0] if eos_ids else None,
+        "stop_token_ids": tuple(eos_ids[1:]),
+        "stop_at_eos": bool(eos_ids),
+        "min_new_tokens": int(kwargs.get("min_new_tokens", config.min_new_tokens) or 0),
+        "repetition_penalty": float(
+            kwargs.get("repetition_penalty", config.repetition_penalty) or 1.0
+        ),
+        "seed": kwargs.get("seed"),
+        "compile": bool(kwargs.get("compile", False)),
+        "top_k": 1,
+    }
+    if kwargs.get("do_sample", config.do_sample):
+        # transformers' global top-k default (50) is not the original's (no filter)
+        top_k = kwargs.get("top_k", getattr(config, "top_k", None))
+        options["temperature"] = float(kwargs.get("temperature", config.temperature) or 1.0)
+        options["top_k"] = int(top_k or 0)
+        options["top_p"] = float(kwargs.get("top_p", config.top_p) or 1.0)
+    stops = kwargs.get("stop_strings", config.stop_strings)
+    if stops:
+        tokenizer = kwargs.get("tokenizer")
+        if tokenizer is None:
+            return None  # transformers' own error names the missing tokenizer
+        options["stopping_criteria"] = _stop_string_check(
+            tokenizer, [stops] if isinstance(stops, str) else list(stops), ids
+        )
+    return options
+
+
+def _stop_string_check(tokenizer: Any, stops: list[str], ids: Tensor) -> Any:
+    """A native stopping criterion: the newest token completes one of ``stops`` in the text of
+    prompt + new ids (as transformers' ``StopStringCriteria``: a stop string may begin in the
+    prompt or in earlier tokens, and must end in the newest)."""
+    prompts = ids.tolist()
+
+    def stop(row: int, new_ids: list[int]) -> bool:
+        full = prompts[row] + list(new_ids)
+        text = tokenizer.decode(full)
+        before = len(tokenizer.decode(full[:-1]))
+        for s in stops:
+            start = text.find(s, max(0, before - len(s) + 1))
+            if start != -1 and start + len(s) > before:
+                return True
+        return False
+
+    return stop
+
+
+def _sample_copies(
+    model: PldrllmForCausalLM,
+    ids: Tensor,
+    mask: Tensor | None,
+    copies: int,
+    options: dict[str, Any],
+    generate: Any,
+) -> Tensor:
+    """``num_return_sequences`` sampled continuations of each row, in transformers' order (row 0
+    copy 0, row 0 copy 1, ...). Copy ``j`` samples with seed ``seed + j`` (the native loop
+    draws the same random numbers for every row of one seed)."""
+    seed = options.pop("seed", None)
+    if seed is None:
+        from .sampling import draw_seed
+
+        seed = draw_seed()
+    outputs = [
+        generate(model.core, ids, attention_mask=mask, seed=seed + j, **options)
+        for j in range(copies)
+    ]
+    width = max(o.shape[1] for o in outputs)
+    pad = model.config.pad_token_id or 0
+    padded = [F.pad(o, (0, width - o.shape[1]), value=pad) for o in outputs]
+    return torch.stack(padded, 1).reshape(ids.shape[0] * copies, width)
+
+
+def _mark_streamer_continuation(streamer: Any) -> None:
+    """A streamer that skips the prompt decodes the new ids alone: with a PLDR-LLM tokenizer, ask
+    it to keep their first leading space (see :mod:`.tokenization_pldrllm`)."""
+    tokenizer = getattr(streamer, "tokenizer", None)
+    decode_kwargs = getattr(streamer, "decode_kwargs", None)
+    if (
+        getattr(streamer, "skip_prompt", False)
+        and isinstance(decode_kwargs, dict)
+        and getattr(tokenizer, "decodes_continuations", False)
+    ):
+        decode_kwargs.setdefault("continuation", True)
 
 
 def _load_past_G_values(model: PldrllmForCausalLM, source: Any, kwargs: dict[str, Any]) -> None:

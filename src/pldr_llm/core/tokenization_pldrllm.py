@@ -11,9 +11,20 @@ adds the start id), so ``bos_token`` is unset and tools that need a prefix for a
 (lm-eval) fall back to the end-of-text id, as the original's models were trained.
 
 Text is handed to SentencePiece whole: a literal ``[END]`` in the text is encoded as characters,
-not as the end-of-text id (``split_special_tokens=True``), as the original does.
+not as the end-of-text id, as the original does. Tokens added with ``add_tokens`` /
+``add_special_tokens`` are the exception: each is matched in the text and encoded as its own id,
+as in every transformers tokenizer (``split_special_tokens=False``).
 
-This file is copied into exported folders and imports nothing from ``pldr_llm``.
+Continuations keep their leading space. SentencePiece drops the leading "▁" of the first
+piece it decodes: at the start of a text that is the dummy prefix its encoder added, but in the
+middle of a text (what ``pipeline("text-generation")`` and ``TextStreamer(skip_prompt=True)``
+decode: the new ids alone) it is a real space, and dropping it glues the first new word to the
+prompt ("The listof ..."). ``decode(ids, continuation=True)`` keeps it. Without the argument, the
+ids are a continuation when they begin a continuation ``generate()`` produced (see
+:mod:`.continuations`); any other ids decode as a whole text, as before.
+
+This file is copied into exported folders; of this package it imports only its sibling
+``.continuations``.
 """
 
 import os
@@ -21,6 +32,8 @@ import shutil
 from typing import Any
 
 from transformers import PreTrainedTokenizer
+
+from .continuations import begins_a_continuation
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 
@@ -36,6 +49,8 @@ class PldrllmTokenizer(PreTrainedTokenizer):
 
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
+    #: ``decode`` takes ``continuation=`` (read by the model's ``generate()`` for streamers).
+    decodes_continuations = True
 
     def __init__(
         self,
@@ -46,7 +61,7 @@ class PldrllmTokenizer(PreTrainedTokenizer):
         bos_token: str | None = None,
         add_bos_token: bool = False,
         add_eos_token: bool = False,
-        split_special_tokens: bool = True,
+        split_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -87,6 +102,33 @@ class PldrllmTokenizer(PreTrainedTokenizer):
         return int(self.sp_model.bos_id())
 
     # ------------------------------------------------------------------ encode / decode
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        """Pieces of ``text``: each added token (``add_tokens``, ``add_special_tokens``, ids past
+        the SentencePiece vocabulary) is its own piece; the rest is SentencePiece's encoding, in
+        which the model's own special pieces (``[END]``, ...) are characters, as in the original.
+        ``split_special_tokens=True`` encodes added tokens as characters too."""
+        split = bool(kwargs.pop("split_special_tokens", self.split_special_tokens))
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        added = {
+            token.content
+            for index, token in self._added_tokens_decoder.items()
+            if index >= self.vocab_size
+        }
+        if split or not added:
+            return self._tokenize(text)
+        from transformers.tokenization_python import Trie
+
+        trie = Trie()
+        for content in added:
+            trie.add(content)
+        pieces: list[str] = []
+        for part in trie.split(text):
+            if part in added:
+                pieces.append(part)
+            elif part:
+                pieces.extend(self._tokenize(part))
+        return pieces
+
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return list(self.sp_model.encode(text, out_type=str))
 
@@ -104,19 +146,69 @@ class PldrllmTokenizer(PreTrainedTokenizer):
         token_ids: int | list[int],
         skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
+        continuation: bool | None = None,
         **kwargs: Any,
     ) -> str:
-        # SentencePiece decodes ids directly (byte pieces, control ids), exactly as the original.
+        """Decode ``token_ids`` with SentencePiece (byte pieces, control ids: as the original).
+
+        ``continuation``: the ids continue a text, so the first piece's leading space is kept
+        (see the module docstring); ``None``: when they begin a ``generate()`` continuation.
+        Added tokens decode to their content.
+        """
         ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
         if skip_special_tokens:
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
+        if continuation is None:
+            continuation = begins_a_continuation(ids)
         size, unk = self.vocab_size, int(self.sp_model.unk_id())
-        ids = [i if 0 <= i < size else unk for i in ids]
-        text = str(self.sp_model.decode(ids))
+        pieces: list[str] = []
+        run: list[int] = []  # SentencePiece ids not yet decoded
+        for i in ids:
+            if i >= size and i in self._added_tokens_decoder:
+                pieces.append(self._decode_run(run, continuation or bool(pieces)))
+                pieces.append(self._added_tokens_decoder[i].content)
+                run = []
+            else:
+                run.append(i if 0 <= i < size else unk)
+        pieces.append(self._decode_run(run, continuation or bool(pieces)))
+        text = "".join(pieces)
         if clean_up_tokenization_spaces:
             text = self.clean_up_tokenization(text)
         return text
+
+    def _decode_run(self, ids: list[int], keep_leading_space: bool) -> str:
+        """SentencePiece's decoding of ``ids``; with ``keep_leading_space`` the first piece's
+        "▁" decodes as a space, as it would after any other piece."""
+        if not ids:
+            return ""
+        if not keep_leading_space:
+            return str(self.sp_model.decode(ids))
+        # Decode after an anchor piece, then drop the anchor's text: SentencePiece strips only a
+        # text's first space, so the real first space survives (bytes and control ids decode as
+        # they would anywhere).
+        anchor = self._anchor_id()
+        anchor_text = str(self.sp_model.decode([anchor]))
+        return str(self.sp_model.decode([anchor, *ids]))[len(anchor_text) :]
+
+    def _anchor_id(self) -> int:
+        """A piece that decodes to visible text with no leading space (cached)."""
+        cached = self.__dict__.get("_anchor")
+        if cached is not None:
+            return cached
+        for piece_id in range(self.vocab_size):
+            piece = self.sp_model.id_to_piece(piece_id)
+            if (
+                self.sp_model.is_control(piece_id)
+                or self.sp_model.is_unknown(piece_id)
+                or self.sp_model.is_byte(piece_id)
+                or self.sp_model.is_unused(piece_id)
+            ):
+                continue
+            if piece and not piece.startswith("▁") and str(self.sp_model.decode([piece_id])):
+                self.__dict__["_anchor"] = piece_id
+                return piece_id
+        raise ValueError("the SentencePiece model has no plain piece to decode after")
 
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None

@@ -1,13 +1,14 @@
 """``pldrllm``: a native lm-evaluation-harness model for PLDR-LLMs.
 
-Registered under the name ``pldrllm`` (``lm_eval.api.registry.register_model``, and the package's
-``lm_eval.models`` entry point), so::
+Registered under the name ``pldrllm`` (``lm_eval.api.registry.register_model``) when this module
+is imported: ``pldr-llm eval`` and ``lm_eval.simple_evaluate(model="pldrllm", ...)`` after
+``import pldr_llm.eval.lm_eval_model`` use it. lm-eval's own command line reads no plugins, so
+the shell form is lm-eval's command line run through this package (:mod:`pldr_llm.eval.__main__`)::
 
-    lm_eval --model pldrllm --model_args pretrained=X,batch_size=32 --tasks ...
+    python -m pldr_llm.eval run --model pldrllm --model_args pretrained=X,batch_size=32 --tasks ...
 
-works once ``pldr_llm.eval.lm_eval_model`` is imported (``pldr-llm eval`` does it), where ``X`` is
-anything ``pldr-llm --model`` accepts: a published bundle folder, a ``pldr-llm convert`` folder, a
-Hugging Face hub id, or a folder written by ``pldr-llm convert --to hf``.
+where ``X`` is anything ``pldr-llm --model`` accepts: a published bundle folder, a ``pldr-llm
+convert`` folder, a Hugging Face hub id, or a folder written by ``pldr-llm convert --to hf``.
 
 Scoring (``loglikelihood``) is batched over requests: requests are sorted by length, padded on
 the right with the core model's per-row attention mask (padding kept out of the metric tensor A,
@@ -40,6 +41,7 @@ caches, a CUDA-graph step on GPUs).
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -101,6 +103,35 @@ class PLDRLLMEvalModel(TemplateLM):
             (default: on when the model is on CUDA). On another device ``true`` runs the same
             graph-ready forward without a graph (what the CPU tests check).
     """
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> PLDRLLMEvalModel:
+        """``--model_args k=v,...`` plus lm-eval's own settings (``--device``,
+        ``--batch_size``); see :meth:`create_from_arg_obj`."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> PLDRLLMEvalModel:
+        """The model from its arguments. A ``device`` or ``batch_size`` named in the model
+        arguments wins over lm-eval's setting of the same name (whose ``device`` always has a
+        value, ``cuda:0`` by default), so ``--model_args device=cpu`` works as the table above
+        says; lm-eval itself passes both and the constructor would get the name twice."""
+        args = dict(arg_dict)
+        for key, value in (additional_config or {}).items():
+            if value is None:
+                continue
+            if key in args:
+                if str(args[key]) != str(value):
+                    log.info("pldrllm: model argument %s=%s is used, not %s", key, args[key], value)
+                continue
+            args[key] = value
+        return cls(**args)
 
     def __init__(
         self,
@@ -345,7 +376,11 @@ class PLDRLLMEvalModel(TemplateLM):
                 ((tuple(ctx + cont[:-1]), [i]) for i, (ctx, cont) in enumerate(prepared)),
                 key=lambda item: -len(item[0]),
             )
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="pldrllm loglikelihood")
+        bar = tqdm(
+            total=len(requests),
+            disable=disable_tqdm or not sys.stderr.isatty(),
+            desc="pldrllm loglikelihood",
+        )
         for start in range(0, len(units), self.batch_size):
             chunk = units[start : start + self.batch_size]
             if self.score_mode == "full":
@@ -429,7 +464,11 @@ class PLDRLLMEvalModel(TemplateLM):
         groups: dict[str, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[repr(sorted(request.args[1].items()))].append(index)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="pldrllm generate_until")
+        bar = tqdm(
+            total=len(requests),
+            disable=disable_tqdm or not sys.stderr.isatty(),
+            desc="pldrllm generate_until",
+        )
         for members in groups.values():
             gen_kwargs = dict(requests[members[0]].args[1])
             until = gen_kwargs.get("until") or []

@@ -30,6 +30,8 @@ __all__ = [
     "PldrllmCausalLMOutput",
     "PldrllmConfig",
     "PldrllmForCausalLM",
+    "PldrllmModel",
+    "PldrllmModelOutput",
     "PldrllmPreTrainedModel",
     "PldrllmSamplingFilter",
     "PldrllmTokenizer",
@@ -47,6 +49,8 @@ else:
     from pldr_llm.core.modeling_pldrllm import (
         PldrllmCausalLMOutput,
         PldrllmForCausalLM,
+        PldrllmModel,
+        PldrllmModelOutput,
         PldrllmPreTrainedModel,
         PldrllmSamplingFilter,
     )
@@ -58,7 +62,8 @@ _REGISTERED: str | None = None
 
 
 def register() -> str:
-    """Register the PLDR-LLM classes with AutoConfig, AutoModelForCausalLM and AutoTokenizer.
+    """Register the PLDR-LLM classes with AutoConfig, AutoModel (:class:`PldrllmModel`),
+    AutoModelForCausalLM and AutoTokenizer.
 
     Runs on ``import pldr_llm.hf`` (importing ``pldr_llm`` alone never touches transformers);
     calling it again is harmless. If the installed transformers ships a ``pldrllm`` model type
@@ -74,7 +79,7 @@ def register() -> str:
         )
     if _REGISTERED is not None:
         return _REGISTERED
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto import configuration_auto
 
     builtin = configuration_auto.CONFIG_MAPPING_NAMES.get(PldrllmConfig.model_type)
@@ -93,6 +98,7 @@ def register() -> str:
         )
         return _REGISTERED
     AutoConfig.register(PldrllmConfig.model_type, PldrllmConfig, exist_ok=True)
+    AutoModel.register(PldrllmConfig, PldrllmModel, exist_ok=True)
     AutoModelForCausalLM.register(PldrllmConfig, PldrllmForCausalLM, exist_ok=True)
     AutoTokenizer.register(PldrllmConfig, slow_tokenizer_class=PldrllmTokenizer, exist_ok=True)
     _REGISTERED = f"{PldrllmForCausalLM.__module__}.{PldrllmForCausalLM.__qualname__}"
