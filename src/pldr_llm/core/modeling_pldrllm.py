@@ -646,7 +646,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         out_cache: PLDRCache = outputs.cache
         # What pldr_llm.generate keeps between steps: the KV-cache when on; the G-cache of this
         # pass when on, else G_init (or nothing, so G_LM is recomputed).
-        rows = ours.logits.shape[0]
+        rows = outputs.logits.shape[0]
         g = out_cache.g if g_on else prepare_g_init(self.core, model_kwargs.get("G_init"), rows)
         if kv_on:
             model_kwargs[CACHE_KEY] = out_cache.with_g(g)
@@ -913,7 +913,7 @@ def _sample_copies(
     ]
     width = max(o.shape[1] for o in outputs)
     pad = model.config.pad_token_id or 0
-    padded = [F.pad(o, (0, width - o.shape[1]), value=pad) for o in outputs]
+    padded = [torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outputs]
     return torch.stack(padded, 1).reshape(ids.shape[0] * copies, width)
 
 
