@@ -201,7 +201,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=None, help="default: 64 (quick: 32)")
     parser.add_argument("--max-tokens", type=int, default=None, help="default: 256 (quick: 64)")
     parser.add_argument("--rounds", type=int, default=1, help="requests per client (1)")
-    parser.add_argument("--max-batch", type=int, default=None, help="default: --clients")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="default: --clients; 0: none passed (the server sizes it to the device)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="serve --compile")
     parser.add_argument(
@@ -228,7 +233,9 @@ def main() -> int:
         base = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "pldr_llm", "serve", "--model", str(folder)]
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", args.device]
-        cmd += ["--dtype", args.dtype, "--max-batch", str(args.max_batch or args.clients)]
+        cmd += ["--dtype", args.dtype]
+        if args.max_batch != 0:
+            cmd += ["--max-batch", str(args.max_batch or args.clients)]
         cmd += ["--max-queue", str(args.clients * 2), "--model-id", "bench", "-q"]
         if args.compile:
             cmd.append("--compile")
