@@ -235,7 +235,7 @@ def test_bad_processing_options_are_refused_by_every_entry(tiny_model):
 @pytest.mark.parametrize("sampling", SAMPLING[:2], ids=["greedy", "top-p"])
 def test_captured_processed_step_equals_the_eager_loop(tiny_model, sampling):
     """On a GPU: the processed step inside the captured graph (and the fused step it runs with)
-    gives the eager (uncaptured) loop's ids and log-probabilities, and the CPU's ids."""
+    gives the eager (uncaptured) loop's ids and log-probabilities (greedy: the CPU's ids too)."""
     torch.set_float32_matmul_precision("highest")
     options = {
         "seed": 3, "stop_at_eos": False, "logprobs": 4, "min_new_tokens": 5,
@@ -246,14 +246,20 @@ def test_captured_processed_step_equals_the_eager_loop(tiny_model, sampling):
     try:
         eager = generate_details(model, PROMPTS, 20, cuda_graph=False, **options)
         graph = generate_details(model, PROMPTS, 20, **options)
-        assert graph.new_ids == eager.new_ids == cpu.new_ids
-        for got, want in zip(graph.logprobs, cpu.logprobs):
+        assert graph.new_ids == eager.new_ids
+        if sampling.get("temperature") == 0.0:
+            # Greedy: the CPU's ids too. A sampled row draws at the CDF of its filtered
+            # probabilities, whose float32 sums differ between devices in the last bits: a draw
+            # that falls within that rounding of a boundary picks the neighbour, so sampled ids
+            # are compared on one device (captured vs eager), where the arithmetic is the same.
+            assert graph.new_ids == cpu.new_ids
+        for got, want in zip(graph.logprobs, eager.logprobs):
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
         assert [[[i for i, _ in t] for t in row] for row in graph.top_logprobs] == [
             [[i for i, _ in t] for t in row] for row in eager.top_logprobs
         ]
         # without logprobs the fused bookkeeping kernel runs after the processing
         plain = {k: v for k, v in options.items() if k != "logprobs"}
-        assert generate_details(model, PROMPTS, 20, **plain).new_ids == cpu.new_ids
+        assert generate_details(model, PROMPTS, 20, **plain).new_ids == eager.new_ids
     finally:
         tiny_model.cpu()
