@@ -140,7 +140,7 @@ CORE_ROWS = (
     {"errors", "fileio", "config"},
     {"rope", "layers", "plga", "cache", "state_dict", "losses", "model", "variants", "compile"}
     | {"fused", "fused_kernels"},
-    {"sampling", "graphs", "text", "engine", "generate"},
+    {"sampling", "processing", "graphs", "text", "engine", "generate"},
     {"hf_folder", "configuration_pldrllm", "modeling_pldrllm", "tokenization_pldrllm"}
     | {"continuations"}
     | {"code_bundle"},
