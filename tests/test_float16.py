@@ -137,3 +137,21 @@ def test_serving_engine_float16(model_dir: Path) -> None:
             if last:
                 finished.add(slot)
     assert all(len(t) == 6 for t in tokens.values())
+
+
+def test_server_answers_in_float16(tmp_path: Path) -> None:
+    """``serve --dtype float16``: the server's app on a float16 model answers a completion
+    with finite log-probabilities (the masks and the power law fit float16)."""
+    import httpx
+
+    from serve_support import MODEL_ID, build_bundle, live_server
+
+    folder = build_bundle(tmp_path)
+    with live_server(folder, dtype="float16") as (url, _):
+        body = {"model": MODEL_ID, "prompt": "the model", "max_tokens": 5, "temperature": 0,
+                "logprobs": 1}  # fmt: skip
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert reply.json()["usage"]["completion_tokens"] == 5
+    assert all(-1e4 < lp <= 0.0 for lp in choice["logprobs"]["token_logprobs"])
