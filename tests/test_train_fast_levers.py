@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pldr_llm import PLDRConfig, PLDRModel
+from pldr_llm.core.errors import PLDRError
 from pldr_llm.train import TrainConfig, Trainer
 from support import TINY_TRAIN_HP
 
@@ -71,3 +73,15 @@ def test_validation_with_the_chunked_loss_never_builds_full_logits(monkeypatch):
     assert abs(plain["val_loss"] - chunked["val_loss"]) < 1e-5
     assert plain["val_accuracy"] == chunked["val_accuracy"]
     assert plain["val_dag_G"] == chunked["val_dag_G"]
+
+
+@pytest.mark.slow
+def test_attn_implementation_reaches_the_model_and_is_refused_for_another_module():
+    config = TrainConfig(device="cpu", progress=False, attn_implementation="eager")
+    model = PLDRModel(PLDRConfig.from_hpdict(HP))
+    assert model.attn_implementation == "sdpa"
+    Trainer(model, config, shard=False)
+    assert model.attn_implementation == "eager"
+    # A module that is not a PLDRModel would take the attribute and ignore it: refused.
+    with pytest.raises(PLDRError, match="'attn_implementation' needs a PLDRModel"):
+        Trainer(torch.nn.Linear(4, 4), config, shard=False)

@@ -85,7 +85,7 @@ def _prompt_rows(
         keep = attention_mask.cpu().bool()
         rows = [ids[r][keep[r]].tolist() or [eos_id] for r in range(ids.shape[0])]
         return rows, ids, kind
-    items = list(prompt_ids)
+    items: list[Any] = list(prompt_ids)  # ids, or rows (sequences or tensors) of ids
     if not items:
         raise PLDRError("no prompt given")
     if isinstance(items[0], (list, tuple)) or (isinstance(items[0], Tensor) and items[0].dim() > 0):

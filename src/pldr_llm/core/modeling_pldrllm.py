@@ -54,7 +54,7 @@ from .hf_folder import (
     hf_state_from_core,
 )
 from .losses import masked_cross_entropy
-from .model import PLDRModel
+from .model import Decoder, PLDRModel
 from .plga import MASK_VALUE, Deductive
 from .rope import RotaryEmbedding
 from .sampling import filter_logits
@@ -165,6 +165,7 @@ class PldrllmPreTrainedModel(PreTrainedModel):
 
     #: The core's children this class registers as its own (state-dict prefixes).
     _core_children: tuple[str, ...] = ("decoder", "final_layer")
+    decoder: Decoder  # the core's (registered by _attach_core)
 
     def _attach_core(self, config: PldrllmConfig) -> None:
         """Build the wrapped core model and register its children ``_core_children`` here."""
@@ -327,7 +328,9 @@ class PldrllmPreTrainedModel(PreTrainedModel):
             )
         return out, hidden, attentions
 
-    def _check_ids(self, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+    def _check_ids(
+        self, input_ids: torch.LongTensor | None, kwargs: dict[str, Any]
+    ) -> torch.LongTensor:
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
                 raise PLDRError("PLDR-LLM takes input_ids, not inputs_embeds")
@@ -381,7 +384,7 @@ class PldrllmModel(PldrllmPreTrainedModel):
         # logits and holds no head weights (its buffer follows .to() and gives the core's device
         # and dtype).
         self.no_head = _NoHead(config.hidden_size)
-        self.core.final_layer = self.no_head
+        self.core.final_layer = cast(torch.nn.Linear, self.no_head)  # what the core uses of it
         self.post_init()
         self._sync_attention()
         self.core.training = self.training
@@ -573,7 +576,10 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             model_kwargs[CACHE_KEY] = PendingPrefill(
                 g=init, prompt_length=input_ids.shape[1], kv_on=kv_on, g_on=g_on
             )
-        return super()._assisted_decoding(input_ids, *args, **model_kwargs)
+        # transformers types self as a Protocol written for the `ty` checker (not mypy's)
+        return super()._assisted_decoding(  # type: ignore[misc]
+            cast(torch.LongTensor, input_ids), *args, **model_kwargs
+        )
 
     # ------------------------------------------------------------------ generation
     def _cache_modes(
@@ -615,6 +621,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
                 cache = (
                     dataclasses.replace(cache, g=init) if cache is not None else PLDRCache(g=init)
                 )
+        inputs: dict[str, Any]
         if cache is not None and cache.kv is not None:
             inputs = {"input_ids": input_ids[:, cache.seq_len :], "attention_mask": None}
         else:
@@ -643,7 +650,9 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             model_kwargs.get("enable_kvcache"),
             model_kwargs.get("enable_Gcache"),
         )
-        out_cache: PLDRCache = outputs.cache
+        outputs = cast(PldrllmCausalLMOutput, outputs)  # this model's forward's output
+        out_cache = outputs.cache
+        assert out_cache is not None and outputs.logits is not None  # forward returns both
         # What pldr_llm.generate keeps between steps: the KV-cache when on; the G-cache of this
         # pass when on, else G_init (or nothing, so G_LM is recomputed).
         rows = outputs.logits.shape[0]
@@ -819,7 +828,8 @@ def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor
 
     try:
         if copies == 1:
-            return generate(model.core, ids, attention_mask=mask, **options)
+            # a [B, L] tensor prompt gives a [B, L'] tensor
+            return cast(Tensor, generate(model.core, ids, attention_mask=mask, **options))
         return _sample_copies(model, ids, mask, copies, options, generate)
     finally:
         if streamer is not None:

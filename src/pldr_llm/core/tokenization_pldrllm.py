@@ -102,7 +102,8 @@ class PldrllmTokenizer(PreTrainedTokenizer):
         return int(self.sp_model.bos_id())
 
     # ------------------------------------------------------------------ encode / decode
-    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+    # PreTrainedTokenizer.tokenize's own signature, which narrows PreTrainedTokenizerBase's.
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:  # type: ignore[override]
         """Pieces of ``text``: each added token (``add_tokens``, ``add_special_tokens``, ids past
         the SentencePiece vocabulary) is its own piece; the rest is SentencePiece's encoding, in
         which the model's own special pieces (``[END]``, ...) are characters, as in the original.

@@ -128,15 +128,15 @@ def _open_text(path: Path) -> io.TextIOBase:
     if suffix == ".gz":
         import gzip
 
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
     if suffix == ".bz2":
         import bz2
 
-        return bz2.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
+        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
     if suffix == ".xz":
         import lzma
 
-        return lzma.open(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[return-value]
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
     return open(path, encoding="utf-8", errors="replace")
 
 

@@ -151,8 +151,11 @@ class CompletionHandlers:
         """Tokenize one prompt (on a worker thread): its ids, its text for echo and, for echo
         with logprobs, its tokens' pieces (scored later)."""
         # Text as `pldr-llm generate` encodes it; no ids: the empty prompt (the end-of-text id).
-        text_prompt = prompt if isinstance(prompt, str) else "" if not prompt else None
-        ids = self.tokenizer.prompt_ids(text_prompt) if text_prompt is not None else list(prompt)
+        ids: list[int]
+        if isinstance(prompt, str) or not prompt:
+            ids = self.tokenizer.prompt_ids(prompt or "")
+        else:
+            ids = list(prompt)
         return PromptPlan(
             ids=ids,
             text=self.tokenizer.decode(ids) if echo else "",

@@ -245,7 +245,7 @@ def guarded_protocol(guard: ConnectionGuard, limits: ReadWriteLimits) -> type:
     to ``uvicorn.Config(http=...)``)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+    class GuardedH11Protocol(H11Protocol):
         watch: ConnectionWatch
 
         def connection_made(self, transport: Any) -> None:

@@ -186,7 +186,7 @@ class GracefulServer:
 
         outer = self
 
-        class _Server(uvicorn.Server):  # type: ignore[misc]
+        class _Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
                 if threading.current_thread() is not threading.main_thread():
@@ -296,7 +296,7 @@ def serve_app(app: Any, options: Any, sock: socket.socket | None = None) -> None
         lifespan="on",
         access_log=False,
         backlog=ACCEPT_BATCH,
-        timeout_keep_alive=options.keep_alive_timeout,  # type: ignore[arg-type]  (a float works)
+        timeout_keep_alive=options.keep_alive_timeout,  # uvicorn types it int; a float works
         timeout_graceful_shutdown=options.shutdown_timeout,
     )
     server = GracefulServer(config, app.state.gate, options.shutdown_timeout)

@@ -182,7 +182,7 @@ _NUMBERS: dict[str, tuple[Callable[..., Any], Callable[[Any], bool], str]] = {
 }
 # The true/false fields, likewise.
 _FLAGS = ("stream", "enable_kvcache", "enable_gcache", "ignore_eos")
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CompletionRequest)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(CompletionRequest)}
 
 # The fields each endpoint reads; any other (not null) is refused with a 400 naming it rather
 # than ignored, so a client never gets an answer that silently lacks what it asked for.

@@ -36,6 +36,7 @@ from torch import nn
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.core.losses import dag_loss, masked_ce_sum_and_hits, weighted_dag
+from pldr_llm.core.model import PLDRModel
 from pldr_llm.train.config import TrainConfig
 from pldr_llm.train.distributed import (
     DistEnv,
@@ -163,6 +164,9 @@ class Trainer:
         self.sharded = bool(shard)
         self.model = model
         if config.attn_implementation is not None:
+            # Any other module would take the attribute and silently ignore it.
+            if not isinstance(model, PLDRModel):
+                raise PLDRError("'attn_implementation' needs a PLDRModel")
             model.attn_implementation = config.attn_implementation
         #: the speed levers in effect (TrainConfig.levers for this device, with FSDP or not)
         self.levers = config.levers(self.device.type, sharded=self.sharded)
@@ -171,7 +175,7 @@ class Trainer:
 
             options = {"mode": "reduce-overhead"} if self.levers["cuda_graphs"] else {}
             compile_decoder_layers(model, **options)
-        self._forward_module: nn.Module = torch.compile(model) if config.compile else model
+        self._forward_module: Callable[..., Any] = torch.compile(model) if config.compile else model
         vocab = getattr(getattr(model, "config", None), "input_vocab_size", None)
         self._vocab: int | None = int(vocab) if vocab is not None else None
         self.amp = self.device.type == "cuda" and not config.disable_amp
