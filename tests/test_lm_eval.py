@@ -327,7 +327,7 @@ def test_captured_scoring_equals_eager_forward(monkeypatch):
     """cuda_graph=true (on the CPU: the captured forward's code without a graph) gives the
     eager forward's loglikelihoods; a shape is captured on its second use, and at most
     MAX_CAPTURED are kept (the oldest goes first)."""
-    from pldr_llm.eval import lm_eval_model
+    from pldr_llm.eval import full_scoring
 
     model = paper_vocab_model(5, max_seq_len=128)
     requests = _token_requests(40, 120, seed=2)
@@ -336,7 +336,7 @@ def test_captured_scoring_equals_eager_forward(monkeypatch):
     _assert_same_scores(captured, eager)
     repeated = [shape for shape, uses in lm.shape_uses.items() if uses > 1]
     assert repeated and set(lm.captured_shapes) == set(repeated)
-    monkeypatch.setattr(lm_eval_model, "MAX_CAPTURED", 1)
+    monkeypatch.setattr(full_scoring, "MAX_CAPTURED", 1)
     lm, bounded = _scores(model, requests, batch_size=3, width_multiple=32, cuda_graph=True)
     _assert_same_scores(bounded, eager)
     # Longest first: the last shape captured is the narrowest repeated one.
@@ -389,7 +389,7 @@ def test_cuda_captured_scoring_equals_eager():
     _, eager = _scores(model, requests, cuda_graph=False, width_multiple=64, **common)
     lm, captured = _scores(model, requests, **common)  # cuda_graph: on by default on CUDA
     assert lm.cuda_graph and lm.width_multiple == 64
-    assert lm.captured_shapes and all(f.use_graph for f in lm._captured.values())
+    assert lm.captured_shapes and all(f.use_graph for f in lm.full_scorer.captured.values())
     assert len(captured) == len(eager)
     for (logprob, _), (ref, _) in zip(captured, eager):
         assert logprob == pytest.approx(ref, rel=1e-6, abs=1e-4)
@@ -401,15 +401,16 @@ def test_cuda_captured_shapes_stay_few():
     of batch_size rows; a second run replays the same captured forwards (no new capture)."""
     model = paper_vocab_model(5, max_seq_len=256).cuda()
     requests = _token_requests(150, 250, seed=5)
-    from pldr_llm.eval.lm_eval_model import MAX_CAPTURED, PLDRLLMEvalModel
+    from pldr_llm.eval.full_scoring import MAX_CAPTURED
+    from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
 
     lm = PLDRLLMEvalModel(pretrained=model, tokenizer=_NO_TEXT, device="cuda", batch_size=8)
     first = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     assert len(lm.shape_uses) <= 256 // 64 and {rows for rows, _ in lm.shape_uses} == {8}
     assert 0 < len(lm.captured_shapes) <= MAX_CAPTURED
-    forwards = dict(lm._captured)  # every shape fits (at most 4 widths): none is evicted
+    forwards = dict(lm.full_scorer.captured)  # every shape fits (at most 4 widths): none is evicted
     second = lm._loglikelihood_tokens(requests, disable_tqdm=True)
-    assert lm._captured == forwards  # the same objects: replayed, not captured again
+    assert lm.full_scorer.captured == forwards  # the same objects: replayed, not captured again
     assert [a for a, _ in second] == pytest.approx([a for a, _ in first], rel=1e-6, abs=1e-5)
 
 
