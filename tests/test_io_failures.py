@@ -1,5 +1,6 @@
-"""A newcomer's first hour (issue 12): every I/O failure and bad input is one line and exit 2,
-a failed save loses nothing, model files are readable by others, perplexity on a text file."""
+"""I/O failures and bad inputs at the command line (issue 12): each is one line and exit 2, a
+failed save loses nothing, model files are readable by others; also perplexity on a text file
+and the README's Python block."""
 
 from __future__ import annotations
 
