@@ -190,28 +190,17 @@ def _go_offline_without_network() -> bool:
 def run_text(args: argparse.Namespace) -> int:
     """``--text FILE``: perplexity and bits per byte, printed as one JSON object."""
     from pldr_llm.bundle import load_bundle
-    from pldr_llm.core.errors import PLDRError
+    from pldr_llm.commands.common import read_text_file
     from pldr_llm.eval.perplexity import perplexity
 
-    path = Path(args.text)
-    if path.is_dir():
-        raise PLDRError(f"--text {path} is a directory; give a text file")
-    if not path.is_file():
-        raise PLDRError(f"--text file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PLDRError(
-            f"--text file {path} is not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset "
-            f"{exc.start} ({exc.reason})"
-        ) from None
+    text = read_text_file(args.text, "--text file")
     model, tokenizer = load_bundle(
         args.model, device=args.device or "cpu", dtype=args.dtype, tokenizer=args.tokenizer
     )
     result = perplexity(
         model, tokenizer, text, context=args.context, stride=args.stride, batch_size=args.batch_size
     )
-    record = {"text": str(path), "model": args.model, **result.to_dict()}
+    record = {"text": str(Path(args.text)), "model": args.model, **result.to_dict()}
     print(json.dumps(record))
     if args.output:
         from pldr_llm.core.fileio import atomic_write_text
