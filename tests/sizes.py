@@ -14,6 +14,7 @@ import ast
 import re
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,7 @@ def _units_of(relative: str, tree: ast.AST, prefix: str) -> list[Unit]:
     return found
 
 
+@lru_cache(maxsize=4)  # three tests read the same tree
 def units(package_dir: Path = PACKAGE_DIR) -> list[Unit]:
     """Every module, class and function (nested ones too) under ``package_dir``."""
     found = []
