@@ -18,6 +18,7 @@ pytest.importorskip("transformers")  # lm-eval itself needs it
 
 from pldr_llm import PLDRModel  # noqa: E402
 from pldr_llm.core.errors import PLDRError  # noqa: E402
+from support import LM_EVAL_TASK_YAML as TASK_YAML
 from support import PAPER_TOKENIZER_MODEL, paper_vocab_model
 
 TASK = "pldr_local_mc"
@@ -40,22 +41,6 @@ ROWS = [
     {"question": "", "choices": [" a", " b"], "label": 1},
     {"question": "Answer with one letter:", "choices": [" A", " B", " C", " D"], "label": 2},
 ]
-
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
