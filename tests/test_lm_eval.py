@@ -161,6 +161,7 @@ def test_native_model_scores_like_lone_forward_passes(setup, options):
         assert set(lm.shape_uses) == {(3, 64)} and lm.captured_shapes == [(3, 64)]
 
 
+@pytest.mark.slow
 def test_hf_and_pldrllm_agree_on_the_local_task(setup, hf_export: Path):
     pytest.importorskip("accelerate")  # lm-eval's hf model needs it
     native = _run_task(_eval_model(setup, batch_size=4), setup)
@@ -516,6 +517,7 @@ def test_cli_eval_no_cuda_graph_reaches_the_model(setup, monkeypatch):
     assert seen == [None, False]
 
 
+@pytest.mark.slow
 def test_cli_eval_offline_download_fails_clearly(setup, tmp_path: Path):
     """The paper's group resolves to lm-eval's tasks; their datasets need the Hub: one line."""
     env = dict(
@@ -559,6 +561,7 @@ def _scored_samples(path: Path) -> list[list[float]]:
     return [[float(r[0][0]) for r in s["resps"]] for s in records]
 
 
+@pytest.mark.slow
 def test_cli_eval_log_samples_writes_lm_evals_records(setup, tmp_path: Path, monkeypatch, capsys):
     from pldr_llm.cli import main
 

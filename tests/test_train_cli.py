@@ -27,6 +27,7 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_tiny_preset_run_folder(tiny_run: Path) -> None:
     for name in (
         "run.yaml",
