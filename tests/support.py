@@ -175,3 +175,21 @@ def golden_trainer(golden_dir: Path, golden_case: dict, attn: str = "eager", **e
         **extra,
     )
     return Trainer(model, config)
+
+
+#: An lm-eval multiple-choice task over a JSON-lines file (``.format(task=..., data=...)``).
+LM_EVAL_TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""

@@ -197,6 +197,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], message: st
     assert message in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_convert_to_own_format(
     tmp_path: Path, bundle: tuple[Path, PLDRModel], paper_tokenizer_dir: Path
 ) -> None:
@@ -225,6 +226,7 @@ def test_convert_to_own_format(
     assert _cli("convert", "--model", str(folder), "--out", str(out), "--force").returncode == 0
 
 
+@pytest.mark.slow
 def test_convert_to_hf_and_back(tmp_path: Path, bundle: tuple[Path, PLDRModel]) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("pldr_llm.hf.export")
@@ -247,6 +249,7 @@ def test_convert_to_hf_without_exporter(monkeypatch: pytest.MonkeyPatch) -> None
         convert._export_hf()
 
 
+@pytest.mark.slow
 def test_cli_bad_bundles(
     tmp_path: Path, bundle: tuple[Path, PLDRModel], paper_tokenizer_dir: Path
 ) -> None:

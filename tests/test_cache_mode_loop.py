@@ -57,6 +57,7 @@ def same(a, b, names=NAMES) -> None:
             assert torch.equal(tx, ty), name
 
 
+@pytest.mark.slow
 def test_every_cache_mode_runs_through_the_loop(tiny_model) -> None:
     uncached = reference_generate(tiny_model, PROMPT, STEPS, kv=False, g=False, top_k=1)
     for mode in CACHE_MODES:
@@ -95,6 +96,7 @@ def test_every_cache_mode_runs_through_the_loop(tiny_model) -> None:
                 assert not torch.equal(layers[0].G_LM, prompt[0].G_LM)
 
 
+@pytest.mark.slow
 def test_causal_metric_kv_cache_continues_the_running_sum() -> None:
     """With ``causal_metric`` and KV on / G off, each step's A continues the cached running sum
     of q^T q: ids equal model.forward's KV loop, deductive outputs the uncached ones."""

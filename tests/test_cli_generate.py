@@ -62,6 +62,7 @@ MODES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_greedy_text_equals_core_ids_in_every_cache_mode(
     published: tuple[Path, PLDRModel, PLDRTokenizer], mode: str
@@ -91,6 +92,7 @@ def test_greedy_text_equals_core_ids_in_every_cache_mode(
     assert "tokens/s" in result.stderr  # logs go to stderr
 
 
+@pytest.mark.slow
 def test_empty_prompt_starts_from_end_of_text(
     published: tuple[Path, PLDRModel, PLDRTokenizer],
 ) -> None:
@@ -104,6 +106,7 @@ def test_empty_prompt_starts_from_end_of_text(
     assert result.stderr == ""  # --quiet
 
 
+@pytest.mark.slow
 def test_prompt_file_is_batched_and_each_row_equals_its_lone_run(
     published: tuple[Path, PLDRModel, PLDRTokenizer], tmp_path: Path
 ) -> None:
@@ -132,6 +135,7 @@ def test_prompt_file_is_batched_and_each_row_equals_its_lone_run(
     assert piped.stdout.splitlines() == expected[2:]
 
 
+@pytest.mark.slow
 def test_stream_prints_the_same_text(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
     folder, model, tok = published
     ids = generate(model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=NEW, top_k=1)
@@ -163,6 +167,7 @@ def test_streamer_writes_as_tokens_come(published: tuple[Path, PLDRModel, PLDRTo
     assert out.getvalue() == tok.decode(ids) + "\n"
 
 
+@pytest.mark.slow
 def test_stop_strings(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
     folder, model, tok = published
     ids = generate(
@@ -191,6 +196,7 @@ def test_stop_strings(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
     assert "new tokens" in result.stderr
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
     folder, model, tok = published
     sampling = {"temperature": 0.9, "top_k": 40, "top_p": 0.95}
@@ -220,6 +226,7 @@ def test_seeded_sampling_is_reproducible(published: tuple[Path, PLDRModel, PLDRT
     assert _generate_cli(folder, *args).stdout == first.stdout
 
 
+@pytest.mark.slow
 def test_g_init_file(published: tuple[Path, PLDRModel, PLDRTokenizer], tmp_path: Path) -> None:
     from pldr_llm.gfile import save_g_file
 
@@ -275,6 +282,7 @@ def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_and_exit_code_2(
     published: tuple[Path, PLDRModel, PLDRTokenizer],
     tmp_path: Path,
@@ -338,6 +346,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
     assert not (tmp_path / "escaped.model").exists() and not Path("/escaped.model").exists()
 
 
+@pytest.mark.slow
 def test_temperature_zero_is_greedy_and_timing_is_json(
     published: tuple[Path, PLDRModel, PLDRTokenizer],
 ) -> None:
@@ -353,6 +362,7 @@ def test_temperature_zero_is_greedy_and_timing_is_json(
     assert timing["tokens_per_s"] > 0 and timing["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_processing_flags_and_logprobs_equal_the_library(
     published: tuple[Path, PLDRModel, PLDRTokenizer],
 ) -> None:

@@ -26,6 +26,7 @@ def tiny_dir(golden_model, tmp_path: Path) -> Path:
     return golden_model.save(tmp_path / "tiny")
 
 
+@pytest.mark.slow
 def test_inspect_g_file_writes_json_plot_and_g(paper_g_dir: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("matplotlib")
     out_json, out_png, out_g = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "g.safetensors"

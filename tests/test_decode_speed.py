@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_mode_measures_every_path(tmp_path: Path) -> None:
     out = tmp_path / "decode.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

@@ -151,6 +151,7 @@ def test_plot_learned_file_shows_5_by_14_panels(paper_g_dir: Path, tmp_path: Pat
     assert pixels.std() > 10  # not a blank image
 
 
+@pytest.mark.slow
 def test_plot_pairs_and_compare(paper_g_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     import matplotlib.image as mpimg

@@ -219,6 +219,7 @@ def test_captured_forward_without_padding_rows_matches_causal_forward(tiny_model
         CapturedForward(model.cpu(), 2, 10, cuda_graph=True)
 
 
+@pytest.mark.slow
 def test_captured_padded_forward_has_no_host_sync(tiny_model):
     """The padded captured forward traces as ONE graph (fullgraph: a host read such as .item(),
     bool(tensor) or a data-dependent shape would break it), where ``model.forward`` with an
@@ -243,6 +244,7 @@ def test_captured_padded_forward_has_no_host_sync(tiny_model):
 
 
 # ---------------------------------------------------------------------------- compilation
+@pytest.mark.slow
 def test_compiled_layers_trace_whole_and_match(tiny_model):
     """Each layer traces as ONE graph (no host sync inside), with the eager values/gradients.
 

@@ -172,6 +172,7 @@ def _engine_ids(model, fused_step, prompts, params, forced=None):
 PROMPTS = [[5, 9, 44, 12, 7, 100, 3, 250], [17, 0, 23], [6, 81, 81, 9, 2]]
 
 
+@pytest.mark.slow
 def test_fused_engine_generates_the_op_by_op_ids():
     from pldr_llm.generation import SamplingParams
 
@@ -207,6 +208,7 @@ def test_fused_engine_generates_the_op_by_op_ids():
     ],
     ids=["v510G", "half-rotation-scaled", "no-biases-cache-first-G"],
 )
+@pytest.mark.slow
 def test_fused_engine_matches_the_op_by_op_step_for_each_variant(variant):
     from pldr_llm.generation import SamplingParams
 

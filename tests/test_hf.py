@@ -471,6 +471,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package(
     golden_export: Path, golden_expected, tmp_path: Path
 ):

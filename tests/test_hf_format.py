@@ -338,6 +338,7 @@ def test_the_switches_change_the_model(folders):
         assert any(part in k for k in state), part
 
 
+@pytest.mark.slow
 def test_every_entry_point_decodes_the_same_greedy_ids(folders, tok):
     """CLI, load_bundle, transformers generate() and lm-eval pldrllm agree with the native model."""
     pytest.importorskip("transformers")
@@ -431,6 +432,7 @@ def test_cache_first_G_reuses_the_first_rows_G():
 # ---------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow
 def test_convert_to_hf_writes_the_authors_format(folders, tmp_path):
     pytest.importorskip("transformers")
     for name in ("external", "no_biases", "linear_scaling"):
@@ -510,6 +512,7 @@ def test_older_exports_still_load(folders, tmp_path):
 # ---------------------------------------------------------------------------- registration
 
 
+@pytest.mark.slow
 def test_import_pldr_llm_leaves_the_import_system_alone():
     code = (
         "import sys; before = list(sys.meta_path); import pldr_llm; "

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")  # lm-eval itself needs it
 
 from pldr_llm import PLDRModel  # noqa: E402
 from pldr_llm.core.errors import PLDRError  # noqa: E402
+from support import LM_EVAL_TASK_YAML as TASK_YAML
 from support import PAPER_TOKENIZER_MODEL, paper_vocab_model
 
 TASK = "pldr_local_mc"
@@ -40,22 +41,6 @@ ROWS = [
     {"question": "", "choices": [" a", " b"], "label": 1},
     {"question": "Answer with one letter:", "choices": [" A", " B", " C", " D"], "label": 2},
 ]
-
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +161,7 @@ def test_native_model_scores_like_lone_forward_passes(setup, options):
         assert set(lm.shape_uses) == {(3, 64)} and lm.captured_shapes == [(3, 64)]
 
 
+@pytest.mark.slow
 def test_hf_and_pldrllm_agree_on_the_local_task(setup, hf_export: Path):
     pytest.importorskip("accelerate")  # lm-eval's hf model needs it
     native = _run_task(_eval_model(setup, batch_size=4), setup)
@@ -327,7 +313,7 @@ def test_captured_scoring_equals_eager_forward(monkeypatch):
     """cuda_graph=true (on the CPU: the captured forward's code without a graph) gives the
     eager forward's loglikelihoods; a shape is captured on its second use, and at most
     MAX_CAPTURED are kept (the oldest goes first)."""
-    from pldr_llm.eval import lm_eval_model
+    from pldr_llm.eval import full_scoring
 
     model = paper_vocab_model(5, max_seq_len=128)
     requests = _token_requests(40, 120, seed=2)
@@ -336,7 +322,7 @@ def test_captured_scoring_equals_eager_forward(monkeypatch):
     _assert_same_scores(captured, eager)
     repeated = [shape for shape, uses in lm.shape_uses.items() if uses > 1]
     assert repeated and set(lm.captured_shapes) == set(repeated)
-    monkeypatch.setattr(lm_eval_model, "MAX_CAPTURED", 1)
+    monkeypatch.setattr(full_scoring, "MAX_CAPTURED", 1)
     lm, bounded = _scores(model, requests, batch_size=3, width_multiple=32, cuda_graph=True)
     _assert_same_scores(bounded, eager)
     # Longest first: the last shape captured is the narrowest repeated one.
@@ -389,7 +375,7 @@ def test_cuda_captured_scoring_equals_eager():
     _, eager = _scores(model, requests, cuda_graph=False, width_multiple=64, **common)
     lm, captured = _scores(model, requests, **common)  # cuda_graph: on by default on CUDA
     assert lm.cuda_graph and lm.width_multiple == 64
-    assert lm.captured_shapes and all(f.use_graph for f in lm._captured.values())
+    assert lm.captured_shapes and all(f.use_graph for f in lm.full_scorer.captured.values())
     assert len(captured) == len(eager)
     for (logprob, _), (ref, _) in zip(captured, eager):
         assert logprob == pytest.approx(ref, rel=1e-6, abs=1e-4)
@@ -401,15 +387,16 @@ def test_cuda_captured_shapes_stay_few():
     of batch_size rows; a second run replays the same captured forwards (no new capture)."""
     model = paper_vocab_model(5, max_seq_len=256).cuda()
     requests = _token_requests(150, 250, seed=5)
-    from pldr_llm.eval.lm_eval_model import MAX_CAPTURED, PLDRLLMEvalModel
+    from pldr_llm.eval.full_scoring import MAX_CAPTURED
+    from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
 
     lm = PLDRLLMEvalModel(pretrained=model, tokenizer=_NO_TEXT, device="cuda", batch_size=8)
     first = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     assert len(lm.shape_uses) <= 256 // 64 and {rows for rows, _ in lm.shape_uses} == {8}
     assert 0 < len(lm.captured_shapes) <= MAX_CAPTURED
-    forwards = dict(lm._captured)  # every shape fits (at most 4 widths): none is evicted
+    forwards = dict(lm.full_scorer.captured)  # every shape fits (at most 4 widths): none is evicted
     second = lm._loglikelihood_tokens(requests, disable_tqdm=True)
-    assert lm._captured == forwards  # the same objects: replayed, not captured again
+    assert lm.full_scorer.captured == forwards  # the same objects: replayed, not captured again
     assert [a for a, _ in second] == pytest.approx([a for a, _ in first], rel=1e-6, abs=1e-5)
 
 
@@ -530,6 +517,7 @@ def test_cli_eval_no_cuda_graph_reaches_the_model(setup, monkeypatch):
     assert seen == [None, False]
 
 
+@pytest.mark.slow
 def test_cli_eval_offline_download_fails_clearly(setup, tmp_path: Path):
     """The paper's group resolves to lm-eval's tasks; their datasets need the Hub: one line."""
     env = dict(
@@ -573,6 +561,7 @@ def _scored_samples(path: Path) -> list[list[float]]:
     return [[float(r[0][0]) for r in s["resps"]] for s in records]
 
 
+@pytest.mark.slow
 def test_cli_eval_log_samples_writes_lm_evals_records(setup, tmp_path: Path, monkeypatch, capsys):
     from pldr_llm.cli import main
 

@@ -558,6 +558,7 @@ def _serve_cli(*args: str):
     )
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_requests_in_flight_then_exits(long_bundle: Path) -> None:
     import signal
     import time

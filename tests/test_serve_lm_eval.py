@@ -20,6 +20,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from serve_support import MODEL_ID, build_bundle, live_server  # noqa: E402
+from support import LM_EVAL_TASK_YAML as TASK_YAML  # noqa: E402
 
 TASK = "pldr_serve_mc"
 ROWS = [
@@ -28,21 +29,6 @@ ROWS = [
     {"question": "Cats like to", "choices": [" sleep", " fly to the moon and back"], "label": 0},
     {"question": "", "choices": [" a", " b"], "label": 1},
 ]
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 GEN_TASK = "pldr_serve_gen"
 # Five stop strings (more than OpenAI's four; lm-eval adds the EOS text too).
 GEN_YAML = """task: {task}

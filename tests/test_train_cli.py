@@ -27,6 +27,7 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_tiny_preset_run_folder(tiny_run: Path) -> None:
     for name in (
         "run.yaml",
@@ -118,6 +119,7 @@ def test_plot_draws_a_png(tiny_run: Path, tmp_path: Path) -> None:
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_notebook_run_is_the_cli_run(tiny_run: Path, tmp_path: Path) -> None:
     """The three-line Python start (docs/training.md) runs the same run as the command."""
     from safetensors.torch import load_file

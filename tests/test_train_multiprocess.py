@@ -119,6 +119,7 @@ def _run_one(accum: int = 1, eps: float = 1e-5):
 LINEAR_EPS = 1.0
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_process(tmp_path: Path) -> None:
     trainer, ref_losses = _run_one(eps=LINEAR_EPS)
     losses, weights = _run_two(tmp_path, accum=1, eps=LINEAR_EPS)
@@ -157,6 +158,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path: Path) -> None:
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_with_gradient_accumulation(tmp_path: Path) -> None:
     """Default AdamW settings, two micro-batches per rank: the same per-step losses (to the
     float32 noise that AdamW amplifies, see LINEAR_EPS)."""
@@ -197,6 +199,7 @@ def _strategies_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp_sharding_strategies_agree(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
@@ -230,6 +233,7 @@ def _evaluate_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp_evaluate_stops_when_any_rank_runs_out(tmp_path: Path) -> None:
     """Ranks with unequal validation data all stop at the shortest (the same number of FSDP
     forward passes, else the collectives would hang), and the figures are those of one process

@@ -155,6 +155,7 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs (no except/finally of the trainer catches it)."""
 
 
+@pytest.mark.slow
 def test_killed_while_saving_resumes_from_last_complete_checkpoint(
     tmp_path: Path, monkeypatch
 ) -> None:

@@ -36,6 +36,7 @@ def test_window_figures_take_the_median_of_the_window(bench, tmp_path) -> None:
     assert figures["last_step"] == 40
 
 
+@pytest.mark.slow
 def test_quick_mode_runs_the_cli_and_reports(bench, tmp_path, capsys) -> None:
     out = tmp_path / "speed.json"
     code = bench.main(

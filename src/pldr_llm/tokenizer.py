@@ -378,6 +378,41 @@ def iter_text(
                     yield line
 
 
+def _check_training_options(
+    vocab_size: int,
+    inputs: Sequence[str | Path],
+    input_sentence_size: int,
+    character_coverage: float,
+) -> None:
+    """:func:`train_tokenizer`'s values SentencePiece would abort on (or silently change)."""
+    minimum = 4 + len(USER_SYMBOLS) + 256
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise PLDRError(
+            f"vocabulary size must be an integer >= {minimum} (special pieces + 256 byte pieces), "
+            f"got {vocab_size!r}"
+        )
+    if not inputs:
+        raise PLDRError("no input files given")
+    if isinstance(input_sentence_size, bool) or not (
+        isinstance(input_sentence_size, int) and input_sentence_size > 0
+    ):
+        raise PLDRError(
+            f"input_sentence_size must be a positive integer, got {input_sentence_size!r}"
+        )
+    if not 0.0 < character_coverage <= 1.0:
+        raise PLDRError(f"character_coverage must be in (0, 1], got {character_coverage!r}")
+
+
+def _output_prefix(out_prefix: str | Path) -> Path:
+    """The ``.model``/``.vocab`` files' path without suffix (``dir/name.model`` accepted too)."""
+    prefix = Path(out_prefix)
+    if prefix.suffix == ".model":
+        prefix = prefix.with_suffix("")
+    if prefix.name in ("", ".", ".."):
+        raise PLDRError(f"output prefix {str(out_prefix)!r} needs a file name")
+    return prefix
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path],
     vocab_size: int,
@@ -412,29 +447,10 @@ def train_tokenizer(
         verbose: keep SentencePiece's own (long) training log on stderr.
     """
     spm = _spm()
-    minimum = 4 + len(USER_SYMBOLS) + 256
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise PLDRError(
-            f"vocabulary size must be an integer >= {minimum} (special pieces + 256 byte pieces), "
-            f"got {vocab_size!r}"
-        )
-    if not inputs:
-        raise PLDRError("no input files given")
-    if isinstance(input_sentence_size, bool) or not (
-        isinstance(input_sentence_size, int) and input_sentence_size > 0
-    ):
-        raise PLDRError(
-            f"input_sentence_size must be a positive integer, got {input_sentence_size!r}"
-        )
-    if not 0.0 < character_coverage <= 1.0:
-        raise PLDRError(f"character_coverage must be in (0, 1], got {character_coverage!r}")
+    _check_training_options(vocab_size, inputs, input_sentence_size, character_coverage)
     if num_threads is not None and num_threads <= 0:
         raise PLDRError(f"num_threads must be positive, got {num_threads!r}")
-    prefix = Path(out_prefix)
-    if prefix.suffix == ".model":  # accept "--out dir/name.model" too
-        prefix = prefix.with_suffix("")
-    if prefix.name in ("", ".", ".."):
-        raise PLDRError(f"output prefix {str(out_prefix)!r} needs a file name")
+    prefix = _output_prefix(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     lines = iter_text(inputs, column=column, progress=progress)
     # Pull the first line now so that an unreadable input fails before SentencePiece starts,

@@ -64,19 +64,25 @@ def read_prompt_lines(prompt_file: str) -> list[str]:
     if prompt_file == "-":
         text = sys.stdin.read()
     else:
-        path = Path(prompt_file)
-        if path.is_dir():
-            raise PLDRError(f"prompt file {path} is a directory; give a text file")
-        if not path.is_file():
-            raise PLDRError(f"prompt file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise PLDRError(
-                f"prompt file {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at "
-                f"offset {exc.start}"
-            ) from None
+        text = read_text_file(prompt_file, "prompt file")
     return [line for line in text.splitlines() if line.strip()]
+
+
+def read_text_file(name: str, what: str) -> str:
+    """The UTF-8 text of file ``name``; ``what`` names it in the one-line error (a folder, a
+    missing file, or the first byte that is not UTF-8 and where it is)."""
+    path = Path(name)
+    if path.is_dir():
+        raise PLDRError(f"{what} {path} is a directory; give a text file")
+    if not path.is_file():
+        raise PLDRError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PLDRError(
+            f"{what} {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start} ({exc.reason})"
+        ) from None
 
 
 def read_prompts(

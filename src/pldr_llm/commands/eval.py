@@ -190,28 +190,17 @@ def _go_offline_without_network() -> bool:
 def run_text(args: argparse.Namespace) -> int:
     """``--text FILE``: perplexity and bits per byte, printed as one JSON object."""
     from pldr_llm.bundle import load_bundle
-    from pldr_llm.core.errors import PLDRError
+    from pldr_llm.commands.common import read_text_file
     from pldr_llm.eval.perplexity import perplexity
 
-    path = Path(args.text)
-    if path.is_dir():
-        raise PLDRError(f"--text {path} is a directory; give a text file")
-    if not path.is_file():
-        raise PLDRError(f"--text file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PLDRError(
-            f"--text file {path} is not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset "
-            f"{exc.start} ({exc.reason})"
-        ) from None
+    text = read_text_file(args.text, "--text file")
     model, tokenizer = load_bundle(
         args.model, device=args.device or "cpu", dtype=args.dtype, tokenizer=args.tokenizer
     )
     result = perplexity(
         model, tokenizer, text, context=args.context, stride=args.stride, batch_size=args.batch_size
     )
-    record = {"text": str(path), "model": args.model, **result.to_dict()}
+    record = {"text": str(Path(args.text)), "model": args.model, **result.to_dict()}
     print(json.dumps(record))
     if args.output:
         from pldr_llm.core.fileio import atomic_write_text
@@ -224,21 +213,11 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; prints the results table on stdout."""
     from pldr_llm.core.errors import PLDRError
 
-    if args.limit is not None and not args.limit > 0:
-        raise PLDRError(
-            f"--limit must be positive (a count, or a fraction of each task below 1), got "
-            f"{args.limit:g}"
-        )
-    if args.batch_size < 1:
-        raise PLDRError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_options(args)
     if args.text is not None:
         return run_text(args)
     if args.context is not None or args.stride is not None:
         raise PLDRError("--context and --stride go with --text FILE")
-    if args.log_samples and not args.output:
-        raise PLDRError(
-            "--log-samples needs --output FILE (the sample files are written beside it)"
-        )
     from pldr_llm.commands.common import progress_bars_only_on_a_terminal
 
     progress_bars_only_on_a_terminal()
@@ -246,29 +225,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         from lm_eval import simple_evaluate
-        from lm_eval.tasks import TaskManager
         from lm_eval.utils import make_table
     except ModuleNotFoundError as exc:
         raise PLDRError(f"pldr-llm eval needs '{exc.name}': pip install 'pldr-llm[eval]'") from None
 
-    from pldr_llm.eval import TASKS_DIR
     from pldr_llm.eval.lm_eval_model import PLDRLLMEvalModel
 
-    for folder in args.include_path:
-        if not Path(folder).is_dir():
-            raise PLDRError(f"--include-path {folder} is not a folder")
-    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    if not names:
-        raise PLDRError("--tasks names no task")
-    paths = [str(TASKS_DIR), *args.include_path]
-    # Indexing lm-eval's own few thousand task files takes seconds: skip it when the task folders
-    # given define every name asked for as a plain task (a group may name lm-eval's tasks).
-    manager = TaskManager(include_path=paths, include_defaults=False)
-    if not set(names) <= set(manager.all_subtasks):
-        manager = TaskManager(include_path=paths)
-    unknown = _unknown(manager, names)
-    if unknown:
-        raise PLDRError(f"unknown lm-eval task(s): {', '.join(unknown)} (see 'lm_eval ls tasks')")
+    names, manager = _tasks(args)
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
@@ -297,50 +260,106 @@ def run(args: argparse.Namespace) -> int:
     except PLDRError:
         raise
     except Exception as exc:
-        failed = _dataset_failure(exc)
-        if failed is None:
+        error = _dataset_error(exc, names, auto_offline)
+        if error is None:
             raise
-        task, dataset = failed
-        if dataset in _LOCAL_BUILDERS or Path(dataset).exists():
-            raise PLDRError(
-                f"task {task} could not load its dataset ({dataset}): {first_line(exc)}"
-            ) from None
-        offline = [
-            v
-            for v in _OFFLINE_ENV
-            if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-        ]
-        where = (
-            "the Hub could not be reached"
-            if auto_offline or not offline
-            else f"offline mode is on ({', '.join(offline)})"
-        )
-        raise PLDRError(
-            f"task {task} (of {', '.join(names)}) needs the dataset {dataset} from the "
-            f"Hugging Face Hub and {where}: {first_line(exc)}. Run once with network access "
-            "(the datasets cache keeps it) or point HF_DATASETS_CACHE at a cache that holds it"
-        ) from None
+        raise error from None
     if results is None:  # non-zero ranks of a distributed run
         return 0
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        keep = {
-            k: results[k]
-            for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot")
-            if k in results
-        }
-        keep["model"] = {"pretrained": args.model, "score_mode": args.score_mode}
-        from pldr_llm.core.fileio import atomic_write_text
-
-        atomic_write_text(out, json.dumps(keep, indent=2, default=str) + "\n")
-        print(f"pldr-llm: results written to {out}", file=sys.stderr)
+        _write_results(args, results)
     if args.log_samples:
         write_samples(results.get("samples") or {}, Path(args.output), args.force)
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The option values no evaluation can run with, as a :class:`PLDRError`."""
+    from pldr_llm.core.errors import PLDRError
+
+    if args.limit is not None and not args.limit > 0:
+        raise PLDRError(
+            f"--limit must be positive (a count, or a fraction of each task below 1), got "
+            f"{args.limit:g}"
+        )
+    if args.batch_size < 1:
+        raise PLDRError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.text is None and args.log_samples and not args.output:
+        raise PLDRError(
+            "--log-samples needs --output FILE (the sample files are written beside it)"
+        )
+
+
+def _tasks(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """``--tasks``' names, each known to the returned lm-eval ``TaskManager``."""
+    from lm_eval.tasks import TaskManager
+
+    from pldr_llm.core.errors import PLDRError
+    from pldr_llm.eval import TASKS_DIR
+
+    for folder in args.include_path:
+        if not Path(folder).is_dir():
+            raise PLDRError(f"--include-path {folder} is not a folder")
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if not names:
+        raise PLDRError("--tasks names no task")
+    paths = [str(TASKS_DIR), *args.include_path]
+    # Indexing lm-eval's own few thousand task files takes seconds: skip it when the task folders
+    # given define every name asked for as a plain task (a group may name lm-eval's tasks).
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not set(names) <= set(manager.all_subtasks):
+        manager = TaskManager(include_path=paths)
+    unknown = _unknown(manager, names)
+    if unknown:
+        raise PLDRError(f"unknown lm-eval task(s): {', '.join(unknown)} (see 'lm_eval ls tasks')")
+    return names, manager
+
+
+def _dataset_error(exc: Exception, names: list[str], auto_offline: bool) -> Exception | None:
+    """The one-line error for a task whose dataset could not be loaded, or None if ``exc`` is
+    not that (it is then re-raised as it is)."""
+    from pldr_llm.core.errors import PLDRError
+
+    failed = _dataset_failure(exc)
+    if failed is None:
+        return None
+    task, dataset = failed
+    if dataset in _LOCAL_BUILDERS or Path(dataset).exists():
+        return PLDRError(f"task {task} could not load its dataset ({dataset}): {first_line(exc)}")
+    offline = [
+        v
+        for v in _OFFLINE_ENV
+        if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+    ]
+    where = (
+        "the Hub could not be reached"
+        if auto_offline or not offline
+        else f"offline mode is on ({', '.join(offline)})"
+    )
+    return PLDRError(
+        f"task {task} (of {', '.join(names)}) needs the dataset {dataset} from the "
+        f"Hugging Face Hub and {where}: {first_line(exc)}. Run once with network access "
+        "(the datasets cache keeps it) or point HF_DATASETS_CACHE at a cache that holds it"
+    )
+
+
+def _write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """``--output``: the results, groups and task configurations as JSON."""
+    from pldr_llm.core.fileio import atomic_write_text
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keep = {
+        k: results[k]
+        for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot")
+        if k in results
+    }
+    keep["model"] = {"pretrained": args.model, "score_mode": args.score_mode}
+    atomic_write_text(out, json.dumps(keep, indent=2, default=str) + "\n")
+    print(f"pldr-llm: results written to {out}", file=sys.stderr)
 
 
 def samples_path(output: Path, task: str) -> Path:

@@ -45,6 +45,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "one prompt per line (blank lines skipped), generated in batches; '-' reads stdin",
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=50, metavar="N", help="default: 50")
+    _add_sampling_arguments(p)
+    _add_decoding_arguments(p)
+    add_model_arguments(p)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument(
+        "--stop",
+        nargs="+",
+        default=None,
+        metavar="STR",
+        help="stop a row when its new text contains STR (the text is cut before it)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per batch (16)")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """How the next token is chosen: sampling, penalties, biases, stop ids and log-probabilities."""
     p.add_argument(
         "--temperature",
         "-t",
@@ -118,6 +136,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --jsonl: each new token's log-probability and its top N alternatives (0-20)",
     )
+
+
+def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """How the decoding loop runs: its caches, seed, compilation and timings."""
     p.add_argument(
         "--no-kv-cache", action="store_true", help="recompute the whole sequence each step"
     )
@@ -144,18 +166,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print a JSON line of timings on stderr (generation, capture/compile, tokens/s)",
     )
-    add_model_arguments(p)
-    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    p.add_argument(
-        "--stop",
-        nargs="+",
-        default=None,
-        metavar="STR",
-        help="stop a row when its new text contains STR (the text is cut before it)",
-    )
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per batch (16)")
-    p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
-    p.add_argument("--quiet", "-q", action="store_true", help="no logs on stderr")
 
 
 # ---------------------------------------------------------------------- helpers

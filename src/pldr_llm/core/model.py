@@ -206,72 +206,21 @@ class PLDRModel(nn.Module):
         whether ``input_ids`` holds ``pad_id`` (original semantics, no ``attention_mask``, no
         cache) instead of finding out on the device. With both, a forward reads nothing back.
         """
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-            if attention_mask is not None and attention_mask.dim() == 1:
-                attention_mask = attention_mask.unsqueeze(0)
-        if input_ids.dim() != 2:
-            raise PLDRError(
-                f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}"
-            )
-        batch, length = input_ids.shape
-        if length == 0:
-            raise PLDRError("input_ids is empty")
-        vocab = self.config.input_vocab_size
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise PLDRError(f"input_ids must be integer ids, got {input_ids.dtype}")
-        if check_ids:
-            check_token_range(int(input_ids.min()), int(input_ids.max()), vocab)
-        if labels is not None and labels.shape != input_ids.shape:
-            raise PLDRError(
-                f"labels shape {tuple(labels.shape)} differs from input_ids shape "
-                f"{tuple(input_ids.shape)}"
-            )
-        device = input_ids.device
-
-        past_len = cache.seq_len if cache is not None else 0
-        if past_len + length > self.config.max_seq_len:
-            raise PLDRError(
-                f"sequence length {past_len + length} exceeds max_seq_len={self.config.max_seq_len}"
-            )
-        per_row = attention_mask is not None or (cache is not None and cache.per_row)
-
-        # Which new positions are tokens (not padding), and their rotary positions.
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise PLDRError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
-                    f"shape {tuple(input_ids.shape)}"
-                )
-            new_valid = attention_mask.to(device=device, dtype=torch.bool)
-        elif per_row:
-            new_valid = torch.ones_like(input_ids, dtype=torch.bool)
-        else:
-            new_valid = input_ids != self.config.pad_id
-
-        if per_row:
-            start = (
-                cache.next_position.to(device)
-                if cache is not None and cache.next_position is not None
-                else torch.zeros(batch, dtype=torch.long, device=device)
-            )
-            positions = start[:, None] + row_positions(new_valid)
-            next_position = start + new_valid.long().sum(1)
-        else:
-            positions = torch.arange(past_len, past_len + length, device=device)
-            next_position = None
-
-        past_valid = cache.key_valid if cache is not None and cache.key_valid is not None else None
-        if past_len and past_valid is None:
-            past_valid = torch.ones(batch, past_len, dtype=torch.bool, device=device)
-        key_valid = (
-            new_valid if past_valid is None else torch.cat((past_valid.to(device), new_valid), 1)
+        input_ids, attention_mask = self._checked_inputs(
+            input_ids, attention_mask, labels, check_ids
         )
-
+        device = input_ids.device
+        past_len = cache.seq_len if cache is not None else 0
+        per_row = attention_mask is not None or (cache is not None and cache.per_row)
+        new_valid, positions, next_position, key_valid = self._token_positions(
+            input_ids, attention_mask, cache, per_row
+        )
         known_valid = None
         if key_padding is not None and not per_row and past_len == 0:
             known_valid = not key_padding
-        bias, is_causal = self.attention_mask_bias(key_valid, length, past_len, known_valid)
+        bias, is_causal = self.attention_mask_bias(
+            key_valid, input_ids.shape[1], past_len, known_valid
+        )
         query_valid = new_valid if per_row else None
 
         hidden, kv_entries, g_entries, deductive = self.run_layers(
@@ -317,6 +266,79 @@ class PLDRModel(nn.Module):
             loss=loss,
             correct=correct,
         )
+
+    def _checked_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        labels: Tensor | None,
+        check_ids: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``input_ids`` and ``attention_mask`` as [B, L], or a :class:`PLDRError` saying why not."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+            if attention_mask is not None and attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise PLDRError(
+                f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}"
+            )
+        if input_ids.shape[1] == 0:
+            raise PLDRError("input_ids is empty")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise PLDRError(f"input_ids must be integer ids, got {input_ids.dtype}")
+        if check_ids:
+            check_token_range(
+                int(input_ids.min()), int(input_ids.max()), self.config.input_vocab_size
+            )
+        for name, other in (("labels", labels), ("attention_mask", attention_mask)):
+            if other is not None and other.shape != input_ids.shape:
+                raise PLDRError(
+                    f"{name} shape {tuple(other.shape)} differs from input_ids shape "
+                    f"{tuple(input_ids.shape)}"
+                )
+        return input_ids, attention_mask
+
+    def _token_positions(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        cache: PLDRCache | None,
+        per_row: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Which new positions are tokens (not padding), their rotary positions, each row's next
+        position (per-row sequences only) and which keys, cached and new, are tokens."""
+        batch, length = input_ids.shape
+        device = input_ids.device
+        past_len = cache.seq_len if cache is not None else 0
+        if past_len + length > self.config.max_seq_len:
+            raise PLDRError(
+                f"sequence length {past_len + length} exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        if attention_mask is not None:
+            new_valid = attention_mask.to(device=device, dtype=torch.bool)
+        elif per_row:
+            new_valid = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            new_valid = input_ids != self.config.pad_id
+        if per_row:
+            start = (
+                cache.next_position.to(device)
+                if cache is not None and cache.next_position is not None
+                else torch.zeros(batch, dtype=torch.long, device=device)
+            )
+            positions = start[:, None] + row_positions(new_valid)
+            next_position = start + new_valid.long().sum(1)
+        else:
+            positions = torch.arange(past_len, past_len + length, device=device)
+            next_position = None
+        past_valid = cache.key_valid if cache is not None and cache.key_valid is not None else None
+        if past_len and past_valid is None:
+            past_valid = torch.ones(batch, past_len, dtype=torch.bool, device=device)
+        key_valid = (
+            new_valid if past_valid is None else torch.cat((past_valid.to(device), new_valid), 1)
+        )
+        return new_valid, positions, next_position, key_valid
 
     def run_layers(
         self,

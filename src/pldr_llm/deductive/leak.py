@@ -131,6 +131,54 @@ def _g_stack(cache: Any) -> list[Tensor]:
     return [e.G_LM.detach().to("cpu", torch.float64) for e in cache.g]
 
 
+def _causal_pass(
+    model: Any, seq: Tensor, g_full: list[Tensor], block: int
+) -> tuple[Tensor, list[Tensor]]:
+    """Each prefix ``seq[:t+1]`` (t = 0 .. L-2) on its own, left-padded into batches of ``block``
+    rows: its next-token logits [L-1, vocab] and, per layer, the summed squared difference of
+    its G_LM from the full pass's ``g_full``."""
+    length = int(seq.shape[1])
+    causal_logits = []
+    sq_causal = [torch.zeros(()) for _ in g_full]
+    for start in range(0, length - 1, block):
+        ends = range(start + 1, min(start + block, length - 1) + 1)  # prefix lengths
+        width = ends[-1]
+        batch_ids = seq.new_full((len(ends), width), model.config.eos_id)  # any non-pad id
+        mask = torch.zeros(len(ends), width, dtype=torch.long, device=seq.device)
+        for row, end in enumerate(ends):
+            batch_ids[row, width - end :] = seq[0, :end]
+            mask[row, width - end :] = 1
+        out = model(batch_ids, attention_mask=mask, logits_to_keep=1)
+        causal_logits.append(out.logits[:, -1])
+        for index, g in enumerate(_g_stack(out.cache)):
+            # One G_LM per row ([1, ...] when it does not depend on the text: v510G).
+            diff = g.expand(len(ends), -1, -1, -1) - g_full[index]
+            sq_causal[index] = sq_causal[index] + diff.pow(2).sum()
+    return torch.cat(causal_logits), sq_causal
+
+
+def _layer_leaks(
+    g_full: list[Tensor], g_prompt: list[Tensor], sq_causal: list[Tensor], prefixes: int
+) -> list[LayerLeak]:
+    """Per layer: how far the causal passes' and the prompt's G_LM are from the full pass's."""
+    layers = []
+    for index, (gf, gp) in enumerate(zip(g_full, g_prompt, strict=True)):
+        rms = float(gf.pow(2).mean().sqrt())
+        causal = float((sq_causal[index] / (gf.numel() * prefixes)).sqrt())
+        prompt_rmse = float((gp - gf).pow(2).mean().sqrt())
+        layers.append(
+            LayerLeak(
+                layer=index,
+                g_rms_full=rms,
+                g_rmse_causal=causal,
+                g_rmse_causal_relative=causal / rms if rms > 0 else 0.0,
+                g_rmse_prompt=prompt_rmse,
+                g_rmse_prompt_relative=prompt_rmse / rms if rms > 0 else 0.0,
+            )
+        )
+    return layers
+
+
 @torch.no_grad()
 def leak_audit(
     model: Any,
@@ -174,24 +222,8 @@ def leak_audit(
         loss_full = _token_losses(full.logits[0], targets)
         g_full = _g_stack(full.cache)
 
-        # Causal: prefix ids[:t+1] for t = 0 .. L-2, left-padded into batches of `block` rows.
-        causal_logits = []
-        sq_causal = [torch.zeros(()) for _ in g_full]
-        for start in range(0, length - 1, block):
-            ends = range(start + 1, min(start + block, length - 1) + 1)  # prefix lengths
-            width = ends[-1]
-            batch_ids = seq.new_full((len(ends), width), config.eos_id)  # any non-pad id
-            mask = torch.zeros(len(ends), width, dtype=torch.long, device=device)
-            for row, end in enumerate(ends):
-                batch_ids[row, width - end :] = seq[0, :end]
-                mask[row, width - end :] = 1
-            out = model(batch_ids, attention_mask=mask, logits_to_keep=1)
-            causal_logits.append(out.logits[:, -1])
-            for index, g in enumerate(_g_stack(out.cache)):
-                # One G_LM per row ([1, ...] when it does not depend on the text: v510G).
-                diff = g.expand(len(ends), -1, -1, -1) - g_full[index]
-                sq_causal[index] = sq_causal[index] + diff.pow(2).sum()
-        loss_causal = _token_losses(torch.cat(causal_logits), targets)
+        causal_logits, sq_causal = _causal_pass(model, seq, g_full, block)
+        loss_causal = _token_losses(causal_logits, targets)
 
         # Generation: the prompt pass, then the rest with its KV- and G-cache (A, G_LM frozen).
         prompt = model(seq[:, :prompt_len])
@@ -200,22 +232,7 @@ def leak_audit(
         loss_gen = _token_losses(torch.cat(gen_logits), targets[prompt_len - 1 :])
         g_prompt = _g_stack(prompt.cache)
 
-    layers = []
-    for index, (gf, gp) in enumerate(zip(g_full, g_prompt, strict=True)):
-        rms = float(gf.pow(2).mean().sqrt())
-        causal = float((sq_causal[index] / (gf.numel() * (length - 1))).sqrt())
-        prompt_rmse = float((gp - gf).pow(2).mean().sqrt())
-        layers.append(
-            LayerLeak(
-                layer=index,
-                g_rms_full=rms,
-                g_rmse_causal=causal,
-                g_rmse_causal_relative=causal / rms if rms > 0 else 0.0,
-                g_rmse_prompt=prompt_rmse,
-                g_rmse_prompt_relative=prompt_rmse / rms if rms > 0 else 0.0,
-            )
-        )
-
+    layers = _layer_leaks(g_full, g_prompt, sq_causal, length - 1)
     lf, lc, lg = (x.cpu().numpy() for x in (loss_full, loss_causal, loss_gen))
     window = slice(prompt_len - 1, None)
     overall = {

@@ -23,7 +23,7 @@ continuation is scored:
   is filled with padding rows, so a run uses a handful of [batch_size, width] shapes; a shape's
   forward is captured in a CUDA graph the second time it comes
   (:class:`pldr_llm.generation.captured.CapturedForward`, one per shape, a few kept) and
-  replayed from then on. Elsewhere every chunk runs ``model.forward``, padded only to its
+  replayed from then on (:mod:`pldr_llm.eval.full_scoring`). Elsewhere every chunk runs ``model.forward``, padded only to its
   longest input (``width_multiple`` 1). Padding is masked per row, so neither changes a
   request's log-probabilities beyond float rounding.
 * ``score_mode=cached``: the decoding loop itself (:class:`pldr_llm.generation.DecodeEngine`)
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,8 +53,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from torch import Tensor
 
-from pldr_llm.core.cache import GCacheEntry, PLDRCache, prepare_g_init
+from pldr_llm.core.cache import GCacheEntry, prepare_g_init
 from pldr_llm.core.errors import PLDRError
+from pldr_llm.eval.full_scoring import DEFAULT_WIDTH_MULTIPLE, FullScorer
 from pldr_llm.eval.model_args import (
     DEFAULT_BATCH_SIZE,
     as_bool,
@@ -63,19 +64,10 @@ from pldr_llm.eval.model_args import (
     positive_int,
 )
 from pldr_llm.generation import find_stop, generate_details
-from pldr_llm.generation.captured import CapturedForward
 
 log = logging.getLogger(__name__)
 
 SCORE_MODES = ("full", "cached")
-#: ``score_mode=full`` pads a chunk's width up to a multiple of this (capped at max_seq_len).
-DEFAULT_WIDTH_MULTIPLE = 64
-#: Captured forwards kept at once. Requests are scored longest first, so each shape's chunks
-#: come together and a shape once left is rarely met again; each graph holds its activations.
-MAX_CAPTURED = 4
-#: Uses of a shape by the eager forward before it is captured: a shape met once is not worth
-#: a capture (warm-up passes plus the capture cost more than the one forward).
-EAGER_USES_BEFORE_CAPTURE = 1
 
 # One scoring request after tokenization: (request key, context ids, continuation ids).
 TokenRequest = tuple[Any, list[int], list[int]]
@@ -182,10 +174,15 @@ class PLDRLLMEvalModel(TemplateLM):
         if width_multiple is None:
             width_multiple = DEFAULT_WIDTH_MULTIPLE if self.cuda_graph else 1
         self.width_multiple = positive_int(width_multiple, "width_multiple")
-        #: captured forwards by [rows, width], least recently used first (at most MAX_CAPTURED)
-        self._captured: OrderedDict[tuple[int, int], CapturedForward] = OrderedDict()
-        #: how often each [rows, width] ran (decides when a shape is captured)
-        self.shape_uses: Counter[tuple[int, int]] = Counter()
+        #: ``score_mode=full``'s padded chunks and their captured forwards
+        self.full_scorer = FullScorer(
+            self.model,
+            self.batch_size,
+            self.width_multiple,
+            self.cuda_graph,
+            self.g_init,
+            filler_id=self.eot_token_id,
+        )
 
     # ------------------------------------------------------------------ lm-eval properties
     @property
@@ -227,85 +224,15 @@ class PLDRLLMEvalModel(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     # ------------------------------------------------------------------ scoring
-    def _g_cache(self) -> PLDRCache | None:
-        return PLDRCache(g=self.g_init) if self.g_init is not None else None
-
-    def _padded_shape(self, inputs: list[list[int]]) -> tuple[int, int]:
-        """[rows, width] of a chunk: with ``width_multiple`` > 1, ``batch_size`` rows and the
-        longest input rounded up to the multiple (at most max_seq_len), so shapes repeat."""
-        longest = max(len(x) for x in inputs)
-        if self.width_multiple == 1:
-            return len(inputs), longest
-        step = self.width_multiple
-        width = min(-(-longest // step) * step, int(self.model.config.max_seq_len))
-        return max(self.batch_size, len(inputs)), max(width, longest)
-
-    def _captured_forward(self, shape: tuple[int, int]) -> CapturedForward | None:
-        """The captured forward of ``shape`` once it is worth one (else None: run eagerly)."""
-        self.shape_uses[shape] += 1
-        if not self.cuda_graph:
-            return None
-        forward = self._captured.get(shape)
-        if forward is not None:
-            self._captured.move_to_end(shape)
-            return forward
-        if self.shape_uses[shape] <= EAGER_USES_BEFORE_CAPTURE:
-            return None
-        while len(self._captured) >= MAX_CAPTURED:
-            self._captured.popitem(last=False)  # frees that graph's memory
-        forward = CapturedForward(
-            self.model,
-            *shape,
-            cuda_graph=self._device.type == "cuda",
-            padded=True,
-            g=self.g_init,
-            output_hidden_states=True,
-        )
-        self._captured[shape] = forward
-        return forward
+    @property
+    def shape_uses(self) -> Counter[tuple[int, int]]:
+        """How often each [rows, width] chunk shape of ``score_mode=full`` ran."""
+        return self.full_scorer.shape_uses
 
     @property
     def captured_shapes(self) -> list[tuple[int, int]]:
         """The [rows, width] shapes whose captured forwards are kept now."""
-        return list(self._captured)
-
-    def _score_full(self, inputs: list[list[int]], spans: list[tuple[int, int]]) -> list[Tensor]:
-        """Log-probabilities [span, V] of each input's scored positions ``[start, end)``."""
-        model, device = self.model, self._device
-        shape = self._padded_shape(inputs)
-        ids = torch.full(shape, model.config.pad_id, dtype=torch.long)
-        mask = torch.zeros(shape, dtype=torch.long)
-        for row, x in enumerate(inputs):
-            ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, : len(x)] = 1
-        # Filler rows (a short last chunk) hold one token each, the end-of-text id, so that no
-        # row is padding only (its queries would have no key to attend to). Never read.
-        ids[len(inputs) :, 0] = self.eot_token_id
-        mask[len(inputs) :, 0] = 1
-        captured = self._captured_forward(shape)
-        if captured is not None:
-            # copied from the host straight into the graph's static input buffers
-            hidden = captured(ids, mask).hidden_states
-        else:
-            hidden = model(
-                ids.to(device),
-                attention_mask=mask.to(device),
-                cache=self._g_cache(),
-                output_hidden_states=True,
-                logits_to_keep=1,
-            ).hidden_states
-        assert hidden is not None
-        return self._head(hidden, spans)
-
-    def _head(self, hidden: Tensor, spans: list[tuple[int, int]]) -> list[Tensor]:
-        # Logits only where they are scored: [sum of spans, d_model] through the LM head.
-        rows = torch.cat(
-            [torch.full((e - s,), r, dtype=torch.long) for r, (s, e) in enumerate(spans)]
-        )
-        cols = torch.cat([torch.arange(s, e, dtype=torch.long) for s, e in spans])
-        picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]
-        logprobs = F.log_softmax(self.model.final_layer(picked).float(), dim=-1)
-        return list(torch.split(logprobs, [e - s for s, e in spans]))
+        return self.full_scorer.captured_shapes
 
     def _score_cached(self, contexts: list[list[int]], conts: list[list[int]]) -> list[Tensor]:
         """Log-probabilities of each continuation as the generator gives them: the decoding loop
@@ -388,7 +315,7 @@ class PLDRLLMEvalModel(TemplateLM):
                 # A row scores the longest continuation of its group; shorter ones share its tail.
                 longest = [max(len(prepared[i][1]) for i in members) for _, members in chunk]
                 spans = [(len(x) - n, len(x)) for x, n in zip(inputs, longest)]
-                logprobs = self._score_full(inputs, spans)
+                logprobs = self.full_scorer.score(inputs, spans)
                 for (_, members), lp in zip(chunk, logprobs):
                     for index in members:
                         results[index] = self._answer(lp, prepared[index][1])

@@ -32,6 +32,16 @@ from pldr_llm.core.fileio import refused_global
 __all__ = ["read_dcp_metadata", "safe_dcp_load"]
 
 _METADATA_FILE = ".metadata"
+#: torch.distributed.checkpoint.metadata's classes a DCP pickle may name (those this torch has)
+_METADATA_CLASSES = (
+    "Metadata",
+    "MetadataIndex",
+    "StorageMeta",
+    "TensorProperties",
+    "TensorStorageMetadata",
+    "ChunkStorageMetadata",
+    "BytesStorageMetadata",
+)
 
 
 def _layout(name: Any) -> torch.layout:
@@ -54,16 +64,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("collections", "OrderedDict"): dict,
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
     }
-    for name in (
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorProperties",
-        "TensorStorageMetadata",
-        "ChunkStorageMetadata",
-        "BytesStorageMetadata",
-        "_MEM_FORMAT_ENCODING",
-    ):
+    for name in (*_METADATA_CLASSES, "_MEM_FORMAT_ENCODING"):
         if hasattr(metadata, name):
             table[("torch.distributed.checkpoint.metadata", name)] = getattr(metadata, name)
     for name, value in vars(torch).items():
@@ -76,16 +77,7 @@ def _buildable_types() -> tuple[type, ...]:
     """The classes whose *instances* a pickle may set state on (never the classes themselves)."""
     from torch.distributed.checkpoint import filesystem, metadata
 
-    names = (
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorProperties",
-        "TensorStorageMetadata",
-        "ChunkStorageMetadata",
-        "BytesStorageMetadata",
-    )
-    found = [getattr(metadata, n) for n in names if hasattr(metadata, n)]
+    found = [getattr(metadata, n) for n in _METADATA_CLASSES if hasattr(metadata, n)]
     return (*found, filesystem._StorageInfo)
 
 

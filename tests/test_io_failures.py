@@ -1,5 +1,6 @@
-"""A newcomer's first hour (issue 12): every I/O failure and bad input is one line and exit 2,
-a failed save loses nothing, model files are readable by others, perplexity on a text file."""
+"""I/O failures and bad inputs at the command line (issue 12): each is one line and exit 2, a
+failed save loses nothing, model files are readable by others; also perplexity on a text file
+and the README's Python block."""
 
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ def test_truncated_model_file_is_one_line_naming_it(
 # ------------------------------------------------------------------ failed writes lose nothing
 
 
+@pytest.mark.slow
 def test_file_size_limit_during_convert_keeps_the_previous_model(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -143,6 +145,7 @@ def test_file_size_limit_during_convert_keeps_the_previous_model(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_file_size_limit_during_hf_export(model_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     out = tmp_path / "hf"
@@ -388,6 +391,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_file_size_limit_during_training_keeps_the_checkpoints(
     short_run: Path, tmp_path: Path
 ) -> None:
@@ -457,6 +461,7 @@ def test_test_data_is_self_contained() -> None:
         assert path.name in (data / "README.md").read_text() or path.name == "README.md", path
 
 
+@pytest.mark.slow
 def test_divergence_advice_can_be_followed(short_run: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(short_run, run)
