@@ -381,3 +381,34 @@ def test_routed_num_return_sequences_are_seeded_native_samples(model, native_cal
         want = generate(model.core, prompt, 6, seed=11 + copy, stop_at_eos=False)
         assert torch.equal(out[copy::3], want)
     assert not torch.equal(out[0], out[1])  # the copies differ
+
+
+def test_stop_strings_criterion_is_incremental_and_stops_where_a_whole_decode_does(tok):
+    """The native ``stop_strings`` check of a PLDR tokenizer decodes only the newest ids; it
+    must stop at the id where decoding the whole text each step (the check any other tokenizer
+    gets) does, a stop string beginning in the prompt included."""
+    import random
+
+    from pldr_llm.core.modeling_pldrllm import _stop_string_check
+
+    class Plain:  # the same decoding, without the PLDR tokenizer's marks: the whole-text check
+        def __init__(self, inner) -> None:
+            self.decode = inner.decode
+
+    r = random.Random(3)
+    prompt = tok("Say the list of", return_tensors="pt")["input_ids"]
+    prompt_text = tok.decode(prompt[0].tolist())
+    new = [r.randrange(3, tok.vocab_size) for _ in range(120)]
+    text = tok.decode(prompt[0].tolist() + new)
+    inside = text[len(prompt_text) + 40 : len(prompt_text) + 43]
+    across = (
+        prompt_text[-2:] + text[len(prompt_text) : len(prompt_text) + 2]
+    )  # starts in the prompt
+    for stops in ([inside], [across, "\u0000never"], ["e", "zzzz"], ["@@never@@"]):
+        fast = _stop_string_check(tok, stops, prompt)
+        whole = _stop_string_check(Plain(tok), stops, prompt)
+        assert type(fast) is not type(whole)  # really the incremental check
+        got = next((j for j in range(1, len(new) + 1) if fast(0, new[:j])), None)
+        want = next((j for j in range(1, len(new) + 1) if whole(0, new[:j])), None)
+        assert got == want
+        assert (want is None) == (stops == ["@@never@@"])

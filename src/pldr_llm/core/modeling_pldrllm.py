@@ -58,6 +58,7 @@ from .model import PLDRModel
 from .plga import MASK_VALUE, Deductive
 from .rope import RotaryEmbedding
 from .sampling import filter_logits
+from .text import StopStrings
 
 try:  # the model keyword transformers carries a cache under: "cache" from 5.24, before that
     # "past_key_values" (beam search reorders, assisted decoding crops what it holds)
@@ -875,13 +876,21 @@ def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor
 def _stop_string_check(tokenizer: Any, stops: list[str], ids: Tensor) -> Any:
     """A native stopping criterion: the newest token completes one of ``stops`` in the text of
     prompt + new ids (as transformers' ``StopStringCriteria``: a stop string may begin in the
-    prompt or in earlier tokens, and must end in the newest)."""
+    prompt or in earlier tokens, and must end in the newest).
+
+    A PLDR-LLM tokenizer gets the incremental :class:`~.text.StopStrings` (each step decodes only
+    the ids since the last whole character: decoding all the text each step made
+    ``stop_strings`` the slowest native option); another tokenizer, whose decoding may not be
+    piece by piece, decodes the whole text, once per step."""
     prompts = ids.tolist()
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if getattr(tokenizer, "decodes_continuations", False) and isinstance(unk, int):
+        return StopStrings(_AnchoredDecoder(tokenizer, unk), prompts, stops, stops_in_prompt=True)
+    lengths = [len(tokenizer.decode(p)) for p in prompts]  # each row's text before the newest id
 
     def stop(row: int, new_ids: list[int]) -> bool:
-        full = prompts[row] + list(new_ids)
-        text = tokenizer.decode(full)
-        before = len(tokenizer.decode(full[:-1]))
+        text = tokenizer.decode(prompts[row] + list(new_ids))
+        before, lengths[row] = lengths[row], len(text)
         for s in stops:
             start = text.find(s, max(0, before - len(s) + 1))
             if start != -1 and start + len(s) > before:
@@ -889,6 +898,15 @@ def _stop_string_check(tokenizer: Any, stops: list[str], ids: Tensor) -> Any:
         return False
 
     return stop
+
+
+class _AnchoredDecoder:
+    """A transformers tokenizer as :class:`~.text.Detokenizer` reads one: ``decode`` and the
+    ``unk_id`` it decodes new ids after."""
+
+    def __init__(self, tokenizer: Any, unk_id: int) -> None:
+        self.decode = tokenizer.decode
+        self.unk_id = unk_id
 
 
 def _sample_copies(
