@@ -316,8 +316,9 @@ def repeating_model(hf):
 
 
 def _transformers_loop(model, prompt, **options):
-    """transformers' own loop on the same model (asking for scores keeps it off the native one)."""
-    out = model.generate(prompt, return_dict_in_generate=True, output_scores=True, **options)
+    """transformers' own loop on the same model (``output_attentions``, even False, is not an
+    argument of the native loop: it keeps the call off it)."""
+    out = model.generate(prompt, return_dict_in_generate=True, output_attentions=False, **options)
     return out.sequences
 
 
@@ -412,3 +413,33 @@ def test_stop_strings_criterion_is_incremental_and_stops_where_a_whole_decode_do
         want = next((j for j in range(1, len(new) + 1) if whole(0, new[:j])), None)
         assert got == want
         assert (want is None) == (stops == ["@@never@@"])
+
+
+def test_routed_scores_and_logits_equal_transformers_loop(model):
+    """``output_scores`` / ``output_logits`` of one greedy row run on the native loop and give
+    transformers' tuples: one [1, V] float32 tensor per new token, ids equal, values equal up to
+    float32 rounding (the native step and transformers' forward sum in different orders)."""
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    options = dict(
+        max_new_tokens=6, do_sample=False, eos_token_id=None, return_dict_in_generate=True
+    )
+    routed = model.generate(prompt, output_scores=True, output_logits=True, **options)
+    own = model.generate(
+        prompt, output_scores=True, output_logits=True, output_attentions=False, **options
+    )
+    assert torch.equal(routed.sequences, own.sequences)
+    assert len(routed.scores) == len(own.scores) == len(routed.logits) == 6
+    for got, want, raw in zip(routed.scores, own.scores, routed.logits):
+        assert got.shape == want.shape == (1, model.config.vocab_size)
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got, raw)  # greedy, nothing processed: scores are the logits
+    assert routed.cache is None and own.cache is not None  # (the native loop returns none)
+    only_scores = model.generate(prompt, output_scores=True, **options)
+    assert only_scores.logits is None and len(only_scores.scores) == 6
+    # What the native loop cannot score as transformers does stays on transformers' loop (which
+    # returns its cache): a processed score (repetition penalty) and a batch (transformers
+    # still scores the padding of finished rows).
+    penalized = model.generate(prompt, output_scores=True, repetition_penalty=1.3, **options)
+    batch = model.generate(torch.cat([prompt, prompt]), output_scores=True, **options)
+    assert penalized.cache is not None and batch.cache is not None

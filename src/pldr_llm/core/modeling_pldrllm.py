@@ -785,8 +785,13 @@ LOOP_ARGS = frozenset(
         "num_beams",
         "seed",
         "compile",
+        "output_scores",
+        "output_logits",
+        "return_dict_in_generate",
     }
 )
+#: What a ``return_dict_in_generate`` output holds on the native loop.
+OUTPUT_ARGS = ("output_scores", "output_logits", "return_dict_in_generate")
 
 
 def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor | None:
@@ -810,6 +815,9 @@ def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor
     mask = kwargs.get("attention_mask")
     if mask is not None and bool(mask.bool().all()):
         mask = None
+    outputs = {k: bool(kwargs.get(k, getattr(config, k, False))) for k in OUTPUT_ARGS}
+    if outputs["return_dict_in_generate"]:
+        return _native_output(model, kwargs, ids, mask, options, copies, outputs)
     streamer = kwargs.get("streamer")
     if streamer is not None:
         if ids.shape[0] * copies != 1:
@@ -825,6 +833,43 @@ def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor
     finally:
         if streamer is not None:
             streamer.end()
+
+
+def _native_output(
+    model: PldrllmForCausalLM,
+    kwargs: dict[str, Any],
+    ids: Tensor,
+    mask: Tensor | None,
+    options: dict[str, Any],
+    copies: int,
+    outputs: dict[str, bool],
+) -> Any:
+    """transformers' ``GenerateDecoderOnlyOutput`` from the native loop: ``sequences`` and, per
+    step, the [B, V] float32 ``scores`` / ``logits``; None where transformers' loop is needed.
+
+    The native loop keeps each step's raw logits, which are transformers' ``scores`` only when
+    no logits processor changes them (greedy, no repetition penalty, no ``min_new_tokens``), and
+    it stops computing a row at its end, where transformers' loop still scores the padding it
+    feeds a finished row: one row only. No cache is returned (``cache`` is None)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    from .generate import generate_details
+
+    processed = (
+        options.get("temperature") is not None
+        or options["repetition_penalty"] != 1.0
+        or options["min_new_tokens"] > 0
+    )
+    if ids.shape[0] * copies != 1 or kwargs.get("streamer") is not None or processed:
+        return None
+    keep = outputs["output_scores"] or outputs["output_logits"]
+    out = generate_details(model.core, ids, attention_mask=mask, output_logits=keep, **options)
+    steps = tuple(out.step_logits) if keep else None
+    return GenerateDecoderOnlyOutput(
+        sequences=out.ids,
+        scores=steps if outputs["output_scores"] else None,
+        logits=steps if outputs["output_logits"] else None,
+    )
 
 
 def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor) -> Any:
