@@ -102,6 +102,33 @@ def test_streamer_and_stopping_criteria(tiny_model):
     assert [s[0] for s in seen] == out.new_ids[0]
 
 
+def test_stopping_criteria_in_blocks_drop_what_follows_the_stop(tiny_model):
+    """Without a streamer the criterion reads blocks of steps: each row ends exactly at the id
+    where the criterion said stop (the rest of its block dropped), the others go on, and every
+    row's ids are the prefix of what it generates without the criterion."""
+    from pldr_llm.core.generate import STOP_CHECK_BLOCK
+
+    prompts = [[4, 5, 6], [7, 8, 9, 10], [11, 12]]
+    n = 3 * STOP_CHECK_BLOCK
+    free = generate_details(tiny_model, prompts, n, top_k=1, stop_at_eos=False).new_ids
+    stop_at = [2, STOP_CHECK_BLOCK + 3, None]  # inside the first block, inside the second, never
+    calls = []
+
+    def criteria(row: int, new: list[int]) -> bool:
+        calls.append((row, len(new)))
+        return stop_at[row] is not None and len(new) >= stop_at[row]
+
+    out = generate_details(
+        tiny_model, prompts, n, top_k=1, stop_at_eos=False, stopping_criteria=criteria
+    )
+    assert [len(ids) for ids in out.new_ids] == [2, STOP_CHECK_BLOCK + 3, n]
+    for row, ids in enumerate(out.new_ids):
+        assert ids == free[row][: len(ids)]
+        # called once per kept id, never for the ids generated past the stop
+        assert [k for r, k in calls if r == row] == list(range(1, len(ids) + 1))
+    assert out.ids[1] == prompts[1] + out.new_ids[1]
+
+
 def test_empty_prompt_starts_from_end_of_text(tiny_model):
     out = generate(tiny_model, torch.tensor([], dtype=torch.long), 3, top_k=1, stop_at_eos=False)
     assert out[0].item() == 3 and out.numel() == 4

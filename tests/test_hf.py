@@ -326,7 +326,13 @@ def test_transformers_loop_takes_a_G_init_per_row(golden_model, hf):
     assert not torch.equal(out.sequences[0], out.sequences[1])  # the rows' G differ
     three = [torch.cat([g, g[:1]]) for g in g_rows]  # 3 rows of G for 2 prompts
     with pytest.raises(PLDRError, match="needs \\[1 or 2, "):
-        model.generate(prompts, max_new_tokens=2, G_init=three, output_scores=True)
+        model.generate(
+            prompts,
+            max_new_tokens=2,
+            G_init=three,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     with pytest.raises(PLDRError, match="needs \\[1, "):  # the native loop: one G per layer
         model.generate(prompts, max_new_tokens=2, G_init=g_rows)
 
@@ -415,6 +421,7 @@ def test_static_cache_generate_reaches_the_native_loop(golden_model, golden_expe
         eos_token_id=None,
         return_dict_in_generate=True,
         output_scores=True,
+        output_attentions=False,  # not a native-loop argument: transformers' own loop
     )
     assert torch.equal(own.sequences, native) and len(own.scores) == 8
 

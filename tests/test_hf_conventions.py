@@ -316,8 +316,9 @@ def repeating_model(hf):
 
 
 def _transformers_loop(model, prompt, **options):
-    """transformers' own loop on the same model (asking for scores keeps it off the native one)."""
-    out = model.generate(prompt, return_dict_in_generate=True, output_scores=True, **options)
+    """transformers' own loop on the same model (``output_attentions``, even False, is not an
+    argument of the native loop: it keeps the call off it)."""
+    out = model.generate(prompt, return_dict_in_generate=True, output_attentions=False, **options)
     return out.sequences
 
 
@@ -381,3 +382,64 @@ def test_routed_num_return_sequences_are_seeded_native_samples(model, native_cal
         want = generate(model.core, prompt, 6, seed=11 + copy, stop_at_eos=False)
         assert torch.equal(out[copy::3], want)
     assert not torch.equal(out[0], out[1])  # the copies differ
+
+
+def test_stop_strings_criterion_is_incremental_and_stops_where_a_whole_decode_does(tok):
+    """The native ``stop_strings`` check of a PLDR tokenizer decodes only the newest ids; it
+    must stop at the id where decoding the whole text each step (the check any other tokenizer
+    gets) does, a stop string beginning in the prompt included."""
+    import random
+
+    from pldr_llm.core.modeling_pldrllm import _stop_string_check
+
+    class Plain:  # the same decoding, without the PLDR tokenizer's marks: the whole-text check
+        def __init__(self, inner) -> None:
+            self.decode = inner.decode
+
+    r = random.Random(3)
+    prompt = tok("Say the list of", return_tensors="pt")["input_ids"]
+    prompt_text = tok.decode(prompt[0].tolist())
+    new = [r.randrange(3, tok.vocab_size) for _ in range(120)]
+    text = tok.decode(prompt[0].tolist() + new)
+    inside = text[len(prompt_text) + 40 : len(prompt_text) + 43]
+    across = (
+        prompt_text[-2:] + text[len(prompt_text) : len(prompt_text) + 2]
+    )  # starts in the prompt
+    for stops in ([inside], [across, "\u0000never"], ["e", "zzzz"], ["@@never@@"]):
+        fast = _stop_string_check(tok, stops, prompt)
+        whole = _stop_string_check(Plain(tok), stops, prompt)
+        assert type(fast) is not type(whole)  # really the incremental check
+        got = next((j for j in range(1, len(new) + 1) if fast(0, new[:j])), None)
+        want = next((j for j in range(1, len(new) + 1) if whole(0, new[:j])), None)
+        assert got == want
+        assert (want is None) == (stops == ["@@never@@"])
+
+
+def test_routed_scores_and_logits_equal_transformers_loop(model):
+    """``output_scores`` / ``output_logits`` of one greedy row run on the native loop and give
+    transformers' tuples: one [1, V] float32 tensor per new token, ids equal, values equal up to
+    float32 rounding (the native step and transformers' forward sum in different orders)."""
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    options = dict(
+        max_new_tokens=6, do_sample=False, eos_token_id=None, return_dict_in_generate=True
+    )
+    routed = model.generate(prompt, output_scores=True, output_logits=True, **options)
+    own = model.generate(
+        prompt, output_scores=True, output_logits=True, output_attentions=False, **options
+    )
+    assert torch.equal(routed.sequences, own.sequences)
+    assert len(routed.scores) == len(own.scores) == len(routed.logits) == 6
+    for got, want, raw in zip(routed.scores, own.scores, routed.logits):
+        assert got.shape == want.shape == (1, model.config.vocab_size)
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got, raw)  # greedy, nothing processed: scores are the logits
+    assert routed.cache is None and own.cache is not None  # (the native loop returns none)
+    only_scores = model.generate(prompt, output_scores=True, **options)
+    assert only_scores.logits is None and len(only_scores.scores) == 6
+    # What the native loop cannot score as transformers does stays on transformers' loop (which
+    # returns its cache): a processed score (repetition penalty) and a batch (transformers
+    # still scores the padding of finished rows).
+    penalized = model.generate(prompt, output_scores=True, repetition_penalty=1.3, **options)
+    batch = model.generate(torch.cat([prompt, prompt]), output_scores=True, **options)
+    assert penalized.cache is not None and batch.cache is not None

@@ -27,6 +27,9 @@ from .text import StopStrings, final_text
 
 # Host reads of "is every row done?" while decoding without a streamer (graph replays between).
 CHECK_EVERY = 32
+#: Steps a stopping criterion (without a streamer or step logits) reads at once: one host sync
+#: per block; a row that stops inside it wastes at most this many - 1 steps.
+STOP_CHECK_BLOCK = 8
 
 
 @dataclass
@@ -323,33 +326,43 @@ def _host_loop(
     streamer: Callable[[Tensor], None] | None,
     stopping_criteria: Callable[[int, list[int]], bool] | None,
 ) -> None:
-    """Step by step, for streamers, stopping criteria and step logits (one host sync per step)."""
+    """Step by step, for streamers, stopping criteria and step logits. Streamers and step
+    logits read each step (one host sync per step); stopping criteria alone read a block of
+    :data:`STOP_CHECK_BLOCK` steps at once and drop what a row generated past its stop."""
     row_of = {slot: row for row, slot in enumerate(slots)}
     batch = len(slots)
     vocab = engine.config.input_vocab_size
     new_ids = out.new_ids
+    block = 1 if streamer is not None or engine.keep_logits else STOP_CHECK_BLOCK
+    stopped: set[int] = set()  # slots a stopping criterion ended inside the current block
     while engine.active_slots:
-        step = engine.step()
-        tokens = [pad_id] * batch
-        if step.logits is not None:
-            logits = torch.zeros(batch, vocab, device=step.logits.device)
-        for i, (slot, token, finished) in enumerate(zip(step.slots, step.token_ids, step.finished)):
-            row = row_of[slot]
-            tokens[row] = token
-            new_ids[row].append(token)
-            if out.logprobs is not None and step.logprobs is not None:
-                out.logprobs[row].append(step.logprobs[i])
-            if out.top_logprobs is not None:
-                out.top_logprobs[row].append(step.top_logprobs[i] if step.top_logprobs else [])
+        for step in engine.step_many(block) if block > 1 else [engine.step()]:
+            tokens = [pad_id] * batch
             if step.logits is not None:
-                logits[row] = step.logits[i]
-            stop = stopping_criteria is not None and stopping_criteria(row, new_ids[row])
-            if stop and not finished:
-                engine.finish(slot)
-        if step.logits is not None:
-            step_logits.append(logits)
-        if streamer is not None:
-            streamer(torch.tensor(tokens, dtype=torch.long))
+                logits = torch.zeros(batch, vocab, device=step.logits.device)
+            for i, (slot, token, finished) in enumerate(
+                zip(step.slots, step.token_ids, step.finished)
+            ):
+                if slot in stopped:
+                    continue  # generated past its stop in this block: dropped
+                row = row_of[slot]
+                tokens[row] = token
+                new_ids[row].append(token)
+                if out.logprobs is not None and step.logprobs is not None:
+                    out.logprobs[row].append(step.logprobs[i])
+                if out.top_logprobs is not None:
+                    out.top_logprobs[row].append(step.top_logprobs[i] if step.top_logprobs else [])
+                if step.logits is not None:
+                    logits[row] = step.logits[i]
+                stop = stopping_criteria is not None and stopping_criteria(row, new_ids[row])
+                if stop and not finished:
+                    engine.finish(slot)
+                    stopped.add(slot)
+            if step.logits is not None:
+                step_logits.append(logits)
+            if streamer is not None:
+                streamer(torch.tensor(tokens, dtype=torch.long))
+        stopped.clear()
 
 
 def generate(

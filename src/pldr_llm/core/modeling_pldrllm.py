@@ -58,6 +58,7 @@ from .model import Decoder, PLDRModel
 from .plga import MASK_VALUE, Deductive
 from .rope import RotaryEmbedding
 from .sampling import filter_logits
+from .text import StopStrings
 
 try:  # the model keyword transformers carries a cache under: "cache" from 5.24, before that
     # "past_key_values" (beam search reorders, assisted decoding crops what it holds)
@@ -793,8 +794,13 @@ LOOP_ARGS = frozenset(
         "num_beams",
         "seed",
         "compile",
+        "output_scores",
+        "output_logits",
+        "return_dict_in_generate",
     }
 )
+#: What a ``return_dict_in_generate`` output holds on the native loop.
+OUTPUT_ARGS = ("output_scores", "output_logits", "return_dict_in_generate")
 
 
 def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor | None:
@@ -818,6 +824,9 @@ def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor
     mask = kwargs.get("attention_mask")
     if mask is not None and bool(mask.bool().all()):
         mask = None
+    outputs = {k: bool(kwargs.get(k, getattr(config, k, False))) for k in OUTPUT_ARGS}
+    if outputs["return_dict_in_generate"]:
+        return _native_output(model, kwargs, ids, mask, options, copies, outputs)
     streamer = kwargs.get("streamer")
     if streamer is not None:
         if ids.shape[0] * copies != 1:
@@ -834,6 +843,43 @@ def native_generate(model: PldrllmForCausalLM, kwargs: dict[str, Any]) -> Tensor
     finally:
         if streamer is not None:
             streamer.end()
+
+
+def _native_output(
+    model: PldrllmForCausalLM,
+    kwargs: dict[str, Any],
+    ids: Tensor,
+    mask: Tensor | None,
+    options: dict[str, Any],
+    copies: int,
+    outputs: dict[str, bool],
+) -> Any:
+    """transformers' ``GenerateDecoderOnlyOutput`` from the native loop: ``sequences`` and, per
+    step, the [B, V] float32 ``scores`` / ``logits``; None where transformers' loop is needed.
+
+    The native loop keeps each step's raw logits, which are transformers' ``scores`` only when
+    no logits processor changes them (greedy, no repetition penalty, no ``min_new_tokens``), and
+    it stops computing a row at its end, where transformers' loop still scores the padding it
+    feeds a finished row: one row only. No cache is returned (``cache`` is None)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    from .generate import generate_details
+
+    processed = (
+        options.get("temperature") is not None
+        or options["repetition_penalty"] != 1.0
+        or options["min_new_tokens"] > 0
+    )
+    if ids.shape[0] * copies != 1 or kwargs.get("streamer") is not None or processed:
+        return None
+    keep = outputs["output_scores"] or outputs["output_logits"]
+    out = generate_details(model.core, ids, attention_mask=mask, output_logits=keep, **options)
+    steps = tuple(out.step_logits) if keep else None
+    return GenerateDecoderOnlyOutput(
+        sequences=out.ids,
+        scores=steps if outputs["output_scores"] else None,
+        logits=steps if outputs["output_logits"] else None,
+    )
 
 
 def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor) -> Any:
@@ -885,13 +931,21 @@ def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor
 def _stop_string_check(tokenizer: Any, stops: list[str], ids: Tensor) -> Any:
     """A native stopping criterion: the newest token completes one of ``stops`` in the text of
     prompt + new ids (as transformers' ``StopStringCriteria``: a stop string may begin in the
-    prompt or in earlier tokens, and must end in the newest)."""
+    prompt or in earlier tokens, and must end in the newest).
+
+    A PLDR-LLM tokenizer gets the incremental :class:`~.text.StopStrings` (each step decodes only
+    the ids since the last whole character: decoding all the text each step made
+    ``stop_strings`` the slowest native option); another tokenizer, whose decoding may not be
+    piece by piece, decodes the whole text, once per step."""
     prompts = ids.tolist()
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if getattr(tokenizer, "decodes_continuations", False) and isinstance(unk, int):
+        return StopStrings(_AnchoredDecoder(tokenizer, unk), prompts, stops, stops_in_prompt=True)
+    lengths = [len(tokenizer.decode(p)) for p in prompts]  # each row's text before the newest id
 
     def stop(row: int, new_ids: list[int]) -> bool:
-        full = prompts[row] + list(new_ids)
-        text = tokenizer.decode(full)
-        before = len(tokenizer.decode(full[:-1]))
+        text = tokenizer.decode(prompts[row] + list(new_ids))
+        before, lengths[row] = lengths[row], len(text)
         for s in stops:
             start = text.find(s, max(0, before - len(s) + 1))
             if start != -1 and start + len(s) > before:
@@ -899,6 +953,15 @@ def _stop_string_check(tokenizer: Any, stops: list[str], ids: Tensor) -> Any:
         return False
 
     return stop
+
+
+class _AnchoredDecoder:
+    """A transformers tokenizer as :class:`~.text.Detokenizer` reads one: ``decode`` and the
+    ``unk_id`` it decodes new ids after."""
+
+    def __init__(self, tokenizer: Any, unk_id: int) -> None:
+        self.decode = tokenizer.decode
+        self.unk_id = unk_id
 
 
 def _sample_copies(

@@ -22,6 +22,18 @@ def find_stop(text: str, stop: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
+def find_stop_ending_after(text: str, stop: Sequence[str], after: int) -> int | None:
+    """Index of the earliest match of any of ``stop`` in ``text`` that ends past ``after``."""
+    found = []
+    for s in stop:
+        i = text.find(s) if s else -1
+        while i >= 0 and i + len(s) <= after:
+            i = text.find(s, i + 1)
+        if i >= 0:
+            found.append(i)
+    return min(found) if found else None
+
+
 def final_text(
     tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int], stops: Sequence[str] = ()
 ) -> str:
@@ -66,6 +78,9 @@ class Detokenizer:
         prompt_ids: the row's prompt.
         stops: stop strings (empty ones are ignored, as :func:`find_stop` does).
         echo: the deltas start with the prompt's text (``push([])`` returns it at once).
+        stops_in_prompt: a stop string may begin in the prompt's text (it must still end in
+            the new text), as transformers' ``stop_strings`` do; :attr:`stopped` is then what
+            counts (the text is not cut inside the prompt).
     """
 
     def __init__(
@@ -75,8 +90,10 @@ class Detokenizer:
         stops: Sequence[str] = (),
         *,
         echo: bool = False,
+        stops_in_prompt: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self._stops_in_prompt = stops_in_prompt
         self.stops = [s for s in stops if s]
         self._longest = max((len(s) for s in self.stops), default=0)
         self._firsts = {s[0] for s in self.stops}
@@ -158,8 +175,9 @@ class Detokenizer:
         ``committed`` was searched before, so a new match ends past it."""
         if not self.stops:
             return
-        start = max(self._start, committed - self._longest + 1)
-        cut = find_stop(self._text(start), self.stops)
+        # The prompt's text was never searched: a match must end past it.
+        start = max(0 if self._stops_in_prompt else self._start, committed - self._longest + 1)
+        cut = find_stop_ending_after(self._text(start), self.stops, self._start - start)
         if cut is not None:
             self.stopped = True
             self._end = start + cut
@@ -197,12 +215,21 @@ class StopStrings:
     """A ``stopping_criteria`` for :func:`~pldr_llm.core.generate.generate`: a row stops when its
     new text (what decoding prompt + new ids adds after the prompt's text) holds one of
     ``stops``. Each row's calls are one generation's (its new ids so far, one more each time);
-    a :class:`Detokenizer` per row looks only at the text that changed."""
+    a :class:`Detokenizer` per row looks only at the text that changed (each id costs the same
+    at any position). ``stops_in_prompt``: a stop string may begin in the prompt's text, as
+    transformers' ``stop_strings`` do."""
 
     def __init__(
-        self, tokenizer: Any, prompts: Sequence[Sequence[int]], stops: Sequence[str]
+        self,
+        tokenizer: Any,
+        prompts: Sequence[Sequence[int]],
+        stops: Sequence[str],
+        *,
+        stops_in_prompt: bool = False,
     ) -> None:
-        self.rows = [Detokenizer(tokenizer, p, stops) for p in prompts]
+        self.rows = [
+            Detokenizer(tokenizer, p, stops, stops_in_prompt=stops_in_prompt) for p in prompts
+        ]
         self._seen = [0] * len(self.rows)  # ids of each row pushed so far
 
     def __call__(self, row: int, new_ids: list[int]) -> bool:
