@@ -186,7 +186,7 @@ def test_zip_torch_save_with_a_command_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     bad = tmp_path / "evil.pt"
     torch.save([torch.eye(2), _RunsCommand(_touch_command(marker))], bad)
-    with pytest.raises(PLDRError, match="weights-only"):
+    with pytest.raises(PLDRError, match=r"refused to unpickle .(posix|os|nt)\.system"):
         load_g_file(bad)
     assert not marker.exists()
 

@@ -352,7 +352,7 @@ def _write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    keep = {
+    keep: dict[str, Any] = {
         k: results[k]
         for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot")
         if k in results

@@ -874,9 +874,9 @@ def _native_output(
         return None
     keep = outputs["output_scores"] or outputs["output_logits"]
     out = generate_details(model.core, ids, attention_mask=mask, output_logits=keep, **options)
-    steps = tuple(out.step_logits) if keep else None
+    steps = tuple(cast(Tensor, out.step_logits)) if keep else None
     return GenerateDecoderOnlyOutput(
-        sequences=out.ids,
+        sequences=cast(torch.LongTensor, out.ids),
         scores=steps if outputs["output_scores"] else None,
         logits=steps if outputs["output_logits"] else None,
     )
