@@ -138,11 +138,7 @@ class Trainer:
         model.to(self.device)
         # Before compiling and sharding: the checkpoint then sits inside each compiled layer
         # (traced, recomputed within the layer's graph) and inside each FSDP unit's hooks.
-        setter = getattr(model, "set_activation_checkpointing", None)
-        if setter is not None:
-            setter(config.activation_checkpointing)
-        elif config.activation_checkpointing != "off":
-            raise PLDRError("'activation_checkpointing' needs a PLDRModel")
+        _apply_model_options(model, config)
         if shard is None:
             # With one process FSDP's sharding is the identity but still costs its hooks and
             # copies (about +45% per step for the tiny preset on a CPU): a plain module computes
@@ -163,11 +159,6 @@ class Trainer:
             )
         self.sharded = bool(shard)
         self.model = model
-        if config.attn_implementation is not None:
-            # Any other module would take the attribute and silently ignore it.
-            if not isinstance(model, PLDRModel):
-                raise PLDRError("'attn_implementation' needs a PLDRModel")
-            model.attn_implementation = config.attn_implementation
         #: the speed levers in effect (TrainConfig.levers for this device, with FSDP or not)
         self.levers = config.levers(self.device.type, sharded=self.sharded)
         if self.levers["compile_layers"]:
@@ -586,3 +577,18 @@ def _frozen_garbage(trainer: Trainer) -> Iterator[Callable[[], None]]:
         yield after_step
     finally:
         gc.unfreeze()
+
+
+def _apply_model_options(model: nn.Module, config: TrainConfig) -> None:
+    """The TrainConfig options that set the model itself: activation checkpointing and the
+    attention implementation (refused for a module other than a PLDRModel, which would take
+    the attribute and silently ignore it)."""
+    setter = getattr(model, "set_activation_checkpointing", None)
+    if setter is not None:
+        setter(config.activation_checkpointing)
+    elif config.activation_checkpointing != "off":
+        raise PLDRError("'activation_checkpointing' needs a PLDRModel")
+    if config.attn_implementation is not None:
+        if not isinstance(model, PLDRModel):
+            raise PLDRError("'attn_implementation' needs a PLDRModel")
+        model.attn_implementation = config.attn_implementation
