@@ -440,9 +440,12 @@ class PLDRLLMEvalModel(TemplateLM):
             **sampling,
         )
         texts = []
-        for new_ids in out.new_ids:
+        for prompt, new_ids in zip(prompts, out.new_ids):
             ids = [i for i in new_ids if i != self.eot_token_id]
-            text = self.tok_decode(ids)
+            # The continuation as it reads after the prompt (a leading space kept), what
+            # `pldr-llm generate` and the server return: the whole text past the prompt's text.
+            start = len(self.tok_decode(prompt))
+            text = self.tok_decode(list(prompt) + ids)[start:]
             cut = find_stop(text, until)
             texts.append(text if cut is None else text[:cut])
         return texts
