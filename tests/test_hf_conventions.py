@@ -415,6 +415,12 @@ def test_stop_strings_criterion_is_incremental_and_stops_where_a_whole_decode_do
         assert (want is None) == (stops == ["@@never@@"])
 
 
+def _returned_cache(output: object) -> object:
+    """The cache a ``generate(return_dict_in_generate=True)`` output carries, by either name."""
+    name = "cache" if hasattr(output, "cache") else "past_key_values"
+    return getattr(output, name)
+
+
 def test_routed_scores_and_logits_equal_transformers_loop(model):
     """``output_scores`` / ``output_logits`` of one greedy row run on the native loop and give
     transformers' tuples: one [1, V] float32 tensor per new token, ids equal, values equal up to
@@ -434,7 +440,9 @@ def test_routed_scores_and_logits_equal_transformers_loop(model):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(got, raw)  # greedy, nothing processed: scores are the logits
-    assert routed.cache is None and own.cache is not None  # (the native loop returns none)
+    # The native loop returns no cache; transformers' loop does (transformers 5.14 names the field
+    # ``past_key_values``, later versions ``cache``).
+    assert _returned_cache(routed) is None and _returned_cache(own) is not None
     only_scores = model.generate(prompt, output_scores=True, **options)
     assert only_scores.logits is None and len(only_scores.scores) == 6
     # What the native loop cannot score as transformers does stays on transformers' loop (which
