@@ -450,4 +450,4 @@ def test_routed_scores_and_logits_equal_transformers_loop(model):
     # still scores the padding of finished rows).
     penalized = model.generate(prompt, output_scores=True, repetition_penalty=1.3, **options)
     batch = model.generate(torch.cat([prompt, prompt]), output_scores=True, **options)
-    assert penalized.cache is not None and batch.cache is not None
+    assert _returned_cache(penalized) is not None and _returned_cache(batch) is not None
