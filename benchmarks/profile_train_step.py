@@ -130,40 +130,20 @@ def pldr_step(batch: int, context: int, dag: bool) -> Any:
 def llama_step(batch: int, context: int) -> Any:
     import torch
     from _data import markov_batches
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _llama import llama_like, llama_train_step
 
     from pldr_llm.core.config import PLDRConfig
 
-    hp = PLDRConfig().to_hpdict()
-    config = LlamaConfig(
-        vocab_size=hp["input_vocab_size"],
-        hidden_size=hp["d_model"],
-        intermediate_size=hp["dff"],
-        num_hidden_layers=hp["num_layers"],
-        num_attention_heads=hp["num_heads"],
-        num_key_value_heads=hp["num_heads"],
-        max_position_embeddings=context,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-        pad_token_id=0,
-    )
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device)
+    model = llama_like(PLDRConfig().to_hpdict(), context)
     compiled = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    data = [b.to(device) for b in markov_batches(8, batch, context, config.vocab_size)]
+    data = [b.to(model.device) for b in markov_batches(8, batch, context, model.config.vocab_size)]
     state = {"i": 0}
 
     def step() -> None:
         ids = data[state["i"] % len(data)]
         state["i"] += 1
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        llama_train_step(model, optimizer, ids, forward=compiled)
 
     return step
 

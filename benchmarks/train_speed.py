@@ -227,47 +227,26 @@ def llama_baseline(args: argparse.Namespace, batch: int) -> dict[str, Any]:
     decoder layer compiled; the same synthetic batches. A baseline, not the product."""
     import torch
     from _data import markov_batches
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _llama import llama_like, llama_train_step
 
     from pldr_llm.presets import load_preset
 
     preset = load_preset(args.preset)
-    model_cfg = preset["model"]
     context = args.context or int(preset["train"]["context_length"])
-    config = LlamaConfig(
-        vocab_size=model_cfg["input_vocab_size"],
-        hidden_size=model_cfg["d_model"],
-        intermediate_size=model_cfg["dff"],
-        num_hidden_layers=model_cfg["num_layers"],
-        num_attention_heads=model_cfg["num_heads"],
-        num_key_value_heads=model_cfg["num_heads"],
-        max_position_embeddings=context,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-    )
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device)
+    model = llama_like(preset["model"], context, bos_token_id=1, eos_token_id=None)
+    device = model.device
     for layer in model.model.layers:
         layer.compile(dynamic=False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=True
     )
     lo, hi = args.window
-    data = markov_batches(hi, batch, context, config.vocab_size)
+    data = markov_batches(hi, batch, context, model.config.vocab_size)
     started = None
     losses = []
     for step in range(hi):
         ids = data[step].to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1], use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = llama_train_step(model, optimizer, ids)
         losses.append(loss.detach())
         if step + 1 == lo:
             torch.cuda.synchronize()
