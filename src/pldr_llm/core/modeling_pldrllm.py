@@ -178,6 +178,13 @@ class PldrllmPreTrainedModel(PreTrainedModel):
         for name in self._core_children:
             setattr(self, name, getattr(core, name))
 
+    def _finish_init(self) -> None:
+        """The end of each constructor: transformers' ``post_init``, then the core in step with
+        this module (attention implementation, training mode)."""
+        self.post_init()
+        self._sync_attention()
+        self.core.training = self.training
+
     @property
     def core(self) -> PLDRModel:
         """The wrapped core model (same parameters, buffers, training mode and attention).
@@ -286,15 +293,16 @@ class PldrllmPreTrainedModel(PreTrainedModel):
         output_hidden_states: bool,
         output_attentions: bool,
         logits_to_keep: int,
-    ) -> tuple[Any, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+    ) -> tuple[Any, dict[str, Any]]:
         """The core's forward, plus transformers' per-layer outputs.
 
-        Returns (core output, hidden states, attentions). Hidden states are num_layers + 1
-        tensors: the embeddings (after the embedding norm: the first layer's input), then each
-        layer's output; the last is the LM head's input (the layers are post-norm, so it is
-        normalised, as Llama's last hidden state is). Attentions are each layer's attention
-        probabilities [B, H, L, S]; asking for them runs the eager attention (the core's
-        deductive scores, masked and soft-maxed as the eager attention does).
+        Returns the core's output and the fields both output classes take from a pass:
+        ``cache``, ``deductive`` (when asked), ``hidden_states`` and ``attentions``. Hidden states
+        are num_layers + 1 tensors: the embeddings (after the embedding norm: the first layer's
+        input), then each layer's output; the last is the LM head's input (the layers are
+        post-norm, so it is normalised, as Llama's last hidden state is). Attentions are each
+        layer's attention probabilities [B, H, L, S]; asking for them runs the eager attention
+        (the core's deductive scores, masked and soft-maxed as the eager attention does).
         """
         collected: list[Tensor] = []
         hooks = []
@@ -327,7 +335,12 @@ class PldrllmPreTrainedModel(PreTrainedModel):
             attentions = tuple(
                 attention_probabilities(d.scores, bias, is_causal) for d in out.deductive
             )
-        return out, hidden, attentions
+        return out, {
+            "cache": out.cache,
+            "deductive": out.deductive if output_deductive else None,
+            "hidden_states": hidden,
+            "attentions": attentions,
+        }
 
     def _check_ids(
         self, input_ids: torch.LongTensor | None, kwargs: dict[str, Any]
@@ -386,9 +399,7 @@ class PldrllmModel(PldrllmPreTrainedModel):
         # and dtype).
         self.no_head = _NoHead(config.hidden_size)
         self.core.final_layer = cast(torch.nn.Linear, self.no_head)  # what the core uses of it
-        self.post_init()
-        self._sync_attention()
-        self.core.training = self.training
+        self._finish_init()
 
     def forward(
         self,
@@ -404,7 +415,7 @@ class PldrllmModel(PldrllmPreTrainedModel):
         """Hidden states of ``input_ids`` [B, L] (arguments as :meth:`PldrllmForCausalLM.forward`;
         the attention mask is the one given: pad ids are not inferred)."""
         input_ids = self._check_ids(input_ids, kwargs)
-        out, hidden, attentions = self._run_core(
+        out, fields = self._run_core(
             input_ids,
             attention_mask,
             cache,
@@ -413,13 +424,7 @@ class PldrllmModel(PldrllmPreTrainedModel):
             bool(output_attentions),
             1,
         )
-        result = PldrllmModelOutput(
-            last_hidden_state=out.hidden_states,
-            cache=out.cache,
-            deductive=out.deductive if output_deductive else None,
-            hidden_states=hidden,
-            attentions=attentions,
-        )
+        result = PldrllmModelOutput(last_hidden_state=out.hidden_states, **fields)
         return result.to_tuple() if return_dict is False else result
 
 
@@ -434,9 +439,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     def __init__(self, config: PldrllmConfig) -> None:
         super().__init__(config)
         self._attach_core(config)
-        self.post_init()
-        self._sync_attention()
-        self.core.training = self.training
+        self._finish_init()
 
     # ------------------------------------------------------------------ embeddings
     def get_output_embeddings(self) -> torch.nn.Linear:
@@ -501,7 +504,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             pad = self.config.pad_token_id
             if pad is not None and bool((input_ids == pad).any()):
                 attention_mask = (input_ids != pad).long()
-        out, hidden, attentions = self._run_core(
+        out, fields = self._run_core(
             input_ids,
             attention_mask,
             cache,
@@ -516,14 +519,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
             loss = masked_cross_entropy(
                 out.logits[:, :-1].float(), labels[:, 1:].to(out.logits.device), pad_id=-100
             )
-        result = PldrllmCausalLMOutput(
-            loss=loss,
-            logits=out.logits,
-            cache=out.cache,
-            deductive=out.deductive if output_deductive else None,
-            hidden_states=hidden,
-            attentions=attentions,
-        )
+        result = PldrllmCausalLMOutput(loss=loss, logits=out.logits, **fields)
         if return_dict is False:
             return result.to_tuple()
         return result
