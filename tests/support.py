@@ -145,6 +145,20 @@ TINY_TRAIN_HP = {
     "max_seq_len": 32,
 }
 
+#: The model of the FSDP tests: two CPU processes (tests/test_train_multiprocess.py) and two
+#: "nodes" (tests/multinode_worker.py), each checked against one process training it.
+FSDP_HP = {
+    "num_layers": 2,
+    "d_model": 32,
+    "num_heads": 2,
+    "dff": 48,
+    "A_dff": 16,
+    "num_reslayerA": 1,
+    "num_denseA": 2,
+    "input_vocab_size": 97,
+    "max_seq_len": 16,
+}
+
 
 def golden_trainer(golden_dir: Path, golden_case: dict, attn: str = "eager", **extra):
     """A Trainer on the golden tiny model with the golden case's optimizer and schedule (CPU).
