@@ -4,6 +4,7 @@ a writer of model bundles laid out like the published ones, and the CLI run as a
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -105,6 +106,13 @@ def run_cli(
         timeout=300,
         env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
     )
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that no one listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_cuda_pickle(path: Path, obj: object) -> Path:
