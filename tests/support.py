@@ -115,6 +115,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def error_line(capsys) -> str:
+    """The one ``pldr-llm: error:`` line an in-process command wrote to the captured stderr
+    (asserting there is exactly one, and no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("pldr-llm: error:")]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    return lines[0]
+
+
 def write_cuda_pickle(path: Path, obj: object) -> Path:
     """``pickle.dump(obj)`` of CPU tensors written exactly as if they had been saved from CUDA.
 
