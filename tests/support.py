@@ -94,6 +94,16 @@ def make_bundle(
     return model
 
 
+def copy_folder(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    """The files of the flat folder ``src`` copied into a new ``dst``, but those whose names end
+    with one of ``skip``."""
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if not path.name.endswith(skip):
+            (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
 def run_cli(
     *args: str, stdin: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ import torch
 from pldr_llm import PLDRModel, generate, generate_details
 from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
-from support import PAPER_VOCAB_HP, make_bundle, run_cli
+from support import PAPER_VOCAB_HP, copy_folder, make_bundle, run_cli
 
 HP = {**PAPER_VOCAB_HP, "max_seq_len": 96}
 PROMPT = "Write a letter requesting that people use language models responsibly."
@@ -274,14 +274,6 @@ def test_bfloat16_runs(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None
 # ---------------------------------------------------------------------- bad input
 
 
-def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
-    dst.mkdir(parents=True)
-    for path in src.iterdir():
-        if not path.name.endswith(skip):
-            (dst / path.name).write_bytes(path.read_bytes())
-    return dst
-
-
 @pytest.mark.slow
 def test_bad_inputs_give_one_line_and_exit_code_2(
     published: tuple[Path, PLDRModel, PLDRTokenizer],
@@ -290,14 +282,14 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
     paper_g_dir: Path,
 ) -> None:
     folder = published[0]
-    two = _copy(folder, tmp_path / "two")
+    two = copy_folder(folder, tmp_path / "two")
     (two / "Copy-model-checkpoint.pth").write_bytes(
         (folder / "PLDRv51-Tiny-1-model-checkpoint.pth").read_bytes()
     )
-    tampered = _copy(folder, tmp_path / "tampered", skip=(".tar.gz",))
+    tampered = copy_folder(folder, tmp_path / "tampered", skip=(".tar.gz",))
     with tarfile.open(tampered / "tokenizer.tar.gz", "w:gz") as tar:
         tar.add(paper_tokenizer_dir / MODEL_NAME, arcname="../../../escaped.model")
-    no_tokenizer = _copy(folder, tmp_path / "no_tokenizer", skip=(".tar.gz",))
+    no_tokenizer = copy_folder(folder, tmp_path / "no_tokenizer", skip=(".tar.gz",))
     small_vocab = tmp_path / "small_vocab"
     make_bundle(small_vocab, paper_tokenizer_dir, {**HP, "input_vocab_size": 500})
     paper_g = paper_g_dir / "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
