@@ -186,6 +186,16 @@ FSDP_HP = {
     "max_seq_len": 16,
 }
 
+#: ``pldr-llm train`` flags of a model small enough that a 30-step run takes seconds on 2 CPU
+#: cores; the tests add their schedule (warm-up, checkpoint and log intervals, steps).
+MINI_TRAIN_ARGS = [
+    "--preset", "tiny",
+    "--num_layers", "1", "--d_model", "64", "--num_heads", "2", "--dff", "96", "--A_dff", "32",
+    "--num_reslayerA", "1", "--context_length", "32", "--model.max_seq_len", "32",
+    "--batch_size", "8", "--tokenizer.vocab_size", "400", "--lr_total_steps", "100",
+    "--progress", "false",
+]  # fmt: skip
+
 
 def golden_trainer(golden_dir: Path, golden_case: dict, attn: str = "eager", **extra):
     """A Trainer on the golden tiny model with the golden case's optimizer and schedule (CPU).

@@ -18,7 +18,7 @@ import torch
 from pldr_llm import PLDRConfig, PLDRModel, save_reference_checkpoint
 from pldr_llm.cli import main
 from pldr_llm.core.errors import PLDRError
-from support import TINY_HPDICT, error_line
+from support import MINI_TRAIN_ARGS, TINY_HPDICT, error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,14 +110,8 @@ with claim_run_folder(Path(sys.argv[1]), Main()):
     time.sleep(300)
 """
 
-MINI = [
-    "--preset", "tiny",
-    "--num_layers", "1", "--d_model", "64", "--num_heads", "2", "--dff", "96", "--A_dff", "32",
-    "--num_reslayerA", "1", "--context_length", "32", "--model.max_seq_len", "32",
-    "--batch_size", "8", "--tokenizer.vocab_size", "400", "--warmup_steps", "2",
-    "--lr_total_steps", "100", "--save_every", "4", "--log_every", "4", "--progress", "false",
-    "--max-steps", "8",
-]  # fmt: skip
+MINI = [*MINI_TRAIN_ARGS, "--warmup_steps", "2", "--save_every", "4", "--log_every", "4"]
+MINI += ["--max-steps", "8"]
 
 
 def _train(out: Path, **kwargs) -> subprocess.Popen:
