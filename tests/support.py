@@ -64,6 +64,14 @@ def paper_vocab_model(seed: int, max_seq_len: int = 64, **switches) -> PLDRModel
     return PLDRModel(config).eval()
 
 
+def hf_greedy(model, prompt: torch.Tensor, steps: int, **options) -> object:
+    """transformers' ``generate`` of a ``PldrllmForCausalLM``, greedy: ``steps`` new tokens,
+    not stopping at end-of-text; ``options`` are further ``generate`` arguments."""
+    return model.generate(
+        prompt, max_new_tokens=steps, do_sample=False, eos_token_id=None, **options
+    )
+
+
 def write_hyperparameters(path: Path, hp: dict) -> None:
     """A ``*_hyperparameters.py`` laid out like the published ones."""
     lines = ["import torch.nn.functional as F", "", "hpdict={"]
