@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from support import TINY_HPDICT
+from support import PAPER_TOKENIZER_MODEL, TINY_HPDICT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Everything the tests read lives here (tests/data/README.md says where each file came from).
@@ -147,3 +147,19 @@ def tiny_model():
 
     torch.manual_seed(0)
     return PLDRModel(PLDRConfig.from_hpdict(TINY_HPDICT)).eval()
+
+
+@pytest.fixture()
+def model_dir(tmp_path: Path, paper_tokenizer_dir: Path) -> Path:
+    """A model folder (config.json, model.safetensors, tokenizer.model) that is not a run: the
+    tiny model with the paper tokenizer. (A test file that needs another model defines its own
+    ``model_dir``.)"""
+    import shutil
+
+    from pldr_llm import PLDRConfig, PLDRModel
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    PLDRModel(PLDRConfig.from_hpdict(TINY_HPDICT)).eval().save(folder)
+    shutil.copy(paper_tokenizer_dir / PAPER_TOKENIZER_MODEL, folder / "tokenizer.model")
+    return folder

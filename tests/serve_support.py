@@ -1,8 +1,12 @@
-"""Helpers of the serve tests: a tiny published-style bundle and a live server in a thread."""
+"""Helpers of the serve tests: a tiny published-style bundle, a live server in a thread and a
+``pldr-llm serve`` subprocess."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -10,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from support import PAPER_VOCAB_HP
+from support import PAPER_VOCAB_HP, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,3 +74,43 @@ def live_server(
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+def wait_until_healthy(
+    proc: subprocess.Popen, url: str, timeout: float, what: str = "the server"
+) -> None:
+    """Until ``url/health`` answers 200; fails at once if ``proc`` exits (with its stderr), or
+    after ``timeout`` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, f"{what} did not start"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
+@contextmanager
+def serve_process(folder: Path, *args: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A ``pldr-llm serve`` subprocess of ``folder`` on a free loopback port, answering
+    ``/health`` when entered, killed at exit if still up."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pldr_llm", "serve", "--model", str(folder), "--port", str(port)]
+        + list(args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    try:
+        wait_until_healthy(proc, f"http://127.0.0.1:{port}", 120)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)

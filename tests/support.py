@@ -4,6 +4,7 @@ a writer of model bundles laid out like the published ones, and the CLI run as a
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -63,6 +64,14 @@ def paper_vocab_model(seed: int, max_seq_len: int = 64, **switches) -> PLDRModel
     return PLDRModel(config).eval()
 
 
+def hf_greedy(model, prompt: torch.Tensor, steps: int, **options) -> object:
+    """transformers' ``generate`` of a ``PldrllmForCausalLM``, greedy: ``steps`` new tokens,
+    not stopping at end-of-text; ``options`` are further ``generate`` arguments."""
+    return model.generate(
+        prompt, max_new_tokens=steps, do_sample=False, eos_token_id=None, **options
+    )
+
+
 def write_hyperparameters(path: Path, hp: dict) -> None:
     """A ``*_hyperparameters.py`` laid out like the published ones."""
     lines = ["import torch.nn.functional as F", "", "hpdict={"]
@@ -93,6 +102,16 @@ def make_bundle(
     return model
 
 
+def copy_folder(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    """The files of the flat folder ``src`` copied into a new ``dst``, but those whose names end
+    with one of ``skip``."""
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if not path.name.endswith(skip):
+            (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
 def run_cli(
     *args: str, stdin: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -105,6 +124,22 @@ def run_cli(
         timeout=300,
         env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
     )
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that no one listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_line(capsys) -> str:
+    """The one ``pldr-llm: error:`` line an in-process command wrote to the captured stderr
+    (asserting there is exactly one, and no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("pldr-llm: error:")]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    return lines[0]
 
 
 def write_cuda_pickle(path: Path, obj: object) -> Path:
@@ -144,6 +179,30 @@ TINY_TRAIN_HP = {
     "input_vocab_size": 97,
     "max_seq_len": 32,
 }
+
+#: The model of the FSDP tests: two CPU processes (tests/test_train_multiprocess.py) and two
+#: "nodes" (tests/multinode_worker.py), each checked against one process training it.
+FSDP_HP = {
+    "num_layers": 2,
+    "d_model": 32,
+    "num_heads": 2,
+    "dff": 48,
+    "A_dff": 16,
+    "num_reslayerA": 1,
+    "num_denseA": 2,
+    "input_vocab_size": 97,
+    "max_seq_len": 16,
+}
+
+#: ``pldr-llm train`` flags of a model small enough that a 30-step run takes seconds on 2 CPU
+#: cores; the tests add their schedule (warm-up, checkpoint and log intervals, steps).
+MINI_TRAIN_ARGS = [
+    "--preset", "tiny",
+    "--num_layers", "1", "--d_model", "64", "--num_heads", "2", "--dff", "96", "--A_dff", "32",
+    "--num_reslayerA", "1", "--context_length", "32", "--model.max_seq_len", "32",
+    "--batch_size", "8", "--tokenizer.vocab_size", "400", "--lr_total_steps", "100",
+    "--progress", "false",
+]  # fmt: skip
 
 
 def golden_trainer(golden_dir: Path, golden_case: dict, attn: str = "eager", **extra):

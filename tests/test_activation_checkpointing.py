@@ -40,6 +40,19 @@ def _model(mode: str = "off") -> PLDRModel:
     return model
 
 
+def _config(mode: str = "off", **extra):
+    """The training settings of every trainer here, with checkpointing ``mode``."""
+    from pldr_llm.train import TrainConfig
+
+    return TrainConfig(
+        learning_rate=3e-3,
+        warmup_steps=1,
+        lr_total_steps=10,
+        activation_checkpointing=mode,
+        **extra,
+    )
+
+
 def _batch() -> torch.Tensor:
     ids = torch.randint(
         1, HP["input_vocab_size"], (3, 17), generator=torch.Generator().manual_seed(1)
@@ -148,17 +161,9 @@ def test_checkpointing_inside_compiled_layers(mode: str) -> None:
 
 
 def _train(mode: str, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
-    from pldr_llm.train import TrainConfig, Trainer
+    from pldr_llm.train import Trainer
 
-    config = TrainConfig(
-        learning_rate=3e-3,
-        warmup_steps=1,
-        lr_total_steps=10,
-        batch_size=3,
-        device="cpu",
-        activation_checkpointing=mode,
-    )
-    trainer = Trainer(_model(), config, shard=False)
+    trainer = Trainer(_model(), _config(mode, batch_size=3, device="cpu"), shard=False)
     assert trainer.model.activation_checkpointing == mode
     batch = _batch()  # the same batch every step: its loss must fall
     losses = [trainer.train_step(batch)["loss"] for _ in range(steps)]
@@ -219,18 +224,10 @@ def test_gpu_compiled_graphs_with_checkpointing_follow_eager(mode: str) -> None:
     """The GPU default levers (compiled layers with CUDA graphs, bf16) with checkpointing: the
     same first losses as without, to the fast path's tolerance (inductor may fuse the recomputed
     forward differently; bf16)."""
-    from pldr_llm.train import TrainConfig, Trainer
+    from pldr_llm.train import Trainer
 
     def losses(ckpt: str) -> list[float]:
-        config = TrainConfig(
-            learning_rate=3e-3,
-            warmup_steps=1,
-            lr_total_steps=10,
-            batch_size=4,
-            device="cuda",
-            activation_checkpointing=ckpt,
-        )
-        trainer = Trainer(_model(), config, shard=False)
+        trainer = Trainer(_model(), _config(ckpt, batch_size=4, device="cuda"), shard=False)
         assert trainer.levers["cuda_graphs"]
         gen = torch.Generator().manual_seed(3)
         batches = [torch.randint(1, 97, (4, 33), generator=gen) for _ in range(3)]
@@ -249,7 +246,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from pldr_llm.train import TrainConfig, Trainer
+    from pldr_llm.train import Trainer
     from pldr_llm.train.distributed import current_env
 
     torch.set_num_threads(1)
@@ -258,15 +255,8 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         env = current_env(torch.device("cpu"))
         losses = {}
         for mode in MODES:
-            config = TrainConfig(
-                learning_rate=3e-3,
-                warmup_steps=1,
-                lr_total_steps=10,
-                global_batch_size=4,
-                eps=1.0,  # linear updates: see tests/test_train_multiprocess.py, LINEAR_EPS
-                device="cpu",
-                activation_checkpointing=mode,
-            )
+            # eps 1: linear updates, see tests/test_train_multiprocess.py, LINEAR_EPS
+            config = _config(mode, global_batch_size=4, eps=1.0, device="cpu")
             trainer = Trainer(_model(), config, env=env)
             assert trainer.sharded
             losses[mode] = [
@@ -293,14 +283,11 @@ def test_checkpointing_under_fsdp_two_processes(tmp_path) -> None:
 
     import torch.multiprocessing as mp
 
-    from pldr_llm.train import TrainConfig, Trainer
+    from pldr_llm.train import Trainer
 
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     losses = json.loads((tmp_path / "losses.json").read_text())
-    config = TrainConfig(
-        learning_rate=3e-3, warmup_steps=1, lr_total_steps=10, batch_size=4, eps=1.0, device="cpu"
-    )
-    trainer = Trainer(_model(), config, shard=False)
+    trainer = Trainer(_model(), _config(batch_size=4, eps=1.0, device="cpu"), shard=False)
     reference = [trainer.train_step(b)["loss"] for b in _fsdp_batches()]
     for mode in MODES:
         # two ranks reduce in another order than one process sums: float32 noise, as in

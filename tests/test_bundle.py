@@ -21,7 +21,7 @@ from pldr_llm.bundle import (
 )
 from pldr_llm.core.errors import PLDRError
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
-from support import PAPER_VOCAB_HP, make_bundle, write_hyperparameters
+from support import PAPER_VOCAB_HP, copy_folder, make_bundle, write_hyperparameters
 from support import run_cli as _cli
 
 HP = PAPER_VOCAB_HP
@@ -111,14 +111,6 @@ def test_a_torch_device_is_checked_like_a_name(bundle: tuple[Path, PLDRModel]) -
 # ---------------------------------------------------------------------- bad folders
 
 
-def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
-    dst.mkdir(parents=True)
-    for path in src.iterdir():
-        if not path.name.endswith(skip):
-            (dst / path.name).write_bytes(path.read_bytes())
-    return dst
-
-
 def test_missing_and_ambiguous_files(tmp_path: Path, bundle: tuple[Path, PLDRModel]) -> None:
     folder = bundle[0]
     with pytest.raises(PLDRError, match="model folder not found"):
@@ -129,17 +121,17 @@ def test_missing_and_ambiguous_files(tmp_path: Path, bundle: tuple[Path, PLDRMod
     with pytest.raises(PLDRError, match="no model in"):
         resolve_bundle(tmp_path / "empty")
 
-    no_hp = _copy(folder, tmp_path / "no_hp", skip=("_hyperparameters.py",))
+    no_hp = copy_folder(folder, tmp_path / "no_hp", skip=("_hyperparameters.py",))
     with pytest.raises(PLDRError, match="no '\\*_hyperparameters.py' file"):
         resolve_bundle(no_hp)
 
-    no_tok = _copy(folder, tmp_path / "no_tok", skip=(".tar.gz",))
+    no_tok = copy_folder(folder, tmp_path / "no_tok", skip=(".tar.gz",))
     with pytest.raises(PLDRError, match="no tokenizer in"):
         load_bundle(no_tok)
     model, tok = load_bundle(no_tok, require_tokenizer=False)
     assert tok is None and model.config.d_model == HP["d_model"]
 
-    two = _copy(folder, tmp_path / "two")
+    two = copy_folder(folder, tmp_path / "two")
     (two / "PLDRv51-Tiny-2-model-checkpoint.pth").write_bytes(
         (two / "PLDRv51-Tiny-1-model-checkpoint.pth").read_bytes()
     )
@@ -164,7 +156,7 @@ def test_missing_and_ambiguous_files(tmp_path: Path, bundle: tuple[Path, PLDRMod
 def test_tampered_tokenizer_archive(
     tmp_path: Path, bundle: tuple[Path, PLDRModel], paper_tokenizer_dir: Path
 ) -> None:
-    folder = _copy(bundle[0], tmp_path / "evil", skip=(".tar.gz",))
+    folder = copy_folder(bundle[0], tmp_path / "evil", skip=(".tar.gz",))
     with tarfile.open(folder / "tokenizer.tar.gz", "w:gz") as tar:
         tar.add(paper_tokenizer_dir / MODEL_NAME, arcname="../../escaped.model")
     with pytest.raises(PLDRError, match="escapes the target folder"):
@@ -175,7 +167,7 @@ def test_tampered_tokenizer_archive(
 def test_vocabulary_mismatch_is_found_before_weights_are_read(
     tmp_path: Path, bundle: tuple[Path, PLDRModel]
 ) -> None:
-    folder = _copy(bundle[0], tmp_path / "small_vocab")
+    folder = copy_folder(bundle[0], tmp_path / "small_vocab")
     write_hyperparameters(
         folder / "PLDRv51_Tiny_1_hyperparameters.py", {**HP, "input_vocab_size": 1000}
     )
@@ -254,7 +246,7 @@ def test_cli_bad_bundles(
     tmp_path: Path, bundle: tuple[Path, PLDRModel], paper_tokenizer_dir: Path
 ) -> None:
     folder = bundle[0]
-    two = _copy(folder, tmp_path / "two")
+    two = copy_folder(folder, tmp_path / "two")
     (two / "Other-model-checkpoint.pth").write_bytes(
         (two / "PLDRv51-Tiny-1-model-checkpoint.pth").read_bytes()
     )
@@ -277,7 +269,7 @@ def _fake_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    _copy(source, repo / "snapshots" / commit)
+    copy_folder(source, repo / "snapshots" / commit)
 
 
 def _resolve_in_subprocess(spec: str, env: dict) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ import torch
 from pldr_llm import PLDRModel, generate, generate_details
 from pldr_llm.tokenizer import PLDRTokenizer, load_tokenizer
 from support import PAPER_TOKENIZER_MODEL as MODEL_NAME
-from support import PAPER_VOCAB_HP, make_bundle, run_cli
+from support import PAPER_VOCAB_HP, copy_folder, make_bundle, run_cli
 
 HP = {**PAPER_VOCAB_HP, "max_seq_len": 96}
 PROMPT = "Write a letter requesting that people use language models responsibly."
@@ -40,6 +40,17 @@ def _generate_cli(
     result = run_cli("generate", "--model", str(folder), *args, stdin=stdin)
     assert result.returncode == 0, result.stderr
     return result
+
+
+def _greedy_ids(model: PLDRModel, tok: PLDRTokenizer, steps: int, **options) -> list[int]:
+    """The library's greedy ids (prompt included) of ``PROMPT``."""
+    prompt = torch.tensor(tok.prompt_ids(PROMPT))
+    return generate(model, prompt, max_new_tokens=steps, top_k=1, **options).tolist()
+
+
+def _greedy_cli(folder: Path, steps: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pldr-llm generate`` of ``PROMPT``, greedy (``--top-k 1``), then ``args``."""
+    return _generate_cli(folder, "--prompt", PROMPT, "--top-k", "1", "-n", str(steps), *args)
 
 
 def _greedy_by_hand(model: PLDRModel, ids: list[int], steps: int) -> list[int]:
@@ -71,14 +82,13 @@ def test_greedy_text_equals_core_ids_in_every_cache_mode(
     flags = MODES[mode]
     prompt_ids = tok.prompt_ids(PROMPT)
     assert prompt_ids == tok.encode(PROMPT)[:-1]  # the original drops the end-of-text id
-    ids = generate(
+    ids = _greedy_ids(
         model,
-        torch.tensor(prompt_ids),
-        max_new_tokens=NEW,
-        top_k=1,
+        tok,
+        NEW,
         enable_kvcache="--no-kv-cache" not in flags,
         enable_Gcache="--no-g-cache" not in flags,
-    ).tolist()
+    )
     assert ids[: len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids)
     if mode == "none":  # the cache-free mode is plain greedy decoding
         assert ids == _greedy_by_hand(model, prompt_ids, NEW)
@@ -138,8 +148,8 @@ def test_prompt_file_is_batched_and_each_row_equals_its_lone_run(
 @pytest.mark.slow
 def test_stream_prints_the_same_text(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
     folder, model, tok = published
-    ids = generate(model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=NEW, top_k=1)
-    result = _generate_cli(folder, "--prompt", PROMPT, "--top-k", "1", "-n", str(NEW), "--stream")
+    ids = _greedy_ids(model, tok, NEW)
+    result = _greedy_cli(folder, NEW, "--stream")
     assert result.stdout == tok.decode(ids) + "\n"
 
 
@@ -170,28 +180,13 @@ def test_streamer_writes_as_tokens_come(published: tuple[Path, PLDRModel, PLDRTo
 @pytest.mark.slow
 def test_stop_strings(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
     folder, model, tok = published
-    ids = generate(
-        model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=NEW, top_k=1
-    ).tolist()
-    full = tok.decode(ids)
+    full = tok.decode(_greedy_ids(model, tok, NEW))
     words = full[len(PROMPT) :].split()
     assert len(words) >= 3
     stop = words[2]
     cut = full.index(stop, len(PROMPT))
     for extra in ([], ["--stream"]):
-        result = _generate_cli(
-            folder,
-            "--prompt",
-            PROMPT,
-            "--top-k",
-            "1",
-            "-n",
-            str(NEW),
-            "--stop",
-            "@@never@@",
-            stop,
-            *extra,
-        )
+        result = _greedy_cli(folder, NEW, "--stop", "@@never@@", stop, *extra)
         assert result.stdout == full[:cut] + "\n"
     assert "new tokens" in result.stderr
 
@@ -237,49 +232,19 @@ def test_g_init_file(published: tuple[Path, PLDRModel, PLDRTokenizer], tmp_path:
         ).deductive
     entries = [(d.A_LM, d.G_LM) for d in deductive]
     g_file = save_g_file(tmp_path / "g.safetensors", entries)
-    ids = generate(
-        model,
-        torch.tensor(tok.prompt_ids(PROMPT)),
-        max_new_tokens=8,
-        top_k=1,
-        G_init=entries,
-        enable_Gcache=False,
-    ).tolist()
-    plain = generate(
-        model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=8, top_k=1, enable_Gcache=False
-    ).tolist()
+    ids = _greedy_ids(model, tok, 8, G_init=entries, enable_Gcache=False)
+    plain = _greedy_ids(model, tok, 8, enable_Gcache=False)
     assert ids != plain  # the initial G-cache matters
-    result = _generate_cli(
-        folder,
-        "--prompt",
-        PROMPT,
-        "--top-k",
-        "1",
-        "-n",
-        "8",
-        "--no-g-cache",
-        "--g-init",
-        str(g_file),
-    )
+    result = _greedy_cli(folder, 8, "--no-g-cache", "--g-init", str(g_file))
     assert result.stdout == tok.decode(ids) + "\n"
 
 
 def test_bfloat16_runs(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
-    result = _generate_cli(
-        published[0], "--prompt", PROMPT, "--top-k", "1", "-n", "4", "--dtype", "bfloat16"
-    )
+    result = _greedy_cli(published[0], 4, "--dtype", "bfloat16")
     assert result.stdout.startswith(PROMPT) and "bfloat16" in result.stderr
 
 
 # ---------------------------------------------------------------------- bad input
-
-
-def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
-    dst.mkdir(parents=True)
-    for path in src.iterdir():
-        if not path.name.endswith(skip):
-            (dst / path.name).write_bytes(path.read_bytes())
-    return dst
 
 
 @pytest.mark.slow
@@ -290,14 +255,14 @@ def test_bad_inputs_give_one_line_and_exit_code_2(
     paper_g_dir: Path,
 ) -> None:
     folder = published[0]
-    two = _copy(folder, tmp_path / "two")
+    two = copy_folder(folder, tmp_path / "two")
     (two / "Copy-model-checkpoint.pth").write_bytes(
         (folder / "PLDRv51-Tiny-1-model-checkpoint.pth").read_bytes()
     )
-    tampered = _copy(folder, tmp_path / "tampered", skip=(".tar.gz",))
+    tampered = copy_folder(folder, tmp_path / "tampered", skip=(".tar.gz",))
     with tarfile.open(tampered / "tokenizer.tar.gz", "w:gz") as tar:
         tar.add(paper_tokenizer_dir / MODEL_NAME, arcname="../../../escaped.model")
-    no_tokenizer = _copy(folder, tmp_path / "no_tokenizer", skip=(".tar.gz",))
+    no_tokenizer = copy_folder(folder, tmp_path / "no_tokenizer", skip=(".tar.gz",))
     small_vocab = tmp_path / "small_vocab"
     make_bundle(small_vocab, paper_tokenizer_dir, {**HP, "input_vocab_size": 500})
     paper_g = paper_g_dir / "Gcachelst_init_mismatched_identity_NAB1_ablation.pkl"
@@ -351,11 +316,11 @@ def test_temperature_zero_is_greedy_and_timing_is_json(
     published: tuple[Path, PLDRModel, PLDRTokenizer],
 ) -> None:
     folder, model, tok = published
-    ids = generate(model, torch.tensor(tok.prompt_ids(PROMPT)), max_new_tokens=NEW, top_k=1)
+    ids = _greedy_ids(model, tok, NEW)
     result = _generate_cli(
         folder, "--prompt", PROMPT, "--temperature", "0", "-n", str(NEW), "--timing", "-q"
     )
-    assert result.stdout == tok.decode(ids.tolist()) + "\n"
+    assert result.stdout == tok.decode(ids) + "\n"
     timing = json.loads(result.stderr.strip().splitlines()[-1])
     assert timing["new_tokens"] == len(ids) - len(tok.prompt_ids(PROMPT))
     assert timing["capture_seconds"] == 0.0  # no CUDA graph on the CPU
@@ -377,8 +342,8 @@ def test_processing_flags_and_logprobs_equal_the_library(
     }
     ids = tok.prompt_ids(PROMPT)
     want = generate_details(model, [ids], NEW, top_k=1, logprobs=2, **options)
-    result = _generate_cli(
-        folder, "--prompt", PROMPT, "--top-k", "1", "-n", str(NEW), "--jsonl", "--logprobs", "2",
+    result = _greedy_cli(
+        folder, NEW, "--jsonl", "--logprobs", "2",
         "--repetition-penalty", "1.5", "--presence-penalty", "0.5", "--frequency-penalty", "0.25",
         "--logit-bias", "260=4", "--logit-bias", "300=-100", "--min-new-tokens", "5",
         "--stop-id", "7", "-q",

@@ -41,6 +41,20 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     return [f"d{i}:{k}" for i, k in enumerate(lengths)]
 
 
+def one_doc_per_sample(docs: list[str], **options) -> BatchIterator:
+    """Samples of 12 positions, one document each (padded), one sample a batch: every batch
+    holds exactly one document (``make_docs`` documents fit 12 positions)."""
+    return BatchIterator(
+        ListSource(docs),
+        DocTokenizer(),
+        batch_size=1,
+        sample_length=12,
+        padding_type="pad",
+        batch_agg_count=1,
+        **options,
+    )
+
+
 def doc_ids(batches: list[torch.Tensor]) -> list[int]:
     """Document indices in order of first appearance."""
     seen: dict[int, None] = {}
@@ -152,17 +166,7 @@ def test_empty_documents_are_skipped() -> None:
 
 def test_repeat_cycles_epochs_and_reshuffles() -> None:
     docs = make_docs(40)
-    it = BatchIterator(
-        ListSource(docs),
-        DocTokenizer(),
-        batch_size=1,
-        sample_length=12,
-        padding_type="pad",
-        batch_agg_count=1,  # one document per sample
-        shuffle=True,
-        seed=5,
-        buffer_size=16,
-    )
+    it = one_doc_per_sample(docs, shuffle=True, seed=5, buffer_size=16)
     epoch0 = doc_ids([next(it) for _ in range(40)])
     assert it.epoch == 0
     epoch1 = doc_ids([next(it) for _ in range(40)])
@@ -173,18 +177,7 @@ def test_repeat_cycles_epochs_and_reshuffles() -> None:
 
 def test_shuffle_is_seeded() -> None:
     def order(seed: int) -> list[int]:
-        it = BatchIterator(
-            ListSource(make_docs(30)),
-            DocTokenizer(),
-            batch_size=1,
-            sample_length=12,
-            padding_type="pad",
-            batch_agg_count=1,
-            shuffle=True,
-            seed=seed,
-            buffer_size=8,
-            repeat=False,
-        )
+        it = one_doc_per_sample(make_docs(30), shuffle=True, seed=seed, buffer_size=8, repeat=False)
         return doc_ids(list(it))
 
     assert order(1) == order(1)
@@ -271,18 +264,8 @@ def test_rank_shards_are_disjoint_and_cover(shuffle: bool) -> None:
     docs = make_docs(47)
     seen = []
     for rank in range(3):
-        it = BatchIterator(
-            ListSource(docs),
-            DocTokenizer(),
-            batch_size=1,
-            sample_length=12,
-            padding_type="pad",
-            batch_agg_count=1,
-            shuffle=shuffle,
-            buffer_size=10,
-            rank=rank,
-            world_size=3,
-            repeat=False,
+        it = one_doc_per_sample(
+            docs, shuffle=shuffle, buffer_size=10, rank=rank, world_size=3, repeat=False
         )
         seen.append(doc_ids(list(it)))
     assert all(len(s) in (15, 16) for s in seen)
@@ -295,18 +278,7 @@ def test_reshard_restarts_at_the_earliest_unfinished_document() -> None:
     docs = make_docs(60)
 
     def make(rank: int, world: int) -> BatchIterator:
-        return BatchIterator(
-            ListSource(docs),
-            DocTokenizer(),
-            batch_size=1,
-            sample_length=12,
-            padding_type="pad",
-            batch_agg_count=1,
-            shuffle=True,
-            buffer_size=9,
-            rank=rank,
-            world_size=world,
-        )
+        return one_doc_per_sample(docs, shuffle=True, buffer_size=9, rank=rank, world_size=world)
 
     old = [make(r, 2) for r in range(2)]
     used: list[int] = []

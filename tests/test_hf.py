@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import pldr_llm.core  # noqa: E402
 from pldr_llm import PLDRConfig, PLDRModel, generate  # noqa: E402
 from pldr_llm.core.errors import PLDRError  # noqa: E402
-from support import PAPER_TOKENIZER_MODEL, paper_vocab_model  # noqa: E402
+from support import PAPER_TOKENIZER_MODEL, hf_greedy, paper_vocab_model  # noqa: E402
 
 MODES = [(True, True), (True, False), (False, True), (False, False)]
 
@@ -48,6 +48,11 @@ def golden_export(tmp_path_factory, golden_dir: Path, golden_case: dict, hf) -> 
 
 def _mode_key(kv: bool, g: bool) -> str:
     return f"gen_kv{int(kv)}_g{int(g)}"
+
+
+def _native_greedy(model: PLDRModel, prompt: torch.Tensor, steps: int, **options) -> torch.Tensor:
+    """The native loop's greedy ids, not stopping at end-of-text (what ``hf_greedy`` must give)."""
+    return generate(model, prompt, steps, top_k=1, stop_at_eos=False, **options)
 
 
 # ---------------------------------------------------------------------------- config / tokenizer
@@ -251,22 +256,13 @@ def test_generate_matches_native_and_golden(
 
     prompt = golden_expected["prompt_ids"].reshape(1, -1)
     expected = golden_expected[f"{_mode_key(kv, g)}.ids"].reshape(1, -1)
-    native = generate(
-        golden_model, prompt, 8, top_k=1, enable_kvcache=kv, enable_Gcache=g, stop_at_eos=False
-    )
+    native = _native_greedy(golden_model, prompt, 8, enable_kvcache=kv, enable_Gcache=g)
     assert torch.equal(native, expected)
     for model in (
         hf.PldrllmForCausalLM.from_core(golden_model),
         AutoModelForCausalLM.from_pretrained(golden_export),
     ):
-        out = model.generate(
-            prompt,
-            max_new_tokens=8,
-            do_sample=False,
-            enable_kvcache=kv,
-            enable_Gcache=g,
-            eos_token_id=None,
-        )
+        out = hf_greedy(model, prompt, 8, enable_kvcache=kv, enable_Gcache=g)
         assert torch.equal(out, expected)
 
 
@@ -276,15 +272,7 @@ def test_generate_with_custom_G_init(golden_model, golden_expected, hf):
     g_init = [(torch.zeros_like(eye), eye) for _ in range(config.num_layers)]
     prompt = golden_expected["prompt_ids"].reshape(1, -1)
     model = hf.PldrllmForCausalLM.from_core(golden_model)
-    out = model.generate(
-        prompt,
-        max_new_tokens=8,
-        do_sample=False,
-        enable_kvcache=True,
-        enable_Gcache=False,
-        G_init=g_init,
-        eos_token_id=None,
-    )
+    out = hf_greedy(model, prompt, 8, enable_kvcache=True, enable_Gcache=False, G_init=g_init)
     assert torch.equal(out[0], golden_expected["gen_identityG.ids"])
 
 
@@ -300,27 +288,20 @@ def test_transformers_loop_takes_a_G_init_per_row(golden_model, hf):
     ]
     prompts = torch.tensor([[5, 17, 42, 99], [11, 12, 13, 14]])
     model = hf.PldrllmForCausalLM.from_core(golden_model)
-    out = model.generate(
+    out = hf_greedy(
+        model,
         prompts,
-        max_new_tokens=6,
-        do_sample=False,
+        6,
         enable_kvcache=True,
         enable_Gcache=False,
         G_init=g_rows,
-        eos_token_id=None,
         output_scores=True,
         return_dict_in_generate=True,
     )
     for row in range(2):
-        alone = generate(
-            golden_model,
-            prompts[row],
-            6,
-            top_k=1,
-            enable_kvcache=True,
-            enable_Gcache=False,
-            G_init=[g[row] for g in g_rows],
-            stop_at_eos=False,
+        g_row = [g[row] for g in g_rows]
+        alone = _native_greedy(
+            golden_model, prompts[row], 6, enable_kvcache=True, enable_Gcache=False, G_init=g_row
         )
         assert torch.equal(out.sequences[row], alone), row
     assert not torch.equal(out.sequences[0], out.sequences[1])  # the rows' G differ
@@ -352,24 +333,10 @@ def test_batched_generate_with_padding_matches_lone_native_runs(kv, g, golden_mo
     prompts = [[5, 17, 42, 99, 3, 7], [11, 12], [200, 201, 202, 9]]
     ids, mask = _left_padded(prompts)
     model = hf.PldrllmForCausalLM.from_core(golden_model)
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=6,
-        do_sample=False,
-        enable_kvcache=kv,
-        enable_Gcache=g,
-        eos_token_id=None,
-    )
+    out = hf_greedy(model, ids, 6, attention_mask=mask, enable_kvcache=kv, enable_Gcache=g)
     for row, prompt in enumerate(prompts):
-        lone = generate(
-            golden_model,
-            torch.tensor(prompt),
-            6,
-            top_k=1,
-            enable_kvcache=kv,
-            enable_Gcache=g,
-            stop_at_eos=False,
+        lone = _native_greedy(
+            golden_model, torch.tensor(prompt), 6, enable_kvcache=kv, enable_Gcache=g
         )
         assert out[row, ids.shape[1] - len(prompt) :].tolist() == lone.tolist()
 
@@ -405,20 +372,13 @@ def test_static_cache_generate_reaches_the_native_loop(golden_model, golden_expe
     for scores) gives the same ids, so both paths agree."""
     prompt = golden_expected["prompt_ids"].reshape(1, -1)
     model = hf.PldrllmForCausalLM.from_core(golden_model)
-    native = generate(golden_model, prompt, 8, top_k=1, stop_at_eos=False)
-    routed = model.generate(
-        prompt,
-        max_new_tokens=8,
-        do_sample=False,
-        cache_implementation="static",
-        eos_token_id=None,
-    )
+    native = _native_greedy(golden_model, prompt, 8)
+    routed = hf_greedy(model, prompt, 8, cache_implementation="static")
     assert torch.equal(routed, native)
-    own = model.generate(
+    own = hf_greedy(
+        model,
         prompt,
-        max_new_tokens=8,
-        do_sample=False,
-        eos_token_id=None,
+        8,
         return_dict_in_generate=True,
         output_scores=True,
         output_attentions=False,  # not a native-loop argument: transformers' own loop
@@ -446,17 +406,8 @@ def test_converted_bundle_generates_native_ids(tmp_path: Path, tokenizer_path: P
     prompt = tokenizer(text, return_tensors="pt")["input_ids"]
     assert prompt[0].tolist() == native_tok.prompt_ids(text)
     for kv, g in MODES:
-        native = generate(
-            native_model, prompt, 6, top_k=1, enable_kvcache=kv, enable_Gcache=g, stop_at_eos=False
-        )
-        out_ids = model.generate(
-            prompt,
-            max_new_tokens=6,
-            do_sample=False,
-            enable_kvcache=kv,
-            enable_Gcache=g,
-            eos_token_id=None,
-        )
+        native = _native_greedy(native_model, prompt, 6, enable_kvcache=kv, enable_Gcache=g)
+        out_ids = hf_greedy(model, prompt, 6, enable_kvcache=kv, enable_Gcache=g)
         assert torch.equal(out_ids, native), (kv, g)
 
 

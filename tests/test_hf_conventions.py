@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from support import PAPER_TOKENIZER_MODEL, paper_vocab_model  # noqa: E402
+from support import PAPER_TOKENIZER_MODEL, hf_greedy, paper_vocab_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -132,16 +132,15 @@ def test_hidden_states_and_attentions_are_the_cores_eager_ones(model, padded):
 
 def test_generate_returns_attentions_and_hidden_states(model):
     prompt = torch.tensor([[5, 6, 7]])
-    out = model.generate(
+    out = hf_greedy(
+        model,
         prompt,
-        max_new_tokens=3,
-        do_sample=False,
-        eos_token_id=None,
+        3,
         output_attentions=True,
         output_hidden_states=True,
         return_dict_in_generate=True,
     )
-    native = model.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    native = hf_greedy(model, prompt, 3)
     assert torch.equal(out.sequences, native)
     layers = model.core.config.num_layers
     assert len(out.attentions) == 3 and len(out.hidden_states) == 3

@@ -473,31 +473,22 @@ def test_gcache_file_that_does_not_fit_names_the_file(setup, tmp_path: Path):
         _eval_model(setup, gcache_file=str(wrong))
 
 
+def _eval_argv(setup, *extra: str) -> list[str]:
+    """``pldr-llm eval`` of the test task on the CPU, then ``extra``."""
+    argv = ["eval", "--model", str(setup["own"]), "--tasks", TASK]
+    return [*argv, "--include-path", str(setup["tasks"]), "--device", "cpu", *extra]
+
+
 def test_cli_eval_prints_the_table(setup, capsys, monkeypatch):
     from pldr_llm.cli import main
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    code = main(
-        [
-            "eval",
-            "--model",
-            str(setup["own"]),
-            "--tasks",
-            TASK,
-            "--include-path",
-            str(setup["tasks"]),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "4",
-            "--output",
-            str(setup["root"] / "results.json"),
-        ]
-    )
+    output = setup["root"] / "results.json"
+    code = main(_eval_argv(setup, "--batch-size", "4", "--output", str(output)))
     assert code == 0
     out = capsys.readouterr().out
     assert TASK in out and "acc" in out
-    saved = json.loads((setup["root"] / "results.json").read_text())
+    saved = json.loads(output.read_text())
     assert 0.0 <= saved["results"][TASK]["acc,none"] <= 1.0
 
 
@@ -513,8 +504,7 @@ def test_cli_eval_no_cuda_graph_reaches_the_model(setup, monkeypatch):
         raise PLDRError("stop here")
 
     monkeypatch.setattr(lm_eval_model.PLDRLLMEvalModel, "__init__", record)
-    base = ["eval", "--model", str(setup["own"]), "--tasks", TASK]
-    base += ["--include-path", str(setup["tasks"]), "--device", "cpu"]
+    base = _eval_argv(setup)
     assert main(base) == 2
     assert main([*base, "--no-cuda-graph"]) == 2
     assert seen == [None, False]
@@ -570,22 +560,7 @@ def test_cli_eval_log_samples_writes_lm_evals_records(setup, tmp_path: Path, mon
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     output = tmp_path / "results.json"
-    argv = [
-        "eval",
-        "--model",
-        str(setup["own"]),
-        "--tasks",
-        TASK,
-        "--include-path",
-        str(setup["tasks"]),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--output",
-        str(output),
-        "--log-samples",
-    ]
+    argv = _eval_argv(setup, "--batch-size", "4", "--output", str(output), "--log-samples")
     assert main(argv) == 0
     samples = tmp_path / f"results_samples_{TASK}.jsonl"
     lines = samples.read_text().splitlines()

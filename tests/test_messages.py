@@ -5,32 +5,14 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from pldr_llm import PLDRConfig, PLDRModel
+from pldr_llm import PLDRConfig
 from pldr_llm.cli import main
 from pldr_llm.core.errors import PLDRError
-from support import PAPER_TOKENIZER_MODEL, TINY_HPDICT
-
-
-def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    lines = [line for line in err if line.startswith("pldr-llm: error:")]
-    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
-    return lines[0]
-
-
-@pytest.fixture()
-def model_dir(tmp_path: Path, paper_tokenizer_dir: Path) -> Path:
-    folder = tmp_path / "model"
-    torch.manual_seed(0)
-    PLDRModel(PLDRConfig.from_hpdict(TINY_HPDICT)).eval().save(folder)
-    shutil.copy(paper_tokenizer_dir / PAPER_TOKENIZER_MODEL, folder / "tokenizer.model")
-    return folder
+from support import TINY_HPDICT, error_line
 
 
 def test_config_without_num_heads_names_the_missing_key(model_dir: Path, capsys) -> None:
@@ -40,7 +22,7 @@ def test_config_without_num_heads_names_the_missing_key(model_dir: Path, capsys)
     del data["num_heads"]
     config.write_text(json.dumps(data))
     assert main(["generate", "--model", str(model_dir), "-p", "hi", "--max-new-tokens", "1"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert f"{config}: the config lacks 'num_heads'" in line and "divisible" not in line
 
 
@@ -53,13 +35,13 @@ def test_transformers_config_without_heads_names_the_missing_key() -> None:
 
 def test_directory_as_prompt_file_says_it_is_a_directory(model_dir: Path, capsys) -> None:
     assert main(["generate", "--model", str(model_dir), "--prompt-file", str(model_dir)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "is a directory" in line and "not found" not in line
 
 
 def test_directory_as_eval_text_says_it_is_a_directory(model_dir: Path, capsys) -> None:
     assert main(["eval", "--model", str(model_dir), "--text", str(model_dir)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "is a directory" in line and "not found" not in line
 
 
@@ -67,7 +49,7 @@ def test_eval_non_utf8_text_names_the_byte(model_dir: Path, tmp_path: Path, caps
     text = tmp_path / "latin1.txt"
     text.write_bytes("caf\u00e9 au lait".encode("latin-1"))  # é is the lone byte 0xe9
     assert main(["eval", "--model", str(model_dir), "--text", str(text)]) == 2
-    assert "byte 0xe9 at offset 3" in _error_line(capsys)
+    assert "byte 0xe9 at offset 3" in error_line(capsys)
 
 
 def test_sentencepiece_failure_names_the_real_flag(tmp_path: Path) -> None:

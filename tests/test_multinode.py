@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,20 +23,15 @@ from pathlib import Path
 import pytest
 
 import multinode_worker as worker
+from support import free_port
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 TIMEOUT_S = 300  # both launchers together; they are killed past it
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch_two_nodes(out: Path, strategy: str) -> None:
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "h6",

@@ -18,20 +18,13 @@ import torch
 from pldr_llm import PLDRConfig, PLDRModel, save_reference_checkpoint
 from pldr_llm.cli import main
 from pldr_llm.core.errors import PLDRError
-from support import PAPER_TOKENIZER_MODEL, TINY_HPDICT
+from support import MINI_TRAIN_ARGS, TINY_HPDICT, error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    lines = [line for line in err if line.startswith("pldr-llm: error:")]
-    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
@@ -45,21 +38,11 @@ def _own_log_handlers():
     logger.handlers[:] = before
 
 
-@pytest.fixture()
-def model_dir(tmp_path: Path, paper_tokenizer_dir: Path) -> Path:
-    """A model folder (config.json, model.safetensors, tokenizer.model) that is not a run."""
-    folder = tmp_path / "model"
-    torch.manual_seed(0)
-    PLDRModel(PLDRConfig.from_hpdict(TINY_HPDICT)).eval().save(folder)
-    shutil.copy(paper_tokenizer_dir / PAPER_TOKENIZER_MODEL, folder / "tokenizer.model")
-    return folder
-
-
 # ---------------------------------------------------------------------- train --out
 def test_train_refuses_a_model_folder_and_leaves_it_untouched(model_dir: Path, capsys) -> None:
     before = _snapshot(model_dir)
     assert main(["train", "--preset", "tiny", "--out", str(model_dir), "--max-steps", "1"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "is not a run folder" in line
     for name in ("config.json", "model.safetensors", "tokenizer.model"):
         assert name in line
@@ -127,14 +110,8 @@ with claim_run_folder(Path(sys.argv[1]), Main()):
     time.sleep(300)
 """
 
-MINI = [
-    "--preset", "tiny",
-    "--num_layers", "1", "--d_model", "64", "--num_heads", "2", "--dff", "96", "--A_dff", "32",
-    "--num_reslayerA", "1", "--context_length", "32", "--model.max_seq_len", "32",
-    "--batch_size", "8", "--tokenizer.vocab_size", "400", "--warmup_steps", "2",
-    "--lr_total_steps", "100", "--save_every", "4", "--log_every", "4", "--progress", "false",
-    "--max-steps", "8",
-]  # fmt: skip
+MINI = [*MINI_TRAIN_ARGS, "--warmup_steps", "2", "--save_every", "4", "--log_every", "4"]
+MINI += ["--max-steps", "8"]
 
 
 def _train(out: Path, **kwargs) -> subprocess.Popen:
@@ -194,7 +171,7 @@ def test_convert_refuses_an_existing_model_folder_without_force(
     shutil.copytree(model_dir, target)
     before = _snapshot(target)
     assert main(["convert", "--model", str(model_dir), "--out", str(target), "--to", to]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "already holds config.json" in line and "--force" in line
     assert _snapshot(target) == before
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pldr_llm.core.errors import PLDRError
-from support import run_cli
+from support import MINI_TRAIN_ARGS, run_cli
 
 
 class _RunsCode:
@@ -135,13 +135,7 @@ def test_crafted_torch_file_is_refused_naming_the_global(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------- through the CLI
-MINI = [
-    "--preset", "tiny",
-    "--num_layers", "1", "--d_model", "64", "--num_heads", "2", "--dff", "96", "--A_dff", "32",
-    "--num_reslayerA", "1", "--context_length", "32", "--model.max_seq_len", "32",
-    "--batch_size", "8", "--tokenizer.vocab_size", "400", "--warmup_steps", "2",
-    "--lr_total_steps", "100", "--save_every", "4", "--log_every", "4", "--progress", "false",
-]  # fmt: skip
+MINI = [*MINI_TRAIN_ARGS, "--warmup_steps", "2", "--save_every", "4", "--log_every", "4"]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from pldr_llm.bundle import load_bundle  # noqa: E402
 from pldr_llm.core.errors import PLDRError  # noqa: E402
 from pldr_llm.generation import Detokenizer, generate_text  # noqa: E402
 from pldr_llm.serve.app import ServeOptions  # noqa: E402
-from serve_support import MODEL_ID, build_bundle, live_server  # noqa: E402
+from serve_support import MODEL_ID, build_bundle, live_server, serve_process  # noqa: E402
 
 PROMPT = "The power law graph attention"
 
@@ -536,46 +536,13 @@ def test_a_disconnected_client_frees_its_row(long_bundle: Path) -> None:
         assert r.json()["usage"]["completion_tokens"] == 5
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_cli(*args: str):
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.Popen(
-        [sys.executable, "-m", "pldr_llm", "serve", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
-
-
 @pytest.mark.slow
 def test_sigterm_finishes_requests_in_flight_then_exits(long_bundle: Path) -> None:
     import signal
     import time
 
-    port = _free_port()
-    proc = _serve_cli("--model", str(long_bundle), "--port", str(port), "--max-batch", "2", "-q")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serve_process(long_bundle, "--max-batch", "2", "-q") as (proc, port):
+        url = f"http://127.0.0.1:{port}"
         body = {"model": MODEL_ID, "prompt": "a", "max_tokens": 600, "temperature": 0}
         body["stream"] = True
         events = []
@@ -601,10 +568,6 @@ def test_sigterm_finishes_requests_in_flight_then_exits(long_bundle: Path) -> No
         assert proc.wait(60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,15 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from pldr_llm import cli  # noqa: E402
-from serve_support import HP, MODEL_ID, build_bundle, live_server  # noqa: E402
+from serve_support import (  # noqa: E402
+    HP,
+    MODEL_ID,
+    build_bundle,
+    live_server,
+    serve_process,
+    wait_until_healthy,
+)
+from support import free_port  # noqa: E402
 
 # The deadlines of the subprocess servers (seconds); the assertions allow ~1.5 s of scheduling
 # on a loaded 2-core machine on top of them.
@@ -41,41 +49,6 @@ SLACK = 2.0
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A 1024-token context: long streams, to have a request still running at a deadline.
     return build_bundle(tmp_path_factory.mktemp("limits"), {**HP, "max_seq_len": 1024})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_process(bundle: Path, *args: str) -> Iterator[tuple[subprocess.Popen, int]]:
-    """A ``pldr-llm serve`` subprocess on a free loopback port, killed at exit if still up."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pldr_llm", "serve", "--model", str(bundle), "--port", str(port)]
-        + list(args),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
 
 
 def _read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
@@ -417,7 +390,7 @@ serve_app(app, ServeOptions(model_id="-", port=port, shutdown_timeout=2.0, log_l
 def test_sigterm_exits_at_the_deadline_despite_a_client_that_never_reads() -> None:
     """The answer never ends and the client reads nothing: the server's write blocks for good
     (the write timeout, 60 s, is far away). SIGTERM still ends the process at its deadline."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", ENDLESS_SERVER, str(port)], stderr=subprocess.PIPE, text=True
     )
@@ -785,7 +758,7 @@ def test_replicas_behind_haproxy_lose_no_request(bundle: Path, tmp_path: Path) -
                 timeout=30,
             )
             want[prompt] = r.json()["choices"][0]["text"]
-        front = _free_port()
+        front = free_port()
         config = tmp_path / "pldr.cfg"
         config.write_text(_haproxy_config(front, p1, p2), encoding="utf-8")
         balancer = subprocess.Popen(
@@ -796,15 +769,7 @@ def test_replicas_behind_haproxy_lose_no_request(bundle: Path, tmp_path: Path) -
         )
         stack.callback(lambda: (balancer.kill(), balancer.wait(10)))
         url = f"http://127.0.0.1:{front}"
-        deadline = time.monotonic() + 20
-        while True:
-            assert balancer.poll() is None, balancer.stderr.read() if balancer.stderr else ""
-            assert time.monotonic() < deadline, "haproxy did not start"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_healthy(balancer, url, 20, "haproxy")
 
         total, done, signalled = 48, [], threading.Event()
         lock = threading.Lock()

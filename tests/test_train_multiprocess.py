@@ -10,19 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import FSDP_HP as HP
+
 pytestmark = pytest.mark.multiprocess
 
-HP = {
-    "num_layers": 2,
-    "d_model": 32,
-    "num_heads": 2,
-    "dff": 48,
-    "A_dff": 16,
-    "num_reslayerA": 1,
-    "num_denseA": 2,
-    "input_vocab_size": 97,
-    "max_seq_len": 16,
-}
 STEPS = 4
 
 

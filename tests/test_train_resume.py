@@ -16,17 +16,11 @@ import pytest
 import torch
 
 from pldr_llm.core.errors import PLDRError
+from support import MINI_TRAIN_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A model small enough that a 30-step run takes seconds on 2 CPU cores.
-MINI = [
-    "--preset", "tiny",
-    "--num_layers", "1", "--d_model", "64", "--num_heads", "2", "--dff", "96", "--A_dff", "32",
-    "--num_reslayerA", "1", "--context_length", "32", "--model.max_seq_len", "32",
-    "--batch_size", "8", "--tokenizer.vocab_size", "400", "--warmup_steps", "5",
-    "--lr_total_steps", "100", "--save_every", "10", "--log_every", "5", "--progress", "false",
-]  # fmt: skip
+MINI = [*MINI_TRAIN_ARGS, "--warmup_steps", "5", "--save_every", "10", "--log_every", "5"]
 
 
 def _env() -> dict[str, str]:
