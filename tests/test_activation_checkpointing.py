@@ -80,12 +80,14 @@ def _assert_same(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -
         torch.testing.assert_close(grads[name], value, atol=TOLERANCE, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dag", [False, True], ids=["lm", "dag"])
 @pytest.mark.parametrize("mode", MODES)
 def test_checkpointed_gradients_equal_plain_gradients(mode: str, dag: bool) -> None:
     _assert_same(_gradients(_model(mode), dag), _gradients(_model("off"), dag))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_causal_metric_nests_its_own_checkpoints(mode: str) -> None:
     """With ``causal_metric`` the metric learner checkpoints each 64-position block itself: that
@@ -103,6 +105,7 @@ def test_causal_metric_nests_its_own_checkpoints(mode: str) -> None:
     _assert_same(grads(mode), grads("off"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_checkpointing_keeps_fewer_activations(mode: str) -> None:
     """Bytes the forward keeps for backward (saved-tensor hooks see what autograd keeps; a

@@ -105,15 +105,18 @@ def test_the_graph_sees_the_package() -> None:
     assert "pldr_llm.core.state_dict" in graph["pldr_llm.core.model"]
 
 
+@pytest.mark.slow
 def test_no_import_cycle_at_module_level() -> None:
     assert find_cycle(import_graph(module_level=True)) is None
 
 
+@pytest.mark.slow
 def test_no_import_cycle_even_through_imports_inside_functions() -> None:
     """A deferred import that closes a cycle still ties two modules to each other."""
     assert find_cycle(import_graph(module_level=False)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(_modules()) - {"pldr_llm.__main__"}))  # runs the CLI
 def test_every_module_imports(name: str) -> None:
     try:
@@ -149,6 +152,7 @@ CORE_ROWS = (
 )
 
 
+@pytest.mark.slow
 def test_the_core_rows_import_only_their_own_row_or_the_rows_above() -> None:
     graph = import_graph(module_level=False)
     core = {p.stem for p in (SRC / PACKAGE / "core").glob("*.py")} - {"__init__"}
@@ -160,6 +164,7 @@ def test_the_core_rows_import_only_their_own_row_or_the_rows_above() -> None:
             assert imported <= allowed, (name, imported - allowed)
 
 
+@pytest.mark.slow
 def test_exported_model_code_carries_only_the_model() -> None:
     """A transformers folder's code: the model, its config, tokenizer and decoding loop -- no
     training, no CLI, no original-format checkpoint reader, no compile helpers."""

@@ -47,6 +47,7 @@ def _same_weights(a: PLDRModel, b: PLDRModel) -> None:
 # ---------------------------------------------------------------------- published bundles
 
 
+@pytest.mark.slow
 def test_reference_bundle_loads(bundle: tuple[Path, PLDRModel]) -> None:
     folder, original = bundle
     files = inspect_bundle(folder)
@@ -277,6 +278,7 @@ def _resolve_in_subprocess(spec: str, env: dict) -> subprocess.CompletedProcess[
     return _cli("convert", "--model", spec, "--out", env.pop("_OUT"), env=env)
 
 
+@pytest.mark.slow
 def test_hub_id_from_cache_offline_and_network_failure(
     tmp_path: Path, bundle: tuple[Path, PLDRModel]
 ) -> None:
@@ -341,6 +343,7 @@ def _sharded_transformers_folder(folder: Path, model: PLDRModel) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_resolve_weights_reads_every_layout_init_from_and_model_take(
     bundle: tuple[Path, PLDRModel], tmp_path: Path
 ) -> None:

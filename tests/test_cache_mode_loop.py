@@ -126,6 +126,7 @@ def test_causal_metric_kv_cache_continues_the_running_sum() -> None:
             assert bool((d_g <= 2 * a @ d_ap + 1e-6 * (a @ ap) + 1e-7).all())
 
 
+@pytest.mark.slow
 def test_predefined_g_model_every_mode() -> None:
     """v510G (no metric learner): every mode, including KV on / G off, decodes model.forward's
     ids and reports the predefined G_LM (A, A_LM, A_P absent)."""
@@ -139,6 +140,7 @@ def test_predefined_g_model_every_mode() -> None:
                 assert torch.equal(d.G_LM, layer.mha1.predefined_G_LM)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", CACHE_MODES)
 def test_blocks_record_each_reported_token_once(tiny_model, mode) -> None:
     """step_many (one block of steps): a slot that finishes inside the block is recorded for the
@@ -185,6 +187,7 @@ def test_record_deductive_refusals(tiny_model) -> None:
     assert all(torch.equal(d.G_LM, g_init[0][1]) for d in engine.deductive[1].outputs[0])
 
 
+@pytest.mark.slow
 def test_cache_mode_runs_is_the_loop(tiny_model, monkeypatch) -> None:
     """cache_mode_runs builds one recording engine per mode and nothing else walks the modes."""
     made = []

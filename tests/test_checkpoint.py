@@ -91,6 +91,7 @@ def test_own_format_round_trip(tiny_model, tmp_path):
         assert torch.equal(loaded(ids).logits, tiny_model(ids).logits)
 
 
+@pytest.mark.slow
 def test_own_format_v510G_keeps_G(tiny_model, tmp_path):
     config = tiny_model.config
     g = [

@@ -153,6 +153,7 @@ def test_stream_prints_the_same_text(published: tuple[Path, PLDRModel, PLDRToken
     assert result.stdout == tok.decode(ids) + "\n"
 
 
+@pytest.mark.slow
 def test_streamer_writes_as_tokens_come(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
     from pldr_llm.generation.texts import TextStreamer
 
@@ -239,6 +240,7 @@ def test_g_init_file(published: tuple[Path, PLDRModel, PLDRTokenizer], tmp_path:
     assert result.stdout == tok.decode(ids) + "\n"
 
 
+@pytest.mark.slow
 def test_bfloat16_runs(published: tuple[Path, PLDRModel, PLDRTokenizer]) -> None:
     result = _greedy_cli(published[0], 4, "--dtype", "bfloat16")
     assert result.stdout.startswith(PROMPT) and "bfloat16" in result.stderr
@@ -357,6 +359,7 @@ def test_processing_flags_and_logprobs_equal_the_library(
     ]
 
 
+@pytest.mark.slow
 def test_the_library_call_behind_the_command(
     published: tuple[Path, PLDRModel, PLDRTokenizer],
 ) -> None:

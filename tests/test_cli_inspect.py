@@ -101,6 +101,7 @@ def test_bad_arguments(paper_g_dir: Path, capsys) -> None:
     assert err.count("pldr-llm: error:") == 4
 
 
+@pytest.mark.slow
 def test_inspect_model_cache_modes(tiny_dir: Path, golden_expected, tmp_path: Path, capsys) -> None:
     prompt = " ".join(str(i) for i in golden_expected["prompt_ids"].tolist())
     out_json, out_g = tmp_path / "m.json", tmp_path / "g.safetensors"
@@ -130,6 +131,7 @@ def test_inspect_model_needs_ids_without_tokenizer(tiny_dir: Path, capsys) -> No
     assert "tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_inspect_model_default_prompt_is_end_of_text(tiny_dir: Path, capsys) -> None:
     assert main(["inspect", "--model", str(tiny_dir), "--json", "-", "--steps", "1"]) == 0
     data = json.loads(capsys.readouterr().out)

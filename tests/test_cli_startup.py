@@ -18,6 +18,7 @@ print(code, "torch" in sys.modules)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv",
     [

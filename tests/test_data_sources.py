@@ -314,6 +314,7 @@ def test_hf_missing_package_or_dataset_is_a_pldr_error(monkeypatch: pytest.Monke
         open_source(DataConfig(source="some-org/some-dataset"))
 
 
+@pytest.mark.slow
 def test_default_tokenizer_model_is_cached_and_deterministic(tmp_path: Path) -> None:
     pytest.importorskip("sentencepiece")
     from pldr_llm.data import default_tokenizer_model

@@ -125,6 +125,7 @@ def test_compare_g_files(paper_g_dir: Path) -> None:
 # ---------------------------------------------------------------------- plots
 
 
+@pytest.mark.slow
 def test_plot_learned_file_shows_5_by_14_panels(paper_g_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from matplotlib.image import AxesImage
@@ -178,6 +179,7 @@ def test_deductive_outputs_match_golden(golden_model, golden_expected) -> None:
             )
 
 
+@pytest.mark.slow
 def test_cached_vs_uncached_on_golden_model(golden_model, golden_expected, golden_case) -> None:
     prompt = golden_expected["prompt_ids"]
     steps = 3
@@ -205,6 +207,7 @@ def test_cached_vs_uncached_on_golden_model(golden_model, golden_expected, golde
     assert compare(direct, runs.steps["kv0_g0"][0])["overall"]["G_LM"] == 0.0
 
 
+@pytest.mark.slow
 def test_inspect_model_report(golden_model, golden_expected, tmp_path: Path) -> None:
     prompts = [golden_expected["prompt_ids"], golden_expected["input_ids"][0]]
     result = inspect_model(golden_model, prompts, steps=2, source={"kind": "model"})

@@ -67,6 +67,7 @@ def _stream(detok: Detokenizer, ids: list[int], r: random.Random) -> list[str]:
     return deltas
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", range(4))
 def test_deltas_add_up_to_final_text(tok: PLDRTokenizer, block: int) -> None:
     """Many random rows, with and without stop strings (cut out of the row's own new text at

@@ -78,6 +78,7 @@ def test_linear_cross_entropy_without_grad_mode():
         linear_cross_entropy(hidden, weight, None, targets[:4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding", ["none", "pad_ids", "attention_mask"])
 def test_forward_labels_loss_matches_model_logits(tiny_model, padding):
     """``forward(..., labels=)`` (the trainer's chunked loss) = the loss of the full logits."""
@@ -109,6 +110,7 @@ def test_forward_labels_loss_matches_model_logits(tiny_model, padding):
             close(g, w, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key_padding", [False, True])
 def test_forward_without_host_reads_matches_checked_forward(tiny_model, key_padding):
     """``check_ids=False`` + a ``key_padding`` hint (what the trainer passes) computes what the
@@ -158,6 +160,7 @@ def right_padded(vocab, lengths, width, seed):
     return ids.masked_fill(mask == 0, 0), mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal_metric", [False, True])
 @pytest.mark.parametrize("with_g", [False, True])
 def test_captured_forward_with_mask_matches_forward(causal_metric, with_g):
@@ -200,6 +203,7 @@ def test_captured_forward_with_mask_matches_forward(causal_metric, with_g):
     assert torch.equal(out2.hidden_states, expected2.hidden_states)
 
 
+@pytest.mark.slow
 def test_captured_forward_without_padding_rows_matches_causal_forward(tiny_model):
     """Every row full: the forward takes SDPA's causal flag, the captured one the explicit
     bias. Masked scores get -1e9 either way (exp underflows to exactly 0 in float32), so the

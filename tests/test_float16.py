@@ -34,6 +34,7 @@ def _pair() -> tuple[PLDRModel, PLDRModel]:
     return model32, model16.half()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caches", [(True, True), (True, False), (False, False)])
 def test_float16_greedy_ids_match_float32_where_the_margin_allows(caches) -> None:
     model32, model16 = _pair()
@@ -74,6 +75,7 @@ def _assert_same_where_the_margin_allows(want, got) -> None:
     assert compared >= 15  # the comparison has teeth: most tokens agree before a near-tie
 
 
+@pytest.mark.slow
 def test_float16_padded_prompt_stays_finite() -> None:
     """Left padding masks whole rows of keys: with -1e9 (-inf in float16) they were NaN."""
     _, model16 = _pair()
@@ -108,6 +110,7 @@ def model_dir(tmp_path: Path, paper_tokenizer_dir: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_cli_generate_float16(model_dir: Path, capsys) -> None:
     args = ["generate", "--model", str(model_dir), "-p", "hello", "--max-new-tokens", "4"]
     assert main([*args, "--dtype", "float16", "--temperature", "0"]) == 0
@@ -139,6 +142,7 @@ def test_serving_engine_float16(model_dir: Path) -> None:
     assert all(len(t) == 6 for t in tokens.values())
 
 
+@pytest.mark.slow
 def test_server_answers_in_float16(tmp_path: Path) -> None:
     """``serve --dtype float16``: the server's app on a float16 model answers a completion
     with finite log-probabilities (the masks and the power law fit float16)."""

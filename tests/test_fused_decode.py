@@ -98,6 +98,7 @@ def test_rope_kv_rotates_like_the_model_and_writes_the_cache_in_place(interleave
     assert torch.equal(bias, before)  # later layers leave the bias alone
 
 
+@pytest.mark.slow
 def test_attend_matches_sdpa_over_the_written_keys():
     torch.manual_seed(1)
     batch, heads, depth, slots = 3, 4, 16, 80  # 80 slots: two key blocks
@@ -257,6 +258,7 @@ def test_warm_up_model_lies_wholly_on_the_device():
     assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_warm_up_imports_no_compiler_stack():
     # The warm-up runs beside the weights' loading: an import of torch._dynamo in it (which a
     # model built on "meta" triggers, through normal_'s meta kernel) took ~4.5 s on the GPU host
@@ -372,6 +374,7 @@ def test_a_failed_warm_up_reports_its_reason():
     assert thread.error == "Expected all tensors to be on the same device"
 
 
+@pytest.mark.slow
 def test_the_cpu_loop_never_imports_triton():
     # Importing Triton costs ~0.1-0.4 s; the CPU's op-by-op step has no use for it (and the
     # CLI's main thread on a GPU leaves it to the warm-up thread).

@@ -13,6 +13,7 @@ PROMPTS = [[5, 17, 22, 9, 41, 7], [12, 3], [250, 31, 8, 99]]
 MODES = [(True, True), (True, False), (False, True), (False, False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kv", "g"), MODES)
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_batched_rows_equal_lone_runs(tiny_model, kv, g, implementation):
@@ -69,6 +70,7 @@ def test_tensor_batch_keeps_rank_and_pads_finished_rows(tiny_model):
     assert single.dim() == 1 and torch.equal(single, out[0])
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(tiny_model):
     def run(seed):
         gen = torch.Generator().manual_seed(seed)
@@ -102,6 +104,7 @@ def test_streamer_and_stopping_criteria(tiny_model):
     assert [s[0] for s in seen] == out.new_ids[0]
 
 
+@pytest.mark.slow
 def test_stopping_criteria_in_blocks_drop_what_follows_the_stop(tiny_model):
     """Without a streamer the criterion reads blocks of steps: each row ends exactly at the id
     where the criterion said stop (the rest of its block dropped), the others go on, and every
@@ -230,6 +233,7 @@ SAMPLING = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kv", "g"), MODES)
 @pytest.mark.parametrize("sampling", SAMPLING)
 def test_every_cache_mode_equals_the_eager_loop(tiny_model, kv, g, sampling):
@@ -250,6 +254,7 @@ def test_every_cache_mode_equals_the_eager_loop(tiny_model, kv, g, sampling):
     assert out.new_ids == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kv", "g"), MODES)
 def test_g_init_in_every_cache_mode(tiny_model, kv, g):
     torch.manual_seed(3)
@@ -325,6 +330,7 @@ def test_uniform_draws_are_a_pure_function_with_the_right_law():
     assert abs(float(u.var()) - 1 / 12) < 0.005
 
 
+@pytest.mark.slow
 def test_inverse_cdf_draws_each_token_with_its_probability():
     from pldr_llm.generation import inverse_cdf, uniform_draws
 
@@ -338,6 +344,7 @@ def test_inverse_cdf_draws_each_token_with_its_probability():
     assert torch.allclose(freq, probs[0].double(), atol=0.015)
 
 
+@pytest.mark.slow
 def test_sampled_row_depends_only_on_its_seed(tiny_model):
     params = {"temperature": 0.9, "top_p": 0.95, "seed": 5, "stop_at_eos": False}
     alone = generate(tiny_model, [PROMPTS[1]], 10, **params)
@@ -347,6 +354,7 @@ def test_sampled_row_depends_only_on_its_seed(tiny_model):
     assert other != alone
 
 
+@pytest.mark.slow
 def test_engine_slots_report_pipelined_tokens(tiny_model):
     from pldr_llm.generation import DecodeEngine, SamplingParams
 
@@ -401,6 +409,7 @@ def test_engine_stop_ids_and_logprobs(tiny_model):
     assert all(lp <= 0 for lp in logprobs)
 
 
+@pytest.mark.slow
 def test_stream_generate_and_text_api(tiny_model):
     from pldr_llm.generation import find_stop, stream_generate
 
@@ -411,6 +420,7 @@ def test_stream_generate_and_text_api(tiny_model):
     assert find_stop("abc", ["x", ""]) is None
 
 
+@pytest.mark.slow
 def test_compiled_step_traces_whole(tiny_model):
     """The step is one graph (no host sync inside): ``aot_eager`` traces it without codegen."""
     from pldr_llm.generation import DecodeEngine, SamplingParams
@@ -432,6 +442,7 @@ def test_compiled_step_traces_whole(tiny_model):
 
 
 # ---------------------------------------------------------------------------- step variants
+@pytest.mark.slow
 def test_plain_variant_equals_the_filters_for_rows_that_filter_nothing():
     """top_p 1 and top_k 0 or >= vocab make the filters the identity: the sort-free variant
     must then pick exactly the ids of filter_rows + the draw (and differ when a row filters)."""
@@ -509,6 +520,7 @@ def _drain(engine, k: int) -> list:
     return steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4, 5])
 def test_step_many_equals_single_steps(tiny_model, k):
     from pldr_llm.generation import DecodeEngine, SamplingParams
@@ -541,6 +553,7 @@ def test_step_many_equals_single_steps(tiny_model, k):
     assert all(len(slots) > 0 for slots, _, _, _ in runs[0][0])
 
 
+@pytest.mark.slow
 def test_launch_then_collect_with_a_release_in_between(tiny_model):
     """A server routes one block while the next computes: releasing a slot meanwhile is allowed
     (its tokens of that block are still reported), adding is refused until collect()."""
@@ -688,6 +701,7 @@ def test_warm_up_is_a_no_op_without_cuda_graphs(tiny_model):
     assert engine.free_slots == 2 and not engine.graphs._graphs
 
 
+@pytest.mark.slow
 def test_packed_projections_decode_like_the_model_and_follow_weight_changes(tiny_model):
     """The packed wq|wk|wv and gluw1|gluw2 (on by default on CUDA) compute the same function:
     equal ids here, logits equal to float32 rounding (one matrix product of stacked rows

@@ -172,6 +172,7 @@ def test_code_files_follow_the_imports_and_name_missing_ones(tmp_path: Path):
         code_files(tmp_path)
 
 
+@pytest.mark.slow
 def test_auto_classes_reproduce_golden_logits(
     golden_export: Path, golden_model, golden_expected, hf
 ):
@@ -203,6 +204,7 @@ def test_auto_classes_reproduce_golden_logits(
         torch.testing.assert_close(out.loss, manual)
 
 
+@pytest.mark.slow
 def test_folder_reads_back_without_transformers_and_v510G_exports(
     golden_export, golden_model, tmp_path, hf
 ):
@@ -248,6 +250,7 @@ def test_missing_weights_are_an_error(golden_export: Path, tmp_path: Path):
 # ---------------------------------------------------------------------------- generate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv,g", MODES)
 def test_generate_matches_native_and_golden(
     kv, g, golden_export: Path, golden_model, golden_expected, hf
@@ -276,6 +279,7 @@ def test_generate_with_custom_G_init(golden_model, golden_expected, hf):
     assert torch.equal(out[0], golden_expected["gen_identityG.ids"])
 
 
+@pytest.mark.slow
 def test_transformers_loop_takes_a_G_init_per_row(golden_model, hf):
     """transformers' own loop (here: scores asked for) accepts one G_init row per batch row
     (``prepare_g_init(..., rows=B)``); each row decodes as it does alone with its own G."""
@@ -328,6 +332,7 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv,g", MODES)
 def test_batched_generate_with_padding_matches_lone_native_runs(kv, g, golden_model, hf):
     prompts = [[5, 17, 42, 99, 3, 7], [11, 12], [200, 201, 202, 9]]
@@ -341,6 +346,7 @@ def test_batched_generate_with_padding_matches_lone_native_runs(kv, g, golden_mo
         assert out[row, ids.shape[1] - len(prompt) :].tolist() == lone.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv,g", MODES)
 def test_sampling_draws_the_native_ids(kv, g, golden_model, hf):
     prompts = [[5, 17, 42, 99], [11, 12]]
@@ -386,6 +392,7 @@ def test_static_cache_generate_reaches_the_native_loop(golden_model, golden_expe
     assert torch.equal(own.sequences, native) and len(own.scores) == 8
 
 
+@pytest.mark.slow
 def test_converted_bundle_generates_native_ids(tmp_path: Path, tokenizer_path: Path):
     """``pldr-llm convert --to hf`` of a pldr-llm folder; the export then generates as native."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

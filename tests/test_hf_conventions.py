@@ -172,6 +172,7 @@ def test_resized_embeddings_take_a_new_id(hf, tok):
         model(torch.tensor([[5, len(tok)]]))
 
 
+@pytest.mark.slow
 def test_auto_model_loads_the_base_class(hf, tmp_path: Path):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -250,6 +251,7 @@ def test_beam_search_with_caches_equals_a_from_scratch_search(model, kv, g):
         assert off[0].tolist() == _reference_beam_search(model.core, prompt, 3, 4, False, False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv,g", CACHE_MODES[:3])
 def test_assisted_and_prompt_lookup_decoding_equal_greedy(hf, model, kv, g, monkeypatch):
     from pldr_llm.core.cache import PLDRCache
@@ -342,6 +344,7 @@ def test_routed_options_equal_transformers_loop(repeating_model, native_calls, o
     assert not torch.equal(routed, plain)  # the option changed the ids
 
 
+@pytest.mark.slow
 def test_routed_stop_strings_and_streamer_equal_transformers_loop(model, tok, native_calls):
     from transformers import TextStreamer
 

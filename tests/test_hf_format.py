@@ -305,6 +305,7 @@ def test_rotate_half_matches_transformers_llama_rotation(scaling):
 # ---------------------------------------------------------------------------- loading
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_load_bundle_equals_the_native_model(folders, name):
     folder, native = folders[name]

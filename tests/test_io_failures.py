@@ -96,6 +96,7 @@ def _limit_file_size(limit: int):
 # ------------------------------------------------------------------ corrupt model files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [0, 20, 4000])
 def test_truncated_model_file_is_one_line_naming_it(
     model_dir: Path, tmp_path: Path, capsys, size: int
@@ -171,6 +172,7 @@ def test_model_files_are_readable_by_others(model_dir: Path, tmp_path: Path) -> 
         assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o644, name
 
 
+@pytest.mark.slow
 def test_full_disk_json_and_stdout(model_dir: Path, capsys) -> None:
     assert main(["inspect", "--model", str(model_dir), "-p", "hi", "--json", "/dev/full"]) == 2
     _one_line(capsys, "/dev/full", "the disk is full")
@@ -222,6 +224,7 @@ def test_learning_rate_may_change_on_resume() -> None:
 # ------------------------------------------------------------------ bad inputs
 
 
+@pytest.mark.slow
 def test_non_utf8_prompts_name_the_byte(model_dir: Path, capsys, monkeypatch) -> None:
     bad = os.fsdecode(b"caf\xe9")  # what sys.argv holds for these bytes (surrogateescape)
     tok = str(model_dir / "tokenizer.model")
@@ -341,6 +344,7 @@ def test_eval_text_cli(model_dir: Path, tmp_path: Path, capsys) -> None:
 # ------------------------------------------------------------------ the README
 
 
+@pytest.mark.slow
 def test_readme_python_block_runs(tmp_path: Path, monkeypatch) -> None:
     """The README's Python block runs as pasted (from a folder holding the files it names)."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
@@ -417,6 +421,7 @@ def test_file_size_limit_during_training_keeps_the_checkpoints(
     ]
 
 
+@pytest.mark.slow
 def test_truncated_distcp_on_resume(short_run: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(short_run, run)

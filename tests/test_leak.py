@@ -112,6 +112,7 @@ def test_last_position_as_trained_and_causal_are_one_pass() -> None:
     assert max(earlier) > 1e-4  # earlier positions see later inputs through A
 
 
+@pytest.mark.slow
 def test_causal_loss_is_every_prefix_alone_trained_model() -> None:
     model = _trained()
     ids = torch.arange(4, 16).repeat(3)[:LENGTH]

@@ -26,6 +26,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, paper_tokenizer_dir: Path) 
     return folder
 
 
+@pytest.mark.slow
 def test_inspect_leak_json_matches_the_library(bundle: Path, tmp_path: Path, capsys) -> None:
     text = tmp_path / "text.txt"
     text.write_text(TEXT)

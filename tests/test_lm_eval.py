@@ -479,6 +479,7 @@ def _eval_argv(setup, *extra: str) -> list[str]:
     return [*argv, "--include-path", str(setup["tasks"]), "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_cli_eval_prints_the_table(setup, capsys, monkeypatch):
     from pldr_llm.cli import main
 

@@ -51,6 +51,7 @@ def test_deductive_outputs_match_original(golden_model, golden_expected):
             close(getattr(layer, name), golden_expected[f"layer{index}.{name}"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_greedy_generation_cache_modes(

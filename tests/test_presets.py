@@ -49,6 +49,7 @@ def test_preset_follows_the_sizing_rules(name: str) -> None:
     assert train["context_length"] == model["max_seq_len"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCALED)
 def test_documented_shape_and_parameter_counts(name: str) -> None:
     row = _documented()[name]

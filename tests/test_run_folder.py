@@ -79,6 +79,7 @@ def test_second_claim_is_refused_naming_the_holder_and_released_after(tmp_path: 
         pass
 
 
+@pytest.mark.slow
 def test_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
     from pldr_llm.train.runlock import claim_run_folder
 

@@ -90,6 +90,7 @@ def _greedy_text(loaded, prompt: str, steps: int) -> tuple[str, list[int]]:
 # ---------------------------------------------------------------------- OpenAI API
 
 
+@pytest.mark.slow
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL_ID]
@@ -129,6 +130,7 @@ def test_cache_switches_are_per_request(
         assert cached.tolist() != out.tolist()
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_the_text_of_pldr_llm_generate(
     client: openai.OpenAI, bundle: Path, loaded
 ) -> None:
@@ -147,6 +149,7 @@ def test_seeded_sampling_is_the_text_of_pldr_llm_generate(
     assert other != expected  # 24 tokens from 600 pieces: never equal by chance
 
 
+@pytest.mark.slow
 def test_streaming_gives_the_same_text_in_pieces(client: openai.OpenAI, server) -> None:
     # ignore_eos: 64 tokens whatever the random model draws (its words follow the tokenizer,
     # which is trained on the docs). The server sends one event per sequence and block of steps
@@ -182,6 +185,7 @@ def test_stop_strings_cut_the_text(client: openai.OpenAI, loaded) -> None:
     assert "".join(c.choices[0].text for c in streamed if c.choices) == full[:cut]
 
 
+@pytest.mark.slow
 def test_n_choices_use_consecutive_seeds(client: openai.OpenAI) -> None:
     kwargs = {"model": MODEL_ID, "max_tokens": 12, "temperature": 1.0}
     r = client.completions.create(prompt=[PROMPT, "Another prompt"], n=3, seed=50, **kwargs)
@@ -212,6 +216,7 @@ def test_logprobs_are_those_of_the_chosen_tokens(client: openai.OpenAI, loaded) 
     assert torch.allclose(torch.tensor(lp.token_logprobs), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_streams_are_independent(client: openai.OpenAI) -> None:
     kwargs = {"model": MODEL_ID, "max_tokens": 24, "temperature": 1.0}
     prompts = [f"Prompt number {i}" for i in range(16)]
@@ -244,6 +249,7 @@ def _completions(url: str, requests: list[dict]) -> list[tuple[str, str, int, st
         return list(pool.map(one, requests))
 
 
+@pytest.mark.slow
 def test_tokens_per_sync_gives_the_texts_of_single_steps(bundle: Path, loaded) -> None:
     """Blocks of 4 steps per host sync: the same texts, usage and stream as one step per sync,
     with stop strings that match inside a block (its later tokens are dropped)."""
@@ -323,6 +329,7 @@ def test_sampling_fields_take_defaults_and_are_checked_by_name() -> None:
         assert f"'{name}'" in raised.value.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_gets_400_and_the_server_keeps_serving(server, case: str) -> None:
     url = server[0]
@@ -434,6 +441,7 @@ def test_queue_bound_answers_429_and_a_request_that_never_fits_400(long_bundle: 
                 assert waiting.result(60).status_code == 200
 
 
+@pytest.mark.slow
 def test_api_key_and_body_limit(bundle: Path) -> None:
     key = "s3cret-key"
     with live_server(bundle, api_key=key) as (url, _):
@@ -455,6 +463,7 @@ def test_api_key_and_body_limit(bundle: Path) -> None:
         assert httpx.get(url + "/health").status_code == 200  # not under /v1
 
 
+@pytest.mark.slow
 def test_chat_completions_with_a_chat_template(bundle: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -515,6 +524,7 @@ def _metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+@pytest.mark.slow
 def test_a_disconnected_client_frees_its_row(long_bundle: Path) -> None:
     import time
 

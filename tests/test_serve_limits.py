@@ -443,6 +443,7 @@ def test_a_second_sigterm_exits_at_once(bundle: Path) -> None:
     assert "pldr-llm: --max-batch " in log and "CPU core(s)" in log
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_one_line_and_exit_2(
     bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -544,6 +545,7 @@ def open_server(bundle: Path) -> Iterator[tuple[str, object]]:
 GOOD = {"model": MODEL_ID, "prompt": "a", "max_tokens": 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
 )
@@ -559,6 +561,7 @@ def test_json_endpoints_refuse_other_content_types(open_server, content_type: st
     assert r.status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("host", "status"),
     [
@@ -582,6 +585,7 @@ def test_the_host_header_must_name_this_server(open_server, host: str, status: i
             assert r.json()["error"]["code"] == "host_not_allowed"
 
 
+@pytest.mark.slow
 def test_allowed_hosts_and_cors_origins_are_opt_in(bundle: Path, open_server) -> None:
     page = {"Origin": "https://app.example"}
     r = httpx.get(open_server[0] + "/v1/models", headers=page, timeout=10)

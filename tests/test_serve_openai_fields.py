@@ -93,6 +93,7 @@ def _greedy(loaded, ids: list[int], steps: int) -> list[int]:
 # ---------------------------------------------------------------------- echo and logprobs
 
 
+@pytest.mark.slow
 def test_echo_scores_the_prompt_as_eval_does(client: openai.OpenAI, loaded) -> None:
     model, tok = loaded
     ids = tok.prompt_ids(PROMPT)
@@ -119,6 +120,7 @@ def test_echo_scores_the_prompt_as_eval_does(client: openai.OpenAI, loaded) -> N
         assert torch.allclose(torch.tensor(list(top.values())), values, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_echo_with_new_tokens_and_token_id_prompts(client: openai.OpenAI, loaded) -> None:
     model, tok = loaded
     ids = tok.prompt_ids(PROMPT)
@@ -243,6 +245,7 @@ def test_logit_bias_minus_100_removes_the_greedy_token(client: openai.OpenAI, lo
     assert list(banned.choices[0].logprobs.top_logprobs[0]) == [texts(second)]
 
 
+@pytest.mark.slow
 @needs_stage
 @pytest.mark.parametrize(
     ("frequency", "presence", "repetition"), [(2.0, 0.0, 1.0), (0.5, 1.0, 1.0), (0.0, 0.0, 1.5)]
@@ -332,6 +335,7 @@ REFUSED_COMPLETION = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", sorted(REFUSED_COMPLETION))
 def test_completion_fields_refused_by_name(client: openai.OpenAI, field: str) -> None:
     kwargs = {"model": MODEL_ID, "prompt": "a", "max_tokens": 2, **REFUSED_COMPLETION[field]}

@@ -59,6 +59,7 @@ return [c.width, c.height, colours.size, opaque];
 """
 
 
+@pytest.mark.slow
 def test_playground_generates_and_draws_the_deductive_heatmaps(browser, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

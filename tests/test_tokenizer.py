@@ -57,6 +57,7 @@ def test_paper_cases_from_model_file(paper_tokenizer_dir: Path, cases: dict) -> 
     _check_cases(tok, cases)
 
 
+@pytest.mark.slow
 def test_paper_cases_from_folder_and_archive(
     paper_tokenizer_dir: Path, cases: dict, tmp_path: Path
 ) -> None:
@@ -157,6 +158,7 @@ def _special(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
     return info
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("member", "data", "message"),
     [
@@ -370,6 +372,7 @@ def test_train_tokenizer_errors(corpus_files: dict[str, Path], tmp_path: Path) -
             train_tokenizer([empty], vocab_size=300, out_prefix=tmp_path / "t", **setting)
 
 
+@pytest.mark.slow
 def test_cli_tokenizer_train(corpus_files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "cli" / "tok"
     result = _cli(
@@ -395,6 +398,7 @@ def test_cli_tokenizer_train(corpus_files: dict[str, Path], tmp_path: Path) -> N
     assert decoded.stdout == "the text\n"
 
 
+@pytest.mark.slow
 def test_cli_tokenizer_train_errors(corpus_files: dict[str, Path], tmp_path: Path) -> None:
     for args, message in [
         (

@@ -45,6 +45,7 @@ def test_tiny_preset_run_folder(tiny_run: Path) -> None:
     assert (original / "tokenizer.model").is_file()
 
 
+@pytest.mark.slow
 def test_tiny_preset_metrics_and_loss_falls(tiny_run: Path) -> None:
     lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -67,6 +68,7 @@ def test_tiny_preset_metrics_and_loss_falls(tiny_run: Path) -> None:
     assert steps[19]["loss_global"] == pytest.approx(sum(r["loss"] for r in steps) / 20)
 
 
+@pytest.mark.slow
 def test_generate_from_the_run_folder(tiny_run: Path, capsys) -> None:
     from pldr_llm.cli import main
 
@@ -79,6 +81,7 @@ def test_generate_from_the_run_folder(tiny_run: Path, capsys) -> None:
     assert out.startswith("The list") and len(out) > len("The list")
 
 
+@pytest.mark.slow
 def test_original_bundle_export_loads(tiny_run: Path) -> None:
     import torch
     from safetensors.torch import load_file
@@ -95,6 +98,7 @@ def test_original_bundle_export_loads(tiny_run: Path) -> None:
         assert torch.equal(value, saved[key]), key
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_resumes_and_extends(tiny_run: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -110,6 +114,7 @@ def test_rerun_of_a_finished_run_resumes_and_extends(tiny_run: Path, tmp_path: P
     assert main(["train", "--out", str(run), "--seed", "7"]) == 2
 
 
+@pytest.mark.slow
 def test_plot_draws_a_png(tiny_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from pldr_llm.cli import main

@@ -176,6 +176,7 @@ def test_batch_feed_reraises_errors_and_ends() -> None:
     assert inline.next() is not None and inline.next() is None
 
 
+@pytest.mark.slow
 def test_fit_records_interval_speed_and_epochs(tmp_path) -> None:
     """metrics.jsonl: interval and cumulative tokens/s at each log interval's end, and the epoch
     records of an endless source in order (written when the steps are read)."""

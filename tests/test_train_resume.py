@@ -186,6 +186,7 @@ def test_killed_while_saving_resumes_from_last_complete_checkpoint(
     assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run(tmp_path: Path) -> None:
     _, first = _fit(tmp_path / "run", max_steps=10)
     assert first.step == 10
@@ -240,6 +241,7 @@ def test_nonfinite_loss_is_skipped_and_stops_the_run(tmp_path: Path) -> None:
     assert [s for s, _ in manager.complete_checkpoints()] == [5]
 
 
+@pytest.mark.slow
 def test_fit_stops_when_losses_stay_nonfinite(tmp_path: Path) -> None:
     from pldr_llm.train import Trainer
 
@@ -256,6 +258,7 @@ def test_fit_stops_when_losses_stay_nonfinite(tmp_path: Path) -> None:
     assert not (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_fit_epochs_validation_and_epoch_checkpoints(tmp_path: Path) -> None:
     from pldr_llm.train import Trainer
     from pldr_llm.train.metrics import read_metrics
