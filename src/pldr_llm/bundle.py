@@ -46,6 +46,7 @@ from pldr_llm.devices import resolve_device
 if TYPE_CHECKING:  # heavy imports only where the model is loaded
     import torch
 
+    from pldr_llm.clock import CallClock
     from pldr_llm.core.model import PLDRModel
     from pldr_llm.tokenizer import PLDRTokenizer
 
@@ -374,6 +375,7 @@ def load_bundle(
     dtype: str | torch.dtype | None = None,
     tokenizer: str | os.PathLike[str] | PLDRTokenizer | None = None,
     require_tokenizer: bool = True,
+    clock: CallClock | None = None,
 ) -> tuple[PLDRModel, PLDRTokenizer | None]:
     """Load the model and tokenizer of ``spec`` (a folder, a hub id or resolved files).
 
@@ -383,6 +385,8 @@ def load_bundle(
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a torch dtype, or None (as stored).
         tokenizer: a tokenizer (path or loaded) to use instead of the folder's own.
         require_tokenizer: fail when no tokenizer is found (else return None for it).
+        clock: where to record the time of reading the weights (lap ``"weights"``) and of
+            converting and moving them to the device (lap ``"device"``).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode on ``device``.
@@ -401,9 +405,13 @@ def load_bundle(
     state, where = bundle_state(files)
     model = PLDRModel(files.config)
     load_state_dict_strict(model, state, source=where)
+    if clock is not None:
+        clock.lap("weights")
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)
     model = model.to(device=target)
+    if clock is not None:
+        clock.lap("device")
     return model.eval(), tok
 
 

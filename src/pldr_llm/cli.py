@@ -8,6 +8,10 @@ inside the run function, so ``pldr-llm --help`` stays fast.
 
 Any :class:`~pldr_llm.core.errors.PLDRError` (and a few standard input errors) is printed as
 one line, ``pldr-llm: error: ...``, on stderr with exit status 2 — never a traceback.
+
+``args.clock`` is the call's :class:`~pldr_llm.clock.CallClock`, with the laps ``"startup"``
+(the process's start to :func:`main`, when ``main`` runs as the process's command) and
+``"parse"``; a command hands it to the library, which times the rest (``generate --timing``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from pldr_llm.clock import CallClock
 from pldr_llm.core.errors import PLDRError
 
 # Order here is the order in `pldr-llm --help`.
@@ -68,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Without argv this is the process's command: its clock starts with the process.
+    clock = CallClock.from_process_start() if argv is None else CallClock()
+    clock.lap("startup")
     parser = build_parser()
     args = parser.parse_args(argv)
+    clock.lap("parse")
+    args.clock = clock
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
