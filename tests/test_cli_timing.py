@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pldr_llm import PLDRModel
 from pldr_llm.generation.texts import PHASES
 from support import PAPER_TOKENIZER_MODEL, PAPER_VOCAB_HP, make_bundle, run_cli
 
@@ -22,14 +23,19 @@ EARLIER_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory, paper_tokenizer_dir: Path) -> list[Path]:
-    """The same random model as a published bundle (.pth) and in the project's format."""
+def saved(tmp_path_factory: pytest.TempPathFactory, paper_tokenizer_dir: Path) -> tuple:
+    """A random model, and its folders: a published bundle (.pth) and the project's format."""
     root = tmp_path_factory.mktemp("timing")
     model = make_bundle(root / "published", paper_tokenizer_dir, PAPER_VOCAB_HP)
     own = model.save(root / "own")
     tokenizer = (paper_tokenizer_dir / PAPER_TOKENIZER_MODEL).read_bytes()
     (own / "tokenizer.model").write_bytes(tokenizer)
-    return [root / "published", own]
+    return model, [root / "published", own]
+
+
+@pytest.fixture(scope="module")
+def folders(saved: tuple) -> list[Path]:
+    return saved[1]
 
 
 def _timing_line(stderr: str) -> dict:
@@ -77,3 +83,20 @@ def test_the_library_times_its_own_steps(folders: list[Path]) -> None:
     assert len(results) == 1 and timing["startup_seconds"] == timing["parse_seconds"] == 0.0
     assert timing["weights_seconds"] > 0.0 and timing["tokenizer_seconds"] > 0.0
     assert sum(timing[f"{name}_seconds"] for name in PHASES) <= timing["total_seconds"] + 1e-3
+
+
+def test_the_model_is_not_initialized_before_its_weights_are_read(saved: tuple) -> None:
+    """Random initial values that the checkpoint overwrites are not drawn: loading leaves the
+    random generator as it was, and gives the saved weights."""
+    import torch
+
+    from pldr_llm.bundle import load_bundle
+
+    expected, folders = saved
+    for folder in folders:
+        state = torch.get_rng_state()
+        model, _ = load_bundle(folder)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert isinstance(model, PLDRModel)
+        for key, value in expected.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
