@@ -4,6 +4,7 @@ start to the last text, and what a plain call does not import."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,37 @@ def test_the_library_times_its_own_steps(folders: list[Path]) -> None:
     assert len(results) == 1 and timing["startup_seconds"] == timing["parse_seconds"] == 0.0
     assert timing["weights_seconds"] > 0.0 and timing["tokenizer_seconds"] > 0.0
     assert sum(timing[f"{name}_seconds"] for name in PHASES) <= timing["total_seconds"] + 1e-3
+
+
+#: Imported by other commands or extras, never needed to generate text on the CPU.
+NOT_NEEDED = (
+    "transformers", "datasets", "starlette", "uvicorn", "matplotlib", "tensorboard",
+    "huggingface_hub", "lm_eval", "triton", "torch._dynamo", "torch._inductor", "sympy",
+    "pldr_llm.train", "pldr_llm.data", "pldr_llm.serve", "pldr_llm.eval", "pldr_llm.deductive",
+    "pldr_llm.gfile", "pldr_llm.tensor_pickle",
+)  # fmt: skip
+
+CHECK = """
+import sys
+from pldr_llm.cli import main
+code = main({argv!r})
+print(code, *sorted(m for m in {modules!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [0, 1], ids=["published", "own-format"])
+def test_a_plain_generate_call_imports_nothing_it_does_not_use(
+    folders: list[Path], kind: int
+) -> None:
+    argv = ["generate", "--model", str(folders[kind]), "--prompt", PROMPT, "-n", "2", "-q"]
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK.format(argv=argv, modules=NOT_NEEDED)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    code, *imported = result.stdout.strip().splitlines()[-1].split()
+    assert code == "0" and imported == []
 
 
 def test_the_model_is_not_initialized_before_its_weights_are_read(saved: tuple) -> None:

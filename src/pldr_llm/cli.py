@@ -52,7 +52,9 @@ def _version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parsers of every command; with ``command``, only that command's options are added (the
+    others are listed, unparsable): ``generate`` then does not build ``train``'s hundreds."""
     parser = _Parser(
         prog="pldr-llm",
         description="Build, pretrain, run, evaluate and study PLDR-LLMs.",
@@ -60,24 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pldr-llm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        command = importlib.import_module(name)
+        module = importlib.import_module(name)
+        short = name.rpartition(".")[2]
         p = sub.add_parser(
-            name.rpartition(".")[2],
-            help=command.HELP,
-            description=command.DESCRIPTION,
-            **getattr(command, "PARSER_OPTIONS", {}),
+            short,
+            help=module.HELP,
+            description=module.DESCRIPTION,
+            **getattr(module, "PARSER_OPTIONS", {}),
         )
-        command.add_arguments(p)
-        p.set_defaults(func=command.run)
+        if command is None or command == short:
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (its first word; the top level has no option with a value)."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    names = [name.rpartition(".")[2] for name in COMMAND_MODULES]
+    return first if first in names else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Without argv this is the process's command: its clock starts with the process.
     clock = CallClock.from_process_start() if argv is None else CallClock()
     clock.lap("startup")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(words))
+    args = parser.parse_args(words)
     clock.lap("parse")
     args.clock = clock
     if not getattr(args, "func", None):

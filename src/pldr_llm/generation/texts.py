@@ -217,7 +217,6 @@ class TextGenerator:
             resolve_dtype,
         )
         from pldr_llm.generation.warm import warm_up_in_background
-        from pldr_llm.gfile import load_g_file
 
         clock.lap("import")
         settings.validate()
@@ -237,7 +236,11 @@ class TextGenerator:
                 f"max_seq_len={config.max_seq_len} of the model"
             )
         clock.lap("tokenizer")
-        g_init = load_g_file(settings.g_init_file, config) if settings.g_init_file else None
+        g_init = None
+        if settings.g_init_file:
+            from pldr_llm.gfile import load_g_file  # and the restricted unpickler: only for this
+
+            g_init = load_g_file(settings.g_init_file, config)
         clock.lap("weights")
         # The decoding loop's GPU code loads in the background while the weights are read; what
         # is left of it when they are is waited for inside the generation time.
