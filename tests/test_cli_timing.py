@@ -132,3 +132,24 @@ def test_the_model_is_not_initialized_before_its_weights_are_read(saved: tuple) 
         assert isinstance(model, PLDRModel)
         for key, value in expected.state_dict().items():
             assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_each_prompt_is_encoded_once(folders: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from pldr_llm.generation import SamplingParams
+    from pldr_llm.generation.texts import GenerationSettings, TextGenerator
+    from pldr_llm.tokenizer import PLDRTokenizer
+
+    encoded: list[str] = []
+    original = PLDRTokenizer.prompt_ids
+
+    def spy(self: PLDRTokenizer, text: str) -> list[int]:
+        encoded.append(text)
+        return original(self, text)
+
+    monkeypatch.setattr(PLDRTokenizer, "prompt_ids", spy)
+    prompts = [PROMPT, "Hello", ""]
+    settings = GenerationSettings(SamplingParams(top_k=1, max_new_tokens=2), batch_size=2)
+    generator = TextGenerator.load(str(folders[1]), prompts, settings)
+    results = list(generator.generate(prompts))
+    assert sorted(encoded) == sorted(prompts)
+    assert [r.prompt_ids for r in results] == [original(generator.tokenizer, p) for p in prompts]

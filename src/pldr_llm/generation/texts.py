@@ -171,6 +171,7 @@ class TextGenerator:
         g_init: Any = None,
         warm: WarmUp | None = None,
         clock: CallClock | None = None,
+        encoded: dict[str, list[int]] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -181,6 +182,7 @@ class TextGenerator:
         self.warmed_up = warm is not None
         #: the call's clock (started by :meth:`load`, or by the command line before it)
         self.clock = clock or CallClock()
+        self._encoded = encoded or {}  # prompt -> ids, as load() checked them
         self.timings = TextTimings(
             device=str(model.device), dtype=str(model.dtype).removeprefix("torch.")
         )
@@ -263,7 +265,7 @@ class TextGenerator:
         if log is not None:
             summary = bundle_summary(files, loaded)
             log(f"loaded {summary} on {torch_device} ({str(torch_dtype).removeprefix('torch.')})")
-        return cls(loaded, tok, settings, g_init, warm, clock)
+        return cls(loaded, tok, settings, g_init, warm, clock, dict(zip(prompts, prompt_ids)))
 
     def _options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`pldr_llm.generate_details` for these settings."""
@@ -301,7 +303,7 @@ class TextGenerator:
         size = 1 if stream is not None else self.settings.batch_size
         for first in range(0, len(prompts), size):
             chunk = list(prompts[first : first + size])
-            ids = [tok.prompt_ids(p) for p in chunk]
+            ids = [list(self._encoded.get(p) or tok.prompt_ids(p)) for p in chunk]
             streamer = TextStreamer(tok, ids[0], stops, stream) if stream is not None else None
             criteria = StopStrings(tok, ids, stops) if stops else None
             out = generate_details(
