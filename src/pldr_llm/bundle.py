@@ -46,6 +46,7 @@ from pldr_llm.devices import resolve_device
 if TYPE_CHECKING:  # heavy imports only where the model is loaded
     import torch
 
+    from pldr_llm.clock import CallClock
     from pldr_llm.core.model import PLDRModel
     from pldr_llm.tokenizer import PLDRTokenizer
 
@@ -374,6 +375,7 @@ def load_bundle(
     dtype: str | torch.dtype | None = None,
     tokenizer: str | os.PathLike[str] | PLDRTokenizer | None = None,
     require_tokenizer: bool = True,
+    clock: CallClock | None = None,
 ) -> tuple[PLDRModel, PLDRTokenizer | None]:
     """Load the model and tokenizer of ``spec`` (a folder, a hub id or resolved files).
 
@@ -383,27 +385,41 @@ def load_bundle(
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a torch dtype, or None (as stored).
         tokenizer: a tokenizer (path or loaded) to use instead of the folder's own.
         require_tokenizer: fail when no tokenizer is found (else return None for it).
+        clock: where to record the time of reading the weights (lap ``"weights"``) and of
+            converting and moving them to the device (lap ``"device"``).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode on ``device``.
     """
+    import torch
+
     target = resolve_device(device)  # a torch.device is checked too (CUDA present, index valid)
     torch_dtype = resolve_dtype(dtype)
     files = spec if isinstance(spec, BundleFiles) else resolve_bundle(spec)
     tok = bundle_tokenizer(files, tokenizer, required=require_tokenizer)
 
     from pldr_llm.core.model import PLDRModel
-    from pldr_llm.core.state_dict import load_state_dict_strict
+    from pldr_llm.core.state_dict import build_uninitialized, load_state_dict_strict
 
     if files.kind == "reference" and files.config.version == "v510G":
         # The original keeps a v510G model's G_LM outside its checkpoint.
         raise PLDRError("a v510G checkpoint needs G_list, the predefined G_LM of every layer")
+    if target.type == "cuda":
+        torch.empty(1, device=target)  # the CUDA context (unless the warm-up made it), timed apart
+    if clock is not None:
+        clock.lap("device")
+    # Mapped, not read ahead: each tensor is read as it is copied into the model's parameter,
+    # which is built on the target device without drawing values that the load overwrites.
     state, where = bundle_state(files)
-    model = PLDRModel(files.config)
+    model = build_uninitialized(lambda: PLDRModel(files.config), target)
     load_state_dict_strict(model, state, source=where)
+    if clock is not None:
+        clock.lap("weights")
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)
     model = model.to(device=target)
+    if clock is not None:
+        clock.lap("device")
     return model.eval(), tok
 
 
@@ -415,9 +431,8 @@ def bundle_state(files: BundleFiles) -> tuple[dict[str, torch.Tensor], str]:
         from pldr_llm.checkpoint import reference_state_dict
         from pldr_llm.core.fileio import safe_torch_load
 
-        return reference_state_dict(safe_torch_load(files.weights), str(files.weights)), str(
-            files.weights
-        )
+        where = str(files.weights)
+        return reference_state_dict(safe_torch_load(files.weights, mmap=True), where), where
     if files.kind == "hf":
         from pldr_llm.core.hf_folder import core_state_from_hf, read_hf_state
 

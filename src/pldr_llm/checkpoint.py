@@ -20,7 +20,7 @@ from pldr_llm.core.config import PLDRConfig
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.core.fileio import CONFIG_NAME, WEIGHTS_NAME, atomic_path, safe_torch_load
 from pldr_llm.core.model import PLDRModel
-from pldr_llm.core.state_dict import load_state_dict_strict
+from pldr_llm.core.state_dict import build_uninitialized, load_state_dict_strict
 
 # Re-exported here, where the readers of checkpoints look for them.
 __all__ = [
@@ -73,7 +73,7 @@ def load_reference_checkpoint(
         import dataclasses
 
         config = dataclasses.replace(config, version="v510G")
-    model = PLDRModel(config)
+    model = build_uninitialized(lambda: PLDRModel(config), torch.device("cpu"))  # filled below
     if config.version == "v510G":
         if G_list is None:
             raise PLDRError("a v510G checkpoint needs G_list, the predefined G_LM of every layer")

@@ -8,6 +8,10 @@ inside the run function, so ``pldr-llm --help`` stays fast.
 
 Any :class:`~pldr_llm.core.errors.PLDRError` (and a few standard input errors) is printed as
 one line, ``pldr-llm: error: ...``, on stderr with exit status 2 — never a traceback.
+
+``args.clock`` is the call's :class:`~pldr_llm.clock.CallClock`, with the laps ``"startup"``
+(the process's start to :func:`main`, when ``main`` runs as the process's command) and
+``"parse"``; a command hands it to the library, which times the rest (``generate --timing``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from pldr_llm.clock import CallClock
 from pldr_llm.core.errors import PLDRError
 
 # Order here is the order in `pldr-llm --help`.
@@ -47,7 +52,9 @@ def _version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parsers of every command; with ``command``, only that command's options are added (the
+    others are listed, unparsable): ``generate`` then does not build ``train``'s hundreds."""
     parser = _Parser(
         prog="pldr-llm",
         description="Build, pretrain, run, evaluate and study PLDR-LLMs.",
@@ -55,21 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pldr-llm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        command = importlib.import_module(name)
+        module = importlib.import_module(name)
+        short = name.rpartition(".")[2]
         p = sub.add_parser(
-            name.rpartition(".")[2],
-            help=command.HELP,
-            description=command.DESCRIPTION,
-            **getattr(command, "PARSER_OPTIONS", {}),
+            short,
+            help=module.HELP,
+            description=module.DESCRIPTION,
+            **getattr(module, "PARSER_OPTIONS", {}),
         )
-        command.add_arguments(p)
-        p.set_defaults(func=command.run)
+        if command is None or command == short:
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (its first word; the top level has no option with a value)."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    names = [name.rpartition(".")[2] for name in COMMAND_MODULES]
+    return first if first in names else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # Without argv this is the process's command: its clock starts with the process.
+    clock = CallClock.from_process_start() if argv is None else CallClock()
+    clock.lap("startup")
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(words))
+    args = parser.parse_args(words)
+    clock.lap("parse")
+    args.clock = clock
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -164,7 +164,8 @@ def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timing",
         action="store_true",
-        help="print a JSON line of timings on stderr (generation, capture/compile, tokens/s)",
+        help="print a JSON line of timings on stderr: tokens/s and the seconds of each phase "
+        "of the whole call, from the process's start (imports, weights, capture, generation...)",
     )
 
 
@@ -246,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
     generator = TextGenerator.load(
         args.model, prompts, settings, device=args.device, dtype=args.dtype,
         tokenizer=args.tokenizer, stream=args.stream, log=lambda message: log(args, message),
+        clock=getattr(args, "clock", None),
     )  # fmt: skip
     for result in generator.generate(prompts, stream=sys.stdout if args.stream else None):
         if args.jsonl:

@@ -29,16 +29,9 @@ from typing import Any
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.presets import PRESETS
-from pldr_llm.train.runconfig import (
-    IGNORED_FLAGS,
-    SECTIONS,
-    TokenizerSettings,
-    is_bool,
-    is_list,
-    parse_scalar,
-    prepare_run,
-    registry,
-)
+
+# pldr_llm.train.runconfig (with the data and training configs) is imported where it is used:
+# the other commands build their parsers without it.
 
 logger = logging.getLogger("pldr_llm.train")
 
@@ -96,6 +89,7 @@ def _key_help() -> dict[tuple[str, str], str]:
     from pldr_llm.core.config import PLDRConfig
     from pldr_llm.data.config import DataConfig
     from pldr_llm.train.config import TrainConfig
+    from pldr_llm.train.runconfig import TokenizerSettings
 
     out = dict(_EXTRA_KEY_HELP)
     for section, cls in (
@@ -146,6 +140,15 @@ PARSER_OPTIONS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` command's options."""
+    from pldr_llm.train.runconfig import (
+        IGNORED_FLAGS,
+        SECTIONS,
+        is_bool,
+        is_list,
+        parse_scalar,
+        registry,
+    )
+
     p.add_argument(
         "--preset",
         choices=PRESETS,
@@ -208,6 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict]:
+    from pldr_llm.train.runconfig import SECTIONS
+
     out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for dest, value in vars(args).items():
         if dest.startswith("ov:"):
@@ -221,6 +226,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, then train (:func:`pldr_llm.train.run.run`; see the module docstring)."""
+    from pldr_llm.train.runconfig import prepare_run
+
     started = time.perf_counter()
     out_dir = args.out
     if out_dir is None and args.checkpoint_path is not None:

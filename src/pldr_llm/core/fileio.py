@@ -182,15 +182,22 @@ def refused_global(exc: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
-def safe_torch_load(path: str | os.PathLike[str]) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU (a file never runs code), one-line errors."""
+def safe_torch_load(path: str | os.PathLike[str], mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU (a file never runs code), one-line errors.
+
+    ``mmap``: map the tensors' bytes instead of reading them ahead (each is read when it is
+    first used: a model's parameters copy them once), where the file is in torch's zip format.
+    """
+    import zipfile
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise PLDRError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        mmap = mmap and zipfile.is_zipfile(path)  # the legacy format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         # torch's text advises weights_only=False, exactly what must not be done with such a file
         what = refused_global(exc) or "an object that is not tensors or plain data"

@@ -37,7 +37,7 @@ from .errors import PLDRError
 from .fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, save_safetensors
 from .layers import GLU, PackedLinear, xavier_linear
 from .plga import MASK_VALUE, Deductive, PowerLawGraphAttention
-from .state_dict import load_state_dict_strict
+from .state_dict import build_uninitialized, load_state_dict_strict
 
 
 @dataclass
@@ -491,7 +491,7 @@ class PLDRModel(nn.Module):
                     f"{path} not found (a saved model has {CONFIG_NAME} and {WEIGHTS_NAME})"
                 )
         config = PLDRConfig.load(config_path)
-        model = cls(config)
+        model = build_uninitialized(lambda: cls(config), torch.device("cpu"))  # the load fills it
         state = load_safetensors(weights_path)  # a truncated file is a PLDRError naming it
         load_state_dict_strict(model, state, source=str(weights_path))
         model.to(device=map_location)

@@ -3,17 +3,64 @@
 Every checkpoint reader (the project's folders, the original's ``.pth``, transformers folders,
 ``train.init_from``) ends here, so a mismatch always reads the same: which keys are missing or
 unexpected, or which shape differs and from which hyperparameter it comes.
+
+A model that is built only to be loaded is built by :func:`build_uninitialized`: its
+parameters are allocated on the device they are loaded to, but not drawn at random first (the
+110M model's initialization took longer than reading its weights).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import PLDRError
 
-__all__ = ["load_state_dict_strict"]
+__all__ = ["build_uninitialized", "load_state_dict_strict"]
+
+M = TypeVar("M", bound=nn.Module)
+
+#: ``torch.nn.init``'s initializers and the in-place draws and fills they run, by name.
+_INITIALIZERS = frozenset(
+    {
+        "uniform_", "normal_", "trunc_normal_", "zero_", "zeros_", "ones_", "fill_",
+        "constant_", "eye_", "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+        "kaiming_normal_", "orthogonal_", "sparse_", "random_", "bernoulli_", "exponential_",
+    }
+)  # fmt: skip
+
+
+class _SkipParameterInit(TorchFunctionMode):
+    """Skips every initializer applied to a parameter; everything else (buffers, computed
+    tables) runs as usual. A torch function mode is the calling thread's only."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        # nn.init's functions pass their tensor by keyword to the mode
+        target = args[0] if args else kwargs.get("tensor")
+        if isinstance(target, nn.Parameter) and getattr(func, "__name__", "") in _INITIALIZERS:
+            return target
+        return func(*args, **kwargs)
+
+
+def build_uninitialized(build: Callable[[], M], device: torch.device) -> M:
+    """``build()`` with its tensors created on ``device`` and its parameters left as allocated
+    (their values are whatever the memory held): for a model that a strict load
+    (:func:`load_state_dict_strict`, which fills every parameter) follows at once. Buffers are
+    built as ``build`` builds them."""
+    with torch.device(device), _SkipParameterInit():
+        return build()
+
 
 # Prefixes that wrappers add to state-dict keys (torch.compile, DDP/FSDP1) and that mean nothing
 # for the weights themselves.

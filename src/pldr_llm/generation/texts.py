@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pldr_llm.clock import CallClock
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.core.sampling import SamplingParams
 
@@ -76,9 +77,28 @@ class TextResult:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
+#: The phases of a call that ``--timing`` reports (``<phase>_seconds``), in the order they run:
+#: the process's start-up to the command line's entry (``pldr-llm`` only), parsing the options,
+#: importing torch and the generation code, finding the model's files, loading the tokenizer
+#: and encoding the prompts, reading the weights into the model, making the device ready and
+#: moving what was not loaded onto it, waiting for the kernel warm-up (CUDA), capturing or
+#: compiling the decoding step, and generating. They do not overlap: they add up to at most
+#: ``total_seconds`` (the rest: printing, and steps too short to name).
+PHASES = (
+    "startup", "parse", "import", "resolve", "tokenizer", "weights", "device",
+    "warm_up_wait", "capture", "generation",
+)  # fmt: skip
+
+#: The phases :meth:`TextGenerator.load` and the command line measure as laps of a CallClock.
+LOAD_PHASES = PHASES[:7]
+
+
 @dataclass
 class TextTimings:
-    """What :meth:`TextGenerator.generate` took (seconds), for ``--timing``."""
+    """What a call took (seconds), for ``--timing``: ``seconds`` is :meth:`TextGenerator.generate`
+    (warm-up wait and capture included; ``generation_seconds`` is it without them), and
+    ``<phase>_seconds`` each of :data:`PHASES`; ``total_seconds`` runs from the clock's start (the
+    process's, for ``pldr-llm generate``) to the last result."""
 
     new_tokens: int = 0
     prompts: int = 0
@@ -89,12 +109,22 @@ class TextTimings:
     tokens_per_s: float = 0.0
     device: str = ""
     dtype: str = ""
+    startup_seconds: float = 0.0
+    parse_seconds: float = 0.0
+    import_seconds: float = 0.0
+    resolve_seconds: float = 0.0
+    tokenizer_seconds: float = 0.0
+    weights_seconds: float = 0.0
+    device_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    total_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """The timings as the ``--timing`` JSON line holds them (rounded)."""
         out = asdict(self)
-        for key in ("seconds", "capture_seconds", "warm_up_wait_seconds"):
-            out[key] = round(out[key], 4)
+        for key, value in out.items():
+            if key.endswith("seconds"):
+                out[key] = round(value, 4)
         out["tokens_per_s"] = round(out["tokens_per_s"], 2)
         return out
 
@@ -140,6 +170,8 @@ class TextGenerator:
         settings: GenerationSettings,
         g_init: Any = None,
         warm: WarmUp | None = None,
+        clock: CallClock | None = None,
+        encoded: dict[str, list[int]] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -148,9 +180,14 @@ class TextGenerator:
         self._warm = warm
         #: whether the GPU code was loading in the background (it was on CUDA)
         self.warmed_up = warm is not None
+        #: the call's clock (started by :meth:`load`, or by the command line before it)
+        self.clock = clock or CallClock()
+        self._encoded = encoded or {}  # prompt -> ids, as load() checked them
         self.timings = TextTimings(
             device=str(model.device), dtype=str(model.dtype).removeprefix("torch.")
         )
+        for phase in LOAD_PHASES:
+            setattr(self.timings, f"{phase}_seconds", self.clock.phases.get(phase, 0.0))
 
     @classmethod
     def load(
@@ -164,10 +201,15 @@ class TextGenerator:
         tokenizer: str | None = None,
         stream: bool = False,
         log: Callable[[str], None] | None = None,
+        clock: CallClock | None = None,
     ) -> TextGenerator:
         """Check ``settings`` and the ``prompts`` against the model's files, start the kernel
         warm-up for the first batch (or the first prompt when streaming) and load the model
-        (``device``, ``dtype`` as ``--device`` and ``--dtype`` take them)."""
+        (``device``, ``dtype`` as ``--device`` and ``--dtype`` take them). ``clock`` (default:
+        one started now) times the steps as laps (:data:`LOAD_PHASES`); what ran since its
+        previous lap counts as importing."""
+        clock = clock or CallClock()
+        clock.lap("import")
         from pldr_llm.bundle import (
             bundle_summary,
             bundle_tokenizer,
@@ -177,12 +219,13 @@ class TextGenerator:
             resolve_dtype,
         )
         from pldr_llm.generation.warm import warm_up_in_background
-        from pldr_llm.gfile import load_g_file
 
+        clock.lap("import")
         settings.validate()
         torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
         files = resolve_bundle(model)
         config = files.config
+        clock.lap("resolve")
         tok = bundle_tokenizer(files, tokenizer)
         if tok is None:
             raise PLDRError(f"no tokenizer for {model}: give one with --tokenizer")
@@ -194,7 +237,13 @@ class TextGenerator:
                 f"prompt ({longest} tokens) + max_new_tokens ({new}) exceeds "
                 f"max_seq_len={config.max_seq_len} of the model"
             )
-        g_init = load_g_file(settings.g_init_file, config) if settings.g_init_file else None
+        clock.lap("tokenizer")
+        g_init = None
+        if settings.g_init_file:
+            from pldr_llm.gfile import load_g_file  # and the restricted unpickler: only for this
+
+            g_init = load_g_file(settings.g_init_file, config)
+        clock.lap("weights")
         # The decoding loop's GPU code loads in the background while the weights are read; what
         # is left of it when they are is waited for inside the generation time.
         warm = None
@@ -209,11 +258,14 @@ class TextGenerator:
                 config, torch_dtype, torch_device, [len(ids) for ids in first],
                 max(len(ids) for ids in first) + new, filters,
             )  # fmt: skip
-        loaded, _ = load_bundle(files, device=torch_device, dtype=torch_dtype, tokenizer=tok)
+        clock.lap("device")
+        loaded, _ = load_bundle(
+            files, device=torch_device, dtype=torch_dtype, tokenizer=tok, clock=clock
+        )
         if log is not None:
             summary = bundle_summary(files, loaded)
             log(f"loaded {summary} on {torch_device} ({str(torch_dtype).removeprefix('torch.')})")
-        return cls(loaded, tok, settings, g_init, warm)
+        return cls(loaded, tok, settings, g_init, warm, clock, dict(zip(prompts, prompt_ids)))
 
     def _options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`pldr_llm.generate_details` for these settings."""
@@ -251,7 +303,7 @@ class TextGenerator:
         size = 1 if stream is not None else self.settings.batch_size
         for first in range(0, len(prompts), size):
             chunk = list(prompts[first : first + size])
-            ids = [tok.prompt_ids(p) for p in chunk]
+            ids = [list(self._encoded.get(p) or tok.prompt_ids(p)) for p in chunk]
             streamer = TextStreamer(tok, ids[0], stops, stream) if stream is not None else None
             criteria = StopStrings(tok, ids, stops) if stops else None
             out = generate_details(
@@ -266,6 +318,10 @@ class TextGenerator:
                 timings.seconds = time.perf_counter() - start
                 rate = timings.new_tokens / timings.seconds if timings.seconds > 0 else 0.0
                 timings.tokens_per_s = rate
+                timings.generation_seconds = max(
+                    timings.seconds - timings.capture_seconds - timings.warm_up_wait_seconds, 0.0
+                )
+                timings.total_seconds = self.clock.elapsed()
                 yield TextResult(
                     prompt, final_text(tok, prompt_ids, new, stops), prompt_ids, new,
                     out.logprobs[row] if out.logprobs is not None else None,
