@@ -585,6 +585,42 @@ def test_launch_then_collect_with_a_release_in_between(tiny_model):
         engine.collect()
 
 
+def test_collect_block_is_the_single_steps_per_slot(tiny_model):
+    """A block read per slot (the server's read): each slot's tokens, log-probabilities and
+    top alternatives of k single steps, cut after its last; ``steps()`` gives those steps."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    base = {"max_new_tokens": 9, "stop_at_eos": False}
+    params = [
+        SamplingParams(temperature=0, logprobs=2, **base),  # asks for alternatives
+        SamplingParams(seed=4, **{**base, "max_new_tokens": 3}),  # finishes mid-block
+        SamplingParams(temperature=0.8, top_p=0.9, seed=5, **base),
+    ]
+    single = DecodeEngine(tiny_model, 3, 24, output_logprobs=True)
+    single.add_many(PROMPTS, params)
+    steps = [single.step() for _ in range(5)]
+    engine = DecodeEngine(tiny_model, 3, 24, output_logprobs=True)
+    engine.add_many(PROMPTS, params)
+    engine.launch(5)
+    block = engine.collect_block()
+    assert block.steps() == steps
+    assert block.slots == [0, 1, 2] and block.finished == [False, True, False]
+    for j, slot in enumerate(block.slots):
+        mine = [(o.token_ids[i], o.logprobs[i], o.top_logprobs[i])
+                for o in steps for i, s in enumerate(o.slots) if s == slot]  # fmt: skip
+        assert block.token_ids[j] == [t for t, _, _ in mine]
+        assert block.logprobs is not None and block.logprobs[j] == [lp for _, lp, _ in mine]
+        assert block.top_logprobs is not None
+        assert block.top_logprobs[j] == [top for _, _, top in mine]
+    assert len(block.token_ids[1]) == 3 and len(block.top_logprobs[0][0]) == 2
+    assert engine.active_slots == [0, 2]
+    engine.launch(2)
+    engine.release(0)  # released while its block runs: its tokens come, nothing is read for it
+    block = engine.collect_block()
+    assert block.slots == [0, 2] and block.top_logprobs is None
+    assert block.token_ids[1] == [o.token_ids[-1] for o in (single.step(), single.step())]
+
+
 # ---------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True])

@@ -71,9 +71,16 @@ from .sampling import (
 )
 from .slots import SlotTable
 from .step_graphs import StepGraphs
-from .step_output import StepOutput, attach_logprobs, block_outputs
+from .step_output import BlockOutput, StepOutput, read_block
 
-__all__ = ["MAX_STOP_IDS", "DecodeEngine", "DeductiveRecord", "StepOutput", "StepVariant"]
+__all__ = [
+    "MAX_STOP_IDS",
+    "BlockOutput",
+    "DecodeEngine",
+    "DeductiveRecord",
+    "StepOutput",
+    "StepVariant",
+]
 
 
 class DecodeEngine:
@@ -404,17 +411,8 @@ class DecodeEngine:
         pending = self.buffers.pending_logits
         logits = pending[slots].clone() if pending is not None else None
         self.graphs.run(self.table.variant(), 1)
-        report = self.buffers.report[:, slots].tolist()
-        tokens = [int(t) for t in report[0]]
-        finished = [bool(f) for f in report[1]]
-        for slot, fin in zip(slots, finished):
-            if fin:
-                self.table.running.discard(slot)
-                self.buffers.active[slot] = False
-        out = StepOutput(
-            slots, tokens, finished, report[2] if self.output_logprobs else None, logits
-        )
-        attach_logprobs([out], self.table, self.buffers.logprobs)
+        out = self._read(self.buffers.report[None], slots).steps()[0]
+        out.logits = logits
         return out
 
     @torch.inference_mode()
@@ -458,21 +456,26 @@ class DecodeEngine:
             self.graphs.run(self.table.variant(), k, block=k)
         self._in_flight = (slots, k)
 
-    @torch.inference_mode()
     def collect(self) -> list[StepOutput]:
         """The outputs of the block :meth:`launch` started (one host sync): one
         :class:`StepOutput` per step, each with the slots that had not finished before it."""
+        return self.collect_block().steps()
+
+    @torch.inference_mode()
+    def collect_block(self) -> BlockOutput:
+        """:meth:`collect` as one :class:`BlockOutput` (each slot's tokens together)."""
         if self._in_flight is None:
             raise PLDRError("no block of steps in flight: launch() one first")
         slots, k = self._in_flight
         self._in_flight = None
-        if not slots:
-            return []
         buffer = self.graphs.report_buffer(k) if k > 1 else self.buffers.report[None]
-        reports = buffer[:, :, slots].tolist()  # the one host sync
-        outputs, finished = block_outputs(reports, slots, self.output_logprobs)
-        attach_logprobs(outputs, self.table, self.buffers.logprobs)
-        for slot in finished & self.table.running:  # not released meanwhile
-            self.table.running.discard(slot)
-            self.buffers.active[slot] = False
-        return outputs
+        return self._read(buffer, slots)
+
+    def _read(self, buffer: torch.Tensor, slots: list[int]) -> BlockOutput:
+        """The block of ``slots`` in the report ``buffer``; the slots it ends stop running."""
+        block = read_block(buffer, slots, self.table, self.buffers.logprobs, self.output_logprobs)
+        ended = sorted(block.ended() & self.table.running)  # not released meanwhile
+        if ended:
+            self.table.running.difference_update(ended)
+            self.buffers.active[ended] = False
+        return block

@@ -68,10 +68,10 @@ class SlotTable:
             any(self.top_n.get(slot, 0) for slot in running),
         )
 
-    def count_reported(self, slot: int) -> int | None:
-        """The history position of ``slot``'s next reported token, counted as reported now
-        (None: the slot was released meanwhile)."""
+    def count_reported(self, slot: int, n: int = 1) -> int | None:
+        """The history position of ``slot``'s next reported token, counted with the ``n - 1``
+        after it as reported now (None: the slot was released meanwhile)."""
         position = self.reported.get(slot)
         if position is not None:
-            self.reported[slot] = position + 1
+            self.reported[slot] = position + n
         return position

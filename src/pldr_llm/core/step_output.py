@@ -1,5 +1,6 @@
-"""What the decoding loop reports to the host: :class:`StepOutput`, built from a step's (or a
-block of steps') report buffer, with log-probabilities and top alternatives where asked."""
+"""What the decoding loop reports to the host: :class:`StepOutput` (one step) and
+:class:`BlockOutput` (a block of steps, per slot), read from a step's (or a block of steps')
+report buffer in one host read, with log-probabilities and top alternatives where asked."""
 
 from __future__ import annotations
 
@@ -33,53 +34,104 @@ class StepOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
-def block_outputs(
-    reports: list[list[list[float]]], slots: list[int], with_logprobs: bool
-) -> tuple[list[StepOutput], set[int]]:
-    """The outputs of a block's host-read reports ([steps][token, finished, logprob][slot]):
-    each step's output holds the slots not finished before it. Also returns the slots that
-    finished in the block."""
-    outputs = []
-    live = list(range(len(slots)))  # positions in `slots` not finished yet
-    for tokens, finished, logprobs in reports:
-        if not live:
-            break
-        out = StepOutput(
-            [slots[j] for j in live],
-            [int(tokens[j]) for j in live],
-            [bool(finished[j]) for j in live],
-            [logprobs[j] for j in live] if with_logprobs else None,
-        )
-        outputs.append(out)
-        live = [j for j, fin in zip(live, out.finished) if not fin]
-    return outputs, {slots[j] for j in set(range(len(slots))) - set(live)}
+@dataclass
+class BlockOutput:
+    """What a block of steps produced, per slot (the slots active when it started, in slot
+    order): ``token_ids[i]`` are slot ``slots[i]``'s tokens in step order, up to its last
+    (``finished[i]``: the last of them ends the slot), with their ``logprobs`` and
+    ``top_logprobs`` as in :class:`StepOutput` (per token; ``top_logprobs`` None when no slot
+    asks). :meth:`steps` gives the same as one :class:`StepOutput` per step."""
+
+    slots: list[int]
+    token_ids: list[list[int]]
+    finished: list[bool]
+    logprobs: list[list[float]] | None = None
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
+
+    def ended(self) -> set[int]:
+        """The slots whose last token is in the block."""
+        return {slot for slot, fin in zip(self.slots, self.finished) if fin}
+
+    def steps(self) -> list[StepOutput]:
+        """One :class:`StepOutput` per step, each with the slots not finished before it."""
+        counts = [len(ids) for ids in self.token_ids]
+        logprobs, tops = self.logprobs, self.top_logprobs
+        outputs = []
+        for i in range(max(counts, default=0)):
+            live = [j for j, n in enumerate(counts) if n > i]
+            out = StepOutput(
+                [self.slots[j] for j in live],
+                [self.token_ids[j][i] for j in live],
+                [self.finished[j] and counts[j] == i + 1 for j in live],
+                [logprobs[j][i] for j in live] if logprobs is not None else None,
+                top_logprobs=[tops[j][i] for j in live] if tops is not None else None,
+            )
+            outputs.append(out)
+        return outputs
 
 
-def attach_logprobs(
-    outputs: list[StepOutput], table: SlotTable, history: LogprobHistory | None
-) -> None:
-    """Count each slot's reported tokens (their positions in the history) and, when a slot
-    asks for top alternatives, fill ``top_logprobs`` and ``logprobs`` from the history (one
-    read; NaN and [] for slots that asked for nothing, where the engine keeps no
+def read_block(
+    buffer: Tensor,
+    slots: list[int],
+    table: SlotTable,
+    history: LogprobHistory | None,
+    with_logprobs: bool,
+) -> BlockOutput:
+    """The :class:`BlockOutput` of ``slots`` from a block's report buffer ([steps, 3, batch]:
+    token, finished, logprob) in one host read. Counts each slot's reported tokens (their
+    positions in the history) and, where a slot asks for top alternatives, reads them and their
+    log-probabilities from the history (NaN for the others where the engine keeps no
     ``output_logprobs``)."""
-    where: list[tuple[StepOutput, int, int, int]] = []  # output, index, slot, position
-    for out in outputs:
-        for i, slot in enumerate(out.slots):
-            position = table.count_reported(slot)
-            if position is not None:  # None: released while its block ran
-                where.append((out, i, slot, position))
-    top_n = table.top_n
-    asked = [w for w in where if top_n.get(w[2], 0)]
-    if not asked or history is None:
-        return
-    for out in outputs:
-        out.top_logprobs = [[] for _ in out.slots]
-        if out.logprobs is None:
-            out.logprobs = [math.nan] * len(out.slots)
-    chosen, top = history.read(
-        [w[2] for w in asked], [w[3] for w in asked], [top_n[w[2]] for w in asked]
-    )
-    for (out, i, _, _), value, alternatives in zip(asked, chosen, top):
-        assert out.logprobs is not None and out.top_logprobs is not None
-        out.logprobs[i] = value
-        out.top_logprobs[i] = alternatives
+    if not slots:
+        return BlockOutput([], [], [], [] if with_logprobs else None)
+    host = buffer[:, :, slots].cpu()  # [k, 3, n]: the one host sync
+    k = host.shape[0]
+    finished = host[:, 1] != 0
+    ended = finished.any(0)
+    # A slot's tokens end at its first finished one (the device stopped advancing it there).
+    counts = finished.int().argmax(0).add(1).where(ended, k).tolist()
+
+    def cut(rows: list[list]) -> list[list]:
+        return [row if n == k else row[:n] for row, n in zip(rows, counts)]
+
+    token_ids = cut(host[:, 0].T.long().tolist())
+    logprobs = cut(host[:, 2].T.tolist()) if with_logprobs else None
+    block = BlockOutput(slots, token_ids, ended.tolist(), logprobs)
+    asked: list[tuple[int, int, int]] = []  # index in slots, first position, top n
+    for j, (slot, n) in enumerate(zip(slots, counts)):
+        position = table.count_reported(slot, n)  # None: released while its block ran
+        top_n = table.top_n.get(slot, 0)
+        if position is not None and top_n:
+            asked.append((j, position, top_n))
+    if asked and history is not None:
+        _attach_top(block, counts, asked, history)
+    return block
+
+
+def _attach_top(
+    block: BlockOutput,
+    counts: list[int],
+    asked: list[tuple[int, int, int]],
+    history: LogprobHistory,
+) -> None:
+    """Fill the log-probabilities and top alternatives of the ``asked`` slots (index, first
+    position, top n) from the history ([] for the other slots; NaN log-probabilities where the
+    block has none)."""
+    if block.logprobs is None:
+        block.logprobs = [[math.nan] * n for n in counts]
+    block.top_logprobs = [[[] for _ in range(n)] for n in counts]
+    rows: list[int] = []
+    positions: list[int] = []
+    top_n: list[int] = []
+    for j, position, n_top in asked:
+        n = counts[j]
+        rows += [block.slots[j]] * n
+        positions += range(position, position + n)
+        top_n += [n_top] * n
+    chosen, top = history.read(rows, positions, top_n)
+    start = 0
+    for j, _, _ in asked:
+        end = start + counts[j]
+        block.logprobs[j] = chosen[start:end]
+        block.top_logprobs[j] = top[start:end]
+        start = end
