@@ -105,6 +105,35 @@ def test_deltas_add_up_to_final_text(tok: PLDRTokenizer, block: int) -> None:
     assert stopped > 200 and split > 50  # the stop strings were met, many split across ids
 
 
+def test_a_push_of_several_ids_gives_what_pushing_them_one_by_one_gives(tok: PLDRTokenizer) -> None:
+    """The server pushes a sequence's tokens of a block of steps at once (one decode where that
+    gives the same text): each push's delta is the deltas of its ids pushed one by one, put
+    together, and the row stops at the same id, with and without stop strings."""
+    whole = 0
+    for seed in range(150):
+        r = random.Random(seed)
+        prompt = _random_ids(tok, r, r.randrange(0, 8)) or [tok.eos_id]
+        ids = _random_ids(tok, r, r.randrange(20, 80))
+        if seed % 3 == 0:  # rows of whole words too: most blocks then take one decode
+            ids = tok.encode(" the power law graph attention" * 8, add_eos=False)
+        new = tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+        a = r.randrange(max(1, len(new)))
+        cases: list[tuple[str, ...]] = [(), ("@@never@@",), (new[a : a + r.randrange(1, 5)],)]
+        for stops in cases:
+            one, block = Detokenizer(tok, prompt, stops), Detokenizer(tok, prompt, stops)
+            i = 0
+            while i < len(ids):
+                k = r.choice((2, 3, 8, 16))
+                want = "".join(one.push([t]) for t in ids[i : i + k])
+                read = block._read
+                assert block.push(ids[i : i + k]) == want, (seed, stops, i)
+                whole += block._read - read >= k
+                i += k
+            assert block.finish() == one.finish()
+            assert block.new_ids == one.new_ids and block.stopped == one.stopped
+    assert whole > 200  # many pushes took the one-decode way
+
+
 def test_stop_string_split_across_tokens_is_never_shown(tok: PLDRTokenizer) -> None:
     prompt = tok.prompt_ids("Say")
     ids = tok.encode(" alpha beta gamma delta", add_eos=False)  # ▁alpha ▁beta ▁gamma ▁delta

@@ -49,6 +49,22 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 MAX_ARCHIVE_BYTES = 1 << 30
 
 
+def _direct_decoder(processor: Any) -> Any:
+    """``processor.decode`` of a list of ids, without its Python dispatch where the package has
+    the compiled call under it (sentencepiece 0.2.x: ``_processor._DecodeIds``; it is most of
+    the time of decoding a few ids, which a streamed row does per token). Checked against
+    ``decode`` once; anything else falls back to ``decode``."""
+    direct = getattr(getattr(processor, "_processor", None), "_DecodeIds", None)
+    if callable(direct):
+        sample = list(range(min(64, int(processor.get_piece_size()))))
+        try:
+            if direct(sample) == processor.decode(sample) and direct([]) == "":
+                return direct
+        except Exception:  # another binding's signature: the public call
+            pass
+    return processor.decode
+
+
 def _spm() -> Any:
     try:
         import sentencepiece
@@ -78,6 +94,7 @@ class PLDRTokenizer:
         except (RuntimeError, OSError) as exc:
             raise PLDRError(f"{path} is not a SentencePiece model ({first_line(exc)})") from None
         self._sp = processor
+        self._decode_ids = _direct_decoder(processor)
         # The processor never changes after loading: its sizes and special ids are read once.
         #: Number of pieces (ids are ``0 .. vocab_size - 1``).
         self.vocab_size = int(processor.get_piece_size())
@@ -142,10 +159,16 @@ class PLDRTokenizer:
         """
         if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.tolist()
+        ids = list(ids)
         size = self.vocab_size
+        if self._decode_ids is not self._sp.decode and (not ids or 0 <= min(ids) < size > max(ids)):
+            try:  # ids in range: as they are (the compiled call refuses anything but integers)
+                return str(self._decode_ids(ids))
+            except TypeError:
+                pass
         unk = self.unk_id
         clean = [int(i) if 0 <= int(i) < size else unk for i in ids]
-        return str(self._sp.decode(clean))
+        return str(self._decode_ids(clean))
 
     def id_to_piece(self, token_id: int) -> str:
         """The piece string of one id."""

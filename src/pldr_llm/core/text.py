@@ -70,6 +70,9 @@ class Detokenizer:
     the leading spaces of the text (every leading "▁" piece, not only the first), so the ids
     after a commit are decoded after the unknown id (never dropped, never a byte, its text
     " ⁇ " cut off again), not alone, and, while no text is committed yet, from the start.
+    A push of several ids (the server's tokens of a block of steps) decodes them together, once,
+    where that is what they give one by one: their text ends no character open and completes no
+    stop string.
 
     Args:
         tokenizer: has ``decode(ids) -> str``; its ``unk_id``, where it has one, is the anchor
@@ -95,6 +98,8 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self._stops_in_prompt = stops_in_prompt
         self.stops = [s for s in stops if s]
+        # A stop string with U+FFFD might match a character still open: ids go one by one.
+        self._unsplittable = any(REPLACEMENT in s for s in self.stops)
         self._longest = max((len(s) for s in self.stops), default=0)
         self._firsts = {s[0] for s in self.stops}
         unk = getattr(tokenizer, "unk_id", None)
@@ -127,18 +132,25 @@ class Detokenizer:
         """The ids pushed after the prompt, up to the one that completed a stop string."""
         return self._ids[self._prompt_len :]
 
+    @property
+    def new_count(self) -> int:
+        """``len(new_ids)``, without copying them."""
+        return len(self._ids) - self._prompt_len
+
     def push(self, ids: Iterable[int]) -> str:
         """Add new ids; return the text that is now safe to show (``push([])``: what is safe
         before any, e.g. the prompt with ``echo``). Ids after a stop string are ignored."""
         if self._finished:
             return ""
-        for token in ids:
-            if self.stopped:
-                break
-            committed = self._committed
-            self._ids.append(int(token))
-            self._advance()
-            self._search(committed)
+        ids = [int(token) for token in ids]
+        if len(ids) < 2 or self.stopped or not self._push_whole(ids):
+            for token in ids:
+                if self.stopped:
+                    break
+                committed = self._committed
+                self._ids.append(token)
+                self._advance()
+                self._search(committed)
         return self._take(self._safe_end())
 
     def finish(self) -> str:
@@ -151,6 +163,36 @@ class Detokenizer:
         return self._take(end)
 
     # ------------------------------------------------------------------ internals
+    def _push_whole(self, ids: list[int]) -> bool:
+        """Add ``ids`` with one decode where that is what adding them one by one gives: their
+        text does not end in U+FFFD (no character left open: one by one, the last id would
+        commit it all, and the commits put together are this decode, as every commit is a
+        prefix of the later decodes) and completes no stop string (one by one, no id would
+        have found one: each search sees a prefix of this text, or one that ends in a
+        character still open, which no stop string here holds). False: nothing changed (the
+        caller adds them one by one, to find the id a stop string ends at)."""
+        if self._unsplittable:
+            return False
+        if self._committed:
+            ids_after = self._anchor + self._ids[self._read :] + ids
+            tail = self.tokenizer.decode(ids_after)[self._anchor_len :]
+        else:
+            tail = self.tokenizer.decode(self._ids + ids)
+        if not tail or tail.endswith(REPLACEMENT):
+            return False
+        if self.stops:
+            start = max(0 if self._stops_in_prompt else self._start,
+                        self._committed - self._longest + 1)  # fmt: skip
+            text = (self._buf + tail)[start - self._base :]
+            if find_stop_ending_after(text, self.stops, self._start - start) is not None:
+                return False
+        self._ids += ids
+        self._buf += tail
+        self._committed += len(tail)
+        self._read = len(self._ids)
+        self._tail = ""
+        return True
+
     def _advance(self) -> None:
         """Decode the ids past the last commit; commit them if their text is whole."""
         decode = self.tokenizer.decode
