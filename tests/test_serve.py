@@ -280,6 +280,89 @@ def test_tokens_per_sync_gives_the_texts_of_single_steps(bundle: Path, loaded) -
     assert all(r[0] == r[3] and r[1] in ("length", "stop") for r in results[1])
 
 
+class _Loop:
+    """Stands for the event loop: the worker's events are delivered at once."""
+
+    def call_soon_threadsafe(self, fn, *args) -> None:
+        fn(*args)
+
+
+class _Events(list):
+    put_nowait = list.append
+
+
+def _scheduled(loaded, rows: list[tuple[str, dict, list[str]]], tokens_per_sync: int) -> list:
+    """Each row (prompt, SamplingParams fields, stop strings) through the server's scheduler,
+    all queued at once: per row its events' text, tokens, logprobs, alternatives, end and
+    token count."""
+    from pldr_llm.generation import SamplingParams
+    from pldr_llm.serve.scheduler import GenSequence, Scheduler
+
+    model, tok = loaded
+    scheduler = Scheduler(
+        model, tok, max_batch=len(rows), max_queue=len(rows), tokens_per_sync=tokens_per_sync
+    )
+    seqs = [
+        GenSequence(tok.prompt_ids(p), SamplingParams(**kw), stops, tok, _Loop(), _Events())
+        for p, kw, stops in rows
+    ]
+    scheduler.submit(seqs)
+    scheduler.drain_and_stop()  # before the worker starts: it serves the queue, then stops
+    scheduler.start()
+    scheduler._thread.join(120)
+    scheduler.drain_and_stop()
+    out = []
+    for seq in seqs:
+        events = seq.events
+        assert events[-1].finish_reason is not None and not events[-1].error
+        out.append((
+            "".join(e.text for e in events), [t for e in events for t in e.tokens],
+            [lp for e in events for lp in e.logprobs], [t for e in events for t in e.top_logprobs],
+            events[-1].finish_reason, events[-1].completion_tokens,
+        ))  # fmt: skip
+    return out
+
+
+def test_concurrent_rows_with_mixed_params_route_as_each_alone(loaded) -> None:
+    """The scheduler's routing of a block (each sequence's tokens together: text, stop strings,
+    the end-of-text id, max_tokens, logprobs and alternatives): rows of mixed parameters served
+    together in blocks of 4 steps give each row's ids, text and end when served alone, one
+    step per sync."""
+    model, tok = loaded
+    eos = model.config.eos_id
+    full, _ = _greedy_text(loaded, PROMPT, 30)
+    rows = [
+        (PROMPT, {"temperature": 1.0, "seed": 3, "max_new_tokens": 21, "stop_at_eos": False}, []),
+        (PROMPT, {"temperature": 0, "max_new_tokens": 30}, _stop_strings(full, 2)[1:]),
+        ("Penalties", {"seed": 4, "top_p": 0.9, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+                       "logit_bias": ((100, -100.0), (42, 2.0)), "max_new_tokens": 18}, []),
+        ("Ends early", {"seed": 5, "logit_bias": ((eos, 100.0),), "min_new_tokens": 6,
+                        "max_new_tokens": 20}, []),  # the end-of-text id at its 7th token
+        ("Asks", {"seed": 6, "logprobs": 3, "repetition_penalty": 1.3, "max_new_tokens": 13}, []),
+        ("Short", {"seed": 7, "max_new_tokens": 7, "stop_at_eos": False}, []),
+        ("Ignores eos", {"seed": 8, "logit_bias": ((eos, 100.0),), "stop_at_eos": False,
+                         "max_new_tokens": 9}, []),
+    ]  # fmt: skip
+    together = _scheduled(loaded, rows, 4)
+    alone = [_scheduled(loaded, [row], 1)[0] for row in rows]
+
+    # The same ids, texts and ends; log-probabilities to float32 rounding (a batch of 7 rows
+    # and one of 1 multiply in other orders on a CPU).
+    def exact(r: tuple) -> tuple:
+        return r[0], r[1], [[t for t, _ in top] for top in r[3]], r[4], r[5]
+
+    assert [exact(r) for r in together] == [exact(r) for r in alone]
+    for a, b in zip(together, alone):
+        assert a[2] == pytest.approx(b[2], abs=1e-5)
+        values = [v for top in a[3] for _, v in top]
+        assert values == pytest.approx([v for top in b[3] for _, v in top], abs=1e-5)
+    ends = [(r[4], r[5]) for r in together]
+    assert ends[1][0] == "stop" and ends[3] == ("stop", 7) and ends[5] == ("length", 7)
+    assert ends[6] == ("length", 9) and ends[0] == ("length", 21)
+    assert len(together[4][3]) == 13 and all(len(t) == 3 for t in together[4][3])
+    assert together[3][1][-1] == eos and together[1][0] == full[: full.index(rows[1][2][0])]
+
+
 # ---------------------------------------------------------------------- bad input
 
 

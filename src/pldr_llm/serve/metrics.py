@@ -45,6 +45,16 @@ class Histogram:
             self.total += value
             self.count += 1
 
+    def observe_many(self, values: list[float], zeros: int = 0) -> None:
+        """:meth:`observe` each of ``values``, in order, and 0 ``zeros`` times (one lock)."""
+        buckets, counts = self.buckets, self.counts
+        with self._lock:
+            for value in values:
+                counts[bisect.bisect_left(buckets, value)] += 1
+                self.total += value
+            counts[bisect.bisect_left(buckets, 0.0)] += zeros
+            self.count += len(values) + zeros
+
     def lines(self, name: str, help_text: str) -> list[str]:
         with self._lock:
             out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]

@@ -5,8 +5,10 @@ Between two engine steps the worker admits waiting sequences into free slots, st
 each slot's tokens to its sequence (text deltas and stop strings from
 :class:`pldr_llm.generation.Detokenizer`, ``max_tokens``) and releases finished or cancelled
 slots. When no sequence waits for a slot and none was just admitted, it runs ``tokens_per_sync``
-steps per host sync (:meth:`DecodeEngine.step_many`): the device runs several steps back to back
-and the host reads them once, instead of stopping the device at every token. Right after
+steps per host sync (a block: :meth:`DecodeEngine.launch`, :meth:`DecodeEngine.collect_block`):
+the device runs several steps back to back and the host reads them once, instead of stopping the
+device at every token, and routes each sequence's tokens of the block together (one push to its
+detokenizer, one event), so the host's work grows with the sequences, not the tokens. Right after
 admissions it takes single steps, so new requests get their first token at once, and while
 sequences wait, slots free at the next step. A sequence that ends mid-way through such a block (a
 stop string) discards the block's later tokens. A cancelled sequence (its client went away) frees
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pldr_llm.core.engine import BlockOutput
 from pldr_llm.core.engine_cache import EngineSpec, give_back_engine, lend_engine
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.generation import Detokenizer, SamplingParams
@@ -323,57 +326,84 @@ class Scheduler:
         engine = self._engines[key]
         if key in self._in_flight:
             self._in_flight.discard(key)
-            outs = engine.collect()
-        elif steps > 1:
-            outs = engine.step_many(steps)
         else:
-            outs = [engine.step()]
+            engine.launch(steps)
+        block = engine.collect_block()
         if steps > 1 and engine.active_slots:
             # Launch the next block before routing this one, so that the device computes
             # while the host detokenizes. Its tokens of sequences that end in this block (a stop
             # string, a cancel) are dropped when it is collected; nothing is admitted meanwhile.
             engine.launch(steps)
             self._in_flight.add(key)
-        now = time.perf_counter()
-        routed: dict[int, GenSequence] = {}
-        for out in outs:  # in step order: each sequence's detokenizer gets its ids in order
-            self._route(key, out, now, routed)
-        # One event per sequence and block, not one per token: with several tokens per sync
-        # the event loop's work (an SSE chunk each) is what limits a busy server.
-        for seq in routed.values():
-            if seq.pending_text and seq.slot is not None:
-                self._post(seq, seq.take_pending())
+        self._route(key, block, time.perf_counter())
 
-    def _route(
-        self, key: tuple[bool, bool], out: Any, now: float, routed: dict[int, GenSequence]
-    ) -> None:
-        """Hand one step's tokens to their sequences (``routed``: the sequences that got one)."""
-        logprobs = out.logprobs or [0.0] * len(out.slots)
-        tops = out.top_logprobs or [[] for _ in out.slots]  # only rows that ask have any
-        for slot, token, done, logprob, top in zip(
-            out.slots, out.token_ids, out.finished, logprobs, tops
-        ):
+    def _route(self, key: tuple[bool, bool], block: BlockOutput, now: float) -> None:
+        """Hand a block's tokens to their sequences, each sequence's tokens at once. Events go
+        out as the steps made them: the ends (a stop, the length) in step order, then one event
+        per sequence that is still running, not one per token: with several tokens per sync the
+        event loop's work (an SSE chunk each) is what limits a busy server."""
+        eos_id = self.model.config.eos_id
+        ends: list[tuple[int, int, GenSequence, str]] = []  # step, index, sequence, reason
+        routed: list[GenSequence] = []
+        first_seen: list[float] = []  # times to first token of this block
+        gaps: list[float] = []  # the inter-token latencies of each sequence's first token
+        same_time = 0  # its later tokens of the block: latency 0, they came together
+        logprobs = block.logprobs
+        tops = block.top_logprobs
+        for i, (slot, tokens) in enumerate(zip(block.slots, block.token_ids)):
             seq = self._running.get((key, slot))
-            if seq is None:  # finished earlier in this block (a stop string) or cancelled
+            if seq is None:  # finished earlier (a stop string in the last block) or cancelled
                 continue
             if seq.last_token_at is None:
-                self.metrics.ttft.observe(now - seq.created)
+                first_seen.append(now - seq.created)
             else:
-                self.metrics.itl.observe(now - seq.last_token_at)
+                gaps.append(now - seq.last_token_at)
             seq.last_token_at = now
-            seq.produced += 1
-            self.metrics.completion_tokens += 1
-            eos = token == self.model.config.eos_id and seq.params.stop_at_eos
-            delta = "" if eos else seq.detok.push([token])
-            seq.pending_tokens.append(token)
-            seq.pending_logprobs.append(float(logprob))
-            seq.pending_tops.append(top)
-            seq.pending_text += delta
-            routed[id(seq)] = seq
-            if seq.detok.stopped or eos:
-                self._finish(seq, "stop")
-            elif done or seq.produced >= seq.params.max_new_tokens:
-                self._finish(seq, "length")
+            taken, reason = self._take_tokens(seq, tokens, block.finished[i], eos_id)
+            same_time += taken - 1
+            seq.pending_tokens += tokens[:taken]
+            seq.pending_logprobs += logprobs[i][:taken] if logprobs else [0.0] * taken
+            if tops and seq.params.logprobs:  # alternatives only where asked for
+                seq.pending_tops += tops[i][:taken]
+            if reason is None:
+                routed.append(seq)
+            else:
+                ends.append((taken, i, seq, reason))
+        self.metrics.completion_tokens += len(first_seen) + len(gaps) + same_time
+        self.metrics.ttft.observe_many(first_seen)
+        self.metrics.itl.observe_many(gaps, zeros=same_time)
+        for _, _, seq, reason in sorted(ends, key=lambda end: end[:2]):
+            self._finish(seq, reason)
+        for seq in routed:
+            if seq.pending_text:
+                self._post(seq, seq.take_pending())
+
+    @staticmethod
+    def _take_tokens(
+        seq: GenSequence, tokens: list[int], finished: bool, eos_id: int
+    ) -> tuple[int, str | None]:
+        """Push a block's ``tokens`` of ``seq`` to its text: how many it takes (the rest come
+        after its end) and why it ends (None: it goes on). The end-of-text id adds no text."""
+        limit = min(len(tokens), seq.params.max_new_tokens - seq.produced)
+        eos = -1
+        if seq.params.stop_at_eos and eos_id in tokens:
+            eos = next((i for i in range(limit) if tokens[i] == eos_id), -1)
+        text_ids = tokens[:eos] if eos >= 0 else tokens[:limit]
+        before = seq.detok.new_count
+        seq.pending_text += seq.detok.push(text_ids)
+        reason: str | None = "stop"
+        if seq.detok.stopped:
+            taken = seq.detok.new_count - before
+        elif eos >= 0:
+            taken = eos + 1
+        else:
+            taken = limit
+            ended = (finished and limit == len(tokens)) or seq.produced + limit >= (
+                seq.params.max_new_tokens
+            )
+            reason = "length" if ended else None
+        seq.produced += taken
+        return taken, reason
 
     def _finish(self, seq: GenSequence, reason: str | None, error: str | None = None) -> None:
         if seq.slot is not None:
