@@ -249,12 +249,14 @@ class DecodeBuffers:
         stop_lists: Sequence[Sequence[int]],
         forced: Sequence[Sequence[int]] | None,
     ) -> None:
-        """Rows ``index``'s sampling parameters, uniform numbers, stop ids and forced ids."""
-        device, n = self.ids.device, len(params)
-        stop_ids = torch.full((n, MAX_STOP_IDS + 1), -1, dtype=torch.long)
-        for r, ids_r in enumerate(stop_lists):
-            if ids_r:
-                stop_ids[r, : len(ids_r)] = torch.tensor(list(ids_r))
+        """Rows ``index``'s sampling parameters, uniform numbers, stop ids and forced ids
+        (from host lists: no per-row tensor writes)."""
+        device = self.ids.device
+        width = MAX_STOP_IDS + 1
+        self.stop_ids[index] = torch.tensor(
+            [list(ids_r) + [-1] * (width - len(ids_r)) for ids_r in stop_lists],
+            dtype=torch.long, device=device,
+        )  # fmt: skip
         self.temperature[index] = torch.tensor(
             [float(p.temperature) for p in params], device=device
         )
@@ -263,14 +265,20 @@ class DecodeBuffers:
         seed = torch.tensor(list(seeds), dtype=torch.long, device=device)
         self.uniforms[index] = uniform_draws(seed[:, None], self.slot_steps[None, :])
         self.max_new[index] = torch.tensor([p.max_new_tokens for p in params], device=device)
-        self.stop_ids[index] = stop_ids.to(device)
-        forced_rows = torch.zeros(n, self.slots, dtype=torch.long)
-        forced_len = torch.zeros(n, dtype=torch.long)
-        for r, f in enumerate(forced or []):
-            forced_rows[r, : len(f)] = torch.tensor(list(f), dtype=torch.long)
-            forced_len[r] = len(f)
-        self.forced[index] = forced_rows.to(device)
-        self.forced_len[index] = forced_len.to(device)
+        self.forced.index_fill_(0, index, 0)
+        self.forced_len.index_fill_(0, index, 0)
+        if forced:
+            rows = [r for r, f in enumerate(forced) for _ in f]
+            columns = [c for f in forced for c in range(len(f))]
+            values = [int(t) for f in forced for t in f]
+            if rows:
+                where = index[torch.tensor(rows, dtype=torch.long, device=device)]
+                self.forced[where, torch.tensor(columns, dtype=torch.long, device=device)] = (
+                    torch.tensor(values, dtype=torch.long, device=device)
+                )
+            self.forced_len[index] = torch.tensor(
+                [len(f) for f in forced], dtype=torch.long, device=device
+            )
 
     def set_first(
         self, index: Tensor, first: Tensor, length: int, next_position: Tensor | None

@@ -52,33 +52,42 @@ class RowProcessing:
         prompts: Sequence[Sequence[int]],
         stop_ids: Sequence[Sequence[int]],
     ) -> None:
-        """Start rows ``index`` (device [n]) afresh: their parameters, prompts and stop ids."""
-        device, n = self.counts.device, len(params)
-        vocab = self.counts.shape[1]
-        in_prompt = torch.zeros(n, vocab, dtype=torch.bool)
-        bias = torch.zeros(n, vocab)
-        min_ids = torch.zeros(n, self.min_ids.shape[1], dtype=torch.long)
-        min_mask = torch.zeros(n, self.min_ids.shape[1], dtype=torch.bool)
-        for r, (p, prompt, stops) in enumerate(zip(params, prompts, stop_ids)):
-            in_prompt[r, torch.tensor(list(prompt), dtype=torch.long)] = True
-            for token, value in p.logit_bias:
-                bias[r, token] = float(value)
-            if stops:
-                min_ids[r] = stops[0]
-                min_ids[r, : len(stops)] = torch.tensor(list(stops), dtype=torch.long)
-                min_mask[r] = True
-        self.counts[index] = 0.0
-        self.in_prompt[index] = in_prompt.to(device)
-        self.bias[index] = bias.to(device)
-        self.min_ids[index] = min_ids.to(device)
-        self.min_mask[index] = min_mask.to(device)
-        for name, values in (
-            ("repetition", [float(p.repetition_penalty) for p in params]),
-            ("presence", [float(p.presence_penalty) for p in params]),
-            ("frequency", [float(p.frequency_penalty) for p in params]),
-        ):
-            getattr(self, name)[index] = torch.tensor(values, device=device)
-        self.min_new[index] = torch.tensor([p.min_new_tokens for p in params], device=device)
+        """Start rows ``index`` (device [n]) afresh: their parameters, prompts and stop ids.
+        Written with a few scatters of the rows' ids and values, whatever the vocabulary: no
+        [n, V] tensor is built on the host (or copied to the device)."""
+        device = self.counts.device
+
+        def on_device(values: list, dtype: torch.dtype = torch.long) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        for table in (self.counts, self.in_prompt, self.bias):
+            table.index_fill_(0, index, 0)
+        rows = [r for r, prompt in enumerate(prompts) for _ in prompt]
+        if rows:
+            ids = [int(t) for prompt in prompts for t in prompt]
+            self.in_prompt[index[on_device(rows)], on_device(ids)] = True
+        # Each id once per row (SamplingParams.validate): the scatter's order does not matter.
+        pairs = [(r, int(t), float(v)) for r, p in enumerate(params) for t, v in p.logit_bias]
+        if pairs:
+            bias_rows, bias_ids, values = (list(column) for column in zip(*pairs))
+            self.bias[index[on_device(bias_rows)], on_device(bias_ids)] = on_device(
+                values, self.bias.dtype
+            )
+        width = self.min_ids.shape[1]
+        self.min_ids[index] = on_device(
+            [list(stops) + [stops[0]] * (width - len(stops)) if stops else [0] * width
+             for stops in stop_ids]
+        )  # fmt: skip
+        self.min_mask[index] = on_device([bool(stops) for stops in stop_ids], torch.bool)[:, None]
+        floats = on_device(
+            [[float(p.repetition_penalty), float(p.presence_penalty), float(p.frequency_penalty)]
+             for p in params],
+            torch.float32,
+        )  # fmt: skip
+        self.repetition[index] = floats[:, 0]
+        self.presence[index] = floats[:, 1]
+        self.frequency[index] = floats[:, 2]
+        self.min_new[index] = on_device([p.min_new_tokens for p in params])
 
     def count(self, ids: Tensor, running: Tensor) -> None:
         """Add each running row's pending token (``ids`` [B, 1]) to its counts: the tokens it
