@@ -9,6 +9,7 @@ generate --stream`` prints its deltas, the server sends them as stream chunks, a
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,6 +46,25 @@ def final_text(
         if cut is not None:
             text = text[: start + cut]
     return text
+
+
+#: Per tokenizer, each id's text decoded after the anchor alone: what an id adds to a row whose
+#: text is all committed (most ids of most rows), a pure function of the id, so it is decoded
+#: once per process instead of once per token (``_ALONE_LIMIT`` ids at most).
+_ALONE: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_ALONE_LIMIT = 1 << 18
+
+
+def _alone_texts(tokenizer: Any) -> dict[int, str]:
+    """The ids' texts of ``tokenizer`` decoded so far (a new dict for one that cannot be a
+    weak key: kept for one row)."""
+    try:
+        texts = _ALONE.get(tokenizer)
+        if texts is None:
+            texts = _ALONE[tokenizer] = {}
+        return texts
+    except TypeError:
+        return {}
 
 
 class Detokenizer:
@@ -104,6 +124,7 @@ class Detokenizer:
         self._firsts = {s[0] for s in self.stops}
         unk = getattr(tokenizer, "unk_id", None)
         self._anchor = [unk] if isinstance(unk, int) else []
+        self._alone = _alone_texts(tokenizer)
         self._anchor_len = len(tokenizer.decode(self._anchor)) if self._anchor else 0
         self._ids = [int(i) for i in prompt_ids]
         self._prompt_len = len(self._ids)
@@ -197,7 +218,12 @@ class Detokenizer:
         """Decode the ids past the last commit; commit them if their text is whole."""
         decode = self.tokenizer.decode
         if self._committed:
-            tail = decode(self._anchor + self._ids[self._read :])[self._anchor_len :]
+            ids = self._ids[self._read :]
+            tail = self._alone.get(ids[0]) if len(ids) == 1 else None
+            if tail is None:
+                tail = decode(self._anchor + ids)[self._anchor_len :]
+                if len(ids) == 1 and len(self._alone) < _ALONE_LIMIT:
+                    self._alone[ids[0]] = tail
         else:  # nothing committed: the ids so far may still lose their leading spaces
             tail = decode(self._ids)
         if tail and not tail.endswith(REPLACEMENT):
