@@ -1,9 +1,9 @@
 """Generation: one decoding loop for every path that produces text.
 
-* :class:`DecodeEngine`, :class:`SamplingParams`, :class:`StepOutput`: the static, slot-based
-  loop (KV-cache allocated once, CUDA-graph step with sampling inside) -- see
-  :mod:`pldr_llm.core.engine`; :class:`DeductiveRecord`: what it records with
-  ``record_deductive`` (the deductive cache-mode runs).
+* :class:`DecodeEngine`, :class:`SamplingParams`, :class:`StepOutput` (and :class:`BlockOutput`,
+  a block of steps per slot): the static, slot-based loop (KV-cache allocated once, CUDA-graph
+  step with sampling inside) -- see :mod:`pldr_llm.core.engine`; :class:`DeductiveRecord`: what
+  it records with ``record_deductive`` (the deductive cache-mode runs).
 * :func:`generate`, :func:`generate_details`, :func:`stream_generate`, :func:`generate_text`: the
   user-facing calls, all on that loop.
 * :func:`final_text`, :func:`find_stop`, :class:`StopStrings`: a row's text and its stop strings;
@@ -16,7 +16,7 @@
 """
 
 from pldr_llm.core.cache import GInit
-from pldr_llm.core.engine import DecodeEngine, DeductiveRecord, StepOutput
+from pldr_llm.core.engine import BlockOutput, DecodeEngine, DeductiveRecord, StepOutput
 from pldr_llm.core.generate import (
     GenerationOutput,
     generate,
@@ -42,6 +42,7 @@ from pldr_llm.core.text import Detokenizer, StopStrings, final_text, find_stop
 __all__ = [
     "FILTERED_LOGIT",
     "MAX_LOGPROBS",
+    "BlockOutput",
     "DecodeEngine",
     "DeductiveRecord",
     "Detokenizer",

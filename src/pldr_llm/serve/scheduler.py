@@ -30,10 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pldr_llm.core.engine import BlockOutput
 from pldr_llm.core.engine_cache import EngineSpec, give_back_engine, lend_engine
 from pldr_llm.core.errors import PLDRError
-from pldr_llm.generation import Detokenizer, SamplingParams
+from pldr_llm.generation import BlockOutput, Detokenizer, SamplingParams
 from pldr_llm.serve.metrics import Metrics
 
 
