@@ -585,10 +585,15 @@ def test_launch_then_collect_with_a_release_in_between(tiny_model):
         engine.collect()
 
 
-def test_collect_block_is_the_single_steps_per_slot(tiny_model):
+@pytest.mark.parametrize("small", [128, 0])
+def test_collect_block_is_the_single_steps_per_slot(tiny_model, monkeypatch, small):
     """A block read per slot (the server's read): each slot's tokens, log-probabilities and
-    top alternatives of k single steps, cut after its last; ``steps()`` gives those steps."""
+    top alternatives of k single steps, cut after its last; ``steps()`` gives those steps
+    (a small block's read converted in Python, a large one's with tensor operations)."""
+    from pldr_llm.core import step_output
     from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    monkeypatch.setattr(step_output, "SMALL_BLOCK", small)
 
     base = {"max_new_tokens": 9, "stop_at_eos": False}
     params = [

@@ -4,9 +4,11 @@ report buffer in one host read, with log-probabilities and top alternatives wher
 
 from __future__ import annotations
 
+import array
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .processing import LogprobHistory
@@ -70,6 +72,29 @@ class BlockOutput:
         return outputs
 
 
+#: Blocks of at most this many tokens are converted in Python (the fewest tensor operations),
+#: larger ones with tensor operations (the fewest Python objects).
+SMALL_BLOCK = 128
+
+
+def _host_rows(host: Tensor, with_logprobs: bool) -> tuple[list, list | None, list, list]:
+    """Per slot of a [k, 3, n] block on the host: its k tokens, its k log-probabilities (with
+    ``with_logprobs``), how many of them it made (up to its first finished one: the device
+    stopped advancing it there, or all k) and whether it finished."""
+    k, n = host.shape[0], host.shape[2]
+    if k * n <= SMALL_BLOCK:
+        rows = host.permute(2, 1, 0).tolist()
+        tokens = [[int(t) for t in row[0]] for row in rows]
+        ended = [1.0 in row[1] for row in rows]
+        counts = [row[1].index(1.0) + 1 if e else k for row, e in zip(rows, ended)]
+        return tokens, [row[2] for row in rows] if with_logprobs else None, counts, ended
+    finished = host[:, 1] != 0
+    any_finished = finished.any(0)
+    counts = finished.int().argmax(0).add(1).where(any_finished, k).tolist()
+    logprobs = host[:, 2].T.tolist() if with_logprobs else None
+    return host[:, 0].T.long().tolist(), logprobs, counts, any_finished.tolist()
+
+
 def read_block(
     buffer: Tensor,
     slots: list[int],
@@ -84,19 +109,15 @@ def read_block(
     ``output_logprobs``)."""
     if not slots:
         return BlockOutput([], [], [], [] if with_logprobs else None)
-    host = buffer[:, :, slots].cpu()  # [k, 3, n]: the one host sync
+    index = torch.frombuffer(array.array("q", slots), dtype=torch.long).to(buffer.device)
+    host = buffer.index_select(2, index).cpu()  # [k, 3, n]: the one host sync
     k = host.shape[0]
-    finished = host[:, 1] != 0
-    ended = finished.any(0)
-    # A slot's tokens end at its first finished one (the device stopped advancing it there).
-    counts = finished.int().argmax(0).add(1).where(ended, k).tolist()
+    tokens, logprobs, counts, ended = _host_rows(host, with_logprobs)
 
     def cut(rows: list[list]) -> list[list]:
         return [row if n == k else row[:n] for row, n in zip(rows, counts)]
 
-    token_ids = cut(host[:, 0].T.long().tolist())
-    logprobs = cut(host[:, 2].T.tolist()) if with_logprobs else None
-    block = BlockOutput(slots, token_ids, ended.tolist(), logprobs)
+    block = BlockOutput(slots, cut(tokens), ended, cut(logprobs) if logprobs is not None else None)
     asked: list[tuple[int, int, int]] = []  # index in slots, first position, top n
     for j, (slot, n) in enumerate(zip(slots, counts)):
         position = table.count_reported(slot, n)  # None: released while its block ran
