@@ -1,6 +1,6 @@
 """Host time per decoding step of ``pldr-llm serve``'s worker, on the CPU, in-process.
 
-    python benchmarks/serve_step_host.py --rows 64,256 [--penalties] [--profile 25] [--json F]
+    python benchmarks/serve_step_host.py --rows 64,256 [--penalties] [--breakdown] [--profile 25]
 
 It builds the tiny model of ``serve_load.py --quick`` (random weights, seed 0, a tokenizer
 trained on the repository's docs), makes the server's :class:`~pldr_llm.serve.scheduler.Scheduler`
@@ -14,9 +14,11 @@ The step's own computation -- :meth:`StepGraphs.run`, a graph replay on a GPU, h
 model's layers op by op -- is timed apart and subtracted: what is left is the worker's host work
 (collecting the report, building the step outputs, routing tokens to their sequences,
 detokenizing, stop checks, logprobs, events), which on a GPU is what the device waits for. The
-host time per step is that work over the steps it served; the prefill of the arriving sequences
-(``_admit``) is reported apart. The best of ``--repeats`` runs is kept. ``--profile N`` prints
-the N functions with the most own time (cProfile) of one more run.
+host time per step is that work over the steps it served (``--breakdown``: also the part in
+``Scheduler._route``, handing tokens to sequences, and in their detokenizers' ``push`` within
+it); the prefill of the arriving sequences (``_admit``) is reported apart. The best of
+``--repeats`` runs is kept. ``--profile N`` prints the N functions with the most own time
+(cProfile) of one more run.
 """
 
 from __future__ import annotations
@@ -93,14 +95,32 @@ def sequences(model: Any, tokenizer: Any, rows: int, max_tokens: int, penalties:
     return out
 
 
+def timed(owner: Any, name: str, spent: dict[str, float], key: str) -> None:
+    """Wrap ``owner.name`` (a method or function) so that its seconds add to ``spent[key]``."""
+    original = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[key] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
 def run_once(
-    scheduler: Scheduler, seqs: list, profile: cProfile.Profile | None = None
+    scheduler: Scheduler,
+    seqs: list,
+    profile: cProfile.Profile | None = None,
+    breakdown: bool = False,
 ) -> dict[str, float]:
     """Serve ``seqs`` to the end on this thread: seconds of admission, of the step's own
-    computation and of the rest, and the steps and tokens served."""
+    computation and of the rest (with ``breakdown``: of which routing tokens to their
+    sequences, and of that detokenizing), and the steps and tokens served."""
     engine = scheduler._engine_for((True, True))
     graphs = engine.graphs
-    spent = {"compute": 0.0, "steps": 0}
+    spent = {"compute": 0.0, "steps": 0, "route": 0.0, "detokenize": 0.0}
     run = graphs.run
 
     def timed_run(variant: Any, count: int, block: int | None = None) -> None:
@@ -110,6 +130,10 @@ def run_once(
         spent["steps"] += count
 
     graphs.run = timed_run  # type: ignore[method-assign]
+    if breakdown:  # the wrappers' own cost (~0.3 us a call) counts as host time
+        timed(scheduler, "_route", spent, "route")
+        for seq in seqs:
+            timed(seq.detok, "push", spent, "detokenize")
     tokens_before = scheduler.metrics.completion_tokens
     scheduler.submit(seqs)
     try:
@@ -128,12 +152,15 @@ def run_once(
             profile.disable()
     finally:
         del graphs.run
+        vars(scheduler).pop("_route", None)
     decoding = end - admitted
     return {
         "admit_s": admitted - start,
         "decode_s": decoding,
         "compute_s": spent["compute"],
         "host_s": decoding - spent["compute"],
+        "route_s": spent["route"],
+        "detokenize_s": spent["detokenize"],
         "steps": spent["steps"],
         "tokens": scheduler.metrics.completion_tokens - tokens_before,
     }
@@ -147,7 +174,11 @@ def measure(folder: Path, rows: int, args: argparse.Namespace) -> dict[str, Any]
     # A warm-up run (the first steps of each variant, the allocator), then the timed ones.
     run_once(scheduler, sequences(model, tokenizer, rows, 8, args.penalties))
     runs = [
-        run_once(scheduler, sequences(model, tokenizer, rows, args.max_tokens, args.penalties))
+        run_once(
+            scheduler,
+            sequences(model, tokenizer, rows, args.max_tokens, args.penalties),
+            breakdown=args.breakdown,
+        )
         for _ in range(args.repeats)
     ]
     best = min(runs, key=lambda r: r["host_s"])
@@ -161,6 +192,14 @@ def measure(folder: Path, rows: int, args: argparse.Namespace) -> dict[str, Any]
         "host_ms_per_step": round(1000 * best["host_s"] / best["steps"], 3),
         "host_us_per_token": round(1e6 * best["host_s"] / best["tokens"], 2),
         "compute_ms_per_step": round(1000 * best["compute_s"] / best["steps"], 3),
+        **(
+            {
+                "route_ms_per_step": round(1000 * best["route_s"] / best["steps"], 3),
+                "detokenize_ms_per_step": round(1000 * best["detokenize_s"] / best["steps"], 3),
+            }
+            if args.breakdown
+            else {}
+        ),
         "host_ms_per_step_runs": [round(1000 * r["host_s"] / r["steps"], 3) for r in runs],
     }
     if args.profile:
@@ -183,6 +222,9 @@ def main() -> None:
     parser.add_argument("--penalties", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0, help="print the N top functions")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time routing and detokenizing apart"
+    )
     parser.add_argument("--model", help="model folder (default: build serve_load's tiny one)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
