@@ -93,6 +93,25 @@ def metric_value(text: str, name: str) -> float:
     return 0.0
 
 
+WORKER_PHASES = ("idle", "jobs", "admit", "launch", "collect", "route", "flush")
+
+
+def worker_breakdown(before: str, after: str) -> dict[str, Any]:
+    """The server worker's decoding steps between two ``/metrics`` texts, and its seconds per
+    phase over them as milliseconds a step: where a step's time went (collect: the worker
+    waited for the device; the rest is host work, or idle)."""
+
+    def delta(name: str) -> float:
+        return metric_value(after, name) - metric_value(before, name)
+
+    steps = delta("pldr_decode_steps_total")
+    per_step = {
+        phase: round(1000 * delta(f'pldr_worker_seconds_total{{phase="{phase}"}}') / steps, 3)
+        for phase in WORKER_PHASES
+    } if steps else {}  # fmt: skip
+    return {"server_steps": int(steps), "server_worker_ms_per_step": per_step}
+
+
 async def one_request(client: Any, url: str, body: dict[str, Any], timeout: float) -> dict:
     """One streamed completion: token count, time to first token, inter-token gaps."""
     start = time.perf_counter()
@@ -279,6 +298,7 @@ def main() -> int:
                 before, TTFT_METRIC + "_sum"
             )
             result["server_ttft_ms_mean"] = round(1000 * total / count, 2) if count else None
+            result |= worker_breakdown(before, metrics)
         finally:
             server.send_signal(signal.SIGTERM)
             try:

@@ -1,6 +1,7 @@
-"""Host time per decoding step of ``pldr-llm serve``'s worker, on the CPU, in-process.
+"""Host time per decoding step of ``pldr-llm serve``'s worker, in-process (CPU or GPU).
 
     python benchmarks/serve_step_host.py --rows 64,256 [--penalties] [--breakdown] [--profile 25]
+    python benchmarks/serve_step_host.py --device cuda --dtype bfloat16 --model M --kernels 20
 
 It builds the tiny model of ``serve_load.py --quick`` (random weights, seed 0, a tokenizer
 trained on the repository's docs), makes the server's :class:`~pldr_llm.serve.scheduler.Scheduler`
@@ -19,6 +20,11 @@ host time per step is that work over the steps it served (``--breakdown``: also 
 it); the prefill of the arriving sequences (``_admit``) is reported apart. The best of
 ``--repeats`` runs is kept. ``--profile N`` prints the N functions with the most own time
 (cProfile) of one more run.
+
+On a GPU (``--device cuda``) the timed computation synchronizes after each block, so that it is
+the device's time for the block's steps (the server overlaps a block with the host's routing of
+the previous one; here they are apart, to see each); ``--kernels N`` prints the N device
+kernels with the most time over one more run (torch.profiler; its steps launched op by op).
 """
 
 from __future__ import annotations
@@ -123,9 +129,14 @@ def run_once(
     spent = {"compute": 0.0, "steps": 0, "route": 0.0, "detokenize": 0.0}
     run = graphs.run
 
+    device = engine.model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+
     def timed_run(variant: Any, count: int, block: int | None = None) -> None:
+        sync(device)  # on a GPU: what was queued before (a prefill) is not the step's
         start = time.perf_counter()
         run(variant, count, block)
+        sync(device)
         spent["compute"] += time.perf_counter() - start
         spent["steps"] += count
 
@@ -167,7 +178,7 @@ def run_once(
 
 
 def measure(folder: Path, rows: int, args: argparse.Namespace) -> dict[str, Any]:
-    model, tokenizer = load_bundle(str(folder))
+    model, tokenizer = load_bundle(str(folder), device=args.device, dtype=args.dtype)
     scheduler = Scheduler(
         model, tokenizer, max_batch=rows, max_queue=rows, tokens_per_sync=args.tokens_per_sync
     )
@@ -211,6 +222,21 @@ def measure(folder: Path, rows: int, args: argparse.Namespace) -> dict[str, Any]
         )
         stats = pstats.Stats(profile)
         stats.sort_stats("tottime").print_stats(args.profile)
+    if args.kernels:
+        from torch.profiler import ProfilerActivity, profile
+
+        # Steps launched op by op (no graph), so that each kernel is listed by name; a kernel
+        # takes the same device time inside a graph, which only removes the launch gaps.
+        eager = Scheduler(
+            model, tokenizer, max_batch=rows, max_queue=rows,
+            tokens_per_sync=args.tokens_per_sync, engine_options={"cuda_graph": False},
+        )  # fmt: skip
+        run_once(eager, sequences(model, tokenizer, rows, 8, args.penalties))
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=activities) as prof:
+            run_once(eager, sequences(model, tokenizer, rows, args.max_tokens, args.penalties))
+        print(f"rows {rows}: device kernels over {args.max_tokens} steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.kernels))
     return row
 
 
@@ -226,6 +252,11 @@ def main() -> None:
         "--breakdown", action="store_true", help="also time routing and detokenizing apart"
     )
     parser.add_argument("--model", help="model folder (default: build serve_load's tiny one)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="as serve --dtype (default: the model's)")
+    parser.add_argument(
+        "--kernels", type=int, default=0, help="print the N device kernels with the most time"
+    )
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())

@@ -1,7 +1,9 @@
 """Server metrics in the Prometheus text format (no client library needed).
 
-Counters: requests by endpoint and status, prompt and completion tokens. Gauges: queue depth and
-running sequences (the scheduler's own counts, read when rendered). Histograms: time to first token and inter-token latency, in seconds.
+Counters: requests by endpoint and status, prompt and completion tokens, decoding steps, and the
+seconds the worker thread spent in each phase of its loop (:data:`WORKER_PHASES`: where a step's
+time goes on a live server). Gauges: queue depth and running sequences (the scheduler's own
+counts, read when rendered). Histograms: time to first token and inter-token latency, in seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+
+
+#: The worker's phases: waiting for work, running jobs between steps (the deductive endpoint),
+#: prefilling arriving sequences, launching a block of steps, waiting for the device to finish
+#: it (collect), handing its tokens to their sequences (route, detokenizing included) and
+#: sending their events to the event loop (flush).
+WORKER_PHASES = ("idle", "jobs", "admit", "launch", "collect", "route", "flush")
 
 
 class Histogram:
@@ -77,6 +86,9 @@ class Metrics:
         self.completion_tokens = 0
         self.ttft = Histogram()
         self.itl = Histogram()
+        self.decode_steps = 0  # steps of the running batch (a block of k counts k)
+        # Written by the worker thread alone; read (a snapshot) when rendered.
+        self.worker_seconds = dict.fromkeys(WORKER_PHASES, 0.0)
         self._lock = threading.Lock()
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -107,6 +119,15 @@ class Metrics:
             "# TYPE pldr_running_sequences gauge",
             f"pldr_running_sequences {running}",
         ]
+        lines += [
+            "# HELP pldr_decode_steps_total Decoding steps of the running batch.",
+            "# TYPE pldr_decode_steps_total counter",
+            f"pldr_decode_steps_total {self.decode_steps}",
+            "# HELP pldr_worker_seconds_total Seconds the worker thread spent per phase.",
+            "# TYPE pldr_worker_seconds_total counter",
+        ]
+        for phase, seconds in list(self.worker_seconds.items()):
+            lines.append(f'pldr_worker_seconds_total{{phase="{phase}"}} {seconds:.6f}')
         lines += self.ttft.lines(
             "pldr_time_to_first_token_seconds", "From queueing a sequence to its first token."
         )

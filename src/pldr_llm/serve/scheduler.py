@@ -155,6 +155,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._accepting = True
         self._stop = False
+        self._lap_start = time.perf_counter()
         self._thread = threading.Thread(target=self._work, name="pldr-serve-worker", daemon=True)
 
     # ------------------------------------------------------------------ control
@@ -237,7 +238,14 @@ class Scheduler:
                 for seq, _ in items:
                     seq.cancelled = True
 
+    def _lap(self, phase: str) -> None:
+        """Add the worker's seconds since its previous lap to ``phase`` (worker thread only)."""
+        now = time.perf_counter()
+        self.metrics.worker_seconds[phase] += now - self._lap_start
+        self._lap_start = now
+
     def _work(self) -> None:
+        self._lap_start = time.perf_counter()
         while True:
             with self._cond:
                 while not (
@@ -250,20 +258,25 @@ class Scheduler:
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
+            self._lap("idle")
             for fn, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except BaseException as exc:  # handed to the waiting request
                         future.set_exception(exc)
+            self._lap("jobs")
             try:
                 self._admit()
+                self._lap("admit")
                 if self._running or self._in_flight:
                     self._step()
             except Exception as exc:  # a failing step ends its sequences, not the server
                 for seq in list(self._running.values()):
                     self._finish(seq, None, error=f"generation failed: {exc}")
+            self._lap("route")
             self._flush()
+            self._lap("flush")
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots, first come first served. Sequences of the same
@@ -323,18 +336,26 @@ class Scheduler:
 
     def _step_engine(self, key: tuple[bool, bool], steps: int = 1) -> None:
         engine = self._engines[key]
+        self._lap("route")  # cancelled sequences freed, the previous engine's tokens routed
         if key in self._in_flight:
             self._in_flight.discard(key)
         else:
-            engine.launch(steps)
+            self._launch(engine, steps)
         block = engine.collect_block()
+        self._lap("collect")
         if steps > 1 and engine.active_slots:
             # Launch the next block before routing this one, so that the device computes
             # while the host detokenizes. Its tokens of sequences that end in this block (a stop
             # string, a cancel) are dropped when it is collected; nothing is admitted meanwhile.
-            engine.launch(steps)
+            self._launch(engine, steps)
             self._in_flight.add(key)
         self._route(key, block, time.perf_counter())
+
+    def _launch(self, engine: Any, steps: int) -> None:
+        if engine.active_slots:
+            self.metrics.decode_steps += steps
+        engine.launch(steps)
+        self._lap("launch")
 
     def _route(self, key: tuple[bool, bool], block: BlockOutput, now: float) -> None:
         """Hand a block's tokens to their sequences, each sequence's tokens at once. Events go
