@@ -263,3 +263,32 @@ def test_captured_processed_step_equals_the_eager_loop(tiny_model, sampling):
         assert generate_details(model, PROMPTS, 20, **plain).new_ids == eager.new_ids
     finally:
         tiny_model.cpu()
+
+
+def test_to_device_holds_the_values_of_torch_tensor() -> None:
+    """The admission's host-to-device copies: the values and dtype ``torch.tensor`` gives."""
+    from pldr_llm.core.processing import to_device
+
+    for values, dtype in (([[1, 2], [3, 4]], None), ([0.5, 2.0], None), ([7, 9], torch.long)):
+        got = to_device(values, torch.device("cpu"), dtype)
+        want = torch.tensor(values, dtype=dtype)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_to_device_does_not_wait_for_the_queued_work() -> None:
+    """On a GPU the copy is queued behind the work already there (no host sync, which
+    ``torch.tensor(values, device="cuda")`` makes) and still reads the right values."""
+    from pldr_llm.core.processing import to_device
+
+    device = torch.device("cuda")
+    busy = torch.randn(2048, 2048, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):  # work queued on the stream while the copies are made
+            busy = busy @ busy / 64
+        copies = [to_device(list(range(i, i + 5)), device, torch.long) for i in range(10)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [c.tolist() for c in copies] == [list(range(i, i + 5)) for i in range(10)]

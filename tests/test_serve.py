@@ -291,17 +291,20 @@ class _Events(list):
     put_nowait = list.append
 
 
-def _scheduled(loaded, rows: list[tuple[str, dict, list[str]]], tokens_per_sync: int) -> list:
-    """Each row (prompt, SamplingParams fields, stop strings) through the server's scheduler,
-    all queued at once: per row its events' text, tokens, logprobs, alternatives, end and
-    token count."""
+def _scheduled(
+    loaded, rows: list[tuple[str, dict, list[str]]], tokens_per_sync: int, slots: int = 0
+) -> list:
+    """Each row (prompt, SamplingParams fields, stop strings) through the server's scheduler
+    of ``slots`` slots (default: one a row), all queued at once: per row its events' text,
+    tokens, logprobs, alternatives, end and token count."""
     from pldr_llm.generation import SamplingParams
     from pldr_llm.serve.scheduler import GenSequence, Scheduler
 
     model, tok = loaded
     scheduler = Scheduler(
-        model, tok, max_batch=len(rows), max_queue=len(rows), tokens_per_sync=tokens_per_sync
-    )
+        model, tok, max_batch=slots or len(rows), max_queue=len(rows),
+        tokens_per_sync=tokens_per_sync,
+    )  # fmt: skip
     seqs = [
         GenSequence(tok.prompt_ids(p), SamplingParams(**kw), stops, tok, _Loop(), _Events())
         for p, kw, stops in rows
@@ -361,6 +364,23 @@ def test_concurrent_rows_with_mixed_params_route_as_each_alone(loaded) -> None:
     assert ends[6] == ("length", 9) and ends[0] == ("length", 21)
     assert len(together[4][3]) == 13 and all(len(t) == 3 for t in together[4][3])
     assert together[3][1][-1] == eos and together[1][0] == full[: full.index(rows[1][2][0])]
+
+
+def test_reused_slots_get_only_their_own_tokens(loaded) -> None:
+    """More sequences than slots, in blocks of 3 steps: a slot freed while the next block is
+    already computing (its old sequence's tokens there are dropped) is admitted a waiting
+    sequence, which gets its own tokens from its first block on: each sequence's ids, text and
+    end as when served alone."""
+    full, _ = _greedy_text(loaded, PROMPT, 20)
+    rows = [
+        (f"Queued {i}", {"seed": 20 + i, "max_new_tokens": 4 + 3 * i, "stop_at_eos": False}, [])
+        for i in range(5)
+    ]
+    rows.insert(2, (PROMPT, {"temperature": 0, "max_new_tokens": 20}, _stop_strings(full, 2)[:1]))
+    together = _scheduled(loaded, rows, 3, slots=2)
+    alone = [_scheduled(loaded, [row], 1)[0] for row in rows]
+    assert [(r[0], r[1], r[4], r[5]) for r in together] == [(r[0], r[1], r[4], r[5]) for r in alone]
+    assert [r[5] for r in together[3:]] == [10, 13, 16]
 
 
 # ---------------------------------------------------------------------- bad input

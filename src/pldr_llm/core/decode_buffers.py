@@ -21,7 +21,7 @@ from .cache import GCacheEntry, PLDRCache, StaticLayerKV
 from .graphs import sdpa_backends
 from .model import PLDRModel, PLDROutput
 from .plga import mask_value
-from .processing import LogprobHistory, RowProcessing
+from .processing import LogprobHistory, RowProcessing, to_device
 from .sampling import MAX_STOP_IDS, SamplingParams, uniform_draws
 
 
@@ -34,8 +34,8 @@ def prompt_pass(
     length = max(len(r) for r in rows)
     mask = None
     if any(len(r) != length for r in rows):
-        mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device)
-    ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], device=device)
+        mask = to_device([[0] * (length - len(r)) + [1] * len(r) for r in rows], device)
+    ids = to_device([[pad] * (length - len(r)) + r for r in rows], device)
     was_training = model.training
     model.eval()
     try:
@@ -253,18 +253,15 @@ class DecodeBuffers:
         (from host lists: no per-row tensor writes)."""
         device = self.ids.device
         width = MAX_STOP_IDS + 1
-        self.stop_ids[index] = torch.tensor(
-            [list(ids_r) + [-1] * (width - len(ids_r)) for ids_r in stop_lists],
-            dtype=torch.long, device=device,
-        )  # fmt: skip
-        self.temperature[index] = torch.tensor(
-            [float(p.temperature) for p in params], device=device
+        self.stop_ids[index] = to_device(
+            [list(ids_r) + [-1] * (width - len(ids_r)) for ids_r in stop_lists], device, torch.long
         )
-        self.top_k[index] = torch.tensor([p.top_k for p in params], device=device)
-        self.top_p[index] = torch.tensor([float(p.top_p) for p in params], device=device)
-        seed = torch.tensor(list(seeds), dtype=torch.long, device=device)
+        self.temperature[index] = to_device([float(p.temperature) for p in params], device)
+        self.top_k[index] = to_device([p.top_k for p in params], device)
+        self.top_p[index] = to_device([float(p.top_p) for p in params], device)
+        seed = to_device(list(seeds), device, torch.long)
         self.uniforms[index] = uniform_draws(seed[:, None], self.slot_steps[None, :])
-        self.max_new[index] = torch.tensor([p.max_new_tokens for p in params], device=device)
+        self.max_new[index] = to_device([p.max_new_tokens for p in params], device)
         self.forced.index_fill_(0, index, 0)
         self.forced_len.index_fill_(0, index, 0)
         if forced:
@@ -272,13 +269,11 @@ class DecodeBuffers:
             columns = [c for f in forced for c in range(len(f))]
             values = [int(t) for f in forced for t in f]
             if rows:
-                where = index[torch.tensor(rows, dtype=torch.long, device=device)]
-                self.forced[where, torch.tensor(columns, dtype=torch.long, device=device)] = (
-                    torch.tensor(values, dtype=torch.long, device=device)
+                where = index[to_device(rows, device, torch.long)]
+                self.forced[where, to_device(columns, device, torch.long)] = to_device(
+                    values, device, torch.long
                 )
-            self.forced_len[index] = torch.tensor(
-                [len(f) for f in forced], dtype=torch.long, device=device
-            )
+            self.forced_len[index] = to_device([len(f) for f in forced], device, torch.long)
 
     def set_first(
         self, index: Tensor, first: Tensor, length: int, next_position: Tensor | None

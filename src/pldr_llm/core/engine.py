@@ -59,6 +59,7 @@ from .engine_options import (
 )
 from .errors import PLDRError
 from .model import PLDRModel
+from .processing import to_device
 from .reference_loop import DeductiveRecord, DeductiveRecorder, FullRerun
 from .sampling import (
     MAX_STOP_IDS,
@@ -321,7 +322,7 @@ class DecodeEngine:
             prefill = {s: (out.deductive or [], i) for i, s in enumerate(slots)}
             self.recorder.record("prefill", prefill)
         assert out.cache is not None
-        index = torch.tensor(slots, dtype=torch.long, device=device)
+        index = to_device(slots, device, torch.long)
         if self.rerun is None:
             b.fill_caches(index, ids, out.cache, self.config.pad_id, init is not None)
         else:

@@ -24,6 +24,20 @@ from torch import Tensor
 from .sampling import MAX_LOGPROBS, SamplingParams
 
 
+def to_device(values: Sequence, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.tensor(values, dtype=dtype)`` on ``device`` without waiting for the device.
+
+    A plain ``torch.tensor(values, device="cuda")`` copies from pageable memory, which waits for
+    all the work queued on the stream (a block of decoding steps) and lets go of the interpreter
+    lock meanwhile: a server admitting sequences would stall the pipeline at each such copy
+    and then wait for another thread to hand the lock back. Through pinned memory the copy is
+    queued like a kernel; torch's host allocator keeps the pinned buffer until it has run."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class RowProcessing:
     """The per-row processing state of ``batch`` rows over a vocabulary of ``vocab`` tokens
     (allocated by the decoding loop the first time a row needs it)."""
@@ -58,7 +72,7 @@ class RowProcessing:
         device = self.counts.device
 
         def on_device(values: list, dtype: torch.dtype = torch.long) -> Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, device, dtype)
 
         for table in (self.counts, self.in_prompt, self.bias):
             table.index_fill_(0, index, 0)

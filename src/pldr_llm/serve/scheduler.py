@@ -1,19 +1,25 @@
 """Continuous batching: one worker thread owns the decoding engine and the model.
 
 Requests wait in a bounded queue (:class:`QueueFull` when it is full: the server answers 429).
-Between two engine steps the worker admits waiting sequences into free slots, steps, routes
-each slot's tokens to its sequence (text deltas and stop strings from
-:class:`pldr_llm.generation.Detokenizer`, ``max_tokens``) and releases finished or cancelled
-slots. When no sequence waits for a slot and none was just admitted, it runs ``tokens_per_sync``
-steps per host sync (a block: :meth:`DecodeEngine.launch`, :meth:`DecodeEngine.collect_block`):
-the device runs several steps back to back and the host reads them once, instead of stopping the
-device at every token, and routes each sequence's tokens of the block together (one push to its
-detokenizer, one event), so the host's work grows with the sequences, not the tokens. Right after
-admissions it takes single steps, so new requests get their first token at once, and while
-sequences wait, slots free at the next step. A sequence that ends mid-way through such a block (a
-stop string) discards the block's later tokens. A cancelled sequence (its client went away) frees
-its slot at the next step. Other work on the model (the deductive outputs) runs on the same thread
-between steps, so nothing else ever touches the model concurrently.
+The worker turns a pipeline of blocks of ``tokens_per_sync`` steps (:meth:`DecodeEngine.launch`,
+:meth:`DecodeEngine.collect_block`): the device runs a block's steps back to back and the host
+reads them once, instead of stopping the device at every token. Each turn of the worker:
+
+1. collects the block in flight (the one host sync of the turn);
+2. frees the slots of cancelled sequences (their client went away) and admits waiting sequences
+   into free slots, first come first served (their prompts prefilled together; the engine is
+   idle between the collect and the next launch, the only time it takes new rows);
+3. launches the next block for every sequence running, the new ones included;
+4. routes the collected block's tokens to their sequences while the device computes the next:
+   each sequence's tokens of the block together (one push to its detokenizer: text deltas and
+   stop strings from :class:`pldr_llm.generation.Detokenizer`, ``max_tokens``; one event), and
+   releases the slots of sequences that ended.
+
+So the device never waits for the host's routing or for an admission to be decided, and a new
+request's first token comes at most two blocks after it arrives. A sequence that ends mid-way
+through a block (a stop string), or in a block whose successor was already launched, discards
+the later tokens. Other work on the model (the deductive outputs) runs on the same thread
+between turns, so nothing else ever touches the model concurrently.
 
 Results travel to the asyncio side through ``loop.call_soon_threadsafe`` into a per-sequence
 :class:`asyncio.Queue` of :class:`Event`.
@@ -130,8 +136,7 @@ class Scheduler:
         if tokens_per_sync < 1:
             raise PLDRError(f"tokens_per_sync must be an integer >= 1, got {tokens_per_sync}")
         self.tokens_per_sync = tokens_per_sync
-        self._admitted = False  # sequences were admitted since the last step
-        # Engines with a block of steps launched ahead (computing while the host routes).
+        # Engines with a block of steps launched (computing while the host routes the last).
         self._in_flight: set[tuple[bool, bool]] = set()
         self.model = model
         self.tokenizer = tokenizer
@@ -143,9 +148,9 @@ class Scheduler:
         self._engine_options = dict(engine_options or {})
         self._max_batch = max_batch
         # The default cache mode's step graphs are captured now, before the first request, for
-        # single steps and for blocks of tokens_per_sync (a first request would otherwise wait
+        # its blocks of tokens_per_sync steps (a first request would otherwise wait
         # for the captures: ~0.2 s of its time to first token on an H200).
-        self._engine_for((True, True)).warm_up(steps=sorted({1, tokens_per_sync}))
+        self._engine_for((True, True)).warm_up(steps=[tokens_per_sync])
         self._waiting: collections.deque[GenSequence] = collections.deque()
         self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
             collections.deque()
@@ -267,21 +272,57 @@ class Scheduler:
                         future.set_exception(exc)
             self._lap("jobs")
             try:
-                self._admit()
-                self._lap("admit")
-                if self._running or self._in_flight:
-                    self._step()
+                self._turn()
             except Exception as exc:  # a failing step ends its sequences, not the server
+                self._abandon_blocks()
                 for seq in list(self._running.values()):
                     self._finish(seq, None, error=f"generation failed: {exc}")
             self._lap("route")
             self._flush()
             self._lap("flush")
 
+    def _turn(self) -> None:
+        """Collect the blocks in flight, admit, launch the next blocks, route the collected
+        ones (see the module's docstring)."""
+        blocks = []
+        for key in sorted(self._in_flight):
+            block = self._engines[key].collect_block()
+            # The block's sequences, looked up before admission reuses a slot that was released
+            # while the block was in flight (its tokens there belong to the old sequence).
+            owners = [self._running.get((key, slot)) for slot in block.slots]
+            blocks.append((block, owners))
+        self._in_flight.clear()
+        self._lap("collect")
+        for seq in list(self._running.values()):
+            if seq.cancelled:
+                self._finish(seq, None)
+        self._admit()
+        self._lap("admit")
+        for key in sorted({k for k, _ in self._running}):
+            engine = self._engines[key]
+            if engine.active_slots:
+                self.metrics.decode_steps += self.tokens_per_sync
+                engine.launch(self.tokens_per_sync)
+                self._in_flight.add(key)
+        self._lap("launch")
+        now = time.perf_counter()
+        for block, owners in blocks:
+            self._route(block, owners, now)
+
+    def _abandon_blocks(self) -> None:
+        """After a failure: wait for the blocks in flight and drop them (an engine takes no
+        new rows while one is in flight)."""
+        for key in list(self._in_flight):
+            try:
+                self._engines[key].collect_block()
+            except Exception:  # noqa: BLE001 - the failure is reported by the caller
+                pass
+        self._in_flight.clear()
+
     def _admit(self) -> None:
         """Move waiting sequences into free slots, first come first served. Sequences of the same
-        cache mode that arrive together are prefilled in one call. Not while a block of steps
-        is in flight: its outputs are collected (and no more launched ahead) first."""
+        cache mode that arrive together are prefilled in one call. Only between a collect and
+        the next launch (no block in flight: an engine takes no rows while it computes)."""
         while not self._in_flight:
             with self._cond:
                 while self._waiting and self._waiting[0].cancelled:
@@ -320,45 +361,10 @@ class Scheduler:
                     continue
                 seq.slot = slot
                 self._running[(key, slot)] = seq
-                self._admitted = True
 
-    def _step(self) -> None:
-        for seq in list(self._running.values()):
-            if seq.cancelled:
-                self._finish(seq, None)
-        # Several steps per sync only while nobody waits: a new sequence's first token, or a
-        # slot a waiting sequence needs, is then at most one step away.
-        busy = self._admitted or self._waiting or self._jobs
-        steps = 1 if busy else self.tokens_per_sync
-        self._admitted = False
-        for key in sorted({k for k, _ in self._running} | self._in_flight):
-            self._step_engine(key, steps)
-
-    def _step_engine(self, key: tuple[bool, bool], steps: int = 1) -> None:
-        engine = self._engines[key]
-        self._lap("route")  # cancelled sequences freed, the previous engine's tokens routed
-        if key in self._in_flight:
-            self._in_flight.discard(key)
-        else:
-            self._launch(engine, steps)
-        block = engine.collect_block()
-        self._lap("collect")
-        if steps > 1 and engine.active_slots:
-            # Launch the next block before routing this one, so that the device computes
-            # while the host detokenizes. Its tokens of sequences that end in this block (a stop
-            # string, a cancel) are dropped when it is collected; nothing is admitted meanwhile.
-            self._launch(engine, steps)
-            self._in_flight.add(key)
-        self._route(key, block, time.perf_counter())
-
-    def _launch(self, engine: Any, steps: int) -> None:
-        if engine.active_slots:
-            self.metrics.decode_steps += steps
-        engine.launch(steps)
-        self._lap("launch")
-
-    def _route(self, key: tuple[bool, bool], block: BlockOutput, now: float) -> None:
-        """Hand a block's tokens to their sequences, each sequence's tokens at once. Events go
+    def _route(self, block: BlockOutput, owners: list[GenSequence | None], now: float) -> None:
+        """Hand a block's tokens to their sequences (``owners``: each slot's, None where it
+        ended before the block was collected), each sequence's tokens at once. Events go
         out as the steps made them: the ends (a stop, the length) in step order, then one event
         per sequence that is still running, not one per token: with several tokens per sync the
         event loop's work (an SSE chunk each) is what limits a busy server."""
@@ -370,9 +376,8 @@ class Scheduler:
         same_time = 0  # its later tokens of the block: latency 0, they came together
         logprobs = block.logprobs
         tops = block.top_logprobs
-        for i, (slot, tokens) in enumerate(zip(block.slots, block.token_ids)):
-            seq = self._running.get((key, slot))
-            if seq is None:  # finished earlier (a stop string in the last block) or cancelled
+        for i, (seq, tokens) in enumerate(zip(owners, block.token_ids)):
+            if seq is None or seq.slot is None:  # ended earlier (a stop string, a cancel)
                 continue
             if seq.last_token_at is None:
                 first_seen.append(now - seq.created)
