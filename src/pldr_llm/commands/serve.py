@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=16,  # serve.app.DEFAULT_TOKENS_PER_SYNC (not imported here: no starlette at parse time)
         metavar="K",
-        help="decoding steps per host sync while no request waits for a slot; 1: one sync per "
-        "token (16)",
+        help="decoding steps per host sync (a block; requests are admitted between blocks); 1: "
+        "one sync per token (16)",
     )
     _add_limit_arguments(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
