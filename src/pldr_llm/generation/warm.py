@@ -84,11 +84,10 @@ def _decode_once(
         params = replace(
             sampling or SamplingParams(top_k=1), seed=0, max_new_tokens=3, stop_at_eos=False
         )
-        if device.type == "cuda":
-            try:
-                _compile_step_kernels(model, spec, prompts, params, triton_loading)
-            except Exception:  # noqa: BLE001 - an optimization only: the decode compiles them
-                pass
+        try:
+            _compile_step_kernels(model, spec, prompts, params, triton_loading)
+        except Exception:  # noqa: BLE001 - an optimization only: the decode compiles them
+            pass
         engine = build_engine(model, spec)
         engine.add_many(prompts, [params] * len(prompts))
         engine.advance(2)
@@ -117,10 +116,12 @@ def _compile_step_kernels(
     nothing is read back to the host."""
     from pldr_llm.core import fused
     from pldr_llm.core.engine_cache import build_engine
+    from pldr_llm.core.engine_options import choose_fused
 
-    engine = build_engine(model, spec)
-    if not engine.fused:
+    # The engine's own choice (CUDA, Triton, a model the kernels support, not torch.compile).
+    if not choose_fused(model, spec.fused, spec.compile, spec.kv, spec.g, spec.record_deductive):
         return None
+    engine = build_engine(model, spec)
     engine.add_many(prompts, [params] * len(prompts))
     if triton_loading is not None:
         # Triton's hash of its own install (~0.4 s), computed once: without it, each compile
