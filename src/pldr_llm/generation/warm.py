@@ -124,8 +124,8 @@ def _compile_step_kernels(
     engine = build_engine(model, spec)
     engine.add_many(prompts, [params] * len(prompts))
     if triton_loading is not None:
-        # Triton's hash of its own install (~0.4 s), computed once: without it, each compile
-        # thread would start computing it too.
+        # Triton's hash of its own install (~0.4 s) and its driver object, made once: without
+        # them, each compile thread would start making its own.
         triton_loading.join()
     device = model.device
     index = torch.cuda.current_device() if device.type == "cuda" else None
@@ -149,11 +149,14 @@ def _use_device(index: int | None) -> None:
 
 
 def _load_triton_in_background() -> threading.Thread:
-    """Import Triton and compute its cache key of its own install (a hash of its ~0.5 GB
-    library, the first thing its first kernel launch does) in a thread of its own, beside the
-    CUDA start and the prefill below: the hashing and file reads leave the interpreter lock
-    free. Both results are kept by Python and Triton for the first fused kernel; where Triton
-    or the function is missing, nothing happens. Returns the thread (started)."""
+    """Import Triton, compute its cache key of its own install (a hash of its ~0.5 GB library,
+    the first thing its first kernel launch does) and make its CUDA driver object (which builds
+    Triton's C helper module on a fresh machine) in a thread of its own, beside the CUDA start
+    and the prefill below: the hashing, file reads and C compile leave the interpreter lock
+    free. The results are kept by Python and Triton for the first fused kernel; where Triton or
+    a function is missing, nothing happens. Returns the thread (started): the compile threads
+    wait for it, as Triton makes neither of the two under a lock (each thread would make its
+    own)."""
 
     def run() -> None:
         try:
@@ -161,6 +164,12 @@ def _load_triton_in_background() -> threading.Thread:
 
             triton_key()
         except Exception:  # noqa: BLE001 - an optimization only; the first launch does it
+            pass
+        try:
+            from triton.runtime import driver
+
+            _ = driver.active  # made on first use, by the first compile or launch otherwise
+        except Exception:  # noqa: BLE001 - as above
             pass
 
     thread = threading.Thread(target=run, name="pldr-llm-triton", daemon=True)
