@@ -242,8 +242,11 @@ def test_warm_up_runs_the_decode_of_an_unloaded_model(monkeypatch):
     assert {(p.temperature, p.top_k, p.top_p, p.seed) for p in seen} == {(0.7, 0, 0.9, 0)}
     # the first generation's prefill, shape for shape: its prompts' lengths (unequal lengths
     # take the masked path), in the engine generate makes for three rows of 40 tokens
-    assert lengths == [5, 3, 5]
-    assert rows == [(batch_bucket(3), span_bucket(model.config, 40))] and rows[0][0] == 4
+    # (on CUDA twice: the fused kernels' compile pass, then the decode)
+    passes = 2 if DEVICE.type == "cuda" else 1
+    assert lengths == [5, 3, 5] * passes
+    assert rows == [(batch_bucket(3), span_bucket(model.config, 40))] * passes
+    assert rows[0][0] == 4
     assert warm_up_in_background(model.config, None, torch.device("cpu")) is None
 
 

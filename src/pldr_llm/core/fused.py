@@ -24,6 +24,11 @@ ids against the op-by-op step, on the CPU through Triton's interpreter and on a 
 
 Triton comes with torch's CUDA wheels; without it (the CPU wheel) :func:`available` is False
 and the decoding loop runs the op-by-op step.
+
+A kernel is compiled on its first launch (~0.5 s each on a fresh machine, one after another).
+Inside :func:`compile_only`, the calling thread's launches compile instead, in parallel on a
+thread pool, and launch nothing: the background warm-up (pldr_llm.generation.warm) runs one step
+so, then the real step only loads the compiled kernels.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_for
+from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -85,9 +94,13 @@ def _triton_installed() -> bool:
 
 
 _KERNELS: SimpleNamespace | None = None
+#: Per thread: the KernelCompiles of the innermost compile_only (absent or None outside one).
+#: Thread-local so that another thread's fused step (a server's decoding loop, the main
+#: thread's generation) launches its kernels as ever while the warm-up compiles.
+_COMPILING = threading.local()
 
 
-def _kernels() -> SimpleNamespace:
+def _real_kernels() -> SimpleNamespace:
     """The Triton kernels (pldr_llm.core.fused_kernels), imported on the first fused call."""
     global _KERNELS
     if _KERNELS is None:
@@ -95,6 +108,115 @@ def _kernels() -> SimpleNamespace:
 
         _KERNELS = KERNELS
     return _KERNELS
+
+
+def _kernels() -> Any:
+    """What the wrappers below launch ``NAME[grid](...)`` on: the kernels, or in a thread inside
+    :func:`compile_only`, its stand-in that compiles them instead."""
+    compiles: KernelCompiles | None = getattr(_COMPILING, "compiles", None)
+    return _real_kernels() if compiles is None else compiles
+
+
+def _mark(value: object) -> object:
+    """What of a launch argument can change Triton's compiled kernel, or more: a tensor's dtype,
+    device and address modulo 16 (Triton specializes pointers on 16-byte alignment), a
+    scalar's type and value. Finer than Triton's own key is safe: two launches that differ
+    here but not there compile once, the second finding the first in Triton's cache."""
+    if isinstance(value, Tensor):
+        return ("tensor", value.dtype, value.device, value.data_ptr() % 16)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value), value)
+    return object()  # equal to nothing: compiled apart
+
+
+def _compile_after(
+    before: Future[Any] | None, kernel: Any, grid: Any, args: tuple, kwargs: dict[str, Any]
+) -> None:
+    # One kernel's variants compile one after another: Triton's per-function state (its
+    # per-device caches, made on first use) is not guarded against two threads at once.
+    # ``before`` was submitted earlier, so a FIFO pool (ThreadPoolExecutor) runs it first or
+    # at the same time: waiting for it cannot deadlock.
+    if before is not None:
+        wait_for([before])
+    # JITFunction.warmup: compile for exactly these arguments (the launch's cache key) and
+    # put the kernel in Triton's caches (memory and disk), without launching it.
+    kernel.warmup(*args, grid=grid, **kwargs)
+
+
+class KernelCompiles:
+    """The stand-in for the kernel namespace inside :func:`compile_only`: ``NAME[grid](*args,
+    **kwargs)`` submits ``NAME.warmup(*args, grid=grid, **kwargs)`` to the pool (once per
+    distinct set of arguments, see :func:`_mark`) instead of launching. ``submitted``: the
+    kernels' names in the order they were sent."""
+
+    def __init__(self, pool: Executor) -> None:
+        self.pool = pool
+        self.submitted: list[str] = []
+        self.futures: list[Future[Any]] = []
+        self._seen: set[tuple] = set()
+        self._last: dict[str, Future[Any]] = {}  # each kernel's last compile (see _compile_after)
+
+    def __getattr__(self, name: str) -> _CompileLauncher:
+        if name.startswith("_"):  # not a kernel (copy, pickle and friends probe these)
+            raise AttributeError(name)
+        return _CompileLauncher(self, name)
+
+    def submit(self, name: str, grid: Any, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        """Send the compile of kernel ``name`` for this launch to the pool (unless sent)."""
+        key = (name, tuple(map(_mark, args)), tuple((k, _mark(v)) for k, v in kwargs.items()))
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        kernel = getattr(_real_kernels(), name)
+        future = self.pool.submit(
+            _compile_after, self._last.get(name), kernel, grid, args, dict(kwargs)
+        )
+        self._last[name] = future
+        self.submitted.append(name)
+        self.futures.append(future)
+
+    def wait(self) -> BaseException | None:
+        """Wait for every compile sent; the first one's error (in the order sent), or None."""
+        wait_for(self.futures)
+        return next((e for f in self.futures if (e := f.exception()) is not None), None)
+
+
+class _CompileLauncher:
+    """``NAME[grid]`` inside :func:`compile_only`: a callable that compiles, launching nothing."""
+
+    def __init__(self, compiles: KernelCompiles, name: str) -> None:
+        self._compiles, self._name = compiles, name
+
+    def __getitem__(self, grid: Any) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            self._compiles.submit(self._name, grid, args, kwargs)
+
+        return launch
+
+
+@contextmanager
+def compile_only(pool: Executor) -> Iterator[KernelCompiles]:
+    """In the calling thread only: every fused kernel launched inside compiles on ``pool`` (a
+    thread pool; Triton's compiler runs ptxas as a subprocess and leaves the interpreter lock
+    free in parts, so different kernels compile side by side) instead of running, with exactly
+    the arguments the launch has, so that a later real launch finds it compiled. On exit,
+    waits for every compile and raises the first one's error (unless the body raised).
+
+    Nothing the kernels would write is written, so what the body computes from their outputs
+    is garbage (``torch.empty``) and the caches and counters they advance stay as they were:
+    run only code whose host side reads nothing from those outputs (pldr_llm.generation.warm
+    runs one decoding step). Under Triton's CPU interpreter, ``warmup`` does nothing, so the
+    body runs without kernels there too."""
+    outer = getattr(_COMPILING, "compiles", None)
+    compiles = KernelCompiles(pool)
+    _COMPILING.compiles = compiles
+    try:
+        yield compiles
+    finally:
+        _COMPILING.compiles = outer
+        error = compiles.wait()  # also when the body raised: no compile outlives the block
+    if error is not None:
+        raise error
 
 
 def _ceil_div(a: int, b: int) -> int:
