@@ -106,7 +106,7 @@ def test_streamer_and_stopping_criteria(tiny_model):
 
 @pytest.mark.slow
 def test_stopping_criteria_in_blocks_drop_what_follows_the_stop(tiny_model):
-    """Without a streamer the criterion reads blocks of steps: each row ends exactly at the id
+    """The criterion reads blocks of steps: each row ends exactly at the id
     where the criterion said stop (the rest of its block dropped), the others go on, and every
     row's ids are the prefix of what it generates without the criterion."""
     from pldr_llm.core.generate import STOP_CHECK_BLOCK
