@@ -394,3 +394,66 @@ def test_the_cpu_loop_never_imports_triton():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["7", "False"]
+
+
+def _launched_tokens(engine, prompts, params, k: int) -> list[list[int]]:
+    """Each prompt's tokens decoded in launched blocks of ``k`` steps to the end."""
+    slots = engine.add_many(prompts, params)
+    tokens: dict[int, list[int]] = {s: [] for s in slots}
+    while engine.active_slots:
+        engine.launch(k)
+        block = engine.collect_block()
+        for slot, ids in zip(block.slots, block.token_ids):
+            tokens[slot] += ids
+    return [tokens[s] for s in slots]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused_step,logprobs", [(False, True), (True, False), (True, True)])
+def test_blocks_of_fewer_rows_give_the_ids_of_all_rows(fused_step, logprobs):
+    """An engine of 24 slots with 3 in use launches blocks of its first 8 rows only (views of
+    its buffers): greedy, seeded top-p and penalties give the same ids as an engine of 3 slots,
+    op by op and fused (without logprobs, the bookkeeping kernel, which addresses the views'
+    rows by their stride, not their count)."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    model = model_of(3)
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+    params = [
+        SamplingParams(top_k=1, max_new_tokens=9, stop_at_eos=False),
+        SamplingParams(top_p=0.9, seed=4, max_new_tokens=7, stop_at_eos=False,
+                       presence_penalty=0.5, logit_bias=((7, -100.0),)),
+        SamplingParams(temperature=0.8, seed=5, max_new_tokens=11, stop_at_eos=False),
+    ]  # fmt: skip
+    options = {"cuda_graph": False, "fused": fused_step, "output_logprobs": logprobs}
+    wide = DecodeEngine(model, 24, 40, **options)
+    assert wide.block_rows([0, 1, 2]) == 8 and wide.block_rows([0, 17]) is None
+    assert wide.row_buckets() == [8, 16, None]
+    narrow = DecodeEngine(model, 3, 40, **options)
+    assert narrow.block_rows([0, 1, 2]) is None
+    assert _launched_tokens(wide, prompts, params, 4) == _launched_tokens(
+        narrow, prompts, params, 4
+    )
+
+
+@pytest.mark.gpu
+def test_captured_blocks_of_fewer_rows_give_the_ids_of_all_rows():
+    """On a GPU, the captured graphs of blocks of 8 rows of an engine of 40 slots (fp32, fused,
+    with and without logprobs) give the ids of an engine of 3 slots."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    model = model_of(3)
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+    params = [
+        SamplingParams(top_k=1, max_new_tokens=20, stop_at_eos=False),
+        SamplingParams(top_p=0.9, seed=4, max_new_tokens=17, stop_at_eos=False,
+                       frequency_penalty=0.5),
+        SamplingParams(temperature=0.8, seed=5, max_new_tokens=23, stop_at_eos=False),
+    ]  # fmt: skip
+    for logprobs in (False, True):
+        wide = DecodeEngine(model, 40, 64, output_logprobs=logprobs)
+        narrow = DecodeEngine(model, 3, 64, output_logprobs=logprobs)
+        assert wide.use_graph and wide.block_rows([0, 1, 2]) == 8
+        assert _launched_tokens(wide, prompts, params, 4) == _launched_tokens(
+            narrow, prompts, params, 4
+        )

@@ -330,7 +330,7 @@ def test_concurrent_rows_with_mixed_params_route_as_each_alone(loaded) -> None:
     """The scheduler's routing of a block (each sequence's tokens together: text, stop strings,
     the end-of-text id, max_tokens, logprobs and alternatives): rows of mixed parameters served
     together in blocks of 4 steps give each row's ids, text and end when served alone, one
-    step per sync."""
+    step per sync, also where the blocks compute only the low rows of more slots."""
     model, tok = loaded
     eos = model.config.eos_id
     full, _ = _greedy_text(loaded, PROMPT, 30)
@@ -355,6 +355,9 @@ def test_concurrent_rows_with_mixed_params_route_as_each_alone(loaded) -> None:
         return r[0], r[1], [[t for t, _ in top] for top in r[3]], r[4], r[5]
 
     assert [exact(r) for r in together] == [exact(r) for r in alone]
+    # A scheduler of 32 slots runs blocks of its first 8 rows (views): the same again.
+    wide = _scheduled(loaded, rows, 4, slots=32)
+    assert [exact(r) for r in wide] == [exact(r) for r in together]
     for a, b in zip(together, alone):
         assert a[2] == pytest.approx(b[2], abs=1e-5)
         values = [v for top in a[3] for _, v in top]

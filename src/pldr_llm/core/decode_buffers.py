@@ -12,7 +12,7 @@ buffers (:mod:`~.processing`) are allocated the first time a row needs them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -194,6 +194,48 @@ class DecodeBuffers:
             )
             for _ in range(layers)
         ]
+
+    def first_rows(self, n: int) -> DecodeBuffers:
+        """The buffers of the first ``n`` rows: views, so that a step run on them (a captured
+        graph of fewer rows, when only low slots are in use) writes these buffers. The shared
+        tensors (``bias_values``, ``slot_steps``) are the same; the processing and log-probability
+        state is viewed as allocated now."""
+        if n == self.ids.shape[0]:
+            return self
+        metric = [m[:n] for m in self.metric] if self.metric is not None else None
+        counters = self.counters[:, :n]
+        kv = None
+        if self.kv is not None:
+            kv = [
+                StaticLayerKV(
+                    layer.key[:n],
+                    layer.value[:n],
+                    counters[1],
+                    layer.metric_tensor[:n] if layer.metric_tensor is not None else None,
+                )  # fmt: skip
+                for layer in self.kv
+            ]
+
+        def rows_of(t: Tensor | None) -> Tensor | None:  # a G_LM of one row is shared
+            return t[:n] if t is not None and t.shape[0] > 1 else t
+
+        g = None
+        if self.g is not None:
+            g = [GCacheEntry(rows_of(e.A_LM), e.G_LM[:n], rows_of(e.A_P)) for e in self.g]
+        rows = {
+            name: getattr(self, name)[:n]
+            for name in ("ids", "active", "done", "key_bias", "history", "temperature", "top_k",
+                         "top_p", "uniforms", "max_new", "stop_ids", "forced", "forced_len",
+                         "logprob")
+        }  # fmt: skip
+        return replace(
+            self, **rows, counters=counters, report=self.report[:, :n],
+            pending_logits=self.pending_logits[:n] if self.pending_logits is not None else None,
+            metric=metric, kv=kv, g=g,
+            g_fixed=self.g_fixed[:n] if self.g_fixed is not None else None,
+            processing=self.processing.first_rows(n) if self.processing is not None else None,
+            logprobs=self.logprobs.first_rows(n) if self.logprobs is not None else None,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ per-row state
     def running(self) -> Tensor:

@@ -83,6 +83,11 @@ __all__ = [
     "StepVariant",
 ]
 
+#: The fewest rows a launched block computes. A block computes only the rows up to the highest
+#: slot in use (rounded up to a power of two: one captured graph per size), since slots are
+#: taken lowest first: a server of 256 slots with 40 streams steps 64 rows, not 256.
+MIN_BLOCK_ROWS = 8
+
 
 class DecodeEngine:
     """Static, slot-based decoder: ``max_batch`` rows ("slots"), each an independent sequence with
@@ -174,11 +179,41 @@ class DecodeEngine:
         self.rerun = (
             None if enable_kvcache else FullRerun(model, self.buffers, enable_Gcache, self.recorder)
         )
+        # Blocks of fewer rows (launch): the fast step on views of the low rows; not for the
+        # re-run without KV, the deductive recorder or torch.compile (one shape each).
+        by_rows = enable_kvcache and self.recorder is None and not compile
         self.graphs = StepGraphs(
             self._step, self.buffers, use_graph=use_graph,
             compile=compile if enable_kvcache else False, steps_per_graph=steps_per_graph,
+            row_step=self._row_step if by_rows else None,
         )  # fmt: skip
-        self._in_flight: tuple[list[int], int] | None = None  # (slots, k) of a launched block
+        # (slots, k, rows) of a launched block
+        self._in_flight: tuple[list[int], int, int | None] | None = None
+
+    def _row_step(self, rows: int) -> KVStep:
+        """The step of the first ``rows`` rows (on views of the buffers)."""
+        return KVStep(
+            self.model, self.buffers.first_rows(rows), packed=self.packed, fused=self.fused,
+            enable_Gcache=self.enable_Gcache, causal_running=self.causal_running,
+            output_logprobs=self.output_logprobs,
+        )  # fmt: skip
+
+    def block_rows(self, slots: Sequence[int]) -> int | None:
+        """The rows a block of ``slots`` computes: the highest one's + 1, rounded up to a power
+        of two (at least :data:`MIN_BLOCK_ROWS`); None (all rows) where that is not fewer."""
+        if not self.graphs.by_rows or not slots:
+            return None
+        rows = max(MIN_BLOCK_ROWS, 1 << max(slots).bit_length())
+        return rows if rows < self.max_batch else None
+
+    def row_buckets(self) -> list[int | None]:
+        """Every row count :meth:`block_rows` can give (None: all rows)."""
+        sizes: list[int | None] = []
+        rows = MIN_BLOCK_ROWS
+        while self.graphs.by_rows and rows < self.max_batch:
+            sizes.append(rows)
+            rows *= 2
+        return [*sizes, None]
 
     # ------------------------------------------------------------------ state
     @property
@@ -365,7 +400,7 @@ class DecodeEngine:
         processed: Sequence[bool] = (False,),
     ) -> float:
         """Capture the step graphs of every mode in ``modes`` for blocks of each of ``steps``
-        now, and run a one-token prompt through the prefill (which loads its kernels), instead
+        (and each row count of :meth:`row_buckets`) now, and run a one-token prompt through the prefill (which loads its kernels), instead
         of on the first request that needs them: a server calls this before it takes requests.
         ``processed`` (True among them) also captures the steps that process logits (penalties,
         bias, minimum length). Returns the seconds it took (nothing to do without CUDA
@@ -381,7 +416,8 @@ class DecodeEngine:
         self.release(self.add([self.config.eos_id], warm))
         for mode, n, process in itertools.product(modes, steps, processed):
             check_block_size(n)
-            self.graphs.graph(StepVariant(mode, processed=process), n)
+            for rows in self.row_buckets():
+                self.graphs.graph(StepVariant(mode, processed=process), n, rows)
         return time.perf_counter() - start
 
     @torch.inference_mode()
@@ -453,9 +489,10 @@ class DecodeEngine:
         if self.buffers.pending_logits is not None:
             raise PLDRError("launch() does not keep per-step logits: use step()")
         slots = self.active_slots
+        rows = self.block_rows(slots)
         if slots:
-            self.graphs.run(self.table.variant(), k, block=k)
-        self._in_flight = (slots, k)
+            self.graphs.run(self.table.variant(), k, block=k, rows=rows)
+        self._in_flight = (slots, k, rows)
 
     def collect(self) -> list[StepOutput]:
         """The outputs of the block :meth:`launch` started (one host sync): one
@@ -467,9 +504,9 @@ class DecodeEngine:
         """:meth:`collect` as one :class:`BlockOutput` (each slot's tokens together)."""
         if self._in_flight is None:
             raise PLDRError("no block of steps in flight: launch() one first")
-        slots, k = self._in_flight
+        slots, k, rows = self._in_flight
         self._in_flight = None
-        buffer = self.graphs.report_buffer(k) if k > 1 else self.buffers.report[None]
+        buffer = self.graphs.report_buffer(k, rows) if k > 1 else self.buffers.report[None]
         return self._read(buffer, slots)
 
     def _read(self, buffer: torch.Tensor, slots: list[int]) -> BlockOutput:

@@ -382,7 +382,8 @@ def advance(
         new if new is not None else ids, best if best is not None else report,
         where if where is not None else ids, ids, active, done, counters, history, report,
         stop_ids, max_new, forced if forcing else ids, forced_len if forcing else ids,
-        batch, slots, parts, vocab,
+        # the rows of counters and report [3, B] are B apart also in a view of fewer rows
+        batch, slots, parts, vocab, counters.stride(0), report.stride(0),
         N_STOP=stop_ids.shape[1], BLOCK_B=_block(batch), BLOCK_P=_block(parts),
         GREEDY=greedy, FORCING=forcing, **_launch_options(4),
     )  # fmt: skip

@@ -170,7 +170,7 @@ def argmax_partial_kernel(logits_ptr, best_ptr, where_ptr, vocab, parts, BLOCK: 
 def advance_kernel(
     new_ptr, best_ptr, where_ptr, ids_ptr, active_ptr, done_ptr, counters_ptr,
     history_ptr, report_ptr, stop_ptr, max_new_ptr, forced_ptr, forced_len_ptr,
-    batch, slots, parts, vocab,
+    batch, slots, parts, vocab, counters_stride, report_stride,
     N_STOP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
     GREEDY: tl.constexpr, FORCING: tl.constexpr,
 ):  # fmt: skip
@@ -189,7 +189,7 @@ def advance_kernel(
     active = tl.load(active_ptr + rows, mask=in_batch, other=0) != 0
     done = tl.load(done_ptr + rows, mask=in_batch, other=0) != 0
     run = active & (done == 0)
-    generated = tl.load(counters_ptr + 2 * batch + rows, mask=in_batch, other=0)
+    generated = tl.load(counters_ptr + 2 * counters_stride + rows, mask=in_batch, other=0)
     column = tl.minimum(generated, slots - 1)
     if FORCING:
         forced = tl.load(forced_ptr + rows * slots + column, mask=in_batch, other=0)
@@ -198,13 +198,13 @@ def advance_kernel(
     ids = tl.load(ids_ptr + rows, mask=in_batch, other=0)
     # the pending tokens, and whether each was its row's last, before they are replaced
     tl.store(report_ptr + rows, ids.to(tl.float32), mask=in_batch)
-    tl.store(report_ptr + batch + rows, done.to(tl.float32), mask=in_batch)
+    tl.store(report_ptr + report_stride + rows, done.to(tl.float32), mask=in_batch)
     tl.store(history_ptr + rows * slots + column, new, mask=in_batch)
     ids = tl.where(run, new, ids)
     tl.store(ids_ptr + rows, ids, mask=in_batch)
     step = run.to(tl.int64)
     for c in range(3):  # position, write index, tokens generated
-        at_c = counters_ptr + c * batch + rows
+        at_c = counters_ptr + c * counters_stride + rows
         tl.store(at_c, tl.load(at_c, mask=in_batch, other=0) + step, mask=in_batch)
     stop = (generated + step) >= tl.load(max_new_ptr + rows, mask=in_batch, other=0)
     for j in range(N_STOP):

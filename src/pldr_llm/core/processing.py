@@ -58,6 +58,13 @@ class RowProcessing:
         self.min_ids = zeros(batch, stop_width, dtype=torch.long)
         self.min_mask = zeros(batch, stop_width, dtype=torch.bool)
 
+    def first_rows(self, n: int) -> RowProcessing:
+        """The same state of the first ``n`` rows (views: a step on them writes these)."""
+        view = object.__new__(RowProcessing)
+        for name, value in vars(self).items():
+            setattr(view, name, value[:n])
+        return view
+
     @torch.inference_mode()
     def set_rows(
         self,
@@ -140,6 +147,14 @@ class LogprobHistory:
         self.chosen = torch.zeros(batch, positions, device=device)
         self.top_ids: Tensor | None = None
         self.top_values: Tensor | None = None
+
+    def first_rows(self, n: int) -> LogprobHistory:
+        """The history of the first ``n`` rows (views; the alternatives' as allocated now)."""
+        view = object.__new__(LogprobHistory)
+        view.chosen = self.chosen[:n]
+        view.top_ids = self.top_ids[:n] if self.top_ids is not None else None
+        view.top_values = self.top_values[:n] if self.top_values is not None else None
+        return view
 
     def ensure_top(self) -> None:
         """Allocate the alternatives' buffers (before a step that writes them is captured)."""

@@ -3,8 +3,10 @@
 :class:`StepGraphs` keys a step function and its captured graphs by step variant (what the
 running rows need, :class:`~pldr_llm.core.decode_step.StepVariant`) and by block size ``n``
 (``n`` steps in one graph, each step's report kept in a static [n, 3, B] buffer so that one
-host read after the block sees them all). Capture is lazy (a variant's first use) or ahead
-(:meth:`StepGraphs.graph` from a warm-up).
+host read after the block sees them all), and blocks also by ``rows``: a block that runs only
+the first ``rows`` rows of the buffers (views, :meth:`DecodeBuffers.first_rows`), when the slots
+in use are all below it -- a server of 256 slots serving 40 streams computes 64 rows, not 256.
+Capture is lazy (a variant's first use) or ahead (:meth:`StepGraphs.graph` from a warm-up).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ class StepGraphs:
 
     ``step(variant)`` runs one step of ``variant`` on ``buffers``; ``compile`` passes it
     through torch.compile first; ``use_graph`` captures it (CUDA); ``steps_per_graph`` > 1
-    also captures that many steps in one graph for :meth:`run` without a block."""
+    also captures that many steps in one graph for :meth:`run` without a block;
+    ``row_step(rows)`` makes the step of the first ``rows`` rows (None: blocks always run every
+    row)."""
 
     def __init__(
         self,
@@ -36,16 +40,18 @@ class StepGraphs:
         use_graph: bool,
         compile: bool | dict[str, Any] = False,
         steps_per_graph: int = 1,
+        row_step: Callable[[int], Callable[[Any], None]] | None = None,
     ) -> None:
         self._step = step
+        self._row_step = row_step
         self.buffers = buffers
         self.use_graph = use_graph
         self.compile = compile
         self.steps_per_graph = steps_per_graph
         self.capture_seconds = 0.0
         self._step_fns: dict[Hashable, Callable[[], None]] = {}
-        self._graphs: dict[tuple[Hashable, int], Any] = {}
-        self._reports: dict[int, Tensor] = {}
+        self._graphs: dict[tuple[Hashable, int, int | None], Any] = {}
+        self._reports: dict[tuple[int, int | None], Tensor] = {}
 
     def step_fn(self, variant: Hashable) -> Callable[[], None]:
         """The one-token step of ``variant`` (through torch.compile when asked)."""
@@ -55,21 +61,32 @@ class StepGraphs:
             self._step_fns[variant] = fn
         return fn
 
-    def report_buffer(self, n: int) -> Tensor:
-        """The static [n, 3, batch] buffer a block of ``n`` steps writes its reports to."""
-        buffer = self._reports.get(n)
+    @property
+    def by_rows(self) -> bool:
+        """Whether blocks can run fewer rows than the buffers hold."""
+        return self._row_step is not None
+
+    def report_buffer(self, n: int, rows: int | None = None) -> Tensor:
+        """The static [n, 3, rows] buffer a block of ``n`` steps of the first ``rows`` rows
+        (None: all) writes its reports to."""
+        buffer = self._reports.get((n, rows))
         if buffer is None:
-            report = self.buffers.report
+            report = self.buffers.report[:, :rows]
             buffer = torch.zeros(n, *report.shape, device=report.device)
-            self._reports[n] = buffer
+            self._reports[(n, rows)] = buffer
         return buffer
 
-    def block(self, variant: Hashable, n: int) -> Callable[[], None]:
-        """``n`` steps in a row; with n > 1 each step's report is kept in its buffer row, so
-        one host read after the block sees every step (no host read inside: capturable)."""
-        fn = self.step_fn(variant)
-        reports = self.report_buffer(n) if n > 1 else None
-        report = self.buffers.report
+    def block(self, variant: Hashable, n: int, rows: int | None = None) -> Callable[[], None]:
+        """``n`` steps in a row (of the first ``rows`` rows; None: all); with n > 1 each step's
+        report is kept in its buffer row, so one host read after the block sees every step (no
+        host read inside: capturable)."""
+        if rows is None:
+            fn = self.step_fn(variant)
+        else:
+            assert self._row_step is not None, "blocks of fewer rows need row_step"
+            fn = functools.partial(self._row_step(rows), variant)
+        reports = self.report_buffer(n, rows) if n > 1 else None
+        report = self.buffers.report[:, :rows]
 
         def steps() -> None:
             for i in range(n):
@@ -79,12 +96,20 @@ class StepGraphs:
 
         return steps
 
-    def run(self, variant: Hashable, count: int, block: int | None = None) -> None:
+    def run(
+        self, variant: Hashable, count: int, block: int | None = None, rows: int | None = None
+    ) -> None:
         """``count`` steps without a host sync (graph replays where captured); with ``block``
-        (a block of steps), exactly ``count`` steps as one block whose reports are all kept."""
+        (a block of steps), exactly ``count`` steps as one block whose reports are all kept,
+        of the first ``rows`` rows (None: all)."""
         if block is not None or not self.use_graph:
             n = count if block is not None else 1
-            steps = self.graph(variant, n).replay if self.use_graph else self.block(variant, n)
+            rows = rows if block is not None else None
+            steps = (
+                self.graph(variant, n, rows).replay
+                if self.use_graph
+                else self.block(variant, n, rows)
+            )
             with sdpa_backends():
                 for _ in range(count // n):
                     steps()
@@ -101,14 +126,15 @@ class StepGraphs:
         for _ in range(-(-count // many)):
             graph.replay()
 
-    def graph(self, variant: Hashable, n: int) -> Any:
-        """The captured graph of ``n`` steps of ``variant`` (captured now on first use)."""
-        key = (variant, n)
+    def graph(self, variant: Hashable, n: int, rows: int | None = None) -> Any:
+        """The captured graph of ``n`` steps of ``variant`` of the first ``rows`` rows (None:
+        all; captured now on first use)."""
+        key = (variant, n, rows)
         graph = self._graphs.get(key)
         if graph is not None:
             return graph
         start = time.perf_counter()
-        steps = self.block(variant, n)
+        steps = self.block(variant, n, rows)
         # Warm-up and capture run the step for real: with every row inactive it changes nothing
         # a row reads (the pending tokens' keys/values are rewritten with the same values).
         b = self.buffers
