@@ -427,10 +427,10 @@ def test_blocks_of_fewer_rows_give_the_ids_of_all_rows(fused_step, logprobs):
     ]  # fmt: skip
     options = {"cuda_graph": False, "fused": fused_step, "output_logprobs": logprobs}
     wide = DecodeEngine(model, 24, 40, **options)
-    assert wide.block_rows([0, 1, 2]) == 8 and wide.block_rows([0, 17]) is None
-    assert wide.row_buckets() == [8, 16, None]
+    assert wide.graphs.rows_for([0, 1, 2]) == 8 and wide.graphs.rows_for([0, 17]) is None
+    assert wide.graphs.row_counts() == [8, 16, None]
     narrow = DecodeEngine(model, 3, 40, **options)
-    assert narrow.block_rows([0, 1, 2]) is None
+    assert narrow.graphs.rows_for([0, 1, 2]) is None
     assert _launched_tokens(wide, prompts, params, 4) == _launched_tokens(
         narrow, prompts, params, 4
     )
@@ -453,7 +453,7 @@ def test_captured_blocks_of_fewer_rows_give_the_ids_of_all_rows():
     for logprobs in (False, True):
         wide = DecodeEngine(model, 40, 64, output_logprobs=logprobs)
         narrow = DecodeEngine(model, 3, 64, output_logprobs=logprobs)
-        assert wide.use_graph and wide.block_rows([0, 1, 2]) == 8
+        assert wide.use_graph and wide.graphs.rows_for([0, 1, 2]) == 8
         assert _launched_tokens(wide, prompts, params, 4) == _launched_tokens(
             narrow, prompts, params, 4
         )

@@ -69,6 +69,15 @@ class KVStep:
         self.output_logprobs = output_logprobs
         self.recorder = recorder
 
+    def first_rows(self, n: int) -> KVStep:
+        """The same step on the first ``n`` rows of the buffers (views; see
+        :meth:`DecodeBuffers.first_rows`): a block of the low rows when only those are in use."""
+        return KVStep(
+            self.model, self.buffers.first_rows(n), packed=self.packed, fused=self.fused,
+            enable_Gcache=self.enable_Gcache, causal_running=self.causal_running,
+            output_logprobs=self.output_logprobs,
+        )  # fmt: skip
+
     def __call__(self, variant: StepVariant) -> None:
         """One token for every running row, on the static buffers (no host sync)."""
         model, b = self.model, self.buffers

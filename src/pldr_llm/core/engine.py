@@ -42,6 +42,7 @@ Engines are built and shared through :mod:`~.engine_cache` (one factory, one cac
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,11 +83,6 @@ __all__ = [
     "StepOutput",
     "StepVariant",
 ]
-
-#: The fewest rows a launched block computes. A block computes only the rows up to the highest
-#: slot in use (rounded up to a power of two: one captured graph per size), since slots are
-#: taken lowest first: a server of 256 slots with 40 streams steps 64 rows, not 256.
-MIN_BLOCK_ROWS = 8
 
 
 class DecodeEngine:
@@ -179,41 +175,14 @@ class DecodeEngine:
         self.rerun = (
             None if enable_kvcache else FullRerun(model, self.buffers, enable_Gcache, self.recorder)
         )
-        # Blocks of fewer rows (launch): the fast step on views of the low rows; not for the
-        # re-run without KV, the deductive recorder or torch.compile (one shape each).
+        # Launched blocks of the low rows only (not with the re-run, the recorder or compile).
         by_rows = enable_kvcache and self.recorder is None and not compile
         self.graphs = StepGraphs(
             self._step, self.buffers, use_graph=use_graph,
             compile=compile if enable_kvcache else False, steps_per_graph=steps_per_graph,
-            row_step=self._row_step if by_rows else None,
+            row_step=self.kv_step.first_rows if by_rows else None,
         )  # fmt: skip
-        # (slots, k, rows) of a launched block
-        self._in_flight: tuple[list[int], int, int | None] | None = None
-
-    def _row_step(self, rows: int) -> KVStep:
-        """The step of the first ``rows`` rows (on views of the buffers)."""
-        return KVStep(
-            self.model, self.buffers.first_rows(rows), packed=self.packed, fused=self.fused,
-            enable_Gcache=self.enable_Gcache, causal_running=self.causal_running,
-            output_logprobs=self.output_logprobs,
-        )  # fmt: skip
-
-    def block_rows(self, slots: Sequence[int]) -> int | None:
-        """The rows a block of ``slots`` computes: the highest one's + 1, rounded up to a power
-        of two (at least :data:`MIN_BLOCK_ROWS`); None (all rows) where that is not fewer."""
-        if not self.graphs.by_rows or not slots:
-            return None
-        rows = max(MIN_BLOCK_ROWS, 1 << max(slots).bit_length())
-        return rows if rows < self.max_batch else None
-
-    def row_buckets(self) -> list[int | None]:
-        """Every row count :meth:`block_rows` can give (None: all rows)."""
-        sizes: list[int | None] = []
-        rows = MIN_BLOCK_ROWS
-        while self.graphs.by_rows and rows < self.max_batch:
-            sizes.append(rows)
-            rows *= 2
-        return [*sizes, None]
+        self._in_flight: tuple[list[int], int, int | None] | None = None  # slots, k, rows
 
     # ------------------------------------------------------------------ state
     @property
@@ -400,13 +369,11 @@ class DecodeEngine:
         processed: Sequence[bool] = (False,),
     ) -> float:
         """Capture the step graphs of every mode in ``modes`` for blocks of each of ``steps``
-        (and each row count of :meth:`row_buckets`) now, and run a one-token prompt through the prefill (which loads its kernels), instead
+        now, and run a one-token prompt through the prefill (which loads its kernels), instead
         of on the first request that needs them: a server calls this before it takes requests.
         ``processed`` (True among them) also captures the steps that process logits (penalties,
         bias, minimum length). Returns the seconds it took (nothing to do without CUDA
         graphs)."""
-        import time
-
         self._check_idle()
         if not self.use_graph or not self.table.free:
             return 0.0
@@ -416,7 +383,7 @@ class DecodeEngine:
         self.release(self.add([self.config.eos_id], warm))
         for mode, n, process in itertools.product(modes, steps, processed):
             check_block_size(n)
-            for rows in self.row_buckets():
+            for rows in self.graphs.row_counts():  # each graph of blocks of fewer rows too
                 self.graphs.graph(StepVariant(mode, processed=process), n, rows)
         return time.perf_counter() - start
 
@@ -489,7 +456,7 @@ class DecodeEngine:
         if self.buffers.pending_logits is not None:
             raise PLDRError("launch() does not keep per-step logits: use step()")
         slots = self.active_slots
-        rows = self.block_rows(slots)
+        rows = self.graphs.rows_for(slots)
         if slots:
             self.graphs.run(self.table.variant(), k, block=k, rows=rows)
         self._in_flight = (slots, k, rows)

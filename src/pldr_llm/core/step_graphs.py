@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,11 @@ from torch import Tensor
 
 from .decode_buffers import DecodeBuffers
 from .graphs import capture_graph, maybe_compile, sdpa_backends
+
+#: The fewest rows a launched block computes. A block computes only the rows up to the highest
+#: slot in use (rounded up to a power of two: one captured graph per size), since slots are
+#: taken lowest first: a server of 256 slots with 40 streams steps 64 rows, not 256.
+MIN_BLOCK_ROWS = 8
 
 
 class StepGraphs:
@@ -65,6 +70,23 @@ class StepGraphs:
     def by_rows(self) -> bool:
         """Whether blocks can run fewer rows than the buffers hold."""
         return self._row_step is not None
+
+    def rows_for(self, slots: Sequence[int]) -> int | None:
+        """The rows a block of ``slots`` computes: the highest one's + 1, rounded up to a power
+        of two (at least :data:`MIN_BLOCK_ROWS`); None (all rows) where that is not fewer."""
+        if self._row_step is None or not slots:
+            return None
+        rows = max(MIN_BLOCK_ROWS, 1 << max(slots).bit_length())
+        return rows if rows < self.buffers.ids.shape[0] else None
+
+    def row_counts(self) -> list[int | None]:
+        """Every row count :meth:`rows_for` can give (None: all rows)."""
+        counts: list[int | None] = []
+        rows = MIN_BLOCK_ROWS
+        while self._row_step is not None and rows < self.buffers.ids.shape[0]:
+            counts.append(rows)
+            rows *= 2
+        return [*counts, None]
 
     def report_buffer(self, n: int, rows: int | None = None) -> Tensor:
         """The static [n, 3, rows] buffer a block of ``n`` steps of the first ``rows`` rows
