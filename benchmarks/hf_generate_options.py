@@ -7,10 +7,10 @@ prompt and 256 new tokens:
 * on the native decoding loop (what ``generate()`` routes there; target >= 2,000 tokens/s on an
   H200): greedy, ``repetition_penalty``, ``min_new_tokens`` (256, so every run is 256 tokens),
   a ``TextStreamer`` (collecting the text), ``stop_strings`` that never match,
-  ``output_scores`` (one greedy row: the native loop returns the step logits);
-* on transformers' own loop (target >= 500 tokens/s): ``output_scores`` with a repetition
-  penalty (processed scores need it), and beam search is left out (it is another algorithm,
-  not a loop speed).
+  ``output_scores`` (one greedy row: the native loop returns the step logits), and with a
+  repetition penalty (transformers' processor applied to them);
+* on transformers' own loop (target >= 500 tokens/s): sampled ``output_scores`` (warped scores
+  need it), and beam search is left out (it is another algorithm, not a loop speed).
 
 Each row says which loop ran (the native loop's calls are counted) and whether its ids equal
 transformers' own loop on the same call (forced with ``output_attentions=False``, which the
@@ -48,8 +48,13 @@ ROWS: dict[str, tuple[dict[str, Any], str, float]] = {
         "native",
         2000.0,
     ),
-    "scores + repetition (transformers)": (
+    "scores + repetition_penalty": (
         {"output_scores": True, "return_dict_in_generate": True, "repetition_penalty": 1.2},
+        "native",
+        2000.0,
+    ),
+    "sampled scores (transformers)": (
+        {"output_scores": True, "return_dict_in_generate": True, "do_sample": True, "top_p": 0.9},
         "transformers",
         500.0,
     ),

@@ -447,9 +447,24 @@ def test_routed_scores_and_logits_equal_transformers_loop(model):
     assert _returned_cache(routed) is None and _returned_cache(own) is not None
     only_scores = model.generate(prompt, output_scores=True, **options)
     assert only_scores.logits is None and len(only_scores.scores) == 6
+    # Greedy scores of processed logits (a repetition penalty, min_new_tokens) are native too:
+    # transformers' processors applied to the native step's logits, as its loop does.
+    eos = {**options, "eos_token_id": 9}
+    for processing in ({"repetition_penalty": 1.3}, {"min_new_tokens": 4, **eos},
+                       {"repetition_penalty": 0.7, "min_new_tokens": 3, **eos}):  # fmt: skip
+        kwargs = {**options, **processing}
+        routed = model.generate(prompt, output_scores=True, output_logits=True, **kwargs)
+        own = model.generate(prompt, output_scores=True, output_attentions=False, **kwargs)
+        assert _returned_cache(routed) is None and _returned_cache(own) is not None
+        assert torch.equal(routed.sequences, own.sequences)
+        assert len(routed.scores) == len(own.scores)
+        for got, want in zip(routed.scores, own.scores):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # processed: not the raw logits (min_new_tokens alone: until the minimum is reached)
+        assert not torch.equal(routed.scores[0], routed.logits[0])
     # What the native loop cannot score as transformers does stays on transformers' loop (which
-    # returns its cache): a processed score (repetition penalty) and a batch (transformers
-    # still scores the padding of finished rows).
-    penalized = model.generate(prompt, output_scores=True, repetition_penalty=1.3, **options)
+    # returns its cache): sampled scores (warped) and a batch (transformers still scores the
+    # padding of finished rows).
+    sampled = model.generate(prompt, output_scores=True, **{**options, "do_sample": True})
     batch = model.generate(torch.cat([prompt, prompt]), output_scores=True, **options)
-    assert _returned_cache(penalized) is not None and _returned_cache(batch) is not None
+    assert _returned_cache(sampled) is not None and _returned_cache(batch) is not None

@@ -687,9 +687,9 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         ``attention_mask``, ``max_new_tokens`` / ``max_length``, ``min_new_tokens``,
         ``repetition_penalty``, ``eos_token_id`` (one or several), ``stop_strings`` (with
         ``tokenizer``), ``streamer``, ``num_return_sequences`` (sampling),
-        ``cache_implementation="static"``, the cache modes, ``G_init``, ``seed``. Other arguments
-        (beam search, assisted decoding, logits processors, scores in the output, ...) use
-        transformers' loop.
+        ``cache_implementation="static"``, the cache modes, ``G_init``, ``seed``, and the scores
+        and logits of one greedy row. Other arguments (beam search, assisted decoding, logits
+        processors, scores of a batch or of sampling, ...) use transformers' loop.
         """
         if args:
             kwargs = {"input_ids": args[0], **kwargs} if len(args) == 1 else kwargs
@@ -853,28 +853,59 @@ def _native_output(
     """transformers' ``GenerateDecoderOnlyOutput`` from the native loop: ``sequences`` and, per
     step, the [B, V] float32 ``scores`` / ``logits``; None where transformers' loop is needed.
 
-    The native loop keeps each step's raw logits, which are transformers' ``scores`` only when
-    no logits processor changes them (greedy, no repetition penalty, no ``min_new_tokens``), and
-    it stops computing a row at its end, where transformers' loop still scores the padding it
-    feeds a finished row: one row only. No cache is returned (``cache`` is None)."""
+    The native loop keeps each step's raw logits (transformers' ``logits``). Greedy, its
+    ``scores`` are those after transformers' own processors for the options the loop took (a
+    repetition penalty, ``min_new_tokens``), applied here to each step's raw logits and the ids
+    before it, as its loop does; sampled, they are also warped (temperature, top-k, top-p), which
+    stays on transformers' loop. The native loop stops computing a row at its end, where
+    transformers' loop still scores the padding it feeds a finished row: one row only. No cache
+    is returned (``cache`` is None)."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     from .generate import generate_details
 
-    processed = (
-        options.get("temperature") is not None
-        or options["repetition_penalty"] != 1.0
-        or options["min_new_tokens"] > 0
-    )
-    if ids.shape[0] * copies != 1 or kwargs.get("streamer") is not None or processed:
+    sampled = options.get("temperature") is not None
+    if ids.shape[0] * copies != 1 or kwargs.get("streamer") is not None or sampled:
         return None
     keep = outputs["output_scores"] or outputs["output_logits"]
     out = generate_details(model.core, ids, attention_mask=mask, output_logits=keep, **options)
     steps = tuple(cast(Tensor, out.step_logits)) if keep else None
+    scores = steps
+    if steps is not None and outputs["output_scores"]:
+        scores = _processed_scores(steps, cast(Tensor, out.ids), ids.shape[1], options)
     return GenerateDecoderOnlyOutput(
         sequences=cast(torch.LongTensor, out.ids),
-        scores=steps if outputs["output_scores"] else None,
+        scores=scores if outputs["output_scores"] else None,
         logits=steps if outputs["output_logits"] else None,
+    )
+
+
+def _processed_scores(
+    logits: tuple[Tensor, ...], sequences: Tensor, prompt_length: int, options: dict[str, Any]
+) -> tuple[Tensor, ...]:
+    """transformers' greedy ``scores``: each step's raw ``logits`` through its processors of a
+    repetition penalty and ``min_new_tokens`` (the ones the native loop applied to choose the
+    ids), given the ids before that step (``sequences``: prompt + new ids)."""
+    from transformers import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    processors = LogitsProcessorList()
+    if options["repetition_penalty"] != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(options["repetition_penalty"]))
+    eos = [options["eos_id"], *options["stop_token_ids"]] if options["eos_id"] is not None else []
+    if options["min_new_tokens"] > 0 and eos:
+        processors.append(
+            MinNewTokensLengthLogitsProcessor(
+                prompt_length, options["min_new_tokens"], eos, device=str(sequences.device)
+            )
+        )
+    if not processors:
+        return logits
+    return tuple(
+        processors(sequences[:, : prompt_length + t], step.clone()) for t, step in enumerate(logits)
     )
 
 
