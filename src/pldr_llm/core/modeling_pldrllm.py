@@ -905,7 +905,8 @@ def _processed_scores(
     if not processors:
         return logits
     return tuple(
-        processors(sequences[:, : prompt_length + t], step.clone()) for t, step in enumerate(logits)
+        processors(cast(torch.LongTensor, sequences[:, : prompt_length + t]), step.clone())
+        for t, step in enumerate(logits)
     )
 
 
