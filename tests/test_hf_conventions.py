@@ -423,18 +423,32 @@ def _returned_cache(output: object) -> object:
     return getattr(output, name)
 
 
-def test_routed_scores_and_logits_equal_transformers_loop(model):
+def test_routed_scores_and_logits_equal_transformers_loop(model, monkeypatch):
     """``output_scores`` / ``output_logits`` of one greedy row run on the native loop and give
     transformers' tuples: one [1, V] float32 tensor per new token, ids equal, values equal up to
     float32 rounding (the native step and transformers' forward sum in different orders)."""
+    import pldr_llm.core.generate as native
+
+    calls = []
+    real = native.generate_details
+    monkeypatch.setattr(
+        native, "generate_details", lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    )
+
+    def generate(prompt: torch.Tensor, **kwargs) -> tuple:
+        """The output, and whether the native loop made it."""
+        before = len(calls)
+        return model.generate(prompt, **kwargs), len(calls) > before
+
     prompt = torch.tensor([[5, 6, 7, 8]])
     options = dict(
         max_new_tokens=6, do_sample=False, eos_token_id=None, return_dict_in_generate=True
     )
-    routed = model.generate(prompt, output_scores=True, output_logits=True, **options)
-    own = model.generate(
+    routed, on_native = generate(prompt, output_scores=True, output_logits=True, **options)
+    own, own_native = generate(
         prompt, output_scores=True, output_logits=True, output_attentions=False, **options
     )
+    assert on_native and not own_native
     assert torch.equal(routed.sequences, own.sequences)
     assert len(routed.scores) == len(own.scores) == len(routed.logits) == 6
     for got, want, raw in zip(routed.scores, own.scores, routed.logits):
@@ -442,29 +456,27 @@ def test_routed_scores_and_logits_equal_transformers_loop(model):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(got, raw)  # greedy, nothing processed: scores are the logits
-    # The native loop returns no cache; transformers' loop does (transformers 5.14 names the field
-    # ``past_key_values``, later versions ``cache``).
-    assert _returned_cache(routed) is None and _returned_cache(own) is not None
-    only_scores = model.generate(prompt, output_scores=True, **options)
-    assert only_scores.logits is None and len(only_scores.scores) == 6
+    assert _returned_cache(routed) is None  # the native loop returns no cache
+    only_scores, on_native = generate(prompt, output_scores=True, **options)
+    assert on_native and only_scores.logits is None and len(only_scores.scores) == 6
     # Greedy scores of processed logits (a repetition penalty, min_new_tokens) are native too:
     # transformers' processors applied to the native step's logits, as its loop does.
     eos = {**options, "eos_token_id": 9}
     for processing in ({"repetition_penalty": 1.3}, {"min_new_tokens": 4, **eos},
                        {"repetition_penalty": 0.7, "min_new_tokens": 3, **eos}):  # fmt: skip
         kwargs = {**options, **processing}
-        routed = model.generate(prompt, output_scores=True, output_logits=True, **kwargs)
-        own = model.generate(prompt, output_scores=True, output_attentions=False, **kwargs)
-        assert _returned_cache(routed) is None and _returned_cache(own) is not None
+        routed, on_native = generate(prompt, output_scores=True, output_logits=True, **kwargs)
+        own, own_native = generate(prompt, output_scores=True, output_attentions=False, **kwargs)
+        assert on_native and not own_native
         assert torch.equal(routed.sequences, own.sequences)
         assert len(routed.scores) == len(own.scores)
         for got, want in zip(routed.scores, own.scores):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         # processed: not the raw logits (min_new_tokens alone: until the minimum is reached)
         assert not torch.equal(routed.scores[0], routed.logits[0])
-    # What the native loop cannot score as transformers does stays on transformers' loop (which
-    # returns its cache): sampled scores (warped) and a batch (transformers still scores the
-    # padding of finished rows).
-    sampled = model.generate(prompt, output_scores=True, **{**options, "do_sample": True})
-    batch = model.generate(torch.cat([prompt, prompt]), output_scores=True, **options)
-    assert _returned_cache(sampled) is not None and _returned_cache(batch) is not None
+    # What the native loop cannot score as transformers does stays on transformers' loop:
+    # sampled scores (warped) and a batch (transformers still scores the padding of finished
+    # rows).
+    _, sampled_native = generate(prompt, output_scores=True, **{**options, "do_sample": True})
+    _, batch_native = generate(torch.cat([prompt, prompt]), output_scores=True, **options)
+    assert not sampled_native and not batch_native
