@@ -93,6 +93,36 @@ def metric_value(text: str, name: str) -> float:
     return 0.0
 
 
+def histogram_quantile(before: str, after: str, name: str, q: float) -> float | None:
+    """The ``q`` quantile (0-1) of the Prometheus histogram ``name`` over the observations made
+    between two ``/metrics`` texts, interpolated linearly inside its bucket as Prometheus's
+    ``histogram_quantile`` does (None without observations)."""
+
+    def buckets(text: str) -> list[tuple[float, float]]:
+        out = []
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{le="):
+                bound = line.split('"')[1]
+                out.append(
+                    (float("inf") if bound == "+Inf" else float(bound), float(line.split()[-1]))
+                )
+        return out
+
+    counts = [(b, n - m) for (b, n), (_, m) in zip(buckets(after), buckets(before))]
+    total = counts[-1][1] if counts else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, cumulative in counts:
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return lower  # past the last finite bound: its lower edge, as Prometheus
+            inside = cumulative - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, cumulative
+    return lower
+
+
 WORKER_PHASES = ("idle", "jobs", "admit", "launch", "collect", "route", "flush")
 
 
@@ -298,6 +328,8 @@ def main() -> int:
                 before, TTFT_METRIC + "_sum"
             )
             result["server_ttft_ms_mean"] = round(1000 * total / count, 2) if count else None
+            p50 = histogram_quantile(before, metrics, TTFT_METRIC, 0.5)
+            result["server_ttft_ms_p50"] = round(1000 * p50, 2) if p50 is not None else None
             result |= worker_breakdown(before, metrics)
         finally:
             server.send_signal(signal.SIGTERM)

@@ -420,19 +420,19 @@ def test_blocks_of_fewer_rows_give_the_ids_of_all_rows(fused_step, logprobs):
     model = model_of(3)
     prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
     params = [
-        SamplingParams(top_k=1, max_new_tokens=9, stop_at_eos=False),
-        SamplingParams(top_p=0.9, seed=4, max_new_tokens=7, stop_at_eos=False,
+        SamplingParams(top_k=1, max_new_tokens=6, stop_at_eos=False),
+        SamplingParams(top_p=0.9, seed=4, max_new_tokens=5, stop_at_eos=False,
                        presence_penalty=0.5, logit_bias=((7, -100.0),)),
-        SamplingParams(temperature=0.8, seed=5, max_new_tokens=11, stop_at_eos=False),
+        SamplingParams(temperature=0.8, seed=5, max_new_tokens=7, stop_at_eos=False),
     ]  # fmt: skip
     options = {"cuda_graph": False, "fused": fused_step, "output_logprobs": logprobs}
-    wide = DecodeEngine(model, 24, 40, **options)
+    wide = DecodeEngine(model, 24, 24, **options)
     assert wide.graphs.rows_for([0, 1, 2]) == 8 and wide.graphs.rows_for([0, 17]) is None
     assert wide.graphs.row_counts() == [8, 16, None]
-    narrow = DecodeEngine(model, 3, 40, **options)
+    narrow = DecodeEngine(model, 3, 24, **options)
     assert narrow.graphs.rows_for([0, 1, 2]) is None
-    assert _launched_tokens(wide, prompts, params, 4) == _launched_tokens(
-        narrow, prompts, params, 4
+    assert _launched_tokens(wide, prompts, params, 3) == _launched_tokens(
+        narrow, prompts, params, 3
     )
 
 
