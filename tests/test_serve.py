@@ -497,6 +497,13 @@ def test_health_and_metrics(server, client: openai.OpenAI) -> None:
         == (values["pldr_time_to_first_token_seconds_count"])
     )
     assert values["pldr_queue_depth"] == 0
+    # The worker's phases: the 3 tokens took at least one block of steps, whose device work
+    # (collect) and launch took time; every phase is there.
+    assert values["pldr_decode_steps_total"] >= 3
+    phases = {p: values[f'pldr_worker_seconds_total{{phase="{p}"}}'] for p in
+              ("idle", "jobs", "admit", "launch", "collect", "route", "flush")}  # fmt: skip
+    assert phases["collect"] + phases["launch"] > 0 and phases["admit"] > 0
+    assert all(seconds >= 0 for seconds in phases.values())
 
 
 def test_deductive_endpoint_gives_the_numbers_of_inspect(server, loaded) -> None:
