@@ -790,3 +790,29 @@ def test_packed_projections_decode_like_the_model_and_follow_weight_changes(tiny
         with torch.no_grad():
             tiny_model.decoder.dec_layers[0].mha1.wk.weight.div_(1.5)
             tiny_model.decoder.dec_layers[1].ffn.gluw2.bias.sub_(0.25)
+
+
+def test_cpu_block_stops_once_every_row_reported_its_end(tiny_model):
+    """On the CPU a launched block of 16 steps ends at the step that reported the end of
+    every active row (the steps after it would change nothing read): rows of 3 and 5 tokens
+    take 5 steps (the first token is drawn by the prompt pass, each step reports one), with the
+    ids of single steps."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    params = [SamplingParams(top_k=1, max_new_tokens=n, stop_at_eos=False) for n in (3, 5)]
+    prompts = [[4, 5, 6], [7, 8]]
+    single = DecodeEngine(tiny_model, 2, 32, cuda_graph=False)
+    slots = single.add_many(prompts, params)
+    while single.active_slots:
+        single.step()
+    want = single.generated_many(slots)
+
+    engine = DecodeEngine(tiny_model, 2, 32, cuda_graph=False)
+    steps = []
+    run_step = engine.graphs._step
+    engine.graphs._step = lambda variant: (steps.append(1), run_step(variant))[1]
+    slots = engine.add_many(prompts, params)
+    engine.launch(16)
+    block = engine.collect_block()
+    assert len(steps) == 5 and not engine.active_slots
+    assert block.token_ids == want and block.finished == [True, True]

@@ -181,6 +181,7 @@ class DecodeEngine:
             self._step, self.buffers, use_graph=use_graph,
             compile=compile if enable_kvcache else False, steps_per_graph=steps_per_graph,
             row_step=self.kv_step.first_rows if by_rows else None,
+            stop_when_done=self.device.type == "cpu" and self.recorder is None,
         )  # fmt: skip
         self._in_flight: tuple[list[int], int, int | None] | None = None  # slots, k, rows
 

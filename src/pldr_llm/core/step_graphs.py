@@ -35,7 +35,9 @@ class StepGraphs:
     through torch.compile first; ``use_graph`` captures it (CUDA); ``steps_per_graph`` > 1
     also captures that many steps in one graph for :meth:`run` without a block;
     ``row_step(rows)`` makes the step of the first ``rows`` rows (None: blocks always run every
-    row)."""
+    row); ``stop_when_done`` (uncaptured steps on the CPU, where reading a flag costs nothing)
+    ends a block at the step that reported the end of every active row: the steps after it
+    would change nothing a caller reads."""
 
     def __init__(
         self,
@@ -46,9 +48,11 @@ class StepGraphs:
         compile: bool | dict[str, Any] = False,
         steps_per_graph: int = 1,
         row_step: Callable[[int], Callable[[Any], None]] | None = None,
+        stop_when_done: bool = False,
     ) -> None:
         self._step = step
         self._row_step = row_step
+        self.stop_when_done = stop_when_done and not use_graph
         self.buffers = buffers
         self.use_graph = use_graph
         self.compile = compile
@@ -110,11 +114,17 @@ class StepGraphs:
         reports = self.report_buffer(n, rows) if n > 1 else None
         report = self.buffers.report[:, :rows]
 
+        active = self.buffers.active[:rows]
+        stop_when_done = self.stop_when_done and reports is not None
+
         def steps() -> None:
             for i in range(n):
                 fn()
                 if reports is not None:
                     reports[i].copy_(report)
+                # Every active row's end reported: the reader counts no step after this one.
+                if stop_when_done and bool(((report[1] != 0) | ~active).all()):
+                    return
 
         return steps
 
