@@ -480,3 +480,12 @@ def test_routed_scores_and_logits_equal_transformers_loop(model, monkeypatch):
     _, sampled_native = generate(prompt, output_scores=True, **{**options, "do_sample": True})
     _, batch_native = generate(torch.cat([prompt, prompt]), output_scores=True, **options)
     assert not sampled_native and not batch_native
+
+
+def test_a_zero_repetition_penalty_is_refused_not_dropped(model):
+    """``repetition_penalty=0`` is refused with one line, as transformers refuses it, instead of
+    being read as "off" (a falsy value once fell back to 1.0 and ran)."""
+    from pldr_llm.core.errors import PLDRError
+
+    with pytest.raises(PLDRError, match="repetition_penalty must be a finite number > 0"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, repetition_penalty=0.0)

@@ -933,7 +933,7 @@ def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor
         "stop_at_eos": bool(eos_ids),
         "min_new_tokens": int(kwargs.get("min_new_tokens", config.min_new_tokens) or 0),
         "repetition_penalty": float(
-            kwargs.get("repetition_penalty", config.repetition_penalty) or 1.0
+            _given(kwargs.get("repetition_penalty", config.repetition_penalty), 1.0)
         ),
         "seed": kwargs.get("seed"),
         "compile": bool(kwargs.get("compile", False)),
@@ -942,9 +942,9 @@ def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor
     if kwargs.get("do_sample", config.do_sample):
         # transformers' global top-k default (50) is not the original's (no filter)
         top_k = kwargs.get("top_k", getattr(config, "top_k", None))
-        options["temperature"] = float(kwargs.get("temperature", config.temperature) or 1.0)
+        options["temperature"] = float(_given(kwargs.get("temperature", config.temperature), 1.0))
         options["top_k"] = int(top_k or 0)
-        options["top_p"] = float(kwargs.get("top_p", config.top_p) or 1.0)
+        options["top_p"] = float(_given(kwargs.get("top_p", config.top_p), 1.0))
     stops = kwargs.get("stop_strings", config.stop_strings)
     if stops:
         tokenizer = kwargs.get("tokenizer")
@@ -954,6 +954,12 @@ def _loop_options(model: PldrllmForCausalLM, kwargs: dict[str, Any], ids: Tensor
             tokenizer, [stops] if isinstance(stops, str) else list(stops), ids
         )
     return options
+
+
+def _given(value: Any, default: float) -> Any:
+    """``value``, or ``default`` where it is unset (None): a 0 the caller gave is kept, so that
+    the native loop's checks refuse it as transformers does, not replace it silently."""
+    return default if value is None else value
 
 
 def _stop_string_check(tokenizer: Any, stops: list[str], ids: Tensor) -> Any:
