@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pldr_llm.serve.metrics import WORKER_PHASES  # the standard library only: no server here
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -121,9 +123,6 @@ def histogram_quantile(before: str, after: str, name: str, q: float) -> float | 
             return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
         lower, below = bound, cumulative
     return lower
-
-
-WORKER_PHASES = ("idle", "jobs", "admit", "launch", "collect", "route", "flush")
 
 
 def worker_breakdown(before: str, after: str) -> dict[str, Any]:
