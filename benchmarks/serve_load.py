@@ -9,9 +9,12 @@
 It starts ``python -m pldr_llm serve`` on a free 127.0.0.1 port (a separate process, so that the
 clients do not share the server's interpreter), waits for ``/health``, then runs ``--clients``
 concurrent streaming ``/v1/completions`` requests of ``--max-tokens`` tokens each (``ignore_eos``,
-so every request makes exactly that many), ``--rounds`` times per client. It reports the
+so every request makes exactly that many), ``--rounds`` times per client, from ``--client-procs``
+processes (one per 64 clients: a single Python client cannot read a busy GPU server's chunks as
+fast as they come, and would measure itself). It reports the
 aggregate tokens/s (all completion tokens / wall time of the whole load), p50/p99 time to first
-token and inter-token latency, and the error count, then stops the server with SIGTERM. Bounded:
+token and inter-token latency, the error count, how busy the client processes and the server's
+threads were (CPU seconds per second of load, from /proc), then stops the server with SIGTERM. Bounded:
 every request has a timeout, and ``--time-limit`` caps the whole run. Exit status 1 when there
 were errors or ``--min-tokens-per-s`` was not reached.
 
@@ -178,42 +181,119 @@ async def one_request(client: Any, url: str, body: dict[str, Any], timeout: floa
     return {"ttft": first, "gaps": gaps, "tokens": tokens}
 
 
-async def run_load(args: argparse.Namespace, base: str, model_id: str) -> dict[str, Any]:
+def request_body(args: argparse.Namespace, model_id: str, i: int, r: int) -> dict[str, Any]:
+    """Client ``i``'s request of round ``r``."""
+    body = {
+        "model": model_id,
+        "prompt": f"Client {i} round {r}: the power law graph attention",
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "seed": 1000 * i + r,
+        "stream": True,
+        "logprobs": 0,  # each chunk lists its tokens: exact token counts
+        "ignore_eos": True,
+    }
+    if args.penalties:  # the sampling stage on every row, as issue #24 measures it
+        body |= {
+            "presence_penalty": 0.5,
+            "frequency_penalty": 0.5,
+            "logit_bias": {str(t): -100 for t in range(100, 110)} | {"42": 2.0},
+        }
+    return body
+
+
+async def client_requests(
+    args: argparse.Namespace, base: str, model_id: str, clients: range
+) -> list[dict]:
+    """The requests of ``clients`` (each ``args.rounds`` in turn), all clients at once."""
     import httpx
 
     url = base + "/v1/completions"
-    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients)
+    n = len(clients)
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n)
     results: list[dict] = []
     async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as client:
 
         async def client_loop(i: int) -> None:
             for r in range(args.rounds):
-                body = {
-                    "model": model_id,
-                    "prompt": f"Client {i} round {r}: the power law graph attention",
-                    "max_tokens": args.max_tokens,
-                    "temperature": args.temperature,
-                    "seed": 1000 * i + r,
-                    "stream": True,
-                    "logprobs": 0,  # each chunk lists its tokens: exact token counts
-                    "ignore_eos": True,
-                }
-                if args.penalties:  # the sampling stage on every row, as issue #24 measures it
-                    body |= {
-                        "presence_penalty": 0.5,
-                        "frequency_penalty": 0.5,
-                        "logit_bias": {str(t): -100 for t in range(100, 110)} | {"42": 2.0},
-                    }
+                body = request_body(args, model_id, i, r)
                 try:
                     results.append(await one_request(client, url, body, args.request_timeout))
                 except Exception as exc:  # counted, not raised: a load test reports errors
                     results.append({"error": f"{type(exc).__name__}: {exc}"})
 
-        start = time.perf_counter()
-        await asyncio.wait_for(
-            asyncio.gather(*(client_loop(i) for i in range(args.clients))), args.time_limit
-        )
-        wall = time.perf_counter() - start
+        await asyncio.wait_for(asyncio.gather(*(client_loop(i) for i in clients)), args.time_limit)
+    return results
+
+
+def client_process(
+    args: argparse.Namespace, base: str, model_id: str, clients: range, barrier: Any, out: Any
+) -> None:
+    """One client process (``--client-procs``): its share of the clients, started together
+    with the others' (``barrier``); puts (results, start, end, its CPU seconds) on ``out``."""
+    barrier.wait(120)
+    start, cpu = time.monotonic(), time.process_time()
+    try:
+        results = asyncio.run(client_requests(args, base, model_id, clients))
+    except Exception as exc:  # the time limit: every request of this process counts as failed
+        results = [{"error": f"{type(exc).__name__}: {exc}"}] * (len(clients) * args.rounds)
+    out.put((results, start, time.monotonic(), time.process_time() - cpu))
+
+
+def run_clients(
+    args: argparse.Namespace, base: str, model_id: str
+) -> tuple[list[dict], float, list[float]]:
+    """Every client's requests, over ``args.client_procs`` processes (a single client process
+    cannot parse the chunks of a busy GPU server fast enough: it would measure itself): the
+    results, the wall time from the first start to the last end, each process's CPU seconds."""
+    procs = max(1, min(args.client_procs, args.clients))
+    if procs == 1:
+        start, cpu = time.monotonic(), time.process_time()
+        results = asyncio.run(client_requests(args, base, model_id, range(args.clients)))
+        return results, time.monotonic() - start, [time.process_time() - cpu]
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no state of the parent (torch) inherited
+    barrier, out = context.Barrier(procs), context.Queue()
+    shares = [range(p, args.clients, procs) for p in range(procs)]
+    workers = [
+        context.Process(target=client_process, args=(args, base, model_id, share, barrier, out))
+        for share in shares
+    ]
+    for w in workers:
+        w.start()
+    parts = [out.get(timeout=args.time_limit + 120) for _ in workers]
+    for w in workers:
+        w.join(30)
+    results = [r for part in parts for r in part[0]]
+    wall = max(p[2] for p in parts) - min(p[1] for p in parts)
+    return results, wall, [p[3] for p in parts]
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of process ``pid``: its main thread (the server's event
+    loop) and all its other threads together (the decoding worker, torch's), from /proc
+    (Linux; {} elsewhere or when the process is gone)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    seconds = {"main_thread": 0.0, "other_threads": 0.0}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return {}
+    for task in tasks:
+        try:
+            text = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # after the name: state is field 3
+        used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15
+        seconds["main_thread" if task.name == str(pid) else "other_threads"] += used
+    return seconds
+
+
+def run_load(args: argparse.Namespace, base: str, model_id: str) -> dict[str, Any]:
+    """The load (see the module's docstring) and its summary."""
+    results, wall, client_cpu = run_clients(args, base, model_id)
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     tokens = sum(r["tokens"] for r in ok)
@@ -237,6 +317,9 @@ async def run_load(args: argparse.Namespace, base: str, model_id: str) -> dict[s
         "itl_ms_p50": ms(percentile(gaps, 50)),
         "itl_ms_p99": ms(percentile(gaps, 99)),
         "itl_ms_mean": ms(statistics.fmean(gaps)) if gaps else None,
+        # Busy share of each client process (near 1.0: the client, not the server, set the pace).
+        "client_procs": len(client_cpu),
+        "client_cpu_busy_max": round(max(client_cpu) / wall, 3) if wall > 0 else None,
     }
 
 
@@ -265,6 +348,12 @@ def main() -> int:
     parser.add_argument(
         "--tokens-per-sync", type=int, default=None, help="serve --tokens-per-sync (its default)"
     )
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=None,
+        help="client processes (default: one per 64 clients, at most 8)",
+    )
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--time-limit", type=float, default=540.0, help="cap on the load (s)")
     parser.add_argument("--min-tokens-per-s", type=float, default=None)
@@ -272,6 +361,7 @@ def main() -> int:
     args = parser.parse_args()
     args.clients = args.clients or (32 if args.quick else 64)
     args.max_tokens = args.max_tokens or (64 if args.quick else 256)
+    args.client_procs = args.client_procs or min(8, -(-args.clients // 64))
     if not (1 <= args.clients <= 1024 and 1 <= args.rounds <= 100):
         parser.error("--clients must be in [1, 1024] and --rounds in [1, 100]")
 
@@ -313,10 +403,18 @@ def main() -> int:
             # Warm-up (CUDA-graph capture, compilation, allocator): one short request per slot,
             # long enough for the blocks of several steps per sync to be captured too.
             warm = argparse.Namespace(**{**vars(args), "max_tokens": 16, "rounds": 1})
-            asyncio.run(run_load(warm, base, "bench"))
+            run_load(warm, base, "bench")
             before = httpx.get(base + "/metrics", timeout=10).text
-            result = asyncio.run(run_load(args, base, "bench"))
+            cpu_before = thread_cpu_seconds(server.pid)
+            result = run_load(args, base, "bench")
+            cpu_after = thread_cpu_seconds(server.pid)
             metrics = httpx.get(base + "/metrics", timeout=10).text
+            # The server's busy share per thread over the load: its main thread runs the event
+            # loop (HTTP, JSON, SSE); the others are the decoding worker (and torch's threads).
+            result["server_cpu_busy"] = {
+                name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / result["wall_s"], 3)
+                for name in cpu_after
+            }
             # The server's own view of the timed run's time to first token (from the request's
             # arrival at the scheduler to its first routed token): what the HTTP path adds is
             # the difference to the clients' figure.

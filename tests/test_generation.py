@@ -816,3 +816,33 @@ def test_cpu_block_stops_once_every_row_reported_its_end(tiny_model):
     block = engine.collect_block()
     assert len(steps) == 5 and not engine.active_slots
     assert block.token_ids == want and block.finished == [True, True]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_prompts_of_different_lengths_may_each_fill_the_context(tiny_model, k):
+    """Left-padded together, a short prompt's keys would start after the padding and its last
+    steps would write past the cache (an index error on the CPU, another row's memory on a GPU):
+    rows that would not fit are prefilled apart. Each row's ids equal its lone run's."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    max_len = 24
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2]]  # 2, 6 and 4 tokens
+    params = [
+        SamplingParams(max_new_tokens=max_len - len(p), seed=i, stop_at_eos=False)
+        for i, p in enumerate(prompts)
+    ]
+
+    def ids(engine: DecodeEngine, slots: list[int]) -> list[list[int]]:
+        while engine.active_slots:
+            engine.launch(k)
+            engine.collect_block()
+        return engine.generated_many(slots)
+
+    together = DecodeEngine(tiny_model, 4, max_len)
+    batched = ids(together, together.add_many(prompts, params))
+    alone = []
+    for p, q in zip(prompts, params):
+        engine = DecodeEngine(tiny_model, 1, max_len)
+        alone += ids(engine, [engine.add(p, q)])
+    assert batched == alone
+    assert [len(row) for row in batched] == [max_len - len(p) for p in prompts]

@@ -85,6 +85,24 @@ __all__ = [
 ]
 
 
+def padding_groups(
+    rows: Sequence[Sequence[int]], params: Sequence[SamplingParams], slots: int
+) -> list[list[int]]:
+    """The indices of ``rows`` to prefill together: all of them, unless left-padding a row to
+    the longest prompt would leave it too few of the ``slots`` key slots for its
+    ``max_new_tokens`` (a padded row's keys start after the padding, and every step writes a
+    row's next key, its last one included, at its write index: padded + max_new_tokens must not
+    pass ``slots``); then one group per prompt length (no padding: each row fits, as
+    :func:`check_rows` checked)."""
+    longest = max(len(row) for row in rows)
+    if all(longest + p.max_new_tokens <= slots for p in params):
+        return [list(range(len(rows)))]
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_length.setdefault(len(row), []).append(i)
+    return list(by_length.values())
+
+
 class DecodeEngine:
     """Static, slot-based decoder: ``max_batch`` rows ("slots"), each an independent sequence with
     its own KV-cache slot (written in place, per-row write index), G-cache row, sampling
@@ -305,7 +323,12 @@ class DecodeEngine:
             raise PLDRError("G_init with a causal metric needs the G-cache on (or no KV-cache)")
         slots = self.table.take(len(rows))
         try:
-            self._prefill(slots, rows, list(params), init, forced)
+            for group in padding_groups(rows, params, self.slots):
+                self._prefill(
+                    [slots[i] for i in group], [rows[i] for i in group],
+                    [params[i] for i in group], init,
+                    [forced[i] for i in group] if forced is not None else None,
+                )  # fmt: skip
         except BaseException:
             self.buffers.active[slots] = False
             self.table.give_back(slots)
