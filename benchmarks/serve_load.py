@@ -88,6 +88,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 TTFT_METRIC = "pldr_time_to_first_token_seconds"
+ITL_METRIC = "pldr_inter_token_latency_seconds"
 
 
 def metric_value(text: str, name: str) -> float:
@@ -144,8 +145,14 @@ def worker_breakdown(before: str, after: str) -> dict[str, Any]:
     return {"server_steps": int(steps), "server_worker_ms_per_step": per_step}
 
 
-async def one_request(client: Any, url: str, body: dict[str, Any], timeout: float) -> dict:
-    """One streamed completion: token count, time to first token, inter-token gaps."""
+async def one_request(
+    client: Any, url: str, body: dict[str, Any], timeout: float, exact: bool
+) -> dict:
+    """One streamed completion: token count, time to first token, inter-token gaps.
+
+    ``exact`` (the request asks for logprobs): each chunk lists its tokens, so every token gets
+    its own gap. Otherwise the count comes from the final usage chunk, the time to first token
+    from the first chunk with text, and no gaps (the server's histogram has them)."""
     start = time.perf_counter()
     first = None
     last = None
@@ -166,6 +173,12 @@ async def one_request(client: Any, url: str, body: dict[str, Any], timeout: floa
             if "error" in chunk:
                 return {"error": chunk["error"]["message"]}
             now = time.perf_counter()
+            if not exact:
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif first is None and any(c.get("text") for c in chunk["choices"]):
+                    first = now - start
+                continue
             n = sum(len((c.get("logprobs") or {}).get("tokens") or []) for c in chunk["choices"])
             if n == 0:
                 continue
@@ -190,9 +203,12 @@ def request_body(args: argparse.Namespace, model_id: str, i: int, r: int) -> dic
         "temperature": args.temperature,
         "seed": 1000 * i + r,
         "stream": True,
-        "logprobs": 0,  # each chunk lists its tokens: exact token counts
         "ignore_eos": True,
     }
+    if args.logprobs:
+        body["logprobs"] = 0  # each chunk lists its tokens: exact token counts and gaps
+    else:
+        body["stream_options"] = {"include_usage": True}  # the count, in the last chunk
     if args.penalties:  # the sampling stage on every row, as issue #24 measures it
         body |= {
             "presence_penalty": 0.5,
@@ -218,7 +234,9 @@ async def client_requests(
             for r in range(args.rounds):
                 body = request_body(args, model_id, i, r)
                 try:
-                    results.append(await one_request(client, url, body, args.request_timeout))
+                    results.append(
+                        await one_request(client, url, body, args.request_timeout, args.logprobs)
+                    )
                 except Exception as exc:  # counted, not raised: a load test reports errors
                     results.append({"error": f"{type(exc).__name__}: {exc}"})
 
@@ -305,6 +323,7 @@ def run_load(args: argparse.Namespace, base: str, model_id: str) -> dict[str, An
         "rounds": args.rounds,
         "max_tokens": args.max_tokens,
         "penalties": args.penalties,
+        "logprobs": args.logprobs,
         "requests": len(results),
         "errors": len(errors),
         "error_examples": errors[:3],
@@ -339,6 +358,11 @@ def main() -> int:
         help="default: --clients; 0: none passed (the server sizes it to the device)",
     )
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--logprobs",
+        action="store_true",
+        help="every request asks for logprobs (exact per-token gaps; more work for the server)",
+    )
     parser.add_argument("--compile", action="store_true", help="serve --compile")
     parser.add_argument(
         "--penalties",
@@ -427,6 +451,8 @@ def main() -> int:
             result["server_ttft_ms_mean"] = round(1000 * total / count, 2) if count else None
             p50 = histogram_quantile(before, metrics, TTFT_METRIC, 0.5)
             result["server_ttft_ms_p50"] = round(1000 * p50, 2) if p50 is not None else None
+            p50 = histogram_quantile(before, metrics, ITL_METRIC, 0.5)
+            result["server_itl_ms_p50"] = round(1000 * p50, 3) if p50 is not None else None
             result |= worker_breakdown(before, metrics)
         finally:
             server.send_signal(signal.SIGTERM)

@@ -556,31 +556,38 @@ def test_step_many_equals_single_steps(tiny_model, k):
 @pytest.mark.slow
 def test_launch_then_collect_with_a_release_in_between(tiny_model):
     """A server routes one block while the next computes: releasing a slot meanwhile is allowed
-    (its tokens of that block are still reported), adding is refused until collect()."""
+    (its tokens of that block are still reported), adding goes to a slot outside the block (its
+    row joins the next block and equals its lone run); the released slot is free after
+    collect()."""
     from pldr_llm.generation import DecodeEngine, SamplingParams
 
     params = SamplingParams(seed=3, max_new_tokens=10, stop_at_eos=False)
     kw = {"seed": 3, "stop_at_eos": False}
     want = generate(tiny_model, PROMPTS[:2], 10, **kw)
-    engine = DecodeEngine(tiny_model, 2, 24)
+    alone = generate(tiny_model, [PROMPTS[2]], 10, **kw)[0][len(PROMPTS[2]) :]
+    engine = DecodeEngine(tiny_model, 3, 24)
     a, b = engine.add_many(PROMPTS[:2], [params, params])
     first = engine.step_many(4)
     engine.launch(4)
     with pytest.raises(PLDRError, match="in flight"):
-        engine.add([5], params)
-    with pytest.raises(PLDRError, match="in flight"):
         engine.launch(4)
+    joined = engine.add(PROMPTS[2], params)  # the one slot outside the block
+    assert joined == 2
     engine.release(a)  # e.g. a stop string matched in the first block
+    assert engine.free_slots == 0  # a's row is still being computed
+    with pytest.raises(PLDRError, match="0 free slot"):
+        engine.add([5], params)
     second = engine.collect()
     assert [o.slots for o in second] == [[a, b]] * 4
     got_b = [t for o in first + second for s, t in zip(o.slots, o.token_ids) if s == b]
     assert got_b == want[1][2:10]
-    assert engine.active_slots == [b] and engine.free_slots == 1
+    assert engine.active_slots == [b, joined] and engine.free_slots == 1
     c = engine.add(PROMPTS[2], params)  # the released slot starts afresh
     assert c == a
     while engine.active_slots:
         engine.step_many(3)
-    assert engine.generated(c) == generate(tiny_model, [PROMPTS[2]], 10, **kw)[0][4:]
+    assert engine.generated(c) == alone
+    assert engine.generated(joined) == alone
     with pytest.raises(PLDRError, match="no block"):
         engine.collect()
 
@@ -846,3 +853,42 @@ def test_prompts_of_different_lengths_may_each_fill_the_context(tiny_model, k):
         alone += ids(engine, [engine.add(p, q)])
     assert batched == alone
     assert [len(row) for row in batched] == [max_len - len(p) for p in prompts]
+
+
+def _joined_while_in_flight(model, in_flight: bool) -> tuple[list[list[int]], list[int]]:
+    """Three rows run; one is released; a block of 8 steps is launched and two prompts are
+    added, while it computes (``in_flight``) or after it was collected: every row's ids."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    engine = DecodeEngine(model, 16, 64, output_logprobs=True)
+    params = [SamplingParams(seed=i, max_new_tokens=30, stop_at_eos=False) for i in range(3)]
+    first = engine.add_many(PROMPTS, params)
+    engine.step_many(2)
+    engine.release(first[1])  # a free slot inside the rows the next block computes
+    late = [SamplingParams(seed=7, max_new_tokens=20, stop_at_eos=False), params[0]]
+    engine.launch(8)
+    if in_flight:  # queued on the device behind the block, which still computes row 1 as free
+        joined = engine.add_many([[9, 4, 33], [7] * 9], late)
+        engine.collect()
+    else:
+        engine.collect()
+        joined = engine.add_many([[9, 4, 33], [7] * 9], late)
+    while engine.active_slots:
+        engine.launch(8)
+        engine.collect()
+    return engine.generated_many([first[0], first[2], *joined]), joined
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_rows_added_while_a_block_is_in_flight_equal_rows_added_after(tiny_model, device):
+    """The server admits while the device computes a block: the new rows (one of them in a
+    slot the block computes as a free row) come out as if added after the block, and the rows
+    that were running are untouched. On a GPU this is the device's ordering of queued work
+    (the prefill's writes land after the block's) under CUDA graphs."""
+    model = tiny_model.to(device)
+    during, slots = _joined_while_in_flight(model, True)
+    after, slots_after = _joined_while_in_flight(model, False)
+    assert slots == slots_after == [1, 3]
+    assert during == after
+    assert [len(ids) for ids in during] == [30, 30, 20, 30]
+    model.cpu()

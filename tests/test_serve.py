@@ -292,11 +292,16 @@ class _Events(list):
 
 
 def _scheduled(
-    loaded, rows: list[tuple[str, dict, list[str]]], tokens_per_sync: int, slots: int = 0
+    loaded,
+    rows: list[tuple[str, dict, list[str]]],
+    tokens_per_sync: int,
+    slots: int = 0,
+    keys: list[tuple[bool, bool]] | None = None,
 ) -> list:
     """Each row (prompt, SamplingParams fields, stop strings) through the server's scheduler
-    of ``slots`` slots (default: one a row), all queued at once: per row its events' text,
-    tokens, logprobs, alternatives, end and token count."""
+    of ``slots`` slots (default: one a row), all queued at once (``keys``: each row's cache
+    mode, KV and G on by default): per row its events' text, tokens, logprobs, alternatives,
+    end and token count."""
     from pldr_llm.generation import SamplingParams
     from pldr_llm.serve.scheduler import GenSequence, Scheduler
 
@@ -305,9 +310,12 @@ def _scheduled(
         model, tok, max_batch=slots or len(rows), max_queue=len(rows),
         tokens_per_sync=tokens_per_sync,
     )  # fmt: skip
+    keys = keys or [(True, True)] * len(rows)
     seqs = [
-        GenSequence(tok.prompt_ids(p), SamplingParams(**kw), stops, tok, _Loop(), _Events())
-        for p, kw, stops in rows
+        GenSequence(
+            tok.prompt_ids(p), SamplingParams(**kw), stops, tok, _Loop(), _Events(), key=key
+        )
+        for (p, kw, stops), key in zip(rows, keys)
     ]
     scheduler.submit(seqs)
     scheduler.drain_and_stop()  # before the worker starts: it serves the queue, then stops
@@ -384,6 +392,21 @@ def test_reused_slots_get_only_their_own_tokens(loaded) -> None:
     alone = [_scheduled(loaded, [row], 1)[0] for row in rows]
     assert [(r[0], r[1], r[4], r[5]) for r in together] == [(r[0], r[1], r[4], r[5]) for r in alone]
     assert [r[5] for r in together[3:]] == [10, 13, 16]
+
+
+def test_cache_modes_queued_together_are_each_served_as_alone(loaded) -> None:
+    """Cached sequences are admitted while a block computes, uncached ones (the full re-run,
+    which takes no rows then) between the collect and the launch: queued alternately, more
+    than the slots of either engine, each is served (none waits for ever) as when alone."""
+    rows = [
+        (f"Mode {i}", {"seed": 40 + i, "max_new_tokens": 3 + 2 * i, "stop_at_eos": False}, [])
+        for i in range(6)
+    ]
+    keys = [(True, True), (False, True)] * 3
+    together = _scheduled(loaded, rows, 2, slots=2, keys=keys)
+    alone = [_scheduled(loaded, [row], 1, keys=[key])[0] for row, key in zip(rows, keys)]
+    assert [(r[1], r[4], r[5]) for r in together] == [(r[1], r[4], r[5]) for r in alone]
+    assert [r[5] for r in together] == [3, 5, 7, 9, 11, 13]
 
 
 # ---------------------------------------------------------------------- bad input
