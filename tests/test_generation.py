@@ -892,3 +892,31 @@ def test_rows_added_while_a_block_is_in_flight_equal_rows_added_after(tiny_model
     assert during == after
     assert [len(ids) for ids in during] == [30, 30, 20, 30]
     model.cpu()
+
+
+@pytest.mark.gpu
+def test_cuda_admission_while_a_block_computes_reads_nothing_back(tiny_model):
+    """The server's admission overlaps the block only if the prefill never waits for the
+    device: prompts of different lengths (padded: the mask's padding is known on the host),
+    penalties and log-probabilities, added while a block is in flight, make no host sync."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    model = tiny_model.cuda()
+    engine = DecodeEngine(model, 8, 64, output_logprobs=True)
+    plain = SamplingParams(seed=1, max_new_tokens=30, stop_at_eos=False)
+    engine.add_many(PROMPTS, [plain] * 3)
+    asks = SamplingParams(
+        seed=2, max_new_tokens=20, presence_penalty=0.5, logit_bias=((5, -100.0),), logprobs=2
+    )
+    engine.add(PROMPTS[0], asks)  # the buffers these rows need exist before the timed add
+    engine.launch(8)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        joined = engine.add_many([[9, 4, 33], [7] * 9], [asks, plain])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    engine.collect()
+    while engine.active_slots:
+        engine.step_many(4)
+    assert [len(ids) for ids in engine.generated_many(joined)] == [20, 30]
+    model.cpu()

@@ -37,17 +37,20 @@ def prompt_pass(
         mask = to_device([[0] * (length - len(r)) + [1] * len(r) for r in rows], device)
     ids = to_device([[pad] * (length - len(r)) + r for r in rows], device)
     was_training = model.training
-    model.eval()
+    if was_training:  # (eval() walks every module: ~1,000 attribute writes a call)
+        model.eval()
     try:
         with sdpa_backends():
-            # add_many checked the ids on the host: the forward need not read them back.
+            # add_many checked the ids on the host, and the host knows where the padding is:
+            # the forward reads nothing back (it would wait for a block the device computes).
             out = model(
                 ids, attention_mask=mask, cache=PLDRCache(g=init) if init is not None else None,
                 logits_to_keep=1, output_deductive=deductive,
-                key_padding=any(pad in r for r in rows), check_ids=False,
+                key_padding=mask is not None or any(pad in r for r in rows), check_ids=False,
             )  # fmt: skip
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return out, ids
 
 

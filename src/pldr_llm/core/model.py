@@ -204,7 +204,8 @@ class PLDRModel(nn.Module):
         Host reads (each one waits for the GPU): ``check_ids=False`` skips the id range check
         (the caller checked, e.g. the trainer on the CPU batch); ``key_padding`` False/True says
         whether ``input_ids`` holds ``pad_id`` (original semantics, no ``attention_mask``, no
-        cache) instead of finding out on the device. With both, a forward reads nothing back.
+        cache), or with an ``attention_mask`` (no cache) whether the mask has a 0, instead of
+        finding out on the device. With both, a forward reads nothing back.
         """
         input_ids, attention_mask = self._checked_inputs(
             input_ids, attention_mask, labels, check_ids
@@ -216,7 +217,11 @@ class PLDRModel(nn.Module):
             input_ids, attention_mask, cache, per_row
         )
         known_valid = None
-        if key_padding is not None and not per_row and past_len == 0:
+        if (
+            key_padding is not None
+            and past_len == 0
+            and (attention_mask is not None or not per_row)
+        ):
             known_valid = not key_padding
         bias, is_causal = self.attention_mask_bias(
             key_valid, input_ids.shape[1], past_len, known_valid
