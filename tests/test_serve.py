@@ -395,9 +395,8 @@ def test_reused_slots_get_only_their_own_tokens(loaded) -> None:
 
 
 def test_cache_modes_queued_together_are_each_served_as_alone(loaded) -> None:
-    """Cached sequences are admitted while a block computes, uncached ones (the full re-run,
-    which takes no rows then) between the collect and the launch: queued alternately, more
-    than the slots of either engine, each is served (none waits for ever) as when alone."""
+    """Sequences of two cache modes (two engines: the cached step and the full re-run without
+    KV-cache) queued alternately, more than the slots of either: each is served as alone."""
     rows = [
         (f"Mode {i}", {"seed": 40 + i, "max_new_tokens": 3 + 2 * i, "stop_at_eos": False}, [])
         for i in range(6)

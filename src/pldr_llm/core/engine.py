@@ -220,21 +220,8 @@ class DecodeEngine:
 
     @property
     def free_slots(self) -> int:
-        """Number of slots a request can be added to now (while a block is in flight, not the
-        slots of that block that were released meanwhile)."""
-        busy = self._block_slots()
-        return sum(1 for slot in self.table.free if slot not in busy)
-
-    @property
-    def adds_in_flight(self) -> bool:
-        """Whether :meth:`add` may be called while a block is in flight (not with the full
-        re-run without KV-cache or the deductive recorder: they read the running rows on the
-        host)."""
-        return self.rerun is None and self.recorder is None
-
-    def _block_slots(self) -> set[int]:
-        """The slots of the block in flight (none when no block is)."""
-        return set(self._in_flight[0]) if self._in_flight is not None else set()
+        """Number of slots a request can be added to."""
+        return len(self.table.free)
 
     @property
     def active_slots(self) -> list[int]:
@@ -318,17 +305,11 @@ class DecodeEngine:
         Prompts of different lengths are left-padded with an attention mask that keeps padding
         out of A, the keys and the rotary positions. (One corner differs from a lone run: a pad
         id *inside* such a prompt is attended to by the prompt pass, where alone it is masked.)
-
-        While a block is in flight (:meth:`launch`) the prompts go to slots outside it: the
-        prefill is queued on the device behind the block (the host prepares it while the device
-        computes) and the new rows join the next block.
         """
-        if not self.adds_in_flight:
-            self._check_idle()
-        free = self.free_slots
-        if len(prompts) > free:
+        self._check_idle()
+        if len(prompts) > len(self.table.free):
             raise PLDRError(
-                f"{len(prompts)} prompt(s) but only {free} free slot(s) "
+                f"{len(prompts)} prompt(s) but only {len(self.table.free)} free slot(s) "
                 f"(max_batch={self.max_batch})"
             )
         vocab = self.config.input_vocab_size
@@ -340,7 +321,7 @@ class DecodeEngine:
             raise PLDRError("record_deductive with the KV-cache takes no G_init")
         if init is not None and self.causal_running:
             raise PLDRError("G_init with a causal metric needs the G-cache on (or no KV-cache)")
-        slots = self.table.take(len(rows), avoid=self._block_slots())
+        slots = self.table.take(len(rows))
         try:
             for group in padding_groups(rows, params, self.slots):
                 self._prefill(
@@ -492,13 +473,8 @@ class DecodeEngine:
         """Start a block of ``k`` steps for the active slots without waiting for the device;
         :meth:`collect` returns its outputs. Between the two the host is free (a server routes
         the previous block's tokens meanwhile); :meth:`release` may be called then (a released
-        slot's tokens of the block are still reported: the caller drops them) and :meth:`add`
-        (into slots outside the block, whose rows join the next one), but not :meth:`step` or
-        another :meth:`launch`.
-
-        Why adding is safe: the device runs its work in the order the host queues it, so the
-        new rows' prefill writes (their caches, counters, sampling state) land after the block
-        has read and written those rows as free ones; the block's own slots are never taken."""
+        slot's tokens of the block are still reported: the caller drops them), but not
+        :meth:`add`, :meth:`step` or another :meth:`launch`."""
         check_block_size(k)
         self._check_idle()
         if self.buffers.pending_logits is not None:

@@ -8,7 +8,7 @@ device.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 from .decode_step import StepVariant
 from .sampling import SamplingMode, SamplingParams, batch_mode
@@ -26,15 +26,9 @@ class SlotTable:
         self.top_n: dict[int, int] = {}  # top alternatives asked, per slot that asks
         self.reported: dict[int, int] = {}  # tokens reported so far: the next one's position
 
-    def take(self, n: int, avoid: Collection[int] = ()) -> list[int]:
-        """``n`` free slots, lowest first, none of ``avoid`` (the slots of a block in flight:
-        released while it computes, their rows are still being written)."""
-        taken = [slot for slot in self.free if slot not in avoid][:n]
-        if len(taken) < n:
-            raise ValueError(f"{n} slots asked for, {len(taken)} free")
-        chosen = set(taken)
-        self.free = [slot for slot in self.free if slot not in chosen]
-        return taken
+    def take(self, n: int) -> list[int]:
+        """``n`` free slots, lowest first."""
+        return [self.free.pop(0) for _ in range(n)]
 
     def give_back(self, slots: Sequence[int]) -> None:
         """Slots whose start failed: free again, running nothing."""

@@ -5,24 +5,28 @@ The worker turns a pipeline of blocks of ``tokens_per_sync`` steps (:meth:`Decod
 :meth:`DecodeEngine.collect_block`): the device runs a block's steps back to back and the host
 reads them once, instead of stopping the device at every token. Each turn of the worker:
 
-1. collects the block in flight (the one host sync of the turn) and frees the slots of
-   cancelled sequences (their client went away);
-2. launches the next block for every sequence running;
-3. routes the collected block's tokens to their sequences while the device computes the next:
+1. collects the block in flight (the one host sync of the turn);
+2. frees the slots of cancelled sequences (their client went away) and admits waiting sequences
+   into free slots, first come first served (their prompts prefilled together; the engine is
+   idle between the collect and the next launch, the only time it takes new rows);
+3. launches the next block for every sequence running, the new ones included;
+4. routes the collected block's tokens to their sequences while the device computes the next:
    each sequence's tokens of the block together (one push to its detokenizer: text deltas and
    stop strings from :class:`pldr_llm.generation.Detokenizer`, ``max_tokens``; one event), and
-   releases the slots of sequences that ended; the events go out;
-4. admits waiting sequences into free slots (not those of the block in flight), first come
-   first served, their prompts prefilled together: the prefill's host work (a prompt pass is
-   some thousand kernel launches: ~25 ms on an H200 whatever the batch) overlaps the device's
-   block, and its device work is queued behind it; the new rows join the next block.
+   releases the slots of sequences that ended.
 
-So the device never waits for the host's routing or admission, and a new request's first token
-comes two or three blocks after it arrives. A sequence that ends mid-way through a block (a stop
-string), or in a block whose successor was already launched, discards the later tokens. Other
-work on the model (the deductive outputs) runs on the same thread between turns, so nothing
-else ever touches the model concurrently. (The full re-run without KV-cache takes no rows while
-a block computes: its sequences are admitted between the collect and the launch.)
+So the device never waits for the host's routing or for an admission to be decided, and a new
+request's first token comes at most two blocks after it arrives. A sequence that ends mid-way
+through a block (a stop string), or in a block whose successor was already launched, discards
+the later tokens. Other work on the model (the deductive outputs) runs on the same thread
+between turns, so nothing else ever touches the model concurrently.
+
+An admission's prompt pass is some thousand kernel launches (~25 ms of host time on an H200,
+whatever the batch), during which the device idles. Admitting after the launch instead, so that
+this host work overlaps the block, was built and measured (session 9, BENCHMARKS.md): it was
+slower (256 streams: 88k -> 61-64k tokens/s), because the server is bound by the interpreter
+lock, not the device: at 256 streams the event loop's thread and this worker together hold it
+nearly all the time, and the new rows joined one block later.
 
 Results travel to the asyncio side through ``loop.call_soon_threadsafe`` into a per-sequence
 :class:`asyncio.Queue` of :class:`Event`.
@@ -285,8 +289,8 @@ class Scheduler:
             self._lap("flush")
 
     def _turn(self) -> None:
-        """Collect the blocks in flight, launch the next ones, route the collected ones, admit
-        (see the module's docstring)."""
+        """Collect the blocks in flight, admit, launch the next blocks, route the collected
+        ones (see the module's docstring)."""
         blocks = []
         for key in sorted(self._in_flight):
             block = self._engines[key].collect_block()
@@ -299,7 +303,7 @@ class Scheduler:
         for seq in list(self._running.values()):
             if seq.cancelled:
                 self._finish(seq, None)
-        self._admit(after_launch=False)
+        self._admit()
         self._lap("admit")
         for key in sorted({k for k, _ in self._running}):
             engine = self._engines[key]
@@ -311,11 +315,6 @@ class Scheduler:
         now = time.perf_counter()
         for block, owners in blocks:
             self._route(block, owners, now)
-        self._lap("route")
-        self._flush()  # the tokens out before the admission's prefill takes the host
-        self._lap("flush")
-        self._admit(after_launch=True)
-        self._lap("admit")
 
     def _abandon_blocks(self) -> None:
         """After a failure: wait for the blocks in flight and drop them (an engine takes no
@@ -327,15 +326,11 @@ class Scheduler:
                 pass
         self._in_flight.clear()
 
-    def _admit(self, after_launch: bool) -> None:
+    def _admit(self) -> None:
         """Move waiting sequences into free slots, first come first served. Sequences of the same
-        cache mode that arrive together are prefilled in one call.
-
-        Engines that take rows while a block computes (:attr:`DecodeEngine.adds_in_flight`)
-        take them ``after_launch``: the host prepares the prefill while the device runs the
-        block (the prefill is queued behind it) and the rows join the next block. The others
-        (the full re-run without KV-cache) take them before the launch, when they are idle."""
-        while True:
+        cache mode that arrive together are prefilled in one call. Only between a collect and
+        the next launch (no block in flight: an engine takes no rows while it computes)."""
+        while not self._in_flight:
             with self._cond:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()
@@ -349,9 +344,6 @@ class Scheduler:
                         self._waiting.popleft(), Event(finish_reason="error", error=str(exc))
                     )
                     continue
-                now = engine.adds_in_flight or key not in self._in_flight
-                if engine.adds_in_flight != after_launch and not (after_launch and now):
-                    return  # its turn comes in the other phase; first come, first served
                 batch: list[GenSequence] = []
                 while (
                     self._waiting and len(batch) < engine.free_slots and self._waiting[0].key == key
