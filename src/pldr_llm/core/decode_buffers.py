@@ -277,7 +277,7 @@ class DecodeBuffers:
                 if buffer is not None and t is not None:  # A_LM, A_P: record_deductive
                     buffer[index] = t.expand(n, -1, -1, -1).to(buffer.dtype)
         if self.g_fixed is not None:
-            self.g_fixed[index] = g_init_given
+            self.g_fixed.index_fill_(0, index, g_init_given)
         if not g_init_given and self.metric is not None:
             for metric, kv in zip(self.metric, cache.kv):
                 if kv.metric_tensor is not None:  # None: no metric learner (v510G)
@@ -329,12 +329,14 @@ class DecodeBuffers:
         self.counters[0, index] = (
             next_position if next_position is not None else torch.full_like(first, length)
         )
-        self.counters[1, index] = length
-        self.counters[2, index] = 1
+        # Scalars written with index_fill_ (a kernel argument): an indexed assignment of a
+        # Python scalar copies it from host memory, which waits for the device.
+        self.counters[1].index_fill_(0, index, length)
+        self.counters[2].index_fill_(0, index, 1)
         history = torch.zeros(len(first), self.slots, dtype=torch.long, device=first.device)
         history[:, 0] = first
         self.history[index] = history
-        self.active[index] = True
+        self.active.index_fill_(0, index, True)
         self.done[index] = self.finished(index)
 
     # ------------------------------------------------------------------ optional buffers

@@ -86,7 +86,9 @@ class RowProcessing:
         rows = [r for r, prompt in enumerate(prompts) for _ in prompt]
         if rows:
             ids = [int(t) for prompt in prompts for t in prompt]
-            self.in_prompt[index[on_device(rows)], on_device(ids)] = True
+            # One flat index_fill_ (the value a kernel argument, not a copy from the host).
+            flat = index[on_device(rows)] * self.in_prompt.shape[1] + on_device(ids)
+            self.in_prompt.view(-1).index_fill_(0, flat, True)
         # Each id once per row (SamplingParams.validate): the scatter's order does not matter.
         pairs = [(r, int(t), float(v)) for r, p in enumerate(params) for t, v in p.logit_bias]
         if pairs:
