@@ -8,7 +8,7 @@ trained on the repository's docs), makes the server's :class:`~pldr_llm.serve.sc
 with ``--max-batch`` rows and the server's default tokens per sync, queues that many sequences at
 once (``serve_load.py``'s requests: temperature 1, a seed each, ``ignore_eos``; ``--penalties``:
 presence and frequency penalties 0.5 and a ``logit_bias`` of 11 ids) and runs the worker's loop
-(``_admit``, ``_step``, ``_flush``) on this thread until they are all done, with events delivered
+(``_admit``, then ``_turn`` and ``_flush``) on this thread until they are all done, with events delivered
 to a queue as the event loop would take them.
 
 The step's own computation -- :meth:`StepGraphs.run`, a graph replay on a GPU, here the tiny
@@ -132,10 +132,10 @@ def run_once(
     device = engine.model.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
 
-    def timed_run(variant: Any, count: int, block: int | None = None) -> None:
+    def timed_run(variant: Any, count: int, **kwargs: Any) -> None:
         sync(device)  # on a GPU: what was queued before (a prefill) is not the step's
         start = time.perf_counter()
-        run(variant, count, block)
+        run(variant, count, **kwargs)
         sync(device)
         spent["compute"] += time.perf_counter() - start
         spent["steps"] += count
@@ -154,9 +154,7 @@ def run_once(
         scheduler._admit()
         admitted = time.perf_counter()
         while scheduler._running or scheduler._in_flight or scheduler._waiting:
-            scheduler._admit()
-            if scheduler._running or scheduler._in_flight:
-                scheduler._step()
+            scheduler._turn()  # collect, admit, launch, route: the worker's turn
             scheduler._flush()
         end = time.perf_counter()
         if profile is not None:
