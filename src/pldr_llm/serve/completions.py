@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -46,14 +46,35 @@ from pldr_llm.serve.protocol import (
 )
 from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, ShuttingDown
 
+T = TypeVar("T")
 
-def render_chat(template: str, messages: list[dict[str, str]]) -> str:
-    """The prompt text of ``messages`` through the model's chat template (sandboxed Jinja)."""
+#: Prompts (and chat messages) up to this many characters are tokenized (rendered) on the event
+#: loop: a short prompt takes tens of microseconds, less than the hop to a worker thread and back
+#: (which also adds a thread that wants the interpreter lock). Longer ones go to a thread, so
+#: that a large body does not hold up the other streams.
+INLINE_PROMPT_CHARS = 4096
+
+
+async def off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` for a prompt of ``chars`` characters: here when short, else on a thread."""
+    if chars <= INLINE_PROMPT_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str) -> Any:
+    """The chat template compiled once (in a sandbox: it comes from the model folder)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template)
+
+
+def render_chat(template: str, messages: list[dict[str, str]]) -> str:
+    """The prompt text of ``messages`` through the model's chat template (sandboxed Jinja)."""
     try:
-        return env.from_string(template).render(
+        return _compiled_template(template).render(
             messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
         )
     except Exception as exc:  # a template error is the request's (its messages') problem
@@ -143,7 +164,8 @@ class CompletionHandlers:
         messages = parse_messages(body)
         # The character limit before the template renders it (and before tokenizing).
         check_prompt_chars(["".join(m["content"] for m in messages)], self.max_len)
-        req.prompts = [await asyncio.to_thread(render_chat, template, messages)]
+        chars = sum(len(m["content"]) for m in messages)
+        req.prompts = [await off_loop(chars, render_chat, template, messages)]
         return await self._generate(request, req, chat=True)
 
     # ------------------------------------------------------------------ preparing
@@ -172,8 +194,9 @@ class CompletionHandlers:
     async def _plans(self, req: CompletionRequest) -> list[PromptPlan]:
         check_prompt_chars(req.prompts, self.max_len)
         pieces = req.echo and req.logprobs
-        plans = await asyncio.to_thread(
-            lambda: [self._plan(p, req.echo, pieces) for p in req.prompts]
+        chars = sum(len(p) if isinstance(p, str) else 0 for p in req.prompts)
+        plans = await off_loop(
+            chars, lambda: [self._plan(p, req.echo, pieces) for p in req.prompts]
         )
         only_score = req.max_tokens == 0
         for plan in plans:
