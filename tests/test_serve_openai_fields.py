@@ -416,7 +416,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 def test_prompt_over_the_character_limit_is_refused_untokenized(server, monkeypatch) -> None:
     """A prompt over the limit is refused before tokenizing; a short one is tokenized on the
     event loop (cheaper than a thread's round trip), a longer one on a thread."""
-    from pldr_llm.serve import completions
+    from pldr_llm.serve import prompts
 
     url, app = server
     tokenizer = app.state.server.tokenizer
@@ -440,7 +440,7 @@ def test_prompt_over_the_character_limit_is_refused_untokenized(server, monkeypa
         assert calls == []  # refused before tokenizing
         r = httpx.post(url + "/v1/completions", json={**body, "prompt": "a b"}, timeout=60)
         assert r.status_code == 200 and calls == [True]  # short: on the event loop
-        monkeypatch.setattr(completions, "INLINE_PROMPT_CHARS", 2)
+        monkeypatch.setattr(prompts, "INLINE_PROMPT_CHARS", 2)
         r = httpx.post(url + "/v1/completions", json={**body, "prompt": "a b"}, timeout=60)
         assert r.status_code == 200 and calls == [True, False]  # longer: off the event loop
     finally:

@@ -54,9 +54,12 @@ from .decode_step import KVStep, StepVariant
 from .engine_options import (
     check_block_size,
     check_engine_options,
+    check_free,
+    check_g_init,
     check_rows,
     choose_fused,
     packed_projections,
+    padding_groups,
 )
 from .errors import PLDRError
 from .model import PLDRModel
@@ -83,24 +86,6 @@ __all__ = [
     "StepOutput",
     "StepVariant",
 ]
-
-
-def padding_groups(
-    rows: Sequence[Sequence[int]], params: Sequence[SamplingParams], slots: int
-) -> list[list[int]]:
-    """The indices of ``rows`` to prefill together: all of them, unless left-padding a row to
-    the longest prompt would leave it too few of the ``slots`` key slots for its
-    ``max_new_tokens`` (a padded row's keys start after the padding, and every step writes a
-    row's next key, its last one included, at its write index: padded + max_new_tokens must not
-    pass ``slots``); then one group per prompt length (no padding: each row fits, as
-    :func:`check_rows` checked)."""
-    longest = max(len(row) for row in rows)
-    if all(longest + p.max_new_tokens <= slots for p in params):
-        return [list(range(len(rows)))]
-    by_length: dict[int, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_length.setdefault(len(row), []).append(i)
-    return list(by_length.values())
 
 
 class DecodeEngine:
@@ -307,20 +292,14 @@ class DecodeEngine:
         id *inside* such a prompt is attended to by the prompt pass, where alone it is masked.)
         """
         self._check_idle()
-        if len(prompts) > len(self.table.free):
-            raise PLDRError(
-                f"{len(prompts)} prompt(s) but only {len(self.table.free)} free slot(s) "
-                f"(max_batch={self.max_batch})"
-            )
+        check_free(len(prompts), len(self.table.free), self.max_batch)
         vocab = self.config.input_vocab_size
         rows, forced = check_rows(prompts, params, forced_ids, vocab, self.max_len)
         init = prepare_g_init(self.model, g_init)
+        recorded = self.record_deductive and self.enable_kvcache
+        check_g_init(init is not None, recorded, self.causal_running)
         for packed in self.packed or ():
             packed.refresh()  # the weights may have changed since the last request
-        if init is not None and self.record_deductive and self.enable_kvcache:
-            raise PLDRError("record_deductive with the KV-cache takes no G_init")
-        if init is not None and self.causal_running:
-            raise PLDRError("G_init with a causal metric needs the G-cache on (or no KV-cache)")
         slots = self.table.take(len(rows))
         try:
             for group in padding_groups(rows, params, self.slots):

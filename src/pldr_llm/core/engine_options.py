@@ -1,5 +1,6 @@
 """What a decoding engine is built with and what it admits: its options' checks and choices
-(graph capture, the fused step, packed projections) and the check of the rows added to it."""
+(graph capture, the fused step, packed projections), the checks of the rows added to it and
+how their prompts are grouped for the prefill."""
 
 from __future__ import annotations
 
@@ -134,3 +135,36 @@ def why_not_fused(
     if record_deductive:
         return "record_deductive runs the eager step"
     return fused_supports(model)
+
+
+def check_free(count: int, free: int, max_batch: int) -> None:
+    """``count`` new rows fit in the ``free`` slots (one-line :class:`PLDRError`)."""
+    if count > free:
+        raise PLDRError(f"{count} prompt(s) but only {free} free slot(s) (max_batch={max_batch})")
+
+
+def check_g_init(given: bool, recorded: bool, causal_running: bool) -> None:
+    """A G_init (``given``) is refused where it cannot apply: with the deductive recorder over
+    the KV-cache (``recorded``), or with a causal metric's running sum (``causal_running``)."""
+    if given and recorded:
+        raise PLDRError("record_deductive with the KV-cache takes no G_init")
+    if given and causal_running:
+        raise PLDRError("G_init with a causal metric needs the G-cache on (or no KV-cache)")
+
+
+def padding_groups(
+    rows: Sequence[Sequence[int]], params: Sequence[SamplingParams], slots: int
+) -> list[list[int]]:
+    """The indices of ``rows`` to prefill together: all of them, unless left-padding a row to
+    the longest prompt would leave it too few of the ``slots`` key slots for its
+    ``max_new_tokens`` (a padded row's keys start after the padding, and every step writes a
+    row's next key, its last one included, at its write index: padded + max_new_tokens must not
+    pass ``slots``); then one group per prompt length (no padding: each row fits, as
+    :func:`check_rows` checked)."""
+    longest = max(len(row) for row in rows)
+    if all(longest + p.max_new_tokens <= slots for p in params):
+        return [list(range(len(rows)))]
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_length.setdefault(len(row), []).append(i)
+    return list(by_length.values())

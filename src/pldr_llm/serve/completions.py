@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -33,6 +33,7 @@ from pldr_llm.serve.logprobs import (
     score_prompt,
 )
 from pldr_llm.serve.metrics import Metrics
+from pldr_llm.serve.prompts import off_loop, render_chat
 from pldr_llm.serve.protocol import (
     APIError,
     CompletionRequest,
@@ -45,40 +46,6 @@ from pldr_llm.serve.protocol import (
     parse_messages,
 )
 from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, ShuttingDown
-
-T = TypeVar("T")
-
-#: Prompts (and chat messages) up to this many characters are tokenized (rendered) on the event
-#: loop: a short prompt takes tens of microseconds, less than the hop to a worker thread and back
-#: (which also adds a thread that wants the interpreter lock). Longer ones go to a thread, so
-#: that a large body does not hold up the other streams.
-INLINE_PROMPT_CHARS = 4096
-
-
-async def off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` for a prompt of ``chars`` characters: here when short, else on a thread."""
-    if chars <= INLINE_PROMPT_CHARS:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_template(template: str) -> Any:
-    """The chat template compiled once (in a sandbox: it comes from the model folder)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template)
-
-
-def render_chat(template: str, messages: list[dict[str, str]]) -> str:
-    """The prompt text of ``messages`` through the model's chat template (sandboxed Jinja)."""
-    try:
-        return _compiled_template(template).render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
-        )
-    except Exception as exc:  # a template error is the request's (its messages') problem
-        raise bad(f"the chat template failed on these messages: {exc}", "messages") from None
 
 
 def sampling_params(req: CompletionRequest, seed: int, max_new: int) -> SamplingParams:
