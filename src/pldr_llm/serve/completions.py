@@ -161,7 +161,8 @@ class CompletionHandlers:
     async def _plans(self, req: CompletionRequest) -> list[PromptPlan]:
         check_prompt_chars(req.prompts, self.max_len)
         pieces = req.echo and req.logprobs
-        chars = sum(len(p) if isinstance(p, str) else 0 for p in req.prompts)
+        # (A prompt of token ids counts 4 characters an id: echo decodes each.)
+        chars = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in req.prompts)
         plans = await off_loop(
             chars, lambda: [self._plan(p, req.echo, pieces) for p in req.prompts]
         )
