@@ -287,10 +287,9 @@ class PLDRModel(nn.Module):
             raise PLDRError("input_ids is empty")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise PLDRError(f"input_ids must be integer ids, got {input_ids.dtype}")
-        if check_ids:
-            check_token_range(
-                int(input_ids.min()), int(input_ids.max()), self.config.input_vocab_size
-            )
+        if check_ids:  # both bounds in one read from the device
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+            check_token_range(low, high, self.config.input_vocab_size)
         for name, other in (("labels", labels), ("attention_mask", attention_mask)):
             if other is not None and other.shape != input_ids.shape:
                 raise PLDRError(
