@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,11 @@ def client_process(
     args: argparse.Namespace, base: str, model_id: str, clients: range, barrier: Any, out: Any
 ) -> None:
     """One client process (``--client-procs``): its share of the clients, started together
-    with the others' (``barrier``); puts (results, start, end, its CPU seconds) on ``out``."""
+    with the others' (``barrier``, passed twice: all ready, then go once the parent has read
+    the server's counters); puts (results, start, end, its CPU seconds) on ``out``."""
+    import httpx  # noqa: F401 - imported before the start, not inside the timed load
+
+    barrier.wait(120)
     barrier.wait(120)
     start, cpu = time.monotonic(), time.process_time()
     try:
@@ -259,20 +264,29 @@ def client_process(
 
 
 def run_clients(
-    args: argparse.Namespace, base: str, model_id: str
+    args: argparse.Namespace,
+    base: str,
+    model_id: str,
+    on_ready: Callable[[], None],
+    on_done: Callable[[], None],
 ) -> tuple[list[dict], float, list[float]]:
     """Every client's requests, over ``args.client_procs`` processes (a single client process
     cannot parse the chunks of a busy GPU server fast enough: it would measure itself): the
-    results, the wall time from the first start to the last end, each process's CPU seconds."""
+    results, the wall time from the first start to the last end, each process's CPU seconds.
+    ``on_ready`` runs just before the first request (the processes started: their start-up
+    is not in the server's counters), ``on_done`` as soon as the last one is answered (before
+    the processes exit)."""
     procs = max(1, min(args.client_procs, args.clients))
     if procs == 1:
+        on_ready()
         start, cpu = time.monotonic(), time.process_time()
         results = asyncio.run(client_requests(args, base, model_id, range(args.clients)))
+        on_done()
         return results, time.monotonic() - start, [time.process_time() - cpu]
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no state of the parent (torch) inherited
-    barrier, out = context.Barrier(procs), context.Queue()
+    barrier, out = context.Barrier(procs + 1), context.Queue()  # the parent waits too
     shares = [range(p, args.clients, procs) for p in range(procs)]
     workers = [
         context.Process(target=client_process, args=(args, base, model_id, share, barrier, out))
@@ -280,7 +294,11 @@ def run_clients(
     ]
     for w in workers:
         w.start()
+    barrier.wait(120)  # all started
+    on_ready()
+    barrier.wait(120)  # go
     parts = [out.get(timeout=args.time_limit + 120) for _ in workers]
+    on_done()
     for w in workers:
         w.join(30)
     results = [r for part in parts for r in part[0]]
@@ -309,9 +327,16 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return seconds
 
 
-def run_load(args: argparse.Namespace, base: str, model_id: str) -> dict[str, Any]:
-    """The load (see the module's docstring) and its summary."""
-    results, wall, client_cpu = run_clients(args, base, model_id)
+def run_load(
+    args: argparse.Namespace,
+    base: str,
+    model_id: str,
+    on_ready: Callable[[], None] = lambda: None,
+    on_done: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """The load (see the module's docstring) and its summary (``on_ready``, ``on_done``: see
+    :func:`run_clients`)."""
+    results, wall, client_cpu = run_clients(args, base, model_id, on_ready, on_done)
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     tokens = sum(r["tokens"] for r in ok)
@@ -428,11 +453,17 @@ def main() -> int:
             # long enough for the blocks of several steps per sync to be captured too.
             warm = argparse.Namespace(**{**vars(args), "max_tokens": 16, "rounds": 1})
             run_load(warm, base, "bench")
-            before = httpx.get(base + "/metrics", timeout=10).text
-            cpu_before = thread_cpu_seconds(server.pid)
-            result = run_load(args, base, "bench")
-            cpu_after = thread_cpu_seconds(server.pid)
-            metrics = httpx.get(base + "/metrics", timeout=10).text
+            counters: dict[str, Any] = {}
+
+            def read_counters(when: str) -> None:  # the server's counters before/after
+                counters[when] = thread_cpu_seconds(server.pid)
+                counters[when + " metrics"] = httpx.get(base + "/metrics", timeout=10).text
+
+            result = run_load(
+                args, base, "bench", lambda: read_counters("before"), lambda: read_counters("after")
+            )
+            before, cpu_before = counters["before metrics"], counters["before"]
+            metrics, cpu_after = counters["after metrics"], counters["after"]
             # The server's busy share per thread over the load: its main thread runs the event
             # loop (HTTP, JSON, SSE); the others are the decoding worker (and torch's threads).
             result["server_cpu_busy"] = {

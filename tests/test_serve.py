@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -526,6 +527,17 @@ def test_health_and_metrics(server, client: openai.OpenAI) -> None:
               ("idle", "jobs", "admit", "launch", "collect", "route", "flush")}  # fmt: skip
     assert phases["collect"] + phases["launch"] > 0 and phases["admit"] > 0
     assert all(seconds >= 0 for seconds in phases.values())
+    # A worker waiting for work: its idle seconds are current at every reading (not added only
+    # when it wakes, which would put a wait before a load into the load's counters).
+    idle = 'pldr_worker_seconds_total{phase="idle"}'
+
+    def idle_now() -> float:
+        line = next(x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith(idle))
+        return float(line.rsplit(" ", 1)[1])
+
+    first = idle_now()
+    time.sleep(0.3)
+    assert idle_now() - first >= 0.25
 
 
 def test_deductive_endpoint_gives_the_numbers_of_inspect(server, loaded) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import Counter
 
 # Bucket bounds in seconds: from a fast GPU step (~1 ms) to a slow CPU prefill (tens of seconds).
@@ -89,6 +90,9 @@ class Metrics:
         self.decode_steps = 0  # steps of the running batch (a block of k counts k)
         # Written by the worker thread alone; read (a snapshot) when rendered.
         self.worker_seconds = dict.fromkeys(WORKER_PHASES, 0.0)
+        # While the worker waits for work: since when (its idle seconds are added when it
+        # wakes, so a reading meanwhile adds the wait so far: the counter is current).
+        self.idle_since: float | None = None
         self._lock = threading.Lock()
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -126,7 +130,11 @@ class Metrics:
             "# HELP pldr_worker_seconds_total Seconds the worker thread spent per phase.",
             "# TYPE pldr_worker_seconds_total counter",
         ]
-        for phase, seconds in list(self.worker_seconds.items()):
+        seconds_now = dict(self.worker_seconds)
+        since = self.idle_since
+        if since is not None:
+            seconds_now["idle"] += max(0.0, time.perf_counter() - since)
+        for phase, seconds in seconds_now.items():
             lines.append(f'pldr_worker_seconds_total{{phase="{phase}"}} {seconds:.6f}')
         lines += self.ttft.lines(
             "pldr_time_to_first_token_seconds", "From queueing a sequence to its first token."

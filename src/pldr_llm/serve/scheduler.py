@@ -263,14 +263,16 @@ class Scheduler:
                 while not (
                     self._waiting or self._running or self._jobs or self._in_flight or self._stop
                 ):
+                    self.metrics.idle_since = self._lap_start
                     self._cond.wait()
+                self._lap("idle")  # before the reading of an ongoing wait stops
+                self.metrics.idle_since = None
                 if self._stop and not (
                     self._waiting or self._running or self._jobs or self._in_flight
                 ):
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
-            self._lap("idle")
             for fn, future in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
