@@ -40,8 +40,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pldr_llm.serve.metrics import WORKER_PHASES  # the standard library only: no server here
-
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -134,6 +132,9 @@ def worker_breakdown(before: str, after: str) -> dict[str, Any]:
     """The server worker's decoding steps between two ``/metrics`` texts, and its seconds per
     phase over them as milliseconds a step: where a step's time went (collect: the worker
     waited for the device; the rest is host work, or idle)."""
+
+    # Imported here: the client processes import this module and need no torch.
+    from pldr_llm.serve.metrics import WORKER_PHASES
 
     def delta(name: str) -> float:
         return metric_value(after, name) - metric_value(before, name)
@@ -280,7 +281,10 @@ def run_clients(
     if procs == 1:
         on_ready()
         start, cpu = time.monotonic(), time.process_time()
-        results = asyncio.run(client_requests(args, base, model_id, range(args.clients)))
+        try:
+            results = asyncio.run(client_requests(args, base, model_id, range(args.clients)))
+        except Exception as exc:  # the time limit: every request counts as failed
+            results = [{"error": f"{type(exc).__name__}: {exc}"}] * (args.clients * args.rounds)
         on_done()
         return results, time.monotonic() - start, [time.process_time() - cpu]
     import multiprocessing

@@ -50,6 +50,13 @@ def test_padded_logits_equal_lone_logits(tiny_model):
     with torch.no_grad():
         unmasked = tiny_model(padded, output_deductive=True)
     assert not torch.allclose(unmasked.deductive[0].A, alone.deductive[0].A, atol=1e-3)
+    # key_padding (a caller's hint that spares a read from the device) never drops a mask: True
+    # says it has a 0; False (its meaning without a mask: no pad id) is not taken for a mask
+    with torch.no_grad():
+        masked = tiny_model(padded, attention_mask=mask)
+        for hint in (True, False):
+            hinted = tiny_model(padded, attention_mask=mask, key_padding=hint)
+            torch.testing.assert_close(hinted.logits, masked.logits, atol=0, rtol=0)
 
 
 def test_stop_at_eos_per_row(tiny_model):
@@ -818,6 +825,20 @@ def test_cpu_block_stops_once_every_row_reported_its_end(tiny_model):
     assert block.token_ids == want and block.finished == [True, True]
 
 
+def test_padding_groups_set_apart_only_the_rows_that_do_not_fit():
+    from pldr_llm.core.engine_options import padding_groups
+    from pldr_llm.generation import SamplingParams
+
+    def groups(lengths: list[int], max_new: list[int], slots: int = 24) -> list[list[int]]:
+        params = [SamplingParams(max_new_tokens=m) for m in max_new]
+        return padding_groups([[5] * n for n in lengths], params, slots)
+
+    assert groups([2, 6, 4], [10, 10, 10]) == [[0, 1, 2]]  # all fit: one prefill
+    # row 0 (2 tokens) asks for the whole context: padded to 6 it would pass the 24 slots
+    assert groups([2, 6, 4, 6], [22, 10, 10, 18]) == [[1, 2, 3], [0]]
+    assert groups([2, 6, 4], [22, 18, 20]) == [[1], [2], [0]]  # one group per length at worst
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_prompts_of_different_lengths_may_each_fill_the_context(tiny_model, k):
     """Left-padded together, a short prompt's keys would start after the padding and its last
@@ -876,3 +897,31 @@ def test_cuda_admission_reads_nothing_back(tiny_model):
         engine.step_many(4)
     assert [len(ids) for ids in engine.generated_many(joined)] == [20, 30]
     model.cpu()
+
+
+def test_a_failed_prefill_leaves_its_slots_needing_nothing(tiny_model, monkeypatch):
+    """A prefill in groups that fails after its first group gives every slot back clean: the
+    next rows there get only what they ask for (no alternatives, no processed step)."""
+    from pldr_llm.generation import DecodeEngine, SamplingParams
+
+    engine = DecodeEngine(tiny_model, 2, 24)
+    asks = SamplingParams(max_new_tokens=10, logprobs=3, presence_penalty=0.5)
+    tight = SamplingParams(max_new_tokens=22)  # 2 tokens: it cannot be padded to 6
+    prefill, calls = engine._prefill, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prefill", second_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.add_many([[5, 6], [7] * 6], [tight, asks])
+    monkeypatch.undo()
+    assert engine.free_slots == 2 and not engine.active_slots
+    plain = SamplingParams(max_new_tokens=4)
+    engine.add_many([[5, 6], [7, 8]], [plain, plain])
+    assert engine.table.top_n == {} and engine.table.processed == set()
+    variant = engine.table.variant()
+    assert not variant.processed and not variant.top_logprobs

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -538,6 +539,40 @@ def test_health_and_metrics(server, client: openai.OpenAI) -> None:
     first = idle_now()
     time.sleep(0.3)
     assert idle_now() - first >= 0.25
+
+
+def test_idle_seconds_never_decrease_while_the_worker_wakes() -> None:
+    """A /metrics reading races the worker waking up (it adds its wait and closes it): the
+    idle counter a reading gives never goes down (Prometheus would take it for a reset)."""
+    import threading
+
+    from pldr_llm.serve.metrics import Metrics
+
+    metrics = Metrics()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            since = time.perf_counter()
+            metrics.worker_waits(since)
+            time.sleep(0.0002)  # a wait long enough to show at the counter's microseconds
+            metrics.worker_woke(since)
+
+    def idle() -> float:
+        line = next(x for x in metrics.render(0, 0).splitlines() if 'phase="idle"' in x)
+        return float(line.rsplit(" ", 1)[1])
+
+    thread = threading.Thread(target=worker)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two statements: the race shows
+    thread.start()
+    try:
+        readings = [idle() for _ in range(5000)]
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert all(b >= a for a, b in zip(readings, readings[1:]))
 
 
 def test_deductive_endpoint_gives_the_numbers_of_inspect(server, loaded) -> None:

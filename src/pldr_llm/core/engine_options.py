@@ -155,16 +155,18 @@ def check_g_init(given: bool, recorded: bool, causal_running: bool) -> None:
 def padding_groups(
     rows: Sequence[Sequence[int]], params: Sequence[SamplingParams], slots: int
 ) -> list[list[int]]:
-    """The indices of ``rows`` to prefill together: all of them, unless left-padding a row to
-    the longest prompt would leave it too few of the ``slots`` key slots for its
-    ``max_new_tokens`` (a padded row's keys start after the padding, and every step writes a
-    row's next key, its last one included, at its write index: padded + max_new_tokens must not
-    pass ``slots``); then one group per prompt length (no padding: each row fits, as
-    :func:`check_rows` checked)."""
-    longest = max(len(row) for row in rows)
-    if all(longest + p.max_new_tokens <= slots for p in params):
-        return [list(range(len(rows)))]
-    by_length: dict[int, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_length.setdefault(len(row), []).append(i)
-    return list(by_length.values())
+    """The indices of ``rows`` to prefill together. A row left-padded to its group's longest
+    prompt has its keys start after the padding, and every step writes a row's next key, its
+    last one included, at its write index: padded + ``max_new_tokens`` must not pass ``slots``.
+    So the longest row left starts a group and takes every other row that fits beside it; the
+    rows that do not wait for a group of shorter prompts (the longest row always fits alone, as
+    :func:`check_rows` checked). One group when all fit."""
+    left = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    groups = []
+    while left:
+        longest = len(rows[left[0]])
+        group = [i for i in left if longest + params[i].max_new_tokens <= slots]
+        groups.append(sorted(group))
+        taken = set(group)
+        left = [i for i in left if i not in taken]
+    return groups

@@ -203,8 +203,8 @@ class PLDRModel(nn.Module):
 
         Host reads (each one waits for the GPU): ``check_ids=False`` skips the id range check
         (the caller checked, e.g. the trainer on the CPU batch); ``key_padding`` says whether
-        ``input_ids`` holds ``pad_id`` (no ``attention_mask``: original semantics) or the
-        ``attention_mask`` a 0 (no cache), instead of finding out on the device."""
+        ``input_ids`` holds ``pad_id`` (no ``attention_mask``: original semantics), and True
+        with an ``attention_mask`` (no cache) that the mask has a 0, instead of finding out."""
         input_ids, attention_mask = self._checked_inputs(
             input_ids, attention_mask, labels, check_ids
         )
@@ -214,10 +214,8 @@ class PLDRModel(nn.Module):
         new_valid, positions, next_position, key_valid = self._token_positions(
             input_ids, attention_mask, cache, per_row
         )
-        known = key_padding is not None and past_len == 0
-        known_valid = (
-            not key_padding if known and (attention_mask is not None or not per_row) else None
-        )
+        known = key_padding is not None and past_len == 0  # True with a mask: not all valid
+        known_valid = not key_padding if known and (key_padding or not per_row) else None
         bias, is_causal = self.attention_mask_bias(
             key_valid, input_ids.shape[1], past_len, known_valid
         )

@@ -31,9 +31,10 @@ class SlotTable:
         return [self.free.pop(0) for _ in range(n)]
 
     def give_back(self, slots: Sequence[int]) -> None:
-        """Slots whose start failed: free again, running nothing."""
+        """Slots whose start failed: free again, running nothing, needing nothing (some may
+        have started: a prefill in groups can fail after the first)."""
         for slot in slots:
-            self.running.discard(slot)
+            self._forget(slot)
         self.free = sorted(set(self.free) | set(slots))
 
     def start(self, slot: int, mode: SamplingMode, params: SamplingParams, forced: bool) -> None:
@@ -50,13 +51,17 @@ class SlotTable:
 
     def release(self, slot: int) -> None:
         """``slot`` is free again."""
+        self._forget(slot)
+        self.free.append(slot)
+        self.free.sort()
+
+    def _forget(self, slot: int) -> None:
+        """``slot`` runs nothing and needs nothing."""
         self.running.discard(slot)
         for table in (self.modes, self.top_n, self.reported):
             table.pop(slot, None)
         self.forced.discard(slot)
         self.processed.discard(slot)
-        self.free.append(slot)
-        self.free.sort()
 
     def variant(self) -> StepVariant:
         """The step variant the running slots need."""

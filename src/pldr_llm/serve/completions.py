@@ -131,7 +131,7 @@ class CompletionHandlers:
         messages = parse_messages(body)
         # The character limit before the template renders it (and before tokenizing).
         check_prompt_chars(["".join(m["content"] for m in messages)], self.max_len)
-        chars = sum(len(m["content"]) for m in messages)
+        chars = sum(len(m["role"]) + len(m["content"]) + 16 for m in messages)  # + the markup
         req.prompts = [await off_loop(chars, render_chat, template, messages)]
         return await self._generate(request, req, chat=True)
 

@@ -95,6 +95,22 @@ class Metrics:
         self.idle_since: float | None = None
         self._lock = threading.Lock()
 
+    def worker_waits(self, since: float) -> None:
+        """The worker waits for work, idle since ``since`` (``time.perf_counter``)."""
+        with self._lock:
+            self.idle_since = since
+
+    def worker_woke(self, since: float) -> float:
+        """The worker, idle since ``since``, goes to work: its idle seconds up to now are added
+        and the wait closed in one step, the clock read inside it (a reading sees the wait
+        either ongoing or added, never both or neither, and never later than the end it
+        adds). Returns now."""
+        with self._lock:
+            now = time.perf_counter()
+            self.worker_seconds["idle"] += now - since
+            self.idle_since = None
+        return now
+
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
@@ -130,10 +146,10 @@ class Metrics:
             "# HELP pldr_worker_seconds_total Seconds the worker thread spent per phase.",
             "# TYPE pldr_worker_seconds_total counter",
         ]
-        seconds_now = dict(self.worker_seconds)
-        since = self.idle_since
-        if since is not None:
-            seconds_now["idle"] += max(0.0, time.perf_counter() - since)
+        with self._lock:
+            seconds_now, since = dict(self.worker_seconds), self.idle_since
+            if since is not None:
+                seconds_now["idle"] += max(0.0, time.perf_counter() - since)
         for phase, seconds in seconds_now.items():
             lines.append(f'pldr_worker_seconds_total{{phase="{phase}"}} {seconds:.6f}')
         lines += self.ttft.lines(

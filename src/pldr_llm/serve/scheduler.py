@@ -263,10 +263,9 @@ class Scheduler:
                 while not (
                     self._waiting or self._running or self._jobs or self._in_flight or self._stop
                 ):
-                    self.metrics.idle_since = self._lap_start
+                    self.metrics.worker_waits(self._lap_start)
                     self._cond.wait()
-                self._lap("idle")  # before the reading of an ongoing wait stops
-                self.metrics.idle_since = None
+                self._lap_start = self.metrics.worker_woke(self._lap_start)  # the idle lap
                 if self._stop and not (
                     self._waiting or self._running or self._jobs or self._in_flight
                 ):
