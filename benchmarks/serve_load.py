@@ -246,6 +246,15 @@ async def client_requests(
     return results
 
 
+def share_results(args: argparse.Namespace, base: str, model_id: str, clients: range) -> list[dict]:
+    """:func:`client_requests` run to the end; past the time limit every request of the share
+    counts as failed (a load test reports errors, it does not raise them)."""
+    try:
+        return asyncio.run(client_requests(args, base, model_id, clients))
+    except Exception as exc:
+        return [{"error": f"{type(exc).__name__}: {exc}"}] * (len(clients) * args.rounds)
+
+
 def client_process(
     args: argparse.Namespace, base: str, model_id: str, clients: range, barrier: Any, out: Any
 ) -> None:
@@ -257,10 +266,7 @@ def client_process(
     barrier.wait(120)
     barrier.wait(120)
     start, cpu = time.monotonic(), time.process_time()
-    try:
-        results = asyncio.run(client_requests(args, base, model_id, clients))
-    except Exception as exc:  # the time limit: every request of this process counts as failed
-        results = [{"error": f"{type(exc).__name__}: {exc}"}] * (len(clients) * args.rounds)
+    results = share_results(args, base, model_id, clients)
     out.put((results, start, time.monotonic(), time.process_time() - cpu))
 
 
@@ -281,10 +287,7 @@ def run_clients(
     if procs == 1:
         on_ready()
         start, cpu = time.monotonic(), time.process_time()
-        try:
-            results = asyncio.run(client_requests(args, base, model_id, range(args.clients)))
-        except Exception as exc:  # the time limit: every request counts as failed
-            results = [{"error": f"{type(exc).__name__}: {exc}"}] * (args.clients * args.rounds)
+        results = share_results(args, base, model_id, range(args.clients))
         on_done()
         return results, time.monotonic() - start, [time.process_time() - cpu]
     import multiprocessing
@@ -457,17 +460,16 @@ def main() -> int:
             # long enough for the blocks of several steps per sync to be captured too.
             warm = argparse.Namespace(**{**vars(args), "max_tokens": 16, "rounds": 1})
             run_load(warm, base, "bench")
-            counters: dict[str, Any] = {}
+            # The server's counters (its /metrics, its threads' CPU seconds) just before the
+            # load and just after it.
+            snapshots: list[tuple[str, dict[str, float]]] = []
 
-            def read_counters(when: str) -> None:  # the server's counters before/after
-                counters[when] = thread_cpu_seconds(server.pid)
-                counters[when + " metrics"] = httpx.get(base + "/metrics", timeout=10).text
+            def snapshot() -> None:
+                metrics_text = httpx.get(base + "/metrics", timeout=10).text
+                snapshots.append((metrics_text, thread_cpu_seconds(server.pid)))
 
-            result = run_load(
-                args, base, "bench", lambda: read_counters("before"), lambda: read_counters("after")
-            )
-            before, cpu_before = counters["before metrics"], counters["before"]
-            metrics, cpu_after = counters["after metrics"], counters["after"]
+            result = run_load(args, base, "bench", snapshot, snapshot)
+            (before, cpu_before), (metrics, cpu_after) = snapshots
             # The server's busy share per thread over the load: its main thread runs the event
             # loop (HTTP, JSON, SSE); the others are the decoding worker (and torch's threads).
             result["server_cpu_busy"] = {
