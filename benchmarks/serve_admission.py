@@ -36,6 +36,11 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=256, help="the engine's rows (256)")
     parser.add_argument("--prompts", default="1,4,16,64", help="batch sizes to time")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--uncaptured-metric",
+        action="store_true",
+        help="run the prompt pass's metric learner op by op (as before core.metric_graphs)",
+    )
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +55,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     spec = EngineSpec(args.slots, None, kv=True, g=True, output_logprobs=True)
     engine = lend_engine(model, spec)
-    engine.warm_up(steps=[16])
+    if args.uncaptured_metric:
+        engine.metric_graphs = None
+    engine.warm_up(steps=[16], prompt_rows=args.slots)  # as the server warms up
     vocab = model.config.input_vocab_size
     rows = []
     for n in (int(x) for x in args.prompts.split(",")):
@@ -77,7 +84,9 @@ def main() -> None:
         rows.append(row)
         print(row)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
+        captured = not args.uncaptured_metric
+        result = {"device": args.device, "captured_metric": captured, "rows": rows}
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -731,7 +731,9 @@ def test_cuda_warm_up_captures_ahead_and_changes_no_result(tiny_model):
     captured = warm.capture_seconds
     from pldr_llm.core.engine import StepVariant
 
-    assert set(warm.graphs._graphs) == {(StepVariant("plain"), 1), (StepVariant("plain"), 4)}
+    # (variant, steps, rows): blocks of fewer rows are captured too (StepGraphs.row_counts)
+    captured_kinds = {key[:2] for key in warm.graphs._graphs}
+    assert captured_kinds == {(StepVariant("plain"), 1), (StepVariant("plain"), 4)}
     warm.add_many(PROMPTS[:2], params)
     got = _drain_many(warm, 4)
     assert warm.capture_seconds == captured  # the first request captured nothing
@@ -925,3 +927,162 @@ def test_a_failed_prefill_leaves_its_slots_needing_nothing(tiny_model, monkeypat
     assert engine.table.top_n == {} and engine.table.processed == set()
     variant = engine.table.variant()
     assert not variant.processed and not variant.top_logprobs
+
+
+def _admit_both(engines, prompts, seed):
+    """The same prompts into each engine; each engine's slots."""
+    from pldr_llm.generation import SamplingParams
+
+    params = [SamplingParams(seed=seed + i, max_new_tokens=6) for i in range(len(prompts))]
+    return [engine.add_many(prompts, params) for engine in engines]
+
+
+def _prefilled(engine, slots):
+    """What a prompt pass left in the engine's caches for ``slots`` (copies)."""
+    b = engine.buffers
+    caches = [t for kv in b.kv for t in (kv.key, kv.value)] + [g.G_LM for g in b.g]
+    caches += b.metric if b.metric is not None else []
+    return [t[slots].clone() for t in caches] + [b.ids[slots].clone()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g_cache", [True, False])
+def test_cuda_prompt_pass_replays_the_metric_learner_bit_for_bit(tiny_model, dtype, g_cache):
+    """The prompt pass's metric learner replayed as CUDA graphs (one per layer and row count,
+    core.metric_graphs) leaves exactly what the uncaptured pass leaves: the same kernels on the
+    same shapes, so no tolerance. Captured on first use, replayed on the next pass of as many
+    rows, captured again after a parameter is replaced (the graphs read parameters where they
+    are: a change in place is seen without a capture)."""
+    from pldr_llm.generation import DecodeEngine
+
+    model = tiny_model.cuda().to(dtype)
+    captured = DecodeEngine(model, 8, 64, enable_Gcache=g_cache)
+    plain = DecodeEngine(model, 8, 64, enable_Gcache=g_cache)
+    assert captured.metric_graphs is not None
+    plain.metric_graphs = None
+    batches = [PROMPTS, [[7] * 9, [3, 4]], [[40, 2, 9], [11] * 5, [6]]]  # 3 rows twice
+    for step, prompts in enumerate(batches):
+        slots = _admit_both((captured, plain), prompts, seed=step)
+        got, want = _prefilled(captured, slots[0]), _prefilled(plain, slots[1])
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        for engine, engine_slots in zip((captured, plain), slots):
+            for slot in engine_slots:
+                engine.release(slot)
+    graphs = captured.metric_graphs._layers[0].graphs
+    assert sorted(graphs) == [2, 3]
+    first_graph = graphs[3]
+    with torch.no_grad():  # in place: the same graphs see it
+        model.decoder.dec_layers[0].mha1.plgatt_layer.alst.mul_(1.5)
+    slots = _admit_both((captured, plain), PROMPTS, seed=9)
+    assert all(torch.equal(a, b) for a, b in zip(_prefilled(captured, slots[0]),
+                                                   _prefilled(plain, slots[1])))  # fmt: skip
+    assert captured.metric_graphs._layers[0].graphs[3] is first_graph
+    for engine, engine_slots in zip((captured, plain), slots):
+        for slot in engine_slots:
+            engine.release(slot)
+    attention = model.decoder.dec_layers[0].mha1  # replaced: captured again
+    attention.plgatt_layer.alst = torch.nn.Parameter(attention.plgatt_layer.alst * 0.5)
+    slots = _admit_both((captured, plain), PROMPTS, seed=9)
+    assert all(torch.equal(a, b) for a, b in zip(_prefilled(captured, slots[0]),
+                                                   _prefilled(plain, slots[1])))  # fmt: skip
+    assert captured.metric_graphs._layers[0].graphs[3] is not first_graph
+    # And the tokens that follow are the same.
+    while captured.active_slots:
+        captured.step_many(3)
+    while plain.active_slots:
+        plain.step_many(3)
+    assert captured.generated_many(slots[0]) == plain.generated_many(slots[1])
+    model.cpu().float()
+
+
+@pytest.mark.gpu
+def test_cuda_warm_up_captures_the_prompt_pass_and_it_launches_less(tiny_model, monkeypatch):
+    """``warm_up(prompt_rows=n)`` captures the metric learner for admissions of 1..n prompts;
+    an admission then dispatches none of the metric learner's operators (a copy in and a few
+    views per layer instead), and every other operator of the pass still runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pldr_llm.core.plga import PowerLawGraphAttention
+    from pldr_llm.generation import DecodeEngine
+
+    class Count(TorchDispatchMode):  # aten operators: what launches kernels
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model.cuda()
+    captured = DecodeEngine(model, 8, 64)
+    captured.warm_up(steps=[1], prompt_rows=4)
+    assert len(captured.metric_graphs._layers) == model.config.num_layers
+    assert all(sorted(layer.graphs) == [1, 2, 3, 4] for layer in
+               captured.metric_graphs._layers.values())  # fmt: skip
+    plain = DecodeEngine(model, 8, 64)
+    plain.metric_graphs = None
+    _admit_both((plain,), PROMPTS, seed=0)  # the first uncaptured pass loads kernels
+    learner_calls = []
+    metric_to_G = PowerLawGraphAttention.metric_to_G
+
+    def counted(self, raw):
+        before = Count.calls
+        out = metric_to_G(self, raw)
+        learner_calls.append(Count.calls - before)
+        return out
+
+    monkeypatch.setattr(PowerLawGraphAttention, "metric_to_G", counted)
+    totals = []
+    for engine in (captured, plain):
+        Count.calls = 0
+        with Count():
+            _admit_both((engine,), [[5, 6, 7]] * 2, seed=1)
+        totals.append(Count.calls)
+    # metric_to_G ran in Python only for the uncaptured engine, once per layer
+    assert len(learner_calls) == model.config.num_layers
+    per_layer = 6  # the input's view and copy, the four outputs' views
+    saved = sum(learner_calls) - per_layer * model.config.num_layers
+    assert saved > 0 and totals[0] <= totals[1] - saved, (totals, learner_calls)
+    model.cpu()
+
+
+def test_metric_runners_take_the_place_of_each_layers_metric_learner(tiny_model):
+    """``forward(metric_runners=...)`` hands each layer's raw ``Q^T Q`` of a fresh prompt to
+    its runner and uses what it returns (here: the same function, counted, then a changed one);
+    with a G-cache the runners are not called. The engine makes graphs only where they apply."""
+    from pldr_llm import PLDRConfig, PLDRModel
+    from pldr_llm.core.cache import PLDRCache
+    from pldr_llm.core.metric_graphs import MetricGraphs, metric_graphs_for
+
+    ids = torch.tensor([PROMPTS[0]])
+    layers = tiny_model.decoder.dec_layers
+    seen = []
+
+    def runner(index, scale=1.0):
+        def run(raw):
+            seen.append((index, tuple(raw.shape)))
+            metric, a_lm, a_p, g_lm = layers[index].mha1.metric_to_G(raw)
+            return metric, a_lm, a_p, g_lm * scale
+
+        return run
+
+    plain = tiny_model(ids)
+    same = tiny_model(ids, metric_runners=[runner(i) for i in range(len(layers))])
+    config = tiny_model.config
+    square = (1, config.num_heads, config.depth, config.depth)
+    assert seen == [(i, square) for i in range(len(layers))]
+    assert torch.equal(same.logits, plain.logits)
+    changed = tiny_model(ids, metric_runners=[runner(i, 2.0) for i in range(len(layers))])
+    assert not torch.allclose(changed.logits, plain.logits)
+    seen.clear()
+    cached = tiny_model(ids, cache=PLDRCache(g=plain.cache.g), metric_runners=[runner(0)] * 2)
+    assert seen == [] and torch.allclose(cached.logits, plain.logits, atol=1e-6)
+    # Where the graphs apply: a learned, non-causal G with CUDA graphs; on the CPU they run as is
+    assert metric_graphs_for(tiny_model, use_graph=False) is None
+    assert isinstance(metric_graphs_for(tiny_model, use_graph=True), MetricGraphs)
+    for changes in ({"version": "v510G"}, {"causal_metric": True}):
+        other = PLDRModel(PLDRConfig.from_hpdict({**config.to_hpdict(), **changes}))
+        assert metric_graphs_for(other, use_graph=True) is None
+    raw = torch.randn(square)
+    on_cpu = MetricGraphs().run(0, layers[0].mha1, raw)
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, layers[0].mha1.metric_to_G(raw)))

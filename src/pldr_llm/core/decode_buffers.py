@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .cache import GCacheEntry, PLDRCache, StaticLayerKV
 from .graphs import sdpa_backends
+from .metric_graphs import MetricGraphs
 from .model import PLDRModel, PLDROutput
 from .plga import mask_value
 from .processing import LogprobHistory, RowProcessing, to_device
@@ -26,10 +27,15 @@ from .sampling import MAX_STOP_IDS, SamplingParams, uniform_draws
 
 
 def prompt_pass(
-    model: PLDRModel, rows: list[list[int]], init: list[GCacheEntry] | None, deductive: bool
+    model: PLDRModel,
+    rows: list[list[int]],
+    init: list[GCacheEntry] | None,
+    deductive: bool,
+    metric_graphs: MetricGraphs | None = None,
 ) -> tuple[PLDROutput, Tensor]:
     """The prompts' forward (left-padded with an attention mask when their lengths differ):
-    its output and the [n, L] ids it ran."""
+    its output and the [n, L] ids it ran. With ``metric_graphs`` the output's A, A_LM, A_P and
+    G_LM are views that the next pass overwrites (copy them before it)."""
     device, pad = model.device, model.config.pad_id
     length = max(len(r) for r in rows)
     mask = None
@@ -47,6 +53,7 @@ def prompt_pass(
                 ids, attention_mask=mask, cache=PLDRCache(g=init) if init is not None else None,
                 logits_to_keep=1, output_deductive=deductive,
                 key_padding=mask is not None or any(pad in r for r in rows), check_ids=False,
+                metric_runners=metric_graphs.runners(model) if metric_graphs else None,
             )  # fmt: skip
     finally:
         if was_training:
@@ -253,6 +260,15 @@ class DecodeBuffers:
     def finished(self, rows: Tensor) -> Tensor:
         """Whether the pending token of ``rows`` is their last (device tensor, no sync)."""
         return self.active[rows] & self.stop_now()[rows]
+
+    @torch.inference_mode()
+    def generated_rows(self, slots: Sequence[int]) -> list[list[int]]:
+        """The ids generated so far in each of ``slots`` (one read from the device)."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.ids.device)
+        counts = self.n_generated[index]
+        width = int(counts.max()) if len(slots) else 0
+        rows = self.history[index, :width].tolist()
+        return [row[:n] for row, n in zip(rows, counts.tolist())]
 
     def fill_caches(
         self,

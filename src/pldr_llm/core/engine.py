@@ -62,6 +62,7 @@ from .engine_options import (
     padding_groups,
 )
 from .errors import PLDRError
+from .metric_graphs import metric_graphs_for
 from .model import PLDRModel
 from .processing import to_device
 from .reference_loop import DeductiveRecord, DeductiveRecorder, FullRerun
@@ -187,6 +188,7 @@ class DecodeEngine:
             stop_when_done=self.device.type == "cpu" and self.recorder is None,
         )  # fmt: skip
         self._in_flight: tuple[list[int], int, int | None] | None = None  # slots, k, rows
+        self.metric_graphs = metric_graphs_for(model, use_graph and not record_deductive)
 
     # ------------------------------------------------------------------ state
     @property
@@ -237,12 +239,7 @@ class DecodeEngine:
 
     def generated_many(self, slots: Sequence[int]) -> list[list[int]]:
         """:meth:`generated` for several slots with one read from the device."""
-        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            counts = self.buffers.n_generated[index]
-            width = int(counts.max()) if len(slots) else 0
-            rows = self.buffers.history[index, :width].tolist()
-        return [row[:n] for row, n in zip(rows, counts.tolist())]
+        return self.buffers.generated_rows(slots)
 
     def logprobs_many(
         self, slots: Sequence[int]
@@ -324,7 +321,7 @@ class DecodeEngine:
     ) -> None:
         """The prompt pass of ``rows`` into ``slots``, and each row's first token."""
         b, device = self.buffers, self.device
-        out, ids = prompt_pass(self.model, rows, init, self.record_deductive)
+        out, ids = prompt_pass(self.model, rows, init, self.record_deductive, self.metric_graphs)
         if self.recorder is not None:
             prefill = {s: (out.deductive or [], i) for i, s in enumerate(slots)}
             self.recorder.record("prefill", prefill)
@@ -370,13 +367,14 @@ class DecodeEngine:
         steps: Sequence[int] = (1,),
         modes: Sequence[SamplingMode] = ("greedy", "plain", "filtered"),
         processed: Sequence[bool] = (False,),
+        prompt_rows: int = 0,
     ) -> float:
         """Capture the step graphs of every mode in ``modes`` for blocks of each of ``steps``
         now, and run a one-token prompt through the prefill (which loads its kernels), instead
         of on the first request that needs them: a server calls this before it takes requests.
         ``processed`` (True among them) also captures the steps that process logits (penalties,
-        bias, minimum length). Returns the seconds it took (nothing to do without CUDA
-        graphs)."""
+        bias, minimum length); ``prompt_rows`` the prompt pass's metric learner for admissions
+        of 1 to that many prompts. Returns the seconds it took (nothing to do without CUDA graphs)."""
         self._check_idle()
         if not self.use_graph or not self.table.free:
             return 0.0
@@ -384,6 +382,8 @@ class DecodeEngine:
         penalty = 1.5 if any(processed) else 1.0  # allocates the processing buffers
         warm = SamplingParams(max_new_tokens=1, repetition_penalty=penalty)
         self.release(self.add([self.config.eos_id], warm))
+        if self.metric_graphs is not None:
+            self.metric_graphs.warm(self.model, min(prompt_rows, self.max_batch))
         for mode, n, process in itertools.product(modes, steps, processed):
             check_block_size(n)
             for rows in self.graphs.row_counts():  # each graph of blocks of fewer rows too

@@ -38,9 +38,13 @@ def maybe_compile(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
     return torch.compile(fn, **options)
 
 
-def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture_graph(
+    fn: Callable[[], Any], warmup: int = 3, pool: Any = None
+) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Warm ``fn`` up on a side stream (compiles, picks kernels), then capture it in a graph;
-    returns the graph and the captured call's outputs (static tensors each replay rewrites)."""
+    returns the graph and the captured call's outputs (static tensors each replay rewrites).
+    ``pool`` (``torch.cuda.graph_pool_handle()``) shares one memory pool between graphs that
+    never run at the same time."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -48,6 +52,6 @@ def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CU
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out

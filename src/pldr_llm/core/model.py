@@ -36,7 +36,8 @@ from .config import ACTIVATION_CHECKPOINTING, PLDRConfig, check_token_range
 from .errors import PLDRError
 from .fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, save_safetensors
 from .layers import GLU, PackedLinear, xavier_linear
-from .plga import MASK_VALUE, Deductive, PowerLawGraphAttention
+from .plga import MASK_VALUE, Deductive, MetricRunner, PowerLawGraphAttention
+from .rope import row_positions
 from .state_dict import build_uninitialized, load_state_dict_strict
 
 
@@ -147,13 +148,6 @@ class Decoder(nn.Module):
         self.embedding_scale = math.sqrt(config.d_model)
 
 
-def row_positions(valid: Tensor) -> Tensor:
-    """Rotary positions [B, L] of a per-row mask ``valid`` [B, L] (bool): each row counts only its
-    tokens, so padding moves no token's position (padding itself gets its left neighbour's, or 0).
-    Reads nothing back to the host (the captured padded forward builds its positions with it)."""
-    return (valid.long().cumsum(1) - 1).clamp(min=0)
-
-
 class PLDRModel(nn.Module):
     """A PLDR-LLM: decoder-only LM with Power Law Graph Attention, KV-cache and G-cache.
 
@@ -184,6 +178,7 @@ class PLDRModel(nn.Module):
         output_scores: bool = True,
         key_padding: bool | None = None,
         check_ids: bool = True,
+        metric_runners: Sequence[MetricRunner] | None = None,
     ) -> PLDROutput:
         """Run the model on ``input_ids`` [B, L] (or [L]).
 
@@ -204,7 +199,8 @@ class PLDRModel(nn.Module):
         Host reads (each one waits for the GPU): ``check_ids=False`` skips the id range check
         (the caller checked, e.g. the trainer on the CPU batch); ``key_padding`` says whether
         ``input_ids`` holds ``pad_id`` (no ``attention_mask``: original semantics), and True
-        with an ``attention_mask`` (no cache) that the mask has a 0, instead of finding out."""
+        with an ``attention_mask`` (no cache) that the mask has a 0, instead of finding out.
+        ``metric_runners``: see :meth:`run_layers`."""
         input_ids, attention_mask = self._checked_inputs(
             input_ids, attention_mask, labels, check_ids
         )
@@ -231,6 +227,7 @@ class PLDRModel(nn.Module):
             query_valid=query_valid,
             output_deductive=output_deductive,
             output_scores=output_scores,
+            metric_runners=metric_runners,
         )
         loss = correct = None
         if labels is not None:
@@ -349,6 +346,7 @@ class PLDRModel(nn.Module):
         output_deductive: bool = False,
         output_scores: bool = True,
         packed: list[PackedLayer] | None = None,
+        metric_runners: Sequence[MetricRunner] | None = None,
     ) -> tuple[Tensor, list[LayerKV], list[GCacheEntry], list[Deductive]]:
         """Embedding, decoder layers -> (hidden [B, L, d_model], KV, G, deductive per layer).
 
@@ -356,7 +354,8 @@ class PLDRModel(nn.Module):
         value on the host, so the decoding loop (:mod:`pldr_llm.core.engine`) and the captured
         prefill can compile it or capture it in a CUDA graph.
         ``positions``, ``bias`` and ``is_causal`` are what :meth:`forward` derives from the ids.
-        ``packed`` (:meth:`DecoderLayer.pack` of each layer) is what the decoding loop passes.
+        ``packed`` (:meth:`DecoderLayer.pack` of each layer) is what the decoding loop passes,
+        ``metric_runners`` (each layer's metric learner, replayed) what its prompt pass passes.
         """
         hidden = self.decoder.embedding(input_ids) * self.decoder.embedding_scale
         hidden = self.decoder.layernorm1(hidden)
@@ -379,6 +378,7 @@ class PLDRModel(nn.Module):
                 need_deductive=output_deductive,
                 need_scores=output_scores,
                 packed=packed[index] if packed is not None else None,
+                metric_runner=metric_runners[index] if metric_runners is not None else None,
             )
             if layer_kv is not None:  # None under activation checkpointing (no KV-cache)
                 kv_entries.append(layer_kv)

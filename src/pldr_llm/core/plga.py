@@ -21,6 +21,7 @@ returns them as a deductive output). Both compute the same function.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,10 @@ def bias_in(bias: Tensor, dtype: torch.dtype) -> Tensor:
     if dtype == torch.float16:
         bias = bias.clamp(min=_FLOAT16_MASK_VALUE)
     return bias.to(dtype)
+
+
+#: A layer's raw metric ``Q^T Q`` -> (A, A_LM, A_P, G_LM), as :meth:`PowerLawGraphAttention.metric_to_G`
+MetricRunner = Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
 @dataclass
@@ -252,9 +257,17 @@ class PowerLawGraphAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.depth)
 
-    def learn_metric(self, queries: Tensor, query_valid: Tensor | None) -> Tensor:
-        """The metric learner: ``LN(Q^T Q)`` refined by the residual units."""
-        return self.refine_metric(metric_tensor_from_queries(queries, query_valid))
+    def metric_to_G(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``raw`` = ``Q^T Q`` [B, H, dk, dk] -> (A, A_LM, A_P, G_LM): the metric learner and the
+        power law, what :class:`pldr_llm.core.metric_graphs.MetricGraphs` captures."""
+        metric = self.refine_metric(raw)
+        a_lm, a_p, g_lm = self.plgatt_layer(metric)
+        return metric, a_lm, a_p, g_lm
+
+    def metric_parameters(self) -> list[Tensor]:
+        """The parameters :meth:`metric_to_G` reads."""
+        modules = (self.layernorm1, self.reslayerAs, self.plgatt_layer)
+        return [p for module in modules for p in module.parameters()]
 
     def refine_metric(self, raw: Tensor) -> Tensor:
         """``LN(raw)`` refined by the residual units; ``raw`` is [..., dk, dk] (any batch dims)."""
@@ -331,7 +344,10 @@ class PowerLawGraphAttention(nn.Module):
         need_deductive: bool = False,
         need_scores: bool = True,
         packed_qkv: PackedLinear | None = None,
+        metric_runner: MetricRunner | None = None,
     ) -> tuple[Tensor, LayerKV, GCacheEntry, Deductive | None]:
+        # ``metric_runner`` computes :meth:`metric_to_G` of a fresh prompt (the prefill's
+        # captured graphs, :mod:`pldr_llm.core.metric_graphs`); None runs it here.
         # Rotate in the [B, L, H, dk] layout and only then move heads forward: the metric tensor
         # sums over positions, and this keeps the original's memory layout (hence its rounding).
         # ``rotation``: the (cos, sin) rows of this pass's positions (RotaryEmbedding.rotation),
@@ -373,9 +389,11 @@ class PowerLawGraphAttention(nn.Module):
                 transformed, cached_metric, (metric, a_lm, a_p, g_lm) = self.causal_queries(
                     queries, query_valid, metric
                 )
+            elif metric is None:
+                raw = metric_tensor_from_queries(queries, query_valid)
+                metric, a_lm, a_p, g_lm = (metric_runner or self.metric_to_G)(raw)
+                cached_metric = metric
             else:
-                if metric is None:
-                    metric = cached_metric = self.learn_metric(queries, query_valid)
                 a_lm, a_p, g_lm = self.plgatt_layer(metric)
 
         # A, A_LM, A_P and G_LM are computed before attention whatever its kernel; only the

@@ -125,3 +125,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` [B, L, H, dk] at ``positions`` ([L] shared, or [B, L] per row)."""
         return self.rotate(x, self.rotation(positions))
+
+
+def row_positions(valid: Tensor) -> Tensor:
+    """Rotary positions [B, L] of a per-row mask ``valid`` [B, L] (bool): each row counts only its
+    tokens, so padding moves no token's position (padding itself gets its left neighbour's, or 0).
+    Reads nothing back to the host (the captured padded forward builds its positions with it)."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)

@@ -16,7 +16,8 @@ from torch import Tensor
 from pldr_llm.core.cache import GCacheEntry, LayerKV, PLDRCache
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.core.graphs import capture_graph, maybe_compile, sdpa_backends
-from pldr_llm.core.model import PLDRModel, PLDROutput, row_positions
+from pldr_llm.core.model import PLDRModel, PLDROutput
+from pldr_llm.core.rope import row_positions
 
 
 class CapturedForward:
