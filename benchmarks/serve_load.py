@@ -160,6 +160,7 @@ async def one_request(
     last = None
     gaps: list[float] = []
     tokens = 0
+    events = 0  # SSE events with data (the chunks, [DONE] not counted)
     done = False
     async with client.stream("POST", url, json=body, timeout=timeout) as r:
         if r.status_code != 200:
@@ -171,6 +172,7 @@ async def one_request(
             if data == "[DONE]":
                 done = True
                 break
+            events += 1
             chunk = json.loads(data)
             if "error" in chunk:
                 return {"error": chunk["error"]["message"]}
@@ -193,7 +195,7 @@ async def one_request(
             last = now
     if not done:
         return {"error": "the stream ended without [DONE]"}
-    return {"ttft": first, "gaps": gaps, "tokens": tokens}
+    return {"ttft": first, "gaps": gaps, "tokens": tokens, "events": events}
 
 
 def request_body(args: argparse.Namespace, model_id: str, i: int, r: int) -> dict[str, Any]:
@@ -314,9 +316,10 @@ def run_clients(
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of process ``pid``: its main thread (the server's event
-    loop) and all its other threads together (the decoding worker, torch's), from /proc
-    (Linux; {} elsewhere or when the process is gone)."""
+    """CPU seconds of process ``pid``: its main thread (the server's event loop) and all its
+    other threads together (the decoding worker, torch's), from /proc (Linux; {} elsewhere or
+    when the process is gone): the scheduler's nanosecond run time (``schedstat``) where the
+    kernel keeps it, else user + system time in clock ticks (10 ms: coarse for a short load)."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     seconds = {"main_thread": 0.0, "other_threads": 0.0}
     try:
@@ -325,11 +328,14 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         return {}
     for task in tasks:
         try:
-            text = (task / "stat").read_text()
-        except OSError:  # the thread ended meanwhile
-            continue
-        fields = text[text.rindex(")") + 2 :].split()  # after the name: state is field 3
-        used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15
+            used = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            try:
+                text = (task / "stat").read_text()
+            except OSError:  # the thread ended meanwhile
+                continue
+            fields = text[text.rindex(")") + 2 :].split()  # after the name: state is field 3
+            used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15
         seconds["main_thread" if task.name == str(pid) else "other_threads"] += used
     return seconds
 
@@ -360,6 +366,7 @@ def run_load(
         "errors": len(errors),
         "error_examples": errors[:3],
         "completion_tokens": tokens,
+        "sse_events": sum(r["events"] for r in ok),
         "short_requests": sum(1 for r in ok if r["tokens"] != args.max_tokens),
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
@@ -490,6 +497,13 @@ def main() -> int:
             result["server_ttft_ms_p50"] = round(1000 * p50, 2) if p50 is not None else None
             p50 = histogram_quantile(before, metrics, ITL_METRIC, 0.5)
             result["server_itl_ms_p50"] = round(1000 * p50, 3) if p50 is not None else None
+            # The event loop's CPU time per request and per SSE event (chunk) of the load: what
+            # its thread takes from the worker's share of the interpreter lock.
+            loop_cpu = cpu_after["main_thread"] - cpu_before.get("main_thread", 0.0)
+            result["server_loop_cpu_s"] = round(loop_cpu, 4)
+            result["server_loop_cpu_us_per_request"] = round(1e6 * loop_cpu / result["requests"], 1)
+            events = max(1, result["sse_events"])
+            result["server_loop_cpu_us_per_event"] = round(1e6 * loop_cpu / events, 2)
             result |= worker_breakdown(before, metrics)
         finally:
             server.send_signal(signal.SIGTERM)

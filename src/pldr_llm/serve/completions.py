@@ -14,12 +14,12 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from pldr_llm.core.errors import PLDRError
 from pldr_llm.generation import SamplingParams
@@ -45,7 +45,15 @@ from pldr_llm.serve.protocol import (
     parse_completion,
     parse_messages,
 )
-from pldr_llm.serve.scheduler import Event, GenSequence, QueueFull, Scheduler, ShuttingDown
+from pldr_llm.serve.scheduler import (
+    Event,
+    EventInbox,
+    GenSequence,
+    QueueFull,
+    Scheduler,
+    ShuttingDown,
+)
+from pldr_llm.serve.sse import DONE, ChunkFormat, EventStreamResponse
 
 
 def sampling_params(req: CompletionRequest, seed: int, max_new: int) -> SamplingParams:
@@ -209,11 +217,11 @@ class CompletionHandlers:
 
     def _sequences(
         self, req: CompletionRequest, plans: list[PromptPlan]
-    ) -> tuple[list[GenSequence], asyncio.Queue[Event]]:
+    ) -> tuple[list[GenSequence], EventInbox]:
         """The ``len(prompts) * n`` sequences of a request (choice ``i * n + j``: prompt i,
         seed ``seed + j``); none for ``echo`` with ``max_tokens`` 0."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events = EventInbox()
         seqs: list[GenSequence] = []
         if req.max_tokens == 0:
             return seqs, events
@@ -283,10 +291,8 @@ class CompletionHandlers:
         # What each choice starts with: the prompt's text and tokens with echo, else nothing.
         starts = [plans[i // req.n] for i in range(len(plans) * req.n)]
         if req.stream:
-            return StreamingResponse(
-                self._stream(req, seqs, events, starts, rid, prompt_tokens, chat),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            return EventStreamResponse(
+                self._stream(req, seqs, events, starts, rid, prompt_tokens, chat)
             )
         texts = [p.text for p in starts]
         entries = [list(p.logprobs or []) for p in starts]
@@ -322,7 +328,7 @@ class CompletionHandlers:
         self,
         request: Request,
         seqs: list[GenSequence],
-        events: asyncio.Queue[Event],
+        events: EventInbox,
         texts: list[str],
         logprobs: tuple[list[PieceTracker | None], list[list[TokenLogprob]]],
         reasons: list[str | None],
@@ -342,17 +348,18 @@ class CompletionHandlers:
                     if await request.is_disconnected():
                         return None
                 try:
-                    ev = await asyncio.wait_for(events.get(), 0.5)
+                    batch = await asyncio.wait_for(events.take(), 0.5)
                 except asyncio.TimeoutError:
                     continue
-                texts[ev.index] += ev.text
-                entries[ev.index] += _take(trackers[ev.index], ev)
-                if ev.finish_reason is not None:
-                    if ev.error:
-                        raise APIError(500, ev.error, type_="server_error")
-                    reasons[ev.index] = ev.finish_reason
-                    produced += ev.completion_tokens
-                    left -= 1
+                for ev in batch:
+                    texts[ev.index] += ev.text
+                    entries[ev.index] += _take(trackers[ev.index], ev)
+                    if ev.finish_reason is not None:
+                        if ev.error:
+                            raise APIError(500, ev.error, type_="server_error")
+                        reasons[ev.index] = ev.finish_reason
+                        produced += ev.completion_tokens
+                        left -= 1
             return produced
         finally:
             for s in seqs:
@@ -362,47 +369,30 @@ class CompletionHandlers:
         self,
         req: CompletionRequest,
         seqs: list[GenSequence],
-        events: asyncio.Queue[Event],
+        events: EventInbox,
         starts: list[PromptPlan],
         rid: str,
         prompt_tokens: int,
         chat: bool,
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
+    ) -> AsyncGenerator[str, None]:
         kind = "chat.completion.chunk" if chat else "text_completion"
+        fmt = ChunkFormat(rid, kind, int(time.time()), self.options.model_id, chat)
         offsets = [0] * len(starts)  # characters of each choice's text sent so far
         trackers = self._trackers(req, starts)
-
-        def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
-            data: dict[str, Any] = {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": self.options.model_id,
-                "choices": choices,
-            }
-            if usage is not None:
-                data["usage"] = usage
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         def choice_chunk(ev: Event, entries: list[TokenLogprob]) -> str:
             lp = self._logprobs(entries, chat, offsets[ev.index]) if req.logprobs else None
             offsets[ev.index] += len(ev.text)
-            if chat:
-                choice: dict[str, Any] = {"index": ev.index, "delta": {"content": ev.text}}
-            else:
-                choice = {"index": ev.index, "text": ev.text}
-            return chunk([{**choice, "logprobs": lp, "finish_reason": ev.finish_reason}])
+            return fmt.event(fmt.choice(ev.index, ev.text, lp, ev.finish_reason))
 
         try:
             if chat:
-                yield chunk(
-                    [
-                        {"index": i, "delta": {"role": "assistant", "content": ""}}
-                        | {"logprobs": None, "finish_reason": None}
-                        for i in range(len(starts))
-                    ]
-                )
+                roles = [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}}
+                    | {"logprobs": None, "finish_reason": None}
+                    for i in range(len(starts))
+                ]
+                yield fmt.event(fmt.objects(roles))
             if req.echo:
                 reason = "length" if not seqs else None
                 yield "".join(
@@ -411,7 +401,7 @@ class CompletionHandlers:
                     )
                     for i, p in enumerate(starts)
                 )
-            produced = 0
+            produced = finished = 0
             async for merged in _merged_events(events, len(seqs)):
                 out = []
                 for ev in merged:
@@ -420,50 +410,66 @@ class CompletionHandlers:
                         yield f"data: {json.dumps(err)}\n\n"
                         return
                     produced += ev.completion_tokens
+                    finished += ev.finish_reason is not None
                     entries = _take(trackers[ev.index], ev)
                     if ev.text or entries or ev.finish_reason is not None:
                         out.append(choice_chunk(ev, entries))
+                if finished == len(seqs):
+                    # The last chunks, the usage and [DONE] in one write: the same events, two
+                    # fewer trips through the response's layers and the socket.
+                    out.append(self._stream_end(fmt, req, prompt_tokens, produced))
                 if out:
                     yield "".join(out)
-            if req.include_usage:
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": produced,
-                    "total_tokens": prompt_tokens + produced,
-                }
-                yield chunk([], usage)
-            yield "data: [DONE]\n\n"
+            if not seqs:  # echo only: no sequence ever finishes
+                yield self._stream_end(fmt, req, prompt_tokens, 0)
         finally:
             # Also reached when the client disconnects (the response task is cancelled).
             for s in seqs:
                 s.cancel()
 
+    @staticmethod
+    def _stream_end(fmt: ChunkFormat, req: CompletionRequest, prompt: int, produced: int) -> str:
+        """A stream's usage chunk (``include_usage``), then ``[DONE]``."""
+        if not req.include_usage:
+            return DONE
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": produced,
+            "total_tokens": prompt + produced,
+        }
+        return fmt.event("", usage) + DONE
 
-async def _merged_events(events: asyncio.Queue[Event], count: int) -> AsyncIterator[list[Event]]:
+
+async def _merged_events(events: EventInbox, count: int) -> AsyncIterator[list[Event]]:
     """The events of ``count`` sequences until each has finished, in batches: everything already
     there is merged into one event per choice (when the client or the loop falls behind, fewer,
     larger chunks). An error event ends the batch and the stream."""
     left = count
     while left:
         merged: dict[int, Event] = {}
-        ev = await events.get()
-        while True:
+        for ev in await events.take():
             if ev.error:
                 yield [ev]
                 return
             if ev.finish_reason is not None:
                 left -= 1
-            into = merged.setdefault(ev.index, Event(index=ev.index))
-            into.text += ev.text
-            into.tokens += ev.tokens
-            into.logprobs += ev.logprobs
-            into.top_logprobs += ev.top_logprobs
-            into.finish_reason = ev.finish_reason
-            into.completion_tokens += ev.completion_tokens
-            if events.empty():
-                break
-            ev = events.get_nowait()
+            into = merged.get(ev.index)
+            # The first event of a choice goes as it is (the common case: one per choice).
+            merged[ev.index] = ev if into is None else _joined(into, ev)
         yield list(merged.values())
+
+
+def _joined(first: Event, then: Event) -> Event:
+    """Two consecutive events of one choice as one (new lists: neither event is changed)."""
+    return Event(
+        first.text + then.text,
+        first.tokens + then.tokens,
+        first.logprobs + then.logprobs,
+        first.top_logprobs + then.top_logprobs,
+        then.finish_reason,
+        first.completion_tokens + then.completion_tokens,
+        index=then.index,
+    )
 
 
 def _take(tracker: PieceTracker | None, ev: Event) -> list[TokenLogprob]:

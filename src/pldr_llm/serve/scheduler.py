@@ -21,15 +21,16 @@ through a block (a stop string), or in a block whose successor was already launc
 the later tokens. Other work on the model (the deductive outputs) runs on the same thread
 between turns, so nothing else ever touches the model concurrently.
 
-An admission's prompt pass is some thousand kernel launches (~25 ms of host time on an H200,
-whatever the batch), during which the device idles. Admitting after the launch instead, so that
+An admission's prompt pass is some five hundred kernel launches and a replayed graph per layer
+for the metric learner (core.metric_graphs; ~5-6 ms of host time on an H200 for up to 32
+prompts, 12-13 ms uncaptured), during which the device idles. Admitting after the launch instead, so that
 this host work overlaps the block, was built and measured (session 9, BENCHMARKS.md): it was
 slower (256 streams: 88k -> 61-64k tokens/s), because the server is bound by the interpreter
 lock, not the device: at 256 streams the event loop's thread and this worker together hold it
 nearly all the time, and the new rows joined one block later.
 
-Results travel to the asyncio side through ``loop.call_soon_threadsafe`` into a per-sequence
-:class:`asyncio.Queue` of :class:`Event`.
+Results travel to the asyncio side through ``loop.call_soon_threadsafe`` (once per turn) into
+each request's :class:`EventInbox` of :class:`Event`.
 """
 
 from __future__ import annotations
@@ -73,6 +74,37 @@ class Event:
     index: int = 0  # the choice this event belongs to
 
 
+class EventInbox:
+    """The events of one request's sequences on the event loop's side (event loop thread only):
+    what the worker delivered since the handler last looked, taken all at once.
+
+    In place of an :class:`asyncio.Queue`, which makes a future per ``get`` and, to take what
+    else is there, a call per event: at 256 streams the loop's time per event is taken from the
+    worker (the interpreter lock), so here a delivery is an append and at most one wake-up."""
+
+    def __init__(self) -> None:
+        self._items: list[Event] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, event: Event) -> None:
+        self._items.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[Event]:
+        """Every event delivered so far, in order, once there is at least one (cancelling the
+        wait loses none: they stay for the next call)."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+
 class GenSequence:
     """One sequence being generated (a choice of a request)."""
 
@@ -83,7 +115,7 @@ class GenSequence:
         stops: Sequence[str],
         tokenizer: Any,
         loop: asyncio.AbstractEventLoop,
-        events: asyncio.Queue[Event],
+        events: EventInbox,
         index: int = 0,
         key: tuple[bool, bool] = (True, True),
     ) -> None:
@@ -156,8 +188,9 @@ class Scheduler:
         self._max_batch = max_batch
         # The default cache mode's step graphs are captured now, before the first request, for
         # its blocks of tokens_per_sync steps (a first request would otherwise wait
-        # for the captures: ~0.2 s of its time to first token on an H200).
-        self._engine_for((True, True)).warm_up(steps=[tokens_per_sync])
+        # for the captures: ~0.2 s of its time to first token on an H200), and its prompt
+        # pass's metric learner for admissions of up to 32 prompts (core.metric_graphs).
+        self._engine_for((True, True)).warm_up(steps=[tokens_per_sync], prompt_rows=max_batch)
         self._waiting: collections.deque[GenSequence] = collections.deque()
         self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
             collections.deque()
