@@ -12,10 +12,13 @@ prompt and 256 new tokens:
 * on transformers' own loop (target >= 500 tokens/s): sampled ``output_scores`` (warped scores
   need it), and beam search is left out (it is another algorithm, not a loop speed).
 
-Each row says which loop ran (the native loop's calls are counted) and whether its ids equal
+Each row says which loop ran (the native loop's calls are counted), whether transformers' loop
+ran its one-token passes on the static cache (``static``: ``pldr_llm.core.hf_static_cache``, on
+CUDA by default; its steps are counted) and whether its ids equal a reference: for a native row,
 transformers' own loop on the same call (forced with ``output_attentions=False``, which the
-native loop does not take; bf16: the fused step and transformers' eager forward may round
-differently, so a mismatch there is reported, not failed).
+native loop does not take); for a transformers' loop row, the same seeded call on the
+concatenating cache (``model.static_decode.enabled = False``). bf16: the fused step and the
+eager forward may round differently, so a mismatch there is reported, not failed.
 
     python benchmarks/hf_generate_options.py --json hf_options.json
     python benchmarks/hf_generate_options.py --quick      # tiny model on the CPU, 16 tokens
@@ -104,13 +107,20 @@ def run_row(
     model: Any, tokenizer: Any, prompt: torch.Tensor, options: dict[str, Any], new_tokens: int
 ) -> dict:
     import pldr_llm.core.generate as native
+    from pldr_llm.core import hf_static_cache
 
     calls = []
     real = native.generate_details  # what every native generate() call runs
+    static_steps = []
+    real_step = hf_static_cache.StaticDecoder.step  # a one-token pass on the static cache
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
+
+    def counted_step(*args: Any, **kwargs: Any) -> Any:
+        static_steps.append(1)
+        return real_step(*args, **kwargs)
 
     def call() -> torch.Tensor:
         kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
@@ -121,22 +131,33 @@ def run_row(
             kwargs["streamer"] = CollectingStreamer(tokenizer)
         if "stop_strings" in kwargs:
             kwargs["tokenizer"] = tokenizer
+        torch.manual_seed(5)  # (sampled rows: the reference draws the same numbers)
         out = model.generate(prompt, **kwargs)
         return out if isinstance(out, torch.Tensor) else out.sequences
 
     native.generate_details = counted
+    hf_static_cache.StaticDecoder.step = counted_step
     try:
         call()  # warm: capture, kernels
         sync(prompt.device)
         calls.clear()
+        static_steps.clear()
         start = time.perf_counter()
         ids = call()
         sync(prompt.device)
         seconds = time.perf_counter() - start
     finally:
         native.generate_details = real
+        hf_static_cache.StaticDecoder.step = real_step
     loop = "native" if calls else "transformers"
     reference = ids
+    if loop == "transformers":  # the same call on the concatenating cache
+        settings = model.static_decode
+        model.static_decode = hf_static_cache.StaticDecodeSettings(enabled=False)
+        try:
+            reference = call()
+        finally:
+            model.static_decode = settings
     if loop == "native":  # the same call on transformers' own loop
         kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
         kwargs.update({k: v for k, v in options.items() if k != "streamer"})
@@ -149,10 +170,12 @@ def run_row(
     new = ids.shape[1] - prompt.shape[1]
     return {
         "loop": loop,
+        "static_cache": bool(static_steps),
         "new_tokens": int(new),
         "seconds": round(seconds, 4),
         "tokens_per_s": round(new / seconds, 1),
         "ids_equal_transformers_loop": bool(torch.equal(ids, reference)),
+        "ids_reference": "concatenating cache" if loop == "transformers" else "transformers' loop",
     }
 
 
@@ -163,6 +186,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument(
+        "--static",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="transformers' loop on the static cache: auto (CUDA), on (also the CPU), off (the "
+        "concatenating cache: the speed before it)",
+    )
+    parser.add_argument(
         "--new-tokens", type=int, default=None, help=f"default {NEW_TOKENS} (--quick: 16)"
     )
     args = parser.parse_args()
@@ -171,12 +201,21 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as folder:
         model, tokenizer = build(args.quick, device, dtype, Path(folder))
+    from pldr_llm.core.hf_static_cache import StaticDecodeSettings
+
+    model.static_decode = StaticDecodeSettings(
+        enabled={"auto": None, "on": True, "off": False}[args.static]
+    )
     torch.manual_seed(1)
     vocab = min(model.config.vocab_size, 4096)
     prompt = torch.randint(4, vocab, (1, PROMPT_TOKENS), device=device)
-    results = {"device": str(device), "dtype": args.dtype, "new_tokens": new_tokens, "rows": {}}
+    results = {
+        "device": str(device), "dtype": args.dtype, "new_tokens": new_tokens,
+        "static": args.static, "rows": {},
+    }  # fmt: skip
     print(
-        f"{'option':38} {'loop':13} {'tokens/s':>9} {'target':>7} {'ok':>3} {'ids = hf loop':>14}"
+        f"{'option':38} {'loop':13} {'static':>6} {'tokens/s':>9} {'target':>7} {'ok':>3} "
+        f"{'ids = reference':>15}"
     )
     for name, (options, want_loop, target) in ROWS.items():
         row = run_row(model, tokenizer, prompt, options, new_tokens)
@@ -184,8 +223,9 @@ def main() -> None:
         row["meets_target"] = row["tokens_per_s"] >= target and row["loop"] == want_loop
         results["rows"][name] = row
         print(
-            f"{name:38} {row['loop']:13} {row['tokens_per_s']:9.1f} {target:7.0f} "
-            f"{'yes' if row['meets_target'] else 'NO':>3} {str(row['ids_equal_transformers_loop']):>14}"
+            f"{name:38} {row['loop']:13} {str(row['static_cache']):>6} "
+            f"{row['tokens_per_s']:9.1f} {target:7.0f} {'yes' if row['meets_target'] else 'NO':>3} "
+            f"{str(row['ids_equal_transformers_loop']):>15}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

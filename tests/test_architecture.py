@@ -145,9 +145,9 @@ CORE_ROWS = (
     | {"fused", "fused_kernels"},
     {"sampling", "processing", "graphs", "text", "generate", "engine", "engine_cache"}
     | {"decode_buffers", "decode_step", "step_graphs", "step_output", "slots", "reference_loop"}
-    | {"engine_options"},
+    | {"engine_options", "metric_graphs"},
     {"hf_folder", "configuration_pldrllm", "modeling_pldrllm", "tokenization_pldrllm"}
-    | {"continuations"}
+    | {"continuations", "hf_static_cache"}
     | {"code_bundle"},
 )
 

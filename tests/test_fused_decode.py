@@ -457,3 +457,36 @@ def test_captured_blocks_of_fewer_rows_give_the_ids_of_all_rows():
         assert _launched_tokens(wide, prompts, params, 4) == _launched_tokens(
             narrow, prompts, params, 4
         )
+
+
+@pytest.mark.parametrize("with_rows", [False, True], ids=["all-rows", "rows"])
+def test_penalize_kernel_equals_the_op_by_op_processing_bit_for_bit(with_rows):
+    """The penalties and logit_bias in one kernel compute the op-by-op processing's float32
+    numbers exactly (correctly rounded division, no fused multiply-add): random logits, counts,
+    prompt ids, biases and factors that are not exactly representable, both logits dtypes."""
+    from pldr_llm.core.processing import RowProcessing
+    from pldr_llm.core.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(3)
+    batch, vocab = 5, 2500  # more than two kernel blocks, the last one partial
+    state = RowProcessing(batch, vocab, 2, torch.device("cpu"))
+    params = [
+        SamplingParams(repetition_penalty=1.0 + 0.37 * r, presence_penalty=0.3 * r - 0.4,
+                       frequency_penalty=0.11 * r, logit_bias=((r, 1.7), (vocab - 1 - r, -3.3)))
+        for r in range(batch)
+    ]  # fmt: skip
+    prompts = [torch.randint(0, vocab, (20,), generator=gen).tolist() for _ in range(batch)]
+    state.set_rows(torch.arange(batch), params, prompts, [[] for _ in range(batch)])
+    state.counts.copy_(torch.randint(0, 3, (batch, vocab), generator=gen).float())
+    rows = torch.tensor([4, 0, 2]) if with_rows else None
+    n = 3 if with_rows else batch
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(n, vocab, generator=gen) * 4).to(dtype)
+        want = state.apply(logits, torch.zeros(n, dtype=torch.long), rows=rows)  # op by op
+        factors = (state.repetition, state.presence, state.frequency)
+        got = fused.penalize(
+            logits.to(DEVICE), state.counts.to(DEVICE), state.in_prompt.to(DEVICE),
+            state.bias.to(DEVICE), tuple(f.to(DEVICE) for f in factors),
+            rows.to(DEVICE) if rows is not None else None,
+        )  # fmt: skip
+        assert got.dtype == torch.float32 and torch.equal(got.cpu(), want)

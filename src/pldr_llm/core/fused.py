@@ -275,11 +275,13 @@ def rope_kv(
     ids: Tensor,
     key_bias: Tensor,
     write_bias: bool,
+    pad_id: int | None = None,
 ) -> Tensor:
     """Rotate the new queries and keys of the packed [B, 3 d_model] projection at
     ``positions`` [B]; write keys and values into ``kv`` at its write index; with
     ``write_bias``, unmask each row's written slot in ``key_bias`` [B, slots] unless its token
-    (``ids`` [B]) is the pad id. Returns the rotated queries [B, H, dk]."""
+    (``ids`` [B]) is ``pad_id`` (None: the model's pad id; -1: no token stays masked).
+    Returns the rotated queries [B, H, dk]."""
     config = model.config
     heads, depth = config.num_heads, config.depth
     rotary = model.decoder.dec_layers[0].mha1.rotary
@@ -288,7 +290,8 @@ def rope_kv(
     options = {} if interpreting() else {"num_warps": 1, "enable_fp_fusion": False}
     _kernels().rope_kv[(batch, heads)](
         qkv, rotary.cos, rotary.sin, positions, kv.write_index, queries, kv.key, kv.value,
-        ids, key_bias, heads, kv.key.shape[2], config.pad_id, mask_value(key_bias.dtype),
+        ids, key_bias, heads, kv.key.shape[2], config.pad_id if pad_id is None else pad_id,
+        mask_value(key_bias.dtype),
         DK=depth, INTERLEAVED=rotary.interleaved, WRITE_BIAS=write_bias, **options,
     )  # fmt: skip
     return queries
@@ -316,25 +319,53 @@ def decode_hidden(
     key_bias: Tensor,
     kv: Sequence[StaticLayerKV],
     g: Sequence[GCacheEntry],
+    pad_id: int | None = None,
 ) -> Tensor:
     """The decoder's last hidden state [B, d_model] for one new token per row (``ids`` [B] at
     rotary ``positions`` [B]), with the static KV-cache ``kv`` (written in place at its write
     index, which ``key_bias`` [B, slots] masks) and the G-cache ``g``: what
     ``model.run_layers(ids[:, None], positions[:, None], key_bias[:, None, None], False, kv, g,
-    packed=packed)`` computes, in nine kernels a layer (see the module's docstring)."""
+    packed=packed)`` computes, in nine kernels a layer (see the module's docstring). A new key
+    whose token is ``pad_id`` stays masked (None: the model's pad id, as the original; -1:
+    none, as rows with an attention mask)."""
     hidden = embed_norm(model, ids)
     for index, (layer, pack, layer_kv, layer_g) in enumerate(
         zip(model.decoder.dec_layers, packed, kv, g)
     ):
         attention = layer.mha1
         queries = rope_kv(
-            model, pack.qkv(hidden), positions, layer_kv, ids, key_bias, write_bias=index == 0
+            model, pack.qkv(hidden), positions, layer_kv, ids, key_bias, index == 0, pad_id
         )
         attended = attention.dense(attend(queries, layer_g.G_LM, layer_kv, key_bias))
         hidden = add_norm(hidden, attended, layer.layernorm1)
         ffn = layer.ffn.gluw3(silu_mul(pack.gate_up(hidden)))
         hidden = add_norm(hidden, ffn, layer.layernorm2)
     return hidden
+
+
+def penalize(
+    logits: Tensor,
+    counts: Tensor,
+    seen: Tensor,
+    bias: Tensor,
+    factors: tuple[Tensor, Tensor, Tensor],
+    rows: Tensor | None = None,
+) -> Tensor:
+    """:meth:`pldr_llm.core.processing.RowProcessing.apply`'s penalties and bias of [B, V]
+    ``logits`` in one kernel (float32 out; the arithmetic of the op-by-op version, bit for bit):
+    ``counts`` [R, V] float32, ``seen`` [R, V] bool (in the prompt), ``bias`` [R, V] float32 and
+    the (repetition, presence, frequency) ``factors`` [R] of the state's rows, row ``rows[b]``
+    (or ``b``) for logits row ``b``."""
+    batch, vocab = logits.shape
+    out = torch.empty(batch, vocab, dtype=torch.float32, device=logits.device)
+    block = 1024
+    options = {} if interpreting() else {"num_warps": 4, "enable_fp_fusion": False}
+    _kernels().penalize[(batch, _ceil_div(vocab, block))](
+        logits.contiguous(), counts, seen.view(torch.uint8), bias, *factors,
+        rows if rows is not None else counts, out, vocab, HAS_ROWS=rows is not None,
+        BLOCK=block, **options,
+    )  # fmt: skip
+    return out
 
 
 def argmax_partial(logits: Tensor) -> tuple[Tensor, Tensor]:

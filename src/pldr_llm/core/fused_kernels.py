@@ -212,6 +212,40 @@ def advance_kernel(
     tl.store(done_ptr + rows, active & stop, mask=in_batch)
 
 
+@triton.jit
+def penalize_kernel(
+    logits_ptr,
+    counts_ptr,
+    seen_ptr,
+    bias_ptr,
+    repetition_ptr,
+    presence_ptr,
+    frequency_ptr,
+    rows_ptr,
+    out_ptr,
+    vocab,
+    HAS_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """core.processing's penalties and bias of one block of one row: the same float32
+    operations in the same order (the division correctly rounded, no fused multiply-add)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < vocab
+    state = tl.load(rows_ptr + row) if HAS_ROWS else row  # the row's processing state
+    x = tl.load(logits_ptr + row * vocab + offs, mask=mask, other=0.0).to(tl.float32)
+    counts = tl.load(counts_ptr + state * vocab + offs, mask=mask, other=0.0)
+    seen = tl.load(seen_ptr + state * vocab + offs, mask=mask, other=0) != 0
+    repetition = tl.load(repetition_ptr + state)
+    present = counts > 0
+    penalized = tl.where(x < 0, x * repetition, tl.math.div_rn(x, repetition))
+    x = tl.where(seen | present, penalized, x)
+    x = x - tl.load(frequency_ptr + state) * counts
+    x = x - tl.load(presence_ptr + state) * present.to(tl.float32)
+    x = x + tl.load(bias_ptr + state * vocab + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + row * vocab + offs, x, mask=mask)
+
+
 #: The launchable kernels by name without "_kernel" (``KERNELS.attend`` is ``attend_kernel``).
 KERNELS = SimpleNamespace(
     **{

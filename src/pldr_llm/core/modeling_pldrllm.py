@@ -16,7 +16,10 @@ in :meth:`_update_model_kwargs_for_generation`, following ``pldr_llm.generate`` 
 * G on: G_LM inferred on the first pass is reused by every later pass;
 * ``G_init``: a custom initial G-cache (every pass when G is off), as the original's
   ``Gcachelst_init``;
-* batched rows with padding: the attention mask has the core's per-row semantics.
+* batched rows with padding: the attention mask has the core's per-row semantics;
+* on CUDA, transformers' own loop (``_sample``) runs the passes after the prompt's on static
+  buffers, each a replayed CUDA graph of the core's one-token step (:mod:`.hf_static_cache`;
+  ``model.static_decode`` says where).
 
 ``generate(..., enable_kvcache=False, enable_Gcache=False, G_init=...)`` selects the mode per
 call; the defaults come from ``config.use_kvcache`` / ``config.use_Gcache`` (both on), and
@@ -53,6 +56,7 @@ from .hf_folder import (
     core_state_from_hf,
     hf_state_from_core,
 )
+from .hf_static_cache import StaticDecodeCache, StaticDecodeSettings, static_session, to_static
 from .losses import masked_cross_entropy
 from .model import Decoder, PLDRModel
 from .plga import MASK_VALUE, Deductive
@@ -439,6 +443,8 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
     def __init__(self, config: PldrllmConfig) -> None:
         super().__init__(config)
         self._attach_core(config)
+        #: transformers' own loop on static buffers (:mod:`.hf_static_cache`; default: on CUDA)
+        self.static_decode = StaticDecodeSettings()
         self._finish_init()
 
     # ------------------------------------------------------------------ embeddings
@@ -487,6 +493,13 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         """
         input_ids = self._check_ids(input_ids, kwargs)
         cache = cache if cache is not None else past_key_values
+        if isinstance(cache, StaticDecodeCache) and cache.decoder is not None:
+            plain = not (output_deductive or output_hidden_states or output_attentions)
+            if plain and attention_mask is None and labels is None and cache.can_step():
+                if input_ids.shape[1] == 1 and not torch.is_grad_enabled():
+                    result = PldrllmCausalLMOutput(logits=cache.step(input_ids), cache=cache)
+                    return result.to_tuple() if return_dict is False else result
+            cache.materialize()  # anything else runs on the concatenating cache
         if isinstance(cache, PendingPrefill) and 0 < cache.prompt_length < input_ids.shape[1]:
             if labels is not None or output_attentions or output_hidden_states:
                 raise PLDRError(
@@ -619,7 +632,7 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
                     dataclasses.replace(cache, g=init) if cache is not None else PLDRCache(g=init)
                 )
         inputs: dict[str, Any]
-        if cache is not None and cache.kv is not None:
+        if cache is not None and (cache.kv is not None or cache.seq_len):  # (static: no kv)
             inputs = {"input_ids": input_ids[:, cache.seq_len :], "attention_mask": None}
         else:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -642,6 +655,10 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, *args, **kwargs
         )
+        static = getattr(outputs, "cache", None)
+        if isinstance(static, StaticDecodeCache) and static.decoder is not None:
+            model_kwargs[CACHE_KEY] = static  # the same buffers, one position longer
+            return model_kwargs
         kv_on, g_on = self._cache_modes(
             model_kwargs.get("use_cache"),
             model_kwargs.get("enable_kvcache"),
@@ -654,14 +671,24 @@ class PldrllmForCausalLM(PldrllmPreTrainedModel, GenerationMixin):
         # pass when on, else G_init (or nothing, so G_LM is recomputed).
         rows = outputs.logits.shape[0]
         g = out_cache.g if g_on else prepare_g_init(self.core, model_kwargs.get("G_init"), rows)
-        if kv_on:
-            model_kwargs[CACHE_KEY] = out_cache.with_g(g)
+        if kv_on:  # on static buffers from here, inside transformers' _sample (hf_static_cache)
+            model_kwargs[CACHE_KEY] = to_static(self.core, out_cache.with_g(g))
         elif g is not None:
             model_kwargs[CACHE_KEY] = PLDRCache(g=g)
         else:
             # no key at all: transformers' beam search reorders whatever cache the key holds
             model_kwargs.pop(CACHE_KEY, None)
         return model_kwargs
+
+    def _sample(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' greedy / sampling loop, its one-token passes on static buffers after
+        the prompt pass (:mod:`.hf_static_cache`; ``self.static_decode`` says where)."""
+        from transformers import GenerationConfig
+
+        configs = [a for a in (*args, *kwargs.values()) if isinstance(a, GenerationConfig)]
+        max_length = getattr(configs[0], "max_length", None) if configs else None
+        with static_session(self.core, self.static_decode, max_length):
+            return cast(Any, super())._sample(*args, **kwargs)
 
     def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
         # Sampling: the original's filters replace transformers' temperature/top-k/top-p warpers

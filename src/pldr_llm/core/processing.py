@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .fused import available as fused_available
+from .fused import penalize
 from .sampling import MAX_LOGPROBS, SamplingParams
 
 
@@ -124,20 +126,24 @@ class RowProcessing:
         def of(t: Tensor) -> Tensor:
             return t if rows is None else t[rows]
 
-        counts = of(self.counts)
-        logits = logits.float()
-        repetition = of(self.repetition)[:, None]
-        present = counts > 0
-        penalized = torch.where(logits < 0, logits * repetition, logits / repetition)
-        logits = torch.where(of(self.in_prompt) | present, penalized, logits)
-        logits = logits - of(self.frequency)[:, None] * counts
-        logits = logits - of(self.presence)[:, None] * present.to(logits.dtype)
-        logits = logits + of(self.bias)
+        if logits.is_cuda and fused_available(logits.device):  # one kernel, not twelve [B, V]
+            factors = (self.repetition, self.presence, self.frequency)
+            logits = penalize(logits, self.counts, self.in_prompt, self.bias, factors, rows)
+        else:
+            counts = of(self.counts)
+            logits = logits.float()
+            repetition = of(self.repetition)[:, None]
+            present = counts > 0
+            penalized = torch.where(logits < 0, logits * repetition, logits / repetition)
+            logits = torch.where(of(self.in_prompt) | present, penalized, logits)
+            logits = logits - of(self.frequency)[:, None] * counts
+            logits = logits - of(self.presence)[:, None] * present.to(logits.dtype)
+            logits = logits + of(self.bias)
         ids = of(self.min_ids)
         early = (n_generated < of(self.min_new))[:, None] & of(self.min_mask)
         current = logits.gather(1, ids)
         masked = torch.where(early, torch.full_like(current, float("-inf")), current)
-        return logits.scatter(1, ids, masked)
+        return logits.scatter_(1, ids, masked)  # (a new tensor either way)
 
 
 class LogprobHistory:
