@@ -1080,6 +1080,9 @@ def test_metric_runners_take_the_place_of_each_layers_metric_learner(tiny_model)
     # Where the graphs apply: a learned, non-causal G with CUDA graphs; on the CPU they run as is
     assert metric_graphs_for(tiny_model, use_graph=False) is None
     assert isinstance(metric_graphs_for(tiny_model, use_graph=True), MetricGraphs)
+    # buffers for the engine's rows, at most 32: a one-row engine captures one-row passes only
+    assert metric_graphs_for(tiny_model, True, 1).max_rows == 1
+    assert metric_graphs_for(tiny_model, True, 256).max_rows == 32
     for changes in ({"version": "v510G"}, {"causal_metric": True}):
         other = PLDRModel(PLDRConfig.from_hpdict({**config.to_hpdict(), **changes}))
         assert metric_graphs_for(other, use_graph=True) is None

@@ -146,7 +146,7 @@ class KVStep:
         if variant.processed:
             assert b.processing is not None
             b.processing.count(b.ids, b.running())
-            logits = b.processing.apply(logits, b.n_generated)
+            logits = b.processing.apply(logits, b.n_generated, kernel=self.fused)
         with_logprobs = b.logprobs is not None and (self.output_logprobs or variant.top_logprobs)
         mode = variant.mode
 

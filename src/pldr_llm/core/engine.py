@@ -188,7 +188,7 @@ class DecodeEngine:
             stop_when_done=self.device.type == "cpu" and self.recorder is None,
         )  # fmt: skip
         self._in_flight: tuple[list[int], int, int | None] | None = None  # slots, k, rows
-        self.metric_graphs = metric_graphs_for(model, use_graph and not record_deductive)
+        self.metric_graphs = metric_graphs_for(model, use_graph and not record_deductive, max_batch)
 
     # ------------------------------------------------------------------ state
     @property

@@ -14,8 +14,10 @@ per exact row count, never a padded batch), so the pass computes the same values
 :data:`MAX_CAPTURED_ROWS` rows (a bigger admission runs uncaptured); every graph of one
 :class:`MetricGraphs` shares one memory pool, and writes its outputs into one set of buffers per
 layer, so the memory held does not grow with the number of graphs. A layer whose parameters were
-replaced or moved (not changed in place: the graphs read them where they are) is captured
-again.
+replaced or moved (not changed in place: the graphs read them where they are), or a pass in
+another dtype (autocast), is captured again. What is not a parameter (an activation, a
+LayerNorm's eps, an adapter switched off) is part of the graphs: change it, then build a new
+engine.
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ MetricOutputs = tuple[Tensor, Tensor, Tensor, Tensor]  # A, A_LM, A_P, G_LM
 class _LayerGraphs:
     """One layer's graphs by row count, the buffers they write, and the parameters they read."""
 
-    def __init__(self, attention: Any) -> None:
+    def __init__(self, attention: Any, dtype: torch.dtype) -> None:
         self.attention = attention
+        self.dtype = dtype  # of the raw metric its graphs read
         self.params: list[Tensor] = attention.metric_parameters()
         self.addresses = _addresses(self.params)
         self.registrations = _REGISTRATIONS[0]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: MetricOutputs | None = None  # [MAX_CAPTURED_ROWS, H, dk, dk] each
+        self.outputs: MetricOutputs | None = None  # [max_rows, H, dk, dk] each
 
     def current(self) -> bool:
         """Whether the graphs still read this layer's parameters: the same tensors (none
@@ -90,8 +93,10 @@ class MetricGraphs:
     engine copies them into its caches before the next admission, in stream order).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int = MAX_CAPTURED_ROWS) -> None:
         _install_hooks()
+        #: Passes of up to this many rows are captured (the engine's rows, at most 32).
+        self.max_rows = min(max_rows, MAX_CAPTURED_ROWS)
         self._layers: dict[int, _LayerGraphs] = {}
         self._inputs: dict[torch.dtype, Tensor] = {}  # the raw metric, copied in
         self._pool_owner: torch.cuda.CUDAGraph | None = None  # its pool: every graph's
@@ -107,7 +112,7 @@ class MetricGraphs:
         """Capture now each layer's graphs for prompt passes of 1 to ``rows`` rows (at most
         :data:`MAX_CAPTURED_ROWS`)."""
         config = model.config
-        for count in range(1, min(rows, MAX_CAPTURED_ROWS) + 1):
+        for count in range(1, min(rows, self.max_rows) + 1):
             shape = (count, config.num_heads, config.depth, config.depth)
             raw = torch.zeros(shape, dtype=model.dtype, device=model.device)
             for run in self.runners(model):
@@ -115,12 +120,17 @@ class MetricGraphs:
 
     def run(self, index: int, attention: Any, raw: Tensor) -> MetricOutputs:
         rows = raw.shape[0]
-        if rows > MAX_CAPTURED_ROWS or not raw.is_cuda:
+        if rows > self.max_rows or not raw.is_cuda:
             return attention.metric_to_G(raw)
+        source = self._input(raw)  # (first: a new input buffer drops every layer's graphs)
         layer = self._layers.get(index)
-        if layer is None or layer.attention is not attention or not layer.current():
-            layer = self._layers[index] = _LayerGraphs(attention)
-        source = self._input(raw)
+        if (
+            layer is None
+            or layer.attention is not attention
+            or layer.dtype != raw.dtype  # e.g. under autocast: other kernels, other buffers
+            or not layer.current()
+        ):
+            layer = self._layers[index] = _LayerGraphs(attention, raw.dtype)
         graph = layer.graphs.get(rows)
         if graph is None:
             graph = layer.graphs[rows] = self._capture(layer, source[:rows])
@@ -132,7 +142,7 @@ class MetricGraphs:
     def _input(self, raw: Tensor) -> Tensor:
         source = self._inputs.get(raw.dtype)
         if source is None or source.shape[1:] != raw.shape[1:] or source.device != raw.device:
-            source = raw.new_zeros(MAX_CAPTURED_ROWS, *raw.shape[1:])
+            source = raw.new_zeros(self.max_rows, *raw.shape[1:])
             self._inputs[raw.dtype] = source
             self._layers.clear()  # their graphs read the old input
         return source
@@ -160,10 +170,12 @@ class MetricGraphs:
         return graph
 
 
-def metric_graphs_for(model: Any, use_graph: bool) -> MetricGraphs | None:
+def metric_graphs_for(
+    model: Any, use_graph: bool, max_rows: int = MAX_CAPTURED_ROWS
+) -> MetricGraphs | None:
     """The prompt pass's :class:`MetricGraphs` for an engine of ``model``: with CUDA graphs, when
     the model learns G from the whole prompt (not a predefined G, not a causal metric)."""
     config = model.config
     if not use_graph or config.version == "v510G" or config.causal_metric:
         return None
-    return MetricGraphs()
+    return MetricGraphs(max_rows)

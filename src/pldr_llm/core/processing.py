@@ -119,14 +119,18 @@ class RowProcessing:
         generated so far, as the step that samples the next one sees them."""
         self.counts.scatter_add_(1, ids, running[:, None].to(self.counts.dtype))
 
-    def apply(self, logits: Tensor, n_generated: Tensor, rows: Tensor | None = None) -> Tensor:
+    def apply(
+        self, logits: Tensor, n_generated: Tensor, rows: Tensor | None = None, kernel: bool = False
+    ) -> Tensor:
         """The processed float32 logits of [B, V] ``logits`` (or of the rows ``rows`` of the
-        state), for the token each row samples after ``n_generated`` [B] generated ones."""
+        state), for the token each row samples after ``n_generated`` [B] generated ones.
+        ``kernel`` (the fused step's): the penalties and bias in one Triton kernel on CUDA, the
+        same numbers as the operations below."""
 
         def of(t: Tensor) -> Tensor:
             return t if rows is None else t[rows]
 
-        if logits.is_cuda and fused_available(logits.device):  # one kernel, not twelve [B, V]
+        if kernel and logits.is_cuda and fused_available(logits.device):  # not twelve [B, V]
             factors = (self.repetition, self.presence, self.frequency)
             logits = penalize(logits, self.counts, self.in_prompt, self.bias, factors, rows)
         else:
