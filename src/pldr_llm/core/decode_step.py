@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .cache import GCacheEntry
+from .cache import GCacheEntry, StaticLayerKV
 from .decode_buffers import DecodeBuffers
 from .fused import advance as advance_fused
 from .fused import decode_hidden
@@ -39,6 +39,40 @@ class StepVariant(NamedTuple):
 
 #: Records one step's deductive outputs: (per-layer outputs of the batch) -> None.
 StepRecorder = Callable[[Sequence[Deductive]], None]
+
+
+def one_token_hidden(
+    model: PLDRModel,
+    ids: Tensor,
+    positions: Tensor,
+    key_bias: Tensor,
+    write_index: Tensor,
+    bias_values: Tensor,
+    kv: list[StaticLayerKV],
+    g: list[GCacheEntry] | None,
+    *,
+    packed: list[PackedLayer] | None,
+    fused: bool,
+    pad_id: int,
+    output_deductive: bool = False,
+) -> tuple[Tensor, list[Any], list[Deductive]]:
+    """The decoder's last hidden state [B, d_model] of one new token per row (``ids`` [B, 1] at
+    rotary ``positions`` [B]) against the static caches ``kv`` (written in place at
+    ``write_index``) and ``g``: with ``fused`` the fused kernels (:func:`decode_hidden`), else
+    :meth:`PLDRModel.run_layers` op by op. Either way a new key whose id is ``pad_id`` (-1: none)
+    stays masked in ``key_bias`` [B, slots] (``bias_values``: the masked and the open value).
+    Also the op-by-op pass's KV entries and deductive outputs (empty when fused). The decoding
+    loop's step and transformers' loop on static buffers (:mod:`.hf_static_cache`) run this."""
+    if fused:
+        assert packed is not None and g is not None
+        hidden = decode_hidden(model, packed, ids.view(-1), positions, key_bias, kv, g, pad_id)
+        return hidden, [], []
+    key_bias.scatter_(1, write_index[:, None], bias_values[(ids != pad_id).long()])
+    hidden, kv_out, _, deductive = model.run_layers(
+        ids, positions[:, None], key_bias[:, None, None, :], False, kv=kv, g=g,
+        output_deductive=output_deductive, packed=packed,
+    )  # fmt: skip
+    return hidden[:, -1], kv_out, deductive
 
 
 class KVStep:
@@ -82,25 +116,17 @@ class KVStep:
         """One token for every running row, on the static buffers (no host sync)."""
         model, b = self.model, self.buffers
         assert b.kv is not None and b.g is not None
-        if self.fused:
-            assert self.packed is not None
-            hidden = decode_hidden(
-                model, self.packed, b.ids.view(-1), b.counters[0], b.key_bias, b.kv, b.g
-            )
-            self.advance_rows(model.final_layer(hidden), variant)
-            return
         # The reference masks a new key that is the pad id (rows are never per-row padded here).
-        value = b.bias_values[(b.ids != model.config.pad_id).long()]
-        b.key_bias.scatter_(1, b.write_index[:, None], value)
-        hidden, kv_out, _, deductive = model.run_layers(
-            b.ids, b.position, b.key_bias[:, None, None, :], False, kv=b.kv, g=self._step_g(),
-            output_deductive=self.recorder is not None, packed=self.packed,
+        hidden, kv_out, deductive = one_token_hidden(
+            model, b.ids, b.counters[0], b.key_bias, b.write_index, b.bias_values, b.kv,
+            b.g if self.fused else self._step_g(), packed=self.packed, fused=self.fused,
+            pad_id=model.config.pad_id, output_deductive=self.recorder is not None,
         )  # fmt: skip
         if self.recorder is not None:
             self.recorder(deductive)
         if self.causal_running:
             self._advance_metric(kv_out)
-        self.advance_rows(model.final_layer(hidden[:, -1]), variant)
+        self.advance_rows(model.final_layer(hidden), variant)
 
     def _step_g(self) -> list[GCacheEntry] | None:
         """The G-cache of this step: cached, or recomputed from each row's metric tensor (None:

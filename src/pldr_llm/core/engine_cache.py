@@ -76,18 +76,52 @@ def build_engine(model: PLDRModel, spec: EngineSpec) -> DecodeEngine:
     )  # fmt: skip
 
 
+class IdlePool(OrderedDict):
+    """What a model keeps for reuse while nobody uses it, by key (one each): the most recently
+    given back last, at most ``limit`` (the least recently used beyond it are dropped). Decoding
+    engines by spec here, transformers' loop's static decoders (:mod:`.hf_static_cache`)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def take(self, key: Any) -> Any:
+        """The idle object of ``key``, no longer idle (None: none)."""
+        with _LOCK:
+            return self.pop(key, None)
+
+    def put(self, key: Any, value: Any) -> None:
+        """``value`` becomes the idle object of ``key`` (when none is)."""
+        with _LOCK:
+            if key in self:
+                return
+            self[key] = value
+            while len(self) > self.limit:
+                self.popitem(last=False)
+
+
+def idle_pool(model: Any, name: str, limit: int) -> IdlePool:
+    """The :class:`IdlePool` ``name`` of ``model`` (kept in its ``__dict__``, so that every
+    caller in the process finds it)."""
+    with _LOCK:
+        pool = model.__dict__.get(name)
+        if not isinstance(pool, IdlePool):
+            pool = model.__dict__[name] = IdlePool(limit)
+        return pool
+
+
 @dataclass
 class _ModelEngines:
-    idle: OrderedDict[EngineSpec, DecodeEngine] = field(default_factory=OrderedDict)
+    idle: IdlePool = field(default_factory=lambda: IdlePool(MAX_IDLE_ENGINES))
     lent: dict[int, EngineSpec] = field(default_factory=dict)  # id(engine) -> its spec
 
 
 def _engines_of(model: PLDRModel) -> _ModelEngines:
-    engines = model.__dict__.get("_pldr_decode_engines")
-    if not isinstance(engines, _ModelEngines):
-        engines = _ModelEngines()
-        model.__dict__["_pldr_decode_engines"] = engines
-    return engines
+    with _LOCK:
+        engines = model.__dict__.get("_pldr_decode_engines")
+        if not isinstance(engines, _ModelEngines):
+            engines = model.__dict__["_pldr_decode_engines"] = _ModelEngines()
+        return engines
 
 
 def lend_engine(model: PLDRModel, spec: EngineSpec) -> DecodeEngine:
@@ -97,13 +131,10 @@ def lend_engine(model: PLDRModel, spec: EngineSpec) -> DecodeEngine:
     spec = spec.resolved(model)
     if not spec.cuda_graph:
         return build_engine(model, spec)
-    with _LOCK:
-        engines = _engines_of(model)
-        engine = engines.idle.pop(spec, None)
-        if engine is not None:
-            engines.lent[id(engine)] = spec
-            return engine
-    engine = build_engine(model, spec)  # outside the lock: building allocates on the device
+    engines = _engines_of(model)
+    engine = engines.idle.take(spec)
+    if engine is None:
+        engine = build_engine(model, spec)  # outside the lock: building allocates on the device
     with _LOCK:
         engines.lent[id(engine)] = spec
     return engine
@@ -111,14 +142,11 @@ def lend_engine(model: PLDRModel, spec: EngineSpec) -> DecodeEngine:
 
 def give_back_engine(model: PLDRModel, engine: DecodeEngine) -> None:
     """End the loan of ``engine``: it becomes the idle engine of its spec (when none is)."""
+    engines = _engines_of(model)
     with _LOCK:
-        engines = _engines_of(model)
         spec = engines.lent.pop(id(engine), None)
-        if spec is None or spec in engines.idle:
-            return
-        engines.idle[spec] = engine  # most recently used last
-        while len(engines.idle) > MAX_IDLE_ENGINES:
-            engines.idle.popitem(last=False)
+    if spec is not None:
+        engines.idle.put(spec, engine)
 
 
 @contextmanager
@@ -133,5 +161,6 @@ def borrow_engine(model: PLDRModel, spec: EngineSpec) -> Iterator[DecodeEngine]:
 
 def cached_engines(model: PLDRModel) -> dict[EngineSpec, DecodeEngine]:
     """The model's idle cached engines, by spec (for inspection and tests)."""
+    engines = _engines_of(model)
     with _LOCK:
-        return dict(_engines_of(model).idle)
+        return dict(engines.idle)

@@ -28,7 +28,6 @@ besides reading its length, first turns it back into the concatenating cache in 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,8 +37,9 @@ import torch
 from torch import Tensor
 
 from .cache import GCacheEntry, LayerKV, PLDRCache, StaticLayerKV
+from .decode_step import one_token_hidden
+from .engine_cache import IdlePool, idle_pool
 from .fused import available as fused_available
-from .fused import decode_hidden
 from .fused import supports as fused_supports
 from .graphs import capture_graph, sdpa_backends
 from .model import PackedLayer, PLDRModel
@@ -50,7 +50,6 @@ from .plga import mask_value
 MIN_CAPACITY = 64
 #: Idle static decoders kept per model (the least recently used beyond this are dropped).
 MAX_IDLE_DECODERS = 4
-_LOCK = threading.Lock()
 
 
 @dataclass
@@ -101,8 +100,6 @@ class StaticDecoder:
             self.write_index = zeros(rows, dt=torch.long)
             self.key_bias = torch.full((rows, slots), mask_value(dtype), dtype=dtype, device=device)
             self.bias_values = torch.tensor([mask_value(dtype), 0.0], dtype=dtype, device=device)
-            # op by op: a new key whose id is this stays masked (-1: none does)
-            self.pad_key = zeros(1, dt=torch.long)
             self.kv = [
                 StaticLayerKV(
                     zeros(rows, heads, slots, depth),
@@ -149,7 +146,6 @@ class StaticDecoder:
         else:
             self.position.fill_(length)
         self.write_index.fill_(length)
-        self.pad_key.fill_(-1 if self.spec.per_row else self.core.config.pad_id)
         for pack in self.packed or ():
             pack.refresh()
 
@@ -157,25 +153,14 @@ class StaticDecoder:
         """One token per row on the buffers -> logits [B, 1, V]; advances the positions and
         the write index (device only: capturable)."""
         core = self.core
-        if self.packed is not None:
-            assert self.g is not None
-            pad = -1 if self.spec.per_row else core.config.pad_id
-            hidden = decode_hidden(
-                core, self.packed, self.ids.view(-1), self.position, self.key_bias, self.kv,
-                self.g, pad_id=pad,
-            )  # fmt: skip
-            logits = core.final_layer(hidden)[:, None]
-        else:
-            valid = self.bias_values[(self.ids != self.pad_key).long()]
-            self.key_bias.scatter_(1, self.write_index[:, None], valid)
-            hidden, _, _, _ = core.run_layers(
-                self.ids, self.position[:, None], self.key_bias[:, None, None, :], False,
-                kv=self.kv, g=self.g,
-            )  # fmt: skip
-            logits = core.final_layer(hidden)
+        hidden, _, _ = one_token_hidden(
+            core, self.ids, self.position, self.key_bias, self.write_index, self.bias_values,
+            self.kv, self.g, packed=self.packed, fused=self.packed is not None,
+            pad_id=-1 if self.spec.per_row else core.config.pad_id,
+        )  # fmt: skip
         self.position.add_(1)
         self.write_index.add_(1)
-        return logits
+        return core.final_layer(hidden)[:, None]
 
     def step(self, ids: Tensor) -> Tensor:
         """The logits [B, 1, V] of one new token per row (``ids`` [B, 1])."""
@@ -291,20 +276,15 @@ def static_spec(
     )  # fmt: skip
 
 
-def _idle(core: PLDRModel) -> OrderedDict[StaticSpec, StaticDecoder]:
-    idle = core.__dict__.get("_pldr_hf_static_decoders")
-    if not isinstance(idle, OrderedDict):
-        idle = OrderedDict()
-        core.__dict__["_pldr_hf_static_decoders"] = idle
-    return idle
+def _idle(core: PLDRModel) -> IdlePool:
+    return idle_pool(core, "_pldr_hf_static_decoders", MAX_IDLE_DECODERS)
 
 
 def start_static(core: PLDRModel, spec: StaticSpec, cache: PLDRCache) -> StaticDecodeCache:
     """A :class:`StaticDecodeCache` holding the prompt pass's ``cache`` (with the G-cache of the
     steps), on the model's idle decoder of ``spec`` (its graph already captured) or a new one.
     Give the decoder back with :func:`finish_static` when the loop ends."""
-    with _LOCK:
-        decoder = _idle(core).pop(spec, None)
+    decoder = _idle(core).take(spec)
     if decoder is None:
         decoder = StaticDecoder(core, spec)
     decoder.load(cache, cache.g)
@@ -321,14 +301,8 @@ def finish_static(core: PLDRModel, caches: list[StaticDecodeCache]) -> None:
     for cache in caches:
         decoder = cache.decoder
         cache.materialize()
-        if decoder is None:
-            continue
-        with _LOCK:
-            idle = _idle(core)
-            idle.pop(decoder.spec, None)
-            idle[decoder.spec] = decoder  # most recently used last
-            while len(idle) > MAX_IDLE_DECODERS:
-                idle.popitem(last=False)
+        if decoder is not None:
+            _idle(core).put(decoder.spec, decoder)
 
 
 @dataclass
